@@ -1,0 +1,307 @@
+"""Benchmark activation checkpointing modes on a GPT-2-style model.
+
+For each mode (off, full, every_n, selective, offload) it measures, on the same model and batch:
+
+* **kept for backward** - bytes of tensor storage created during the forward pass and still alive
+  when it ends, i.e. everything the backward pass holds on to: saved tensors, checkpoint inputs,
+  the selective-checkpoint cache, offloaded copies (on the device that holds them), plus the
+  model output (logits/loss, the same in every mode). Counted by a ``TorchDispatchMode`` that
+  records every op's newly allocated output storage and checks which are still alive.
+* **outer saved-tensor hooks** - bytes packed by a ``torch.autograd.graph.saved_tensors_hooks``
+  around the forward (deduplicated by storage). Only the innermost pair of hooks sees a tensor,
+  so inside checkpointed/offloaded blocks this sees just the checkpoint inputs; it undercounts
+  ``selective`` (its cache is invisible) and ``offload``. Reported for transparency; equal to the
+  first measure for ``off`` (up to the model output), which validates it.
+* **peak** - on CUDA ``torch.cuda.max_memory_allocated()`` over forward+backward minus the memory
+  before it; on CPU the same quantity computed by the dispatch-mode tracker (peak of live tensor
+  bytes allocated during the step: activations, gradients, temporaries; not parameters or
+  optimizer state).
+* **step time** - median wall time of forward + backward + AdamW step, with the modes interleaved
+  round-robin so that load on the machine affects all of them alike.
+
+Run: ``.venv/bin/python benchmarks/bench_activation.py`` (``--help`` for sizes). Writes
+``benchmarks/results/activation.md`` and ``benchmarks/results/activation.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ckpt_plugins.activation import (  # noqa: E402
+    ActivationCheckpointing,
+    ActivationCheckpointingWarning,
+    apply_activation_checkpointing,
+    remove_activation_checkpointing,
+)
+
+MODES = {
+    "off": ActivationCheckpointing(mode="off"),
+    "full": ActivationCheckpointing(mode="full"),
+    "every_n (n=2)": ActivationCheckpointing(mode="every_n", every_n=2),
+    "selective": ActivationCheckpointing(mode="selective"),
+    "offload": ActivationCheckpointing(mode="offload"),
+}
+TARGETS = {"full": (0.70, 0.40), "selective": (0.40, 0.15)}  # min bytes cut, max extra time
+MIB = 2**20
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks storages newly allocated by ops on one device: live bytes now and at the peak."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type == self.device_type}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in inputs:  # aliases (views, in-place) are not new memory
+                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, self.current())
+        return out
+
+    def current(self) -> int:
+        dead = [ptr for ptr, (ref, _) in self.live.items() if ref.expired()]
+        for ptr in dead:
+            del self.live[ptr]
+        return sum(n for _, n in self.live.values())
+
+
+@dataclass
+class Result:
+    mode: str
+    kept_bytes: int
+    hook_bytes: int
+    peak_bytes: int
+    step_s: float
+    step_times: list[float]
+
+
+def build(args: argparse.Namespace, device: torch.device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=args.heads,
+                        vocab_size=args.vocab, n_positions=args.seq, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    model = GPT2LMHeadModel(config).to(device).train()
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq),
+                          generator=torch.Generator().manual_seed(1)).to(device)
+    return model, batch
+
+
+def forward_loss(model, batch):
+    torch.manual_seed(1234)
+    return model(batch, labels=batch).loss
+
+
+def measure_memory(model, batch, device: torch.device) -> tuple[int, int, int]:
+    """(kept for backward, outer-hook bytes, peak) for one forward+backward."""
+    model.zero_grad(set_to_none=True)
+    packed: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == device.type:
+            packed[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with hooks:
+            loss = forward_loss(model, batch)
+        kept = torch.cuda.memory_allocated() - before
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        tracker = LiveTensorBytes(device.type)
+        with tracker:
+            with hooks:
+                loss = forward_loss(model, batch)
+            kept = tracker.current()
+            loss.backward()
+        peak = tracker.peak
+    del loss
+    model.zero_grad(set_to_none=True)
+    return kept, sum(packed.values()), peak
+
+
+def timed_step(model, batch, optimizer, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    forward_loss(model, batch).backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model, batch = build(args, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    warnings.simplefilter("ignore", ActivationCheckpointingWarning)
+
+    memory = {}
+    for name, config in MODES.items():
+        apply_activation_checkpointing(model, config)
+        memory[name] = measure_memory(model, batch, device)
+        remove_activation_checkpointing(model)
+        print(f"memory {name:>14}: kept {memory[name][0] / MIB:8.1f} MiB  "
+              f"hooks {memory[name][1] / MIB:8.1f} MiB  peak {memory[name][2] / MIB:8.1f} MiB",
+              flush=True)
+
+    times: dict[str, list[float]] = {name: [] for name in MODES}
+    for round_ in range(args.warmup + args.steps):
+        for name, config in MODES.items():
+            apply_activation_checkpointing(model, config)
+            elapsed = timed_step(model, batch, optimizer, device)
+            remove_activation_checkpointing(model)
+            if round_ >= args.warmup:
+                times[name].append(elapsed)
+        print(f"timing round {round_ + 1}/{args.warmup + args.steps}", flush=True)
+
+    return [Result(name, *memory[name], statistics.median(times[name]), times[name])
+            for name in MODES]
+
+
+def environment(args: argparse.Namespace) -> str:
+    import transformers
+
+    if torch.cuda.is_available() and not args.cpu:
+        where = f"CUDA: {torch.cuda.get_device_name()}"
+    else:
+        where = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, {where}; "
+            f"GPT-2-style model: {args.layers} layers, n_embd {args.embd}, {args.heads} heads, "
+            f"vocab {args.vocab}, dropout 0.1; batch {args.batch} x seq {args.seq}, fp32; "
+            f"step = forward + backward + AdamW, median of {args.steps} after {args.warmup} "
+            "warm-up rounds, modes interleaved")
+
+
+def render(results: list[Result], env: str, device_type: str) -> tuple[str, list[str]]:
+    base = results[0]
+    peak_name = ("peak (`max_memory_allocated`)" if device_type == "cuda"
+                 else "peak live tensor bytes")
+    rows = [f"| mode | kept for backward | vs off | outer saved-tensor hooks | {peak_name} "
+            "| vs off | step time | vs off |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r.mode} | {r.kept_bytes / MIB:.1f} MiB | {_pct(r.kept_bytes, base.kept_bytes)} "
+            f"| {r.hook_bytes / MIB:.1f} MiB | {r.peak_bytes / MIB:.1f} MiB "
+            f"| {_pct(r.peak_bytes, base.peak_bytes)} | {r.step_s * 1000:.0f} ms "
+            f"| {_pct(r.step_s, base.step_s)} |")
+    verdicts = []
+    for r in results:
+        if r.mode not in TARGETS:
+            continue
+        min_cut, max_extra = TARGETS[r.mode]
+        cut = 1 - r.kept_bytes / base.kept_bytes
+        extra = r.step_s / base.step_s - 1
+        ok = cut >= min_cut and extra <= max_extra
+        verdicts.append(
+            f"- `{r.mode}`: kept-for-backward bytes cut by {cut:.0%} (target >= {min_cut:.0%}), "
+            f"step time {extra:+.0%} (target <= +{max_extra:.0%}): "
+            f"**{'met' if ok else 'NOT met'}**")
+    table = "\n".join(rows)
+    text = (f"# Activation checkpointing benchmark\n\n{env}.\n\n{table}\n\nTargets:\n\n"
+            + "\n".join(verdicts) + "\n")
+    return text, verdicts
+
+
+def _pct(value: float, base: float) -> str:
+    return f"{value / base - 1:+.0%}" if base else "n/a"
+
+
+def plot(results: list[Result], path: Path, device_type: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.mode for r in results]
+    panels = [
+        ("kept for backward (MiB)", [r.kept_bytes / MIB for r in results]),
+        ("peak (MiB)" if device_type == "cuda" else "peak live tensor bytes (MiB)",
+         [r.peak_bytes / MIB for r in results]),
+        ("step time (ms)", [r.step_s * 1000 for r in results]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
+        bars[-1].set_color("#999999")  # "off", the baseline
+        for bar, value in zip(bars, values[::-1]):
+            pct = value / values[0] - 1
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {pct:+.0%}" if bar is not bars[-1] else " baseline", va="center",
+                    fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, max(values) * 1.25)
+    fig.suptitle(f"Activation checkpointing on a GPT-2-style model ({device_type})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--embd", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with CUDA")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+
+    results = run(args)
+    device_type = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    text, verdicts = render(results, environment(args), device_type)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "activation.md").write_text(text)
+    (args.out / "activation.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    plot(results, args.out / "activation.png", device_type)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

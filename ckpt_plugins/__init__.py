@@ -1,0 +1,23 @@
+"""ckpt_plugins: crash-safe, asynchronous, retention-aware checkpoints for PyTorch.
+
+One core (:class:`CheckpointManager`) with thin adapters for Lightning (``ckpt_plugins.lightning``)
+and the Hugging Face Trainer (``ckpt_plugins.hf``). ``import ckpt_plugins`` needs torch alone.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine import SaveHandle
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
+                     DistributedError, LockedError, RestoreError, SaveError, StepExistsError,
+                     UnsafeCheckpointError, UnsupportedStateError)
+from .manager import CheckpointManager
+from .restore import RestoreReport
+
+__all__ = [
+    "CheckpointManager", "SaveHandle", "RestoreReport", "__version__",
+    "CheckpointError", "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError",
+    "DistributedError", "LockedError", "RestoreError", "SaveError", "StepExistsError",
+    "UnsafeCheckpointError", "UnsupportedStateError",
+]

@@ -1,0 +1,73 @@
+"""Flush pending saves when the process ends: at interpreter exit and on SIGTERM.
+
+A background save that is still writing when the process exits would be lost (daemon threads
+are killed at exit). Open managers are tracked weakly; at exit each is closed, which waits for its
+saves. SIGTERM (what schedulers and ``kill`` send before SIGKILL) gets a handler that flushes,
+then hands over to the handler that was there before (the default one ends the process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import weakref
+from typing import Any
+
+__all__ = ["register", "unregister", "flush_all"]
+
+log = logging.getLogger(__name__)
+
+_managers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_installed = False
+_previous_sigterm: Any = None
+
+
+def register(manager: Any) -> None:
+    """Track ``manager`` so that exit and SIGTERM wait for its pending saves."""
+    global _installed
+    _managers.add(manager)
+    if not _installed:
+        _installed = True
+        atexit.register(flush_all)
+        _install_sigterm()
+
+
+def unregister(manager: Any) -> None:
+    _managers.discard(manager)
+
+
+def flush_all() -> None:
+    """Close every open manager (waiting for its saves); errors are logged, not raised."""
+    for manager in list(_managers):
+        try:
+            manager.close()
+        except Exception as exc:  # noqa: BLE001 - at exit there is no one left to raise to
+            log.error("while flushing %r at exit: %s", manager, exc)
+
+
+def _install_sigterm() -> None:
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be installed from the main thread
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return
+    _previous_sigterm = previous
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    pending = [m for m in list(_managers) if m._engine.pending()]
+    if pending:
+        log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
+    for manager in pending:  # flush, do not close: a previous handler may let training go on
+        manager._engine.flush()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    else:  # SIG_DFL (or unknown): end the process the way SIGTERM would have
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)

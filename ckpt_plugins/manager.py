@@ -1,0 +1,571 @@
+"""CheckpointManager: save, keep, restore. The one core every adapter is built on.
+
+``save(step, state)`` flattens the state (no pickle), copies its tensors into reused host buffers
+(``snapshot``), and hands a job to the persist engine, which writes the files into a hidden
+folder, commits it atomically (``layout``), then applies the retention policy. ``restore`` picks a
+checkpoint (latest, best, a step or a path), falls back past damaged ones when asked for
+"latest", and reads only what was selected.
+
+Under ``torch.distributed`` every rank calls ``save`` with the same step. The ranks agree on the
+step (and report earlier failures) through one ``all_gather`` on the calling thread; then rank 0
+writes the replicated state, each rank writes its own ``rank_state`` into the same hidden folder
+and a small ``rank_N.part.json`` when done, and rank 0 commits once every part is there. Rank 0
+alone takes the lock, cleans up, commits and deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+
+from . import exit_hooks
+from .distributed import all_gather_object, rank_and_world
+from .engine import PersistEngine, SaveHandle
+from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
+                     SaveError, StepExistsError)
+from .layout import Layout
+from .lock import DirectoryLock
+from .manifest import MANIFEST_NAME, Manifest, Part
+from .restore import RestoreReport, load_into, make_selector, materialize
+from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
+from .snapshot import HostStager
+from .state_tree import flatten_state
+from .storage import open_storage
+from .tensor_file import FileRecord, read_tensor_file, write_tensor_file
+
+__all__ = ["CheckpointManager"]
+
+log = logging.getLogger(__name__)
+
+Which = Literal["latest", "best"] | int | str | os.PathLike
+
+
+class CheckpointManager:
+    """Crash-safe checkpoints in one directory, with retention, async saving and restore.
+
+    Args:
+        directory: a local path or an fsspec URL (``memory://run1``, ``s3://bucket/run1``).
+        keep_last: keep the N most recent checkpoints.
+        keep_best: keep the N best by ``monitor`` (needs ``monitor``).
+        monitor: metric name used by ``keep_best`` and ``restore("best")``.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        keep_every_n_steps: keep steps divisible by N for good.
+        keep_time_interval: keep the first checkpoint of each interval (seconds or timedelta).
+        overwrite: allow saving at or before an existing step (later checkpoints are removed).
+        async_save: return from ``save`` once the state is copied; persist in the background.
+        max_pending: at most this many saves in flight (and staged copies in memory).
+        on_busy: when ``max_pending`` saves are in flight: ``"wait"`` blocks, ``"skip"`` skips.
+        snapshot: ``"safe"`` copies inside ``save``; ``"overlap"`` copies in the background and
+            requires :meth:`wait_for_snapshot` before the next ``optimizer.step()``.
+        on_commit: callables ``fn(step, path)`` run after every commit.
+        on_error: ``"raise"`` surfaces a failed background save at the next call; ``"warn"`` logs
+            it and keeps training.
+        verify: check file checksums when restoring.
+        read_only: only list and restore (no lock, no cleanup, ``save`` refused); for evaluation
+            jobs and tools that read a directory another process is writing.
+        rank_timeout: seconds rank 0 waits for other ranks' files before failing the save.
+
+    Example:
+        >>> with CheckpointManager("runs/demo", keep_last=3) as mgr:  # doctest: +SKIP
+        ...     mgr.save(100, {"model": model.state_dict()}, metrics={"loss": 0.3})
+        ...     state = mgr.restore("latest")
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = None,
+                 keep_best: int | None = None, monitor: str | None = None, mode: str = "min",
+                 keep_every_n_steps: int | None = None,
+                 keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
+                 async_save: bool = False, max_pending: int = 1,
+                 on_busy: Literal["wait", "skip"] = "wait",
+                 snapshot: Literal["safe", "overlap"] = "safe",
+                 on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
+                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
+                 read_only: bool = False, rank_timeout: float = 600.0) -> None:
+        _check_choice("on_busy", on_busy, ("wait", "skip"))
+        _check_choice("snapshot", snapshot, ("safe", "overlap"))
+        _check_choice("on_error", on_error, ("raise", "warn"))
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if snapshot == "overlap" and not async_save:
+            raise ConfigError("snapshot='overlap' needs async_save=True (a synchronous save has "
+                              "nothing to overlap with)")
+        self.policy = build_policy(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
+                                   mode=mode, keep_every_n_steps=keep_every_n_steps,
+                                   keep_time_interval=keep_time_interval)
+        self.directory = os.fspath(directory)
+        self.monitor, self.mode = monitor, mode
+        self.overwrite, self.async_save, self.on_busy = overwrite, async_save, on_busy
+        self.snapshot_mode, self.on_error, self.verify = snapshot, on_error, verify
+        self.rank_timeout, self.read_only = rank_timeout, read_only
+        self._on_commit = [on_commit] if callable(on_commit) else list(on_commit or [])
+        self.rank, self.world_size = rank_and_world()
+        self.storage, self.root = open_storage(self.directory)
+        self.layout = Layout(self.storage, self.root)
+        self._lock = DirectoryLock(self.storage, self.root)
+        if self.rank == 0 and not read_only:
+            self.storage.makedirs(self.root)
+            self._lock.acquire()
+            self.layout.cleanup_leftovers()
+        self._stager = HostStager(max_pending)
+        self._engine = PersistEngine(async_save=async_save)
+        self._records: dict[int, CheckpointRecord] = {}
+        self._state_lock = threading.Lock()
+        self._in_flight: set[int] = set()
+        self._restored_step: int | None = None
+        self._last_handle: SaveHandle | None = None
+        self.last_restore_report: RestoreReport | None = None
+        self.last_save_stats: dict[str, float] = {}
+        self._closed = False
+        exit_hooks.register(self)
+
+    # --- queries -----------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (saves still in flight are not listed)."""
+        return [c.step for c in self.layout.committed()]
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The best committed step by ``monitor`` and ``mode``; None without a monitor or metric."""
+        if self.monitor is None:
+            return None
+        return best_step(self.records(), self.monitor, self.mode)
+
+    def records(self) -> list[CheckpointRecord]:
+        """Step, commit time and metrics of every committed checkpoint."""
+        with self._state_lock:
+            committed = self.layout.committed()
+            present = {c.step for c in committed}
+            for gone in set(self._records) - present:
+                del self._records[gone]
+            for ckpt in committed:
+                if ckpt.step not in self._records:
+                    self._records[ckpt.step] = self._record_from_disk(ckpt.step, ckpt.path)
+            return [self._records[s] for s in sorted(self._records)]
+
+    def _record_from_disk(self, step: int, path: str) -> CheckpointRecord:
+        try:
+            manifest = self.layout.read_manifest(path)
+        except CorruptCheckpointError as exc:
+            log.warning("%s; it counts as the oldest checkpoint with no metrics", exc)
+            return CheckpointRecord(step=step, wall_time=0.0)
+        return CheckpointRecord(step=step, wall_time=manifest.wall_time, metrics=manifest.metrics)
+
+    def path_for(self, step: int) -> str:
+        return self.layout.path_for(step)
+
+    # --- save --------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
+             rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
+             user_metadata: Mapping[str, Any] | None = None) -> SaveHandle | None:
+        """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
+
+        Returns a handle (already committed unless ``async_save``), or None when the save was
+        skipped because ``max_pending`` saves are in flight and ``on_busy="skip"``.
+
+        Raises:
+            StepExistsError: a committed checkpoint at this step or a later one exists and
+                ``overwrite`` is False.
+            UnsupportedStateError: the state holds something that cannot be stored without pickle.
+            SaveError: an earlier background save failed (raised once).
+        """
+        self._check_open()
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be a non-negative integer, got {step!r}")
+        clean_metrics = _clean_metrics(metrics)
+        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None)
+        flat = flatten_state(state) if self.rank == 0 else None
+        rank_flat = flatten_state(rank_state) if rank_state is not None else None
+        slot = self._stager.acquire(block=self.on_busy == "wait")
+        if slot is None:
+            log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
+                        step, self._stager.slots)
+            return None
+        t0 = time.perf_counter()
+        tensors = {}
+        if flat is not None:
+            tensors.update({f"state/{k}": v for k, v in flat.tensors.items()})
+        if rank_flat is not None:
+            tensors.update({f"rank/{k}": v for k, v in rank_flat.tensors.items()})
+        handle = SaveHandle(step, self.layout.path_for(step))
+        staged = None
+        try:
+            if self.snapshot_mode == "safe" and (self.async_save or any(t.is_cuda for t in tensors.values())):
+                staged = self._stager.stage(slot, tensors)
+                staged.wait()
+        except BaseException:
+            self._stager.release(slot)
+            raise
+        self.last_save_stats = {"step": step, "stall_s": time.perf_counter() - t0,
+                                "bytes": float(sum(t.numel() * t.element_size() for t in tensors.values()))}
+        with self._state_lock:
+            self._in_flight.add(step)
+        job = _SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
+                       clean_metrics, dict(user_metadata or {}), on_commit)
+        self._last_handle = self._engine.submit(handle, job)
+        self.last_save_stats["stall_s"] = time.perf_counter() - t0
+        if not self.async_save:
+            self._report(handle)
+        return handle
+
+    def _agree(self, step: int, *, has_rank_state: bool) -> tuple[str, list[int]]:
+        """Check the step against what exists, and (distributed) that every rank agrees."""
+        own_error = self._take_error()
+        conflict = self._order_conflict(step) if self.rank == 0 else None
+        token = uuid.uuid4().hex[:12]
+        views = all_gather_object((step, own_error, conflict, token, has_rank_state))
+        errors = [f"rank {r}: {v[1]}" for r, v in enumerate(views) if v[1]]
+        if errors:
+            raise SaveError("an earlier save failed; " + "; ".join(errors))
+        steps = {v[0] for v in views}
+        if len(steps) > 1:
+            raise DistributedError("ranks called save() with different steps: " +
+                                   ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views)) +
+                                   "; every rank must save the same step")
+        if views[0][2]:
+            raise StepExistsError(views[0][2])
+        return views[0][3], [r for r, v in enumerate(views) if v[4]]
+
+    def _order_conflict(self, step: int) -> str | None:
+        with self._state_lock:
+            later = sorted({s for s in self.steps() if s >= step} | {s for s in self._in_flight if s >= step})
+        if later and not self.overwrite:
+            return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
+                    "already exist or are being saved, at or after it. Use a larger step, or "
+                    "overwrite=True to replace them (later checkpoints are then removed).")
+        return None
+
+    def wait(self) -> None:
+        """Block until every pending save is committed; raise the first error not yet seen."""
+        self._engine.flush()
+        own_error = self._take_error()
+        errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_object(own_error)) if e]
+        if errors:
+            raise SaveError("a save failed; " + "; ".join(errors))
+
+    def wait_for_snapshot(self) -> None:
+        """Overlap mode: block until the last save has copied the state (call before
+        ``optimizer.step()``). Returns at once in safe mode."""
+        if self._last_handle is not None and not self._last_handle._staged.done():
+            try:
+                self._last_handle.wait_staged()
+            except BaseException:  # noqa: BLE001 - the error surfaces through wait()/save()
+                pass
+
+    def _take_error(self) -> str | None:
+        try:
+            self._engine.raise_pending_error()
+        except SaveError as exc:
+            if self.on_error == "warn":
+                log.warning("a checkpoint save failed and on_error='warn': %s", exc)
+                return None
+            if self.world_size == 1:
+                raise
+            return str(exc)
+        return None
+
+    def _report(self, handle: SaveHandle) -> None:
+        try:
+            handle.wait()
+        except Exception as exc:
+            if self.on_error == "warn":
+                log.warning("saving step %d failed and on_error='warn': %s", handle.step, exc)
+            elif self.world_size == 1:
+                raise
+
+    # --- restore -----------------------------------------------------------------------------
+    def restore(self, which: Which = "latest", *, target: Any = None,
+                include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+                rename: Mapping[str, str] | None = None, strict: bool = True,
+                map_location: str | torch.device = "cpu", allow_unsafe_pickle: bool = False) -> Any:
+        """Load a checkpoint: ``"latest"``, ``"best"``, a step, or a path (ours or foreign).
+
+        ``"latest"`` (and ``"best"``) skip damaged checkpoints with a warning that names the file;
+        an explicit step or path raises instead. ``include``/``exclude`` are glob patterns on key
+        paths (``model.*``), ``rename`` maps prefixes, ``target`` is loaded in place (tensors,
+        dicts, lists, modules, optimizers) with shape/dtype checks. The report is kept in
+        ``last_restore_report``.
+
+        Raises:
+            CheckpointNotFoundError: nothing matches ``which``.
+            CorruptCheckpointError: an explicit checkpoint failed verification.
+            RestoreError: ``strict`` and the target does not match.
+        """
+        self._check_open()
+        self._engine.flush()
+        selector = make_selector(include, exclude)
+        options = dict(target=target, selector=selector, rename=rename, strict=strict,
+                       map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
+        if isinstance(which, str) and which in ("latest", "best"):
+            candidates = self._candidates(which)
+            for i, step in enumerate(candidates):
+                try:
+                    return self._restore_dir(self.layout.path_for(step), step=step, **options)
+                except CorruptCheckpointError as exc:
+                    fallback = f"falling back to step {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint left"
+                    log.warning("checkpoint step %d is damaged (%s); %s", step, exc, fallback)
+            raise CheckpointNotFoundError(
+                f"no {'usable ' if candidates else ''}checkpoint to restore as {which!r} in {self.directory}"
+                + (f" (all {len(candidates)} candidates are damaged)" if candidates else ""))
+        if isinstance(which, int) and not isinstance(which, bool):
+            path = self.layout.path_for(which)
+            if not self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
+                raise CheckpointNotFoundError(
+                    f"no committed checkpoint for step {which} in {self.directory}; "
+                    f"available steps: {self.steps()}")
+            return self._restore_dir(path, step=which, **options)
+        if isinstance(which, (str, os.PathLike)):
+            from .loading import restore_path
+            state, report = restore_path(os.fspath(which), **options, verify=self.verify)
+            self.last_restore_report = report
+            return state
+        raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
+
+    def _candidates(self, which: str) -> list[int]:
+        if which == "latest":
+            return self.steps()[::-1]
+        if self.monitor is None:
+            raise ConfigError("restore('best') needs monitor= (and mode=) on the CheckpointManager")
+        records = self.records()
+        ranked = []
+        while True:
+            best = best_step([r for r in records if r.step not in ranked], self.monitor, self.mode)
+            if best is None:
+                return ranked
+            ranked.append(best)
+
+    def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
+        from .loading import restore_ours
+        state, report = restore_ours(self.storage, self.layout, path, verify=self.verify, **options)
+        report.step = step
+        self.last_restore_report = report
+        self._restored_step = step
+        log.info(report.summary())
+        return state
+
+    def restore_rank_state(self, which: Which = "latest", rank: int | None = None,
+                           map_location: str | torch.device = "cpu") -> Any:
+        """The per-rank state (``save(..., rank_state=...)``) of ``rank`` (default: this rank);
+        None when that checkpoint has none for it."""
+        step = self.latest_step() if which == "latest" else (self.best_step() if which == "best" else which)
+        if not isinstance(step, int):
+            raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
+        from .loading import restore_ours
+        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.verify,
+                                part=f"rank_{self.rank if rank is None else rank}", target=None,
+                                selector=None, rename=None, strict=True, map_location=map_location,
+                                allow_unsafe_pickle=False, missing_ok=True)
+        return state
+
+    def retention(self) -> RetentionDecision:
+        """What the retention policy keeps (with reasons) and deletes, for the committed steps."""
+        with self._state_lock:
+            protected = frozenset({self._restored_step} if self._restored_step is not None else ())
+        return self.policy.decide(self.records(), RetentionContext(now=time.time(), protected_steps=protected))
+
+    def prune(self, dry_run: bool = False) -> RetentionDecision:
+        """Apply the retention policy now (saves do this after each commit); rank 0 only."""
+        decision = self.retention()
+        if dry_run or self.rank != 0:
+            return decision
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot prune")
+        for step in decision.delete:
+            log.info("retention removes step %d", step)
+            self.layout.delete(step)
+        return decision
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush pending saves, stop the writer, release the lock. Raises a pending save error."""
+        if self._closed:
+            return
+        try:
+            self._engine.shutdown()
+            self._take_error()
+        finally:
+            self._closed = True
+            self._lock.release()
+            exit_hooks.unregister(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this CheckpointManager for {self.directory} is closed")
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the original exception behind a save error
+            try:
+                self.close()
+            except Exception as close_exc:  # noqa: BLE001
+                log.error("while closing after an error: %s", close_exc)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, policy={self.policy}, async_save={self.async_save})"
+
+
+class _SaveJob:
+    """The part of a save that runs on the writer: stage (overlap), write, commit, retain."""
+
+    def __init__(self, mgr: CheckpointManager, step: int, token: str, ranks_with_state: list[int],
+                 flat, rank_flat, tensors,
+                 staged, slot: int, metrics: dict[str, float], user_metadata: dict,
+                 on_commit: Callable[[int, str], None] | None) -> None:
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+
+    def __call__(self, handle: SaveHandle) -> str:
+        mgr = self.mgr
+        temp = mgr.layout.new_temp_dir(self.step, self.token)
+        try:
+            tensors = self.tensors
+            if self.staged is not None:
+                tensors = self.staged.tensors
+            elif mgr.snapshot_mode == "overlap":
+                staged = mgr._stager.stage(self.slot, tensors)
+                staged.wait()
+                tensors = staged.tensors
+            handle._staged.set_result(None)
+            t0 = time.perf_counter()
+            mgr.storage.makedirs(temp)
+            files = self._write_own_files(temp, tensors)
+            if mgr.rank != 0:
+                return handle.path
+            files.update(self._collect_other_ranks(temp))
+            parts = {}
+            if self.flat is not None:
+                parts["state"] = Part(self.flat.tree, "state.safetensors" if self.flat.tensors else None)
+            for r in self.ranks_with_state:
+                parts[f"rank_{r}"] = Part(self._rank_trees[r], f"rank_{r}.safetensors" if f"rank_{r}.safetensors" in files else None)
+            manifest = Manifest(step=self.step, parts=parts, files=files, metrics=self.metrics,
+                                world_size=mgr.world_size, user_metadata=self.user_metadata)
+            replace = mgr.storage.exists(mgr.layout.path_for(self.step))
+            path = mgr.layout.commit(temp, manifest, replace=replace)
+            mgr.last_save_stats["persist_s"] = time.perf_counter() - t0
+            self._after_commit(manifest)
+        except BaseException:
+            if mgr.rank == 0:
+                mgr.layout.discard(temp)
+            else:
+                self._mark_failed(temp)
+            raise
+        finally:
+            mgr._stager.release(self.slot)
+            with mgr._state_lock:
+                mgr._in_flight.discard(self.step)
+        for callback in [*mgr._on_commit, *([self.on_commit] if self.on_commit else [])]:
+            try:
+                callback(self.step, path)
+            except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
+                log.exception("on_commit callback %r failed for step %d", callback, self.step)
+        return path
+
+    def _write_own_files(self, temp: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
+        mgr = self.mgr
+        files: dict[str, FileRecord] = {}
+        join = mgr.storage.join
+        state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
+        rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
+        if state_tensors:
+            files["state.safetensors"] = write_tensor_file(mgr.storage, join(temp, "state.safetensors"), state_tensors)
+        self._rank_trees: dict[int, Any] = {}
+        if self.rank_flat is not None:
+            name = f"rank_{mgr.rank}.safetensors"
+            if rank_tensors:
+                files[name] = write_tensor_file(mgr.storage, join(temp, name), rank_tensors)
+            self._rank_trees[mgr.rank] = self.rank_flat.tree
+            if mgr.rank != 0:
+                part = {"tree": self.rank_flat.tree,
+                        "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
+                with mgr.storage.open_write(join(temp, f"rank_{mgr.rank}.part.json")) as out:
+                    out.write(json.dumps(part, allow_nan=False).encode())
+        return files
+
+    def _collect_other_ranks(self, temp: str) -> dict[str, FileRecord]:
+        """Rank 0 waits for each other rank's part file (or its error marker)."""
+        mgr = self.mgr
+        files: dict[str, FileRecord] = {}
+        deadline = time.monotonic() + mgr.rank_timeout
+        for r in self.ranks_with_state:
+            if r == 0:
+                continue
+            part_path = mgr.storage.join(temp, f"rank_{r}.part.json")
+            error_path = mgr.storage.join(temp, f"rank_{r}.error")
+            while not mgr.storage.exists(part_path):
+                if mgr.storage.exists(error_path):
+                    with mgr.storage.open_read(error_path) as f:
+                        raise SaveError(f"rank {r} failed to write its part of step {self.step}: "
+                                        f"{f.read().decode(errors='replace')}")
+                if time.monotonic() > deadline:
+                    raise SaveError(f"rank {r} did not write its part of step {self.step} within "
+                                    f"{mgr.rank_timeout:.0f} s (rank_timeout); is it still alive?")
+                time.sleep(0.01)
+            with mgr.storage.open_read(part_path) as f:
+                part = json.loads(f.read())
+            self._rank_trees[r] = part["tree"]
+            for name, (size, digest) in part["files"].items():
+                files[name] = FileRecord(size=size, xxh3_64=digest)
+            mgr.storage.remove_file(part_path)
+        return files
+
+    def _mark_failed(self, temp: str) -> None:
+        try:
+            mgr = self.mgr
+            mgr.storage.makedirs(temp)
+            with mgr.storage.open_write(mgr.storage.join(temp, f"rank_{mgr.rank}.error")) as out:
+                out.write(b"see that rank's log")
+        except OSError:
+            pass
+
+    def _after_commit(self, manifest: Manifest) -> None:
+        """Drop later checkpoints on overwrite, then apply retention. Rank 0, after the commit."""
+        mgr = self.mgr
+        for later in [s for s in mgr.steps() if s > self.step]:
+            log.info("removing step %d: step %d was saved over it with overwrite=True", later, self.step)
+            mgr.layout.delete(later)
+        with mgr._state_lock:
+            mgr._records[self.step] = CheckpointRecord(self.step, manifest.wall_time, manifest.metrics)
+            if mgr._restored_step is not None and self.step > mgr._restored_step:
+                mgr._restored_step = None  # a newer checkpoint exists now: no longer protected
+        mgr.prune()
+
+
+def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ConfigError(f"metric {name!r} is a tensor with {value.numel()} elements; pass a scalar")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)  # numpy scalars and similar
+            except (TypeError, ValueError):
+                raise ConfigError(f"metric {name!r} must be a number, got {value!r}") from None
+        out[str(name)] = float(value) if not isinstance(value, float) else value
+        if math.isnan(out[str(name)]):
+            log.debug("metric %r is NaN at this save; it ranks worst", name)
+    return out

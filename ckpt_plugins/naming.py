@@ -1,0 +1,122 @@
+"""Natural sorting of checkpoint names, and the ``step_<N>`` folder naming scheme.
+
+Checkpoint names carry numbers (``step_10``, ``epoch=2-step=100.ckpt``, ``ckpt_1e5``), and a plain
+string sort puts ``step_10`` before ``step_9``. :func:`natural_key` compares the numbers in a name
+as numbers, so listings read in training order. The step folder helpers are a strict pair:
+``parse_step_dir(step_dir_name(n)) == n`` for every ``n >= 0``, and every other name parses to
+``None``, so one step can never be stored under two folder names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from decimal import Decimal
+
+__all__ = ["STEP_PREFIX", "natural_key", "natural_sorted", "parse_step_dir", "step_dir_name"]
+
+STEP_PREFIX = "step_"
+"""Prefix of a committed step folder: step 42 lives in ``step_42``."""
+
+# A number run: an optional minus sign (only where no letter or digit comes right before it), then
+# digits, an optional fraction and an optional exponent. ASCII digits only, so a name never turns
+# into a number through a lookalike character.
+_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_STEP_DIR = re.compile(re.escape(STEP_PREFIX) + r"(0|[1-9][0-9]*)")
+
+# Tags make every key element comparable with every other (a number never meets a string in a
+# comparison, so sorting mixed names cannot raise TypeError). Numbers sort before text.
+_NUM_TAG = 0
+_TEXT_TAG = 1
+
+
+def natural_key(name: str) -> tuple:
+    """Return a sort key that compares the number runs in ``name`` numerically.
+
+    The name is split into text runs and number runs; the key is a tuple of tagged parts, each
+    ``(0, number)`` or ``(1, text)``, followed by ``name`` itself as a final tie-break (so
+    ``step_01`` and ``step_1`` still have a fixed order). Numbers sort before text at the same
+    position. Text compares exactly (case-sensitive).
+
+    A number run is ``[-]digits[.digits][e[+-]digits]``, read exactly (as a ``Decimal``, never
+    rounded through a float):
+
+    * ``-`` is a minus sign only when it is directly followed by a digit and **not** preceded by
+      an ASCII letter or digit. In ``ckpt_-1.0`` and ``loss=-0.5`` it follows ``_``/``=`` and is
+      a sign; in ``epoch=2-step=100`` it follows ``2`` and is a separator.
+    * ``.`` starts a fraction only when a digit follows (``step_1.ckpt`` is 1 then ``.ckpt``), so
+      ``v1.10`` reads as the decimal 1.10, which sorts before ``v1.9``.
+    * ``e``/``E`` starts an exponent only when digits follow (``ckpt_1e5`` is 100000).
+
+    Args:
+        name: any string.
+
+    Returns:
+        A tuple usable as ``key=`` in ``sorted``; keys of any two strings compare without error.
+
+    Example:
+        >>> sorted(["step_10", "step_9", "ckpt_-1.0"], key=natural_key)
+        ['ckpt_-1.0', 'step_9', 'step_10']
+        >>> natural_key("epoch=2-step=100") < natural_key("epoch=10-step=5")
+        True
+    """
+    parts: list[tuple[int, object]] = []
+    pos = 0
+    for match in _NUMBER.finditer(name):
+        if match.start() > pos:
+            parts.append((_TEXT_TAG, name[pos : match.start()]))
+        parts.append((_NUM_TAG, Decimal(match.group())))
+        pos = match.end()
+    if pos < len(name):
+        parts.append((_TEXT_TAG, name[pos:]))
+    return (tuple(parts), name)
+
+
+def natural_sorted(names: Iterable[str]) -> list[str]:
+    """Return ``names`` as a new list in natural order (see :func:`natural_key`).
+
+    Example:
+        >>> natural_sorted(["ckpt_200000", "ckpt_1e5", "ckpt_0", "ckpt_-1.0"])
+        ['ckpt_-1.0', 'ckpt_0', 'ckpt_1e5', 'ckpt_200000']
+    """
+    return sorted(names, key=natural_key)
+
+
+def step_dir_name(step: int) -> str:
+    """Return the folder name of a committed step: ``step_<step>``, no zero padding.
+
+    Args:
+        step: a non-negative int (not a bool).
+
+    Returns:
+        ``STEP_PREFIX + str(step)``.
+
+    Raises:
+        TypeError: ``step`` is not an int, or is a bool.
+        ValueError: ``step`` is negative.
+
+    Example:
+        >>> step_dir_name(42)
+        'step_42'
+    """
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
+    if step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step}; steps count up from 0")
+    return f"{STEP_PREFIX}{step}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """Return the step of a folder named exactly ``step_<N>``, else ``None``.
+
+    Only the form :func:`step_dir_name` writes is accepted: ASCII digits, no sign, no leading
+    zeros (``step_007`` is ``None``; it would otherwise alias ``step_7``), no suffix
+    (``step_7.tmp`` is ``None``, which is how in-progress folders stay invisible). Hidden names
+    (starting with ``.``) never match.
+
+    Example:
+        >>> parse_step_dir("step_12"), parse_step_dir("step_012"), parse_step_dir(".step_12")
+        (12, None, None)
+    """
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None

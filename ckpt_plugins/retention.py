@@ -1,0 +1,358 @@
+"""Which checkpoints to keep: a pure decision over checkpoint records.
+
+Each rule is a small frozen dataclass with one method, ``keep(records, ctx) -> set[int]``, that
+names the steps it wants to keep. A :class:`RetentionPolicy` keeps a step if ANY rule keeps it and
+deletes the rest. Nothing here touches the file system or reads the clock: the current time and
+the protected steps arrive in a :class:`RetentionContext`, so the decision is a function of its
+arguments and tests need no patching. Users write flags (``keep_last=3``); :func:`build_policy`
+turns them into rules once.
+
+Every rule has a stable ``reason`` string; ``ckpt-plugins ls`` shows these to users, so they are
+part of the public interface: ``latest``, ``best``, ``keep_last``, ``keep_best``,
+``keep_every_n_steps``, ``keep_time_interval``, ``protected``, ``keep_all``.
+
+Example:
+    >>> policy = build_policy(keep_last=1, monitor="loss")
+    >>> records = [CheckpointRecord(1, 0.0, {"loss": 0.5}), CheckpointRecord(2, 1.0, {"loss": 0.9}),
+    ...            CheckpointRecord(3, 2.0, {"loss": 0.7})]
+    >>> decision = policy.decide(records, RetentionContext(now=3.0))
+    >>> decision.keep, decision.delete
+    ({1: ['best'], 3: ['keep_last', 'latest']}, [2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import ClassVar, Protocol, runtime_checkable
+
+from ckpt_plugins.errors import ConfigError
+
+__all__ = [
+    "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
+    "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
+    "RetentionPolicy", "RetentionRule", "best_step", "build_policy",
+]
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What retention knows about one committed checkpoint: its step (unique in a list of
+    records), ``wall_time`` (seconds since the epoch when it committed) and logged ``metrics``."""
+
+    step: int
+    wall_time: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetentionContext:
+    """What a decision needs besides records: ``now`` (seconds since the epoch; rules read the
+    time here, never from the clock) and ``protected_steps``, never deleted (e.g. the step this
+    manager restored from)."""
+
+    now: float
+    protected_steps: frozenset[int] = frozenset()
+
+
+@runtime_checkable
+class RetentionRule(Protocol):
+    """One reason to keep checkpoints: ``keep`` returns the steps (of ``records``) it keeps."""
+
+    reason: ClassVar[str]
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]: ...
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    """The outcome: kept steps with their reasons (ascending), and steps to delete (ascending)."""
+
+    keep: dict[int, list[str]]
+    delete: list[int]
+
+
+def _check_positive_int(option: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{option} must be a positive int, got {value!r}; use an int >= 1")
+
+
+def _check_mode(mode: object, where: str = "") -> None:
+    if mode not in ("min", "max"):
+        raise ConfigError(
+            f"mode{where} must be 'min' or 'max', got {mode!r}; use 'min' when lower is better "
+            "(a loss) or 'max' when higher is better (an accuracy)"
+        )
+
+
+def _check_metric(monitor: object, mode: object, where: str = "") -> None:
+    if not isinstance(monitor, str) or not monitor:
+        raise ConfigError(f"monitor{where} must be a metric name (non-empty str), got {monitor!r}")
+    _check_mode(mode, where)
+
+
+def _ranked(records: Sequence[CheckpointRecord], monitor: str, mode: str) -> list[int]:
+    """Steps that carry ``monitor``, best first. NaN ranks last; ties go to the later step."""
+    sign = 1.0 if mode == "min" else -1.0
+
+    def rank(record: CheckpointRecord) -> tuple[bool, float, int]:
+        value = float(record.metrics[monitor])
+        nan = math.isnan(value)
+        return (nan, 0.0 if nan else sign * value, -record.step)
+
+    return [r.step for r in sorted((r for r in records if monitor in r.metrics), key=rank)]
+
+
+def best_step(records: Sequence[CheckpointRecord], monitor: str, mode: str = "min") -> int | None:
+    """Return the step with the best ``monitor`` value, or ``None`` if no record has the metric.
+
+    Records without the metric are never best. NaN ranks below every real value (in both modes),
+    so a NaN step is returned only when every record with the metric is NaN. Ties go to the more
+    recent (higher) step: it holds the most training for the same score.
+
+    Raises:
+        ConfigError: ``mode`` is not ``"min"``/``"max"``, or ``monitor`` is empty.
+
+    Example:
+        >>> records = [CheckpointRecord(1, 0.0, {"acc": 0.9}),
+        ...            CheckpointRecord(2, 9.0, {"acc": 0.9})]
+        >>> best_step(records, "acc", "max")
+        2
+    """
+    _check_metric(monitor, mode)
+    ranked = _ranked(records, monitor, mode)
+    return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True)
+class KeepAll:
+    """Keeps every checkpoint (what a policy with no user rules does)."""
+
+    reason: ClassVar[str] = "keep_all"
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return {r.step for r in records}
+
+
+@dataclass(frozen=True)
+class KeepLatest:
+    """Keeps the latest checkpoint (highest step), so a resume always has somewhere to start."""
+
+    reason: ClassVar[str] = "latest"
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return {max(r.step for r in records)} if records else set()
+
+
+@dataclass(frozen=True)
+class KeepProtected:
+    """Keeps the steps named in ``ctx.protected_steps`` (those present in ``records``)."""
+
+    reason: ClassVar[str] = "protected"
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return {r.step for r in records if r.step in ctx.protected_steps}
+
+
+@dataclass(frozen=True)
+class KeepLast:
+    """Keeps the ``n`` most recent checkpoints, by step number (flag ``keep_last``)."""
+
+    n: int
+    reason: ClassVar[str] = "keep_last"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("keep_last (KeepLast.n)", self.n)
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return set(sorted((r.step for r in records), reverse=True)[: self.n])
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keeps the ``n`` best checkpoints by ``monitor``, ranked as in :func:`best_step`."""
+
+    n: int
+    monitor: str
+    mode: str = "min"
+    reason: ClassVar[str] = "keep_best"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("keep_best (KeepBest.n)", self.n)
+        _check_metric(self.monitor, self.mode, " (KeepBest)")
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return set(_ranked(records, self.monitor, self.mode)[: self.n])
+
+
+@dataclass(frozen=True)
+class KeepBestOne:
+    """Keeps the single best checkpoint by ``monitor`` (the one :func:`best_step` returns)."""
+
+    monitor: str
+    mode: str = "min"
+    reason: ClassVar[str] = "best"
+
+    def __post_init__(self) -> None:
+        _check_metric(self.monitor, self.mode, " (KeepBestOne)")
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        step = best_step(records, self.monitor, self.mode)
+        return set() if step is None else {step}
+
+
+@dataclass(frozen=True)
+class KeepEveryNSteps:
+    """Keeps, for good, every checkpoint whose step is divisible by ``n`` (step 0 included)."""
+
+    n: int
+    reason: ClassVar[str] = "keep_every_n_steps"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("keep_every_n_steps (KeepEveryNSteps.n)", self.n)
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        return {r.step for r in records if r.step % self.n == 0}
+
+
+@dataclass(frozen=True)
+class KeepTimeInterval:
+    """Keeps the first checkpoint committed in each ``seconds``-long interval of wall time.
+
+    Intervals are anchored at the oldest record's ``wall_time`` ``t0``: a record falls in bucket
+    ``floor((wall_time - t0) / seconds)``, and the earliest record of each bucket is kept (equal
+    times: the lower step). The oldest record is always the first of bucket 0, so this rule keeps
+    it, and the anchor stays put from one decision to the next.
+    """
+
+    seconds: float
+    reason: ClassVar[str] = "keep_time_interval"
+
+    def __post_init__(self) -> None:
+        value = self.seconds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0
+        ):
+            raise ConfigError(
+                f"keep_time_interval (KeepTimeInterval.seconds) must be a positive, finite number "
+                f"of seconds, got {value!r}; for example 3600 keeps one checkpoint per hour"
+            )
+
+    def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
+        first: dict[int, CheckpointRecord] = {}
+        if records:
+            t0 = min(r.wall_time for r in records)
+            for r in sorted(records, key=lambda r: (r.wall_time, r.step)):
+                first.setdefault(math.floor((r.wall_time - t0) / self.seconds), r)
+        return {r.step for r in first.values()}
+
+
+_SAFETY_RULES: tuple[RetentionRule, ...] = (KeepLatest(), KeepProtected())
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Keeps a step if ANY rule keeps it; deletes the others.
+
+    The latest step and ``ctx.protected_steps`` are always kept: :attr:`effective_rules` appends
+    :class:`KeepLatest` and :class:`KeepProtected` when ``rules`` lacks them (``rules`` itself is
+    never changed). Nothing else is kept unless a rule says so; :func:`build_policy` with no
+    options, or ``RetentionPolicy((KeepAll(),))``, keeps everything.
+    """
+
+    rules: tuple[RetentionRule, ...]
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.rules, tuple) and self.rules
+        if not ok or not all(isinstance(rule, RetentionRule) for rule in self.rules):
+            raise ConfigError(
+                f"RetentionPolicy.rules must be a non-empty tuple of rules (each with a `reason` "
+                f"and a `keep(records, ctx)` method), got {self.rules!r}; "
+                "use (KeepAll(),) to keep every checkpoint"
+            )
+
+    @property
+    def effective_rules(self) -> tuple[RetentionRule, ...]:
+        """``rules`` followed by the safety rules (latest, protected) that ``rules`` lacks."""
+        present = {type(rule) for rule in self.rules}
+        return self.rules + tuple(r for r in _SAFETY_RULES if type(r) not in present)
+
+    def decide(
+        self, records: Sequence[CheckpointRecord], ctx: RetentionContext
+    ) -> RetentionDecision:
+        """Split ``records`` (any order) into kept steps, with reasons in rule order, and deletes.
+
+        A step that some rule keeps is kept; steps a rule names that are not in ``records`` are
+        ignored.
+
+        Raises:
+            ValueError: two records share a step (a bug in the caller).
+        """
+        steps = sorted(r.step for r in records)
+        duplicates = sorted({a for a, b in zip(steps, steps[1:]) if a == b})
+        if duplicates:
+            raise ValueError(f"records must have unique steps; duplicated steps: {duplicates}")
+        reasons: dict[int, list[str]] = {}
+        for rule in self.effective_rules:
+            for step in rule.keep(records, ctx):
+                reasons.setdefault(step, []).append(rule.reason)
+        keep = {step: reasons[step] for step in steps if step in reasons}
+        return RetentionDecision(keep=keep, delete=[s for s in steps if s not in reasons])
+
+
+def build_policy(
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_every_n_steps: int | None = None,
+    keep_time_interval: float | timedelta | None = None,
+) -> RetentionPolicy:
+    """Turn user flags into a :class:`RetentionPolicy` (the one place flags become rules).
+
+    Rules, in order (the order of reasons in a decision): ``keep_last``, ``keep_best``,
+    ``keep_every_n_steps``, ``keep_time_interval``, then the always-kept ``latest``, ``best``
+    (when ``monitor`` is set, even without ``keep_best``) and ``protected``. With none of the
+    four ``keep_*`` options (``monitor`` alone included), every checkpoint is kept (``keep_all``).
+
+    Args:
+        keep_last: keep the N most recent steps.
+        keep_best: keep the N best steps by ``monitor``; needs ``monitor``.
+        monitor: metric name that ranks checkpoints.
+        mode: ``"min"`` (lower is better) or ``"max"``; checked even without ``monitor``.
+        keep_every_n_steps: keep steps divisible by K, for good.
+        keep_time_interval: keep the first checkpoint of each interval (seconds or timedelta).
+
+    Raises:
+        ConfigError: an option has an invalid value (the message names it and shows the value).
+    """
+    if monitor is None:
+        _check_mode(mode)
+    else:
+        _check_metric(monitor, mode)
+    rules: list[RetentionRule] = []
+    if keep_last is not None:
+        rules.append(KeepLast(keep_last))
+    if keep_best is not None:
+        _check_positive_int("keep_best", keep_best)
+        if monitor is None:
+            raise ConfigError(
+                f"keep_best={keep_best!r} needs monitor, the metric that ranks checkpoints; "
+                "pass monitor='<metric name>' (for example monitor='val_loss')"
+            )
+        rules.append(KeepBest(keep_best, monitor, mode))
+    if keep_every_n_steps is not None:
+        rules.append(KeepEveryNSteps(keep_every_n_steps))
+    if isinstance(keep_time_interval, timedelta):
+        rules.append(KeepTimeInterval(keep_time_interval.total_seconds()))
+    elif keep_time_interval is not None:
+        rules.append(KeepTimeInterval(keep_time_interval))
+    if not rules:
+        rules.append(KeepAll())
+    rules.append(KeepLatest())
+    if monitor is not None:
+        rules.append(KeepBestOne(monitor, mode))
+    rules.append(KeepProtected())
+    return RetentionPolicy(tuple(rules))

@@ -1,0 +1,204 @@
+"""Tensor files: the safetensors format, streamed, with a checksum computed on the way.
+
+Files written here are plain safetensors files (``safetensors.safe_open`` reads them, and we read
+files it writes). We stream them ourselves instead of calling ``safetensors.torch.save_file``
+because that function first turns every tensor into a Python ``bytes`` object: a second copy of
+the whole state in memory and a second pass over it. Here each tensor's memory goes straight to
+the file, and the xxh3 checksum is computed over the same buffers in the same pass.
+
+Reading allocates one tensor per entry and ``readinto``-s its bytes, in file order, so a full
+restore is one sequential read plus the checksum; a partial restore seeks to the selected entries
+only. Headers come from disk and are validated before use (sizes, offsets, dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+import xxhash
+
+from .errors import CorruptCheckpointError
+from .storage import Storage
+
+__all__ = ["FileRecord", "write_tensor_file", "read_tensor_file", "read_header", "tensor_bytes"]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPE_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")):
+    if hasattr(torch, _name):
+        _DTYPE_TO_CODE[getattr(torch, _name)] = _code
+_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Size and checksum of one written file, as stored in the manifest."""
+
+    size: int
+    xxh3_64: str
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including 0-dim and empty)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None):
+    # Largest element size first keeps every offset aligned to its dtype (the header is padded
+    # to 8 bytes), which is what safetensors itself does.
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        if tensor.dtype not in _DTYPE_TO_CODE:
+            raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return order, struct.pack("<Q", len(blob)) + blob, offset
+
+
+def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> FileRecord:
+    """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum."""
+    order, head, data_len = _layout(tensors, metadata)
+    hasher = xxhash.xxh3_64()
+    hasher.update(head)
+    with storage.open_write(path) as out:
+        out.write(head)
+        for key in order:
+            view = tensor_bytes(tensors[key])
+            if len(view):
+                hasher.update(view)
+                out.write(view)
+    return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
+
+
+def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict, int]:
+    """Read and validate a safetensors header; return (entries, offset where data starts)."""
+    raw_len = f.read(8)
+    if len(raw_len) != 8:
+        raise CorruptCheckpointError(f"{path}: file is truncated (no safetensors header)")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise CorruptCheckpointError(
+            f"{path}: header length {header_len} is impossible for a {file_size}-byte file")
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    entries = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        entries[key] = _validate_entry(path, key, entry, data_len)
+    return entries, data_start
+
+
+def _validate_entry(path: str, key: str, entry: object, data_len: int):
+    try:
+        dtype = _CODE_TO_DTYPE[entry["dtype"]]  # type: ignore[index]
+        shape = [int(d) for d in entry["shape"]]  # type: ignore[index]
+        begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: header entry {key!r} is malformed ({exc!r})") from exc
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len \
+            or (end - begin) != math.prod(shape) * itemsize:
+        raise CorruptCheckpointError(
+            f"{path}: header entry {key!r} (shape {shape}, offsets {begin}..{end}) does not fit "
+            f"the file's {data_len} data bytes; the file is damaged or truncated")
+    return dtype, shape, begin, end
+
+
+def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None = None,
+                     expected: FileRecord | None = None,
+                     map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read tensors from ``path``: all of them (checksummed against ``expected``) or only ``keys``.
+
+    A partial read seeks to the selected entries and leaves the rest on disk, so it checks the
+    file size and header but cannot check the whole-file checksum.
+    """
+    try:
+        file_size = storage.size(path)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: tensor file is missing") from exc
+    if expected is not None and file_size != expected.size:
+        raise CorruptCheckpointError(
+            f"{path}: size is {file_size} bytes but the manifest says {expected.size}; "
+            "the file is truncated or was replaced")
+    wanted = None if keys is None else set(keys)
+    out: dict[str, torch.Tensor] = {}
+    with storage.open_read(path) as f:
+        entries, data_start = read_header(f, path, file_size)
+        if wanted is not None:
+            missing = wanted - entries.keys()
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not "
+                    "in the file")
+        full = wanted is None
+        hasher = xxhash.xxh3_64() if full and expected is not None else None
+        if hasher is not None:
+            f.seek(0)
+            hasher.update(f.read(data_start))
+        position = data_start
+        for key, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            if not full and key not in wanted:  # type: ignore[operator]
+                continue
+            tensor = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                if position != data_start + begin:  # partial reads, or a gap in a foreign file
+                    f.seek(data_start + begin)
+                view = tensor_bytes(tensor)
+                got = f.readinto(view)
+                if got != end - begin:
+                    raise CorruptCheckpointError(f"{path}: file ends inside tensor {key!r}")
+                position = data_start + end
+                if hasher is not None:
+                    hasher.update(view)
+            out[key] = tensor
+    if hasher is not None and hasher.hexdigest() != expected.xxh3_64:  # type: ignore[union-attr]
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (xxh3 {hasher.hexdigest()}, manifest "
+            f"{expected.xxh3_64}); the file is damaged")  # type: ignore[union-attr]
+    if torch.device(map_location) != torch.device("cpu"):
+        out = {k: v.to(map_location) for k, v in out.items()}
+    return out
+
+
+def checksum_file(storage: Storage, path: str, chunk: int = 8 << 20) -> FileRecord:
+    """Size and xxh3 of a file on storage, read in chunks (for ``verify`` and plain files)."""
+    hasher = xxhash.xxh3_64()
+    size = 0
+    with storage.open_read(path) as f:
+        while block := f.read(chunk):
+            hasher.update(block)
+            size += len(block)
+    return FileRecord(size=size, xxh3_64=hasher.hexdigest())

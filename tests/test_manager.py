@@ -1,0 +1,372 @@
+"""CheckpointManager: save/restore round trips, retention, overwrite rules, layout, locking."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from ckpt_plugins import (CheckpointManager, CheckpointNotFoundError, ConfigError,
+                          CorruptCheckpointError, LockedError, RestoreError, StepExistsError)
+from ckpt_plugins.tensor_file import write_tensor_file
+from ckpt_plugins.storage import LocalStorage
+from conftest import TinyNet, make_training_state, state_of
+
+
+def assert_same(a, b):
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    elif hasattr(a, "dtype") and hasattr(a, "shape"):  # numpy
+        assert a.dtype == b.dtype and (a == b).all()
+    else:
+        assert a == b
+
+
+def test_round_trip_full_training_state(tmp_path, training_state):
+    state = state_of(*training_state)
+    with CheckpointManager(tmp_path / "ck") as mgr:
+        handle = mgr.save(10, state, metrics={"loss": 0.5})
+        assert handle.done() and handle.exception() is None
+        assert handle.path.endswith("step_10")
+        restored = mgr.restore("latest")
+    assert_same(dict(state["model"]), dict(restored["model"]))
+    assert_same(state["optimizer"], restored["optimizer"])
+    assert_same(state["scheduler"], restored["scheduler"])
+    assert_same(state["rng"]["python"], restored["rng"]["python"])
+    assert restored["epoch"] == 3
+
+
+def test_restored_state_resumes_training_exactly(tmp_path):
+    model, opt, sched = make_training_state()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(2, state_of(model, opt, sched))
+        batch = torch.randn(4, 8)
+
+        def step(m, o):
+            o.zero_grad()
+            m(batch).pow(2).mean().backward()
+            o.step()
+
+        step(model, opt)
+        model2 = TinyNet()
+        opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+        mgr.restore("latest", target={"model": model2, "optimizer": opt2}, include=["model", "optimizer"])
+        step(model2, opt2)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_steps_sorted_naturally_and_latest(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        for step in (9, 10, 100):
+            mgr.save(step, {"x": torch.tensor(step)})
+        assert mgr.steps() == [9, 10, 100]
+        assert mgr.latest_step() == 100
+        assert mgr.best_step() is None
+        assert sorted(os.listdir(tmp_path)) == [".lock", "step_10", "step_100", "step_9"]
+        assert mgr.restore(9)["x"].item() == 9
+
+
+def test_empty_directory_queries(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [] and mgr.latest_step() is None
+        with pytest.raises(CheckpointNotFoundError, match="no checkpoint to restore as 'latest'"):
+            mgr.restore("latest")
+        with pytest.raises(CheckpointNotFoundError, match=r"step 5 .*available steps: \[\]"):
+            mgr.restore(5)
+
+
+def test_keep_last_and_best_with_real_deletions(tmp_path):
+    losses = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.7, 5: 0.8, 6: 0.6}
+    with CheckpointManager(tmp_path, keep_last=2, keep_best=1, monitor="loss", mode="min") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+        assert mgr.steps() == [2, 5, 6]
+        assert mgr.best_step() == 2
+        assert mgr.restore("best")["w"][0].item() == 2.0
+
+
+def test_keep_every_n_steps_survives_keep_last(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=1, keep_every_n_steps=5) as mgr:
+        for step in range(1, 12):
+            mgr.save(step, {"s": step})
+        assert mgr.steps() == [5, 10, 11]
+
+
+def test_no_rule_keeps_everything(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        for step in range(5):
+            mgr.save(step, {"s": step})
+        assert mgr.steps() == [0, 1, 2, 3, 4]
+
+
+def test_restored_checkpoint_is_protected_until_a_newer_one_commits(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+    with CheckpointManager(tmp_path, keep_last=1, overwrite=True) as mgr:
+        mgr.restore(1)
+        mgr.save(1, {"s": 11})  # overwrite at the restored step: 2 and 3 go, 1 stays
+        assert mgr.steps() == [1]
+        assert mgr.restore(1)["s"] == 11
+
+
+def test_protection_of_resumed_step(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"s": step})
+    with CheckpointManager(tmp_path, keep_last=1, keep_every_n_steps=100) as mgr:
+        mgr.restore(1)
+        # Step 3 is newer than the restored step, so protection ends with its commit.
+        mgr.save(3, {"s": 3})
+        assert mgr.steps() == [3]
+
+
+def test_save_at_or_before_existing_step_is_an_error(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(10, {"a": 1})
+        mgr.save(20, {"a": 2})
+        with pytest.raises(StepExistsError, match=r"cannot save step 10 .*\[10, 20\].*overwrite=True"):
+            mgr.save(10, {"a": 3})
+        with pytest.raises(StepExistsError, match=r"step\(s\) \[20\]"):
+            mgr.save(15, {"a": 3})
+        assert mgr.steps() == [10, 20]
+        assert mgr.restore(10)["a"] == 1
+
+
+def test_overwrite_replaces_and_removes_later(tmp_path):
+    with CheckpointManager(tmp_path, overwrite=True) as mgr:
+        for step in (10, 20, 30):
+            mgr.save(step, {"a": step})
+        mgr.save(20, {"a": -20})
+        assert mgr.steps() == [10, 20]
+        assert mgr.restore("latest")["a"] == -20
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".") and n != ".lock"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(keep_last=0), "keep_last"),
+    (dict(keep_best=2), "monitor"),
+    (dict(mode="lowest", monitor="loss"), "mode"),
+    (dict(max_pending=0), "max_pending"),
+    (dict(on_busy="drop"), "on_busy"),
+    (dict(snapshot="overlap"), "async_save=True"),
+    (dict(on_error="ignore"), "on_error"),
+])
+def test_bad_options_name_the_option(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        CheckpointManager(tmp_path, **kwargs)
+
+
+def test_bad_step_and_metrics(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(ConfigError, match="step must be a non-negative integer"):
+            mgr.save(-1, {})
+        with pytest.raises(ConfigError, match="metric 'acc' must be a number"):
+            mgr.save(1, {}, metrics={"acc": "high"})
+        mgr.save(1, {}, metrics={"loss": torch.tensor(0.25)})
+        assert mgr.records()[0].metrics == {"loss": 0.25}
+
+
+def test_leftovers_are_cleaned_and_nothing_else(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"a": 1})
+    for leftover in (".tmp-step_2-abc", ".trash-step_0-def"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "state.safetensors").write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "step_3").mkdir()  # no manifest: not committed, never listed
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [1]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "step_1", "step_3"]
+
+
+def test_interrupted_overwrite_puts_the_old_checkpoint_back(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(5, {"a": 5})
+    os.rename(tmp_path / "step_5", tmp_path / ".replaced-step_5-0123456789ab")
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [5]
+        assert mgr.restore(5)["a"] == 5
+
+
+def test_second_manager_on_same_directory_is_refused(tmp_path):
+    with CheckpointManager(tmp_path):
+        with pytest.raises(LockedError, match=r"\.lock is held by process \d+ .*another CheckpointManager"):
+            CheckpointManager(tmp_path)
+    CheckpointManager(tmp_path).close()  # released on close
+
+
+def test_stale_lock_of_dead_process_is_taken_over(tmp_path, caplog):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    import socket
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"a": 1})
+    assert "taking over the lock" in caplog.text
+
+
+def test_memory_filesystem(tmp_path):
+    import fsspec
+    url = "memory://ckpt-test-run"
+    with CheckpointManager(url, keep_last=2) as mgr:
+        for step in range(4):
+            mgr.save(step, {"w": torch.arange(4) * step})
+        assert mgr.steps() == [2, 3]
+        assert torch.equal(mgr.restore("latest")["w"], torch.arange(4) * 3)
+    fsspec.filesystem("memory").rm("/ckpt-test-run", recursive=True)
+
+
+# --- damage and fallback ---------------------------------------------------------------------
+
+def _three_checkpoints(path):
+    with CheckpointManager(path) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((64,), float(step)), "step": step})
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("flip", "checksum mismatch"),
+    ("truncate", "size is"),
+    ("remove_tensors", "missing"),
+    ("garble_manifest", "manifest is not valid JSON"),
+])
+def test_latest_falls_back_explicit_raises(tmp_path, caplog, damage, named):
+    _three_checkpoints(tmp_path)
+    newest = tmp_path / "step_3"
+    tensors = newest / "state.safetensors"
+    if damage == "flip":
+        data = bytearray(tensors.read_bytes())
+        data[-5] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    elif damage == "truncate":
+        tensors.write_bytes(tensors.read_bytes()[:100])
+    elif damage == "remove_tensors":
+        tensors.unlink()
+    else:
+        (newest / "manifest.json").write_text("{not json")
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore("latest")["step"] == 2
+        assert "checkpoint step 3 is damaged" in caplog.text and named in caplog.text
+        assert "falling back to step 2" in caplog.text
+        with pytest.raises(CorruptCheckpointError, match=named):
+            mgr.restore(3)
+
+
+# --- partial restore ---------------------------------------------------------------------------
+
+def test_include_exclude_rename_and_report(tmp_path, training_state):
+    state = state_of(*training_state)
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, state)
+        only_model = mgr.restore(1, include="model.*")
+        assert list(only_model) == ["model"]
+        assert mgr.last_restore_report.tensors_read == len(state["model"])
+        no_opt = mgr.restore(1, exclude=["optimizer", "scheduler"])
+        assert set(no_opt) == {"model", "rng", "epoch"}
+        renamed = mgr.restore(1, include="model", rename={"model.fc1.": "model.encoder."})
+        assert set(renamed["model"]) == {"encoder.weight", "encoder.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_strict_target_reports_and_tolerant_mode(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"a": torch.ones(3), "b": torch.ones(2, 2), "extra": 1})
+        target = {"a": torch.zeros(3), "b": torch.zeros(3), "c": torch.zeros(1)}
+        with pytest.raises(RestoreError) as info:
+            mgr.restore(1, target=target)
+        message = str(info.value)
+        assert "missing in checkpoint: c" in message and "unexpected in checkpoint: extra" in message
+        assert "b (checkpoint (2, 2) torch.float32, target (3,) torch.float32)" in message
+        assert torch.equal(target["a"], torch.zeros(3)), "a failed strict restore changed the target"
+        mgr.restore(1, target=target, strict=False)
+        report = mgr.last_restore_report
+        assert torch.equal(target["a"], torch.ones(3))
+        assert report.loaded == ["a"] and report.missing == ["c"] and report.unexpected == ["extra"]
+        assert len(report.mismatched) == 1
+
+
+def test_module_target_with_mismatch_is_tolerated(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"model": TinyNet(16).state_dict()})
+        wider = TinyNet(32)
+        with pytest.raises(RestoreError, match="model.fc1.weight"):
+            mgr.restore(1, target={"model": wider})
+        mgr.restore(1, target={"model": wider}, strict=False)
+        assert sorted(mgr.last_restore_report.loaded) == ["model.fc2.bias"]
+
+
+def test_map_location_meta_free_cpu(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        assert mgr.restore(1, map_location=torch.device("cpu"))["w"].device.type == "cpu"
+
+
+# --- format versions -------------------------------------------------------------------------
+
+def test_version_1_checkpoint_is_migrated(tmp_path):
+    """A hand-made checkpoint in the pre-release format 1 (one top-level tree, file triples)."""
+    from ckpt_plugins.state_tree import flatten_state
+    folder = tmp_path / "step_7"
+    folder.mkdir()
+    flat = flatten_state({"w": torch.arange(3.0), "note": "old"})
+    record = write_tensor_file(LocalStorage(), str(folder / "state.safetensors"), flat.tensors)
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "ckpt_plugins", "format_version": 1, "step": 7, "wall_time": 1.0,
+        "metrics": {"loss": 0.1}, "tree": flat.tree, "tensor_file": "state.safetensors",
+        "files": [["state.safetensors", record.size, record.xxh3_64]]}))
+    with CheckpointManager(tmp_path, monitor="loss") as mgr:
+        assert mgr.steps() == [7] and mgr.best_step() == 7
+        state = mgr.restore("latest")
+    assert torch.equal(state["w"], torch.arange(3.0)) and state["note"] == "old"
+
+
+def test_newer_format_version_is_refused_clearly(tmp_path):
+    _three_checkpoints(tmp_path)
+    manifest = tmp_path / "step_3" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["format_version"] = 99
+    manifest.write_text(json.dumps(doc))
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(CorruptCheckpointError, match="format version 99 is newer.*upgrade ckpt_plugins"):
+            mgr.restore(3)
+
+
+@pytest.mark.parametrize("files", [{"../escape": {"size": 1, "xxh3_64": "0"}},
+                                   {"/etc/passwd": {"size": 1, "xxh3_64": "0"}},
+                                   {"a": {"size": 10**20, "xxh3_64": "0"}},
+                                   {"a": {"size": "1", "xxh3_64": "0"}}])
+def test_hostile_manifest_file_entries(tmp_path, files):
+    _three_checkpoints(tmp_path)
+    manifest = tmp_path / "step_3" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["files"] = files
+    manifest.write_text(json.dumps(doc))
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(CorruptCheckpointError, match="manifest.json"):
+            mgr.restore(3)
+
+
+def test_unstorable_object_fails_at_save_time_with_key_path(tmp_path):
+    from ckpt_plugins import UnsupportedStateError
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(UnsupportedStateError, match="fn"):
+            mgr.save(1, {"sched": {"fn": lambda x: x}})
+        assert mgr.steps() == []
+    assert [n for n in os.listdir(tmp_path) if n != ".lock"] == []
