@@ -1,6 +1,7 @@
 """Layout and the commit protocol: what is on disk, and how a checkpoint becomes visible.
 
-A checkpoint for step N lives in ``<root>/step_N/``. It is written like this, and each step is
+A checkpoint for step N lives in ``<root>/step_N/`` (the prefix is configurable: the HF adapter
+uses ``checkpoint-N``, the Trainer's own layout). It is written like this, and each step is
 there for a reason:
 
 1. Everything goes into a hidden temporary folder *beside* the target
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
-from .naming import parse_step_dir, step_dir_name
+from .naming import STEP_PREFIX, parse_step_dir, step_dir_name
 from .storage import Storage
 
 __all__ = ["CheckpointDir", "Layout", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
@@ -50,25 +51,26 @@ class CheckpointDir:
 class Layout:
     """Naming, listing, committing and deleting checkpoint folders under one root."""
 
-    def __init__(self, storage: Storage, root: str) -> None:
+    def __init__(self, storage: Storage, root: str, prefix: str = STEP_PREFIX) -> None:
         self.storage = storage
         self.root = root
+        self.prefix = prefix
 
     # --- names -------------------------------------------------------------------------------
     def path_for(self, step: int) -> str:
-        return self.storage.join(self.root, step_dir_name(step))
+        return self.storage.join(self.root, step_dir_name(step, self.prefix))
 
     def new_temp_dir(self, step: int, token: str | None = None) -> str:
         """The hidden folder a save of ``step`` writes into before it commits."""
         token = token or uuid.uuid4().hex[:12]
-        return self.storage.join(self.root, f"{TMP_PREFIX}{step_dir_name(step)}-{token}")
+        return self.storage.join(self.root, f"{TMP_PREFIX}{step_dir_name(step, self.prefix)}-{token}")
 
     # --- listing -----------------------------------------------------------------------------
     def committed(self) -> list[CheckpointDir]:
         """Committed checkpoints (a ``step_N`` folder holding a manifest), by ascending step."""
         found = []
         for name in self.storage.listdir(self.root):
-            step = parse_step_dir(name)
+            step = parse_step_dir(name, self.prefix)
             if step is None:
                 continue
             path = self.storage.join(self.root, name)
@@ -98,7 +100,7 @@ class Layout:
         if self.storage.exists(final):
             if not replace:
                 raise FileExistsError(f"{final} already exists and overwrite was not requested")
-            replaced = self.storage.join(self.root, f"{REPLACED_PREFIX}{step_dir_name(manifest.step)}-{uuid.uuid4().hex[:12]}")
+            replaced = self.storage.join(self.root, f"{REPLACED_PREFIX}{step_dir_name(manifest.step, self.prefix)}-{uuid.uuid4().hex[:12]}")
             self.storage.rename(final, replaced)
         self.storage.rename(temp_dir, final)
         self.storage.fsync_dir(self.root)
@@ -111,7 +113,7 @@ class Layout:
         path = self.path_for(step)
         if not self.storage.exists(path):
             return
-        trash = self.storage.join(self.root, f"{TRASH_PREFIX}{step_dir_name(step)}-{uuid.uuid4().hex[:12]}")
+        trash = self.storage.join(self.root, f"{TRASH_PREFIX}{step_dir_name(step, self.prefix)}-{uuid.uuid4().hex[:12]}")
         self.storage.rename(path, trash)
         self.storage.fsync_dir(self.root)
         self._remove(trash)
@@ -140,7 +142,7 @@ class Layout:
             path = self.storage.join(self.root, name)
             if name.startswith(REPLACED_PREFIX):
                 target_name = name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
-                step = parse_step_dir(target_name)
+                step = parse_step_dir(target_name, self.prefix)
                 final = self.storage.join(self.root, target_name)
                 if step is not None and not self.storage.exists(self.storage.join(final, MANIFEST_NAME)) \
                         and self.storage.exists(self.storage.join(path, MANIFEST_NAME)):

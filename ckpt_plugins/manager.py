@@ -35,13 +35,13 @@ from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointErro
                      SaveError, StepExistsError)
 from .layout import Layout
 from .lock import DirectoryLock
-from .manifest import MANIFEST_NAME, Manifest, Part
+from .manifest import _SAFE_NAME, MANIFEST_NAME, Manifest, Part
 from .restore import RestoreReport, load_into, make_selector, materialize
 from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from .snapshot import HostStager
 from .state_tree import flatten_state
 from .storage import open_storage
-from .tensor_file import FileRecord, read_tensor_file, write_tensor_file
+from .tensor_file import FileRecord, checksum_file, write_tensor_file
 
 __all__ = ["CheckpointManager"]
 
@@ -74,6 +74,8 @@ class CheckpointManager:
         read_only: only list and restore (no lock, no cleanup, ``save`` refused); for evaluation
             jobs and tools that read a directory another process is writing.
         rank_timeout: seconds rank 0 waits for other ranks' files before failing the save.
+        dir_prefix: checkpoint folder names are ``<dir_prefix><step>`` (``checkpoint-`` gives the
+            HF Trainer's layout).
 
     Example:
         >>> with CheckpointManager("runs/demo", keep_last=3) as mgr:  # doctest: +SKIP
@@ -90,7 +92,8 @@ class CheckpointManager:
                  snapshot: Literal["safe", "overlap"] = "safe",
                  on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
-                 read_only: bool = False, rank_timeout: float = 600.0) -> None:
+                 read_only: bool = False, rank_timeout: float = 600.0,
+                 dir_prefix: str = "step_") -> None:
         _check_choice("on_busy", on_busy, ("wait", "skip"))
         _check_choice("snapshot", snapshot, ("safe", "overlap"))
         _check_choice("on_error", on_error, ("raise", "warn"))
@@ -110,7 +113,9 @@ class CheckpointManager:
         self._on_commit = [on_commit] if callable(on_commit) else list(on_commit or [])
         self.rank, self.world_size = rank_and_world()
         self.storage, self.root = open_storage(self.directory)
-        self.layout = Layout(self.storage, self.root)
+        if not dir_prefix or "/" in dir_prefix or dir_prefix.startswith("."):
+            raise ConfigError(f"dir_prefix must be a non-empty folder-name prefix not starting with '.', got {dir_prefix!r}")
+        self.layout = Layout(self.storage, self.root, dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
         if self.rank == 0 and not read_only:
             self.storage.makedirs(self.root)
@@ -169,7 +174,8 @@ class CheckpointManager:
     # --- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
              rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
-             user_metadata: Mapping[str, Any] | None = None) -> SaveHandle | None:
+             user_metadata: Mapping[str, Any] | None = None,
+             extra_files: Mapping[str, bytes | Callable[[Any], None]] | None = None) -> SaveHandle | None:
         """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
 
         Returns a handle (already committed unless ``async_save``), or None when the save was
@@ -180,6 +186,10 @@ class CheckpointManager:
                 ``overwrite`` is False.
             UnsupportedStateError: the state holds something that cannot be stored without pickle.
             SaveError: an earlier background save failed (raised once).
+
+        ``extra_files`` maps plain file names to bytes, or to ``fn(file)`` writers run on the
+        background writer; they are committed (and checksummed) with the checkpoint. Adapters use
+        it to add a framework's native files (rank 0 only).
         """
         self._check_open()
         if self.read_only:
@@ -187,6 +197,11 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, got {step!r}")
         clean_metrics = _clean_metrics(metrics)
+        for name in extra_files or {}:
+            if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name \
+                    or name == MANIFEST_NAME or name.endswith(".safetensors") and name.startswith(("state", "rank_")):
+                raise ConfigError(f"extra_files name {name!r} is not a plain file name, or is reserved "
+                                  "(manifest.json, state*.safetensors, rank_*.safetensors)")
         token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None)
         flat = flatten_state(state) if self.rank == 0 else None
         rank_flat = flatten_state(rank_state) if rank_state is not None else None
@@ -215,7 +230,7 @@ class CheckpointManager:
         with self._state_lock:
             self._in_flight.add(step)
         job = _SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
-                       clean_metrics, dict(user_metadata or {}), on_commit)
+                       clean_metrics, dict(user_metadata or {}), on_commit, dict(extra_files or {}))
         self._last_handle = self._engine.submit(handle, job)
         self.last_save_stats["stall_s"] = time.perf_counter() - t0
         if not self.async_save:
@@ -428,7 +443,7 @@ class _SaveJob:
     def __init__(self, mgr: CheckpointManager, step: int, token: str, ranks_with_state: list[int],
                  flat, rank_flat, tensors,
                  staged, slot: int, metrics: dict[str, float], user_metadata: dict,
-                 on_commit: Callable[[int, str], None] | None) -> None:
+                 on_commit: Callable[[int, str], None] | None, extra_files: dict) -> None:
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -449,6 +464,7 @@ class _SaveJob:
             files = self._write_own_files(temp, tensors)
             if mgr.rank != 0:
                 return handle.path
+            files.update(self._write_extra_files(temp))
             files.update(self._collect_other_ranks(temp))
             parts = {}
             if self.flat is not None:
@@ -497,6 +513,19 @@ class _SaveJob:
                         "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
                 with mgr.storage.open_write(join(temp, f"rank_{mgr.rank}.part.json")) as out:
                     out.write(json.dumps(part, allow_nan=False).encode())
+        return files
+
+    def _write_extra_files(self, temp: str) -> dict[str, FileRecord]:
+        mgr = self.mgr
+        files = {}
+        for name, content in self.extra_files.items():
+            path = mgr.storage.join(temp, name)
+            with mgr.storage.open_write(path) as out:
+                if callable(content):
+                    content(out)
+                else:
+                    out.write(content)
+            files[name] = checksum_file(mgr.storage, path)
         return files
 
     def _collect_other_ranks(self, temp: str) -> dict[str, FileRecord]:

@@ -22,7 +22,7 @@ STEP_PREFIX = "step_"
 # digits, an optional fraction and an optional exponent. ASCII digits only, so a name never turns
 # into a number through a lookalike character.
 _NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
-_STEP_DIR = re.compile(re.escape(STEP_PREFIX) + r"(0|[1-9][0-9]*)")
+_STEP_NUMBER = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
 # Tags make every key element comparable with every other (a number never meets a string in a
 # comparison, so sorting mixed names cannot raise TypeError). Numbers sort before text.
@@ -82,14 +82,15 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
     return sorted(names, key=natural_key)
 
 
-def step_dir_name(step: int) -> str:
+def step_dir_name(step: int, prefix: str = STEP_PREFIX) -> str:
     """Return the folder name of a committed step: ``step_<step>``, no zero padding.
 
     Args:
         step: a non-negative int (not a bool).
+        prefix: the folder name prefix (``checkpoint-`` gives the HF Trainer's layout).
 
     Returns:
-        ``STEP_PREFIX + str(step)``.
+        ``prefix + str(step)``.
 
     Raises:
         TypeError: ``step`` is not an int, or is a bool.
@@ -103,10 +104,10 @@ def step_dir_name(step: int) -> str:
         raise TypeError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
     if step < 0:
         raise ValueError(f"step must be a non-negative int, got {step}; steps count up from 0")
-    return f"{STEP_PREFIX}{step}"
+    return f"{prefix}{step}"
 
 
-def parse_step_dir(name: str) -> int | None:
+def parse_step_dir(name: str, prefix: str = STEP_PREFIX) -> int | None:
     """Return the step of a folder named exactly ``step_<N>``, else ``None``.
 
     Only the form :func:`step_dir_name` writes is accepted: ASCII digits, no sign, no leading
@@ -118,5 +119,7 @@ def parse_step_dir(name: str) -> int | None:
         >>> parse_step_dir("step_12"), parse_step_dir("step_012"), parse_step_dir(".step_12")
         (12, None, None)
     """
-    match = _STEP_DIR.fullmatch(name)
-    return int(match.group(1)) if match else None
+    if not name.startswith(prefix) or name.startswith("."):
+        return None
+    match = _STEP_NUMBER.fullmatch(name[len(prefix):])
+    return int(match.group(0)) if match else None

@@ -64,16 +64,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._tree_tags import (MAX_DEPTH, TAG, TENSOR_TAGS, TreeFail, check_fields, children, dec_key,
-                         dec_leaf, dotted, enc_float, enc_int, enc_key, enc_leaf, escape, np_dtype,
-                         rebuild, segment, shape_list, subscript, unescape, walk)
+from ._tree_tags import (MAX_DEPTH, TAG, TENSOR_TAGS, TreeFail, Unflattener, children, dotted, enc_float,
+                         enc_int, enc_key, enc_leaf, escape, rebuild, segment, short, subscript, walk)
 from .errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
 
 __all__ = ["FlatState", "flatten_state", "unflatten_state", "tensor_refs", "leaf_paths",
            "select_tree", "rename_tree"]
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-_COMPLEX_PARTS = (torch.float16, torch.float32, torch.float64)
 _DROP = object()
 
 
@@ -149,8 +147,9 @@ class _Flattener:
             return out
         items = []
         for k, v in obj.items():
+            ek = enc_key(k)  # a bad key is reported at this dict's path
             try:
-                items.append([enc_key(k), self.enc(v, self.child(segment(k), path, depth), depth + 1)])
+                items.append([ek, self.enc(v, self.child(segment(k), path, depth), depth + 1)])
             except TreeFail as e:
                 e.keys.append(k)
                 raise
@@ -234,119 +233,10 @@ def flatten_state(state: Any) -> FlatState:
         where = f"{subscript(e.keys)} (key path {dotted(e.keys)!r})" if e.keys else "state"
         raise UnsupportedStateError(f"{where} {e.what}") from None
     except RecursionError:
-        raise UnsupportedStateError("state is nested too deeply to store (is there a reference cycle?)") from None
+        raise UnsupportedStateError("state is nested too deeply to store (beyond Python's recursion limit; "
+                                    "is there a reference cycle?)") from None
     flat.unshare()
     return FlatState(tree, flat.tensors)
-
-
-class _Unflattener:
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-        self.cache: dict[Any, Any] = {}
-
-    def dec(self, node: Any, depth: int) -> Any:
-        tp = type(node)
-        if tp is str or tp is bool or node is None or tp is int or tp is float:
-            return node
-        if depth >= MAX_DEPTH:
-            raise TreeFail(f"is nested deeper than {MAX_DEPTH} levels")
-        if tp is list:
-            return self.seq(node, depth)
-        if tp is not dict:
-            raise TreeFail(f"holds a {tp.__name__}, which is not a JSON value")
-        if TAG not in node:
-            out = {}
-            for k, c in node.items():
-                try:
-                    key = unescape(k)
-                    out[key] = self.dec(c, depth + 1)
-                except TreeFail as e:
-                    e.keys.append(k)
-                    raise
-            return out
-        tag = node[TAG]
-        if type(tag) is not str:
-            raise TreeFail(f"has a tag that is not a string: {tag!r:.80}")
-        if tag in TENSOR_TAGS:
-            return self.tensor(node, tag)
-        if tag == "tuple":
-            check_fields(node, tag)
-            return tuple(self.seq(node["v"], depth))
-        if tag == "dict":
-            check_fields(node, tag)
-            return self.mapping(node["items"], depth)
-        return dec_leaf(node, tag)
-
-    def seq(self, node: Any, depth: int) -> list:
-        if type(node) is not list:
-            raise TreeFail(f"expected a list, got {type(node).__name__}")
-        out = []
-        for i, c in enumerate(node):
-            try:
-                out.append(self.dec(c, depth + 1))
-            except TreeFail as e:
-                e.keys.append(i)
-                raise
-        return out
-
-    def mapping(self, items: Any, depth: int) -> dict:
-        if type(items) is not list:
-            raise TreeFail("dict items must be a list of [key, value] pairs")
-        out: dict = {}
-        for item in items:
-            if type(item) is not list or len(item) != 2:
-                raise TreeFail(f"dict items must be [key, value] pairs, got {item!r:.80}")
-            key = dec_key(item[0])
-            if key in out:
-                raise TreeFail(f"dict has the key {key!r} twice")
-            try:
-                out[key] = self.dec(item[1], depth + 1)
-            except TreeFail as e:
-                e.keys.append(key)
-                raise
-        return out
-
-    def tensor(self, node: dict, tag: str) -> Any:
-        check_fields(node, tag)
-        key = node["key"]
-        if type(key) is not str:
-            raise TreeFail(f"tensor key must be a string, got {key!r:.80}")
-        dt = np_dtype(node["dtype"]) if tag == "ndarray" else None
-        shape = tuple(shape_list(node["shape"])) if tag == "ndarray" else ()
-        ident = (tag, key, dt, shape)
-        if ident in self.cache:
-            return self.cache[ident]
-        try:
-            t = self.tensors[key]
-        except KeyError:
-            raise TreeFail(f"tensor {key!r} is missing from the checkpoint's tensors") from None
-        if not isinstance(t, torch.Tensor):
-            raise TreeFail(f"tensor {key!r} is a {type(t).__name__}, not a tensor")
-        if tag == "ctensor":
-            if t.dtype not in _COMPLEX_PARTS or t.dim() == 0 or t.shape[-1] != 2:
-                raise TreeFail(f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the real view of a "
-                               "complex tensor (float16/32/64 with a last dimension of 2)")
-            try:
-                t = torch.view_as_complex(t)
-            except RuntimeError:
-                t = torch.view_as_complex(t.clone(memory_format=torch.contiguous_format))
-        elif tag == "ndarray":
-            t = self.ndarray(t, key, dt, shape)
-        self.cache[ident] = t
-        return t
-
-    @staticmethod
-    def ndarray(t: torch.Tensor, key: str, dt: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * dt.itemsize
-        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
-            raise TreeFail(f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the {nbytes} raw bytes of "
-                           f"a numpy array of dtype {dt.str} and shape {list(shape)}")
-        if nbytes == 0:
-            return np.empty(shape, dt)
-        return t.detach().cpu().numpy().view(dt).reshape(shape)
 
 
 def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -363,13 +253,7 @@ def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         CorruptCheckpointError: malformed tree, unknown tag, missing or mismatched tensor, or
             nesting deeper than the limit; the message names the key path.
     """
-    try:
-        return _Unflattener(tensors).dec(tree, 0)
-    except TreeFail as e:
-        where = f"at key path {dotted(e.keys)!r}" if e.keys else "at the root"
-        raise CorruptCheckpointError(f"invalid checkpoint state tree {where}: {e.what}") from None
-    except RecursionError:
-        raise CorruptCheckpointError("invalid checkpoint state tree: nested too deeply") from None
+    return _checked(Unflattener(tensors).dec, tree, 0)
 
 
 def _checked(fn: Callable[..., Any], *args: Any) -> Any:
@@ -395,7 +279,7 @@ def tensor_refs(tree: Any) -> dict[str, str]:
         if type(leaf) is dict and leaf.get(TAG) in TENSOR_TAGS:
             key = leaf.get("key")
             if type(key) is not str:
-                raise TreeFail(f"tensor key must be a string, got {key!r:.80}")
+                raise TreeFail(f"tensor key must be a string, got {short(key)}")
             refs[path] = key
 
     _checked(walk, tree, "", 0, visit)
@@ -473,7 +357,7 @@ def rename_tree(tree: Any, mapping: Mapping[str, str]) -> Any:
     rules = sorted(mapping.items(), key=lambda r: -len(r[0]))
     for old, new in rules:
         if type(old) is not str or type(new) is not str:
-            raise ConfigError(f"rename mapping must map str prefixes to str prefixes, got {old!r}: {new!r}")
+            raise ConfigError(f"rename mapping must map str prefixes to str prefixes, got {short(old)}: {short(new)}")
     if not rules:
         return tree
     out = _checked(_rename, tree, "", 0, rules)
@@ -496,7 +380,13 @@ def _rename(node: Any, path: str, depth: int, rules: list[tuple[str, str]]) -> A
     kept, segs = [], set()
     for key, seg, child in kids:
         full = prefix + seg
-        is_container = children(child) is not None
+        try:
+            is_container = children(child) is not None
+            deeper = [r for r in rules if len(r[0]) > len(full) + 1 and r[0].startswith(full + ".")]
+            sub = _rename(child, full, depth + 1, deeper) if deeper else child
+        except TreeFail as e:
+            e.keys.append(seg)
+            raise
         probe = full + "." if is_container else full
         for old, new in rules:
             if probe.startswith(old):
@@ -505,12 +395,7 @@ def _rename(node: Any, path: str, depth: int, rules: list[tuple[str, str]]) -> A
         if prefix + seg in segs:
             raise ConfigError(f"rename gives two entries the key path {prefix + seg!r}")
         segs.add(prefix + seg)
-        deeper = [r for r in rules if len(r[0]) > len(full) + 1 and r[0].startswith(full + ".")]
-        try:
-            kept.append((key, _rename(child, full, depth + 1, deeper) if deeper else child))
-        except TreeFail as e:
-            e.keys.append(seg)
-            raise
+        kept.append((key, sub))
     return rebuild(node, kept)
 
 

@@ -370,3 +370,25 @@ def test_unstorable_object_fails_at_save_time_with_key_path(tmp_path):
             mgr.save(1, {"sched": {"fn": lambda x: x}})
         assert mgr.steps() == []
     assert [n for n in os.listdir(tmp_path) if n != ".lock"] == []
+
+
+def test_dir_prefix_and_extra_files_commit_together(tmp_path):
+    written = []
+
+    def writer(f):
+        written.append(True)
+        f.write(b"native bytes")
+
+    with CheckpointManager(tmp_path, dir_prefix="checkpoint-", keep_last=1) as mgr:
+        mgr.save(9, {"a": 1}, extra_files={"trainer_state.json": b'{"global_step": 9}'})
+        mgr.save(10, {"a": 2}, extra_files={"optimizer.pt": writer})
+        assert mgr.steps() == [10]
+        with pytest.raises(ConfigError, match="extra_files name '../x'"):
+            mgr.save(11, {"a": 3}, extra_files={"../x": b""})
+        assert mgr.steps() == [10]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10"]
+    assert (tmp_path / "checkpoint-10" / "optimizer.pt").read_bytes() == b"native bytes" and written
+    from ckpt_plugins.cli import main as cli
+    assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 0
+    (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"native bytez")
+    assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 1
