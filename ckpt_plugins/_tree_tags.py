@@ -24,7 +24,7 @@ TAG = "$t"  # the reserved key of a tagged object; user keys starting with "$" g
 MAX_DEPTH = 256  # deeper nesting is refused: real training state is rarely 10 levels deep, and
 # this keeps the recursion (up to two frames a level) well inside Python's default limit of 1000
 INT_MIN, INT_MAX = -(2**63), 2**64  # ints outside [INT_MIN, INT_MAX) are tagged as hex strings
-INT_MIN_ABS = 2**63  # dimensions must be below this
+DIM_LIMIT = 2**63  # array and Size dimensions must be below this
 TENSOR_TAGS = frozenset({"tensor", "ctensor", "ndarray"})
 NO_PICKLE = "which cannot be stored without pickle; remove it from the state or convert it to plain values"
 
@@ -169,7 +169,7 @@ def np_dtype(v: Any) -> np.dtype:
 
 def shape_list(v: Any) -> list[int]:
     dims = _list(v)
-    if len(dims) > 64 or any(type(d) is not int or not 0 <= d < INT_MIN_ABS for d in dims):
+    if len(dims) > 64 or any(type(d) is not int or not 0 <= d < DIM_LIMIT for d in dims):
         raise TreeFail(f"invalid shape {short(v)}")
     return dims
 
@@ -397,10 +397,7 @@ class Unflattener:
 
     @staticmethod
     def ndarray(t: torch.Tensor, key: str, dt: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
         if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
             raise TreeFail(f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the {nbytes} raw bytes of "
                            f"a numpy array of dtype {dt.str} and shape {list(shape)}")

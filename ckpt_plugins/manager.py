@@ -39,6 +39,7 @@ from .manifest import _SAFE_NAME, MANIFEST_NAME, Manifest, Part
 from .restore import RestoreReport, load_into, make_selector, materialize
 from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from .snapshot import HostStager
+from .writer_process import ProcessWriter
 from .state_tree import flatten_state
 from .storage import open_storage
 from .tensor_file import FileRecord, checksum_file, write_tensor_file
@@ -74,6 +75,9 @@ class CheckpointManager:
         read_only: only list and restore (no lock, no cleanup, ``save`` refused); for evaluation
             jobs and tools that read a directory another process is writing.
         rank_timeout: seconds rank 0 waits for other ranks' files before failing the save.
+        writer: ``"thread"`` writes tensor files on the background thread; ``"process"`` hands
+            staged shared-memory buffers to a writer process (no GIL contention with training;
+            needs ``async_save=True`` and a local directory).
         dir_prefix: checkpoint folder names are ``<dir_prefix><step>`` (``checkpoint-`` gives the
             HF Trainer's layout).
 
@@ -93,10 +97,13 @@ class CheckpointManager:
                  on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
                  read_only: bool = False, rank_timeout: float = 600.0,
-                 dir_prefix: str = "step_") -> None:
+                 writer: Literal["thread", "process"] = "thread", dir_prefix: str = "step_") -> None:
         _check_choice("on_busy", on_busy, ("wait", "skip"))
         _check_choice("snapshot", snapshot, ("safe", "overlap"))
         _check_choice("on_error", on_error, ("raise", "warn"))
+        _check_choice("writer", writer, ("thread", "process"))
+        if writer == "process" and not async_save:
+            raise ConfigError("writer='process' needs async_save=True (it writes staged copies)")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be a positive integer, got {max_pending!r}")
         if snapshot == "overlap" and not async_save:
@@ -121,7 +128,10 @@ class CheckpointManager:
             self.storage.makedirs(self.root)
             self._lock.acquire()
             self.layout.cleanup_leftovers()
-        self._stager = HostStager(max_pending)
+        if writer == "process" and self.storage.local_path(self.root) is None:
+            raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
+        self._stager = HostStager(max_pending, shared=writer == "process")
+        self._process_writer = ProcessWriter() if writer == "process" else None
         self._engine = PersistEngine(async_save=async_save)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
@@ -263,6 +273,11 @@ class CheckpointManager:
                     "already exist or are being saved, at or after it. Use a larger step, or "
                     "overwrite=True to replace them (later checkpoints are then removed).")
         return None
+
+    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
+        if self._process_writer is not None:
+            return self._process_writer.write(path, tensors)
+        return write_tensor_file(self.storage, path, tensors)
 
     def wait(self) -> None:
         """Block until every pending save is committed; raise the first error not yet seen."""
@@ -411,6 +426,8 @@ class CheckpointManager:
             return
         try:
             self._engine.shutdown()
+            if self._process_writer is not None:
+                self._process_writer.close()
             self._take_error()
         finally:
             self._closed = True
@@ -501,12 +518,12 @@ class _SaveJob:
         state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
         if state_tensors:
-            files["state.safetensors"] = write_tensor_file(mgr.storage, join(temp, "state.safetensors"), state_tensors)
+            files["state.safetensors"] = mgr._write_tensors(join(temp, "state.safetensors"), state_tensors)
         self._rank_trees: dict[int, Any] = {}
         if self.rank_flat is not None:
             name = f"rank_{mgr.rank}.safetensors"
             if rank_tensors:
-                files[name] = write_tensor_file(mgr.storage, join(temp, name), rank_tensors)
+                files[name] = mgr._write_tensors(join(temp, name), rank_tensors)
             self._rank_trees[mgr.rank] = self.rank_flat.tree
             if mgr.rank != 0:
                 part = {"tree": self.rank_flat.tree,

@@ -9,7 +9,8 @@ CUDA tensors go to pinned buffers with ``non_blocking`` copies on a side stream,
 host copy overlaps with compute; :meth:`StagedState.wait` synchronises that stream's event. CPU
 tensors are copied with ``Tensor.copy_`` (multi-threaded inside torch, no Python loop over data).
 
-There are ``slots`` buffer sets: at most that many staged copies exist at once, which is what
+With a writer process the buffers live in shared memory instead (not pinned: CUDA copies into
+them are then synchronous). There are ``slots`` buffer sets: at most that many staged copies exist at once, which is what
 bounds host memory with ``max_pending`` saves in flight.
 """
 
@@ -46,9 +47,10 @@ class StagedState:
 class HostStager:
     """A pool of ``slots`` reusable host-buffer sets."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, shared: bool = False) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
+        self.shared = shared  # buffers in shared memory, for a writer process
         self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
         self._free = list(range(slots))
         self._cond = threading.Condition()
@@ -93,7 +95,9 @@ class HostStager:
                 for key, src in tensors.items():
                     buf = buffers.get(key)
                     if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                        buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                        buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda and not self.shared)
+                        if self.shared:
+                            buf.share_memory_()
                         buffers[key] = buf
                         grown += buf.numel() * buf.element_size()
                     buf.copy_(src.detach(), non_blocking=src.is_cuda)

@@ -6,8 +6,9 @@ plain Python values into a JSON-able ``tree`` and a ``tensors`` dict ready for a
 disk and rebuilds the state. :func:`select_tree` / :func:`rename_tree` edit a tree before a
 (partial) restore, and :func:`tensor_refs` says which tensor entries the edited tree still reads.
 
-Key paths are the dict keys and list/tuple indices from the root joined with ``.``
-(``model.layer.0.weight``, ``optimizer.state.0.exp_avg``); every entry must have its own path.
+Key paths are the dict keys (``str(key)`` for non-str keys) and list/tuple indices from the root
+joined with ``.`` (``model.layer.0.weight``, ``optimizer.state.0.exp_avg``); every entry must have
+its own path. Leaves are tensors, plain values and empty containers.
 
 Tree format (part of the on-disk format; its version lives in the manifest, not here):
 
@@ -53,6 +54,9 @@ Behaviour worth knowing:
 * ``OrderedDict`` and other dict subclasses come back as plain ``dict`` in the same order
   (``state_dict()._metadata`` is dropped; ``load_state_dict`` does not need it).
 * A non-tensor object reached twice (the same list in two places) comes back as two copies.
+* Refused with :class:`UnsupportedStateError` naming the key path: functions, classes, arbitrary
+  objects, namedtuples, tensor subclasses, sparse/quantized/meta tensors, numpy object or
+  structured dtypes, and nesting deeper than 256 levels (also refused when reading a tree).
 """
 
 from __future__ import annotations
@@ -161,6 +165,8 @@ class _Flattener:
             raise TreeFail(f"is a {kind} tensor, which cannot be stored; convert it to a dense tensor "
                            "with data (for example .to_dense() or .dequantize()) or remove it")
         t = obj.detach() if obj.requires_grad or type(obj) is not torch.Tensor else obj
+        if t.is_neg():  # a lazily negated view (complex.conj().imag): store the values it shows
+            t = t.resolve_neg()
         tag = "tensor"
         if t.is_complex():
             t, tag = torch.view_as_real(t.resolve_conj()), "ctensor"

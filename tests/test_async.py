@@ -255,3 +255,29 @@ def test_pending_save_is_flushed_at_exit_and_on_sigterm(tmp_path, mode):
     with CheckpointManager(tmp_path) as mgr:
         assert mgr.steps() == [7]
         assert torch.equal(mgr.restore(7)["w"], torch.arange(10.0))
+
+
+def test_writer_process_writes_the_same_checkpoints(tmp_path):
+    model, opt, sched = make_training_state()
+    with CheckpointManager(tmp_path, async_save=True, writer="process", keep_last=2) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state_of(model, opt, sched), metrics={"loss": 1.0 / step})
+        mgr.wait()
+        assert mgr.steps() == [2, 3]
+        restored = mgr.restore("latest")
+        assert all(buf.is_shared() for buf in mgr._stager._buffers[0].values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored["model"][key], value)
+
+
+def test_writer_process_errors_surface(tmp_path):
+    with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+        temp = tmp_path / ".tmp-step_2-fixed"
+        (temp / "state.safetensors").mkdir(parents=True)  # the child's open() will fail
+        mgr.layout.new_temp_dir = lambda step, token=None: str(temp)
+        handle = mgr.save(2, {"w": torch.ones(3)})
+        with pytest.raises(SaveError, match="Is a directory"):
+            mgr.wait()
+        assert isinstance(handle.exception(), IsADirectoryError)
+        assert mgr.steps() == [1] and not temp.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import doctest
 import json
 import math
 import random
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import ckpt_plugins.state_tree as state_tree_module
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
 from ckpt_plugins.state_tree import (FlatState, flatten_state, leaf_paths, rename_tree, select_tree,
                                      tensor_refs, unflatten_state)
@@ -150,7 +152,8 @@ CASES = {
     "requires_grad_and_parameter": lambda: {"p": torch.nn.Parameter(torch.ones(2)),
                                             "g": torch.ones(3, requires_grad=True),
                                             "view": torch.ones(4, requires_grad=True)[1:]},
-    "complex_conj_view": lambda: {"c": torch.tensor([1 + 2j, 3 - 4j]).conj()},
+    "conj_and_neg_views": lambda: {"c": torch.tensor([1 + 2j, 3 - 4j]).conj(),
+                                   "neg": torch.tensor([1 + 2j, 3 - 4j]).conj().imag},
     "sets_and_complex": lambda: {"set": {3, 1, 2}, "fs": frozenset({"a", "b"}), "empty": set(), "tuples": {(1, 2)},
                                  "mixed": {1, "a", None}, "complex": [1 + 2j, complex(math.nan, -0.0)]},
 }
@@ -454,3 +457,7 @@ def test_rename_tree_mappings(state, mapping, expected):
 def test_rename_tree_errors(state, mapping, match):
     with pytest.raises(ConfigError, match=match):
         rename_tree(flatten_state(state).tree, mapping)
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(state_tree_module).failed == 0

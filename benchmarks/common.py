@@ -1,0 +1,329 @@
+"""Helpers shared by the benchmarks: timing, disk bandwidth, memory sampling, machine facts, output.
+
+Every benchmark in this folder is a script with a ``main(argv=None)`` that writes its own
+``results/<name>.md`` (and usually ``.json`` / ``.png``); ``run_all.py`` runs them in sequence.
+Nothing here imports ckpt_plugins, so a helper never measures the code under test by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "REPO", "RESULTS", "TMP", "MB",
+    "median", "spread", "Stopwatch",
+    "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
+    "disk_write_bandwidth", "RssSampler", "rss_bytes", "peak_rss_reset", "peak_rss_bytes",
+    "OtherLoad", "machine_info", "md_table", "write_json", "write_text", "fmt_s", "fmt_ratio",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TMP = RESULTS / "tmp"  # gitignored, on the same disk as the repo (never $TMPDIR: may be tmpfs)
+MB = 1e6
+
+
+# --- statistics and timing --------------------------------------------------------------------
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Iterable[float]) -> tuple[float, float]:
+    """(min, max) of the values, for 'median (min-max)' cells."""
+    values = [v for v in values if v is not None]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.s`` (seconds, perf_counter)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.t0 = time.perf_counter()
+        self.s = float("nan")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s = time.perf_counter() - self.t0
+
+
+# --- disk --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def scratch_dir(name: str):
+    """A fresh folder under ``benchmarks/results/tmp`` (same disk as the repo), removed afterwards."""
+    path = TMP / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            TMP.rmdir()  # only when empty: another benchmark may be using it
+
+
+def sync_disk() -> None:
+    """Write back every dirty page (other runs' too), so one measurement does not pay for another."""
+    os.sync()
+
+
+def drop_page_cache() -> bool:
+    """Drop the page cache (needs root and a writable /proc/sys/vm); True when it worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of a file, or the total size of the files under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_mb: int = 256,
+                         payload: memoryview | None = None) -> float:
+    """Fsynced sequential write bandwidth in bytes/s: ``files`` x ``file_mb`` MiB written with one
+    ``os.write`` loop per file (16 MiB calls) and an ``os.fsync`` each, into ``directory``.
+
+    ``payload`` (at least ``file_mb`` MiB of incompressible bytes) is reused so that the
+    measurement times the disk, not the generation of data. Files are removed afterwards.
+    """
+    size = file_mb << 20
+    if payload is None:
+        payload = memoryview(os.urandom(size))
+    chunk = 16 << 20
+    sync_disk()
+    t0 = time.perf_counter()
+    for i in range(files):
+        path = os.path.join(directory, f"diskbw-{i}.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pos = 0
+            while pos < size:
+                pos += os.write(fd, payload[pos:min(pos + chunk, size)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    elapsed = time.perf_counter() - t0
+    for i in range(files):
+        os.remove(os.path.join(directory, f"diskbw-{i}.bin"))
+    return files * size / elapsed
+
+
+# --- memory ------------------------------------------------------------------------------------
+def rss_bytes(include_children: bool = True) -> int:
+    """Resident memory of this process (plus its children: a writer process counts too)."""
+    proc = psutil.Process()
+    total = proc.memory_info().rss
+    if include_children:
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+    return total
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's high-water mark of this process (VmHWM); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The kernel's high-water mark of this process's RSS since the last reset (exact, no sampling)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+class RssSampler:
+    """Samples RSS (this process + children) every ``interval`` s on a daemon thread.
+
+    ``with RssSampler() as s: ...`` then ``s.peak`` and ``s.baseline`` (bytes). psutil reads
+    release the GIL only briefly; at 5 ms the sampler costs well under 1% of one core.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.baseline = 0
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.baseline = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def peak_over_baseline(self) -> int:
+        return self.peak - self.baseline
+
+
+# --- the machine -------------------------------------------------------------------------------
+class OtherLoad:
+    """How busy the CPUs were with *other* processes while a benchmark ran.
+
+    Shared machines make timings noisy; this puts a number on it: the CPU time the whole system
+    spent minus what this process (and its children) spent, as a share of all cores.
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        self._sys0 = _busy_cpu_seconds()
+        self._own0 = _own_cpu_seconds()
+        self._t0 = time.monotonic()
+        self.loadavg_start = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self._t0
+        other = (_busy_cpu_seconds() - self._sys0) - (_own_cpu_seconds() - self._own0)
+        self.wall_s = wall
+        self.other_cores = max(0.0, other / wall) if wall > 0 else 0.0
+        self.loadavg_end = os.getloadavg()[0]
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall_s": self.wall_s, "other_processes_cores": self.other_cores,
+                "loadavg_1m_start": self.loadavg_start, "loadavg_1m_end": self.loadavg_end}
+
+
+def _busy_cpu_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+
+
+def _own_cpu_seconds() -> float:
+    proc = psutil.Process()
+    t = proc.cpu_times()
+    total = t.user + t.system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            c = child.cpu_times()
+            total += c.user + c.system
+    return total + t.children_user + t.children_system
+
+
+def machine_info(directory: str | os.PathLike = REPO) -> dict[str, Any]:
+    """CPU, memory, disk and library versions, for the results header."""
+    import torch
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1).strip() if m else cpu
+    fs = "?"
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True, timeout=5).stdout
+        line = out.strip().splitlines()[-1].split()
+        fs = f"{line[1]} on {line[0]}"
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "filesystem": fs,
+        "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(terse=True),
+    }
+    for name in ("lightning", "transformers", "safetensors"):
+        with contextlib.suppress(Exception):
+            info[name] = __import__(name).__version__
+    return info
+
+
+# --- output ------------------------------------------------------------------------------------
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; ``align`` is one letter per column (l/r/c), default l then r."""
+    headers = list(headers)
+    align = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1, sort_keys=False, default=_jsonable) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text if text.endswith("\n") else text + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def fmt_s(seconds: float | None, digits: int = 3) -> str:
+    """Seconds with sensible precision; '-' for missing values."""
+    if seconds is None or seconds != seconds:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.{max(0, digits - 2)}f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
+
+
+def call_quietly(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with warnings silenced (foreign libraries' deprecation chatter)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
