@@ -100,10 +100,12 @@ class Result:
     hook_bytes: int
     peak_bytes: int
     step_s: float
+    """Minimum over the timed rounds: the least disturbed by other load on the machine."""
+    median_step_s: float
     step_times: list[float]
 
 
-def build(args: argparse.Namespace, device: torch.device):
+def build(args: argparse.Namespace, dropout: float, device: torch.device):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -111,7 +113,8 @@ def build(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=args.heads,
                         vocab_size=args.vocab, n_positions=args.seq, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+                        eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
+                        attn_pdrop=dropout)
     model = GPT2LMHeadModel(config).to(device).train()
     batch = torch.randint(0, args.vocab, (args.batch, args.seq),
                           generator=torch.Generator().manual_seed(1)).to(device)
@@ -126,11 +129,13 @@ def forward_loss(model, batch):
 def measure_memory(model, batch, device: torch.device) -> tuple[int, int, int]:
     """(kept for backward, outer-hook bytes, peak) for one forward+backward."""
     model.zero_grad(set_to_none=True)
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     packed: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == device.type:
-            packed[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if t.device.type == device.type and ptr not in state:  # activations, not weights
+            packed[ptr] = t.untyped_storage().nbytes()
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -169,9 +174,9 @@ def timed_step(model, batch, optimizer, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace) -> list[Result]:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    model, batch = build(args, device)
+def run(args: argparse.Namespace, dropout: float, device: torch.device) -> list[Result]:
+    """Measure every mode on one model; modes are applied and removed in turn."""
+    model, batch = build(args, dropout, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     warnings.simplefilter("ignore", ActivationCheckpointingWarning)
 
@@ -180,39 +185,42 @@ def run(args: argparse.Namespace) -> list[Result]:
         apply_activation_checkpointing(model, config)
         memory[name] = measure_memory(model, batch, device)
         remove_activation_checkpointing(model)
-        print(f"memory {name:>14}: kept {memory[name][0] / MIB:8.1f} MiB  "
-              f"hooks {memory[name][1] / MIB:8.1f} MiB  peak {memory[name][2] / MIB:8.1f} MiB",
+        print(f"dropout {dropout}: {name:>14}: kept {memory[name][0] / MIB:7.1f} MiB, hooks "
+              f"{memory[name][1] / MIB:7.1f} MiB, peak {memory[name][2] / MIB:7.1f} MiB",
               flush=True)
 
     times: dict[str, list[float]] = {name: [] for name in MODES}
-    for round_ in range(args.warmup + args.steps):
+    for round_ in range(args.warmup + args.rounds):
         for name, config in MODES.items():
             apply_activation_checkpointing(model, config)
             elapsed = timed_step(model, batch, optimizer, device)
             remove_activation_checkpointing(model)
             if round_ >= args.warmup:
                 times[name].append(elapsed)
-        print(f"timing round {round_ + 1}/{args.warmup + args.steps}", flush=True)
+    for name in MODES:
+        print(f"dropout {dropout}: {name:>14}: step min {min(times[name]) * 1000:.0f} ms, "
+              f"median {statistics.median(times[name]) * 1000:.0f} ms", flush=True)
+    return [Result(name, *memory[name], min(times[name]), statistics.median(times[name]),
+                   times[name]) for name in MODES]
 
-    return [Result(name, *memory[name], statistics.median(times[name]), times[name])
-            for name in MODES]
 
-
-def environment(args: argparse.Namespace) -> str:
+def environment(args: argparse.Namespace, device: torch.device) -> str:
     import transformers
 
-    if torch.cuda.is_available() and not args.cpu:
+    if device.type == "cuda":
         where = f"CUDA: {torch.cuda.get_device_name()}"
     else:
-        where = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return (f"torch {torch.__version__}, transformers {transformers.__version__}, {where}; "
-            f"GPT-2-style model: {args.layers} layers, n_embd {args.embd}, {args.heads} heads, "
-            f"vocab {args.vocab}, dropout 0.1; batch {args.batch} x seq {args.seq}, fp32; "
-            f"step = forward + backward + AdamW, median of {args.steps} after {args.warmup} "
-            "warm-up rounds, modes interleaved")
+        where = (f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
+                 f"{torch.get_num_threads()} torch threads")
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, {where}. "
+            f"Model: `GPT2LMHeadModel` built from config ({args.layers} layers, n_embd "
+            f"{args.embd}, {args.heads} heads, vocab {args.vocab}), fp32, batch {args.batch} x "
+            f"seq {args.seq}. Step = forward + backward + AdamW; step time is the minimum over "
+            f"{args.rounds} rounds after {args.warmup} warm-up round(s), modes interleaved "
+            "round-robin (the median is in `activation.json`)")
 
 
-def render(results: list[Result], env: str, device_type: str) -> tuple[str, list[str]]:
+def render_variant(title: str, results: list[Result], device_type: str) -> tuple[str, list[str]]:
     base = results[0]
     peak_name = ("peak (`max_memory_allocated`)" if device_type == "cuda"
                  else "peak live tensor bytes")
@@ -234,46 +242,42 @@ def render(results: list[Result], env: str, device_type: str) -> tuple[str, list
         extra = r.step_s / base.step_s - 1
         ok = cut >= min_cut and extra <= max_extra
         verdicts.append(
-            f"- `{r.mode}`: kept-for-backward bytes cut by {cut:.0%} (target >= {min_cut:.0%}), "
-            f"step time {extra:+.0%} (target <= +{max_extra:.0%}): "
+            f"- {title}, `{r.mode}`: kept-for-backward bytes {-cut:+.0%} (target <= "
+            f"-{min_cut:.0%}), step time {extra:+.0%} (target <= +{max_extra:.0%}): "
             f"**{'met' if ok else 'NOT met'}**")
-    table = "\n".join(rows)
-    text = (f"# Activation checkpointing benchmark\n\n{env}.\n\n{table}\n\nTargets:\n\n"
-            + "\n".join(verdicts) + "\n")
-    return text, verdicts
+    return f"### {title}\n\n" + "\n".join(rows) + "\n", verdicts
 
 
 def _pct(value: float, base: float) -> str:
     return f"{value / base - 1:+.0%}" if base else "n/a"
 
 
-def plot(results: list[Result], path: Path, device_type: str) -> None:
+def plot(variants: dict[str, list[Result]], path: Path, device_type: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r.mode for r in results]
-    panels = [
-        ("kept for backward (MiB)", [r.kept_bytes / MIB for r in results]),
-        ("peak (MiB)" if device_type == "cuda" else "peak live tensor bytes (MiB)",
-         [r.peak_bytes / MIB for r in results]),
-        ("step time (ms)", [r.step_s * 1000 for r in results]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (title, values) in zip(axes, panels):
-        bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
-        bars[-1].set_color("#999999")  # "off", the baseline
-        for bar, value in zip(bars, values[::-1]):
-            pct = value / values[0] - 1
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                    f" {pct:+.0%}" if bar is not bars[-1] else " baseline", va="center",
-                    fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(0, max(values) * 1.25)
-    fig.suptitle(f"Activation checkpointing on a GPT-2-style model ({device_type})", fontsize=11)
+    peak_title = "peak (MiB)" if device_type == "cuda" else "peak live tensor bytes (MiB)"
+    fig, axes = plt.subplots(len(variants), 3, figsize=(13, 3.2 * len(variants)), squeeze=False)
+    for row, (title, results) in zip(axes, variants.items()):
+        names = [r.mode for r in results][::-1]
+        panels = [("kept for backward (MiB)", [r.kept_bytes / MIB for r in results]),
+                  (peak_title, [r.peak_bytes / MIB for r in results]),
+                  ("step time (ms)", [r.step_s * 1000 for r in results])]
+        for ax, (label, values) in zip(row, panels):
+            bars = ax.barh(names, values[::-1], color="#4c72b0")
+            bars[-1].set_color("#999999")  # "off", the baseline
+            for bar, value in zip(bars, values[::-1]):
+                text = " baseline" if bar is bars[-1] else f" {value / values[0] - 1:+.0%}"
+                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text,
+                        va="center", fontsize=8)
+            ax.set_title(f"{label} - {title}", fontsize=9)
+            ax.set_xlim(0, max(values) * 1.3)
+    fig.suptitle(f"Activation checkpointing modes on a GPT-2-style model ({device_type})",
+                 fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -284,21 +288,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds per mode")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.1, 0.0],
+                        help="one benchmark per value (GPT-2's default is 0.1)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with CUDA")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
-    results = run(args)
-    device_type = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    text, verdicts = render(results, environment(args), device_type)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    variants = {}
+    for dropout in args.dropout:
+        title = f"dropout {dropout}" + (" (GPT-2 default)" if dropout == 0.1 else "")
+        variants[title] = run(args, dropout, device)
+
+    sections, verdicts = [], []
+    for title, results in variants.items():
+        section, verdict = render_variant(title, results, device.type)
+        sections.append(section)
+        verdicts += verdict
+    text = (f"# Activation checkpointing benchmark\n\n{environment(args, device)}.\n\n"
+            + "\n".join(sections) + "\nTargets (`full`: bytes -70% at <= +40% time; "
+            "`selective`: bytes -40% at <= +15% time):\n\n" + "\n".join(verdicts) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "activation.md").write_text(text)
-    (args.out / "activation.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    plot(results, args.out / "activation.png", device_type)
+    (args.out / "activation.json").write_text(json.dumps(
+        {"environment": environment(args, device),
+         "variants": {t: [asdict(r) for r in rs] for t, rs in variants.items()}}, indent=1))
+    plot(variants, args.out / "activation.png", device.type)
     print(text)
     return 0
 
