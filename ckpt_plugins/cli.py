@@ -22,10 +22,11 @@ from .formats import describe, detect_format
 from .formats._tree import iter_leaves
 from .loading import restore_path
 from .manager import CheckpointManager
+from .layout import Layout
 from .manifest import MANIFEST_NAME
 from .state_tree import unflatten_state
 from .storage import open_storage
-from .tensor_file import checksum_file, read_header
+from .tensor_file import read_header
 
 __all__ = ["main"]
 
@@ -91,7 +92,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _describe_ours(path: str) -> list[tuple[str, str, str, int]]:
     """Keys, shapes and dtypes from the manifest and tensor-file headers, without reading data:
     tensors are rebuilt on the meta device from the headers."""
-    from .layout import Layout
     storage, root = open_storage(path)
     manifest = Layout(storage, root).read_manifest(root)
     rows = []
@@ -113,7 +113,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     storage, root = open_storage(args.path)
     fmt = "ckpt_plugins" if storage.exists(storage.join(root, MANIFEST_NAME)) else detect_format(args.path)
     if fmt == "ckpt_plugins":
-        from .layout import Layout
         manifest = Layout(storage, root).read_manifest(root)
         print(f"{args.path}: ckpt_plugins format {manifest.format_version}, step {manifest.step}, "
               f"world size {manifest.world_size}, metrics {manifest.metrics or '-'}")
@@ -131,26 +130,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_ours(storage, root: str) -> list[str]:
-    from .layout import Layout
-    try:
-        manifest = Layout(storage, root).read_manifest(root)
-    except CheckpointError as exc:
-        return [str(exc)]
-    problems = []
-    for name, expected in manifest.files.items():
-        file_path = storage.join(root, name)
-        if not storage.exists(file_path):
-            problems.append(f"{file_path}: missing")
-            continue
-        got = checksum_file(storage, file_path)
-        if got.size != expected.size:
-            problems.append(f"{file_path}: size {got.size}, manifest says {expected.size}")
-        elif got.xxh3_64 != expected.xxh3_64:
-            problems.append(f"{file_path}: checksum mismatch (xxh3 {got.xxh3_64}, manifest {expected.xxh3_64})")
-    return problems
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     storage, root = open_storage(args.path)
     if storage.exists(storage.join(root, MANIFEST_NAME)):
@@ -165,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     damaged = 0
     for target in targets:
         if storage.exists(storage.join(target, MANIFEST_NAME)):
-            problems = _verify_ours(storage, target)
+            problems = Layout(storage, root).verify(target)
         else:
             try:
                 restore_path(target, target=None, selector=None, rename=None, strict=True,

@@ -30,6 +30,7 @@ from .errors import CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
 from .naming import STEP_PREFIX, parse_step_dir, step_dir_name
 from .storage import Storage
+from .tensor_file import checksum_file
 
 __all__ = ["CheckpointDir", "Layout", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 REPLACED_PREFIX = ".replaced-"
+DAMAGED_SUFFIX = ".damaged-"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,36 @@ class Layout:
         self.storage.rename(path, trash)
         self.storage.fsync_dir(self.root)
         self._remove(trash)
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Rename a committed checkpoint to ``<name>.damaged-<token>``: no longer listed (nor
+        matched by a framework's ``checkpoint-N`` pattern), never removed by cleanup."""
+        path = self.path_for(step)
+        target = f"{path}{DAMAGED_SUFFIX}{uuid.uuid4().hex[:12]}"
+        self.storage.rename(path, target)
+        self.storage.fsync_dir(self.root)
+        log.warning("moved damaged checkpoint %s aside to %s: %s", path, target, reason)
+        return target
+
+    def verify(self, path: str) -> list[str]:
+        """Problems with a checkpoint folder: manifest, and every listed file's presence, size and
+        xxh3 checksum. An empty list means it is intact."""
+        try:
+            manifest = self.read_manifest(path)
+        except CorruptCheckpointError as exc:
+            return [str(exc)]
+        problems = []
+        for name, expected in manifest.files.items():
+            file_path = self.storage.join(path, name)
+            if not self.storage.exists(file_path):
+                problems.append(f"{file_path}: missing")
+                continue
+            got = checksum_file(self.storage, file_path)
+            if got.size != expected.size:
+                problems.append(f"{file_path}: size {got.size}, manifest says {expected.size}")
+            elif got.xxh3_64 != expected.xxh3_64:
+                problems.append(f"{file_path}: checksum mismatch (xxh3 {got.xxh3_64}, manifest {expected.xxh3_64})")
+        return problems
 
     def discard(self, temp_dir: str) -> None:
         """Remove a temporary folder after a failed save (best effort; cleanup retries later)."""

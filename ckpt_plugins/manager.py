@@ -31,6 +31,7 @@ import torch
 from . import exit_hooks
 from .distributed import all_gather_object, rank_and_world
 from .engine import PersistEngine, SaveHandle
+from .extra_files import collect_tensors, fill, fill_tensors
 from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
                      SaveError, StepExistsError)
 from .layout import Layout
@@ -181,6 +182,20 @@ class CheckpointManager:
     def path_for(self, step: int) -> str:
         return self.layout.path_for(step)
 
+    def verify(self, step: int) -> list[str]:
+        """Check every file of a committed step (present, size, xxh3); the problems, or []."""
+        return self.layout.verify(self.layout.path_for(step))
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Move a damaged committed checkpoint out of the listing, keeping its files for
+        inspection (``<name>.damaged-<token>``); return the new path. Rank 0 only."""
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot quarantine")
+        path = self.layout.quarantine(step, reason)
+        with self._state_lock:
+            self._records.pop(step, None)
+        return path
+
     # --- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
              rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
@@ -197,9 +212,10 @@ class CheckpointManager:
             UnsupportedStateError: the state holds something that cannot be stored without pickle.
             SaveError: an earlier background save failed (raised once).
 
-        ``extra_files`` maps plain file names to bytes, or to ``fn(file)`` writers run on the
-        background writer; they are committed (and checksummed) with the checkpoint. Adapters use
-        it to add a framework's native files (rank 0 only).
+        ``extra_files`` maps plain file names to bytes, ``fn(file)`` writers, ``TensorFile`` or
+        ``StagedFile`` values (``ckpt_plugins.extra_files``: their tensors are staged like the
+        state's); they are written on the background writer and committed (and checksummed) with
+        the checkpoint. Adapters use them for a framework's native files. Rank 0 only.
         """
         self._check_open()
         if self.read_only:
@@ -226,6 +242,8 @@ class CheckpointManager:
             tensors.update({f"state/{k}": v for k, v in flat.tensors.items()})
         if rank_flat is not None:
             tensors.update({f"rank/{k}": v for k, v in rank_flat.tensors.items()})
+        extra_tensors, extra_specs = collect_tensors((extra_files or {}) if self.rank == 0 else {})
+        tensors.update(extra_tensors)
         handle = SaveHandle(step, self.layout.path_for(step))
         staged = None
         try:
@@ -240,7 +258,7 @@ class CheckpointManager:
         with self._state_lock:
             self._in_flight.add(step)
         job = _SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
-                       clean_metrics, dict(user_metadata or {}), on_commit, dict(extra_files or {}))
+                       clean_metrics, dict(user_metadata or {}), on_commit, extra_specs)
         self._last_handle = self._engine.submit(handle, job)
         self.last_save_stats["stall_s"] = time.perf_counter() - t0
         if not self.async_save:
@@ -274,10 +292,11 @@ class CheckpointManager:
                     "overwrite=True to replace them (later checkpoints are then removed).")
         return None
 
-    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
+    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
+                       metadata: Mapping[str, str] | None = None) -> FileRecord:
         if self._process_writer is not None:
-            return self._process_writer.write(path, tensors)
-        return write_tensor_file(self.storage, path, tensors)
+            return self._process_writer.write(path, tensors, metadata)
+        return write_tensor_file(self.storage, path, tensors, metadata)
 
     def wait(self) -> None:
         """Block until every pending save is committed; raise the first error not yet seen."""
@@ -460,7 +479,7 @@ class _SaveJob:
     def __init__(self, mgr: CheckpointManager, step: int, token: str, ranks_with_state: list[int],
                  flat, rank_flat, tensors,
                  staged, slot: int, metrics: dict[str, float], user_metadata: dict,
-                 on_commit: Callable[[int, str], None] | None, extra_files: dict) -> None:
+                 on_commit: Callable[[int, str], None] | None, extra_specs: dict) -> None:
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -481,7 +500,7 @@ class _SaveJob:
             files = self._write_own_files(temp, tensors)
             if mgr.rank != 0:
                 return handle.path
-            files.update(self._write_extra_files(temp))
+            files.update(self._write_extra_files(temp, tensors))
             files.update(self._collect_other_ranks(temp))
             parts = {}
             if self.flat is not None:
@@ -532,16 +551,24 @@ class _SaveJob:
                     out.write(json.dumps(part, allow_nan=False).encode())
         return files
 
-    def _write_extra_files(self, temp: str) -> dict[str, FileRecord]:
+    def _write_extra_files(self, temp: str, staged: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
         mgr = self.mgr
         files = {}
-        for name, content in self.extra_files.items():
+        for name, spec in self.extra_specs.items():
             path = mgr.storage.join(temp, name)
+            if spec[0] == "tensors":
+                _, keys, metadata = spec
+                tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
+                files[name] = mgr._write_tensors(path, tensors, metadata)
+                continue
             with mgr.storage.open_write(path) as out:
-                if callable(content):
-                    content(out)
+                if spec[0] == "staged":
+                    _, skeleton, count, write = spec
+                    write(out, fill(skeleton, fill_tensors(name, count, staged)))
+                elif callable(spec[1]):
+                    spec[1](out)
                 else:
-                    out.write(content)
+                    out.write(spec[1])
             files[name] = checksum_file(mgr.storage, path)
         return files
 

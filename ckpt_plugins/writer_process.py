@@ -40,9 +40,9 @@ def _serve(requests: Any, results: Any) -> None:
         item = requests.get()
         if item is None:
             return
-        path, tensors = item
+        path, tensors, metadata = item
         try:
-            record = write_tensor_file(storage, path, tensors)
+            record = write_tensor_file(storage, path, tensors, metadata)
             results.put(("ok", (record.size, record.xxh3_64)))
         except OSError as exc:
             results.put(("oserror", (exc.errno, exc.strerror or str(exc), path)))
@@ -68,12 +68,13 @@ class ProcessWriter:
         self._proc.start()
         log.info("started writer process (pid %d)", self._proc.pid)
 
-    def write(self, path: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
+    def write(self, path: str, tensors: Mapping[str, torch.Tensor],
+              metadata: Mapping[str, str] | None = None) -> FileRecord:
         """Write ``tensors`` (in shared memory) to ``path`` in the child; raise its error here."""
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
                 self._start()
-            self._requests.put((path, dict(tensors)))
+            self._requests.put((path, dict(tensors), dict(metadata or {})))
             while True:
                 try:
                     kind, payload = self._results.get(timeout=1.0)

@@ -392,3 +392,40 @@ def test_dir_prefix_and_extra_files_commit_together(tmp_path):
     assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 0
     (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"native bytez")
     assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 1
+
+
+def test_staged_extra_files_hold_the_values_at_save_time(tmp_path):
+    from safetensors.torch import load_file
+    from ckpt_plugins.extra_files import StagedFile, TensorFile
+    weights = {"w": torch.zeros(8)}
+    opt_state = {"state": {0: {"exp_avg": torch.zeros(8)}}, "param_groups": [{"lr": 0.1}]}
+    gate = __import__("threading").Event()
+    with CheckpointManager(tmp_path, async_save=True, dir_prefix="checkpoint-") as mgr:
+        original = mgr.storage.open_write
+        mgr.storage.open_write = lambda path: (gate.wait(10), original(path))[1]
+        mgr.save(1, {"step": 1}, extra_files={
+            "model.safetensors": TensorFile(weights, metadata={"format": "pt"}),
+            "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f))})
+        weights["w"].add_(1.0)  # training goes on while the writer waits
+        opt_state["state"][0]["exp_avg"].add_(1.0)
+        gate.set()
+        mgr.wait()
+        assert mgr.verify(1) == []
+    folder = tmp_path / "checkpoint-1"
+    assert torch.equal(load_file(folder / "model.safetensors")["w"], torch.zeros(8))
+    saved_opt = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert torch.equal(saved_opt["state"][0]["exp_avg"], torch.zeros(8))
+    assert saved_opt["param_groups"] == [{"lr": 0.1}]
+
+
+def test_verify_and_quarantine(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}, extra_files={"native.bin": b"abc"})
+        mgr.save(2, {"w": torch.ones(4)}, extra_files={"native.bin": b"abc"})
+        (tmp_path / "step_2" / "native.bin").write_bytes(b"abd")
+        problems = mgr.verify(2)
+        assert len(problems) == 1 and "native.bin: checksum mismatch" in problems[0]
+        moved = mgr.quarantine(2, problems[0])
+        assert mgr.steps() == [1] and os.path.isdir(moved) and ".damaged-" in moved
+    with CheckpointManager(tmp_path) as mgr:  # cleanup leaves quarantined folders alone
+        assert os.path.isdir(moved) and mgr.steps() == [1]

@@ -1,0 +1,796 @@
+"""Save, restore and memory benchmark of ckpt_plugins against the usual ways to checkpoint.
+
+One GPT-2-style model plus its Adam state after one real step (about 0.54 GB of fp32 tensors)
+is saved, side by side and round-robin (so that load from other processes falls on every
+contender alike), by:
+
+* the floor: one ``copy_`` of every tensor into buffers allocated (and touched) beforehand;
+* ``torch.save``; Lightning's ``TorchCheckpointIO`` and ``AsyncCheckpointIO``;
+  ``torch.distributed.checkpoint.save`` and ``async_save`` (a one-process gloo group);
+* ours: sync, async (one row per ``writer=`` the manager accepts), and overlap mode after a
+  forward/backward that takes longer than the copy (real CPU compute, and a sleep that stands in
+  for GPU compute, which leaves the CPU free).
+
+What is measured, per save:
+
+* **stall**: how long the caller is blocked. Synchronous contenders: the whole call.
+  ``AsyncCheckpointIO``: ``save_checkpoint`` (it clones every tensor on the caller's thread, then
+  submits ``torch.save`` to a thread). DCP ``async_save``: the call (it stages a copy on the
+  caller's thread, then returns a future). Ours async: ``save()``. Ours overlap:
+  ``save()`` plus ``wait_for_snapshot()`` called after the forward/backward.
+* **durable**: from the call until the bytes are fsynced and committed. Contenders that do not
+  fsync (``torch.save``, ``TorchCheckpointIO``, ``AsyncCheckpointIO``) get an ``os.fsync`` of
+  the file and its folder after they finish, inside the timed span.
+* **throughput**: bytes on disk / durable time, against the fsynced sequential write bandwidth
+  of the same disk measured several times during the same run (``os.write`` + ``os.fsync``).
+* **memory**: peak RSS over the RSS at the call (kernel high-water mark, reset before each save,
+  cross-checked by a 5 ms psutil sampler that also counts child processes).
+
+Then: restores (ours full / model-only, ``torch.load``, safetensors' own ``load_file``; page
+cache warm and cold), RSS after 5 and after 50 async saves, and training throughput (steps/s of
+a small CPU model) while a persist runs, per writer.
+
+Run: ``.venv/bin/python benchmarks/bench_save.py`` (``--quick`` for a 30 s smoke run). Writes
+``benchmarks/results/save.{md,json,png}``; scratch files go to ``benchmarks/results/tmp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (MB, RESULTS, OtherLoad, RssSampler, Stopwatch, drop_page_cache,  # noqa: E402
+                    disk_write_bandwidth, file_bytes, fmt_ratio, fmt_s, machine_info, md_table, median,
+                    peak_rss_bytes, peak_rss_reset, rss_bytes, scratch_dir, spread, sync_disk, write_json,
+                    write_text)
+
+from ckpt_plugins import CheckpointManager  # noqa: E402
+
+COMMAND = ".venv/bin/python benchmarks/bench_save.py   # or: make bench"
+WRITERS = (["thread", "process"] if "writer" in inspect.signature(CheckpointManager.__init__).parameters
+           else [None])  # None: this version of the manager has no writer= option
+
+
+# --- the state ---------------------------------------------------------------------------------
+def build_state(args: argparse.Namespace) -> dict[str, Any]:
+    """A GPT-2-style model (tied embeddings, as GPT-2) and Adam state after one real step."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=max(1, args.embd // 64),
+                        vocab_size=args.vocab, n_positions=1024)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, config.vocab_size, (2, 64))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}
+
+
+def unique_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every distinct tensor in ``state`` (tied weights once), keyed by its dotted path."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, torch.dtype]] = set()
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            ident = (obj.data_ptr(), obj.numel(), obj.dtype)
+            if ident not in seen:
+                seen.add(ident)
+                out[path] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}.{i}" if path else str(i))
+
+    walk(state, prefix)
+    return out
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Floor:
+    """One copy of the state into already-allocated (and already touched) memory."""
+
+    def __init__(self, state: Any) -> None:
+        self.src = unique_tensors(state)
+        self.dst = {k: torch.empty_like(v) for k, v in self.src.items()}
+        self()
+        self()
+
+    def __call__(self) -> float:
+        with Stopwatch() as sw, torch.no_grad():
+            for key, src in self.src.items():
+                self.dst[key].copy_(src)
+        return sw.s
+
+
+class Compute:
+    """A fixed amount of real CPU work (matmuls) standing in for forward + backward."""
+
+    def __init__(self, target_s: float) -> None:
+        self.a = torch.randn(512, 512)
+        t = min(self._run(8) for _ in range(3)) / 8
+        self.iters = max(1, round(target_s / t))
+        self.idle_s = median(self._run(self.iters) for _ in range(3))
+
+    def _run(self, iters: int) -> float:
+        with Stopwatch() as sw:
+            x = self.a
+            for _ in range(iters):
+                x = torch.tanh(x @ self.a)
+        return sw.s
+
+    def __call__(self) -> float:
+        return self._run(self.iters)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file (or every file under a folder) and its parent folder."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- contenders --------------------------------------------------------------------------------
+class Contender:
+    """One way of saving. ``save(i)`` returns (stall_s, durable_s, path_on_disk, extra)."""
+
+    name = "?"
+    kind = "anchor"
+
+    def __init__(self, state: Any, workdir: Path) -> None:
+        self.state, self.dir = state, workdir / self.slug()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.name)
+
+    def clear(self) -> None:
+        """Remove earlier outputs (outside the timed span)."""
+        for p in self.dir.iterdir():
+            if p.name.startswith(("step_", "ckpt")):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def close(self) -> None:
+        pass
+
+
+class TorchSave(Contender):
+    name = "torch.save"
+
+    def save(self, i: int):
+        path = self.dir / f"ckpt{i}.pt"
+        t0 = time.perf_counter()
+        torch.save(self.state, path)
+        stall = time.perf_counter() - t0
+        fsync_path(path)
+        return stall, time.perf_counter() - t0, path, {}
+
+
+class LightningIO(Contender):
+    name = "Lightning TorchCheckpointIO"
+
+    def __init__(self, state: Any, workdir: Path) -> None:
+        super().__init__(state, workdir)
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        self.io = TorchCheckpointIO()
+
+    def save(self, i: int):
+        path = self.dir / f"ckpt{i}.ckpt"
+        t0 = time.perf_counter()
+        self.io.save_checkpoint(self.state, path)
+        stall = time.perf_counter() - t0
+        fsync_path(path)
+        return stall, time.perf_counter() - t0, path, {}
+
+
+class LightningAsyncIO(Contender):
+    name = "Lightning AsyncCheckpointIO"
+
+    def __init__(self, state: Any, workdir: Path) -> None:
+        super().__init__(state, workdir)
+        from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+        self.io = AsyncCheckpointIO(TorchCheckpointIO())
+
+    def save(self, i: int):
+        path = self.dir / f"ckpt{i}.ckpt"
+        t0 = time.perf_counter()
+        self.io.save_checkpoint(self.state, path)  # clones on this thread, then submits
+        stall = time.perf_counter() - t0
+        self.io.teardown()  # joins the executor: the file is written
+        fsync_path(path)
+        return stall, time.perf_counter() - t0, path, {}
+
+
+class DcpSave(Contender):
+    name = "DCP save"
+    _group_users = 0
+
+    def __init__(self, state: Any, workdir: Path) -> None:
+        super().__init__(state, workdir)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=0, world_size=1,
+                                    init_method=f"file://{workdir / 'dist_init'}")
+        DcpSave._group_users += 1
+
+    def save(self, i: int):
+        import torch.distributed.checkpoint as dcp
+
+        path = self.dir / f"ckpt{i}"
+        t0 = time.perf_counter()
+        dcp.save(self.state, checkpoint_id=str(path))  # FileSystemWriter fsyncs (sync_files=True)
+        stall = time.perf_counter() - t0
+        return stall, stall, path, {}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        DcpSave._group_users -= 1
+        if DcpSave._group_users == 0 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DcpAsyncSave(DcpSave):
+    name = "DCP async_save"
+
+    def save(self, i: int):
+        import torch.distributed.checkpoint as dcp
+
+        path = self.dir / f"ckpt{i}"
+        t0 = time.perf_counter()
+        fut = dcp.async_save(self.state, checkpoint_id=str(path))
+        stall = time.perf_counter() - t0
+        (fut.upload_completion if hasattr(fut, "upload_completion") else fut).result()
+        return stall, time.perf_counter() - t0, path, {}
+
+
+class Ours(Contender):
+    """CheckpointManager; ``keep_last=None`` and old steps removed by ``clear`` outside the timing,
+    so that no contender pays for deleting the previous checkpoint."""
+
+    kind = "ours"
+
+    def __init__(self, state: Any, workdir: Path, *, async_save: bool, snapshot: str = "safe",
+                 writer: str | None = None, compute: Callable[[], float] | None = None,
+                 label: str = "") -> None:
+        self.name = "ours " + label
+        super().__init__(state, workdir)
+        kwargs: dict[str, Any] = dict(async_save=async_save, snapshot=snapshot)
+        if writer is not None:
+            kwargs["writer"] = writer
+        self.mgr = CheckpointManager(self.dir, **kwargs)
+        self.compute = compute
+        self.step = 0
+
+    def save(self, i: int):
+        self.step += 1
+        extra: dict[str, float] = {}
+        t0 = time.perf_counter()
+        handle = self.mgr.save(self.step, self.state)
+        stall = time.perf_counter() - t0
+        if self.compute is not None:  # overlap: forward/backward runs while the copy does
+            extra["compute_s"] = self.compute()
+            t1 = time.perf_counter()
+            self.mgr.wait_for_snapshot()
+            extra["wait_for_snapshot_s"] = time.perf_counter() - t1
+            stall += extra["wait_for_snapshot_s"]
+        path = Path(handle.wait())
+        durable = time.perf_counter() - t0
+        extra["lib_stall_s"] = self.mgr.last_save_stats.get("stall_s", float("nan"))
+        extra["persist_s"] = self.mgr.last_save_stats.get("persist_s", float("nan"))
+        return stall, durable, path, extra
+
+    def close(self) -> None:
+        self.mgr.close()
+
+
+def make_contenders(state: Any, workdir: Path, compute: Compute, args: argparse.Namespace) -> list[Contender]:
+    out: list[Contender] = [TorchSave(state, workdir), LightningIO(state, workdir),
+                            LightningAsyncIO(state, workdir)]
+    if not args.no_dcp:
+        out += [DcpSave(state, workdir), DcpAsyncSave(state, workdir)]
+    out.append(Ours(state, workdir, async_save=False, label="sync"))
+    for w in WRITERS:
+        out.append(Ours(state, workdir, async_save=True, writer=w,
+                        label="async" + (f" (writer={w})" if w and len(WRITERS) > 1 else "")))
+    out.append(Ours(state, workdir, async_save=True, snapshot="overlap", compute=compute,
+                    label="overlap (CPU fwd/bwd)"))
+    out.append(Ours(state, workdir, async_save=True, snapshot="overlap",
+                    compute=lambda: _sleep(compute.idle_s), label="overlap (idle-CPU fwd/bwd)"))
+    return out
+
+
+def _sleep(seconds: float) -> float:
+    with Stopwatch() as sw:
+        time.sleep(seconds)
+    return sw.s
+
+
+# --- the save section --------------------------------------------------------------------------
+def bench_saves(state: Any, workdir: Path, args: argparse.Namespace, payload: memoryview) -> dict[str, Any]:
+    floor = Floor(state)
+    floor_s = median(floor() for _ in range(5))
+    compute = Compute(max(0.3, 3 * floor_s))
+    contenders = make_contenders(state, workdir, compute, args)
+    samples: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    warmup: dict[str, dict[str, float]] = {}
+    floors: list[float] = []
+    disk: list[float] = []
+    try:
+        for rnd in range(args.warmup + args.reps):
+            disk.append(disk_write_bandwidth(workdir, payload=payload))
+            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
+            for c in order:
+                c.clear()
+                sync_disk()
+                f = floor()
+                floors.append(f)
+                peak_rss_reset()
+                with RssSampler() as sampler:
+                    hwm0 = rss_bytes(include_children=False)
+                    stall, durable, path, extra = c.save(rnd)
+                    hwm = peak_rss_bytes()
+                row = dict(stall_s=stall, durable_s=durable, bytes=file_bytes(path), floor_s=f,
+                           peak_rss_sampled=sampler.peak_over_baseline,
+                           peak_rss_hwm=(hwm - hwm0) if hwm else None, rss_after=rss_bytes(), **extra)
+                if rnd < args.warmup:
+                    warmup[c.name] = row
+                else:
+                    samples[c.name].append(row)
+                print(f"  round {rnd} {c.name:34s} stall {fmt_s(stall):>9s}  durable {fmt_s(durable):>8s}"
+                      f"  floor {fmt_s(f)}", flush=True)
+            disk.append(disk_write_bandwidth(workdir, payload=payload))
+    finally:
+        for c in contenders:
+            with contextlib.suppress(Exception):
+                c.clear()
+            c.close()
+    return {"samples": samples, "warmup": warmup, "floor_samples": floors, "disk_bw_samples": disk,
+            "compute": {"target_s": max(0.3, 3 * floor_s), "idle_s": compute.idle_s},
+            "kinds": {c.name: c.kind for c in contenders}}
+
+
+def summarize_saves(raw: dict[str, Any], disk_bw: float) -> dict[str, dict[str, float]]:
+    out = {}
+    floor = median(raw["floor_samples"])
+    for name, rows in raw["samples"].items():
+        if not rows:
+            continue
+        s = {k: median(r.get(k) for r in rows) for k in rows[0]}
+        s["x_floor"] = median(r["stall_s"] / r["floor_s"] for r in rows)  # paired with its own floor
+        s["stall_range"] = spread(r["stall_s"] for r in rows)
+        s["throughput"] = s["bytes"] / s["durable_s"]
+        s["pct_disk"] = s["throughput"] / disk_bw
+        if s.get("persist_s") == s.get("persist_s") and s.get("persist_s"):
+            s["persist_throughput"] = s["bytes"] / s["persist_s"]
+        out[name] = s
+    out["floor (copy into allocated memory)"] = {"stall_s": floor, "x_floor": 1.0,
+                                                 "stall_range": spread(raw["floor_samples"])}
+    return out
+
+
+# --- restore -----------------------------------------------------------------------------------
+def bench_restore(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import safetensors.torch as st
+    from safetensors import safe_open
+
+    flat = unique_tensors(state)
+    model_keys = [k for k in flat if k.startswith("model.")]
+    ours_dir = workdir / "restore_ours"
+    with CheckpointManager(ours_dir) as mgr:
+        mgr.save(1, state)
+    pt_path, st_path = workdir / "restore.pt", workdir / "restore.safetensors"
+    torch.save(state, pt_path)
+    st.save_file({k: v.contiguous() for k, v in flat.items()}, st_path)
+    ours = CheckpointManager(ours_dir, read_only=True)
+    ours_noverify = CheckpointManager(ours_dir, read_only=True, verify=False)
+
+    def st_model_only():
+        with safe_open(st_path, "pt") as f:
+            return {k: f.get_tensor(k) for k in model_keys}
+
+    readers: dict[str, Callable[[], Any]] = {
+        "ours full (checksum verified)": lambda: ours.restore("latest"),
+        "ours full (verify=False)": lambda: ours_noverify.restore("latest"),
+        "ours model-only (include='model')": lambda: ours.restore("latest", include="model"),
+        "torch.load full (weights_only, no mmap)": lambda: torch.load(pt_path, weights_only=True, mmap=False),
+        "safetensors load_file full": lambda: st.load_file(st_path),
+        "safetensors model-only (safe_open)": st_model_only,
+    }
+    sizes = {"ours": file_bytes(ours_dir / "step_1"), "torch.load": file_bytes(pt_path),
+             "safetensors": file_bytes(st_path)}
+    can_drop = drop_page_cache()
+    results: dict[str, dict[str, list[float]]] = {name: {"warm": [], "cold": []} for name in readers}
+    modes = ["warm", "cold"] if can_drop else ["warm"]
+    for rnd in range(1 + args.reps):
+        for mode in modes:
+            for name, read in readers.items():
+                if mode == "cold":
+                    drop_page_cache()
+                else:
+                    read()  # brings the files into the page cache (and warms allocator paths)
+                with Stopwatch() as sw:
+                    obj = read()
+                del obj
+                if rnd > 0:
+                    results[name][mode].append(sw.s)
+    ours.close()
+    ours_noverify.close()
+    return {"samples": results, "cold_available": can_drop, "file_bytes": sizes,
+            "model_bytes": nbytes({k: flat[k] for k in model_keys}), "state_bytes": nbytes(flat)}
+
+
+# --- memory across many saves ------------------------------------------------------------------
+def bench_growth(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for w in WRITERS:
+        label = f"writer={w}" if w else "async"
+        kwargs = {"writer": w} if w else {}
+        rss: list[int] = []
+        threads: list[int] = []
+        fds: list[int] = []
+        import psutil
+
+        proc = psutil.Process()
+        with RssSampler(0.02) as sampler, \
+                CheckpointManager(workdir / f"growth_{w}", keep_last=2, async_save=True, **kwargs) as mgr:
+            base = rss_bytes()
+            for step in range(1, args.growth_saves + 1):
+                mgr.save(step, state)
+                if step in (1, 5, args.growth_saves) or step % 5 == 0:
+                    mgr.wait()
+                    rss.append((step, rss_bytes()))
+                    threads.append((step, proc.num_threads()))
+                    fds.append((step, proc.num_fds()))
+        by_step = dict(rss)
+        ref = 5 if 5 in by_step else min(by_step)
+        out[label] = {"rss_before": base, "rss_by_step": rss, "threads_by_step": threads, "fds_by_step": fds,
+                      "growth_bytes": by_step[args.growth_saves] - by_step[ref], "ref_step": ref,
+                      "peak_over_before": sampler.peak - base}
+        shutil.rmtree(workdir / f"growth_{w}", ignore_errors=True)
+    return out
+
+
+# --- training throughput while a persist runs ---------------------------------------------------
+class TrainLoop:
+    """A small MLP trained with AdamW on CPU: many ops per step, like a real loop (GIL-bound parts
+    included), sized to roughly ``target_s`` per step on this machine."""
+
+    def __init__(self, target_s: float = 0.05) -> None:
+        torch.manual_seed(1)
+        self.model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(512, 512), torch.nn.GELU())])
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batch = 32
+        for _ in range(3):
+            self.step()
+        t = median(self.step() for _ in range(5))
+        self.batch = max(8, int(self.batch * target_s / t))
+        self.step_s = median(self.step() for _ in range(7))
+
+    def step(self) -> float:
+        with Stopwatch() as sw:
+            x = torch.randn(self.batch, 512)
+            loss = self.model(x).square().mean()
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return sw.s
+
+    def run_for(self, seconds: float) -> list[float]:
+        end = time.perf_counter() + seconds
+        steps = []
+        while time.perf_counter() < end:
+            steps.append(self.step())
+        return steps
+
+    def run_until(self, done: Callable[[], bool]) -> tuple[list[float], float]:
+        steps = []
+        with Stopwatch() as sw:
+            while not done():
+                steps.append(self.step())
+        return steps, sw.s
+
+
+class _ThreadWrite:
+    """Reference: the same bytes written by a bare thread (os.write + fsync, no checksum)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        import threading
+
+        from ckpt_plugins.tensor_file import tensor_bytes
+
+        self.views = [tensor_bytes(t) for t in tensors.values()]
+        self.path = path
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for v in self.views:
+                pos = 0
+                while pos < len(v):
+                    pos += os.write(fd, v[pos:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+def bench_dip(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    loop = TrainLoop()
+    staged = {k: v.clone() for k, v in unique_tensors(state).items()}
+    rows: dict[str, dict[str, list]] = {}
+    managers = {}
+    for w in WRITERS:
+        name = f"ours async, writer={w}" if w else "ours async"
+        folder = workdir / f"dip_{w}"
+        managers[name] = (CheckpointManager(folder, async_save=True, **({"writer": w} if w else {})), folder)
+    try:
+        for mgr, _ in managers.values():  # warm-up: staging buffers, writer process start-up
+            mgr.save(0, state).wait()
+        step = 0
+        for _ in range(args.reps):
+            for name, (mgr, folder) in [*managers.items(), ("reference: bare write thread (no checksum)", (None, None))]:
+                sync_disk()
+                step += 1
+                if mgr is None:
+                    writer = _ThreadWrite(staged, workdir / "dip_bare.bin")
+                    steps, busy_s = loop.run_until(writer.done)
+                    os.remove(workdir / "dip_bare.bin")
+                else:
+                    handle = mgr.save(step, state)
+                    steps, busy_s = loop.run_until(handle.done)
+                    handle.wait()
+                    for old in folder.glob("step_*"):
+                        if old.name != f"step_{step}":
+                            shutil.rmtree(old)
+                idle = loop.run_for(max(busy_s, 0.5))
+                r = rows.setdefault(name, {"busy": [], "idle": [], "busy_s": []})
+                r["busy"] += steps
+                r["idle"] += idle
+                r["busy_s"].append(busy_s)
+    finally:
+        for mgr, folder in managers.values():
+            mgr.close()
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"idle_step_s": loop.step_s, "batch": loop.batch, "rows": rows}
+
+
+# --- report ------------------------------------------------------------------------------------
+def targets(saves: dict, restore: dict, growth: dict, disk_bw: float, state_bytes: int,
+            compute_idle_s: float) -> list[dict]:
+    out = []
+
+    def add(what: str, value: str, ok: bool | None, note: str = "") -> None:
+        out.append({"target": what, "measured": value, "met": ok, "note": note})
+
+    floor = saves["floor (copy into allocated memory)"]["stall_s"]
+    lasync = saves.get("Lightning AsyncCheckpointIO", {}).get("stall_s")
+    for name, s in saves.items():
+        if name.startswith("ours async"):
+            add(f"{name}: stall <= 2x floor", f"{s['stall_s']:.3f} s = {s['x_floor']:.2f}x floor",
+                s["x_floor"] <= 2)
+            if lasync:
+                add(f"{name}: stall <= 1/20 of AsyncCheckpointIO", f"1/{lasync / s['stall_s']:.1f} "
+                    f"({s['stall_s']:.3f} s vs {lasync:.3f} s)", s["stall_s"] <= lasync / 20)
+            if "persist_throughput" in s:
+                pt = s["persist_throughput"]
+                add(f"{name}: persist throughput >= 70% of disk bw", f"{pt / MB:.0f} MB/s = {pt / disk_bw:.0%} "
+                    f"(end to end {s['throughput'] / MB:.0f} MB/s = {s['pct_disk']:.0%})", pt >= 0.7 * disk_bw,
+                    "persist = writer phase (files written, fsynced, committed)")
+        if name.startswith("ours overlap"):
+            note = (f"fwd/bwd {s['compute_s']:.2f} s (alone {compute_idle_s:.2f} s) vs copy "
+                    f"{floor:.3f} s")
+            add(f"{name}: stall <= 0.5x floor", f"{s['stall_s'] * 1e3:.1f} ms = {s['x_floor']:.2f}x floor",
+                s["x_floor"] <= 0.5, note)
+    limit = max(16 * 2**20, 0.02 * state_bytes)
+    for label, g in growth.items():
+        add(f"no RSS growth across {g['rss_by_step'][-1][0]} saves ({label})",
+            f"{g['growth_bytes'] / 2**20:+.1f} MiB from save {g['ref_step']} to {g['rss_by_step'][-1][0]}",
+            g["growth_bytes"] <= limit, f"threshold {limit / 2**20:.0f} MiB (2% of the state or 16 MiB)")
+    rs = restore["samples"]
+    for mode in ("warm", "cold"):
+        ours_t = median(rs["ours full (checksum verified)"][mode])
+        st_t = median(rs["safetensors load_file full"][mode])
+        if ours_t == ours_t and st_t == st_t:
+            add(f"full restore <= 1.2x safetensors load_file (page cache {mode})",
+                f"{ours_t:.3f} s vs {st_t:.3f} s = {ours_t / st_t:.2f}x", ours_t <= 1.2 * st_t)
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    m, saves, disk_bw = res["machine"], res["saves"], res["disk_bw"]
+    lines = [
+        "# Save / restore / memory benchmark",
+        "",
+        f"Command: `{COMMAND}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM, "
+        f"{m['filesystem']}; torch {m['torch']}, lightning {m.get('lightning', '-')}, "
+        f"transformers {m.get('transformers', '-')}, safetensors {m.get('safetensors', '-')}, "
+        f"Python {m['python']}.  ",
+        f"State: {res['state']['desc']}: {res['state']['bytes'] / 2**20:.0f} MiB in {res['state']['tensors']} "
+        f"tensors (tied embedding stored once).  ",
+        f"Run: {res['date']}, {res['reps']} measured rounds after {res['warmup']} warm-up round(s), "
+        f"contenders interleaved round-robin; medians. Other processes used "
+        f"{res['load']['other_processes_cores']:.2f} of {m['cores']} cores on average during the run "
+        f"(load average {res['load']['loadavg_1m_start']:.1f} -> {res['load']['loadavg_1m_end']:.1f}).  ",
+        f"Disk: fsynced sequential write bandwidth {disk_bw / MB:.0f} MB/s (median of "
+        f"{len(res['save_raw']['disk_bw_samples'])} samples of 2 x 256 MiB taken between rounds; range "
+        f"{min(res['save_raw']['disk_bw_samples']) / MB:.0f}-{max(res['save_raw']['disk_bw_samples']) / MB:.0f} MB/s).",
+        "",
+        "## Saves",
+        "",
+        "Stall = time the caller is blocked; x floor = median of stall / the floor copy measured just before "
+        "it; durable = call to fsynced and committed; MB/s = bytes on disk / durable.",
+        "",
+    ]
+    rows = []
+    for name, s in sorted(saves.items(), key=lambda kv: kv[1]["stall_s"]):
+        lo, hi = s["stall_range"]
+        rows.append([name, f"{fmt_s(s['stall_s'])} ({fmt_s(lo)} - {fmt_s(hi)})", fmt_ratio(s["x_floor"]),
+                     fmt_s(s.get("durable_s")), f"{s['throughput'] / MB:.0f}" if "throughput" in s else "-",
+                     f"{s['pct_disk']:.0%}" if "pct_disk" in s else "-",
+                     f"{s['persist_throughput'] / MB:.0f}" if "persist_throughput" in s else "-",
+                     f"{s['peak_rss_hwm'] / 2**20:.0f}" if s.get("peak_rss_hwm") is not None else "-",
+                     f"{s['bytes'] / 2**20:.0f}" if "bytes" in s else "-"])
+    lines.append(md_table(["contender", "stall (min - max)", "x floor", "durable", "MB/s", "% disk bw",
+                           "writer-phase MB/s", "peak RSS +MiB", "on disk MiB"], rows))
+    lines += ["", "Warm-up saves (first save of each contender; ours allocates its staging buffers here): "
+              + "; ".join(f"{k}: {fmt_s(v['stall_s'])}" for k, v in res["save_raw"]["warmup"].items()
+                          if k.startswith("ours")) + ".", ""]
+    for name, s in saves.items():
+        if name.startswith("ours overlap"):
+            lines.append(f"- {name}: fwd/bwd took {fmt_s(s['compute_s'])} (alone: "
+                         f"{fmt_s(res['save_raw']['compute']['idle_s'])}), then wait_for_snapshot "
+                         f"{fmt_s(s['wait_for_snapshot_s'])}; save() itself {fmt_s(s['stall_s'] - s['wait_for_snapshot_s'])}.")
+    lines += ["", "Peak RSS +MiB: kernel high-water mark during the save minus RSS at the call (this process; the "
+              "sampler, which adds child processes, is in save.json).", ""]
+
+    r = res["restore"]
+    lines += ["## Restore", "", f"Files: ours {r['file_bytes']['ours'] / 2**20:.0f} MiB, torch.save "
+              f"{r['file_bytes']['torch.load'] / 2**20:.0f} MiB, safetensors {r['file_bytes']['safetensors'] / 2**20:.0f} MiB "
+              f"(model part {r['model_bytes'] / 2**20:.0f} MiB). Warm: files read once just before; cold: "
+              f"`drop_caches` before each read{'' if r['cold_available'] else ' (not permitted here: cold not measured)'}.", ""]
+    base = {mode: median(r["samples"]["safetensors load_file full"][mode]) for mode in ("warm", "cold")}
+    rows = []
+    for name, s in r["samples"].items():
+        cells = [name]
+        for mode in ("warm", "cold"):
+            t = median(s[mode])
+            cells += [fmt_s(t), fmt_ratio(t / base[mode]) if t == t and base[mode] == base[mode] else "-"]
+        rows.append(cells)
+    lines += [md_table(["reader", "warm", "x safetensors", "cold", "x safetensors"], rows), ""]
+
+    lines += ["## Memory across many saves", ""]
+    rows = []
+    for label, g in res["growth"].items():
+        by = dict(g["rss_by_step"])
+        last = g["rss_by_step"][-1][0]
+        rows.append([label, f"{g['rss_before'] / 2**20:.0f}", f"{by.get(1, 0) / 2**20:.0f}",
+                     f"{by[g['ref_step']] / 2**20:.0f}", f"{by[last] / 2**20:.0f}",
+                     f"{g['growth_bytes'] / 2**20:+.1f}", f"{g['peak_over_before'] / 2**20:.0f}",
+                     f"{g['threads_by_step'][0][1]} -> {g['threads_by_step'][-1][1]}",
+                     f"{g['fds_by_step'][0][1]} -> {g['fds_by_step'][-1][1]}"])
+    lines += [md_table(["ours async", "RSS before MiB", "after save 1", f"after save {g['ref_step']}",
+                        f"after save {last}", "growth MiB", "peak over before MiB", "threads", "open fds"], rows),
+              "", "RSS includes child processes (the writer process, when there is one). Back-to-back saves "
+              "with max_pending=1 and keep_last=2.", ""]
+
+    d = res["dip"]
+    lines += ["## Training throughput while a persist runs", "",
+              f"A small MLP trained with AdamW on the CPU (batch {d['batch']}, {d['idle_step_s'] * 1e3:.0f} ms per "
+              "step alone) runs steps while a save persists in the background (from save() returning until "
+              "the handle is done), then for as long again with nothing in the background.", ""]
+    rows = []
+    for name, s in d["rows"].items():
+        busy, idle = median(s["busy"]), median(s["idle"])
+        rows.append([name, f"{len(s['busy'])}", fmt_s(busy), fmt_s(idle), f"{1 - idle / busy:.0%}" if busy else "-",
+                     fmt_s(median(s["busy_s"]))])
+    lines += [md_table(["writer", "steps during persist", "step time during persist", "step time idle",
+                        "throughput dip", "persist window"], rows), ""]
+
+    lines += ["## Targets", ""]
+    lines += [md_table(["target", "measured", "met", "note"],
+                       [[t["target"], t["measured"], "met" if t["met"] else "**not met**", t["note"]]
+                        for t in res["targets"]], "llll"), ""]
+    lines += ["![stall, durable, restore and dip](save.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--embd", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--reps", type=int, default=3, help="measured rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--growth-saves", type=int, default=50)
+    p.add_argument("--no-dcp", action="store_true", help="leave out torch.distributed.checkpoint")
+    p.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke test of the harness")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.embd, args.vocab, args.reps, args.growth_saves = 1, 128, 8000, 1, 6
+    warnings.filterwarnings("ignore")
+    import datetime
+
+    t_start = time.perf_counter()
+    print(f"bench_save: writers {WRITERS}, reps {args.reps}", flush=True)
+    state = build_state(args)
+    flat = unique_tensors(state)
+    state_bytes = nbytes(flat)
+    payload = memoryview(torch.randint(0, 256, (256 << 20,), dtype=torch.uint8).numpy()).cast("B")
+    res: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": COMMAND,
+                           "reps": args.reps, "warmup": args.warmup, "writers": WRITERS,
+                           "state": {"desc": f"GPT-2-style ({args.layers} layers, d={args.embd}, vocab {args.vocab}) "
+                                     "+ Adam state after one step", "bytes": state_bytes, "tensors": len(flat)}}
+    with OtherLoad() as load, scratch_dir("save") as workdir:
+        print("saves ...", flush=True)
+        res["save_raw"] = bench_saves(state, workdir, args, payload)
+        disk_bw = median(res["save_raw"]["disk_bw_samples"])
+        res["disk_bw"] = disk_bw
+        res["saves"] = summarize_saves(res["save_raw"], disk_bw)
+        print("restore ...", flush=True)
+        res["restore"] = bench_restore(state, workdir, args)
+        print("memory across saves ...", flush=True)
+        res["growth"] = bench_growth(state, workdir, args)
+        print("throughput dip ...", flush=True)
+        res["dip"] = bench_dip(state, workdir, args)
+    res["load"] = load.as_dict()
+    res["machine"] = machine_info()
+    res["targets"] = targets(res["saves"], res["restore"], res["growth"], disk_bw, state_bytes,
+                             res["save_raw"]["compute"]["idle_s"])
+    res["elapsed_s"] = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "save" if not args.quick else "save_quick"
+    write_json(args.out / f"{stem}.json", res)
+    write_text(args.out / f"{stem}.md", render(res))
+    from plot import plot_save
+
+    plot_save(res, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.{{md,json,png}} in {res['elapsed_s']:.0f} s")
+    for t in res["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
