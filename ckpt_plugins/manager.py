@@ -116,7 +116,7 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.monitor, self.mode = monitor, mode
         self.overwrite, self.async_save, self.on_busy = overwrite, async_save, on_busy
-        self.snapshot_mode, self.on_error, self.verify = snapshot, on_error, verify
+        self.snapshot_mode, self.on_error, self.verify_on_restore = snapshot, on_error, verify
         self.rank_timeout, self.read_only = rank_timeout, read_only
         self._on_commit = [on_commit] if callable(on_commit) else list(on_commit or [])
         self.rank, self.world_size = rank_and_world()
@@ -379,7 +379,7 @@ class CheckpointManager:
             return self._restore_dir(path, step=which, **options)
         if isinstance(which, (str, os.PathLike)):
             from .loading import restore_path
-            state, report = restore_path(os.fspath(which), **options, verify=self.verify)
+            state, report = restore_path(os.fspath(which), **options, verify=self.verify_on_restore)
             self.last_restore_report = report
             return state
         raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
@@ -399,7 +399,7 @@ class CheckpointManager:
 
     def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
         from .loading import restore_ours
-        state, report = restore_ours(self.storage, self.layout, path, verify=self.verify, **options)
+        state, report = restore_ours(self.storage, self.layout, path, verify=self.verify_on_restore, **options)
         report.step = step
         self.last_restore_report = report
         self._restored_step = step
@@ -414,7 +414,7 @@ class CheckpointManager:
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from .loading import restore_ours
-        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.verify,
+        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.verify_on_restore,
                                 part=f"rank_{self.rank if rank is None else rank}", target=None,
                                 selector=None, rename=None, strict=True, map_location=map_location,
                                 allow_unsafe_pickle=False, missing_ok=True)

@@ -42,23 +42,24 @@ class Storage(Protocol):
 
 
 class _SyncedFile:
-    """A write-only file that is flushed and fsynced when closed, so close() means durable."""
+    """A binary file that is flushed and fsynced when closed, so close() means durable.
+
+    Everything else (write, tell, seek, flush, ...) is the buffered file's own: writers such as
+    ``torch.save`` need the full file interface. Large writes bypass the buffer.
+    """
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.name = path
 
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        written = 0
-        while written < len(view):  # raw files may write short; loop until everything is out
-            written += self._file.write(view[written:])
-        return written
+    def __getattr__(self, attr: str):
+        return getattr(self._file, attr)
 
     def close(self) -> None:
         if self._file.closed:
             return
         try:
+            self._file.flush()
             os.fsync(self._file.fileno())
         finally:
             self._file.close()

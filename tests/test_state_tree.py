@@ -264,7 +264,7 @@ _nested = st.recursive(_scalars, lambda kids: st.one_of(
     st.dictionaries(st.integers(-3, 3), kids, max_size=3)), max_leaves=25)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, database=None)
 @given(_nested)
 def test_random_nested_structures_roundtrip(state):
     assert_same(state, roundtrip(state))
