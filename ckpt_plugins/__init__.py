@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .engine import SaveHandle
 from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
-                     DistributedError, LockedError, RestoreError, SaveError, StepExistsError,
+                     DistributedError, LockedError, NotWritableError, RestoreError, SaveError, StepExistsError,
                      UnsafeCheckpointError, UnsupportedStateError)
 from .manager import CheckpointManager
 from .restore import RestoreReport
@@ -18,6 +18,6 @@ from .restore import RestoreReport
 __all__ = [
     "CheckpointManager", "SaveHandle", "RestoreReport", "__version__",
     "CheckpointError", "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError",
-    "DistributedError", "LockedError", "RestoreError", "SaveError", "StepExistsError",
+    "DistributedError", "LockedError", "NotWritableError", "RestoreError", "SaveError", "StepExistsError",
     "UnsafeCheckpointError", "UnsupportedStateError",
 ]

@@ -37,6 +37,10 @@ class UnsafeCheckpointError(CheckpointError, ValueError):
     """A foreign file needs full pickle to load; refused unless the caller opts in explicitly."""
 
 
+class NotWritableError(CheckpointError, PermissionError):
+    """The checkpoint directory cannot be written (permissions, read-only file system)."""
+
+
 class LockedError(CheckpointError, RuntimeError):
     """Another live manager holds the directory's write lock."""
 

@@ -9,13 +9,14 @@ and is reported with instructions.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
 import time
 
-from .errors import LockedError
+from .errors import LockedError, NotWritableError
 from .storage import LocalStorage, Storage
 
 __all__ = ["DirectoryLock", "LOCK_NAME"]
@@ -56,7 +57,16 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         for _ in range(3):
-            if self._try_create():
+            try:
+                created = self._try_create()
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise NotWritableError(
+                        f"{self.path}: cannot create the lock file ({exc.strerror}); the directory "
+                        "is not writable. Fix its permissions, or open the CheckpointManager with "
+                        "read_only=True to list and restore only.") from exc
+                raise
+            if created:
                 self.held = True
                 return
             holder = self._read_holder()

@@ -513,11 +513,16 @@ class _SaveJob:
             path = mgr.layout.commit(temp, manifest, replace=replace)
             mgr.last_save_stats["persist_s"] = time.perf_counter() - t0
             self._after_commit(manifest)
-        except BaseException:
+        except BaseException as exc:
             if mgr.rank == 0:
                 mgr.layout.discard(temp)
             else:
                 self._mark_failed(temp)
+            if isinstance(exc, OSError) and exc.errno is not None:
+                # Name the checkpoint and say what survived; OSError(errno, ...) keeps the subclass.
+                raise OSError(exc.errno, f"{exc.strerror or exc} while saving step {self.step} "
+                              f"into {temp}; existing checkpoints are intact",
+                              exc.filename or temp) from exc
             raise
         finally:
             mgr._stager.release(self.slot)

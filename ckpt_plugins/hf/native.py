@@ -22,8 +22,10 @@ file                          read by                                written her
 :func:`native_files` returns them as the core's ``extra_files`` (``{name: bytes | writer}``): the
 core writes them into the hidden temporary folder on its background writer, checksums them in the
 manifest, and renames the folder to ``checkpoint-N`` only when all of them are complete. Small
-files are serialized right away on the training thread; tensors are written by the writer from a
-copy taken here, so training can change the live ones meanwhile.
+files (RNG, scheduler, JSON) are serialized right away on the training thread; the tensors of the
+weights and of the optimizer go in as :class:`~ckpt_plugins.extra_files.TensorFile` and
+:class:`~ckpt_plugins.extra_files.StagedFile`, which the core stages like any state (reused host
+buffers, ``snapshot="overlap"``) and serializes on the writer.
 
 ``training_args.bin`` (a pickle of ``TrainingArguments``; the Trainer never reads it back) is not
 written.
@@ -37,34 +39,34 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
-import safetensors.torch
 import torch
 from torch import nn
 
+from ckpt_plugins.extra_files import StagedFile, TensorFile
 from ckpt_plugins.hf.rng import rng_file_name, serialize_rng_state
 
 __all__ = ["native_files", "is_peft_model", "tokenizer_files"]
 
 log = logging.getLogger(__name__)
 
-FileContent = bytes | Callable[[BinaryIO], None]
+FileContent = bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile
 
 
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a PEFT model (checked without importing peft when it is not installed)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
+    if "peft" not in sys.modules:  # a PEFT model cannot exist before peft is imported
         return False
+    from peft import PeftModel
     return isinstance(model, PeftModel)
 
 
 def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer_state: Any,
-                 rng_states: list[dict[str, Any]], world_size: int, copy_tensors: bool,
+                 rng_states: list[dict[str, Any]], world_size: int,
                  extra: Mapping[str, bytes] | None = None) -> dict[str, FileContent]:
     """The files of one Trainer checkpoint, as ``extra_files`` for ``CheckpointManager.save``.
 
@@ -76,20 +78,19 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
         trainer_state: the ``TrainerState`` to write as ``trainer_state.json``.
         rng_states: every rank's RNG state, indexed by rank.
         world_size: number of ranks (names the RNG files as the Trainer expects).
-        copy_tensors: copy tensors now (asynchronous saves: the writer runs later, while training
-            changes the live tensors). False when the save is written before ``save`` returns.
         extra: more small files, already serialized (the tokenizer's, for example).
 
     Returns:
-        ``{file name: bytes or fn(binary file)}``.
+        ``{file name: bytes | TensorFile | StagedFile}``; the live tensors are referenced, not
+        copied (the core stages them).
     """
     files: dict[str, FileContent] = {}
     if is_peft_model(model):
-        files.update(_peft_files(model, copy_tensors))
+        files.update(_peft_files(model))
     else:
-        files.update(_model_files(model, copy_tensors))
+        files.update(_model_files(model))
     if optimizer is not None:
-        files["optimizer.pt"] = _torch_file(optimizer.state_dict(), copy_tensors)
+        files["optimizer.pt"] = StagedFile(optimizer.state_dict(), _torch_save)
         if lr_scheduler is not None:
             files["scheduler.pt"] = _torch_bytes(lr_scheduler.state_dict())
         scaler = getattr(optimizer, "scaler", None)
@@ -132,8 +133,8 @@ def tokenizer_files(processing_class: Any) -> dict[str, bytes]:
 
 
 # --- weights -------------------------------------------------------------------------------------
-def _model_files(model: nn.Module, copy_tensors: bool) -> dict[str, FileContent]:
-    files: dict[str, FileContent] = {"model.safetensors": _safetensors_file(_model_state_dict(model), copy_tensors)}
+def _model_files(model: nn.Module) -> dict[str, FileContent]:
+    files: dict[str, FileContent] = {"model.safetensors": _tensor_file(_model_state_dict(model))}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         config = copy.deepcopy(config)
@@ -182,7 +183,7 @@ def _drop_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _peft_files(model: nn.Module, copy_tensors: bool) -> dict[str, FileContent]:
+def _peft_files(model: nn.Module) -> dict[str, FileContent]:
     from peft import get_peft_model_state_dict
 
     adapter = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"
@@ -196,51 +197,22 @@ def _peft_files(model: nn.Module, copy_tensors: bool) -> dict[str, FileContent]:
         config.base_model_name_or_path = base.__dict__.get("name_or_path", None) or None
     config.inference_mode = True
     doc = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    return {"adapter_model.safetensors": _safetensors_file(weights, copy_tensors),
+    return {"adapter_model.safetensors": _tensor_file(weights),
             "adapter_config.json": json.dumps(doc, indent=2, sort_keys=True).encode()}
 
 
 # --- serialization -------------------------------------------------------------------------------
-def _safetensors_file(tensors: Mapping[str, torch.Tensor], copy_tensors: bool) -> FileContent:
-    tensors = {k: v.detach() for k, v in tensors.items()}
-    if copy_tensors:
-        tensors = _detached_copy(tensors)
-    else:
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-
-    def write(out: BinaryIO) -> None:
-        # TODO(core request HF-1): the core's streamed writer avoids this in-memory copy.
-        out.write(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    return write
+def _tensor_file(tensors: Mapping[str, torch.Tensor]) -> TensorFile:
+    """Weights as ``save_pretrained`` writes them: safetensors with ``{"format": "pt"}``."""
+    return TensorFile({k: v.detach() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
-def _torch_file(obj: Any, copy_tensors: bool) -> FileContent:
-    if copy_tensors:
-        obj = _detached_copy(obj)
-
-    def write(out: BinaryIO) -> None:
-        torch.save(obj, out)
-    return write
+def _torch_save(out: BinaryIO, obj: Any) -> None:
+    """Writer of ``optimizer.pt``: ``torch.save`` of the staged state dict (runs on the writer)."""
+    torch.save(obj, out)
 
 
 def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
-
-
-def _detached_copy(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are CPU clones (containers rebuilt, other values shared).
-
-    TODO(core request HF-1): remove. The core's stager should take this copy into reused host
-    buffers (pinned on CUDA; overlapping the next forward/backward with ``snapshot="overlap"``).
-    """
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True).contiguous()
-    if isinstance(obj, Mapping):
-        return {k: _detached_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_detached_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_detached_copy(v) for v in obj)
-    return copy.deepcopy(obj)

@@ -1,0 +1,97 @@
+"""``CheckpointArguments``: the callback's options as command-line flags for ``HfArgumentParser``.
+
+Every flag is ``--ckpt_`` followed by the callback option of the same name, so a script parses
+them next to ``TrainingArguments`` and builds the callback in one line::
+
+    parser = HfArgumentParser((TrainingArguments, CheckpointArguments))
+    training_args, ckpt_args = parser.parse_args_into_dataclasses()
+    trainer = Trainer(..., args=training_args, callbacks=[CheckpointCallback.from_args(ckpt_args)])
+
+    python train.py --output_dir out --save_steps 50 --ckpt_keep_last 3 --ckpt_async_save true \\
+        --gradient_checkpointing --ckpt_gradient_checkpointing_every_n 2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ckpt_plugins.hf.options import CallbackOptions
+
+__all__ = ["CheckpointArguments"]
+
+ActivationMode = Literal["full", "every_n", "selective", "offload", "off"]
+
+
+@dataclass
+class CheckpointArguments:
+    """Flags of :class:`~ckpt_plugins.hf.CheckpointCallback` (``--ckpt_<option>``).
+
+    Values are checked when the dataclass is built (so a bad flag fails at parse time) and are
+    never rewritten; :meth:`to_options` converts them once.
+    """
+
+    ckpt_dirpath: str | None = field(default=None, metadata={
+        "help": "Checkpoint directory (default: --output_dir, where resume_from_checkpoint=True looks)."})
+    ckpt_keep_last: int | None = field(default=None, metadata={
+        "help": "Keep the N most recent checkpoints (default: --save_total_limit; none: keep all)."})
+    ckpt_keep_best: int | None = field(default=None, metadata={
+        "help": "Keep the N best checkpoints by --ckpt_monitor (the best one is always kept)."})
+    ckpt_monitor: str | None = field(default=None, metadata={
+        "help": "Metric that ranks checkpoints, e.g. eval_loss (default: --metric_for_best_model)."})
+    ckpt_mode: Literal["min", "max"] | None = field(default=None, metadata={
+        "help": "Whether lower (min) or higher (max) --ckpt_monitor is better (default: --greater_is_better)."})
+    ckpt_keep_every_n_steps: int | None = field(default=None, metadata={
+        "help": "Also keep, for good, every checkpoint whose step is a multiple of N."})
+    ckpt_keep_time_interval: float | None = field(default=None, metadata={
+        "help": "Also keep, for good, the first checkpoint of every interval of this many seconds."})
+    ckpt_overwrite: bool = field(default=False, metadata={
+        "help": "Allow saving at or before an existing checkpoint's step (later ones are removed)."})
+    ckpt_async_save: bool = field(default=True, metadata={
+        "help": "Write checkpoints in the background; training only waits for a copy of the state."})
+    ckpt_max_pending: int = field(default=1, metadata={
+        "help": "At most this many checkpoints being written at once (and copies held in memory)."})
+    ckpt_snapshot: Literal["safe", "overlap"] = field(default="safe", metadata={
+        "help": "safe: copy the state when saving; overlap: copy during the next forward/backward."})
+    ckpt_every_n_train_steps: int | None = field(default=None, metadata={
+        "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."})
+    ckpt_verify_latest: bool = field(default=True, metadata={
+        "help": "Check the newest checkpoint-N before the Trainer may resume from it; move damaged ones aside."})
+    ckpt_gradient_checkpointing: ActivationMode | None = field(default=None, metadata={
+        "help": "Activation checkpointing mode, extending --activation_checkpointing (any model)."})
+    ckpt_gradient_checkpointing_every_n: int | None = field(default=None, metadata={
+        "help": "Checkpoint blocks 0, n, 2n, ... (implies mode every_n when no mode is given)."})
+    ckpt_gradient_checkpointing_targets: str | None = field(default=None, metadata={
+        "help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."})
+
+    def __post_init__(self) -> None:
+        self.to_options()  # fail at parse time, naming the option
+
+    def gradient_checkpointing(self) -> dict[str, Any] | None:
+        """The ``gradient_checkpointing`` option the three ``--ckpt_gradient_checkpointing*`` flags mean."""
+        mode = self.ckpt_gradient_checkpointing
+        every_n, targets = self.ckpt_gradient_checkpointing_every_n, self.ckpt_gradient_checkpointing_targets
+        if mode is None and every_n is None and targets is None:
+            return None
+        if mode is None:
+            mode = "every_n" if every_n is not None else "full"
+        value: dict[str, Any] = {"mode": mode}
+        if every_n is not None:
+            value["every_n"] = every_n
+        if targets is not None:
+            value["targets"] = targets
+        return value
+
+    def to_options(self) -> CallbackOptions:
+        """The callback options these flags stand for.
+
+        Raises:
+            ConfigError: a value is invalid (the message names the option).
+        """
+        return CallbackOptions(
+            dirpath=self.ckpt_dirpath, keep_last=self.ckpt_keep_last, keep_best=self.ckpt_keep_best,
+            monitor=self.ckpt_monitor, mode=self.ckpt_mode, keep_every_n_steps=self.ckpt_keep_every_n_steps,
+            keep_time_interval=self.ckpt_keep_time_interval, overwrite=self.ckpt_overwrite,
+            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot,
+            every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
+            gradient_checkpointing=self.gradient_checkpointing())

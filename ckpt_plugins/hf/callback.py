@@ -1,0 +1,338 @@
+"""``CheckpointCallback``: the Trainer's checkpoints, written crash-safe and in the background.
+
+The callback takes over saving from the Trainer: at each point where the Trainer would have saved
+(its ``save_strategy``/``save_steps``, or our ``every_n_train_steps``) it clears
+``control.should_save`` and saves through :class:`~ckpt_plugins.CheckpointManager` instead,
+with ``dir_prefix="checkpoint-"``, so the committed folders are the Trainer's own
+``checkpoint-N`` with the Trainer's own files in them (:mod:`.native`) plus our ``manifest.json``.
+The Trainer resumes from them by itself; a save in progress lives in a hidden
+``.tmp-checkpoint-N-*`` folder, so a half-written checkpoint is never visible as ``checkpoint-N``.
+
+When the save happens. The Trainer saves at the end of ``_maybe_log_save_evaluate``, after the
+step's log and evaluation, and the checkpoint must capture the same moment (the RNG state, the
+log history, the evaluation metrics that rank it). The last callback event before that point is
+``on_evaluate`` when the step evaluates, else ``on_log`` when it logs, else ``on_step_end``; the
+callback decides at ``on_step_end``/``on_epoch_end`` and saves at the last of those events.
+
+Events, in the order they matter:
+
+* ``on_init_end``: resolve options against ``TrainingArguments`` (:mod:`.options`), apply
+  activation checkpointing (:mod:`.gradient_checkpointing`), and check the newest
+  ``checkpoint-N`` before ``train()`` can resume from it (:mod:`.guard`).
+* ``on_train_begin``: open the manager; on resume, compare the data position (:mod:`.position`).
+* ``on_pre_optimizer_step``: with ``snapshot="overlap"``, wait until the last save has copied
+  the state, before the optimizer changes it.
+* ``on_train_end``: wait for pending saves, log a summary, release the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingReport
+from ckpt_plugins.distributed import barrier, rank_and_world
+from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.hf import gradient_checkpointing as gc_wiring
+from ckpt_plugins.hf.arguments import CheckpointArguments
+from ckpt_plugins.hf.guard import GuardFinding, guard_latest
+from ckpt_plugins.hf.native import native_files, tokenizer_files
+from ckpt_plugins.hf.options import CallbackOptions, Settings, resolve
+from ckpt_plugins.hf.position import DataPosition, check_resume
+from ckpt_plugins.hf.rng import gather_rng_states
+from ckpt_plugins.manager import CheckpointManager
+
+__all__ = ["CheckpointCallback", "SaveRecord"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaveRecord:
+    """One save made by the callback in this process."""
+
+    step: int
+    stall_s: float
+    """How long training was blocked by this save (copying the state included)."""
+    metrics: dict[str, float]
+
+
+@dataclass
+class _Pending:
+    """A save decided at ``on_step_end``/``on_epoch_end``, made at the step's last event."""
+
+    step: int
+    await_log: bool
+    await_eval: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CheckpointCallback(TrainerCallback):
+    """Crash-safe, asynchronous checkpoints for ``transformers.Trainer``, in its own layout.
+
+    Args:
+        dirpath: checkpoint directory; default ``TrainingArguments.output_dir`` (where
+            ``resume_from_checkpoint=True`` and ``get_last_checkpoint`` look).
+        keep_last: keep the N most recent checkpoints; default ``save_total_limit`` (None: all).
+        keep_best: keep the N best by ``monitor``. The best one is always kept once a monitor is
+            known.
+        monitor: metric that ranks checkpoints (an evaluation metric such as ``"eval_loss"``, or
+            the training ``"loss"``); default ``metric_for_best_model``.
+        mode: ``"min"`` or ``"max"``; default from ``greater_is_better`` (else ``"min"``).
+        keep_every_n_steps: also keep, for good, steps that are multiples of N.
+        keep_time_interval: also keep the first checkpoint of each interval (seconds/timedelta).
+        overwrite: allow saving at or before existing checkpoints (a fresh run into a directory
+            that has checkpoints; later ones are removed). Without it such a run stops at
+            ``on_train_begin`` with instructions.
+        async_save: write in the background; training waits only for the copy of the state.
+        max_pending: at most this many saves in flight.
+        snapshot: ``"safe"`` copies the state inside the save; ``"overlap"`` lets the copy run
+            during the next forward/backward and waits in ``on_pre_optimizer_step``.
+        every_n_train_steps: save every N optimizer steps and at the last step; default: follow
+            ``save_strategy``/``save_steps`` (``"steps"``, ``"epoch"``, ``"best"``).
+        gradient_checkpointing: activation checkpointing (``True``, a mode name, a dict with
+            ``mode``/``every_n``/``targets``, or an ``ActivationCheckpointing``); extends
+            ``--activation_checkpointing`` and works for models without transformers support.
+        verify_latest: before the Trainer may resume, check the newest ``checkpoint-N`` and move
+            damaged ones aside (see :mod:`ckpt_plugins.hf.guard`).
+
+    Example:
+        >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=100),
+        ...                   train_dataset=ds, callbacks=[CheckpointCallback(keep_last=3)])  # doctest: +SKIP
+        >>> trainer.train(resume_from_checkpoint=True)  # after a crash  # doctest: +SKIP
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, *, keep_last: int | None = None,
+                 keep_best: int | None = None, monitor: str | None = None,
+                 mode: Literal["min", "max"] | None = None, keep_every_n_steps: int | None = None,
+                 keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
+                 async_save: bool = True, max_pending: int = 1,
+                 snapshot: Literal["safe", "overlap"] = "safe", every_n_train_steps: int | None = None,
+                 gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
+                 verify_latest: bool = True) -> None:
+        self.options = CallbackOptions(
+            dirpath=os.fspath(dirpath) if dirpath is not None else None, keep_last=keep_last,
+            keep_best=keep_best, monitor=monitor, mode=mode, keep_every_n_steps=keep_every_n_steps,
+            keep_time_interval=keep_time_interval, overwrite=overwrite, async_save=async_save,
+            max_pending=max_pending, snapshot=snapshot, every_n_train_steps=every_n_train_steps,
+            gradient_checkpointing=gradient_checkpointing, verify_latest=verify_latest)
+        self.settings: Settings | None = None
+        self.manager: CheckpointManager | None = None
+        self.activation_report: ActivationCheckpointingReport | None = None
+        self.guard_findings: list[GuardFinding] = []
+        self.saves: list[SaveRecord] = []
+        self._pending: _Pending | None = None
+        self._last_log_step = -1
+        self._last_logs: dict[str, float] = {}
+        self._tokenizer: dict[str, bytes] | None = None
+        self._saved_steps: set[int] = set()
+
+    @classmethod
+    def from_args(cls, args: CheckpointArguments) -> CheckpointCallback:
+        """Build the callback from parsed ``CheckpointArguments`` (``--ckpt_*`` flags)."""
+        options = args.to_options()
+        return cls(**{name: getattr(options, name) for name in CallbackOptions.__dataclass_fields__})
+
+    # --- set-up ----------------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> None:
+        self.settings = resolve(self.options, args)
+        if model is not None:
+            plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
+            self.activation_report = gc_wiring.apply_plan(plan, model, args)
+        if self.settings.verify_latest:
+            if rank_and_world()[0] == 0:
+                self.guard_findings = guard_latest(self.settings.dirpath)
+            barrier()  # no rank may look for a checkpoint before rank 0 has moved damaged ones
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+        if self.settings is None:  # added with trainer.add_callback() after __init__
+            log.warning("CheckpointCallback was added after the Trainer was built: the newest "
+                        "checkpoint was not checked before resuming; pass it in callbacks=[...]")
+            self.settings = resolve(self.options, args)
+        if model is not None and self.options.gradient_checkpointing is not None:
+            plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
+            self.activation_report = gc_wiring.apply_plan(plan, model, args) or self.activation_report
+        if self.manager is None:
+            self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
+        self._check_existing(args, state, train_dataloader)
+        if args.save_total_limit == 1 and args.load_best_model_at_end:
+            log.warning("save_total_limit=1 with load_best_model_at_end: at the end of training the "
+                        "Trainer itself deletes every checkpoint but the best one, outside the "
+                        "crash-safe protocol; prefer keep_last=1 (--ckpt_keep_last 1) without "
+                        "save_total_limit")
+
+    def _check_existing(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
+        assert self.manager is not None
+        step = state.global_step
+        later = [s for s in self.manager.steps() if s > step]
+        if later and not self.options.overwrite:
+            what = f"resumed at step {step}" if step else "starting from step 0"
+            raise ConfigError(
+                f"{self.settings.dirpath} has checkpoints at steps {later} and this run is {what}; "
+                "its saves would collide with them. Resume from the newest with "
+                "trainer.train(resume_from_checkpoint=True), pass overwrite=True (--ckpt_overwrite) "
+                "to replace them, or use another output_dir / dirpath.")
+        if step and step in self.manager.steps():
+            saved = self.manager.restore(step).get("data_position")
+            if saved:
+                current = DataPosition.capture(args, state, train_dataloader)
+                for problem in check_resume(DataPosition.from_dict(saved), current, args.ignore_data_skip):
+                    log.warning("resume from step %d is not exact: %s", step, problem)
+        self._saved_steps = set(self.manager.steps())
+
+    # --- deciding and saving ---------------------------------------------------------------------
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        every_n = self.settings.every_n_train_steps if self.settings else None
+        if every_n is not None:
+            wanted = state.global_step % every_n == 0 or state.global_step >= state.max_steps
+        else:
+            wanted = control.should_save
+        control.should_save = False  # the Trainer's own (synchronous, non-atomic) save is replaced
+        if wanted:
+            self._schedule(args, state, control, kwargs)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._flush_pending(args, state, control, kwargs)
+        wanted = control.should_save and self.settings is not None and self.settings.every_n_train_steps is None
+        control.should_save = False
+        if wanted:
+            self._schedule(args, state, control, kwargs)
+        elif control.should_training_stop and self.manager is not None:
+            self.manager.wait()  # load_best_model_at_end reads committed folders next
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        self._flush_pending(args, state, control, kwargs)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return  # evaluation and end-of-training logs
+        self._last_log_step = state.global_step
+        self._last_logs = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        pending = self._pending
+        if pending is not None and pending.await_log and pending.step == state.global_step:
+            pending.await_log = False
+            if not pending.await_eval:
+                self._save_pending(args, state, control, kwargs)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.manager is None or self.settings is None:
+            return  # evaluate() outside train()
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        new_best = self._track_best(state, metrics)
+        pending = self._pending
+        if pending is not None and pending.await_eval and pending.step == state.global_step:
+            pending.metrics.update(metrics)
+            self._save_pending(args, state, control, kwargs)
+        elif self.settings.every_n_train_steps is None and self.settings.save_strategy == "best" and new_best:
+            self._pending = _Pending(state.global_step, False, False, metrics)
+            self._save_pending(args, state, control, kwargs)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> None:
+        if self.manager is not None and self.settings is not None and self.settings.snapshot == "overlap":
+            self.manager.wait_for_snapshot()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._flush_pending(args, state, control, kwargs)
+        if self.manager is None:
+            return
+        try:
+            self.manager.wait()
+            if self.saves:
+                stalls = sorted(s.stall_s for s in self.saves)
+                log.info("CheckpointCallback: %d save(s), training blocked per save: median %.1f ms, "
+                         "max %.1f ms; kept: %s", len(stalls), stalls[len(stalls) // 2] * 1e3,
+                         stalls[-1] * 1e3, self.manager.retention().keep)
+        finally:
+            self.manager.close()
+            self.manager = None
+
+    def _schedule(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                  kwargs: dict[str, Any]) -> None:
+        await_log = bool(control.should_log) and state.global_step != self._last_log_step
+        await_eval = bool(control.should_evaluate)
+        self._pending = _Pending(state.global_step, await_log, await_eval)
+        if not (await_log or await_eval):
+            self._save_pending(args, state, control, kwargs)
+
+    def _flush_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       kwargs: dict[str, Any]) -> None:
+        if self._pending is not None:
+            log.debug("saving step %d now: the log/evaluation it waited for did not come", self._pending.step)
+            self._save_pending(args, state, control, kwargs)
+
+    def _track_best(self, state: TrainerState, metrics: dict[str, float]) -> bool:
+        """The Trainer's best-model bookkeeping, done before the checkpoint is taken.
+
+        ``Trainer._determine_best_metric`` runs after ``on_evaluate``, too late for the
+        ``trainer_state.json`` saved here; the same rule is applied now, and the Trainer's own pass
+        then finds nothing new (equal is not better), which also keeps ``save_strategy="best"``
+        from triggering a save of its own.
+        """
+        name = self.settings.metric_for_best_model
+        if name is None or name not in metrics:
+            return False
+        value, best = metrics[name], state.best_metric
+        greater = self.settings.greater_is_better
+        if best is not None and not (value > best if greater else value < best):
+            return False
+        state.best_metric = value
+        if self.settings.save_strategy in ("steps", "epoch", "best") or self.settings.every_n_train_steps:
+            state.best_global_step = state.global_step
+        return True
+
+    def _save_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      kwargs: dict[str, Any]) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or self.manager is None:
+            return
+        if pending.step != state.global_step:
+            log.warning("a save decided at step %d was not made before step %d; skipped", pending.step, state.global_step)
+            return
+        metrics = {**({"loss": self._last_logs["loss"]} if self._last_log_step == pending.step and "loss" in self._last_logs else {}),
+                   **pending.metrics}
+        self._save(args, state, control, kwargs, metrics)
+
+    def _save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+              kwargs: dict[str, Any], metrics: dict[str, float]) -> None:
+        assert self.manager is not None
+        t0 = time.perf_counter()
+        step = state.global_step
+        rank, world_size = rank_and_world()
+        rng_states = gather_rng_states(distributed=world_size > 1)
+        if state.best_global_step is not None and state.best_global_step in self._saved_steps | {step}:
+            state.best_model_checkpoint = self.manager.path_for(state.best_global_step)
+        state.stateful_callbacks["TrainerControl"] = control.state()
+        files = None
+        if rank == 0:
+            if self._tokenizer is None:
+                self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
+            files = native_files(model=kwargs["model"], optimizer=kwargs.get("optimizer"),
+                                 lr_scheduler=kwargs.get("lr_scheduler"), trainer_state=state,
+                                 rng_states=rng_states, world_size=world_size,
+                                 copy_tensors=self.manager.async_save, extra=self._tokenizer)
+        position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
+        handle = self.manager.save(step, {"data_position": position.to_dict()}, metrics,
+                                   extra_files=files, user_metadata={"written_by": "ckpt_plugins.hf"})
+        stall = time.perf_counter() - t0
+        if handle is not None:
+            self._saved_steps.add(step)
+            self.saves.append(SaveRecord(step, stall, metrics))
+        if control.should_training_stop or step >= state.max_steps:
+            self.manager.wait()  # the Trainer may load the best checkpoint right after this
+        log.info("checkpoint step %d: training blocked %.1f ms (%s)", step, stall * 1e3,
+                 "written in the background" if self.manager.async_save else "written")

@@ -1,0 +1,157 @@
+"""``CheckpointIOPlugin``: Lightning's ``CheckpointIO`` backed by the core.
+
+Lightning routes every checkpoint file through the strategy's ``CheckpointIO``: ``ModelCheckpoint``
+saves and removes through it, ``fit(ckpt_path=...)`` and ``test(ckpt_path=...)`` load through it.
+Adding this plugin to an existing ``Trainer`` changes how the bytes are written, not which
+checkpoints exist: the same names, the same ``save_top_k`` decisions, but each checkpoint is a
+folder in our format (``manifest.json`` + safetensors, checksums), committed atomically, and
+written in the background::
+
+    trainer = Trainer(callbacks=[ModelCheckpoint(save_top_k=2, monitor="val_loss")],
+                      plugins=[CheckpointIOPlugin(async_save=True)])
+
+``load_checkpoint`` reads our folders and Lightning's ``.ckpt`` files (``weights_only``; Lightning's
+``weights_only=False`` is the explicit opt-in to full pickle). ``remove_checkpoint`` never
+overtakes a save still in flight, and ``teardown`` flushes.
+
+Under ``torch.distributed`` Lightning calls ``save_checkpoint`` on global rank 0 only, and the
+core's manager needs every rank (request L-1 in ``docs/requests/lightning.md``); until then the
+plugin writes Lightning's own format there (a warning says so once). ``CheckpointCallback``
+saves on every rank and is not affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from ckpt_plugins.distributed import rank_and_world
+from ckpt_plugins.errors import ConfigError, UnsupportedStateError
+from ckpt_plugins.manager import CheckpointManager
+
+from .named import NamedSaves
+from .reader import read_lightning_checkpoint
+from .state import RANK_STATE_KEY, explain_unsupported, to_storable
+
+__all__ = ["CheckpointIOPlugin"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointIOPlugin(CheckpointIO):
+    """Atomic, checksummed, asynchronous checkpoints for any Lightning ``Trainer``.
+
+    Args:
+        async_save: return from ``save_checkpoint`` once the state is copied into reused host
+            buffers; write and commit in the background.
+        max_pending: saves in flight at once (per directory); a further save waits.
+        on_error: ``"raise"``: a failed background save raises at the next save, removal or
+            teardown; ``"warn"``: it is logged and training goes on.
+        verify: check checksums when loading.
+
+    Example:
+        >>> trainer = Trainer(plugins=[CheckpointIOPlugin()])  # doctest: +SKIP
+    """
+
+    def __init__(self, async_save: bool = True, max_pending: int = 1,
+                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
+        if on_error not in ("raise", "warn"):
+            raise ConfigError(f"CheckpointIOPlugin(on_error=...) must be 'raise' or 'warn', got {on_error!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigError(f"CheckpointIOPlugin(max_pending=...) must be a positive integer, got {max_pending!r}")
+        self.async_save, self.max_pending, self.on_error, self.verify = async_save, max_pending, on_error, verify
+        self._saves: NamedSaves | None = None
+        self._managers: list[CheckpointManager] = []
+        self._warned: set[str] = set()
+        self._fallback: TorchCheckpointIO | None = None
+
+    # --- CheckpointIO ------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save Lightning's checkpoint dict as the folder ``path`` (our format, atomic commit).
+
+        Raises:
+            ConfigError: ``storage_options`` was given (this plugin has none).
+            UnsupportedStateError: the dict holds an object that cannot be stored without pickle
+                (the message names the key and where it comes from).
+            SaveError: an earlier background save failed (``on_error="raise"``).
+        """
+        if storage_options is not None:
+            raise ConfigError("CheckpointIOPlugin takes no storage_options; call "
+                              "trainer.save_checkpoint(path) without them")
+        path = os.fspath(path)
+        if rank_and_world()[1] > 1:
+            self._save_distributed_fallback(checkpoint, path)
+            return
+        state, converted = to_storable(checkpoint, self._warned)
+        state.pop(RANK_STATE_KEY, None)
+        try:
+            self._named().save(path, state, {"kind": "lightning", "hyper_parameters_converted": converted})
+        except UnsupportedStateError as exc:
+            raise explain_unsupported(exc) from None
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Load ``path``: one of our folders or a Lightning ``.ckpt`` file.
+
+        Args:
+            path: the checkpoint.
+            map_location: a device or a device string; anything else loads to CPU.
+            weights_only: ``False`` allows full pickle for ``.ckpt`` files (trusted files only);
+                ``None``/``True`` never unpickle code.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            UnsafeCheckpointError: a ``.ckpt`` needs full pickle and ``weights_only`` is not False.
+        """
+        path = os.fspath(path)
+        named = self._named()
+        named.flush()  # a save to this path may still be in flight
+        named.recover(path)
+        return read_lightning_checkpoint(path, map_location=map_location, allow_unsafe_pickle=weights_only is False,
+                                         verify=self.verify, managers=self._managers)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
+        path = os.fspath(path)
+        if self._fallback is not None and os.path.isfile(path):
+            self._fallback.remove_checkpoint(path)
+            return
+        self._named().remove(path)
+
+    def teardown(self) -> None:
+        """Wait for every save to commit, run queued removals, release the directories."""
+        saves, self._saves = self._saves, None
+        if saves is not None:
+            saves.close()
+
+    def _named(self) -> NamedSaves:
+        if self._saves is None:
+            self._saves = NamedSaves(async_save=self.async_save, max_pending=self.max_pending, on_error=self.on_error)
+        return self._saves
+
+    # --- for CheckpointCallback --------------------------------------------------------------
+    def attach(self, manager: CheckpointManager) -> None:
+        """Load ``manager``'s checkpoint folders through it (it protects the one resumed from)."""
+        if manager not in self._managers:
+            self._managers.append(manager)
+
+    def detach(self, manager: CheckpointManager) -> None:
+        if manager in self._managers:
+            self._managers.remove(manager)
+
+    def _save_distributed_fallback(self, checkpoint: dict[str, Any], path: str) -> None:
+        if "distributed" not in self._warned:
+            self._warned.add("distributed")
+            log.warning("CheckpointIOPlugin under torch.distributed writes Lightning's own .ckpt format "
+                        "for now (Lightning saves through CheckpointIO on rank 0 only, and the core's "
+                        "single-rank mode is pending); CheckpointCallback is not affected")
+        self._fallback = self._fallback or TorchCheckpointIO()
+        self._fallback.save_checkpoint(checkpoint, path)
+
+    def __repr__(self) -> str:
+        return f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, on_error={self.on_error!r})"

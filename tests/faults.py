@@ -1,0 +1,61 @@
+"""Fault injection helpers: an fsspec file system that fails the Nth write, and real OS faults."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+
+
+class FaultyMemoryFileSystem(MemoryFileSystem):
+    """``faulty://``: an in-memory file system whose Nth file write fails with ``fault_errno``.
+
+    ``arm(n, err)`` makes the n-th ``write`` call from now raise ``OSError(err)`` (1 = the next
+    one); ``disarm()`` stops it. Writes are counted across all files, so a test can walk the fault
+    through every file a save writes (tensors, extra files, manifest).
+    """
+
+    protocol = "faulty"
+    root_marker = "/"
+    store: dict = {}  # separate from memory://
+    pseudo_dirs = [""]
+    countdown: int | None = None
+    fault_errno = errno.ENOSPC
+    writes = 0
+
+    @classmethod
+    def arm(cls, n: int, err: int = errno.ENOSPC) -> None:
+        cls.countdown, cls.fault_errno = n, err
+
+    @classmethod
+    def disarm(cls) -> None:
+        cls.countdown = None
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if "w" in mode:
+            original = f.write
+
+            def write(data):
+                cls = type(self)
+                cls.writes += 1
+                if cls.countdown is not None:
+                    cls.countdown -= 1
+                    if cls.countdown <= 0:
+                        cls.countdown = None
+                        raise OSError(cls.fault_errno, f"{os.strerror(cls.fault_errno)} (injected)", path)
+                return original(data)
+
+            f.write = write
+        return f
+
+
+fsspec.register_implementation("faulty", FaultyMemoryFileSystem, clobber=True)
+
+
+def reset_faulty() -> None:
+    FaultyMemoryFileSystem.store.clear()
+    FaultyMemoryFileSystem.pseudo_dirs[:] = [""]
+    FaultyMemoryFileSystem.disarm()
