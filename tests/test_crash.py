@@ -22,7 +22,9 @@ from ckpt_plugins import CheckpointManager
 from ckpt_plugins.cli import main as cli_main
 
 CHILD = Path(__file__).parent / "helpers" / "save_forever.py"
+DIST_CHILD = Path(__file__).parent / "helpers" / "save_forever_dist.py"
 KILLS = 200 if os.environ.get("CKPT_SOAK") else 12
+DIST_KILLS = 200 if os.environ.get("CKPT_SOAK") else 4
 
 
 def _run_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
@@ -55,3 +57,43 @@ def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode,
         assert cli_main(["verify", str(tmp_path)]) == 0
     capsys.readouterr()
     assert newest_reported > 0, "the child never committed: kills came too early to test anything"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_ranks_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(DIST_CHILD), str(directory), mode], stdout=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(rank)}) for rank in (0, 1)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    time.sleep(rng.uniform(0.0, 1.0))
+    for proc in procs:  # the whole job dies at once, as when a node is lost
+        proc.send_signal(signal.SIGKILL)
+    out = procs[0].communicate()[0]
+    procs[1].communicate()
+    committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+    return max(committed, default=0)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_of_a_two_rank_job_never_loses_a_committed_checkpoint(tmp_path, mode, capsys):
+    rng = random.Random(99)
+    newest_reported = 0
+    for trial in range(DIST_KILLS):
+        newest_reported = max(newest_reported, _run_two_ranks_and_kill(tmp_path, mode, rng))
+        with CheckpointManager(tmp_path) as mgr:
+            steps = mgr.steps()
+            if newest_reported:
+                assert steps and steps[-1] >= newest_reported, (trial, steps, newest_reported)
+            for step in steps:
+                assert mgr.verify(step) == []
+                assert mgr.restore(step)["step"] == step
+                assert mgr.restore_rank_state(step, rank=1)["rank"] == 1
+    capsys.readouterr()
+    assert newest_reported > 0

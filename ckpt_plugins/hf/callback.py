@@ -146,9 +146,14 @@ class CheckpointCallback(TrainerCallback):
         if model is not None:
             plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
             self.activation_report = gc_wiring.apply_plan(plan, model, args)
+        if os.path.abspath(self.settings.dirpath) != os.path.abspath(args.output_dir):
+            log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
+                     "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
+                     self.settings.dirpath, self.settings.dirpath)
         if self.settings.verify_latest:
             if rank_and_world()[0] == 0:
-                self.guard_findings = guard_latest(self.settings.dirpath)
+                with CheckpointManager(self.settings.dirpath, dir_prefix="checkpoint-") as manager:
+                    self.guard_findings = guard_latest(manager)
             barrier()  # no rank may look for a checkpoint before rank 0 has moved damaged ones
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -323,8 +328,7 @@ class CheckpointCallback(TrainerCallback):
                 self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
             files = native_files(model=kwargs["model"], optimizer=kwargs.get("optimizer"),
                                  lr_scheduler=kwargs.get("lr_scheduler"), trainer_state=state,
-                                 rng_states=rng_states, world_size=world_size,
-                                 copy_tensors=self.manager.async_save, extra=self._tokenizer)
+                                 rng_states=rng_states, world_size=world_size, extra=self._tokenizer)
         position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
         handle = self.manager.save(step, {"data_position": position.to_dict()}, metrics,
                                    extra_files=files, user_metadata={"written_by": "ckpt_plugins.hf"})

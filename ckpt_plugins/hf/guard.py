@@ -10,14 +10,15 @@ tool, may be incomplete.
 So before the Trainer can pick one (the callback runs this from ``on_init_end``, which comes
 before ``train()`` looks for a checkpoint), :func:`guard_latest` checks the newest folder:
 
-* one of ours (it has a ``manifest.json``): every file is checked against the manifest's size
-  and checksum;
-* any other ``checkpoint-N``: its files are read with the core's Hugging Face reader (the files
-  the Trainer needs must be present and readable).
+* one of ours (it has a ``manifest.json``): every file against the manifest's size and checksum
+  (``CheckpointManager.verify``);
+* any other ``checkpoint-N``: the files the Trainer needs must be present, and everything must be
+  readable by the core's Hugging Face reader.
 
-A damaged folder is renamed to ``checkpoint-N.damaged-<time>`` (a name neither the Trainer nor
-the core lists; nothing is deleted), with a warning that says what was wrong, and the next newest
-is checked, until one is good or none is left. The Trainer then resumes from the good one.
+A damaged folder is moved aside by ``CheckpointManager.quarantine`` (renamed to
+``checkpoint-N.damaged-<token>``, a name neither the Trainer nor the core lists; nothing is
+deleted) with a warning that says what was wrong, and the next newest is checked, until one is
+good or none is left. The Trainer then resumes from the good one.
 """
 
 from __future__ import annotations
@@ -25,22 +26,20 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 
 from ckpt_plugins.errors import CheckpointError
+from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.manifest import MANIFEST_NAME
-from ckpt_plugins.storage import LocalStorage
 
-__all__ = ["GuardFinding", "guard_latest", "trainer_checkpoints"]
+__all__ = ["GuardFinding", "guard_latest", "problems_of", "trainer_checkpoints"]
 
 log = logging.getLogger(__name__)
 
-# The Trainer's own pattern (transformers.trainer_utils._re_checkpoint), kept here so that this
-# module also answers what get_last_checkpoint would pick.
+# The Trainer's own pattern (transformers.trainer_utils._re_checkpoint): what get_last_checkpoint sees.
 _TRAINER_CHECKPOINT = re.compile(r"^checkpoint\-(\d+)$")
-_REQUIRED_ANY = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class GuardFinding:
     path: str
     """Where it was (``.../checkpoint-N``)."""
     moved_to: str
-    """Where it is now (``.../checkpoint-N.damaged-<time>``)."""
+    """Where it is now (``.../checkpoint-N.damaged-<token>``)."""
     problems: tuple[str, ...]
     """What was wrong, one sentence each."""
 
@@ -70,20 +69,17 @@ def trainer_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def problems_of(path: str) -> list[str]:
+def problems_of(manager: CheckpointManager, step: int, path: str) -> list[str]:
     """What is wrong with one ``checkpoint-N`` folder (empty: the Trainer can resume from it)."""
-    storage = LocalStorage()
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        # TODO(core request HF-2): CheckpointManager.verify(step) instead of the CLI's helper.
-        from ckpt_plugins.cli import _verify_ours
-        return _verify_ours(storage, path)
+        return manager.verify(step)
     problems = []
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         problems.append(f"{path}: trainer_state.json is missing (the Trainer cannot resume without it)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in _REQUIRED_ANY):
-        problems.append(f"{path}: no model or adapter weights file")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHTS):
+        problems.append(f"{path}: has no model or adapter weights file")
     if problems:
-        return [*problems, f"{path}: no {MANIFEST_NAME} either; it looks like an interrupted save"]
+        return [*problems, f"{path}: has no {MANIFEST_NAME} either: an interrupted save by another writer"]
     from ckpt_plugins.formats.hf_folder import read_hf_folder
     try:
         read_hf_folder(path)
@@ -92,29 +88,26 @@ def problems_of(path: str) -> list[str]:
     return problems
 
 
-def guard_latest(directory: str) -> list[GuardFinding]:
-    """Move damaged newest ``checkpoint-N`` folders of ``directory`` aside (see the module doc).
+def guard_latest(manager: CheckpointManager) -> list[GuardFinding]:
+    """Move damaged newest ``checkpoint-N`` folders of the manager's directory aside.
 
-    Call it on one process only (rank 0), before the Trainer looks for a checkpoint.
-
-    Args:
-        directory: the Trainer's ``output_dir`` (where ``resume_from_checkpoint=True`` looks).
+    Call it on rank 0 only, with a writable manager (``dir_prefix="checkpoint-"``) on the
+    Trainer's ``output_dir``, before the Trainer looks for a checkpoint.
 
     Returns:
         The folders moved aside, newest first (empty when the newest one is good, or none exists).
     """
     findings = []
-    for step, path in trainer_checkpoints(directory):
-        problems = problems_of(path)
+    for step, path in trainer_checkpoints(manager.root):
+        if os.path.basename(path) != os.path.basename(manager.path_for(step)):
+            log.warning("%s: a step written with leading zeros; not checked", path)
+            continue
+        problems = problems_of(manager, step, path)
         if not problems:
             if findings:
                 log.warning("resume_from_checkpoint=True will use %s, the newest intact checkpoint", path)
             break
-        # TODO(core request HF-3): CheckpointManager.quarantine(step, reason).
-        moved = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(path, moved)
-        LocalStorage().fsync_dir(directory)
-        log.warning("checkpoint step %d is damaged and will not be resumed from; moved %s to %s. "
-                    "Problems: %s", step, path, moved, "; ".join(problems))
+        reason = ("it will not be resumed from; " + "; ".join(problems))
+        moved = manager.quarantine(step, reason)
         findings.append(GuardFinding(path, moved, tuple(problems)))
     return findings

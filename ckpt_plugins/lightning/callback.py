@@ -1,0 +1,400 @@
+"""``CheckpointCallback``: a drop-in for Lightning's ``ModelCheckpoint``, backed by the core.
+
+The callback decides *when* to save (Lightning's triggers, :mod:`.triggers`) and *what* a save
+holds: Lightning's checkpoint dict (:mod:`.state`) as the shared state, and on every rank that
+rank's RNG state and data position (:mod:`.rng`, :mod:`.data_position`) as its ``rank_state``.
+The core's :class:`~ckpt_plugins.CheckpointManager` does the rest: staging, background writing,
+atomic commit, checksums, retention (``keep_last``, ``keep_best``, ...), multi-rank commit.
+
+It subclasses ``ModelCheckpoint`` so Lightning treats it as one: ``trainer.checkpoint_callback``
+finds it, ``ckpt_path="last"``/``"best"`` resolve to its folders, ``best_model_path``,
+``best_model_score`` and ``last_model_path`` are set (from the committed checkpoints). It
+overrides every hook ``ModelCheckpoint`` implements; nothing of ``ModelCheckpoint``'s saving
+logic runs. Loading goes through the trainer's ``CheckpointIO``: if that is Lightning's default,
+the callback installs :class:`~ckpt_plugins.lightning.CheckpointIOPlugin` with its own options;
+an IO plugin the user configured is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any, Literal
+from weakref import proxy
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_checkpointing
+from ckpt_plugins.errors import UnsupportedStateError
+from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.retention import build_policy
+from ckpt_plugins.state_tree import flatten_state
+
+from .data_position import DataPosition
+from .plugin import CheckpointIOPlugin
+from .rng import capture_rng, restore_rng
+from .state import RANK_STATE_KEY, explain_unsupported, to_storable
+from .stats import SaveStats
+from .triggers import Triggers, validation_follows
+
+__all__ = ["CheckpointCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCallback(ModelCheckpoint):
+    """Crash-safe, asynchronous, retention-aware checkpoints with exact resume for Lightning.
+
+    Checkpoints are folders ``<dirpath>/step_<global_step>/``. Resume with
+    ``trainer.fit(model, ckpt_path="last")`` (or ``"best"``, or a folder path).
+
+    Args:
+        dirpath: where checkpoints go; default as ``ModelCheckpoint``: ``<logger dir>/checkpoints``
+            or ``<default_root_dir>/checkpoints``. Pass it to resume with ``ckpt_path="last"``
+            from a new process.
+        keep_last: keep the N most recent checkpoints.
+        keep_best: keep the N best by ``monitor`` (needs ``monitor``).
+        monitor: metric (as logged with ``self.log``) that ranks checkpoints.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        keep_every_n_steps: keep steps divisible by N for good.
+        keep_time_interval: keep the first checkpoint of each interval (seconds or timedelta).
+            Without any ``keep_*`` option every checkpoint is kept.
+        overwrite: allow saving at or before an existing step (e.g. after resuming from an older
+            checkpoint; the later ones are removed).
+        async_save: return once the state is copied; write and commit in the background.
+        max_pending: saves in flight at once; a further save waits for one to finish.
+        snapshot: ``"safe"`` copies the state inside the save; ``"overlap"`` copies it in the
+            background while the next forward/backward runs, and waits for the copy before the
+            next optimizer step (needs ``async_save``).
+        every_n_train_steps: save every N optimizer steps.
+        every_n_epochs: save every N epochs (the default, N=1, when no trigger is set).
+        train_time_interval: save when this much time passed (seconds or timedelta).
+        save_on_train_epoch_end: epoch saves at the end of the training epoch (True) or of
+            validation (False); unset, decided as ``ModelCheckpoint`` does.
+        save_weights_only: save only the model weights and loop state (no exact resume).
+        save_on_exception: save when training raises (single process only).
+        gradient_checkpointing: activation checkpointing for the model: ``True``, a mode name
+            (``"selective"``), a dict (``{"mode": "every_n", "every_n": 2}``) or an
+            :class:`~ckpt_plugins.activation.ActivationCheckpointing`; applied at fit start.
+        on_error: ``"raise"`` surfaces a failed background save at the next save; ``"warn"``
+            logs it and training goes on.
+        verify: check checksums when loading.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[CheckpointCallback("ckpts", keep_last=2, keep_best=1,  # doctest: +SKIP
+        ...                                                 monitor="val_loss", every_n_train_steps=100)])
+        >>> trainer.fit(model, ckpt_path="last")  # doctest: +SKIP
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, *, keep_last: int | None = None,
+                 keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
+                 keep_every_n_steps: int | None = None, keep_time_interval: float | timedelta | None = None,
+                 overwrite: bool = False, async_save: bool = True, max_pending: int = 1,
+                 snapshot: Literal["safe", "overlap"] = "safe", every_n_train_steps: int | None = None,
+                 every_n_epochs: int | None = None, train_time_interval: float | timedelta | None = None,
+                 save_on_train_epoch_end: bool | None = None, save_weights_only: bool = False,
+                 save_on_exception: bool = False,
+                 gradient_checkpointing: bool | str | ActivationCheckpointing | None = None,
+                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
+        self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
+        self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
+        self.manager_options = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
+                                    keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
+                                    overwrite=overwrite, async_save=async_save, max_pending=max_pending,
+                                    snapshot=snapshot, on_error=on_error, verify=verify)
+        build_policy(**{k: self.manager_options[k] for k in  # fail fast on retention flags; the rest at setup
+                        ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")})
+        interval = train_time_interval
+        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=-1,
+                         save_weights_only=save_weights_only, save_on_exception=save_on_exception,
+                         every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+                         train_time_interval=timedelta(seconds=interval) if isinstance(interval, (int, float)) else interval,
+                         save_on_train_epoch_end=save_on_train_epoch_end)
+        self.async_save, self.max_pending, self.snapshot = async_save, max_pending, snapshot
+        self.stats = SaveStats()
+        self.manager: CheckpointManager | None = None
+        self._position = DataPosition()
+        self._plugin: CheckpointIOPlugin | None = None
+        self._resume: dict[str, Any] | None = None
+        self._deferred: str | None = None
+        self._said: set[str] = set()
+        self._warned_hparams: set[str] = set()
+        self._step_saved = -1
+
+    # --- where checkpoints are ---------------------------------------------------------------
+    def _resolve_dirpath(self, trainer: Any) -> str:
+        """``dirpath``, else Lightning's rule for ``ModelCheckpoint`` (logger dir or root dir)."""
+        if self.dirpath is not None:
+            return os.fspath(self.dirpath)
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _reader(self) -> CheckpointManager | None:
+        """The live manager, else a read-only one over ``dirpath`` when it exists."""
+        if self.manager is not None:
+            return self.manager
+        if self.dirpath is not None and os.path.isdir(self.dirpath):
+            return CheckpointManager(self.dirpath, read_only=True, monitor=self.monitor, mode=self.mode)
+        return None
+
+    @property
+    def last_model_path(self) -> str:
+        """The newest committed checkpoint folder ("" when there is none)."""
+        reader = self._reader()
+        step = reader.latest_step() if reader is not None else None
+        return reader.path_for(step) if step is not None else self._last_model_path
+
+    @last_model_path.setter
+    def last_model_path(self, value: str) -> None:
+        self._last_model_path = value
+
+    @property
+    def best_model_path(self) -> str:
+        """The best committed checkpoint folder by ``monitor`` ("" without a monitor or metric)."""
+        reader = self._reader()
+        step = reader.best_step() if reader is not None else None
+        return reader.path_for(step) if step is not None else self._best_model_path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self._best_model_path = value
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        """``monitor``'s value at the best checkpoint."""
+        return self.best_k_models.get(self.best_model_path, self._best_model_score)
+
+    @best_model_score.setter
+    def best_model_score(self, value: torch.Tensor | None) -> None:
+        self._best_model_score = value
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        """Committed checkpoints that have ``monitor``, folder -> value."""
+        reader = self._reader()
+        if reader is None or self.monitor is None:
+            return {}
+        return {reader.path_for(r.step): torch.tensor(r.metrics[self.monitor]) for r in reader.records()
+                if self.monitor in r.metrics}
+
+    @best_k_models.setter
+    def best_k_models(self, value: dict[str, torch.Tensor]) -> None:
+        pass  # derived from the checkpoints on disk
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        """For ``ckpt_path="last"``: the newest committed folder (called before ``setup``)."""
+        directory = self._resolve_dirpath(trainer)
+        if not os.path.isdir(directory):
+            return set()
+        reader = CheckpointManager(directory, read_only=True)
+        step = reader.latest_step()
+        return {reader.path_for(step)} if step is not None else set()
+
+    # --- set-up and tear-down ----------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
+        self._fs = get_filesystem(self.dirpath)
+        fitting = stage == TrainerFn.FITTING
+        options = self.manager_options if fitting else dict(monitor=self.monitor, mode=self.mode,
+                                                               verify=self.manager_options["verify"])
+        self.manager = CheckpointManager(self.dirpath, read_only=not fitting,
+                                         on_commit=self.stats.on_commit if fitting else None, **options)
+        io = trainer.strategy.checkpoint_io
+        if type(io) is TorchCheckpointIO:
+            io = CheckpointIOPlugin(async_save=self.async_save, max_pending=self.max_pending,
+                                    on_error=self.manager_options["on_error"], verify=self.manager_options["verify"])
+            trainer.strategy.checkpoint_io = io
+            log.info("installed %r as the trainer's checkpoint IO (it was Lightning's default)", io)
+        if isinstance(io, CheckpointIOPlugin):
+            io.attach(self.manager)
+            self._plugin = io
+        else:
+            self._say("io", logging.WARNING, "the trainer's checkpoint IO is %s, which is kept; it must be able to "
+                      "read ckpt_plugins folders for fit(ckpt_path=...) to resume from this callback's checkpoints "
+                      "(CheckpointIOPlugin can; or convert them with `ckpt-plugins convert --to lightning`)",
+                      type(io).__name__)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        manager, self.manager = self.manager, None
+        if manager is None:
+            return
+        if self._plugin is not None:
+            self._plugin.detach(manager)
+        try:
+            manager.close()
+        except Exception as exc:  # noqa: BLE001 - teardown also runs after errors; do not mask them
+            log.error("closing the checkpoint manager for %s: %s", manager.directory, exc)
+        self._deliver(trainer)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.gradient_checkpointing.enabled:
+            report = apply_activation_checkpointing(pl_module, self.gradient_checkpointing)
+            log.info("%s", report)
+
+    # --- resume ------------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._resume = checkpoint.pop(RANK_STATE_KEY, None)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.triggers.start()
+        self._step_saved = trainer.global_step
+        resume, self._resume = self._resume, None
+        if trainer.ckpt_path is None:
+            return
+        if resume is None:
+            self._say("no-rank-state", logging.WARNING, "resuming from %s, which has no RNG state or data position "
+                      "for this rank: training continues, but not bit-exactly", trainer.ckpt_path)
+            return
+        self._position.resume(trainer, resume["data"])
+        restore_rng(resume["rng"])  # last: nothing may draw between this and the first batch
+
+    # --- triggers ----------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._position.on_epoch_start(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._deliver(trainer)
+        if self._skip(trainer):
+            return
+        reason = self.triggers.due_after_batch(trainer)
+        if reason is None:
+            return
+        if self.monitor is not None and self.monitor not in trainer.callback_metrics:
+            self._defer(reason, "missing-monitor", logging.INFO,
+                        "monitored metric %r is not available at step %d; the save is deferred to the end of the "
+                        "next validation, as ModelCheckpoint does (logged once)", self.monitor, trainer.global_step)
+        elif validation_follows(trainer):
+            self._defer(reason, "validation-follows", logging.DEBUG,
+                        "step %d: validation runs next; the save is taken at its end", trainer.global_step)
+        else:
+            self._save(trainer, reason)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.manager is not None and self.snapshot == "overlap":
+            self.manager.wait_for_snapshot()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._skip(trainer) and self.triggers.on_train_epoch_end(trainer) and self.triggers.due_at_epoch(trainer):
+            self._save(trainer, "every_n_epochs")
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._skip(trainer):
+            return
+        if self._deferred:
+            reason, self._deferred = self._deferred, None
+            self._save(trainer, reason)
+        elif not self.triggers.on_train_epoch_end(trainer) and self.triggers.due_at_epoch(trainer):
+            self._save(trainer, "every_n_epochs")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if not self.save_on_exception or self.manager is None or trainer.sanity_checking:
+            return
+        if trainer.world_size > 1:
+            log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join a save")
+            return
+        if trainer.global_step != self._step_saved:
+            self._save(trainer, "exception")
+        self.manager.wait()
+        log.info("saved step %d after %s: %s", trainer.global_step, type(exception).__name__, exception)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.manager is not None:
+            self.manager.wait()  # every save committed (or its error raised) before fit() returns
+        self._deliver(trainer)
+
+    # --- state of the callback itself ----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": self.dirpath, "monitor": self.monitor, "deferred": self._deferred,
+                "best_model_path": self.best_model_path, "last_model_path": self.last_model_path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") not in (None, self.dirpath):
+            log.warning("this checkpoint was written to %s, the callback now saves to %s; retention "
+                        "applies to the new directory only", state_dict["dirpath"], self.dirpath)
+            return
+        self._deferred = state_dict.get("deferred")
+
+    # --- saving ------------------------------------------------------------------------------
+    def _skip(self, trainer: Any) -> bool:
+        return (self.manager is None or bool(trainer.fast_dev_run) or trainer.sanity_checking
+                or trainer.state.fn != TrainerFn.FITTING)
+
+    def _defer(self, reason: str, key: str, level: int, message: str, *args: Any) -> None:
+        self._deferred = reason
+        self._say(key, level, message, *args)
+
+    def _save(self, trainer: Any, reason: str) -> None:
+        step = trainer.global_step
+        if step == self._step_saved or self.manager is None:
+            return
+        start = time.perf_counter()
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        state, converted = to_storable(checkpoint, self._warned_hparams)
+        rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
+        self._check_storable(trainer, state)
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        if self.monitor is not None and self.monitor not in metrics:
+            self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged at step %d; this "
+                      "checkpoint ranks last for keep_best (logged once)", self.monitor, step)
+        try:
+            handle = self.manager.save(step, state, metrics, rank_state=rank_state, user_metadata={
+                "kind": "lightning", "reason": reason, "epoch": trainer.current_epoch,
+                "hyper_parameters_converted": converted})
+        except UnsupportedStateError as exc:
+            raise explain_unsupported(exc) from None
+        stall = time.perf_counter() - start
+        self._step_saved = step
+        if handle is None:
+            return
+        saved = self.manager.last_save_stats
+        record = self.stats.saved(step, stall, saved.get("bytes", 0.0),
+                                  saved.get("persist_s") if handle.done() else None)
+        self.stats.log_to(trainer, record, ("stall_s", "bytes", "persist_s"))
+        if handle.done():
+            self._notify_loggers(trainer)
+
+    def _check_storable(self, trainer: Any, state: dict[str, Any]) -> None:
+        """Under DDP, fail on every rank when rank 0's state cannot be stored (interim: request L-5)."""
+        if trainer.world_size <= 1:
+            return  # the core raises on the calling (only) rank
+        error = None
+        if trainer.is_global_zero:
+            try:
+                flatten_state(state)
+            except UnsupportedStateError as exc:
+                error = str(explain_unsupported(exc))
+        error = trainer.strategy.broadcast(error)
+        if error:
+            raise UnsupportedStateError(error)
+
+    def _deliver(self, trainer: Any) -> None:
+        """Log what committed in the background since the last call; tell the loggers."""
+        done = self.stats.drain()
+        for record in done:
+            self.stats.log_to(trainer, record, ("persist_s",))
+        if done:
+            self._notify_loggers(trainer)
+
+    def _notify_loggers(self, trainer: Any) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _say(self, key: str, level: int, message: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.log(level, message, *args)
+
+    def __repr__(self) -> str:
+        return f"CheckpointCallback(dirpath={self.dirpath!r}, {self.manager_options})"
+
