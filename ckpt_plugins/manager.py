@@ -15,7 +15,6 @@ alone takes the lock, cleans up, commits and deletes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,19 +30,20 @@ import torch
 from . import exit_hooks
 from .distributed import all_gather_object, rank_and_world
 from .engine import PersistEngine, SaveHandle
-from .extra_files import collect_tensors, fill, fill_tensors
+from .save_job import SaveJob
+from .extra_files import collect_tensors
 from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
                      SaveError, StepExistsError)
 from .layout import Layout
 from .lock import DirectoryLock
-from .manifest import _SAFE_NAME, MANIFEST_NAME, Manifest, Part
-from .restore import RestoreReport, load_into, make_selector, materialize
+from .manifest import _SAFE_NAME, MANIFEST_NAME
+from .restore import RestoreReport, make_selector
 from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from .snapshot import HostStager
 from .writer_process import ProcessWriter
 from .state_tree import flatten_state
 from .storage import open_storage
-from .tensor_file import FileRecord, checksum_file, write_tensor_file
+from .tensor_file import FileRecord, write_tensor_file
 
 __all__ = ["CheckpointManager"]
 
@@ -257,7 +257,7 @@ class CheckpointManager:
                                 "bytes": float(sum(t.numel() * t.element_size() for t in tensors.values()))}
         with self._state_lock:
             self._in_flight.add(step)
-        job = _SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
+        job = SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
                        clean_metrics, dict(user_metadata or {}), on_commit, extra_specs)
         self._last_handle = self._engine.submit(handle, job)
         self.last_save_stats["stall_s"] = time.perf_counter() - t0
@@ -471,159 +471,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, policy={self.policy}, async_save={self.async_save})"
-
-
-class _SaveJob:
-    """The part of a save that runs on the writer: stage (overlap), write, commit, retain."""
-
-    def __init__(self, mgr: CheckpointManager, step: int, token: str, ranks_with_state: list[int],
-                 flat, rank_flat, tensors,
-                 staged, slot: int, metrics: dict[str, float], user_metadata: dict,
-                 on_commit: Callable[[int, str], None] | None, extra_specs: dict) -> None:
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-
-    def __call__(self, handle: SaveHandle) -> str:
-        mgr = self.mgr
-        temp = mgr.layout.new_temp_dir(self.step, self.token)
-        try:
-            tensors = self.tensors
-            if self.staged is not None:
-                tensors = self.staged.tensors
-            elif mgr.snapshot_mode == "overlap":
-                staged = mgr._stager.stage(self.slot, tensors)
-                staged.wait()
-                tensors = staged.tensors
-            handle._staged.set_result(None)
-            t0 = time.perf_counter()
-            mgr.storage.makedirs(temp)
-            files = self._write_own_files(temp, tensors)
-            if mgr.rank != 0:
-                return handle.path
-            files.update(self._write_extra_files(temp, tensors))
-            files.update(self._collect_other_ranks(temp))
-            parts = {}
-            if self.flat is not None:
-                parts["state"] = Part(self.flat.tree, "state.safetensors" if self.flat.tensors else None)
-            for r in self.ranks_with_state:
-                parts[f"rank_{r}"] = Part(self._rank_trees[r], f"rank_{r}.safetensors" if f"rank_{r}.safetensors" in files else None)
-            manifest = Manifest(step=self.step, parts=parts, files=files, metrics=self.metrics,
-                                world_size=mgr.world_size, user_metadata=self.user_metadata)
-            replace = mgr.storage.exists(mgr.layout.path_for(self.step))
-            path = mgr.layout.commit(temp, manifest, replace=replace)
-            mgr.last_save_stats["persist_s"] = time.perf_counter() - t0
-            self._after_commit(manifest)
-        except BaseException as exc:
-            if mgr.rank == 0:
-                mgr.layout.discard(temp)
-            else:
-                self._mark_failed(temp)
-            if isinstance(exc, OSError) and exc.errno is not None:
-                # Name the checkpoint and say what survived; OSError(errno, ...) keeps the subclass.
-                raise OSError(exc.errno, f"{exc.strerror or exc} while saving step {self.step} "
-                              f"into {temp}; existing checkpoints are intact",
-                              exc.filename or temp) from exc
-            raise
-        finally:
-            mgr._stager.release(self.slot)
-            with mgr._state_lock:
-                mgr._in_flight.discard(self.step)
-        for callback in [*mgr._on_commit, *([self.on_commit] if self.on_commit else [])]:
-            try:
-                callback(self.step, path)
-            except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
-                log.exception("on_commit callback %r failed for step %d", callback, self.step)
-        return path
-
-    def _write_own_files(self, temp: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
-        mgr = self.mgr
-        files: dict[str, FileRecord] = {}
-        join = mgr.storage.join
-        state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
-        rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
-        if state_tensors:
-            files["state.safetensors"] = mgr._write_tensors(join(temp, "state.safetensors"), state_tensors)
-        self._rank_trees: dict[int, Any] = {}
-        if self.rank_flat is not None:
-            name = f"rank_{mgr.rank}.safetensors"
-            if rank_tensors:
-                files[name] = mgr._write_tensors(join(temp, name), rank_tensors)
-            self._rank_trees[mgr.rank] = self.rank_flat.tree
-            if mgr.rank != 0:
-                part = {"tree": self.rank_flat.tree,
-                        "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
-                with mgr.storage.open_write(join(temp, f"rank_{mgr.rank}.part.json")) as out:
-                    out.write(json.dumps(part, allow_nan=False).encode())
-        return files
-
-    def _write_extra_files(self, temp: str, staged: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
-        mgr = self.mgr
-        files = {}
-        for name, spec in self.extra_specs.items():
-            path = mgr.storage.join(temp, name)
-            if spec[0] == "tensors":
-                _, keys, metadata = spec
-                tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
-                files[name] = mgr._write_tensors(path, tensors, metadata)
-                continue
-            with mgr.storage.open_write(path) as out:
-                if spec[0] == "staged":
-                    _, skeleton, count, write = spec
-                    write(out, fill(skeleton, fill_tensors(name, count, staged)))
-                elif callable(spec[1]):
-                    spec[1](out)
-                else:
-                    out.write(spec[1])
-            files[name] = checksum_file(mgr.storage, path)
-        return files
-
-    def _collect_other_ranks(self, temp: str) -> dict[str, FileRecord]:
-        """Rank 0 waits for each other rank's part file (or its error marker)."""
-        mgr = self.mgr
-        files: dict[str, FileRecord] = {}
-        deadline = time.monotonic() + mgr.rank_timeout
-        for r in self.ranks_with_state:
-            if r == 0:
-                continue
-            part_path = mgr.storage.join(temp, f"rank_{r}.part.json")
-            error_path = mgr.storage.join(temp, f"rank_{r}.error")
-            while not mgr.storage.exists(part_path):
-                if mgr.storage.exists(error_path):
-                    with mgr.storage.open_read(error_path) as f:
-                        raise SaveError(f"rank {r} failed to write its part of step {self.step}: "
-                                        f"{f.read().decode(errors='replace')}")
-                if time.monotonic() > deadline:
-                    raise SaveError(f"rank {r} did not write its part of step {self.step} within "
-                                    f"{mgr.rank_timeout:.0f} s (rank_timeout); is it still alive?")
-                time.sleep(0.01)
-            with mgr.storage.open_read(part_path) as f:
-                part = json.loads(f.read())
-            self._rank_trees[r] = part["tree"]
-            for name, (size, digest) in part["files"].items():
-                files[name] = FileRecord(size=size, xxh3_64=digest)
-            mgr.storage.remove_file(part_path)
-        return files
-
-    def _mark_failed(self, temp: str) -> None:
-        try:
-            mgr = self.mgr
-            mgr.storage.makedirs(temp)
-            with mgr.storage.open_write(mgr.storage.join(temp, f"rank_{mgr.rank}.error")) as out:
-                out.write(b"see that rank's log")
-        except OSError:
-            pass
-
-    def _after_commit(self, manifest: Manifest) -> None:
-        """Drop later checkpoints on overwrite, then apply retention. Rank 0, after the commit."""
-        mgr = self.mgr
-        for later in [s for s in mgr.steps() if s > self.step]:
-            log.info("removing step %d: step %d was saved over it with overwrite=True", later, self.step)
-            mgr.layout.delete(later)
-        with mgr._state_lock:
-            mgr._records[self.step] = CheckpointRecord(self.step, manifest.wall_time, manifest.metrics)
-            if mgr._restored_step is not None and self.step > mgr._restored_step:
-                mgr._restored_step = None  # a newer checkpoint exists now: no longer protected
-        mgr.prune()
 
 
 def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:

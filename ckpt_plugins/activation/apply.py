@@ -114,9 +114,10 @@ def apply_activation_checkpointing(
             hf.disable(hf_model)
             notes.append("the model's own (transformers) activation checkpointing was on; turned "
                          "it off so blocks are not checkpointed twice")
-        frozen_notes, frozen_undo = guards.handle_frozen_inputs(model, hf_model, selected)
-        notes += frozen_notes
-        undo += frozen_undo
+        if mode.recomputes:
+            frozen_notes, frozen_undo = guards.handle_frozen_inputs(model, hf_model, selected)
+            notes += frozen_notes
+            undo += frozen_undo
         wrapped = _wrap_blocks(selected, mode, notes, undo)
         mechanism = "wrap"
 

@@ -42,7 +42,7 @@ from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.hf import gradient_checkpointing as gc_wiring
 from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.guard import GuardFinding, guard_latest
-from ckpt_plugins.hf.native import native_files, tokenizer_files
+from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
 from ckpt_plugins.hf.options import CallbackOptions, Settings, resolve
 from ckpt_plugins.hf.position import DataPosition, check_resume
 from ckpt_plugins.hf.rng import gather_rng_states
@@ -168,6 +168,8 @@ class CheckpointCallback(TrainerCallback):
         if self.manager is None:
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
         self._check_existing(args, state, train_dataloader)
+        if model is not None and rank_and_world()[0] == 0:
+            native_files_warmup(model)  # one-time transformers set-up, kept out of the first save
         if args.save_total_limit == 1 and args.load_best_model_at_end:
             log.warning("save_total_limit=1 with load_best_model_at_end: at the end of training the "
                         "Trainer itself deletes every checkpoint but the best one, outside the "

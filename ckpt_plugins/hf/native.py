@@ -50,7 +50,7 @@ from torch import nn
 from ckpt_plugins.extra_files import StagedFile, TensorFile
 from ckpt_plugins.hf.rng import rng_file_name, serialize_rng_state
 
-__all__ = ["native_files", "is_peft_model", "tokenizer_files"]
+__all__ = ["native_files", "native_files_warmup", "is_peft_model", "tokenizer_files", "trainer_state_json"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,13 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
     files["trainer_state.json"] = trainer_state_json(trainer_state)
     files.update(extra or {})
     return files
+
+
+def native_files_warmup(model: nn.Module) -> None:
+    """Run the one-time set-up of building the weights file (transformers builds and caches its
+    weight-conversion tables on first use), so the first save does not pay for it."""
+    if not is_peft_model(model):
+        _model_state_dict(model)
 
 
 def trainer_state_json(trainer_state: Any) -> bytes:

@@ -9,13 +9,30 @@
   ``LightningModule.load_from_checkpoint`` workflows and as plain ``.ckpt`` files
   (``ckpt-plugins convert --to lightning``).
 
-Importing this package imports Lightning; ``import ckpt_plugins`` does not.
+``import ckpt_plugins`` never imports Lightning. Here Lightning is imported when the callback or
+the plugin is first used, so the conversion helpers (and the ``ckpt-plugins`` command line) work
+without paying for it.
 """
 
-from ckpt_plugins.lightning.callback import CheckpointCallback
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ckpt_plugins.lightning.convert import load_from_checkpoint, to_lightning_checkpoint
-from ckpt_plugins.lightning.plugin import CheckpointIOPlugin
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
+
+if TYPE_CHECKING:
+    from ckpt_plugins.lightning.callback import CheckpointCallback
+    from ckpt_plugins.lightning.plugin import CheckpointIOPlugin
 
 __all__ = ["CheckpointCallback", "CheckpointIOPlugin", "load_from_checkpoint", "read_lightning_checkpoint",
            "to_lightning_checkpoint"]
+
+_LAZY = {"CheckpointCallback": "ckpt_plugins.lightning.callback", "CheckpointIOPlugin": "ckpt_plugins.lightning.plugin"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ckpt_plugins.lightning' has no attribute {name!r}")
