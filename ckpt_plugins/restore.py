@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .errors import RestoreError
+from .errors import ConfigError, RestoreError
 from .state_tree import rename_tree, select_tree, tensor_refs, unflatten_state
 
-__all__ = ["RestoreReport", "make_selector", "materialize", "load_into"]
+__all__ = ["RestoreReport", "make_selector", "materialize", "load_into", "hoist"]
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,46 @@ def materialize(tree: Any, read_tensors: Callable[[set[str] | None], Mapping[str
     (``None`` meaning all of them, which allows one sequential, checksummed read)."""
     if selector is not None:
         tree = select_tree(tree, selector)
-    if rename:
-        tree = rename_tree(tree, dict(rename))
+    renames = {old: new for old, new in (rename or {}).items() if new != ""}
+    hoists = [old for old, new in (rename or {}).items() if new == ""]
+    if len(hoists) > 1:
+        raise ConfigError(f"rename maps several prefixes to '' ({hoists}); only one can become the root")
+    if renames:
+        tree = rename_tree(tree, renames)
     needed = set(tensor_refs(tree).values())
     tensors = read_tensors(None if selector is None else needed)
     report.tensors_read = len(needed)
     report.bytes_read = sum(tensors[k].numel() * tensors[k].element_size() for k in needed if k in tensors)
-    return unflatten_state(tree, tensors)
+    state = unflatten_state(tree, tensors)
+    return hoist(state, hoists[0]) if hoists else state
+
+
+def hoist(state: Any, prefix: str) -> Any:
+    """``rename={prefix: ""}``: make what lies under ``prefix`` the root.
+
+    ``"model."`` returns ``state["model"]``; ``"state_dict.model."`` on a Lightning checkpoint
+    enters ``state_dict`` and strips ``model.`` from its flat keys (``model.fc.weight`` becomes
+    ``fc.weight``), which is how a LightningModule's weights load into the bare network.
+    """
+    rest = prefix if prefix.endswith(".") else prefix + "."
+    node = state
+    while rest:
+        if isinstance(node, Mapping):
+            child = next((k for k in node if rest.startswith(f"{k}.") and
+                          isinstance(node[k], (Mapping, list, tuple))), None)
+            if child is not None:
+                node, rest = node[child], rest[len(f"{child}."):]
+                continue
+            flat = {k[len(rest):]: v for k, v in node.items() if isinstance(k, str) and k.startswith(rest)}
+            if flat:
+                return flat
+        elif isinstance(node, (list, tuple)):
+            index, _, tail = rest.partition(".")
+            if index.isdigit() and int(index) < len(node):
+                node, rest = node[int(index)], tail
+                continue
+        raise ConfigError(f"rename {prefix!r} -> '': nothing in the checkpoint lies under {prefix!r}")
+    return node
 
 
 def load_into(target: Any, loaded: Any, *, strict: bool, report: RestoreReport) -> None:

@@ -429,3 +429,34 @@ def test_verify_and_quarantine(tmp_path):
         assert mgr.steps() == [1] and os.path.isdir(moved) and ".damaged-" in moved
     with CheckpointManager(tmp_path) as mgr:  # cleanup leaves quarantined folders alone
         assert os.path.isdir(moved) and mgr.steps() == [1]
+
+
+def test_restore_foreign_files_through_the_same_pipeline(tmp_path):
+    from safetensors.torch import save_file
+    net = TinyNet()
+    torch.save({"model": net.state_dict(), "epoch": 4}, tmp_path / "plain.pt")
+    save_file(net.state_dict(), tmp_path / "weights.safetensors")
+    with CheckpointManager(tmp_path / "run") as mgr:
+        state = mgr.restore(str(tmp_path / "plain.pt"))
+        assert state["epoch"] == 4 and mgr.last_restore_report.format == "torch"
+        fresh = TinyNet()
+        mgr.restore(tmp_path / "plain.pt", include="model.*", rename={"model.": ""}, target=fresh)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+        only_fc1 = mgr.restore(tmp_path / "weights.safetensors", include="fc1.*")
+        assert set(only_fc1) == {"fc1.weight", "fc1.bias"}
+        mgr.save(1, {"a": 1})
+        assert mgr.restore(mgr.path_for(1)) == {"a": 1}  # our own folder by path
+        with pytest.raises(CheckpointNotFoundError, match="nothing.pt"):
+            mgr.restore(tmp_path / "nothing.pt")
+
+
+def test_rename_to_empty_prefix_hoists(tmp_path):
+    net = TinyNet()
+    lightning_like = {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, lightning_like)
+        fresh = TinyNet()
+        mgr.restore(1, include="state_dict.*", rename={"state_dict.model.": ""}, target=fresh)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+        with pytest.raises(ConfigError, match="nothing in the checkpoint lies under 'encoder.'"):
+            mgr.restore(1, rename={"encoder.": ""})

@@ -167,7 +167,12 @@ class CheckpointCallback(TrainerCallback):
             self.activation_report = gc_wiring.apply_plan(plan, model, args) or self.activation_report
         if self.manager is None:
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
-        self._check_existing(args, state, train_dataloader)
+        try:
+            self._check_existing(args, state, train_dataloader)
+        except BaseException:
+            self.manager.close()
+            self.manager = None
+            raise
         if model is not None and rank_and_world()[0] == 0:
             native_files_warmup(model)  # one-time transformers set-up, kept out of the first save
         if args.save_total_limit == 1 and args.load_best_model_at_end:
