@@ -25,7 +25,7 @@ bench: venv
 	$(PY) benchmarks/run_all.py
 
 soak: venv
-	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_crash.py tests/test_faults.py tests/test_fuzz.py
+	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/test_crash.py tests/test_faults.py tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -27,8 +27,8 @@ __all__ = [
     "REPO", "RESULTS", "TMP", "MB",
     "median", "spread", "Stopwatch",
     "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
-    "disk_write_bandwidth", "RssSampler", "rss_bytes", "peak_rss_reset", "peak_rss_bytes",
-    "OtherLoad", "machine_info", "md_table", "write_json", "write_text", "fmt_s", "fmt_ratio",
+    "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
+    "OtherLoad", "machine_info", "md_table", "replace_block", "write_json", "write_text", "fmt_s", "fmt_ratio",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,44 +147,101 @@ def rss_bytes(include_children: bool = True) -> int:
     return total
 
 
-def peak_rss_reset() -> bool:
-    """Reset the kernel's high-water mark of this process (VmHWM); False where not allowed."""
+def pss_bytes() -> int:
+    """Proportional set size of this process plus its children: memory shared between them (a
+    writer process's shared-memory staging buffers) is counted once, not once per process.
+    Reads ``smaps_rollup``: tens of ms for a GB-sized process, so not for timed spans."""
+    total = 0
+    for pid in ["self", *(c.pid for c in psutil.Process().children(recursive=True))]:
+        with contextlib.suppress(OSError):
+            m = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+            total += int(m.group(1)) * 1024 if m else 0
+    return total
+
+
+def _status_kb(pid: int | str, field: str) -> int | None:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"{field}:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def peak_rss_reset(pid: int | str = "self") -> bool:
+    """Reset the kernel's high-water mark of a process's RSS (VmHWM); False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
 
 
-def peak_rss_bytes() -> int | None:
-    """The kernel's high-water mark of this process's RSS since the last reset (exact, no sampling)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(r"VmHWM:\s+(\d+) kB", text)
-    return int(m.group(1)) * 1024 if m else None
+def peak_rss_bytes(pid: int | str = "self") -> int | None:
+    """The kernel's high-water mark of a process's RSS since the last reset (exact, no sampling)."""
+    return _status_kb(pid, "VmHWM")
+
+
+class PeakRss:
+    """Peak resident memory over the span of a ``with`` block, from the kernel's own high-water
+    marks (VmHWM, reset on entry): exact, and no sampling thread to compete with the code timed.
+
+    Children alive on entry (a writer process) are included: ``peak`` is the sum over this
+    process and them of (high-water mark - RSS on entry). ``exact`` is False where the marks
+    cannot be reset (then nothing is reported).
+    """
+
+    def __enter__(self) -> "PeakRss":
+        self.pids: list[int | str] = ["self", *(c.pid for c in psutil.Process().children(recursive=True))]
+        self.exact = all([peak_rss_reset(pid) for pid in self.pids])
+        self.start = {pid: _status_kb(pid, "VmRSS") or 0 for pid in self.pids}
+        self.peak: int | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.exact:
+            return
+        total = 0
+        for pid in self.pids:
+            hwm = peak_rss_bytes(pid)
+            if hwm is not None:
+                total += hwm - self.start[pid]
+        self.peak = total
 
 
 class RssSampler:
     """Samples RSS (this process + children) every ``interval`` s on a daemon thread.
 
-    ``with RssSampler() as s: ...`` then ``s.peak`` and ``s.baseline`` (bytes). psutil reads
-    release the GIL only briefly; at 5 ms the sampler costs well under 1% of one core.
+    ``with RssSampler() as s: ...`` then ``s.peak`` and ``s.baseline`` (bytes). Own RSS comes from
+    ``/proc/self/statm``; the list of children is refreshed every 0.5 s (finding them scans /proc).
     """
 
-    def __init__(self, interval: float = 0.005) -> None:
+    def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
         self.baseline = 0
         self.peak = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self, children: list[psutil.Process]) -> int:
+        with open("/proc/self/statm") as f:
+            total = int(f.read().split()[1]) * self._page
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                total += child.memory_info().rss
+        return total
 
     def _run(self) -> None:
+        me = psutil.Process()
+        children: list[psutil.Process] = []
+        refreshed = 0.0
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            if time.monotonic() - refreshed > 0.5:
+                children, refreshed = me.children(recursive=True), time.monotonic()
+            self.peak = max(self.peak, self._sample(children))
             self.samples += 1
             self._stop.wait(self.interval)
 
@@ -293,6 +350,23 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text if text.endswith("\n") else text + "\n")
+
+
+def replace_block(path: str | os.PathLike, name: str, body: str) -> bool:
+    """Replace the text between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` in a
+    hand-written document; everything outside the markers is left alone. False when the file or
+    its markers are missing (nothing is written then)."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    path = Path(path)
+    if not path.exists():
+        return False
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
+    return True
 
 
 def _jsonable(obj: Any) -> Any:

@@ -76,7 +76,9 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
                     va="center", fontsize=8)
     disk_floor = _median([s["bytes"] for n, s in saves.items() if "bytes" in s and n.startswith("ours")]) / res["disk_bw"]
     ax_dur.axvline(disk_floor, color="k", lw=1, ls="--")
-    ax_dur.text(disk_floor, -0.9, f" state / disk bw ({res['disk_bw'] / MB:.0f} MB/s)", fontsize=8)
+    ax_dur.text(disk_floor, len(dur) - 0.45, f" state size / disk bw ({res['disk_bw'] / MB:.0f} MB/s, median)",
+                fontsize=8, va="bottom")
+    ax_dur.set_ylim(-0.6, len(dur) + 0.2)
     ax_dur.set_xlim(0, max(dvals) * 1.45)
     ax_dur.set_xlabel("seconds from the call until fsynced and committed (median)")
     ax_dur.set_title("Time until durable")
@@ -117,7 +119,7 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     ax_dip.set_xlim(0, max(busy + idle) * 1e3 * 1.5)
     ax_dip.set_xlabel("training step time, ms (median)")
     ax_dip.set_title("Training steps while a save persists")
-    ax_dip.legend(fontsize=8, loc="lower right")
+    ax_dip.legend(fontsize=8, loc="upper right")
 
     m = res["machine"]
     fig.suptitle(f"ckpt_plugins save benchmark: {res['state']['bytes'] / 2**20:.0f} MiB state, "

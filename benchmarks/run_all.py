@@ -34,8 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 DOCS = [HERE / "README.md", REPO / "docs" / "benchmarks.md"]
+sys.path.insert(0, str(HERE))
 
 
 @dataclass
@@ -125,21 +125,15 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
 
 
 def update_docs(table: str) -> None:
+    from common import replace_block
+
     stamp = time.strftime("%Y-%m-%d %H:%M")
     for doc in DOCS:
-        if not doc.exists():
-            continue
-        text = doc.read_text()
-        if START not in text or END not in text:
-            continue
         rel = os.path.relpath(REPO, doc.parent)
         # links in the table are relative to the repo root; make them relative to this document
-        local = re.sub(r"\]\((benchmarks/[^)]+)\)", lambda m: f"]({os.path.join(rel, m.group(1))})", table)
-        block = f"{START}\n_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}\n{END}"
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(head + block + tail)
-        print(f"updated {os.path.relpath(doc, REPO)}")
+        local = re.sub(r"\]\((benchmarks/[^)]+)\)", lambda m: f"]({os.path.normpath(os.path.join(rel, m.group(1)))})", table)
+        if replace_block(doc, "results", f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}"):
+            print(f"updated {os.path.relpath(doc, REPO)}")
 
 
 def main(argv: list[str] | None = None) -> int:

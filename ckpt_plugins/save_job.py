@@ -112,8 +112,12 @@ class SaveJob:
             if mgr.rank != 0:
                 part = {"tree": self.rank_flat.tree,
                         "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
-                with mgr.storage.open_write(join(temp, f"rank_{mgr.rank}.part.json")) as out:
+                # Written under another name and renamed: rank 0 polls for the final name and
+                # must never read a half-written part (a race the crash soak found).
+                final = join(temp, f"rank_{mgr.rank}.part.json")
+                with mgr.storage.open_write(final + ".partial") as out:
                     out.write(json.dumps(part, allow_nan=False).encode())
+                mgr.storage.rename(final + ".partial", final)
         return files
 
     def _write_extra_files(self, temp: str, staged: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:

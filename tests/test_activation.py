@@ -226,7 +226,7 @@ def test_config_builds_from_yaml_with_jsonargparse():
     parser.add_argument("--gradient_checkpointing", type=ActivationCheckpointing)
     cfg = parser.parse_string(
         "gradient_checkpointing: {mode: every_n, targets: [GPT2Block], every_n: 3}")
-    built = parser.instantiate_classes(cfg).gradient_checkpointing
+    built = parser.instantiate(cfg).gradient_checkpointing
     assert built == ActivationCheckpointing(mode="every_n", targets=["GPT2Block"], every_n=3)
 
 
@@ -325,7 +325,9 @@ def test_modes_recompute_what_they_promise(name, quiet):
     assert selective.get("gelu", 0) == full["gelu"]                # pointwise recomputed
     assert selective.get("addmm", 0) == 0                          # matmul outputs kept
     assert sum(selective.get(op, 0) for op in matmuls) == sum(off.get(op, 0) for op in matmuls)
-    assert offload == off
+    ignore = {"detach"}  # saved-tensor hooks unpack through extra detaches
+    assert {k: v for k, v in offload.items() if k not in ignore} == \
+        {k: v for k, v in off.items() if k not in ignore}
 
 
 def test_every_n_checkpoints_blocks_0_n_2n(quiet):
@@ -439,8 +441,10 @@ def test_applying_twice_is_a_no_op_and_a_different_config_is_refused(quiet):
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_remove_restores_the_model(mode, quiet):
     model = tiny_gpt()
-    apply_activation_checkpointing(model, mode)
-    assert all(wrapped_by(b) is not None for b in model.blocks)
+    report = apply_activation_checkpointing(model, mode)
+    wrapped = {w.path for w in report.wrapped}
+    assert [wrapped_by(b) is not None for b in model.blocks] == \
+        [f"blocks.{i}" in wrapped for i in range(4)]
     assert remove_activation_checkpointing(model) is True
     assert all("forward" not in b.__dict__ for b in model.blocks)
     assert activation_checkpointing_report(model) is None
@@ -550,7 +554,9 @@ def lora_gpt2():
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
                              fan_in_fan_out=True)
-    model = peft.get_peft_model(gpt2(), config)
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = peft.get_peft_model(gpt2(), config)
     torch.manual_seed(5)  # non-zero B so every LoRA parameter gets a gradient
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -558,8 +564,8 @@ def lora_gpt2():
     return model
 
 
-@pytest.mark.parametrize("targets", ["auto", "GPT2Block"])
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode, targets", [(m, "auto") for m in ALL_MODES]
+                         + [("full", "GPT2Block"), ("selective", "GPT2Block")])
 def test_lora_with_frozen_embeddings_gets_the_same_gradients(mode, targets, quiet):
     reference = grads_of("gpt2", lora_gpt2())
     assert reference and all("lora" in k for k in reference)

@@ -18,11 +18,13 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ckpt_plugins import CheckpointManager, ConfigError
+from ckpt_plugins.hf import CheckpointCallback
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import hf_train  # noqa: E402
 
 STEPS = 12
+one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 NATIVE_FILES = {"config.json", "generation_config.json", "manifest.json", "model.safetensors",
                 "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json"}
 
@@ -64,6 +66,8 @@ def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
 def test_plain_trainer_resumes_natively_from_our_checkpoints(tmp_path, reference, options):
     interrupted = hf_train.make_trainer(tmp_path, STEPS, callback=options, extra_callbacks=[StopAt(7)])
     interrupted.train()
+    callback = next(c for c in interrupted.callback_handler.callbacks if isinstance(c, CheckpointCallback))
+    assert [s.step for s in callback.saves] == [4] and callback.saves[0].stall_s > 0
 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]
     assert set(os.listdir(tmp_path / "checkpoint-4")) == NATIVE_FILES
@@ -74,6 +78,16 @@ def test_plain_trainer_resumes_natively_from_our_checkpoints(tmp_path, reference
     resumed = hf_train.make_trainer(tmp_path, STEPS)  # no callback: the Trainer alone
     resumed.train(resume_from_checkpoint=True)
     assert_same(reference(), hf_train.trainable_state(resumed))
+
+
+def test_gradient_accumulation_resume_is_exact(tmp_path):
+    kwargs = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    reference = hf_train.make_trainer(tmp_path / "ref", 8, save_strategy="no", **kwargs)
+    reference.train()
+    hf_train.make_trainer(tmp_path, 8, callback={}, extra_callbacks=[StopAt(6)], **kwargs).train()
+    resumed = hf_train.make_trainer(tmp_path, 8, callback={}, **kwargs)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same(hf_train.trainable_state(reference), hf_train.trainable_state(resumed))
 
 
 def test_resume_from_explicit_path_with_callback_continues_saving(tmp_path, reference):

@@ -53,6 +53,8 @@ class CheckpointArguments:
         "help": "At most this many checkpoints being written at once (and copies held in memory)."})
     ckpt_snapshot: Literal["safe", "overlap"] = field(default="safe", metadata={
         "help": "safe: copy the state when saving; overlap: copy during the next forward/backward."})
+    ckpt_writer: Literal["thread", "process"] = field(default="thread", metadata={
+        "help": "Who writes the tensor files: a background thread, or a writer process (no GIL contention)."})
     ckpt_every_n_train_steps: int | None = field(default=None, metadata={
         "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."})
     ckpt_verify_latest: bool = field(default=True, metadata={
@@ -92,6 +94,6 @@ class CheckpointArguments:
             dirpath=self.ckpt_dirpath, keep_last=self.ckpt_keep_last, keep_best=self.ckpt_keep_best,
             monitor=self.ckpt_monitor, mode=self.ckpt_mode, keep_every_n_steps=self.ckpt_keep_every_n_steps,
             keep_time_interval=self.ckpt_keep_time_interval, overwrite=self.ckpt_overwrite,
-            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot,
+            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot, writer=self.ckpt_writer,
             every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
             gradient_checkpointing=self.gradient_checkpointing())

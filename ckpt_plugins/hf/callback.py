@@ -94,6 +94,8 @@ class CheckpointCallback(TrainerCallback):
         max_pending: at most this many saves in flight.
         snapshot: ``"safe"`` copies the state inside the save; ``"overlap"`` lets the copy run
             during the next forward/backward and waits in ``on_pre_optimizer_step``.
+        writer: ``"thread"`` (default) or ``"process"``: weights written by a separate process
+            from shared-memory copies, so the writer does not compete with training for the GIL.
         every_n_train_steps: save every N optimizer steps and at the last step; default: follow
             ``save_strategy``/``save_steps`` (``"steps"``, ``"epoch"``, ``"best"``).
         gradient_checkpointing: activation checkpointing (``True``, a mode name, a dict with
@@ -113,14 +115,15 @@ class CheckpointCallback(TrainerCallback):
                  mode: Literal["min", "max"] | None = None, keep_every_n_steps: int | None = None,
                  keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
                  async_save: bool = True, max_pending: int = 1,
-                 snapshot: Literal["safe", "overlap"] = "safe", every_n_train_steps: int | None = None,
+                 snapshot: Literal["safe", "overlap"] = "safe", writer: Literal["thread", "process"] = "thread",
+                 every_n_train_steps: int | None = None,
                  gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
                  verify_latest: bool = True) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None, keep_last=keep_last,
             keep_best=keep_best, monitor=monitor, mode=mode, keep_every_n_steps=keep_every_n_steps,
             keep_time_interval=keep_time_interval, overwrite=overwrite, async_save=async_save,
-            max_pending=max_pending, snapshot=snapshot, every_n_train_steps=every_n_train_steps,
+            max_pending=max_pending, snapshot=snapshot, writer=writer, every_n_train_steps=every_n_train_steps,
             gradient_checkpointing=gradient_checkpointing, verify_latest=verify_latest)
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
@@ -284,7 +287,8 @@ class CheckpointCallback(TrainerCallback):
     def _flush_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        kwargs: dict[str, Any]) -> None:
         if self._pending is not None:
-            log.debug("saving step %d now: the log/evaluation it waited for did not come", self._pending.step)
+            log.warning("checkpoint of step %d taken late: the log/evaluation it waited for did not come "
+                        "(another callback changed control.should_log/should_evaluate?)", self._pending.step)
             self._save_pending(args, state, control, kwargs)
 
     def _track_best(self, state: TrainerState, metrics: dict[str, float]) -> bool:

@@ -47,6 +47,7 @@ class CallbackOptions:
     async_save: bool = True
     max_pending: int = 1
     snapshot: Literal["safe", "overlap"] = "safe"
+    writer: Literal["thread", "process"] = "thread"
     every_n_train_steps: int | None = None
     gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None
     verify_latest: bool = True
@@ -60,6 +61,10 @@ class CallbackOptions:
             raise ConfigError(f"snapshot must be 'safe' or 'overlap', got {self.snapshot!r}")
         if self.snapshot == "overlap" and not self.async_save:
             raise ConfigError("snapshot='overlap' needs async_save=True (a synchronous save has nothing to overlap)")
+        if self.writer not in ("thread", "process"):
+            raise ConfigError(f"writer must be 'thread' or 'process', got {self.writer!r}")
+        if self.writer == "process" and not self.async_save:
+            raise ConfigError("writer='process' needs async_save=True (it writes the staged copies)")
         if self.keep_best is not None and self.monitor is None:
             log.debug("keep_best without monitor: the monitor comes from metric_for_best_model at init")
         if self.gradient_checkpointing is not None:
@@ -124,7 +129,7 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
                           mode=mode or "min", keep_every_n_steps=options.keep_every_n_steps,
                           keep_time_interval=options.keep_time_interval, overwrite=options.overwrite,
                           async_save=options.async_save, max_pending=options.max_pending,
-                          snapshot=options.snapshot, dir_prefix="checkpoint-")
+                          snapshot=options.snapshot, writer=options.writer, dir_prefix="checkpoint-")
     return Settings(dirpath=dirpath, manager_kwargs=manager_kwargs,
                     every_n_train_steps=options.every_n_train_steps, save_strategy=strategy,
                     metric_for_best_model=metric, greater_is_better=greater,

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_checkpointing
-from ckpt_plugins.errors import UnsupportedStateError
+from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.retention import build_policy
 from ckpt_plugins.state_tree import flatten_state
@@ -126,6 +126,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._said: set[str] = set()
         self._warned_hparams: set[str] = set()
         self._step_saved = -1
+        self._seen_metrics: dict[str, float] = {}
 
     # --- where checkpoints are ---------------------------------------------------------------
     def _resolve_dirpath(self, trainer: Any) -> str:
@@ -225,6 +226,9 @@ class CheckpointCallback(ModelCheckpoint):
                       type(io).__name__)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer: Any) -> None:
         manager, self.manager = self.manager, None
         if manager is None:
             return
@@ -238,8 +242,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.gradient_checkpointing.enabled:
-            report = apply_activation_checkpointing(pl_module, self.gradient_checkpointing)
-            log.info("%s", report)
+            log.debug("%s", apply_activation_checkpointing(pl_module, self.gradient_checkpointing))
 
     # --- resume ------------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -248,6 +251,7 @@ class CheckpointCallback(ModelCheckpoint):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.triggers.start()
         self._step_saved = trainer.global_step
+        self._check_no_later_checkpoints(trainer)
         resume, self._resume = self._resume, None
         if trainer.ckpt_path is None:
             return
@@ -257,6 +261,19 @@ class CheckpointCallback(ModelCheckpoint):
             return
         self._position.resume(trainer, resume["data"])
         restore_rng(resume["rng"])  # last: nothing may draw between this and the first batch
+
+    def _check_no_later_checkpoints(self, trainer: Any) -> None:
+        """Fail before training, not at the first save, when this run would collide with an
+        earlier one's checkpoints (the core refuses to save at or before an existing step)."""
+        if self.manager is None or self.manager_options["overwrite"]:
+            return
+        later = [s for s in self.manager.steps() if s > trainer.global_step]
+        if later:
+            start = "from step 0" if trainer.ckpt_path is None else f"from {trainer.ckpt_path} (step {trainer.global_step})"
+            raise StepExistsError(
+                f"CheckpointCallback(dirpath={self.dirpath!r}) already holds checkpoints at steps {later} from an "
+                f"earlier run, and this run starts {start}. Resume with fit(..., ckpt_path='last'), choose another "
+                "dirpath, or pass overwrite=True (this run's first save then removes them).")
 
     # --- triggers ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -269,7 +286,7 @@ class CheckpointCallback(ModelCheckpoint):
         reason = self.triggers.due_after_batch(trainer)
         if reason is None:
             return
-        if self.monitor is not None and self.monitor not in trainer.callback_metrics:
+        if self.monitor is not None and self.monitor not in self._metrics(trainer):
             self._defer(reason, "missing-monitor", logging.INFO,
                         "monitored metric %r is not available at step %d; the save is deferred to the end of the "
                         "next validation, as ModelCheckpoint does (logged once)", self.monitor, trainer.global_step)
@@ -297,15 +314,18 @@ class CheckpointCallback(ModelCheckpoint):
             self._save(trainer, "every_n_epochs")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if not self.save_on_exception or self.manager is None or trainer.sanity_checking:
-            return
-        if trainer.world_size > 1:
-            log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join a save")
-            return
-        if trainer.global_step != self._step_saved:
-            self._save(trainer, "exception")
-        self.manager.wait()
-        log.info("saved step %d after %s: %s", trainer.global_step, type(exception).__name__, exception)
+        """Save if asked to (single process), then flush and release the directory: Lightning
+        does not call ``teardown`` after an exception."""
+        try:
+            if self.save_on_exception and self.manager is not None and not self._skip(trainer):
+                if trainer.world_size > 1:
+                    log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join a save")
+                elif trainer.global_step != self._step_saved:
+                    self._save(trainer, "exception")
+                    self.manager.wait()
+                    log.info("saved step %d after %s: %s", trainer.global_step, type(exception).__name__, exception)
+        finally:
+            self._close(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.manager is not None:
@@ -315,7 +335,8 @@ class CheckpointCallback(ModelCheckpoint):
     # --- state of the callback itself ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": self.dirpath, "monitor": self.monitor, "deferred": self._deferred,
-                "best_model_path": self.best_model_path, "last_model_path": self.last_model_path}
+                "metrics": dict(self._seen_metrics), "best_model_path": self.best_model_path,
+                "last_model_path": self.last_model_path}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("dirpath") not in (None, self.dirpath):
@@ -323,6 +344,7 @@ class CheckpointCallback(ModelCheckpoint):
                         "applies to the new directory only", state_dict["dirpath"], self.dirpath)
             return
         self._deferred = state_dict.get("deferred")
+        self._seen_metrics = dict(state_dict.get("metrics") or {})
 
     # --- saving ------------------------------------------------------------------------------
     def _skip(self, trainer: Any) -> bool:
@@ -342,7 +364,7 @@ class CheckpointCallback(ModelCheckpoint):
         state, converted = to_storable(checkpoint, self._warned_hparams)
         rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
         self._check_storable(trainer, state)
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        metrics = self._metrics(trainer)
         if self.monitor is not None and self.monitor not in metrics:
             self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged at step %d; this "
                       "checkpoint ranks last for keep_best (logged once)", self.monitor, step)
@@ -362,6 +384,20 @@ class CheckpointCallback(ModelCheckpoint):
         self.stats.log_to(trainer, record, ("stall_s", "bytes", "persist_s"))
         if handle.done():
             self._notify_loggers(trainer)
+
+    def _metrics(self, trainer: Any) -> dict[str, float]:
+        """The latest value of every scalar metric logged so far, this run or before a resume.
+
+        Lightning does not restore ``callback_metrics`` on resume; remembering them in the
+        callback's state lets the first saves after a resume rank (and defer) exactly as they
+        would have without the interruption.
+        """
+        for name, value in trainer.callback_metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self._seen_metrics[name] = float(value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._seen_metrics[name] = float(value)
+        return dict(self._seen_metrics)
 
     def _check_storable(self, trainer: Any, state: dict[str, Any]) -> None:
         """Under DDP, fail on every rank when rank 0's state cannot be stored (interim: request L-5)."""

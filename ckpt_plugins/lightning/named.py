@@ -7,13 +7,14 @@ format, staging or commit protocol:
 
 * Each parent directory gets one :class:`~ckpt_plugins.CheckpointManager` over a hidden folder
   ``<parent>/.ckpt-io``, so staging buffers are reused, in-flight saves are bounded and saves
-  run in order on one writer. Its "steps" are a sequence number per save.
-* A save commits there atomically (``step_<seq>``, the core's protocol). From the manager's
+  run in order on one writer. Each save uses the training step it is given (several saves may
+  share one: ``overwrite=True``, and a committed folder never stays there long).
+* A save commits there atomically (``step_<N>``, the core's protocol). From the save's
   ``on_commit`` (on the writer, in save order) the committed folder is renamed into place at the
   requested path, in the same file system. A folder already there is first moved into the
   hidden folder as ``.trash-*`` and removed after the new one is in place.
 * The requested path is recorded in the manifest (``user_metadata["path"]``). A crash after the
-  commit but before the rename leaves a committed ``step_<seq>``; the next time this parent is
+  commit but before the rename leaves a committed ``step_<N>``; the next time this parent is
   used it is moved into place (the ``.trash-*`` copy is removed by the core's start-up cleanup).
 * ``remove(path)`` waits for no one: while saves to this parent are in flight it is queued and
   runs on the writer after the last of them is placed, so a delete never overtakes a save.
@@ -38,35 +39,37 @@ STAGE_DIR = ".ckpt-io"
 
 
 class _Stage:
-    """One parent directory: its manager, the next sequence number, what is in flight."""
+    """One parent directory: its manager, what is in flight, removals waiting for it."""
 
     def __init__(self, parent: str, owner: "NamedSaves") -> None:
         self.parent = parent
         self.mgr = CheckpointManager(os.path.join(parent, STAGE_DIR), async_save=owner.async_save,
                                      max_pending=owner.max_pending, on_error=owner.on_error,
-                                     on_commit=self._placed)
+                                     overwrite=True)
         self.owner = owner
         self.lock = threading.Lock()
-        self.in_flight: dict[int, SaveHandle] = {}
-        self.removals: list[tuple[int, str]] = []  # (run after this seq is placed, path)
-        self.next_seq = (self.mgr.latest_step() or 0) + 1
+        self.in_flight: dict[int, SaveHandle] = {}  # by save number (steps may repeat)
+        self.removals: list[tuple[int, str]] = []  # (run once this save number is placed, path)
+        self.count = 0
         for step in self.mgr.steps():  # committed but never moved into place: a crash did that
-            self._place(step, self.mgr.path_for(step), recovering=True)
+            self._place(self.mgr.path_for(step), recovering=True)
 
-    def save(self, path: str, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
+    def save(self, path: str, step: int, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
         with self.lock:
-            seq, self.next_seq = self.next_seq, self.next_seq + 1
-        handle = self.mgr.save(seq, state, user_metadata={**user_metadata, "path": os.path.basename(path)})
+            self.count += 1
+            number = self.count
+        handle = self.mgr.save(step, state, user_metadata={**user_metadata, "path": os.path.basename(path)},
+                               on_commit=lambda _step, staged: self._placed(number, staged))
         if handle is not None and not handle.done():
             with self.lock:
-                self.in_flight[seq] = handle
+                self.in_flight[number] = handle
         return handle
 
     def remove(self, path: str) -> None:
         with self.lock:
-            for seq, handle in list(self.in_flight.items()):
+            for number, handle in list(self.in_flight.items()):
                 if handle.done():  # failed: its on_commit never ran
-                    del self.in_flight[seq]
+                    del self.in_flight[number]
             if self.in_flight:
                 self.removals.append((max(self.in_flight), path))
                 return
@@ -82,16 +85,16 @@ class _Stage:
                 self._delete(path)
 
     # --- on the writer -------------------------------------------------------------------------
-    def _placed(self, seq: int, staged: str) -> None:
-        self._place(seq, staged)
+    def _placed(self, number: int, staged: str) -> None:
+        self._place(staged)
         with self.lock:
-            self.in_flight.pop(seq, None)
-            due = [p for after, p in self.removals if after <= seq]
-            self.removals = [(after, p) for after, p in self.removals if after > seq]
+            self.in_flight.pop(number, None)
+            due = [p for after, p in self.removals if after <= number]
+            self.removals = [(after, p) for after, p in self.removals if after > number]
         for path in due:
             self._delete(path)
 
-    def _place(self, seq: int, staged: str, recovering: bool = False) -> None:
+    def _place(self, staged: str, recovering: bool = False) -> None:
         storage = self.mgr.storage
         name = self.mgr.layout.read_manifest(staged).user_metadata.get("path")
         if not isinstance(name, str) or not name or "/" in name:
@@ -147,9 +150,10 @@ class NamedSaves:
                 stage = self._stages[parent] = _Stage(parent, self)
             return stage
 
-    def save(self, path: str, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
-        """Save ``state`` as the folder ``path`` (replacing what is there once committed)."""
-        return self._stage(path).save(path, state, user_metadata)
+    def save(self, path: str, step: int, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
+        """Save ``state`` (of training step ``step``) as the folder ``path``, replacing what is
+        there once committed."""
+        return self._stage(path).save(path, step, state, user_metadata)
 
     def remove(self, path: str) -> None:
         """Remove the checkpoint at ``path``, after the saves in flight to its directory."""

@@ -90,7 +90,9 @@ class CheckpointIOPlugin(CheckpointIO):
         state, converted = to_storable(checkpoint, self._warned)
         state.pop(RANK_STATE_KEY, None)
         try:
-            self._named().save(path, state, {"kind": "lightning", "hyper_parameters_converted": converted})
+            step = checkpoint.get("global_step", 0)
+            step = step if isinstance(step, int) and step >= 0 else 0
+            self._named().save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted})
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
 

@@ -33,6 +33,18 @@ from ckpt_plugins.hf import CheckpointCallback  # noqa: E402
 VOCAB, LENGTH = 64, 16
 
 
+def single_thread():
+    """Pytest fixture body (autouse it in test modules): one torch thread, restored afterwards.
+
+    A 2-core machine shared with other jobs makes OpenMP threads spin against each other; one
+    thread is also what the subprocesses use, so in-process and subprocess runs compute alike.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TokenDataset(Dataset):
     """Random token sequences, the same on every call (labels = inputs: causal LM)."""
 
@@ -89,27 +101,31 @@ def training_args(out: str | os.PathLike, steps: int, **overrides) -> TrainingAr
 
 
 class KillAt(TrainerCallback):
-    """SIGKILL this process at the end of step ``step`` (after every other callback has run)."""
+    """SIGKILL this process when step ``step`` has ended (at the next step's start, after the
+    step's log and save). If no checkpoint has been committed yet (a slow disk), the kill waits
+    for the first one, so that the resumed run has something to resume from."""
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.armed = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
+        if state.global_step >= self.step:
             self.armed = True
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if getattr(self, "armed", False):
+        if self.armed and any(n.startswith("checkpoint-") for n in os.listdir(args.output_dir)):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_trainer(out: str | os.PathLike, steps: int, *, model_kind: str = "gpt2",
                  callback: dict | None = None, extra_callbacks: list | None = None,
-                 eval_dataset: Dataset | None = None, compute_metrics=None, **overrides) -> Trainer:
+                 eval_dataset: Dataset | None = None, compute_metrics=None, train_size: int = 48,
+                 **overrides) -> Trainer:
     """A Trainer on :class:`TokenDataset`; ``callback`` holds CheckpointCallback kwargs (None: none)."""
     callbacks = [CheckpointCallback(**callback)] if callback is not None else []
     return Trainer(model=build_model(model_kind), args=training_args(out, steps, **overrides),
-                   train_dataset=TokenDataset(), eval_dataset=eval_dataset, compute_metrics=compute_metrics,
+                   train_dataset=TokenDataset(train_size), eval_dataset=eval_dataset, compute_metrics=compute_metrics,
                    callbacks=callbacks + list(extra_callbacks or []))
 
 

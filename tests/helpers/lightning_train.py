@@ -1,4 +1,4 @@
-"""A small, real Lightning training run for the integration tests (in-process or as a script).
+"""A small, real Lightning training run for the integration tests (in-process, or as a script).
 
 A model with dropout, AdamW and a step-wise LR schedule, trained on a shuffled synthetic dataset
 of 12 batches per epoch, with ``CheckpointCallback``. Options choose the data loader (plain
@@ -45,6 +45,10 @@ class Net(L.LightningModule):
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self.body(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self.body(x), y))
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.8)
@@ -69,7 +73,8 @@ class Die(L.Callback):
 
 
 class FailRankWrites(L.Callback):
-    """On ``rank``, make tensor-file writes fail (ENOSPC) from the ``after``-th save on."""
+    """On ``rank``, make its rank-file writes fail (ENOSPC) from the ``after``-th save on; every
+    rank writes the exception it ends with to ``<dirpath>/error_rank<r>.txt``."""
 
     def __init__(self, rank: int, after: int) -> None:
         self.rank, self.after, self.saves = rank, after, 0
@@ -89,6 +94,12 @@ class FailRankWrites(L.Callback):
 
         mgr.storage.open_write = open_write
 
+    def on_exception(self, trainer, pl_module, exception):
+        """Every rank records what it raised, so a test can check that all of them did."""
+        path = os.path.join(trainer.checkpoint_callback.dirpath, f"error_rank{trainer.global_rank}.txt")
+        with open(path, "w") as f:
+            f.write(f"{type(exception).__name__}: {exception}")
+
 
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser()
@@ -101,11 +112,20 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--out", help="write the final parameters here (.safetensors)")
     p.add_argument("--loader", choices=("plain", "stateful"), default="plain")
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--strategy", default="ddp", help="with --ddp: ddp (subprocesses) or ddp_fork")
     p.add_argument("--val", action="store_true", help="validate every 6 batches, keep the best by val_loss")
     p.add_argument("--sync", action="store_true", help="async_save=False")
     p.add_argument("--fail-rank", type=int, help="inject write failures on this rank (second save on)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is fastest, and results do not depend on it
+    try:
+        return _fit(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(args: argparse.Namespace) -> dict:
     L.seed_everything(0, workers=True)
     model = Net()
     if args.loader == "stateful":
@@ -121,16 +141,16 @@ def run(argv: list[str]) -> dict:
     if args.fail_rank is not None:
         callbacks.append(FailRankWrites(args.fail_rank, after=2))
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=2 if args.ddp else 1,
-                        strategy="ddp" if args.ddp else "auto", logger=False, enable_progress_bar=False,
+                        strategy=args.strategy if args.ddp else "auto", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks,
                         val_check_interval=6 if args.val else None, limit_val_batches=None if args.val else 0,
                         num_sanity_val_steps=0)
     trainer.fit(model, train, val, ckpt_path="last" if args.resume else None)
-    result = {"steps": ckpt.manager and None, "kept": None}
     if trainer.is_global_zero and args.out:
         from safetensors.torch import save_file
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args.out)
-    return {"best": ckpt.best_model_path, "last": ckpt.last_model_path, "stats": ckpt.stats.records}
+    return {"best": ckpt.best_model_path, "last": ckpt.last_model_path, "stats": ckpt.stats.records,
+            "saved": [int(r["step"]) for r in ckpt.stats.records]}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""End to end with ``transformers.Trainer``: the Trainer's own checkpointing against ours, same run.
+
+A GPT-2-style model (about 13 M parameters: ~155 MB of weights plus Adam state) trains for a fixed
+number of steps on CPU and checkpoints every K steps, in one of these configurations:
+
+* ``none``: ``save_strategy="no"`` (the floor);
+* ``trainer``: the Trainer's own saving (``save_steps=K``): synchronous, not fsynced, not atomic;
+* ``ours (thread)``: ``CheckpointCallback`` (async, crash-safe, every file fsynced, the Trainer's
+  own layout), writer on a background thread; ``--process-writer`` adds ``ours (process)``
+  (``writer="process"``: tensor files written by a separate process).
+
+Runs are interleaved round-robin (``--rounds`` times), so load from other processes falls on
+every configuration alike; the medians are reported. Per save: how long training was blocked
+(ours: the callback's own measurement; the Trainer's: from the ``on_step_end`` that decided the
+save to its ``on_save``). Wall time includes the end of training (ours waits for its last save
+there). Overhead = wall time / ``none`` wall time - 1.
+
+Run: ``.venv/bin/python benchmarks/bench_e2e_hf.py`` (under 3 minutes; ``--quick`` for a smoke run).
+Writes ``benchmarks/results/e2e_hf.md`` and ``e2e_hf.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (RESULTS, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
+                    write_json, write_text)
+
+CONFIGS = ("none", "trainer", "ours (thread)")
+PROCESS_WRITER = "ours (process)"
+
+
+def _model(quick: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    layers, width = (4, 128) if quick else (16, 256)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=width, n_layer=layers, n_head=8))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(0, 1024, (n, 64), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _save_timer():
+    """A callback timing the Trainer's own saves (decision at on_step_end -> on_save)."""
+    from transformers import TrainerCallback
+
+    class SaveTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.started: float | None = None
+            self.stalls: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.started = time.perf_counter() if control.should_save else None
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.started is not None:
+                self.stalls.append(time.perf_counter() - self.started)
+                self.started = None
+    return SaveTimer()
+
+
+def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from ckpt_plugins.hf import CheckpointCallback
+
+    args = TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-4,
+                             use_cpu=True, report_to=[], disable_tqdm=True, seed=0, logging_steps=10_000,
+                             save_strategy="no" if config == "none" else "steps", save_steps=every)
+    callbacks = []
+    if config == "trainer":
+        callbacks.append(_save_timer())
+    elif config.startswith("ours"):
+        callbacks.append(CheckpointCallback(async_save=True, writer="process" if "process" in config else "thread"))
+    trainer = Trainer(model=_model(quick), args=args, train_dataset=_Tokens(steps * 4), callbacks=callbacks)
+    gc.collect()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    if config == "trainer":
+        stalls = callbacks[0].stalls
+    elif config.startswith("ours"):
+        stalls = [s.stall_s for s in callbacks[0].saves]
+    else:
+        stalls = []
+    checkpoints = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    return {"config": config, "wall_s": wall, "stalls_s": stalls, "saves": len(stalls),
+            "checkpoint_bytes": file_bytes(checkpoints[-1]) if checkpoints else 0,
+            "state_bytes": sum(p.numel() * p.element_size() for p in trainer.model.parameters()) * 3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small model and one round (smoke test)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--every", type=int, default=8)
+    parser.add_argument("--process-writer", action="store_true", help="also run ours with writer='process'")
+    opts = parser.parse_args(argv)
+    configs = CONFIGS + ((PROCESS_WRITER,) if opts.process_writer else ())
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # a 2-core machine shared with other jobs: OpenMP threads would spin against them
+    rounds = 1 if opts.quick else opts.rounds
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    with OtherLoad() as load, scratch_dir("e2e_hf") as scratch:
+        run_once("none", scratch / "warmup", 2, 1, opts.quick)  # imports, allocator, first-use costs
+        for r in range(rounds):
+            for config in configs:
+                out = scratch / f"{config.replace(' ', '_')}-{r}"
+                results[config].append(run_once(config, out, opts.steps, opts.every, opts.quick))
+                print(f"round {r}: {config:15} {results[config][-1]['wall_s']:.2f} s", flush=True)
+    floor = median(x["wall_s"] for x in results["none"])
+    rows, summary = [], {}
+    for config in configs:
+        walls = [x["wall_s"] for x in results[config]]
+        stalls = [s for x in results[config] for s in x["stalls_s"]]
+        wall = median(walls)
+        summary[config] = {"wall_s": wall, "overhead": wall / floor - 1, "saves_per_run": results[config][0]["saves"],
+                           "stall_median_s": median(stalls) if stalls else None,
+                           "stall_max_s": max(stalls) if stalls else None,
+                           "checkpoint_mb": results[config][0]["checkpoint_bytes"] / 1e6}
+        s = summary[config]
+        rows.append([config, f"{wall:.2f}", f"{s['overhead'] * 100:+.1f} %", s["saves_per_run"],
+                     "-" if s["stall_median_s"] is None else f"{s['stall_median_s'] * 1e3:.0f}",
+                     "-" if s["stall_max_s"] is None else f"{s['stall_max_s'] * 1e3:.0f}",
+                     "-" if not s["checkpoint_mb"] else f"{s['checkpoint_mb']:.0f}"])
+    state_mb = results["none"][0]["state_bytes"] / 1e6
+    trainer_stall, ours_stall = summary["trainer"]["stall_median_s"], summary["ours (thread)"]["stall_median_s"]
+    headline = [{"target": "HF Trainer run: checkpointing overhead, ours (async) vs the Trainer's own saving",
+                 "measured": f"{summary['ours (thread)']['overhead'] * 100:+.1f} % vs "
+                             f"{summary['trainer']['overhead'] * 100:+.1f} % (training blocked per save: "
+                             f"{ours_stall * 1e3:.0f} ms vs {trainer_stall * 1e3:.0f} ms)",
+                 "met": summary["ours (thread)"]["overhead"] < summary["trainer"]["overhead"]}]
+    info = machine_info()
+    text = "\n".join([
+        "# HF Trainer end to end: the Trainer's own checkpointing vs ckpt_plugins",
+        "",
+        f"GPT-2-style model, {state_mb:.0f} MB of weights + Adam state, {opts.steps} steps, a checkpoint every "
+        f"{opts.every} steps; median of {rounds} interleaved round(s). CPU only "
+        f"({info.get('cpu', '?')}, torch threads {torch.get_num_threads()}); other processes used "
+        f"{load.other_cores:.1f} cores on average while this ran.",
+        "",
+        md_table(["config", "wall s", "overhead vs none", "saves", "blocked per save, median ms",
+                  "max ms", "checkpoint MB"], rows),
+        "",
+        "The Trainer's own saves are neither fsynced nor atomic (a kill while saving leaves a torn "
+        "`checkpoint-N`, see `kill_while_saving_hf.md`); ours fsync every file, commit by rename, and "
+        "block training only while the state is copied. Ours waits for its last save at the end of "
+        "training, inside the wall time.",
+        "",
+        "Command: `.venv/bin/python benchmarks/bench_e2e_hf.py`",
+        "",
+    ])
+    write_text(RESULTS / "e2e_hf.md", text)
+    write_json(RESULTS / "e2e_hf.json", {"headline": headline, "summary": summary, "runs": results,
+                                          "machine": info, "other_load": load.as_dict(),
+                                          "steps": opts.steps, "every": opts.every, "rounds": rounds})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
