@@ -23,6 +23,7 @@ from .loading import restore_path
 from .manager import CheckpointManager
 from .layout import Layout
 from .manifest import MANIFEST_NAME
+from .naming import parse_step_dir
 from .state_tree import unflatten_state
 from .storage import open_storage
 from .tensor_file import read_header
@@ -57,13 +58,27 @@ def _policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="min", choices=("min", "max"))
     parser.add_argument("--keep-every-n-steps", type=int)
     parser.add_argument("--keep-time-interval", type=float, help="seconds")
+    parser.add_argument("--dir-prefix", help="checkpoint folder prefix (default: detected, step_ or checkpoint-)")
 
 
-def _manager(args: argparse.Namespace, read_only: bool) -> CheckpointManager:
-    return CheckpointManager(args.directory, keep_last=args.keep_last, keep_best=args.keep_best,
-                             monitor=args.monitor, mode=args.mode,
-                             keep_every_n_steps=args.keep_every_n_steps,
-                             keep_time_interval=args.keep_time_interval, read_only=read_only)
+def _detect_prefix(directory: str) -> str:
+    """``step_`` (ours) unless the folder only holds ``checkpoint-N`` (the HF Trainer layout)."""
+    storage, root = open_storage(directory)
+    for prefix in ("step_", "checkpoint-"):
+        if any(parse_step_dir(name, prefix) is not None for name in storage.listdir(root)):
+            return prefix
+    return "step_"
+
+
+def _manager(args: argparse.Namespace, read_only: bool, directory: str | None = None) -> CheckpointManager:
+    directory = directory or args.directory
+    prefix = getattr(args, "dir_prefix", None) or _detect_prefix(directory)
+    return CheckpointManager(directory, keep_last=getattr(args, "keep_last", None),
+                             keep_best=getattr(args, "keep_best", None),
+                             monitor=getattr(args, "monitor", None), mode=getattr(args, "mode", "min"),
+                             keep_every_n_steps=getattr(args, "keep_every_n_steps", None),
+                             keep_time_interval=getattr(args, "keep_time_interval", None),
+                             read_only=read_only, dir_prefix=prefix)
 
 
 def _dir_size(storage, path: str) -> int:
@@ -134,7 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if storage.exists(storage.join(root, MANIFEST_NAME)):
         targets = [root]
     elif detect_format(args.path) is None and storage.isdir(root):
-        targets = [c.path for c in CheckpointManager(args.path, read_only=True).layout.committed()]
+        targets = [c.path for c in _manager(args, read_only=True, directory=args.path).layout.committed()]
         if not targets:
             print(f"{args.path}: no committed checkpoints to verify")
             return 1

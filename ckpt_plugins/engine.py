@@ -36,6 +36,12 @@ class SaveHandle:
         self._staged: Future[None] = Future()
         self._durable: Future[str] = Future()
         self._reported = False
+        self.stats: dict[str, float] = {}  # stall_s and bytes at save(); persist_s at the commit
+
+    def add_done_callback(self, fn: Callable[["SaveHandle"], None]) -> None:
+        """Call ``fn(handle)`` once the save has committed or failed (at once if it has); the
+        handle's ``stats`` are complete by then."""
+        self._durable.add_done_callback(lambda _future: fn(self))
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the checkpoint is committed; return its path or raise the save's error."""

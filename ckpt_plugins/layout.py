@@ -26,13 +26,13 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from .errors import CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError
 from .manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
 from .naming import STEP_PREFIX, parse_step_dir, step_dir_name
 from .storage import Storage
 from .tensor_file import checksum_file
 
-__all__ = ["CheckpointDir", "Layout", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
+__all__ = ["CheckpointDir", "Layout", "check_folder_name", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class CheckpointDir:
     path: str
 
 
+def check_folder_name(name: str) -> str:
+    """A checkpoint folder name must be one plain, visible path component."""
+    if not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") \
+            or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
+        raise ConfigError(f"checkpoint name {name!r} must be a plain folder name (no '/', not hidden, "
+                          "at most 255 characters)")
+    return name
+
+
 class Layout:
     """Naming, listing, committing and deleting checkpoint folders under one root."""
 
@@ -59,13 +68,15 @@ class Layout:
         self.prefix = prefix
 
     # --- names -------------------------------------------------------------------------------
-    def path_for(self, step: int) -> str:
-        return self.storage.join(self.root, step_dir_name(step, self.prefix))
+    def path_for(self, step: int, name: str | None = None) -> str:
+        """Where step ``step`` is committed: ``<prefix><step>``, or ``name`` when given."""
+        return self.storage.join(self.root, name if name is not None else step_dir_name(step, self.prefix))
 
-    def new_temp_dir(self, step: int, token: str | None = None) -> str:
-        """The hidden folder a save of ``step`` writes into before it commits."""
+    def new_temp_dir(self, step: int, token: str | None = None, name: str | None = None) -> str:
+        """The hidden folder a save of ``step`` (or of ``name``) writes into before it commits."""
         token = token or uuid.uuid4().hex[:12]
-        return self.storage.join(self.root, f"{TMP_PREFIX}{step_dir_name(step, self.prefix)}-{token}")
+        final = name if name is not None else step_dir_name(step, self.prefix)
+        return self.storage.join(self.root, f"{TMP_PREFIX}{final}-{token}")
 
     # --- listing -----------------------------------------------------------------------------
     def committed(self) -> list[CheckpointDir]:
@@ -91,18 +102,21 @@ class Layout:
         return parse_manifest(raw, where)
 
     # --- commit ------------------------------------------------------------------------------
-    def commit(self, temp_dir: str, manifest: Manifest, *, replace: bool = False) -> str:
-        """Write the manifest into ``temp_dir`` and make it ``step_N`` atomically; return the path."""
+    def commit(self, temp_dir: str, manifest: Manifest, *, replace: bool = False,
+               name: str | None = None) -> str:
+        """Write the manifest into ``temp_dir`` and make it ``step_N`` (or ``name``) atomically;
+        return the path."""
         self.storage.makedirs(temp_dir)
         with self.storage.open_write(self.storage.join(temp_dir, MANIFEST_NAME)) as out:
             out.write(dump_manifest(manifest))
         self.storage.fsync_dir(temp_dir)
-        final = self.path_for(manifest.step)
+        final = self.path_for(manifest.step, name)
         replaced = None
         if self.storage.exists(final):
             if not replace:
                 raise FileExistsError(f"{final} already exists and overwrite was not requested")
-            replaced = self.storage.join(self.root, f"{REPLACED_PREFIX}{step_dir_name(manifest.step, self.prefix)}-{uuid.uuid4().hex[:12]}")
+            final_name = name if name is not None else step_dir_name(manifest.step, self.prefix)
+            replaced = self.storage.join(self.root, f"{REPLACED_PREFIX}{final_name}-{uuid.uuid4().hex[:12]}")
             self.storage.rename(final, replaced)
         self.storage.rename(temp_dir, final)
         self.storage.fsync_dir(self.root)
@@ -112,10 +126,14 @@ class Layout:
 
     def delete(self, step: int) -> None:
         """Remove a committed checkpoint: rename it out of sight first, then remove it."""
-        path = self.path_for(step)
+        self.delete_path(self.path_for(step))
+
+    def delete_path(self, path: str) -> None:
+        """Remove the checkpoint folder (or plain file) at ``path`` under the root, the same way."""
         if not self.storage.exists(path):
             return
-        trash = self.storage.join(self.root, f"{TRASH_PREFIX}{step_dir_name(step, self.prefix)}-{uuid.uuid4().hex[:12]}")
+        name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        trash = self.storage.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
         self.storage.rename(path, trash)
         self.storage.fsync_dir(self.root)
         self._remove(trash)
@@ -174,9 +192,8 @@ class Layout:
             path = self.storage.join(self.root, name)
             if name.startswith(REPLACED_PREFIX):
                 target_name = name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
-                step = parse_step_dir(target_name, self.prefix)
                 final = self.storage.join(self.root, target_name)
-                if step is not None and not self.storage.exists(self.storage.join(final, MANIFEST_NAME)) \
+                if target_name and not self.storage.exists(self.storage.join(final, MANIFEST_NAME)) \
                         and self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
                     if self.storage.exists(final):  # an empty or partial folder without manifest
                         self.storage.remove_tree(final)

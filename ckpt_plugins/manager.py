@@ -33,8 +33,8 @@ from .engine import PersistEngine, SaveHandle
 from .save_job import SaveJob
 from .extra_files import collect_tensors
 from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
-                     SaveError, StepExistsError)
-from .layout import Layout
+                     SaveError, StepExistsError, UnsupportedStateError)
+from .layout import Layout, check_folder_name
 from .lock import DirectoryLock
 from .manifest import _SAFE_NAME, MANIFEST_NAME
 from .restore import RestoreReport, make_selector
@@ -79,6 +79,10 @@ class CheckpointManager:
         writer: ``"thread"`` writes tensor files on the background thread; ``"process"`` hands
             staged shared-memory buffers to a writer process (no GIL contention with training;
             needs ``async_save=True`` and a local directory).
+        distributed: under torch.distributed, act as one of the ranks (the default). ``False``
+            makes this manager a world of one even in a distributed job: no collectives, rank 0
+            duties (lock, commit, retention) in this process. For code that already saves on
+            one rank only, such as Lightning's CheckpointIO.
         dir_prefix: checkpoint folder names are ``<dir_prefix><step>`` (``checkpoint-`` gives the
             HF Trainer's layout).
 
@@ -98,7 +102,8 @@ class CheckpointManager:
                  on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
                  read_only: bool = False, rank_timeout: float = 600.0,
-                 writer: Literal["thread", "process"] = "thread", dir_prefix: str = "step_") -> None:
+                 writer: Literal["thread", "process"] = "thread", distributed: bool = True,
+                 dir_prefix: str = "step_") -> None:
         _check_choice("on_busy", on_busy, ("wait", "skip"))
         _check_choice("snapshot", snapshot, ("safe", "overlap"))
         _check_choice("on_error", on_error, ("raise", "warn"))
@@ -119,7 +124,7 @@ class CheckpointManager:
         self.snapshot_mode, self.on_error, self.verify_on_restore = snapshot, on_error, verify
         self.rank_timeout, self.read_only = rank_timeout, read_only
         self._on_commit = [on_commit] if callable(on_commit) else list(on_commit or [])
-        self.rank, self.world_size = rank_and_world()
+        self.rank, self.world_size = rank_and_world() if distributed else (0, 1)
         self.storage, self.root = open_storage(self.directory)
         if not dir_prefix or "/" in dir_prefix or dir_prefix.startswith("."):
             raise ConfigError(f"dir_prefix must be a non-empty folder-name prefix not starting with '.', got {dir_prefix!r}")
@@ -200,7 +205,8 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
              rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
              user_metadata: Mapping[str, Any] | None = None,
-             extra_files: Mapping[str, bytes | Callable[[Any], None]] | None = None) -> SaveHandle | None:
+             extra_files: Mapping[str, bytes | Callable[[Any], None]] | None = None,
+             name: str | None = None) -> SaveHandle | None:
         """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
 
         Returns a handle (already committed unless ``async_save``), or None when the save was
@@ -216,6 +222,11 @@ class CheckpointManager:
         ``StagedFile`` values (``ckpt_plugins.extra_files``: their tensors are staged like the
         state's); they are written on the background writer and committed (and checksummed) with
         the checkpoint. Adapters use them for a framework's native files. Rank 0 only.
+
+        ``name`` commits the checkpoint as ``<directory>/<name>`` instead of ``<dir_prefix><step>``
+        (replacing a folder of that name atomically). Named checkpoints are addressed by path, as
+        Lightning's CheckpointIO does: they are not listed by ``steps()``, not ordered against
+        steps and not touched by retention; remove them with :meth:`delete`.
         """
         self._check_open()
         if self.read_only:
@@ -223,14 +234,24 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, got {step!r}")
         clean_metrics = _clean_metrics(metrics)
-        for name in extra_files or {}:
-            if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name \
-                    or name == MANIFEST_NAME or name.endswith(".safetensors") and name.startswith(("state", "rank_")):
-                raise ConfigError(f"extra_files name {name!r} is not a plain file name, or is reserved "
+        for file_name in extra_files or {}:
+            if not isinstance(file_name, str) or not _SAFE_NAME.match(file_name) or ".." in file_name \
+                    or file_name == MANIFEST_NAME or file_name.endswith(".safetensors") \
+                    and file_name.startswith(("state", "rank_")):
+                raise ConfigError(f"extra_files name {file_name!r} is not a plain file name, or is reserved "
                                   "(manifest.json, state*.safetensors, rank_*.safetensors)")
-        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None)
-        flat = flatten_state(state) if self.rank == 0 else None
-        rank_flat = flatten_state(rank_state) if rank_state is not None else None
+        if name is not None:
+            check_folder_name(name)
+        flat = rank_flat = flatten_error = None
+        try:
+            flat = flatten_state(state) if self.rank == 0 else None
+            rank_flat = flatten_state(rank_state) if rank_state is not None else None
+        except UnsupportedStateError as exc:
+            if self.world_size == 1:
+                raise
+            flatten_error = str(exc)  # every rank must hear of it, or the others would hang
+        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None,
+                                              flatten_error=flatten_error, name=name)
         slot = self._stager.acquire(block=self.on_busy == "wait")
         if slot is None:
             log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
@@ -244,7 +265,7 @@ class CheckpointManager:
             tensors.update({f"rank/{k}": v for k, v in rank_flat.tensors.items()})
         extra_tensors, extra_specs = collect_tensors((extra_files or {}) if self.rank == 0 else {})
         tensors.update(extra_tensors)
-        handle = SaveHandle(step, self.layout.path_for(step))
+        handle = SaveHandle(step, self.layout.path_for(step, name))
         staged = None
         try:
             if self.snapshot_mode == "safe" and (self.async_save or any(t.is_cuda for t in tensors.values())):
@@ -253,27 +274,35 @@ class CheckpointManager:
         except BaseException:
             self._stager.release(slot)
             raise
-        self.last_save_stats = {"step": step, "stall_s": time.perf_counter() - t0,
-                                "bytes": float(sum(t.numel() * t.element_size() for t in tensors.values()))}
-        with self._state_lock:
-            self._in_flight.add(step)
+        handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
+        self.last_save_stats = handle.stats
+        if name is None:
+            with self._state_lock:
+                self._in_flight.add(step)
         job = SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
-                       clean_metrics, dict(user_metadata or {}), on_commit, extra_specs)
+                      clean_metrics, dict(user_metadata or {}), on_commit, extra_specs, name)
+        handle.stats["stall_s"] = time.perf_counter() - t0
         self._last_handle = self._engine.submit(handle, job)
-        self.last_save_stats["stall_s"] = time.perf_counter() - t0
+        handle.stats["stall_s"] = time.perf_counter() - t0
         if not self.async_save:
             self._report(handle)
+            if self.world_size > 1:
+                self.wait()  # a synchronous save returns on every rank once rank 0 has committed
         return handle
 
-    def _agree(self, step: int, *, has_rank_state: bool) -> tuple[str, list[int]]:
+    def _agree(self, step: int, *, has_rank_state: bool, flatten_error: str | None = None,
+               name: str | None = None) -> tuple[str, list[int]]:
         """Check the step against what exists, and (distributed) that every rank agrees."""
         own_error = self._take_error()
-        conflict = self._order_conflict(step) if self.rank == 0 else None
+        conflict = self._order_conflict(step) if self.rank == 0 and name is None else None
         token = uuid.uuid4().hex[:12]
-        views = all_gather_object((step, own_error, conflict, token, has_rank_state))
+        views = self._gather((step, own_error, conflict, token, has_rank_state, flatten_error))
         errors = [f"rank {r}: {v[1]}" for r, v in enumerate(views) if v[1]]
         if errors:
             raise SaveError("an earlier save failed; " + "; ".join(errors))
+        unstorable = [f"rank {r}: {v[5]}" for r, v in enumerate(views) if v[5]]
+        if unstorable:
+            raise UnsupportedStateError("; ".join(unstorable))
         steps = {v[0] for v in views}
         if len(steps) > 1:
             raise DistributedError("ranks called save() with different steps: " +
@@ -282,6 +311,9 @@ class CheckpointManager:
         if views[0][2]:
             raise StepExistsError(views[0][2])
         return views[0][3], [r for r, v in enumerate(views) if v[4]]
+
+    def _gather(self, obj: Any) -> list[Any]:
+        return all_gather_object(obj) if self.world_size > 1 else [obj]
 
     def _order_conflict(self, step: int) -> str | None:
         with self._state_lock:
@@ -302,7 +334,7 @@ class CheckpointManager:
         """Block until every pending save is committed; raise the first error not yet seen."""
         self._engine.flush()
         own_error = self._take_error()
-        errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_object(own_error)) if e]
+        errors = [f"rank {r}: {e}" for r, e in enumerate(self._gather(own_error)) if e]
         if errors:
             raise SaveError("a save failed; " + "; ".join(errors))
 
@@ -419,6 +451,28 @@ class CheckpointManager:
                                 selector=None, rename=None, strict=True, map_location=map_location,
                                 allow_unsafe_pickle=False, missing_ok=True)
         return state
+
+    def delete(self, which: int | str) -> SaveHandle:
+        """Remove a checkpoint by step or by name, after every save submitted before this call
+        (queued on the writer, so a delete never overtakes a save). Rank 0 does the work."""
+        self._check_open()
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot delete")
+        if isinstance(which, str):
+            check_folder_name(which)
+        path = self.layout.path_for(which) if isinstance(which, int) else self.storage.join(self.root, which)
+        handle = SaveHandle(which if isinstance(which, int) else -1, path)
+
+        def job(h: SaveHandle) -> str:
+            h._staged.set_result(None)
+            if self.rank == 0:
+                self.layout.delete_path(path)
+            return path
+
+        self._engine.submit(handle, job)
+        if not self.async_save:
+            self._report(handle)
+        return handle
 
     def retention(self) -> RetentionDecision:
         """What the retention policy keeps (with reasons) and deletes, for the committed steps."""

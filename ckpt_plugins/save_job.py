@@ -23,7 +23,7 @@ from .errors import SaveError
 from .extra_files import fill, fill_tensors
 from .manifest import Manifest, Part
 from .retention import CheckpointRecord
-from .tensor_file import FileRecord, checksum_file
+from .tensor_file import FileRecord, HashingWriter, checksum_file
 
 if TYPE_CHECKING:
     from .manager import CheckpointManager
@@ -39,13 +39,14 @@ class SaveJob:
     def __init__(self, mgr: "CheckpointManager", step: int, token: str, ranks_with_state: list[int],
                  flat, rank_flat, tensors,
                  staged, slot: int, metrics: dict[str, float], user_metadata: dict,
-                 on_commit: Callable[[int, str], None] | None, extra_specs: dict) -> None:
+                 on_commit: Callable[[int, str], None] | None, extra_specs: dict,
+                 name: str | None = None) -> None:
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
     def __call__(self, handle: SaveHandle) -> str:
         mgr = self.mgr
-        temp = mgr.layout.new_temp_dir(self.step, self.token)
+        temp = mgr.layout.new_temp_dir(self.step, self.token, self.name)
         try:
             tensors = self.tensors
             if self.staged is not None:
@@ -69,10 +70,11 @@ class SaveJob:
                 parts[f"rank_{r}"] = Part(self._rank_trees[r], f"rank_{r}.safetensors" if f"rank_{r}.safetensors" in files else None)
             manifest = Manifest(step=self.step, parts=parts, files=files, metrics=self.metrics,
                                 world_size=mgr.world_size, user_metadata=self.user_metadata)
-            replace = mgr.storage.exists(mgr.layout.path_for(self.step))
-            path = mgr.layout.commit(temp, manifest, replace=replace)
-            mgr.last_save_stats["persist_s"] = time.perf_counter() - t0
-            self._after_commit(manifest)
+            replace = mgr.storage.exists(mgr.layout.path_for(self.step, self.name))
+            path = mgr.layout.commit(temp, manifest, replace=replace, name=self.name)
+            handle.stats["persist_s"] = time.perf_counter() - t0
+            if self.name is None:
+                self._after_commit(manifest)
         except BaseException as exc:
             if mgr.rank == 0:
                 mgr.layout.discard(temp)
@@ -130,7 +132,8 @@ class SaveJob:
                 tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
                 files[name] = mgr._write_tensors(path, tensors, metadata)
                 continue
-            with mgr.storage.open_write(path) as out:
+            with mgr.storage.open_write(path) as raw:
+                out = HashingWriter(raw)
                 if spec[0] == "staged":
                     _, skeleton, count, write = spec
                     write(out, fill(skeleton, fill_tensors(name, count, staged)))
@@ -138,7 +141,7 @@ class SaveJob:
                     spec[1](out)
                 else:
                     out.write(spec[1])
-            files[name] = checksum_file(mgr.storage, path)
+            files[name] = out.record() or checksum_file(mgr.storage, path)
         return files
 
     def _collect_other_ranks(self, temp: str) -> dict[str, FileRecord]:

@@ -26,7 +26,8 @@ import xxhash
 from .errors import CorruptCheckpointError
 from .storage import Storage
 
-__all__ = ["FileRecord", "write_tensor_file", "read_tensor_file", "read_header", "tensor_bytes"]
+__all__ = ["FileRecord", "HashingWriter", "write_tensor_file", "read_tensor_file", "read_header",
+           "tensor_bytes", "checksum_file"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -202,3 +203,42 @@ def checksum_file(storage: Storage, path: str, chunk: int = 8 << 20) -> FileReco
             hasher.update(block)
             size += len(block)
     return FileRecord(size=size, xxh3_64=hasher.hexdigest())
+
+
+class HashingWriter:
+    """Wraps a file being written: every ``write`` also feeds xxh3 and counts bytes, so a file
+    written by a third-party writer (``torch.save``) needs no second read to be checksummed.
+
+    If the writer seeks or truncates, the running hash no longer describes the file; ``record()``
+    then returns None and the caller checksums the finished file instead.
+    """
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self._hasher = xxhash.xxh3_64()
+        self._size = 0
+        self._sequential = True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = self._file.write(view)
+        self._hasher.update(view)
+        self._size += len(view)
+        return written if written is not None else len(view)
+
+    def seek(self, *args):
+        self._sequential = False
+        return self._file.seek(*args)
+
+    def truncate(self, *args):
+        self._sequential = False
+        return self._file.truncate(*args)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def __getattr__(self, attr: str):
+        return getattr(self._file, attr)
+
+    def record(self) -> FileRecord | None:
+        return FileRecord(self._size, self._hasher.hexdigest()) if self._sequential else None

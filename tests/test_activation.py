@@ -489,6 +489,35 @@ def test_deepcopy_of_a_wrapped_model_uses_its_own_blocks(quiet):
     assert grads.keys() == {n for n, _ in clone.named_parameters()}
 
 
+def test_a_failed_apply_leaves_the_model_as_it_was(monkeypatch, quiet):
+    import ckpt_plugins.activation.apply as apply_module
+    import ckpt_plugins.activation.hf as hf_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    model = gpt2()
+    monkeypatch.setattr(hf_module, "enable", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        apply_activation_checkpointing(model, "full")
+    assert model.config.use_cache is True and activation_checkpointing_report(model) is None
+
+    model = tiny_gpt()
+    real_wrap, calls = apply_module.wrap, []
+
+    def wrap_twice_then_fail(module, mode):
+        calls.append(module)
+        if len(calls) > 2:
+            raise RuntimeError("boom")
+        return real_wrap(module, mode)
+
+    monkeypatch.setattr(apply_module, "wrap", wrap_twice_then_fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        apply_activation_checkpointing(model, "full")
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    assert activation_checkpointing_report(model) is None
+
+
 def test_hf_model_that_already_checkpoints_is_not_checkpointed_twice(quiet):
     model = gpt2()
     model.activation_checkpointing_enable()

@@ -275,7 +275,7 @@ def test_writer_process_errors_surface(tmp_path):
         mgr.save(1, {"w": torch.ones(3)}).wait()
         temp = tmp_path / ".tmp-step_2-fixed"
         (temp / "state.safetensors").mkdir(parents=True)  # the child's open() will fail
-        mgr.layout.new_temp_dir = lambda step, token=None: str(temp)
+        mgr.layout.new_temp_dir = lambda step, token=None, name=None: str(temp)
         handle = mgr.save(2, {"w": torch.ones(3)})
         with pytest.raises(SaveError, match="Is a directory"):
             mgr.wait()

@@ -104,3 +104,33 @@ def _fail_tensor_files(original, path):
 
 def test_a_failing_rank_gives_a_clear_error_on_all_ranks(tmp_path):
     _spawn(_one_rank_fails, tmp_path)
+
+
+def _unstorable_on_rank_0(rank, directory):
+    with CheckpointManager(directory) as mgr:
+        state = {"w": torch.ones(2), "fn": (lambda: 0) if rank == 0 else 0}
+        try:
+            mgr.save(1, state)
+        except Exception as exc:  # noqa: BLE001
+            assert type(exc).__name__ == "UnsupportedStateError" and "rank 0" in str(exc), exc
+        else:
+            raise AssertionError("rank 1 did not hear that rank 0's state cannot be stored")
+        mgr.save(2, {"w": torch.ones(2)})  # and the group is still usable
+        assert mgr.steps() == [2]
+
+
+def test_unstorable_state_on_one_rank_fails_every_rank(tmp_path):
+    _spawn(_unstorable_on_rank_0, tmp_path)
+
+
+def _single_rank_manager(rank, directory):
+    if rank == 0:  # as Lightning's CheckpointIO: only rank 0 calls save, without collectives
+        with CheckpointManager(directory, distributed=False, async_save=True) as mgr:
+            mgr.save(1, {"w": torch.ones(2)})
+            mgr.wait()
+            assert mgr.steps() == [1]
+    dist.barrier()
+
+
+def test_distributed_false_makes_a_world_of_one(tmp_path):
+    _spawn(_single_rank_manager, tmp_path)

@@ -460,3 +460,58 @@ def test_rename_to_empty_prefix_hoists(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
         with pytest.raises(ConfigError, match="nothing in the checkpoint lies under 'encoder.'"):
             mgr.restore(1, rename={"encoder.": ""})
+
+
+def test_named_checkpoints_are_addressed_by_path(tmp_path):
+    name = "epoch=0-step=10.ckpt"
+    with CheckpointManager(tmp_path, keep_last=1, async_save=True) as mgr:
+        mgr.save(10, {"v": 1}, name=name)
+        mgr.save(10, {"v": 2}, name=name)  # same name: replaced atomically, no StepExistsError
+        mgr.save(10, {"v": 3})              # the step folder is independent of named ones
+        mgr.save(11, {"v": 4})
+        mgr.wait()
+        assert mgr.steps() == [11]          # retention ignores named checkpoints
+        assert mgr.restore(tmp_path / name)["v"] == 2
+        handle = mgr.save(12, {"v": 5}, name="last.ckpt")
+        mgr.delete("last.ckpt")             # queued after the save it follows
+        mgr.delete(name)
+        mgr.wait()
+        assert handle.done() and not (tmp_path / "last.ckpt").exists() and not (tmp_path / name).exists()
+        for bad in ("../x", ".hidden", "a/b", ""):
+            with pytest.raises(ConfigError, match="plain folder name"):
+                mgr.save(13, {}, name=bad)
+    assert sorted(os.listdir(tmp_path)) == ["step_11"]
+
+
+def test_handle_stats_and_done_callbacks(tmp_path):
+    seen = []
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        handle = mgr.save(1, {"w": torch.ones(1000)})
+        handle.add_done_callback(lambda h: seen.append(dict(h.stats)))
+        mgr.wait()
+        handle.add_done_callback(lambda h: seen.append("late"))  # already done: runs at once
+    assert seen[0]["bytes"] == 4000 and seen[0]["stall_s"] >= 0 and seen[0]["persist_s"] > 0
+    assert seen[1] == "late"
+
+
+def test_writer_function_files_are_hashed_while_written(tmp_path):
+    from ckpt_plugins.tensor_file import checksum_file
+    from ckpt_plugins.storage import LocalStorage
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"a": 1}, extra_files={
+            "opt.pt": lambda f: torch.save({"x": torch.arange(100)}, f),
+            "seeky.bin": lambda f: (f.write(b"abcdef"), f.seek(0), f.write(b"X"))})
+        manifest = mgr.layout.read_manifest(mgr.path_for(1))
+    for name in ("opt.pt", "seeky.bin"):
+        assert manifest.files[name] == checksum_file(LocalStorage(), str(tmp_path / "step_1" / name))
+    assert (tmp_path / "step_1" / "seeky.bin").read_bytes() == b"Xbcdef"
+
+
+def test_cli_reads_hf_layout(tmp_path, capsys):
+    from ckpt_plugins.cli import main as cli
+    with CheckpointManager(tmp_path, dir_prefix="checkpoint-") as mgr:
+        mgr.save(5, {"a": 1}, metrics={"loss": 1.0})
+    assert cli(["ls", str(tmp_path)]) == 0
+    assert "loss=1" in capsys.readouterr().out
+    assert cli(["verify", str(tmp_path)]) == 0
+    assert "checkpoint-5" in capsys.readouterr().out

@@ -95,35 +95,12 @@ def apply_activation_checkpointing(
 
     notes: list[str] = []
     undo: list[Callable[[], None]] = []
-    if mode.recomputes:
-        notes += guards.check_batchnorm(selected)
-        if hf_model is not None:
-            cache_notes, cache_undo = guards.disable_use_cache(hf_model)
-            notes += cache_notes
-            undo += cache_undo
-
-    hf_kwargs = mode.hf_kwargs()
-    if hf_model is not None and cfg.target_patterns() is None and hf.can_enable(hf_model, hf_kwargs):
-        wrapped = _enable_hf(model, hf_model, mode, hf_kwargs, undo)
-        mechanism = "hf"
-        if guards.has_frozen_inputs(model, hf_model, selected):
-            notes.append("the input embeddings are frozen (LoRA-style); transformers' own "
-                         "mechanism made their outputs require grad (enable_input_require_grads)")
-    else:
-        if hf_model is not None and hf.is_checkpointing(hf_model):
-            hf.disable(hf_model)
-            notes.append("the model's own (transformers) activation checkpointing was on; turned "
-                         "it off so blocks are not checkpointed twice")
-        if mode.recomputes:
-            frozen_notes, frozen_undo = guards.handle_frozen_inputs(model, hf_model, selected)
-            notes += frozen_notes
-            undo += frozen_undo
-        wrapped = _wrap_blocks(selected, mode, notes, undo)
-        mechanism = "wrap"
-
-    if cfg.mode == "offload" and not _accelerator_in_use(model):
-        notes.append("offload on a CPU-only model: saved tensors already live in host memory, so "
-                     "this mode changes nothing (no memory saved, no time lost)")
+    try:
+        mechanism, wrapped = _apply(model, cfg, mode, hf_model, selected, notes, undo)
+    except BaseException:
+        for step in reversed(undo):  # leave the model as it was
+            step()
+        raise
 
     report = ActivationCheckpointingReport(
         mode=cfg.mode, mechanism=mechanism, wrapped=tuple(wrapped), skipped=skipped,
@@ -157,6 +134,42 @@ def activation_checkpointing_report(model: nn.Module) -> ActivationCheckpointing
     """The report of the activation checkpointing applied to ``model``, or None."""
     applied: _Applied | None = getattr(model, _STATE_ATTR, None)
     return None if applied is None else applied.report
+
+
+def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
+           hf_model: nn.Module | None, selected: list[Block], notes: list[str],
+           undo: list[Callable[[], None]]) -> tuple[str, list[WrappedModule]]:
+    """Run the guards and one mechanism; append notes and undo steps as changes are made."""
+    if mode.recomputes:
+        notes += guards.check_batchnorm(selected)
+        if hf_model is not None:
+            cache_notes, cache_undo = guards.disable_use_cache(hf_model)
+            notes += cache_notes
+            undo += cache_undo
+
+    hf_kwargs = mode.hf_kwargs()
+    if hf_model is not None and cfg.target_patterns() is None and hf.can_enable(hf_model, hf_kwargs):
+        wrapped = _enable_hf(model, hf_model, mode, hf_kwargs, undo)
+        mechanism = "hf"
+        if guards.has_frozen_inputs(model, hf_model, selected):
+            notes.append("the input embeddings are frozen (LoRA-style); transformers' own "
+                         "mechanism made their outputs require grad (enable_input_require_grads)")
+    else:
+        if hf_model is not None and hf.is_checkpointing(hf_model):
+            hf.disable(hf_model)
+            notes.append("the model's own (transformers) activation checkpointing was on; turned "
+                         "it off so blocks are not checkpointed twice")
+        if mode.recomputes:
+            frozen_notes, frozen_undo = guards.handle_frozen_inputs(model, hf_model, selected)
+            notes += frozen_notes
+            undo += frozen_undo
+        wrapped = _wrap_blocks(selected, mode, notes, undo)
+        mechanism = "wrap"
+
+    if cfg.mode == "offload" and not _accelerator_in_use(model):
+        notes.append("offload on a CPU-only model: saved tensors already live in host memory, so "
+                     "this mode changes nothing (no memory saved, no time lost)")
+    return mechanism, wrapped
 
 
 def _enable_hf(model: nn.Module, hf_model: nn.Module, mode: CheckpointMode,

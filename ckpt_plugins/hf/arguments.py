@@ -57,6 +57,8 @@ class CheckpointArguments:
         "help": "Who writes the tensor files: a background thread, or a writer process (no GIL contention)."})
     ckpt_every_n_train_steps: int | None = field(default=None, metadata={
         "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."})
+    ckpt_on_error: Literal["raise", "warn"] = field(default="raise", metadata={
+        "help": "A failed background save: raise at the next save (stops training), or warn and go on."})
     ckpt_verify_latest: bool = field(default=True, metadata={
         "help": "Check the newest checkpoint-N before the Trainer may resume from it; move damaged ones aside."})
     ckpt_gradient_checkpointing: ActivationMode | None = field(default=None, metadata={
@@ -96,4 +98,5 @@ class CheckpointArguments:
             keep_time_interval=self.ckpt_keep_time_interval, overwrite=self.ckpt_overwrite,
             async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot, writer=self.ckpt_writer,
             every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
+            on_error=self.ckpt_on_error,
             gradient_checkpointing=self.gradient_checkpointing())

@@ -101,6 +101,8 @@ class CheckpointCallback(TrainerCallback):
         gradient_checkpointing: activation checkpointing (``True``, a mode name, a dict with
             ``mode``/``every_n``/``targets``, or an ``ActivationCheckpointing``); extends
             ``--activation_checkpointing`` and works for models without transformers support.
+        on_error: ``"raise"``: a failed background save is raised at the next save (training
+            stops); ``"warn"``: it is logged and training goes on.
         verify_latest: before the Trainer may resume, check the newest ``checkpoint-N`` and move
             damaged ones aside (see :mod:`ckpt_plugins.hf.guard`).
 
@@ -118,13 +120,13 @@ class CheckpointCallback(TrainerCallback):
                  snapshot: Literal["safe", "overlap"] = "safe", writer: Literal["thread", "process"] = "thread",
                  every_n_train_steps: int | None = None,
                  gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
-                 verify_latest: bool = True) -> None:
+                 on_error: Literal["raise", "warn"] = "raise", verify_latest: bool = True) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None, keep_last=keep_last,
             keep_best=keep_best, monitor=monitor, mode=mode, keep_every_n_steps=keep_every_n_steps,
             keep_time_interval=keep_time_interval, overwrite=overwrite, async_save=async_save,
             max_pending=max_pending, snapshot=snapshot, writer=writer, every_n_train_steps=every_n_train_steps,
-            gradient_checkpointing=gradient_checkpointing, verify_latest=verify_latest)
+            gradient_checkpointing=gradient_checkpointing, on_error=on_error, verify_latest=verify_latest)
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
         self.activation_report: ActivationCheckpointingReport | None = None
@@ -135,6 +137,7 @@ class CheckpointCallback(TrainerCallback):
         self._last_logs: dict[str, float] = {}
         self._tokenizer: dict[str, bytes] | None = None
         self._saved_steps: set[int] = set()
+        self._activation_plan: gc_wiring.ActivationPlan | None = None
 
     @classmethod
     def from_args(cls, args: CheckpointArguments) -> CheckpointCallback:
@@ -147,8 +150,8 @@ class CheckpointCallback(TrainerCallback):
                     model: Any = None, **kwargs: Any) -> None:
         self.settings = resolve(self.options, args)
         if model is not None:
-            plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
-            self.activation_report = gc_wiring.apply_plan(plan, model, args)
+            self._activation_plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
+            self.activation_report = gc_wiring.apply_plan(self._activation_plan, model, args)
         if os.path.abspath(self.settings.dirpath) != os.path.abspath(args.output_dir):
             log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
                      "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
@@ -165,9 +168,10 @@ class CheckpointCallback(TrainerCallback):
             log.warning("CheckpointCallback was added after the Trainer was built: the newest "
                         "checkpoint was not checked before resuming; pass it in callbacks=[...]")
             self.settings = resolve(self.options, args)
-        if model is not None and self.options.gradient_checkpointing is not None:
-            plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
-            self.activation_report = gc_wiring.apply_plan(plan, model, args) or self.activation_report
+        if model is not None:  # again: a model_init Trainer builds a new model in train()
+            if self._activation_plan is None:
+                self._activation_plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
+            self.activation_report = gc_wiring.apply_plan(self._activation_plan, model, args) or self.activation_report
         if self.manager is None:
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
         try:
@@ -339,7 +343,8 @@ class CheckpointCallback(TrainerCallback):
                 self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
             files = native_files(model=kwargs["model"], optimizer=kwargs.get("optimizer"),
                                  lr_scheduler=kwargs.get("lr_scheduler"), trainer_state=state,
-                                 rng_states=rng_states, world_size=world_size, extra=self._tokenizer)
+                                 rng_states=rng_states, world_size=world_size,
+                                 model_only=self.settings.model_only, extra=self._tokenizer)
         position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
         handle = self.manager.save(step, {"data_position": position.to_dict()}, metrics,
                                    extra_files=files, user_metadata={"written_by": "ckpt_plugins.hf"})

@@ -66,7 +66,7 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer_state: Any,
-                 rng_states: list[dict[str, Any]], world_size: int,
+                 rng_states: list[dict[str, Any]], world_size: int, model_only: bool = False,
                  extra: Mapping[str, bytes] | None = None) -> dict[str, FileContent]:
     """The files of one Trainer checkpoint, as ``extra_files`` for ``CheckpointManager.save``.
 
@@ -78,6 +78,8 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
         trainer_state: the ``TrainerState`` to write as ``trainer_state.json``.
         rng_states: every rank's RNG state, indexed by rank.
         world_size: number of ranks (names the RNG files as the Trainer expects).
+        model_only: ``TrainingArguments.save_only_model``: no optimizer, scheduler or RNG files
+            (such a checkpoint is for inference; the Trainer cannot resume training from it).
         extra: more small files, already serialized (the tokenizer's, for example).
 
     Returns:
@@ -89,6 +91,8 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
         files.update(_peft_files(model))
     else:
         files.update(_model_files(model))
+    if model_only:
+        optimizer, rng_states = None, []
     if optimizer is not None:
         files["optimizer.pt"] = StagedFile(optimizer.state_dict(), _torch_save)
         if lr_scheduler is not None:

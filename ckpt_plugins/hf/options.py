@@ -50,6 +50,7 @@ class CallbackOptions:
     writer: Literal["thread", "process"] = "thread"
     every_n_train_steps: int | None = None
     gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None
+    on_error: Literal["raise", "warn"] = "raise"
     verify_latest: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class CallbackOptions:
             raise ConfigError(f"snapshot must be 'safe' or 'overlap', got {self.snapshot!r}")
         if self.snapshot == "overlap" and not self.async_save:
             raise ConfigError("snapshot='overlap' needs async_save=True (a synchronous save has nothing to overlap)")
+        if self.on_error not in ("raise", "warn"):
+            raise ConfigError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
         if self.writer not in ("thread", "process"):
             raise ConfigError(f"writer must be 'thread' or 'process', got {self.writer!r}")
         if self.writer == "process" and not self.async_save:
@@ -86,6 +89,8 @@ class Settings:
     greater_is_better: bool
     snapshot: str
     verify_latest: bool
+    model_only: bool
+    """``save_only_model``: weights and ``trainer_state.json`` only (no optimizer, scheduler, RNG)."""
 
 
 def _strategy(value: Any) -> str:
@@ -99,6 +104,11 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
         ConfigError: ``mode`` contradicts ``greater_is_better`` for ``metric_for_best_model``, or
             ``keep_best`` is set and no metric to rank by is known.
     """
+    for name in ("fsdp", "deepspeed"):
+        if getattr(args, name, None):
+            raise ConfigError(f"CheckpointCallback does not write {name} (sharded) checkpoints yet, and "
+                              f"TrainingArguments.{name} is set; remove the callback to let the Trainer save "
+                              "its own checkpoints for this run")
     dirpath = os.fspath(options.dirpath) if options.dirpath is not None else args.output_dir
     if dirpath is None:
         raise ConfigError("CheckpointCallback needs a directory: pass dirpath= or set TrainingArguments.output_dir")
@@ -129,8 +139,10 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
                           mode=mode or "min", keep_every_n_steps=options.keep_every_n_steps,
                           keep_time_interval=options.keep_time_interval, overwrite=options.overwrite,
                           async_save=options.async_save, max_pending=options.max_pending,
-                          snapshot=options.snapshot, writer=options.writer, dir_prefix="checkpoint-")
+                          snapshot=options.snapshot, writer=options.writer, on_error=options.on_error,
+                          dir_prefix="checkpoint-")
     return Settings(dirpath=dirpath, manager_kwargs=manager_kwargs,
                     every_n_train_steps=options.every_n_train_steps, save_strategy=strategy,
                     metric_for_best_model=metric, greater_is_better=greater,
-                    snapshot=options.snapshot, verify_latest=options.verify_latest)
+                    snapshot=options.snapshot, verify_latest=options.verify_latest,
+                    model_only=bool(getattr(args, "save_only_model", False)))

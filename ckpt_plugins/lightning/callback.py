@@ -260,7 +260,8 @@ class CheckpointCallback(ModelCheckpoint):
                       "for this rank: training continues, but not bit-exactly", trainer.ckpt_path)
             return
         self._position.resume(trainer, resume["data"])
-        restore_rng(resume["rng"])  # last: nothing may draw between this and the first batch
+        restore_rng(resume["rng"])  # nothing may draw between this and the first batch ...
+        self._position.after_rng_restored(trainer)  # ... but what the uninterrupted run drew too
 
     def _check_no_later_checkpoints(self, trainer: Any) -> None:
         """Fail before training, not at the first save, when this run would collide with an

@@ -69,6 +69,20 @@ def _sampler(loader: Any) -> Sampler | None:
     return None
 
 
+def _restart_epoch_iterator(trainer: Any) -> None:
+    """Start the epoch's data iterator again, as Lightning does at the start of every later epoch.
+
+    A checkpoint taken at the end of an epoch holds the RNG state from before the next epoch's
+    iterator was created, and creating it draws from the global generator (a DataLoader draws
+    its workers' base seed). A resumed run created its iterator before the RNG was restored, so
+    it is created once more here, after: the draws then happen where the uninterrupted run made
+    them. (``_data_fetcher`` is the fit loop's own fetcher; without it nothing is done.)
+    """
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is not None:
+        iter(fetcher)
+
+
 class _SkipFirst(Sampler):
     """Yields ``inner``'s indices, leaving out the first ``skip`` of its next pass only."""
 
@@ -89,6 +103,7 @@ class DataPosition:
     def __init__(self) -> None:
         self._epoch_start: list[torch.Tensor | None] = []
         self._warned = False
+        self._restart_iterator = False
 
     # --- every run -----------------------------------------------------------------------------
     def on_epoch_start(self, trainer: Any) -> None:
@@ -139,9 +154,18 @@ class DataPosition:
             if mid_epoch and sampler is not None:
                 loader.batch_sampler.sampler = _SkipFirst(sampler, state["batches"] * loader.batch_sampler.batch_size)
         self._epoch_start = list(state["epoch_start"]) if mid_epoch else [self._generator_state(l) for l in loaders]
+        self._restart_iterator = state["batches"] >= num_batches
         if mid_epoch:
             log.info("resuming epoch %d at batch %d: the first %d batch(es) of the epoch's order are skipped",
                      state["epoch"], state["batches"], state["batches"])
+
+    def after_rng_restored(self, trainer: Any) -> None:
+        """Right after the RNG was restored: when the checkpoint ended an epoch, create the next
+        epoch's iterator now, as the uninterrupted run did after its save (see
+        :func:`_restart_epoch_iterator`)."""
+        if self._restart_iterator:
+            self._restart_iterator = False
+            _restart_epoch_iterator(trainer)
 
     # --- helpers -------------------------------------------------------------------------------
     @staticmethod
