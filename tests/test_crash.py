@@ -23,8 +23,8 @@ from ckpt_plugins.cli import main as cli_main
 
 CHILD = Path(__file__).parent / "helpers" / "save_forever.py"
 DIST_CHILD = Path(__file__).parent / "helpers" / "save_forever_dist.py"
-KILLS = 200 if os.environ.get("CKPT_SOAK") else 12
-DIST_KILLS = 200 if os.environ.get("CKPT_SOAK") else 4
+KILLS = int(os.environ.get("CKPT_KILLS", 200 if os.environ.get("CKPT_SOAK") else 12))
+DIST_KILLS = int(os.environ.get("CKPT_KILLS", 200 if os.environ.get("CKPT_SOAK") else 4))
 
 
 def _run_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
