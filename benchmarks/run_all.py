@@ -119,7 +119,7 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
     if targets:
         lines += ["", "| benchmark | target | measured | met |", "| :--- | :--- | :--- | :--- |"]
         for name, r in targets:
-            met = {True: "met", False: "**not met**"}.get(r.get("met"), "-")
+            met = {True: "met", False: "**not met**", None: "inconclusive"}.get(r.get("met"), "-")
             lines.append(f"| `{name}` | {r['target']} | {r.get('measured', '')} | {met} |")
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 _managers: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _installed = False
 _previous_sigterm: Any = None
+_terminating: str = ""  # "", "flushing", "flushed"
 
 
 def register(manager: Any) -> None:
@@ -60,14 +61,37 @@ def _install_sigterm() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    pending = [m for m in list(_managers) if m._engine.pending()]
-    if pending:
-        log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
-    for manager in pending:  # flush, do not close: a previous handler may let training go on
-        manager._engine.flush()
+    """Flush pending saves, then let SIGTERM do what it would have done.
+
+    The handler runs on the main thread between two bytecodes, possibly while that thread holds
+    a lock the writer needs (the engine's queue, for one), so it must not wait here: the wait
+    runs on a helper thread and the handler returns at once. When a previous handler exists
+    (Lightning installs one to stop training gracefully) it is called, and the manager's close()
+    at the end of training flushes. Otherwise the helper thread flushes, then sends SIGTERM again,
+    which this handler passes to the default action.
+    """
+    global _terminating
     previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)
-    else:  # SIG_DFL (or unknown): end the process the way SIGTERM would have
+        return
+    if _terminating == "flushed":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if _terminating:
+        return  # a flush is already under way
+    _terminating = "flushing"
+    pending = [m for m in list(_managers) if m._engine.pending()]
+    if pending:
+        log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
+    threading.Thread(target=_flush_then_terminate, args=(pending,), name="ckpt-sigterm",
+                     daemon=True).start()
+
+
+def _flush_then_terminate(pending: list) -> None:
+    global _terminating
+    for manager in pending:
+        manager._engine.flush()
+    _terminating = "flushed"
+    os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread: default action now

@@ -532,9 +532,11 @@ def test_hf_model_that_already_checkpoints_is_not_checkpointed_twice(quiet):
 def test_batchnorm_inside_a_recomputed_block_warns_with_its_path():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(2)])
     with pytest.warns(ActivationCheckpointingWarning,
-                      match=r"BatchNorm1d '0\.1' is inside checkpointed block '0'.*updated twice"):
+                      match=r"BatchNorm1d '0\.1' is inside checkpointed block '0'.*updated twice"
+                      ) as record:
         report = apply_activation_checkpointing(model, "full")
     assert any("'1.1'" in n for n in report.notes)
+    assert record[0].filename == __file__  # attributed to the caller, not to the library
     remove_activation_checkpointing(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ActivationCheckpointingWarning)

@@ -281,3 +281,19 @@ def test_writer_process_errors_surface(tmp_path):
             mgr.wait()
         assert isinstance(handle.exception(), IsADirectoryError)
         assert mgr.steps() == [1] and not temp.exists()
+
+
+def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(HELPER), str(tmp_path), "loop"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "save submitted"
+    time.sleep(0.5)
+    for _ in range(20):  # each one lands somewhere inside save(), queue locks included
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    proc.communicate(timeout=60)  # a deadlocked handler would hang here
+    assert proc.returncode == -signal.SIGTERM
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() and all(mgr.verify(step) == [] for step in mgr.steps())

@@ -160,3 +160,8 @@ def test_fresh_run_into_a_directory_with_checkpoints_stops_before_training(tmp_p
     hf_train.make_trainer(tmp_path, 4, callback={"overwrite": True}).train()
     with CheckpointManager(tmp_path, read_only=True, dir_prefix="checkpoint-") as mgr:
         assert mgr.steps() == [4]
+
+
+def test_save_only_model_writes_weights_and_state_only(tmp_path):
+    hf_train.make_trainer(tmp_path, 4, callback={}, save_only_model=True).train()
+    assert set(os.listdir(tmp_path / "checkpoint-4")) == NATIVE_FILES - {"optimizer.pt", "scheduler.pt", "rng_state.pth"}

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ckpt_plugins import CheckpointManager, UnsupportedStateError
-from ckpt_plugins.lightning.data_position import _SkipFirst
+from ckpt_plugins.lightning.data_position import _Tracked
 from ckpt_plugins.lightning.rng import capture_rng, restore_rng
 from ckpt_plugins.lightning.state import explain_unsupported, to_storable
 from ckpt_plugins.lightning.triggers import Triggers
@@ -80,15 +80,20 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[2])
 
 
-def test_skip_first_leaves_out_the_seen_indices_once():
-    sampler = RandomSampler(range(10), generator=torch.Generator().manual_seed(0))
-    order = list(sampler)
-    sampler.generator.manual_seed(0)
-    skipping = _SkipFirst(sampler, 4)
-    assert len(skipping) == 10
-    assert list(skipping) == order[4:]
-    assert len(list(skipping)) == 10  # only the first pass skips
-    loader = DataLoader(range(10), batch_size=3, sampler=_SkipFirst(RandomSampler(range(10)), 6))
+def test_tracked_sampler_records_the_order_deciding_state_and_skips_once():
+    generator = torch.Generator().manual_seed(0)
+    tracked = _Tracked(RandomSampler(range(10), generator=generator))
+    first = list(tracked)
+    start_of_second = generator.get_state()
+    second = list(tracked)
+    assert torch.equal(tracked.pass_start, start_of_second) and first != second
+    generator.set_state(tracked.pass_start)
+    tracked.skip = 4
+    assert len(tracked) == 10 and list(tracked) == second[4:]  # the same order, the seen part left out
+    generator.set_state(tracked.pass_start)
+    assert list(tracked) == second  # only one pass skips
+    loader = DataLoader(range(10), batch_size=3, sampler=tracked)
+    tracked.skip = 6
     assert isinstance(loader.batch_sampler, BatchSampler) and sum(len(b) for b in loader) == 4
 
 

@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from typing import Callable
 
@@ -31,6 +33,7 @@ from ckpt_plugins.activation.targets import Block
 logger = logging.getLogger(__name__)
 
 Undo = Callable[[], None]
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class ActivationCheckpointingWarning(UserWarning):
@@ -41,8 +44,14 @@ class ActivationCheckpointingWarning(UserWarning):
 
 
 def warn(message: str) -> str:
-    """Issue ``message`` as an :class:`ActivationCheckpointingWarning`; return it for the report."""
-    warnings.warn(message, ActivationCheckpointingWarning, stacklevel=4)
+    """Issue ``message`` as an :class:`ActivationCheckpointingWarning`; return it for the report.
+
+    The warning is attributed to the first caller outside this package.
+    """
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, ActivationCheckpointingWarning, stacklevel=level)
     return message
 
 

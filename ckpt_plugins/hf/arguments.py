@@ -96,7 +96,8 @@ class CheckpointArguments:
             dirpath=self.ckpt_dirpath, keep_last=self.ckpt_keep_last, keep_best=self.ckpt_keep_best,
             monitor=self.ckpt_monitor, mode=self.ckpt_mode, keep_every_n_steps=self.ckpt_keep_every_n_steps,
             keep_time_interval=self.ckpt_keep_time_interval, overwrite=self.ckpt_overwrite,
-            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot, writer=self.ckpt_writer,
+            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot,
+            writer=self.ckpt_writer,
             every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
             on_error=self.ckpt_on_error,
             gradient_checkpointing=self.gradient_checkpointing())

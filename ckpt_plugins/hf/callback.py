@@ -171,7 +171,8 @@ class CheckpointCallback(TrainerCallback):
         if model is not None:  # again: a model_init Trainer builds a new model in train()
             if self._activation_plan is None:
                 self._activation_plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
-            self.activation_report = gc_wiring.apply_plan(self._activation_plan, model, args) or self.activation_report
+            report = gc_wiring.apply_plan(self._activation_plan, model, args)
+            self.activation_report = report or self.activation_report
         if self.manager is None:
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
         try:
@@ -321,10 +322,12 @@ class CheckpointCallback(TrainerCallback):
         if pending is None or self.manager is None:
             return
         if pending.step != state.global_step:
-            log.warning("a save decided at step %d was not made before step %d; skipped", pending.step, state.global_step)
+            log.warning("a save decided at step %d was not made before step %d; skipped",
+                        pending.step, state.global_step)
             return
-        metrics = {**({"loss": self._last_logs["loss"]} if self._last_log_step == pending.step and "loss" in self._last_logs else {}),
-                   **pending.metrics}
+        metrics = {k: v for k, v in pending.metrics.items() if not _is_speed_metric(k)}
+        if self._last_log_step == pending.step and "loss" in self._last_logs:
+            metrics.setdefault("loss", self._last_logs["loss"])  # the training loss logged at this step
         self._save(args, state, control, kwargs, metrics)
 
     def _save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -356,3 +359,8 @@ class CheckpointCallback(TrainerCallback):
             self.manager.wait()  # the Trainer may load the best checkpoint right after this
         log.info("checkpoint step %d: training blocked %.1f ms (%s)", step, stall * 1e3,
                  "written in the background" if self.manager.async_save else "written")
+
+
+def _is_speed_metric(name: str) -> bool:
+    """``eval_runtime``, ``eval_samples_per_second``, ``epoch``...: timing, not quality; not stored."""
+    return name == "epoch" or name.endswith(("_runtime", "_per_second"))

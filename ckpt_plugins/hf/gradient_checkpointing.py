@@ -50,7 +50,8 @@ class ActivationPlan:
 
 def _trainer_flag(args: Any) -> tuple[bool, dict[str, Any]]:
     on = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None)
+    kwargs = (getattr(args, "activation_checkpointing_kwargs", None)
+              or getattr(args, "gradient_checkpointing_kwargs", None))
     return on, dict(kwargs) if isinstance(kwargs, dict) else {}
 
 

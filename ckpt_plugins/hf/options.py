@@ -125,6 +125,10 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
                               f"metric_for_best_model={args.metric_for_best_model!r}; drop mode (it follows "
                               "greater_is_better) or change one of them")
         mode = args_mode
+    if args.load_best_model_at_end and metric is not None and monitor != metric:
+        log.warning("monitor=%r differs from metric_for_best_model=%r: retention keeps the best by %r, "
+                    "so the checkpoint load_best_model_at_end wants may be deleted; drop monitor to follow "
+                    "metric_for_best_model", monitor, metric, monitor)
     if options.keep_best is not None and monitor is None:
         raise ConfigError(f"keep_best={options.keep_best} needs a metric to rank checkpoints: pass "
                           "monitor= (e.g. 'eval_loss') or set TrainingArguments.metric_for_best_model")

@@ -37,6 +37,7 @@ from ckpt_plugins.retention import build_policy
 from ckpt_plugins.state_tree import flatten_state
 
 from .data_position import DataPosition
+from .paths import CommittedPaths
 from .plugin import CheckpointIOPlugin
 from .rng import capture_rng, restore_rng
 from .state import RANK_STATE_KEY, explain_unsupported, to_storable
@@ -48,7 +49,7 @@ __all__ = ["CheckpointCallback"]
 log = logging.getLogger(__name__)
 
 
-class CheckpointCallback(ModelCheckpoint):
+class CheckpointCallback(CommittedPaths, ModelCheckpoint):
     """Crash-safe, asynchronous, retention-aware checkpoints with exact resume for Lightning.
 
     Checkpoints are folders ``<dirpath>/step_<global_step>/``. Resume with
@@ -72,6 +73,9 @@ class CheckpointCallback(ModelCheckpoint):
         snapshot: ``"safe"`` copies the state inside the save; ``"overlap"`` copies it in the
             background while the next forward/backward runs, and waits for the copy before the
             next optimizer step (needs ``async_save``).
+        writer: ``"thread"`` (default) or ``"process"``: tensor files written by a separate
+            process from shared-memory copies, so the writer does not compete with training for
+            the GIL (needs ``async_save`` and a local ``dirpath``).
         every_n_train_steps: save every N optimizer steps.
         every_n_epochs: save every N epochs (the default, N=1, when no trigger is set).
         train_time_interval: save when this much time passed (seconds or timedelta).
@@ -96,7 +100,8 @@ class CheckpointCallback(ModelCheckpoint):
                  keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
                  keep_every_n_steps: int | None = None, keep_time_interval: float | timedelta | None = None,
                  overwrite: bool = False, async_save: bool = True, max_pending: int = 1,
-                 snapshot: Literal["safe", "overlap"] = "safe", every_n_train_steps: int | None = None,
+                 snapshot: Literal["safe", "overlap"] = "safe", writer: Literal["thread", "process"] = "thread",
+                 every_n_train_steps: int | None = None,
                  every_n_epochs: int | None = None, train_time_interval: float | timedelta | None = None,
                  save_on_train_epoch_end: bool | None = None, save_weights_only: bool = False,
                  save_on_exception: bool = False,
@@ -107,7 +112,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.manager_options = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
                                     keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
                                     overwrite=overwrite, async_save=async_save, max_pending=max_pending,
-                                    snapshot=snapshot, on_error=on_error, verify=verify)
+                                    snapshot=snapshot, writer=writer, on_error=on_error, verify=verify)
         build_policy(**{k: self.manager_options[k] for k in  # fail fast on retention flags; the rest at setup
                         ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")})
         interval = train_time_interval
@@ -116,90 +121,18 @@ class CheckpointCallback(ModelCheckpoint):
                          every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
                          train_time_interval=timedelta(seconds=interval) if isinstance(interval, (int, float)) else interval,
                          save_on_train_epoch_end=save_on_train_epoch_end)
-        self.async_save, self.max_pending, self.snapshot = async_save, max_pending, snapshot
+        self.async_save, self.max_pending, self.snapshot, self.writer = async_save, max_pending, snapshot, writer
         self.stats = SaveStats()
         self.manager: CheckpointManager | None = None
         self._position = DataPosition()
         self._plugin: CheckpointIOPlugin | None = None
         self._resume: dict[str, Any] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         self._deferred: str | None = None
         self._said: set[str] = set()
         self._warned_hparams: set[str] = set()
         self._step_saved = -1
         self._seen_metrics: dict[str, float] = {}
-
-    # --- where checkpoints are ---------------------------------------------------------------
-    def _resolve_dirpath(self, trainer: Any) -> str:
-        """``dirpath``, else Lightning's rule for ``ModelCheckpoint`` (logger dir or root dir)."""
-        if self.dirpath is not None:
-            return os.fspath(self.dirpath)
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
-        return os.path.join(trainer.default_root_dir, "checkpoints")
-
-    def _reader(self) -> CheckpointManager | None:
-        """The live manager, else a read-only one over ``dirpath`` when it exists."""
-        if self.manager is not None:
-            return self.manager
-        if self.dirpath is not None and os.path.isdir(self.dirpath):
-            return CheckpointManager(self.dirpath, read_only=True, monitor=self.monitor, mode=self.mode)
-        return None
-
-    @property
-    def last_model_path(self) -> str:
-        """The newest committed checkpoint folder ("" when there is none)."""
-        reader = self._reader()
-        step = reader.latest_step() if reader is not None else None
-        return reader.path_for(step) if step is not None else self._last_model_path
-
-    @last_model_path.setter
-    def last_model_path(self, value: str) -> None:
-        self._last_model_path = value
-
-    @property
-    def best_model_path(self) -> str:
-        """The best committed checkpoint folder by ``monitor`` ("" without a monitor or metric)."""
-        reader = self._reader()
-        step = reader.best_step() if reader is not None else None
-        return reader.path_for(step) if step is not None else self._best_model_path
-
-    @best_model_path.setter
-    def best_model_path(self, value: str) -> None:
-        self._best_model_path = value
-
-    @property
-    def best_model_score(self) -> torch.Tensor | None:
-        """``monitor``'s value at the best checkpoint."""
-        return self.best_k_models.get(self.best_model_path, self._best_model_score)
-
-    @best_model_score.setter
-    def best_model_score(self, value: torch.Tensor | None) -> None:
-        self._best_model_score = value
-
-    @property
-    def best_k_models(self) -> dict[str, torch.Tensor]:
-        """Committed checkpoints that have ``monitor``, folder -> value."""
-        reader = self._reader()
-        if reader is None or self.monitor is None:
-            return {}
-        return {reader.path_for(r.step): torch.tensor(r.metrics[self.monitor]) for r in reader.records()
-                if self.monitor in r.metrics}
-
-    @best_k_models.setter
-    def best_k_models(self, value: dict[str, torch.Tensor]) -> None:
-        pass  # derived from the checkpoints on disk
-
-    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
-        """For ``ckpt_path="last"``: the newest committed folder (called before ``setup``)."""
-        directory = self._resolve_dirpath(trainer)
-        if not os.path.isdir(directory):
-            return set()
-        reader = CheckpointManager(directory, read_only=True)
-        step = reader.latest_step()
-        return {reader.path_for(step)} if step is not None else set()
 
     # --- set-up and tear-down ----------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -212,7 +145,7 @@ class CheckpointCallback(ModelCheckpoint):
                                          on_commit=self.stats.on_commit if fitting else None, **options)
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:
-            io = CheckpointIOPlugin(async_save=self.async_save, max_pending=self.max_pending,
+            io = CheckpointIOPlugin(async_save=self.async_save, max_pending=self.max_pending, writer=self.writer,
                                     on_error=self.manager_options["on_error"], verify=self.manager_options["verify"])
             trainer.strategy.checkpoint_io = io
             log.info("installed %r as the trainer's checkpoint IO (it was Lightning's default)", io)
@@ -252,6 +185,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.triggers.start()
         self._step_saved = trainer.global_step
         self._check_no_later_checkpoints(trainer)
+        self._position.track(trainer)
         resume, self._resume = self._resume, None
         if trainer.ckpt_path is None:
             return
@@ -260,8 +194,16 @@ class CheckpointCallback(ModelCheckpoint):
                       "for this rank: training continues, but not bit-exactly", trainer.ckpt_path)
             return
         self._position.resume(trainer, resume["data"])
-        restore_rng(resume["rng"])  # nothing may draw between this and the first batch ...
-        self._position.after_rng_restored(trainer)  # ... but what the uninterrupted run drew too
+        self._rng_to_restore = resume["rng"]
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """First batch after a resume: the RNG state goes back to the checkpoint's, at the one point
+        both runs pass through whatever Lightning did in between (it may start a data iterator,
+        which draws, depending on where in the loop the checkpoint was taken)."""
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+            self._position.replay_draws_after_save(trainer)
 
     def _check_no_later_checkpoints(self, trainer: Any) -> None:
         """Fail before training, not at the first save, when this run would collide with an
@@ -278,7 +220,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     # --- triggers ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._position.on_epoch_start(trainer)
+        self._position.track(trainer)  # loaders may have been reloaded
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._deliver(trainer)

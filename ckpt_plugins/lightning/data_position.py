@@ -12,12 +12,13 @@ and Lightning's DDP set-up build):
   which a resumed process cannot replay, so it gets its own ``torch.Generator`` seeded from
   ``torch.initial_seed()`` (logged once). ``DistributedSampler`` orders by ``(seed, epoch)`` and
   needs nothing.
-* At every epoch start the generators' states are recorded; a checkpoint stores them with the
-  number of batches already drawn this epoch.
-* On resume, before the first batch is drawn, the generators get the recorded epoch-start state
-  back and the ``BatchSampler``'s sampler is wrapped so that its first pass skips the indices of
-  the batches already trained on (no data is loaded for them). The wrapper unwinds itself at the
-  next epoch.
+* The sampler under each training ``BatchSampler`` is wrapped (:class:`_Tracked`): when a pass
+  over the data starts, it records the generator's state, which decides that pass's order. A
+  checkpoint stores it with the number of batches already drawn this epoch.
+* On resume, before the first batch is drawn, the generators get the recorded state back and the
+  wrapper skips the indices of the batches already trained on in its first pass (no data is
+  loaded for them). Draws the uninterrupted run made between the checkpoint and its next batch
+  (starting the next epoch's iterator, after a checkpoint that ended an epoch) are made again.
 
 Exact for ``num_workers=0`` or workers without randomness; otherwise, and for iterable datasets or
 custom batch samplers, use ``StatefulDataLoader`` (a warning says so once).
@@ -61,35 +62,32 @@ def _is_stateful(loader: Any) -> bool:
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
-def _sampler(loader: Any) -> Sampler | None:
+def _tracked(loader: Any) -> "_Tracked | None":
+    """The tracking wrapper of a plain training DataLoader's sampler (installed on first use)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
-    if isinstance(loader, DataLoader) and isinstance(batch_sampler, BatchSampler):
-        inner = batch_sampler.sampler
-        return inner.inner if isinstance(inner, _SkipFirst) else inner
-    return None
+    if not isinstance(loader, DataLoader) or _is_stateful(loader) or not isinstance(batch_sampler, BatchSampler):
+        return None
+    if not isinstance(batch_sampler.sampler, _Tracked):
+        sampler = batch_sampler.sampler
+        if isinstance(sampler, RandomSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator().manual_seed(torch.initial_seed())
+            log.info("gave the train DataLoader's RandomSampler its own generator (seed %d, from "
+                     "torch.initial_seed()) so that its order can be replayed on resume", torch.initial_seed())
+        batch_sampler.sampler = _Tracked(sampler)
+    return batch_sampler.sampler
 
 
-def _restart_epoch_iterator(trainer: Any) -> None:
-    """Start the epoch's data iterator again, as Lightning does at the start of every later epoch.
+class _Tracked(Sampler):
+    """Wraps a training sampler: records its generator's state when a pass starts (that state
+    decides the pass's order) and, once, leaves out the first ``skip`` indices of a pass."""
 
-    A checkpoint taken at the end of an epoch holds the RNG state from before the next epoch's
-    iterator was created, and creating it draws from the global generator (a DataLoader draws
-    its workers' base seed). A resumed run created its iterator before the RNG was restored, so
-    it is created once more here, after: the draws then happen where the uninterrupted run made
-    them. (``_data_fetcher`` is the fit loop's own fetcher; without it nothing is done.)
-    """
-    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-    if fetcher is not None:
-        iter(fetcher)
-
-
-class _SkipFirst(Sampler):
-    """Yields ``inner``'s indices, leaving out the first ``skip`` of its next pass only."""
-
-    def __init__(self, inner: Sampler, skip: int) -> None:
-        self.inner, self.skip = inner, skip
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.skip = 0
+        self.pass_start: torch.Tensor | None = _generator_state(inner)
 
     def __iter__(self) -> Iterator[Any]:
+        self.pass_start = _generator_state(self.inner)
         skip, self.skip = self.skip, 0
         return itertools.islice(iter(self.inner), skip, None)
 
@@ -97,37 +95,37 @@ class _SkipFirst(Sampler):
         return len(self.inner)  # type: ignore[arg-type]
 
 
+def _generator_state(sampler: Any) -> torch.Tensor | None:
+    generator = getattr(sampler, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
+
+
 class DataPosition:
     """Records and restores the position of the training data (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._epoch_start: list[torch.Tensor | None] = []
         self._warned = False
-        self._restart_iterator = False
+        self._epoch_ended = False
 
-    # --- every run -----------------------------------------------------------------------------
-    def on_epoch_start(self, trainer: Any) -> None:
-        """Give unseeded samplers a generator, record the generators' states, drop skip wrappers."""
-        loaders = train_loaders(trainer)
-        for loader in loaders:
-            batch_sampler = getattr(loader, "batch_sampler", None)
-            if isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, _SkipFirst):
-                batch_sampler.sampler = batch_sampler.sampler.inner
-        self._seed_samplers(loaders)
-        self._epoch_start = [self._generator_state(loader) for loader in loaders]
+    def track(self, trainer: Any) -> None:
+        """Wrap the training loaders' samplers (at train start and when loaders are reloaded),
+        before any pass over them starts."""
+        for loader in train_loaders(trainer):
+            _tracked(loader)
 
     def state(self, trainer: Any) -> dict[str, Any]:
-        """The position now: epoch, batches drawn this epoch, epoch-start and current generator states."""
+        """The position now: epoch, batches drawn this epoch, generator states at the start of
+        this epoch's pass and now (per loader; None for loaders Lightning restores itself)."""
         loaders = train_loaders(trainer)
         self._warn_if_inexact(loaders)
+        tracked = [_tracked(loader) for loader in loaders]
         return {
             "epoch": int(trainer.current_epoch),
             "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
-            "epoch_start": list(self._epoch_start),
-            "now": [self._generator_state(loader) for loader in loaders],
+            "epoch_start": [t.pass_start if t is not None else None for t in tracked],
+            "now": [_generator_state(t.inner) if t is not None else None for t in tracked],
         }
 
-    # --- a resumed run -------------------------------------------------------------------------
     def resume(self, trainer: Any, state: Mapping[str, Any]) -> None:
         """Before the first batch of a resumed run: replay the epoch's order and skip what was seen.
 
@@ -136,52 +134,45 @@ class DataPosition:
             state: what :meth:`state` returned when the checkpoint was taken.
         """
         loaders = train_loaders(trainer)
-        self._seed_samplers(loaders)
         num_batches = trainer.num_training_batches
         mid_epoch = 0 < state["batches"] < num_batches
+        self._epoch_ended = state["batches"] >= num_batches
         generators = state["epoch_start"] if mid_epoch else state["now"]
         if len(generators) != len(loaders):
             log.warning("the checkpoint recorded %d training loader(s), this run has %d; the data "
                         "position is not restored", len(generators), len(loaders))
             return
         for loader, saved in zip(loaders, generators):
-            if _is_stateful(loader):
-                continue  # Lightning restored it from the loop state
-            sampler = _sampler(loader)
-            generator = getattr(sampler, "generator", None)
+            tracked = _tracked(loader)
+            if tracked is None:
+                continue  # Lightning restores a stateful loader from the loop state
+            generator = getattr(tracked.inner, "generator", None)
             if saved is not None and isinstance(generator, torch.Generator):
                 generator.set_state(saved)
-            if mid_epoch and sampler is not None:
-                loader.batch_sampler.sampler = _SkipFirst(sampler, state["batches"] * loader.batch_sampler.batch_size)
-        self._epoch_start = list(state["epoch_start"]) if mid_epoch else [self._generator_state(l) for l in loaders]
-        self._restart_iterator = state["batches"] >= num_batches
+            if mid_epoch:
+                tracked.skip = state["batches"] * loader.batch_sampler.batch_size
+            elif self._epoch_ended and loader.generator is not None:
+                _draw_base_seed(loader)  # the next epoch's iterator drew it before its pass began
         if mid_epoch:
             log.info("resuming epoch %d at batch %d: the first %d batch(es) of the epoch's order are skipped",
                      state["epoch"], state["batches"], state["batches"])
 
-    def after_rng_restored(self, trainer: Any) -> None:
-        """Right after the RNG was restored: when the checkpoint ended an epoch, create the next
-        epoch's iterator now, as the uninterrupted run did after its save (see
-        :func:`_restart_epoch_iterator`)."""
-        if self._restart_iterator:
-            self._restart_iterator = False
-            _restart_epoch_iterator(trainer)
+    def replay_draws_after_save(self, trainer: Any) -> None:
+        """Make the global-RNG draws the uninterrupted run made between the checkpoint and its
+        next batch; call right after restoring the checkpoint's RNG state.
 
-    # --- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def _seed_samplers(loaders: list[Any]) -> None:
-        for loader in loaders:
-            sampler = _sampler(loader)
-            if isinstance(sampler, RandomSampler) and sampler.generator is None and not _is_stateful(loader):
-                sampler.generator = torch.Generator().manual_seed(torch.initial_seed())
-                log.info("gave the train DataLoader's RandomSampler its own generator (seed %d, from "
-                         "torch.initial_seed()) so that its order can be replayed on resume",
-                         torch.initial_seed())
-
-    @staticmethod
-    def _generator_state(loader: Any) -> torch.Tensor | None:
-        generator = getattr(_sampler(loader), "generator", None)
-        return generator.get_state() if isinstance(generator, torch.Generator) else None
+        After a checkpoint that ended an epoch, that run started the next epoch's iterator, and
+        starting a ``DataLoader`` iterator draws its workers' base seed: one int64 from the
+        loader's ``generator`` (done in :meth:`resume`), or from the global generator when it has
+        none (done here). Mid-epoch there is nothing in between: a save due right before a
+        validation is taken after it.
+        """
+        if not self._epoch_ended:
+            return
+        self._epoch_ended = False
+        for loader in train_loaders(trainer):
+            if isinstance(loader, DataLoader) and loader.generator is None:
+                _draw_base_seed(loader)
 
     def _warn_if_inexact(self, loaders: list[Any]) -> None:
         if self._warned:
@@ -190,7 +181,7 @@ class DataPosition:
             if _is_stateful(loader):
                 continue
             reason = None
-            if _sampler(loader) is None:
+            if _tracked(loader) is None:
                 reason = "it has no BatchSampler (an iterable dataset or a custom batch_sampler)"
             elif getattr(loader, "num_workers", 0) > 0:
                 reason = "it uses worker processes, whose random state is not recorded"
@@ -200,3 +191,8 @@ class DataPosition:
                             "Use torchdata's StatefulDataLoader (Lightning saves its position) for "
                             "an exact resume.", type(loader).__name__, reason)
                 return
+
+
+def _draw_base_seed(loader: DataLoader) -> None:
+    """The draw ``torch.utils.data`` makes when a DataLoader iterator starts (its base seed)."""
+    torch.empty((), dtype=torch.int64).random_(generator=loader.generator)

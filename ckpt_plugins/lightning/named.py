@@ -44,7 +44,7 @@ class _Stage:
     def __init__(self, parent: str, owner: "NamedSaves") -> None:
         self.parent = parent
         self.mgr = CheckpointManager(os.path.join(parent, STAGE_DIR), async_save=owner.async_save,
-                                     max_pending=owner.max_pending, on_error=owner.on_error,
+                                     max_pending=owner.max_pending, writer=owner.writer, on_error=owner.on_error,
                                      overwrite=True)
         self.owner = owner
         self.lock = threading.Lock()
@@ -134,11 +134,13 @@ class NamedSaves:
     Args:
         async_save: persist in the background (the call returns once the state is copied).
         max_pending: saves in flight per parent directory.
+        writer: ``"thread"`` or ``"process"`` (as the core's ``writer``).
         on_error: ``"raise"`` or ``"warn"`` for failed background saves (as the core).
     """
 
-    def __init__(self, *, async_save: bool = True, max_pending: int = 1, on_error: str = "raise") -> None:
-        self.async_save, self.max_pending, self.on_error = async_save, max_pending, on_error
+    def __init__(self, *, async_save: bool = True, max_pending: int = 1, writer: str = "thread",
+                 on_error: str = "raise") -> None:
+        self.async_save, self.max_pending, self.writer, self.on_error = async_save, max_pending, writer, on_error
         self._stages: dict[str, _Stage] = {}
         self._lock = threading.Lock()
 

@@ -50,6 +50,8 @@ class CheckpointIOPlugin(CheckpointIO):
         async_save: return from ``save_checkpoint`` once the state is copied into reused host
             buffers; write and commit in the background.
         max_pending: saves in flight at once (per directory); a further save waits.
+        writer: ``"thread"`` or ``"process"`` (tensor files written by a separate process, no
+            GIL contention with training; needs ``async_save``).
         on_error: ``"raise"``: a failed background save raises at the next save, removal or
             teardown; ``"warn"``: it is logged and training goes on.
         verify: check checksums when loading.
@@ -58,13 +60,17 @@ class CheckpointIOPlugin(CheckpointIO):
         >>> trainer = Trainer(plugins=[CheckpointIOPlugin()])  # doctest: +SKIP
     """
 
-    def __init__(self, async_save: bool = True, max_pending: int = 1,
+    def __init__(self, async_save: bool = True, max_pending: int = 1, writer: Literal["thread", "process"] = "thread",
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
         if on_error not in ("raise", "warn"):
             raise ConfigError(f"CheckpointIOPlugin(on_error=...) must be 'raise' or 'warn', got {on_error!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"CheckpointIOPlugin(max_pending=...) must be a positive integer, got {max_pending!r}")
-        self.async_save, self.max_pending, self.on_error, self.verify = async_save, max_pending, on_error, verify
+        if writer not in ("thread", "process") or writer == "process" and not async_save:
+            raise ConfigError(f"CheckpointIOPlugin(writer=...) must be 'thread' or 'process' (the latter with "
+                              f"async_save=True), got writer={writer!r}, async_save={async_save!r}")
+        self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
+        self.on_error, self.verify = on_error, verify
         self._saves: NamedSaves | None = None
         self._managers: list[CheckpointManager] = []
         self._warned: set[str] = set()
@@ -133,7 +139,8 @@ class CheckpointIOPlugin(CheckpointIO):
 
     def _named(self) -> NamedSaves:
         if self._saves is None:
-            self._saves = NamedSaves(async_save=self.async_save, max_pending=self.max_pending, on_error=self.on_error)
+            self._saves = NamedSaves(async_save=self.async_save, max_pending=self.max_pending, writer=self.writer,
+                                     on_error=self.on_error)
         return self._saves
 
     # --- for CheckpointCallback --------------------------------------------------------------
@@ -156,4 +163,5 @@ class CheckpointIOPlugin(CheckpointIO):
         self._fallback.save_checkpoint(checkpoint, path)
 
     def __repr__(self) -> str:
-        return f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, on_error={self.on_error!r})"
+        return (f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, "
+                f"writer={self.writer!r}, on_error={self.on_error!r})")

@@ -46,6 +46,7 @@ import dataclasses
 import enum
 import logging
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,7 +147,8 @@ def _convert(value: Any) -> Any:
 def explain_unsupported(exc: UnsupportedStateError) -> UnsupportedStateError:
     """The core's error with where the key comes from in Lightning, and what to do."""
     message = str(exc)
-    origin = next((text for key, text in _ORIGINS.items() if f"'{key}." in message or f"['{key}']" in message), None)
+    top = re.search(r"key path '([^'.]*)", message)
+    origin = _ORIGINS.get(top.group(1)) if top else None
     hint = (f" In a Lightning checkpoint this key comes from {origin}." if origin else
             " In a Lightning checkpoint a top-level key like this one is added by an "
             "on_save_checkpoint() hook (LightningModule, DataModule or callback).")

@@ -28,6 +28,13 @@ class SaveStats:
         self._committed: list[tuple[int, float]] = []
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks to start the ranks
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def saved(self, step: int, stall_s: float, nbytes: float, persist_s: float | None) -> dict[str, float]:
         """A save returned to the training loop (``persist_s`` known when it was synchronous)."""
         record = {"step": float(step), "stall_s": stall_s, "bytes": nbytes}

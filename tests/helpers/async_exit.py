@@ -2,6 +2,8 @@
 
 mode "exit": returns from the script without closing the manager (interpreter exit must flush).
 mode "sigterm": sleeps; the parent sends SIGTERM while the save is still being written.
+mode "loop": saves without pause; the parent sends SIGTERM several times while the main thread
+    is inside save() (a regression test: the handler once deadlocked on the engine's queue lock).
 """
 
 import logging
@@ -23,6 +25,12 @@ def slow_open_write(path):
     return original(path)
 
 
+if mode == "loop":
+    print("save submitted", flush=True)
+    step = 0
+    while True:
+        step += 1
+        mgr.save(step, {"w": torch.arange(10.0)})
 mgr.storage.open_write = slow_open_write
 mgr.save(7, {"w": torch.arange(10.0)})
 print("save submitted", flush=True)

@@ -110,7 +110,8 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--die-at", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", help="write the final parameters here (.safetensors)")
-    p.add_argument("--loader", choices=("plain", "stateful"), default="plain")
+    p.add_argument("--loader", choices=("plain", "seeded", "stateful"), default="plain",
+                   help="DataLoader(shuffle=True), the same with its own generator, or a StatefulDataLoader")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--strategy", default="ddp", help="with --ddp: ddp (subprocesses) or ddp_fork")
     p.add_argument("--val", action="store_true", help="validate every 6 batches, keep the best by val_loss")
@@ -132,7 +133,8 @@ def _fit(args: argparse.Namespace) -> dict:
         from torchdata.stateful_dataloader import StatefulDataLoader as Loader
     else:
         Loader = DataLoader
-    train = Loader(data(96), batch_size=8, shuffle=True)
+    generator = torch.Generator().manual_seed(5) if args.loader == "seeded" else None
+    train = Loader(data(96), batch_size=8, shuffle=True, generator=generator)
     val = DataLoader(data(32), batch_size=16) if args.val else None
     ckpt = CheckpointCallback(args.dir, keep_last=args.keep_last, every_n_train_steps=args.every,
                               async_save=not args.sync,

@@ -1,0 +1,103 @@
+"""What Lightning reads from a ``ModelCheckpoint``, answered from the committed checkpoints.
+
+Lightning and its loggers read ``best_model_path``, ``best_model_score``, ``last_model_path`` and
+``best_k_models`` from the checkpoint callback (``ckpt_path="best"``, the ``ddp_spawn`` launcher,
+W&B/MLflow uploads), and call ``_find_last_checkpoints`` for ``ckpt_path="last"`` before the
+callback is set up. Here each is derived from the folders on disk, so it is right in a new
+process (given ``dirpath``), after a resume, and after retention deleted checkpoints; a save still
+in flight is not listed until it commits. Assigning one (as ``ModelCheckpoint.__init__`` and
+Lightning's launchers do) sets the value used when there is no directory to read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ckpt_plugins.manager import CheckpointManager
+
+__all__ = ["CommittedPaths"]
+
+
+class CommittedPaths:
+    """Mixin for :class:`~ckpt_plugins.lightning.CheckpointCallback` (needs ``dirpath``,
+    ``monitor``, ``mode`` and ``manager``)."""
+
+    dirpath: Any
+    monitor: str | None
+    mode: str
+    manager: CheckpointManager | None
+
+    def _resolve_dirpath(self, trainer: Any) -> str:
+        """``dirpath``, else Lightning's rule for ``ModelCheckpoint`` (logger dir or root dir)."""
+        if self.dirpath is not None:
+            return os.fspath(self.dirpath)
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            return os.path.join(save_dir, str(logger.name), version, "checkpoints")
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _reader(self) -> CheckpointManager | None:
+        """The live manager, else a read-only one over ``dirpath`` when it exists."""
+        if self.manager is not None:
+            return self.manager
+        if self.dirpath is not None and os.path.isdir(self.dirpath):
+            return CheckpointManager(self.dirpath, read_only=True, monitor=self.monitor, mode=self.mode)
+        return None
+
+    @property
+    def last_model_path(self) -> str:
+        """The newest committed checkpoint folder ("" when there is none)."""
+        reader = self._reader()
+        step = reader.latest_step() if reader is not None else None
+        return reader.path_for(step) if step is not None else self._last_model_path
+
+    @last_model_path.setter
+    def last_model_path(self, value: str) -> None:
+        self._last_model_path = value
+
+    @property
+    def best_model_path(self) -> str:
+        """The best committed checkpoint folder by ``monitor`` ("" without a monitor or metric)."""
+        reader = self._reader()
+        step = reader.best_step() if reader is not None else None
+        return reader.path_for(step) if step is not None else self._best_model_path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self._best_model_path = value
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        """``monitor``'s value at the best checkpoint."""
+        return self.best_k_models.get(self.best_model_path, self._best_model_score)
+
+    @best_model_score.setter
+    def best_model_score(self, value: torch.Tensor | None) -> None:
+        self._best_model_score = value
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        """Committed checkpoints that have ``monitor``, folder -> value."""
+        reader = self._reader()
+        if reader is None or self.monitor is None:
+            return {}
+        return {reader.path_for(r.step): torch.tensor(r.metrics[self.monitor]) for r in reader.records()
+                if self.monitor in r.metrics}
+
+    @best_k_models.setter
+    def best_k_models(self, value: dict[str, torch.Tensor]) -> None:
+        pass  # derived from the checkpoints on disk
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        """For ``ckpt_path="last"``: the newest committed folder (called before ``setup``)."""
+        directory = self._resolve_dirpath(trainer)
+        if not os.path.isdir(directory):
+            return set()
+        reader = CheckpointManager(directory, read_only=True)
+        step = reader.latest_step()
+        return {reader.path_for(step)} if step is not None else set()
