@@ -1,5 +1,7 @@
-"""`make demo`: train, crash, resume, and show that nothing was lost.
+"""`make demo`: train, crash, resume, and show that nothing was lost, three times:
+a plain PyTorch loop, LightningCLI (``examples/lightning``) and the HF Trainer (``examples/hf``).
 
+Plain PyTorch:
 1. A reference run trains the tiny model for 60 steps without interruption.
 2. The same run with ckpt_plugins saving every 5 steps (async, keep_last=3 plus the best by loss)
    SIGKILLs itself at step 37, between two saves.
@@ -35,8 +37,28 @@ def run(*args: str, expect_kill: bool = False) -> None:
 
 
 def main() -> None:
-    shutil.rmtree(RUNS, ignore_errors=True)
-    RUNS.mkdir(parents=True)
+    plain()
+    section("Lightning: LightningCLI + CheckpointCallback, SIGKILL, --ckpt_path last")
+    run_example("lightning")
+    section("Hugging Face: Trainer + CheckpointCallback, SIGKILL, resume_from_checkpoint")
+    run_example("hf")
+
+
+def section(title: str) -> None:
+    print(f"\n{'=' * 100}\n{title}\n{'=' * 100}", flush=True)
+
+
+def run_example(name: str) -> None:
+    """Each framework's demo in its own process, so that their imports stay apart."""
+    proc = subprocess.run([sys.executable, str(ROOT / name / "demo.py")], check=False)
+    if proc.returncode != 0:
+        sys.exit(f"the {name} demo failed (exit code {proc.returncode})")
+
+
+def plain() -> None:
+    section("Plain PyTorch: CheckpointManager in a hand-written loop, SIGKILL, resume")
+    shutil.rmtree(RUNS / "plain", ignore_errors=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
     train = str(ROOT / "plain" / "train.py")
     ckpt_dir = str(RUNS / "plain")
 
