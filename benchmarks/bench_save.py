@@ -55,7 +55,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch, disk_write_bandwidth,  # noqa: E402
+from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch, aligned_random_bytes,  # noqa: E402
+                    cpu_seconds, disk_write_bandwidth,
                     drop_page_cache, file_bytes, fmt_ratio, fmt_s, machine_info, md_table, median, pss_bytes, rss_bytes,
                     replace_block, scratch_dir, spread, sync_disk, write_json, write_text)
 
@@ -308,8 +309,11 @@ class Ours(Contender):
             self.mgr.wait_for_snapshot()
             extra["wait_for_snapshot_s"] = time.perf_counter() - t1
             stall += extra["wait_for_snapshot_s"]
+        cpu0 = cpu_seconds()  # this thread now blocks in wait(): what is used is the writer's
         path = Path(handle.wait())
         durable = time.perf_counter() - t0
+        if self.mgr.async_save and self.compute is None:
+            extra["persist_cpu_s"] = cpu_seconds() - cpu0
         extra["lib_stall_s"] = self.mgr.last_save_stats.get("stall_s", float("nan"))
         extra["persist_s"] = self.mgr.last_save_stats.get("persist_s", float("nan"))
         return stall, durable, path, extra
@@ -350,9 +354,12 @@ def bench_saves(state: Any, workdir: Path, args: argparse.Namespace, payload: me
     warmup: dict[str, dict[str, float]] = {}
     floors: list[float] = []
     disk: list[float] = []
+    direct: list[float] = []
     try:
         for rnd in range(args.warmup + args.reps):
             order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
+            with contextlib.suppress(OSError):  # context: what the device sustains without the page cache
+                direct.append(disk_write_bandwidth(workdir, payload=payload, direct=True))
             for c in order:
                 c.clear()
                 sync_disk()  # the removal's own writes (and discards) land before anything is timed
@@ -377,6 +384,7 @@ def bench_saves(state: Any, workdir: Path, args: argparse.Namespace, payload: me
                 c.clear()
             c.close()
     return {"samples": samples, "warmup": warmup, "floor_samples": floors, "disk_bw_samples": disk,
+            "disk_bw_direct_samples": direct,
             "compute": {"target_s": max(0.3, 3 * floor_s), "idle_s": compute.idle_s},
             "kinds": {c.name: c.kind for c in contenders}}
 
@@ -599,6 +607,8 @@ def bench_dip(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, 
                 r["busy_s"].append(busy_s)
                 if steps:  # paired: this persist window against the idle window right after it
                     r["round_dips"].append(1 - median(idle) / median(steps))
+                r["busy_wall"] = r.get("busy_wall", 0.0) + busy_s
+                r["idle_wall"] = r.get("idle_wall", 0.0) + sum(idle)
     finally:
         for mgr, folder in managers.values():
             mgr.close()
@@ -684,14 +694,21 @@ def render(res: dict[str, Any]) -> str:
         + (f"; this process ran at nice {res['nice']}" if res.get("nice") else "") + ".  ",
         f"Disk: fsynced sequential write bandwidth {disk_bw / MB:.0f} MB/s (median of "
         f"{len(res['save_raw']['disk_bw_samples'])} samples of 2 x 256 MiB, one just before each save; range "
-        f"{min(res['save_raw']['disk_bw_samples']) / MB:.0f}-{max(res['save_raw']['disk_bw_samples']) / MB:.0f} MB/s).",
+        f"{min(res['save_raw']['disk_bw_samples']) / MB:.0f}-{max(res['save_raw']['disk_bw_samples']) / MB:.0f} MB/s)"
+        + (f"; with O_DIRECT (no page cache, once per round) {median(res['save_raw']['disk_bw_direct_samples']) / MB:.0f} MB/s "
+           f"(range {min(res['save_raw']['disk_bw_direct_samples']) / MB:.0f}-"
+           f"{max(res['save_raw']['disk_bw_direct_samples']) / MB:.0f})" if res["save_raw"].get("disk_bw_direct_samples") else "")
+        + ".",
         "",
         "## Saves",
         "",
         "Stall = time the caller is blocked; x floor = median of stall / the floor copy measured just before "
         "it; durable = call to fsynced and committed; MB/s = bytes on disk / durable; % disk bw = median over "
         "saves of that throughput / the disk bandwidth sampled just before the save; writer-phase MB/s = "
-        "bytes / the time our background writer spent writing, fsyncing and committing.",
+        "bytes / the time our background writer spent writing, fsyncing and committing; writer CPU s = CPU "
+        "time this process and its children used while the caller waited for the async save to be durable "
+        "(the writer's own cost: hashing, copying into the page cache; the kernel's writeback threads are "
+        "not counted).",
         "",
     ]
     rows = []
@@ -701,10 +718,11 @@ def render(res: dict[str, Any]) -> str:
                      fmt_s(s.get("durable_s")), f"{s['throughput'] / MB:.0f}" if "throughput" in s else "-",
                      f"{s['pct_disk']:.0%}" if "pct_disk" in s else "-",
                      f"{s['persist_throughput'] / MB:.0f}" if "persist_throughput" in s else "-",
+                     f"{s['persist_cpu_s']:.2f}" if s.get("persist_cpu_s") == s.get("persist_cpu_s") and "persist_cpu_s" in s else "-",
                      f"{s['peak_rss'] / 2**20:.0f}" if s.get("peak_rss") is not None else "-",
                      f"{s['bytes'] / 2**20:.0f}" if "bytes" in s else "-"])
     lines.append(md_table(["contender", "stall (min - max)", "x floor", "durable", "MB/s", "% disk bw",
-                           "writer-phase MB/s", "peak RSS +MiB", "on disk MiB"], rows))
+                           "writer-phase MB/s", "writer CPU s", "peak RSS +MiB", "on disk MiB"], rows))
     lines += ["", "Warm-up saves (first save of each contender; ours allocates its staging buffers here): "
               + "; ".join(f"{k}: {fmt_s(v['stall_s'])}" for k, v in res["save_raw"]["warmup"].items()
                           if k.startswith("ours")) + ".", ""]
@@ -766,14 +784,15 @@ def render(res: dict[str, Any]) -> str:
     for name, s in d["rows"].items():
         busy, idle = median(s["busy"]), median(s["idle"])
         dips = s.get("round_dips", [])
-        rows.append([name, f"{len(s['busy'])}", fmt_s(busy), fmt_s(idle),
+        pooled = 1 - (len(s["busy"]) / s["busy_wall"]) / (len(s["idle"]) / s["idle_wall"]) if s.get("busy_wall") else float("nan")
+        rows.append([name, f"{len(s['busy'])}", fmt_s(busy), fmt_s(idle), f"{pooled:.0%}",
                      f"{median(dips):.0%} ({', '.join(f'{x:.0%}' for x in dips)})" if dips else "-",
                      fmt_s(median(s["busy_s"]))])
     lines += [md_table(["writer", "steps during persist", "step time during persist", "step time idle",
-                        "throughput dip (per round)", "persist window"], rows), "",
-              "Throughput dip = 1 - (steps/s during the persist) / (steps/s in the idle window right after it), "
-              "median over rounds. The persist window is longer than in the save table: the writer and the "
-              "training loop share the two cores.", ""]
+                        "dip, pooled", "dip, median of rounds (each round)", "persist window"], rows), "",
+              "Dip, pooled = 1 - (all steps during persists / their time) / (all steps in idle windows / their "
+              "time); median of rounds = the same per round from median step times, then the median. The persist "
+              "window is longer than in the save table: the writer and the training loop share the two cores.", ""]
 
     lines += ["## Targets", ""]
     lines += [md_table(["target", "measured", "met", "note"],
@@ -820,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     state = build_state(args)
     flat = unique_tensors(state)
     state_bytes = nbytes(flat)
-    payload = memoryview(torch.randint(0, 256, (256 << 20,), dtype=torch.uint8).numpy()).cast("B")
+    payload = aligned_random_bytes(256 << 20)
     res: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                            "command": COMMAND + (f" --nice {args.nice}" if args.nice else ""), "nice": os.nice(0),
                            "reps": args.reps, "warmup": args.warmup, "writers": WRITERS,

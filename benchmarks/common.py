@@ -27,7 +27,7 @@ __all__ = [
     "REPO", "RESULTS", "TMP", "MB",
     "median", "spread", "Stopwatch",
     "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
-    "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
+    "aligned_random_bytes", "cpu_seconds", "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
     "OtherLoad", "machine_info", "md_table", "replace_block", "write_json", "write_text", "fmt_s", "fmt_ratio",
 ]
 
@@ -100,39 +100,69 @@ def file_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def aligned_random_bytes(nbytes: int) -> memoryview:
+    """Incompressible bytes in page-aligned memory (``O_DIRECT`` writes need aligned buffers)."""
+    import mmap
+
+    buf = mmap.mmap(-1, nbytes)
+    view = memoryview(buf)
+    step = 64 << 20
+    for pos in range(0, nbytes, step):
+        view[pos:pos + min(step, nbytes - pos)] = os.urandom(min(step, nbytes - pos))
+    return view
+
+
 def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_mb: int = 256,
-                         payload: memoryview | None = None) -> float:
+                         payload: memoryview | None = None, direct: bool = False) -> float:
     """Fsynced sequential write bandwidth in bytes/s: ``files`` x ``file_mb`` MiB written with one
     ``os.write`` loop per file (16 MiB calls) and an ``os.fsync`` each, into ``directory``.
 
-    ``payload`` (at least ``file_mb`` MiB of incompressible bytes) is reused so that the
-    measurement times the disk, not the generation of data. Files are removed afterwards.
+    ``payload`` (at least ``file_mb`` MiB of incompressible bytes, page-aligned for ``direct``) is
+    reused so that the measurement times the disk, not the generation of data. ``direct`` opens
+    the files with ``O_DIRECT`` (no page cache: what the device itself sustains); it raises
+    ``OSError`` where the file system refuses it. Files are removed afterwards.
     """
     size = file_mb << 20
     if payload is None:
-        payload = memoryview(os.urandom(size))
+        payload = aligned_random_bytes(size)
     chunk = 16 << 20
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
     sync_disk()
     t0 = time.perf_counter()
-    for i in range(files):
-        path = os.path.join(directory, f"diskbw-{i}.bin")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            pos = 0
-            while pos < size:
-                pos += os.write(fd, payload[pos:min(pos + chunk, size)])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        for i in range(files):
+            fd = os.open(os.path.join(directory, f"diskbw-{i}.bin"), flags, 0o644)
+            try:
+                pos = 0
+                while pos < size:
+                    pos += os.write(fd, payload[pos:min(pos + chunk, size)])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        elapsed = time.perf_counter() - t0
     finally:
-        os.close(dir_fd)
-    elapsed = time.perf_counter() - t0
-    for i in range(files):
-        os.remove(os.path.join(directory, f"diskbw-{i}.bin"))
+        for i in range(files):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, f"diskbw-{i}.bin"))
     return files * size / elapsed
+
+
+def cpu_seconds(include_children: bool = True) -> float:
+    """User + system CPU time of this process's threads (and of its live children)."""
+    proc = psutil.Process()
+    t = proc.cpu_times()
+    total = t.user + t.system
+    if include_children:
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+    return total
 
 
 # --- memory ------------------------------------------------------------------------------------

@@ -112,13 +112,15 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     ax_dip.barh([y + 0.2 for y in ys], [b * 1e3 for b in busy], height=0.38,
                 color=[_color(n) for n in names], label="while a persist runs")
     for y, n, b in zip(ys, names, busy):
-        dip = _median(d[n].get("round_dips", []))
+        r = d[n]
+        dip = (1 - (len(r["busy"]) / r["busy_wall"]) / (len(r["idle"]) / r["idle_wall"])
+               if r.get("busy_wall") else _median(r.get("round_dips", [])))
         ax_dip.text(b * 1e3 * 1.01, y + 0.2, f"{b * 1e3:.0f} ms (dip {dip:.0%})" if dip == dip else "",
                     va="center", fontsize=8)
     ax_dip.set_yticks(list(ys), names, fontsize=8)
     ax_dip.invert_yaxis()
     ax_dip.set_xlim(0, max(busy + idle) * 1e3 * 1.5)
-    ax_dip.set_xlabel("training step time, ms (median); dip = median over rounds of 1 - steps/s ratio")
+    ax_dip.set_xlabel("training step time, ms (median); dip = 1 - steps/s during persists / steps/s idle")
     ax_dip.set_title("Training steps while a save persists")
     ax_dip.legend(fontsize=8, loc="upper right")
 

@@ -16,6 +16,7 @@ Usage::
     .venv/bin/python benchmarks/run_all.py                 # all of them (make bench)
     .venv/bin/python benchmarks/run_all.py save activation # only bench_save.py and bench_activation.py
     .venv/bin/python benchmarks/run_all.py --list
+    .venv/bin/python benchmarks/run_all.py --tables-only   # rebuild the tables from results/ only
 """
 
 from __future__ import annotations
@@ -142,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true", help="import and run them in this process")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the results block in the docs")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run nothing: rebuild the combined table from the result files present")
     args = p.parse_args(argv)
     names = discover(args.only)
     if args.list:
         print("\n".join(names))
         return 0
     outcomes: dict[str, Outcome] = {}
-    for name in names:
+    for name in [] if args.tables_only else names:
         print(f"=== {name} ===", flush=True)
         outcome = run_in_process(name) if args.in_process else run_subprocess(name)
         outcomes[name] = outcome

@@ -40,9 +40,11 @@ def _assert_same(reference: Path, resumed: Path, context: str) -> None:
     assert not different, f"{context}: parameters differ from the uninterrupted run: {different}"
 
 
-@pytest.mark.parametrize("loader", ["plain", "stateful"])
+@pytest.mark.parametrize("loader", ["plain", "seeded", "stateful"])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
-    """Single process; 12 batches per epoch, saves every 4 steps, killed mid-epoch at random."""
+    """Single process; 12 batches per epoch, saves every 4 steps (some end an epoch), killed at a
+    random step. Loaders: ``DataLoader(shuffle=True)``, the same with its own generator, and
+    torchdata's ``StatefulDataLoader``."""
     die_at = random.Random().randrange(5, 27)
     common = ["--steps", "30", "--every", "4", "--loader", loader]
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
