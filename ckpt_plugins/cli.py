@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--allow-unsafe-pickle", action="store_true", help="only for files you trust")
     p.set_defaults(func=cmd_diff)
+    from .lightning.convert import add_convert_parser  # imports Lightning only when run
+    add_convert_parser(sub)
     return parser
 
 

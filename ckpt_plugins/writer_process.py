@@ -83,6 +83,9 @@ class ProcessWriter:
                     if not self._proc.is_alive():
                         code = self._proc.exitcode
                         self._proc = None
+                        # Nobody reads the queues any more: never block exit on their feeder threads.
+                        self._requests.cancel_join_thread()
+                        self._results.cancel_join_thread()
                         raise SaveError(f"the writer process died (exit code {code}) while writing {path}") from None
         if kind == "ok":
             return FileRecord(size=payload[0], xxh3_64=payload[1])
