@@ -15,6 +15,7 @@ one implementation of ordering and error handling.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -73,8 +74,9 @@ class SaveHandle:
 class PersistEngine:
     """Ordered execution of save jobs, on a writer thread (async) or inline (sync)."""
 
-    def __init__(self, *, async_save: bool, name: str = "ckpt-writer") -> None:
+    def __init__(self, *, async_save: bool, name: str = "ckpt-writer", writer_nice: int = 10) -> None:
         self.async_save = async_save
+        self.writer_nice = writer_nice
         self._queue: queue.Queue[tuple[SaveHandle, Callable[[SaveHandle], str]] | None] = queue.Queue()
         self._handles: list[SaveHandle] = []
         self._lock = threading.Lock()
@@ -127,11 +129,24 @@ class PersistEngine:
         self._thread = None
 
     def _loop(self) -> None:
+        self._lower_priority()
         while True:
             item = self._queue.get()
             if item is None:
                 return
             self._run(*item)
+
+    def _lower_priority(self) -> None:
+        """Give the writer thread a higher nice value (Linux schedules threads one by one), so a
+        persist yields the cores to training: on 2 cores a plain write thread slowed training
+        steps by 54%, the same thread at nice +10 by 17% (``make bench``)."""
+        if not self.writer_nice or not hasattr(os, "setpriority"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.writer_nice)
+        except OSError as exc:  # not permitted here: keep the default priority
+            log.debug("could not lower the writer thread's priority: %s", exc)
 
     @staticmethod
     def _run(handle: SaveHandle, job: Callable[[SaveHandle], str]) -> None:

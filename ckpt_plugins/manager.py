@@ -79,6 +79,8 @@ class CheckpointManager:
         writer: ``"thread"`` writes tensor files on the background thread; ``"process"`` hands
             staged shared-memory buffers to a writer process (no GIL contention with training;
             needs ``async_save=True`` and a local directory).
+        writer_nice: how much to lower the background writer thread's scheduling priority (Linux
+            nice increment; 0 keeps it), so that persisting yields the CPU to training.
         distributed: under torch.distributed, act as one of the ranks (the default). ``False``
             makes this manager a world of one even in a distributed job: no collectives, rank 0
             duties (lock, commit, retention) in this process. For code that already saves on
@@ -102,7 +104,8 @@ class CheckpointManager:
                  on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
                  read_only: bool = False, rank_timeout: float = 600.0,
-                 writer: Literal["thread", "process"] = "thread", distributed: bool = True,
+                 writer: Literal["thread", "process"] = "thread", writer_nice: int = 10,
+                 distributed: bool = True,
                  dir_prefix: str = "step_") -> None:
         _check_choice("on_busy", on_busy, ("wait", "skip"))
         _check_choice("snapshot", snapshot, ("safe", "overlap"))
@@ -138,7 +141,7 @@ class CheckpointManager:
             raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
         self._stager = HostStager(max_pending, shared=writer == "process")
         self._process_writer = ProcessWriter() if writer == "process" else None
-        self._engine = PersistEngine(async_save=async_save)
+        self._engine = PersistEngine(async_save=async_save, writer_nice=writer_nice)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
         self._in_flight: set[int] = set()

@@ -297,3 +297,14 @@ def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):
     assert proc.returncode == -signal.SIGTERM
     with CheckpointManager(tmp_path) as mgr:
         assert mgr.steps() and all(mgr.verify(step) == [] for step in mgr.steps())
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX scheduling priorities")
+def test_writer_thread_runs_at_lower_priority(tmp_path):
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}).wait()
+        tid = mgr._engine._thread.native_id
+        assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+    with CheckpointManager(tmp_path / "b", async_save=True, writer_nice=0) as mgr:
+        mgr.save(1, {"w": torch.ones(4)}).wait()
+        assert os.getpriority(os.PRIO_PROCESS, mgr._engine._thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
