@@ -109,7 +109,10 @@ class LocalStorage:
         os.rename(src, dst)
 
     def remove_tree(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=False)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=False)
+        else:  # a plain file (or link) in the same place: trash and leftovers can be either
+            os.remove(path)
 
     def remove_file(self, path: str) -> None:
         os.remove(path)

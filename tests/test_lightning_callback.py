@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 import sys
 from pathlib import Path
 
@@ -180,3 +179,14 @@ def test_options_fail_fast_naming_the_option():
         CheckpointCallback(every_n_train_steps=2, every_n_epochs=1)
     with pytest.raises(ValueError, match="activation checkpointing mode 'sometimes'"):
         CheckpointCallback(gradient_checkpointing="sometimes")
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, [12, 24]),                                     # no trigger: every epoch (12 batches)
+    ({"every_n_epochs": 2}, [24]),
+    ({"train_time_interval": 1e-6, "keep_last": 2}, [23, 24]),  # due after every batch
+])
+def test_lightning_triggers(tmp_path, options, expected):
+    callback = CheckpointCallback(tmp_path, **options)
+    fit([callback], steps=24, val=False)
+    assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == expected

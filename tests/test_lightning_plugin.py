@@ -91,16 +91,29 @@ def test_remove_runs_after_pending_saves_and_teardown_flushes(tmp_path):
     assert torch.equal(CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"], torch.ones(4))
 
 
-def test_a_save_committed_but_not_moved_into_place_is_recovered(tmp_path):
-    """What a crash between the commit and the rename leaves: a committed folder in .ckpt-io."""
-    with CheckpointManager(tmp_path / ".ckpt-io") as mgr:
-        mgr.save(7, {"state_dict": {"w": torch.full((2,), 7.0)}, "global_step": 7},
-                 user_metadata={"path": "last.ckpt"})
+def test_a_checkpoint_being_replaced_when_a_crash_hit_is_restored(tmp_path):
+    """What a crash between moving the old folder aside and committing its successor leaves."""
+    with CheckpointManager(tmp_path, distributed=False) as mgr:
+        mgr.save(7, {"state_dict": {"w": torch.full((2,), 7.0)}, "global_step": 7}, name="last.ckpt")
+    os.rename(tmp_path / "last.ckpt", tmp_path / ".replaced-last.ckpt-0123456789ab")
     plugin = CheckpointIOPlugin()
     loaded = plugin.load_checkpoint(tmp_path / "last.ckpt")
     assert loaded["global_step"] == 7 and (tmp_path / "last.ckpt" / "manifest.json").exists()
     plugin.teardown()
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_hidden_names_are_lightning_files_removed_as_files(tmp_path):
+    """Lightning's spawn launchers save ``.temp.ckpt`` through the IO and remove it with fs.rm."""
+    plugin = CheckpointIOPlugin()
+    plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / ".temp.ckpt")
+    assert (tmp_path / ".temp.ckpt").is_file()
+    assert torch.equal(plugin.load_checkpoint(tmp_path / ".temp.ckpt")["w"], torch.ones(3))
+    plugin.remove_checkpoint(tmp_path / ".temp.ckpt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.ckpt")
+    plugin.remove_checkpoint(tmp_path / "plain.ckpt")
+    plugin.teardown()
+    assert os.listdir(tmp_path) == []
 
 
 def test_options_are_checked_with_the_option_named():

@@ -515,3 +515,14 @@ def test_cli_reads_hf_layout(tmp_path, capsys):
     assert "loss=1" in capsys.readouterr().out
     assert cli(["verify", str(tmp_path)]) == 0
     assert "checkpoint-5" in capsys.readouterr().out
+
+
+def test_plain_files_are_deleted_and_cleaned_like_folders(tmp_path):
+    with CheckpointManager(tmp_path) as mgr:
+        (tmp_path / "last.ckpt").write_bytes(b"a plain file")
+        mgr.delete("last.ckpt")
+        assert not (tmp_path / "last.ckpt").exists()
+    (tmp_path / ".trash-old.ckpt-0123456789ab").write_bytes(b"x")
+    with CheckpointManager(tmp_path):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -34,7 +34,6 @@ from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_ch
 from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.retention import build_policy
-from ckpt_plugins.state_tree import flatten_state
 
 from .data_position import DataPosition
 from .paths import CommittedPaths
@@ -90,6 +89,10 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             logs it and training goes on.
         verify: check checksums when loading.
 
+    Raises:
+        ConfigError: an option is invalid (the message names it); retention and triggers are
+            checked here, the manager's own options when training starts.
+
     Example:
         >>> trainer = Trainer(callbacks=[CheckpointCallback("ckpts", keep_last=2, keep_best=1,  # doctest: +SKIP
         ...                                                 monitor="val_loss", every_n_train_steps=100)])
@@ -105,7 +108,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                  every_n_epochs: int | None = None, train_time_interval: float | timedelta | None = None,
                  save_on_train_epoch_end: bool | None = None, save_weights_only: bool = False,
                  save_on_exception: bool = False,
-                 gradient_checkpointing: bool | str | ActivationCheckpointing | None = None,
+                 gradient_checkpointing: bool | str | dict[str, Any] | ActivationCheckpointing | None = None,
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
         self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
@@ -115,12 +118,11 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                                     snapshot=snapshot, writer=writer, on_error=on_error, verify=verify)
         build_policy(**{k: self.manager_options[k] for k in  # fail fast on retention flags; the rest at setup
                         ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")})
-        interval = train_time_interval
+        interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
         super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=-1,
                          save_weights_only=save_weights_only, save_on_exception=save_on_exception,
                          every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
-                         train_time_interval=timedelta(seconds=interval) if isinstance(interval, (int, float)) else interval,
-                         save_on_train_epoch_end=save_on_train_epoch_end)
+                         train_time_interval=interval, save_on_train_epoch_end=save_on_train_epoch_end)
         self.async_save, self.max_pending, self.snapshot, self.writer = async_save, max_pending, snapshot, writer
         self.stats = SaveStats()
         self.manager: CheckpointManager | None = None
@@ -141,8 +143,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         fitting = stage == TrainerFn.FITTING
         options = self.manager_options if fitting else dict(monitor=self.monitor, mode=self.mode,
                                                                verify=self.manager_options["verify"])
-        self.manager = CheckpointManager(self.dirpath, read_only=not fitting,
-                                         on_commit=self.stats.on_commit if fitting else None, **options)
+        self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options)
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:
             io = CheckpointIOPlugin(async_save=self.async_save, max_pending=self.max_pending, writer=self.writer,
@@ -306,7 +307,6 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
         state, converted = to_storable(checkpoint, self._warned_hparams)
         rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
-        self._check_storable(trainer, state)
         metrics = self._metrics(trainer)
         if self.monitor is not None and self.monitor not in metrics:
             self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged at step %d; this "
@@ -321,12 +321,10 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._step_saved = step
         if handle is None:
             return
-        saved = self.manager.last_save_stats
-        record = self.stats.saved(step, stall, saved.get("bytes", 0.0),
-                                  saved.get("persist_s") if handle.done() else None)
-        self.stats.log_to(trainer, record, ("stall_s", "bytes", "persist_s"))
-        if handle.done():
-            self._notify_loggers(trainer)
+        record = self.stats.saved(handle, stall)
+        self.stats.log_to(trainer, record, ("stall_s", "bytes"))
+        if handle.done():  # synchronous: persist_s is known now
+            self._deliver(trainer)
 
     def _metrics(self, trainer: Any) -> dict[str, float]:
         """The latest value of every scalar metric logged so far, this run or before a resume.
@@ -341,20 +339,6 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._seen_metrics[name] = float(value)
         return dict(self._seen_metrics)
-
-    def _check_storable(self, trainer: Any, state: dict[str, Any]) -> None:
-        """Under DDP, fail on every rank when rank 0's state cannot be stored (interim: request L-5)."""
-        if trainer.world_size <= 1:
-            return  # the core raises on the calling (only) rank
-        error = None
-        if trainer.is_global_zero:
-            try:
-                flatten_state(state)
-            except UnsupportedStateError as exc:
-                error = str(explain_unsupported(exc))
-        error = trainer.strategy.broadcast(error)
-        if error:
-            raise UnsupportedStateError(error)
 
     def _deliver(self, trainer: Any) -> None:
         """Log what committed in the background since the last call; tell the loggers."""

@@ -1,23 +1,17 @@
 """Saves addressed by path (what Lightning's ``CheckpointIO`` gets), on top of the core.
 
-INTERIM, until the core can commit a checkpoint under any folder name (request L-2 in
-``docs/requests/lightning.md``): then this module becomes ``mgr.save(..., name=...)`` and
-``mgr.delete(name)`` and goes away. It reuses the core as it is, adding no second copy of its
-format, staging or commit protocol:
+Each parent directory gets one :class:`~ckpt_plugins.CheckpointManager` over that directory,
+``distributed=False`` (Lightning calls the IO on global rank 0 only), so staging buffers are
+reused, in-flight saves are bounded and saves run in order on one writer:
 
-* Each parent directory gets one :class:`~ckpt_plugins.CheckpointManager` over a hidden folder
-  ``<parent>/.ckpt-io``, so staging buffers are reused, in-flight saves are bounded and saves
-  run in order on one writer. Each save uses the training step it is given (several saves may
-  share one: ``overwrite=True``, and a committed folder never stays there long).
-* A save commits there atomically (``step_<N>``, the core's protocol). From the save's
-  ``on_commit`` (on the writer, in save order) the committed folder is renamed into place at the
-  requested path, in the same file system. A folder already there is first moved into the
-  hidden folder as ``.trash-*`` and removed after the new one is in place.
-* The requested path is recorded in the manifest (``user_metadata["path"]``). A crash after the
-  commit but before the rename leaves a committed ``step_<N>``; the next time this parent is
-  used it is moved into place (the ``.trash-*`` copy is removed by the core's start-up cleanup).
-* ``remove(path)`` waits for no one: while saves to this parent are in flight it is queued and
-  runs on the writer after the last of them is placed, so a delete never overtakes a save.
+* ``save(path, ...)`` is ``mgr.save(step, state, name=os.path.basename(path))``: the core
+  commits the folder as ``path`` atomically, replacing a folder already there through its
+  ``.replaced-`` protocol (restored at start-up if a crash falls in between).
+* ``remove(path)`` is ``mgr.delete(name)``: queued on the writer after every save submitted
+  before it, so a delete never overtakes a save, and the caller does not wait.
+* A name the core does not commit as a folder (a hidden one, such as the ``.temp.ckpt`` that
+  Lightning's ``ddp_spawn``/``ddp_fork`` launchers save and then remove with a non-recursive
+  ``fs.rm``) is written as a Lightning file, synchronously; plain files are removed as files.
 """
 
 from __future__ import annotations
@@ -25,107 +19,50 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from typing import Any
 
-from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.engine import SaveHandle
+from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.layout import REPLACED_PREFIX, check_folder_name
+from ckpt_plugins.manager import CheckpointManager
 
-__all__ = ["NamedSaves", "STAGE_DIR"]
+__all__ = ["NamedSaves", "is_folder_name"]
 
 log = logging.getLogger(__name__)
 
-STAGE_DIR = ".ckpt-io"
+
+def is_folder_name(path: str) -> bool:
+    """Whether the core can commit ``path``'s last component as a checkpoint folder."""
+    try:
+        check_folder_name(os.path.basename(path.rstrip("/")))
+    except ConfigError:
+        return False
+    return True
 
 
-class _Stage:
-    """One parent directory: its manager, what is in flight, removals waiting for it."""
+def _parent(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path)) if "://" not in path else path.rstrip("/").rsplit("/", 1)[0]
+
+
+class _Dir:
+    """One parent directory and its manager."""
 
     def __init__(self, parent: str, owner: "NamedSaves") -> None:
         self.parent = parent
-        self.mgr = CheckpointManager(os.path.join(parent, STAGE_DIR), async_save=owner.async_save,
-                                     max_pending=owner.max_pending, writer=owner.writer, on_error=owner.on_error,
-                                     overwrite=True)
-        self.owner = owner
-        self.lock = threading.Lock()
-        self.in_flight: dict[int, SaveHandle] = {}  # by save number (steps may repeat)
-        self.removals: list[tuple[int, str]] = []  # (run once this save number is placed, path)
-        self.count = 0
-        for step in self.mgr.steps():  # committed but never moved into place: a crash did that
-            self._place(self.mgr.path_for(step), recovering=True)
+        self.mgr = CheckpointManager(parent, distributed=False, async_save=owner.async_save,
+                                     max_pending=owner.max_pending, writer=owner.writer, on_error=owner.on_error)
 
     def save(self, path: str, step: int, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
-        with self.lock:
-            self.count += 1
-            number = self.count
-        handle = self.mgr.save(step, state, user_metadata={**user_metadata, "path": os.path.basename(path)},
-                               on_commit=lambda _step, staged: self._placed(number, staged))
-        if handle is not None and not handle.done():
-            with self.lock:
-                self.in_flight[number] = handle
-        return handle
+        return self.mgr.save(step, state, user_metadata=user_metadata, name=os.path.basename(path.rstrip("/")))
 
     def remove(self, path: str) -> None:
-        with self.lock:
-            for number, handle in list(self.in_flight.items()):
-                if handle.done():  # failed: its on_commit never ran
-                    del self.in_flight[number]
-            if self.in_flight:
-                self.removals.append((max(self.in_flight), path))
-                return
-        self._delete(path)
-
-    def close(self) -> None:
-        try:
-            self.mgr.close()
-        finally:
-            with self.lock:
-                pending, self.removals, self.in_flight = self.removals, [], {}
-            for _, path in pending:
-                self._delete(path)
-
-    # --- on the writer -------------------------------------------------------------------------
-    def _placed(self, number: int, staged: str) -> None:
-        self._place(staged)
-        with self.lock:
-            self.in_flight.pop(number, None)
-            due = [p for after, p in self.removals if after <= number]
-            self.removals = [(after, p) for after, p in self.removals if after > number]
-        for path in due:
-            self._delete(path)
-
-    def _place(self, staged: str, recovering: bool = False) -> None:
         storage = self.mgr.storage
-        name = self.mgr.layout.read_manifest(staged).user_metadata.get("path")
-        if not isinstance(name, str) or not name or "/" in name:
-            log.warning("%s has no target path in its manifest; removing it", staged)
-            storage.remove_tree(staged)
+        if storage.exists(path) and not storage.isdir(path):
+            storage.remove_file(path)  # a plain file (Lightning's own format): no save of ours makes one
+            log.debug("removed checkpoint file %s", path)
             return
-        target = storage.join(self.parent, name)
-        old = None
-        if storage.exists(target):
-            old = storage.join(self.mgr.root, f".trash-{uuid.uuid4().hex[:12]}")
-            storage.rename(target, old)
-        storage.rename(staged, target)
-        storage.fsync_dir(self.parent)
-        storage.fsync_dir(self.mgr.root)
-        if old is not None:
-            storage.remove_tree(old)
-        if recovering:
-            log.warning("moved %s into place: the process that saved it stopped before doing so", target)
-
-    def _delete(self, path: str) -> None:
-        storage = self.mgr.storage
-        if not storage.exists(path):
-            return
-        if storage.isdir(path):
-            trash = storage.join(self.mgr.root, f".trash-{uuid.uuid4().hex[:12]}")
-            storage.rename(path, trash)  # gone from view at once; a crash leaves hidden trash
-            storage.fsync_dir(self.parent)
-            storage.remove_tree(trash)
-        else:
-            storage.remove_file(path)
-        log.debug("removed checkpoint %s", path)
+        if is_folder_name(path):  # anything else is not ours to have saved as a folder
+            self.mgr.delete(os.path.basename(path.rstrip("/")))
 
 
 class NamedSaves:
@@ -141,16 +78,17 @@ class NamedSaves:
     def __init__(self, *, async_save: bool = True, max_pending: int = 1, writer: str = "thread",
                  on_error: str = "raise") -> None:
         self.async_save, self.max_pending, self.writer, self.on_error = async_save, max_pending, writer, on_error
-        self._stages: dict[str, _Stage] = {}
+        self._dirs: dict[str, _Dir] = {}
         self._lock = threading.Lock()
 
-    def _stage(self, path: str, create: bool = True) -> _Stage | None:
-        parent = os.path.dirname(os.path.abspath(path)) if "://" not in path else path.rsplit("/", 1)[0]
+    def _stage(self, path: str, create: bool = True) -> _Dir | None:
+        """The manager of ``path``'s parent directory (created on first use)."""
+        parent = _parent(path)
         with self._lock:
-            stage = self._stages.get(parent)
-            if stage is None and create:
-                stage = self._stages[parent] = _Stage(parent, self)
-            return stage
+            entry = self._dirs.get(parent)
+            if entry is None and create:
+                entry = self._dirs[parent] = _Dir(parent, self)
+            return entry
 
     def save(self, path: str, step: int, state: Any, user_metadata: dict[str, Any]) -> SaveHandle | None:
         """Save ``state`` (of training step ``step``) as the folder ``path``, replacing what is
@@ -159,32 +97,41 @@ class NamedSaves:
 
     def remove(self, path: str) -> None:
         """Remove the checkpoint at ``path``, after the saves in flight to its directory."""
-        self._stage(path).remove(path)
+        entry = self._stage(path, create=False)
+        if entry is None and not is_folder_name(path):  # e.g. a hidden Lightning file
+            if os.path.isfile(path):
+                os.remove(path)
+            return
+        (entry or self._stage(path)).remove(path)
 
     def recover(self, path: str) -> None:
-        """Finish what a crashed process left in ``path``'s directory (if it has a stage folder)."""
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(os.path.join(parent, STAGE_DIR)):
+        """Restore ``path`` if a crash fell between replacing it and committing its successor
+        (the core's start-up cleanup does it when the directory's manager starts)."""
+        parent = _parent(path)
+        if "://" in path or self._stage(path, create=False) is not None or not is_folder_name(path):
+            return
+        prefix = f"{REPLACED_PREFIX}{os.path.basename(path.rstrip('/'))}-"
+        try:
+            leftovers = any(n.startswith(prefix) for n in os.listdir(parent))
+        except OSError:
+            return
+        if leftovers:
             self._stage(path)
 
     def flush(self) -> None:
-        """Wait until every save is committed and in place; raise the first error not yet seen."""
-        for stage in list(self._stages.values()):
-            stage.mgr.wait()
+        """Wait until every save and removal is done; raise the first error not yet seen."""
+        for entry in list(self._dirs.values()):
+            entry.mgr.wait()
 
     def close(self) -> None:
-        """Flush, run queued removals, release the stage folders (removed when empty)."""
+        """Flush, run queued removals, release the directories (their locks)."""
         with self._lock:
-            stages, self._stages = list(self._stages.values()), {}
+            entries, self._dirs = list(self._dirs.values()), {}
         errors = []
-        for stage in stages:
+        for entry in entries:
             try:
-                stage.close()
-            except Exception as exc:  # noqa: BLE001 - close every stage, then raise the first error
+                entry.mgr.close()
+            except Exception as exc:  # noqa: BLE001 - close every directory, then raise the first error
                 errors.append(exc)
-            try:
-                os.rmdir(os.path.join(stage.parent, STAGE_DIR))
-            except OSError:
-                pass  # not empty (a failed save's leftovers) or not local: the next start cleans up
         if errors:
             raise errors[0]

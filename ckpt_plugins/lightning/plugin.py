@@ -14,10 +14,10 @@ written in the background::
 ``weights_only=False`` is the explicit opt-in to full pickle). ``remove_checkpoint`` never
 overtakes a save still in flight, and ``teardown`` flushes.
 
-Under ``torch.distributed`` Lightning calls ``save_checkpoint`` on global rank 0 only, and the
-core's manager needs every rank (request L-1 in ``docs/requests/lightning.md``); until then the
-plugin writes Lightning's own format there (a warning says so once). ``CheckpointCallback``
-saves on every rank and is not affected.
+Under ``torch.distributed`` Lightning calls ``save_checkpoint`` on global rank 0 only; the
+plugin's managers are single-rank (``distributed=False``: no collectives), so it saves the same
+way there. A hidden name (Lightning's ``ddp_spawn`` launchers save ``.temp.ckpt`` and remove it
+with a non-recursive ``fs.rm``) is written as a Lightning file, synchronously.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from ckpt_plugins.distributed import rank_and_world
 from ckpt_plugins.errors import ConfigError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 
-from .named import NamedSaves
+from .named import NamedSaves, is_folder_name
 from .reader import read_lightning_checkpoint
 from .state import RANK_STATE_KEY, explain_unsupported, to_storable
 
@@ -74,7 +73,6 @@ class CheckpointIOPlugin(CheckpointIO):
         self._saves: NamedSaves | None = None
         self._managers: list[CheckpointManager] = []
         self._warned: set[str] = set()
-        self._fallback: TorchCheckpointIO | None = None
 
     # --- CheckpointIO ------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
@@ -90,8 +88,8 @@ class CheckpointIOPlugin(CheckpointIO):
             raise ConfigError("CheckpointIOPlugin takes no storage_options; call "
                               "trainer.save_checkpoint(path) without them")
         path = os.fspath(path)
-        if rank_and_world()[1] > 1:
-            self._save_distributed_fallback(checkpoint, path)
+        if not is_folder_name(path):  # hidden (Lightning's .temp.ckpt): a plain file, as Lightning writes it
+            TorchCheckpointIO().save_checkpoint(checkpoint, path)
             return
         state, converted = to_storable(checkpoint, self._warned)
         state.pop(RANK_STATE_KEY, None)
@@ -125,11 +123,7 @@ class CheckpointIOPlugin(CheckpointIO):
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
-        path = os.fspath(path)
-        if self._fallback is not None and os.path.isfile(path):
-            self._fallback.remove_checkpoint(path)
-            return
-        self._named().remove(path)
+        self._named().remove(os.fspath(path))
 
     def teardown(self) -> None:
         """Wait for every save to commit, run queued removals, release the directories."""
@@ -152,15 +146,6 @@ class CheckpointIOPlugin(CheckpointIO):
     def detach(self, manager: CheckpointManager) -> None:
         if manager in self._managers:
             self._managers.remove(manager)
-
-    def _save_distributed_fallback(self, checkpoint: dict[str, Any], path: str) -> None:
-        if "distributed" not in self._warned:
-            self._warned.add("distributed")
-            log.warning("CheckpointIOPlugin under torch.distributed writes Lightning's own .ckpt format "
-                        "for now (Lightning saves through CheckpointIO on rank 0 only, and the core's "
-                        "single-rank mode is pending); CheckpointCallback is not affected")
-        self._fallback = self._fallback or TorchCheckpointIO()
-        self._fallback.save_checkpoint(checkpoint, path)
 
     def __repr__(self) -> str:
         return (f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, "

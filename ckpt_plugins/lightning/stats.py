@@ -1,18 +1,19 @@
 """Per-save figures: how long training was blocked, how many bytes, how long until durable.
 
 ``stall_s`` is measured on the training thread around the whole save (building Lightning's dict,
-copying tensors into staging buffers). ``persist_s`` is the time from the save returning to its
-commit, i.e. the background part; for a synchronous save it is the write inside the call. Commits
-are reported by the writer thread and handed to the training thread, which alone talks to the
-trainer's loggers (they are not thread-safe).
+copying tensors into staging buffers). ``bytes`` and ``persist_s`` (writing and committing, the
+background part) are the core's, from the save's ``handle.stats``, complete when the handle's
+done callback runs. Commits are reported by the writer thread and handed to the training
+thread, which alone talks to the trainer's loggers (they are not thread-safe).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
+
+from ckpt_plugins.engine import SaveHandle
 
 __all__ = ["SaveStats"]
 
@@ -24,8 +25,7 @@ class SaveStats:
 
     def __init__(self) -> None:
         self.records: list[dict[str, float]] = []
-        self._returned: dict[int, float] = {}
-        self._committed: list[tuple[int, float]] = []
+        self._committed: list[dict[str, float]] = []
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks to start the ranks
@@ -35,37 +35,30 @@ class SaveStats:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def saved(self, step: int, stall_s: float, nbytes: float, persist_s: float | None) -> dict[str, float]:
-        """A save returned to the training loop (``persist_s`` known when it was synchronous)."""
-        record = {"step": float(step), "stall_s": stall_s, "bytes": nbytes}
-        if persist_s is not None:
-            record["persist_s"] = persist_s
+    def saved(self, handle: SaveHandle, stall_s: float) -> dict[str, float]:
+        """A save returned to the training loop; its commit is picked up by :meth:`drain`."""
+        record = {"step": float(handle.step), "stall_s": stall_s, "bytes": float(handle.stats.get("bytes", 0.0))}
         with self._lock:
             self.records.append(record)
-            if persist_s is None:
-                self._returned[step] = time.perf_counter()
-        log.info("checkpoint step %d: training blocked %.1f ms for %.1f MiB%s", step, stall_s * 1e3,
-                 nbytes / 2**20, "" if persist_s is None else f", written in {persist_s:.2f} s")
+        log.info("checkpoint step %d: training blocked %.1f ms for %.1f MiB", handle.step, stall_s * 1e3,
+                 record["bytes"] / 2**20)
+        handle.add_done_callback(lambda h: self._done(h, record))  # at once if already committed
         return record
 
-    def on_commit(self, step: int, path: str) -> None:
-        """Writer thread: the save of ``step`` committed."""
+    def _done(self, handle: SaveHandle, record: dict[str, float]) -> None:
+        """Writer thread (or the caller, for a synchronous save): the save committed or failed."""
+        if "persist_s" not in handle.stats:
+            return  # failed before its commit: the error surfaces through the manager
         with self._lock:
-            self._committed.append((step, time.perf_counter()))
+            record["persist_s"] = handle.stats["persist_s"]
+            self._committed.append(record)
 
     def drain(self) -> list[dict[str, float]]:
-        """Training thread: records whose background save committed since the last call."""
+        """Training thread: records whose save committed since the last call."""
         with self._lock:
-            committed, self._committed = self._committed, []
-            done = []
-            for step, when in committed:
-                returned = self._returned.pop(step, None)
-                record = next((r for r in reversed(self.records) if r["step"] == step), None)
-                if returned is not None and record is not None:
-                    record["persist_s"] = when - returned
-                    done.append(record)
+            done, self._committed = self._committed, []
         for record in done:
-            log.info("checkpoint step %d committed %.2f s after the save returned", record["step"], record["persist_s"])
+            log.info("checkpoint step %d committed, written in %.2f s", record["step"], record["persist_s"])
         return done
 
     @staticmethod
