@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 import os
 import shutil
 import sys
@@ -63,8 +64,40 @@ from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch
 from ckpt_plugins import CheckpointManager  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_save.py"
-WRITERS = (["thread", "process"] if "writer" in inspect.signature(CheckpointManager.__init__).parameters
-           else [None])  # None: this version of the manager has no writer= option
+_OPTIONS = inspect.signature(CheckpointManager.__init__).parameters
+
+
+def writer_variants(with_nice: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """(label, CheckpointManager kwargs) for every writer this version of the manager offers: one row
+    per ``writer=`` value, plus the thread writer at the other ``writer_nice`` setting when that
+    option exists. An option the manager does not have is simply not a row."""
+    if "writer" not in _OPTIONS:
+        return [("", {})]
+    out = []
+    for w in ("thread", "process"):
+        out.append((f"writer={w}", {"writer": w}))
+        if w == "thread" and with_nice and "writer_nice" in _OPTIONS:
+            other = 0 if _OPTIONS["writer_nice"].default else 10
+            out.append((f"writer=thread, writer_nice={other}", {"writer": w, "writer_nice": other}))
+    return out
+
+
+def library_version() -> dict[str, Any]:
+    """The commit of the code under test, whether ckpt_plugins/ differs from it, and the defaults of
+    the manager's writer options (read-only git queries)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "ckpt_plugins").splitlines()
+             if line.strip()]
+    defaults = {k: v.default for k, v in _OPTIONS.items() if k.startswith("writer")}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_ckpt_plugins": dirty,
+            "writer_defaults": defaults}
 
 
 # --- the state ---------------------------------------------------------------------------------
@@ -286,14 +319,11 @@ class Ours(Contender):
     kind = "ours"
 
     def __init__(self, state: Any, workdir: Path, *, async_save: bool, snapshot: str = "safe",
-                 writer: str | None = None, compute: Callable[[], float] | None = None,
+                 options: dict[str, Any] | None = None, compute: Callable[[], float] | None = None,
                  label: str = "") -> None:
         self.name = "ours " + label
         super().__init__(state, workdir)
-        kwargs: dict[str, Any] = dict(async_save=async_save, snapshot=snapshot)
-        if writer is not None:
-            kwargs["writer"] = writer
-        self.mgr = CheckpointManager(self.dir, **kwargs)
+        self.mgr = CheckpointManager(self.dir, async_save=async_save, snapshot=snapshot, **(options or {}))
         self.compute = compute
         self.step = 0
 
@@ -328,9 +358,9 @@ def make_contenders(state: Any, workdir: Path, compute: Compute, args: argparse.
     if not args.no_dcp:
         out += [DcpSave(state, workdir), DcpAsyncSave(state, workdir)]
     out.append(Ours(state, workdir, async_save=False, label="sync"))
-    for w in WRITERS:
-        out.append(Ours(state, workdir, async_save=True, writer=w,
-                        label="async" + (f" (writer={w})" if w and len(WRITERS) > 1 else "")))
+    for label, kwargs in writer_variants():
+        out.append(Ours(state, workdir, async_save=True, options=kwargs,
+                        label="async" + (f" ({label})" if label else "")))
     out.append(Ours(state, workdir, async_save=True, snapshot="overlap", compute=compute,
                     label="overlap (CPU fwd/bwd)"))
     out.append(Ours(state, workdir, async_save=True, snapshot="overlap",
@@ -472,12 +502,12 @@ def bench_growth(state: Any, workdir: Path, args: argparse.Namespace) -> dict[st
 
     proc = psutil.Process()
     out = {}
-    for w in WRITERS:
-        label = f"writer={w}" if w else "async"
-        kwargs = {"writer": w} if w else {}
+    for i, (label, kwargs) in enumerate(writer_variants(with_nice=False)):
+        label = label or "async"
+        folder = workdir / f"growth_{i}"
         points = []
         with RssSampler(0.02) as sampler, \
-                CheckpointManager(workdir / f"growth_{w}", keep_last=2, async_save=True, **kwargs) as mgr:
+                CheckpointManager(folder, keep_last=2, async_save=True, **kwargs) as mgr:
             before = {"step": 0, "rss": rss_bytes(), "pss": pss_bytes(), "threads": proc.num_threads(),
                       "fds": proc.num_fds()}
             for step in range(1, args.growth_saves + 1):
@@ -493,7 +523,7 @@ def bench_growth(state: Any, workdir: Path, args: argparse.Namespace) -> dict[st
                       "growth_rss": last["rss"] - by_step[ref]["rss"],
                       "growth_pss": last["pss"] - by_step[ref]["pss"],
                       "peak_rss_over_before": sampler.peak - before["rss"]}
-        shutil.rmtree(workdir / f"growth_{w}", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
@@ -575,17 +605,16 @@ def bench_dip(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, 
     staged = {k: v.clone() for k, v in unique_tensors(state).items()}
     rows: dict[str, dict[str, list]] = {}
     managers = {}
-    for w in WRITERS:
-        name = f"ours async, writer={w}" if w else "ours async"
-        folder = workdir / f"dip_{w}"
-        managers[name] = (CheckpointManager(folder, async_save=True, **({"writer": w} if w else {})), folder)
+    for i, (label, kwargs) in enumerate(writer_variants()):
+        folder = workdir / f"dip_{i}"
+        managers["ours async" + (f", {label}" if label else "")] = (
+            CheckpointManager(folder, async_save=True, **kwargs), folder)
     try:
         for mgr, _ in managers.values():  # warm-up: staging buffers, writer process start-up
             mgr.save(0, state).wait()
         step = 0
         for _ in range(max(5, args.reps)):  # the dip is a small signal in a noisy one: more rounds
-            refs = [("reference: bare write thread (no checksum)", (0, None)),
-                    ("reference: bare write thread at nice +10", (10, None))]
+            refs = [("reference: bare write thread (no checksum, nice 0)", (0, None))]
             for name, (mgr, folder) in [*managers.items(), *refs]:
                 sync_disk()
                 step += 1
@@ -685,6 +714,11 @@ def render(res: dict[str, Any]) -> str:
         f"{m['filesystem']}; torch {m['torch']}, lightning {m.get('lightning', '-')}, "
         f"transformers {m.get('transformers', '-')}, safetensors {m.get('safetensors', '-')}, "
         f"Python {m['python']}.  ",
+        (f"Code under test: commit {res['library']['commit']}"
+         + (f" plus uncommitted changes to {', '.join(res['library']['uncommitted_in_ckpt_plugins'])}"
+            if res["library"]["uncommitted_in_ckpt_plugins"] else "")
+         + "; manager defaults " + ", ".join(f"{k}={v!r}" for k, v in res["library"]["writer_defaults"].items())
+         + ".  " if "library" in res else ""),
         f"State: {res['state']['desc']}: {res['state']['bytes'] / 2**20:.0f} MiB in {res['state']['tensors']} "
         f"tensors (tied embedding stored once).  ",
         f"Run: {res['date']}, {res['reps']} measured rounds after {res['warmup']} warm-up round(s), "
@@ -785,14 +819,19 @@ def render(res: dict[str, Any]) -> str:
         busy, idle = median(s["busy"]), median(s["idle"])
         dips = s.get("round_dips", [])
         pooled = 1 - (len(s["busy"]) / s["busy_wall"]) / (len(s["idle"]) / s["idle_wall"]) if s.get("busy_wall") else float("nan")
+        # training time lost per save: persist time minus the time the steps done in it take when idle
+        lost = (s["busy_wall"] - len(s["busy"]) * s["idle_wall"] / len(s["idle"])) / len(s["busy_s"]) if s.get("busy_wall") else float("nan")
         rows.append([name, f"{len(s['busy'])}", fmt_s(busy), fmt_s(idle), f"{pooled:.0%}",
                      f"{median(dips):.0%} ({', '.join(f'{x:.0%}' for x in dips)})" if dips else "-",
-                     fmt_s(median(s["busy_s"]))])
+                     fmt_s(median(s["busy_s"])), fmt_s(lost)])
     lines += [md_table(["writer", "steps during persist", "step time during persist", "step time idle",
-                        "dip, pooled", "dip, median of rounds (each round)", "persist window"], rows), "",
+                        "dip, pooled", "dip, median of rounds (each round)", "persist window",
+                        "training time lost per save"], rows), "",
               "Dip, pooled = 1 - (all steps during persists / their time) / (all steps in idle windows / their "
-              "time); median of rounds = the same per round from median step times, then the median. The persist "
-              "window is longer than in the save table: the writer and the training loop share the two cores.", ""]
+              "time); median of rounds = the same per round from median step times, then the median. Training "
+              "time lost per save = persist window - (steps done in it x the idle step time), per save: it "
+              "weighs a small dip over a long persist against a large dip over a short one. The persist window "
+              "is longer than in the save table: the writer and the training loop share the two cores.", ""]
 
     lines += ["## Targets", ""]
     lines += [md_table(["target", "measured", "met", "note"],
@@ -820,12 +859,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=0,
                    help="change this process's nice value first (negative: ahead of other processes on a "
                         "shared machine; needs root); recorded in the results")
+    p.add_argument("--from-json", type=Path, metavar="SAVE_JSON",
+                   help="run nothing: rebuild save.md, save.png (and the docs section) from a save.json")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: benchmarks/results; --quick: benchmarks/results/tmp/quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.embd, args.vocab, args.reps, args.growth_saves = 1, 128, 8000, 1, 6
     args.out = args.out or (RESULTS / "tmp" / "quick" if args.quick else RESULTS)
+    if args.from_json:  # only redraw the report, the figure and the docs section from earlier results
+        res = json.loads(args.from_json.read_text())
+        res["targets"] = res["headline"] = targets(res["saves"], res["restore"], res["growth"],
+                                                   res["state"]["bytes"], res["save_raw"]["compute"]["idle_s"])
+        write_outputs(res, args)
+        return 0
     warnings.filterwarnings("ignore")
     import datetime
 
@@ -835,14 +882,15 @@ def main(argv: list[str] | None = None) -> int:
     while os.getloadavg()[0] >= args.quiet_below and time.monotonic() < deadline:
         time.sleep(5)
     t_start = time.perf_counter()
-    print(f"bench_save: writers {WRITERS}, reps {args.reps}", flush=True)
+    print(f"bench_save: writers {[label for label, _ in writer_variants()]}, reps {args.reps}", flush=True)
     state = build_state(args)
     flat = unique_tensors(state)
     state_bytes = nbytes(flat)
     payload = aligned_random_bytes(256 << 20)
     res: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                            "command": COMMAND + (f" --nice {args.nice}" if args.nice else ""), "nice": os.nice(0),
-                           "reps": args.reps, "warmup": args.warmup, "writers": WRITERS,
+                           "reps": args.reps, "warmup": args.warmup,
+                           "writers": [label for label, _ in writer_variants()], "library": library_version(),
                            "state": {"desc": f"GPT-2-style ({args.layers} layers, d={args.embd}, vocab {args.vocab}) "
                                      "+ Adam state after one step", "bytes": state_bytes, "tensors": len(flat)}}
     with OtherLoad() as load, scratch_dir("save") as workdir:
@@ -863,21 +911,26 @@ def main(argv: list[str] | None = None) -> int:
                              res["save_raw"]["compute"]["idle_s"])
     res["headline"] = res["targets"]  # picked up by run_all.py for the combined table
     res["elapsed_s"] = time.perf_counter() - t_start
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "save"
-    write_json(args.out / f"{stem}.json", res)
-    report = render(res)
-    write_text(args.out / f"{stem}.md", report)
-    if not args.quick and args.out == RESULTS:  # the README section shows the latest full run
-        body = report.split("\n", 1)[1].replace("\n## ", "\n### ").replace("](save.png)", "](../benchmarks/results/save.png)")
-        replace_block(REPO / "docs" / "benchmarks.md", "save", body)
-    from plot import plot_save
-
-    plot_save(res, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.{{md,json,png}} in {res['elapsed_s']:.0f} s")
+    write_outputs(res, args)
     for t in res["targets"]:
         print(f"  [{ {True: 'met', False: 'NOT MET'}.get(t['met'], 'INCONCLUSIVE') }] {t['target']}: {t['measured']}")
     return 0
+
+
+def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """save.json, save.md, save.png, and (full runs into benchmarks/results) the docs section."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "save.json", res)
+    report = render(res)
+    write_text(args.out / "save.md", report)
+    if not args.quick and args.out == RESULTS:  # the README section shows the latest full run
+        body = report.split("\n", 1)[1].replace("\n## ", "\n### ")
+        body = body.replace("![stall, durable, restore and dip](save.png)", "")  # the page shows it once, above
+        replace_block(REPO / "docs" / "benchmarks.md", "save", body)
+    from plot import plot_save
+
+    plot_save(res, args.out / "save.png")
+    print(f"wrote {args.out}/save.{{md,json,png}}" + (f" in {res['elapsed_s']:.0f} s" if "elapsed_s" in res else ""))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -422,12 +422,3 @@ def fmt_ratio(value: float | None) -> str:
     if value is None or value != value:
         return "-"
     return f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
-
-
-def call_quietly(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` with warnings silenced (foreign libraries' deprecation chatter)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn()

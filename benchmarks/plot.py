@@ -115,13 +115,15 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
         r = d[n]
         dip = (1 - (len(r["busy"]) / r["busy_wall"]) / (len(r["idle"]) / r["idle_wall"])
                if r.get("busy_wall") else _median(r.get("round_dips", [])))
-        ax_dip.text(b * 1e3 * 1.01, y + 0.2, f"{b * 1e3:.0f} ms (dip {dip:.0%})" if dip == dip else "",
-                    va="center", fontsize=8)
+        lost = ((r["busy_wall"] - len(r["busy"]) * r["idle_wall"] / len(r["idle"])) / len(r["busy_s"])
+                if r.get("busy_wall") else float("nan"))
+        label = f"{b * 1e3:.0f} ms (dip {dip:.0%}" + (f", {lost:.1f} s lost per save)" if lost == lost else ")")
+        ax_dip.text(b * 1e3 * 1.01, y + 0.2, label if dip == dip else "", va="center", fontsize=8)
     ax_dip.set_yticks(list(ys), names, fontsize=8)
     ax_dip.invert_yaxis()
-    ax_dip.set_xlim(0, max(busy + idle) * 1e3 * 1.5)
-    ax_dip.set_xlabel("training step time, ms (median); dip = 1 - steps/s during persists / steps/s idle")
-    ax_dip.set_title("Training steps while a save persists")
+    ax_dip.set_xlim(0, max(busy + idle) * 1e3 * 1.9)
+    ax_dip.set_xlabel("training step time, ms (median)")
+    ax_dip.set_title("Training steps while a save persists (dip = 1 - steps/s ratio)")
     ax_dip.legend(fontsize=8, loc="upper right")
 
     m = res["machine"]

@@ -108,12 +108,14 @@ def headlines(name: str) -> list[dict]:
 def combined_table(outcomes: dict[str, Outcome]) -> str:
     """Markdown for every benchmark present: this run's outcome (if it ran), its result files, and
     the targets of those that report a headline."""
-    lines = ["| benchmark | last run here | results |", "| :--- | :--- | :--- |"]
+    lines = ["| benchmark | status | results |", "| :--- | :--- | :--- |"]
     targets = []
     for name in discover([]):
         o = outcomes.get(name)
-        ran = f"{o.status}, {o.seconds:.0f} s" if o else "not run this time"
         files = result_files(name)
+        ran = f"{o.status}, {o.seconds:.0f} s" if o else "not run"
+        if files:
+            ran += ", results of " + time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files)))
         links = ", ".join(f"[{p.name}]({os.path.relpath(p, REPO)})" for p in files) or "none yet"
         lines.append(f"| `{name}.py` | {ran} | {links} |")
         targets += [(name, r) for r in headlines(name)]
@@ -130,9 +132,9 @@ def update_docs(table: str) -> None:
 
     stamp = time.strftime("%Y-%m-%d %H:%M")
     for doc in DOCS:
-        rel = os.path.relpath(REPO, doc.parent)
         # links in the table are relative to the repo root; make them relative to this document
-        local = re.sub(r"\]\((benchmarks/[^)]+)\)", lambda m: f"]({os.path.normpath(os.path.join(rel, m.group(1)))})", table)
+        local = re.sub(r"\]\((benchmarks/[^)]+)\)",
+                       lambda m: f"]({os.path.relpath(REPO / m.group(1), doc.parent)})", table)
         if replace_block(doc, "results", f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}"):
             print(f"updated {os.path.relpath(doc, REPO)}")
 

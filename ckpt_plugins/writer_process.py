@@ -14,7 +14,6 @@ method (safe with threads and CUDA) and stopped on close. Local directories only
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Mapping
@@ -36,10 +35,6 @@ def _serve(requests: Any, results: Any) -> None:
     from .tensor_file import write_tensor_file
 
     torch.set_num_threads(1)
-    try:
-        os.nice(10)  # yield the cores to training, as the writer thread does
-    except OSError:
-        pass
     storage = LocalStorage()
     while True:
         item = requests.get()

@@ -300,11 +300,11 @@ def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX scheduling priorities")
-def test_writer_thread_runs_at_lower_priority(tmp_path):
-    with CheckpointManager(tmp_path, async_save=True) as mgr:
+def test_writer_nice_lowers_the_writer_threads_priority(tmp_path):
+    with CheckpointManager(tmp_path, async_save=True, writer_nice=10) as mgr:
         mgr.save(1, {"w": torch.ones(4)}).wait()
         tid = mgr._engine._thread.native_id
         assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
-    with CheckpointManager(tmp_path / "b", async_save=True, writer_nice=0) as mgr:
+    with CheckpointManager(tmp_path / "b", async_save=True) as mgr:  # default: unchanged
         mgr.save(1, {"w": torch.ones(4)}).wait()
         assert os.getpriority(os.PRIO_PROCESS, mgr._engine._thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
