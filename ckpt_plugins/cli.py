@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .formats import describe, detect_format
 from .formats._tree import iter_leaves
 from .loading import restore_path
@@ -85,7 +85,15 @@ def _dir_size(storage, path: str) -> int:
     return sum(storage.size(storage.join(path, name)) for name in storage.listdir(path))
 
 
+def _existing_directory(directory: str) -> None:
+    storage, root = open_storage(directory)
+    if not storage.isdir(root):
+        raise CheckpointNotFoundError(f"{directory}: no such directory; pass the folder that holds "
+                                      "the step_N (or checkpoint-N) folders")
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    _existing_directory(args.directory)
     mgr = _manager(args, read_only=True)
     records = mgr.records()
     if not records:
@@ -174,6 +182,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    _existing_directory(args.directory)
     with _manager(args, read_only=not args.yes) as mgr:
         decision = mgr.prune(dry_run=not args.yes)
     for step, reasons in decision.keep.items():

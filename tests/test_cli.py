@@ -89,6 +89,9 @@ def test_diff_across_formats(run_dir, tmp_path, capsys):
 def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+    for command in ("ls", "prune"):
+        assert main([command, str(tmp_path / "nowhere")]) == 2
+        assert "nowhere: no such directory" in capsys.readouterr().err
 
 
 def test_console_script_is_installed(run_dir):
