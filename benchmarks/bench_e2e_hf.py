@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (RESULTS, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
+from common import (RESULTS, fsync_tree, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
                     write_json, write_text)
 
 CONFIGS = ("none", "trainer", "ours (thread)")
@@ -81,22 +81,6 @@ def _save_timer():
     return SaveTimer()
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (what our commit does for its own files)."""
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -116,7 +100,7 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
     trainer.train()
     wall = time.perf_counter() - t0
     if config == "trainer":  # ours are fsynced before train() returns; make the Trainer's durable too
-        _fsync_tree(out)
+        fsync_tree(out)
     durable = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     if config == "trainer":

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (RESULTS, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
+from common import (RESULTS, fsync_tree, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
                     write_json, write_text)
 
 CONFIGS = ("none", "ModelCheckpoint", "ModelCheckpoint + AsyncCheckpointIO", "ModelCheckpoint + CheckpointIOPlugin",
@@ -92,17 +92,6 @@ def _timer():
     return BatchEndTimer()
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (what our commit does for its own files)."""
-    for folder, _, names in os.walk(root):
-        for name in [*names, "."]:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -131,7 +120,7 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     wall = time.perf_counter() - t0
     if config != "none" and not config.startswith(OURS) and not config.endswith("CheckpointIOPlugin"):
-        _fsync_tree(out)  # ours fsync every file before fit() returns; make the others durable too
+        fsync_tree(out)  # ours fsync every file before fit() returns; make the others durable too
     durable = time.perf_counter() - t0
     saved = sorted(out.iterdir()) if out.exists() else []
     return {"config": config, "wall_s": wall, "durable_s": durable, "cpu_s": time.process_time() - cpu0,

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch, aligned_random_bytes,  # noqa: E402
-                    cpu_seconds, disk_write_bandwidth,
+                    cpu_seconds, disk_write_bandwidth, fsync_tree,
                     drop_page_cache, file_bytes, fmt_ratio, fmt_s, machine_info, md_table, median, pss_bytes, rss_bytes,
                     replace_block, scratch_dir, spread, sync_disk, write_json, write_text)
 
@@ -179,22 +179,6 @@ class Compute:
         return self._run(self.iters)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file (or every file under a folder) and its parent folder."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- contenders --------------------------------------------------------------------------------
 class Contender:
     """One way of saving. ``save(i)`` returns (stall_s, durable_s, path_on_disk, extra)."""
@@ -227,7 +211,7 @@ class TorchSave(Contender):
         t0 = time.perf_counter()
         torch.save(self.state, path)
         stall = time.perf_counter() - t0
-        fsync_path(path)
+        fsync_tree(path)
         return stall, time.perf_counter() - t0, path, {}
 
 
@@ -245,7 +229,7 @@ class LightningIO(Contender):
         t0 = time.perf_counter()
         self.io.save_checkpoint(self.state, path)
         stall = time.perf_counter() - t0
-        fsync_path(path)
+        fsync_tree(path)
         return stall, time.perf_counter() - t0, path, {}
 
 
@@ -264,7 +248,7 @@ class LightningAsyncIO(Contender):
         self.io.save_checkpoint(self.state, path)  # clones on this thread, then submits
         stall = time.perf_counter() - t0
         self.io.teardown()  # joins the executor: the file is written
-        fsync_path(path)
+        fsync_tree(path)
         return stall, time.perf_counter() - t0, path, {}
 
 

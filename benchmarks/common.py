@@ -112,6 +112,28 @@ def aligned_random_bytes(nbytes: int) -> memoryview:
     return view
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync one file or folder by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync a file, or every file and folder under a folder, then the parent folder: what our
+    commit does for its own files, applied to contenders that do not fsync."""
+    path = Path(path)
+    if path.is_dir():
+        for folder, _, names in os.walk(path):
+            for name in [*names, "."]:
+                fsync_file(os.path.join(folder, name))
+    else:
+        fsync_file(path)
+    fsync_file(path.parent)
+
+
 def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_mb: int = 256,
                          payload: memoryview | None = None, direct: bool = False) -> float:
     """Fsynced sequential write bandwidth in bytes/s: ``files`` x ``file_mb`` MiB written with one
@@ -139,11 +161,7 @@ def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_m
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_file(directory)
         elapsed = time.perf_counter() - t0
     finally:
         for i in range(files):

@@ -46,40 +46,33 @@ class _Slot:
     index: int
 
 
+def _map_leaves(node: Any, leaf: Callable[[Any], Any]) -> Any:
+    """A copy of ``node`` with ``leaf`` applied to every leaf; dicts (keeping their type where
+    possible), lists and plain tuples are rebuilt, anything else is a leaf."""
+    if isinstance(node, dict):
+        items = {k: _map_leaves(v, leaf) for k, v in node.items()}
+        if type(node) is not dict:
+            try:
+                return type(node)(items)  # OrderedDict stays OrderedDict
+            except TypeError:
+                pass
+        return items
+    if isinstance(node, list):
+        return [_map_leaves(v, leaf) for v in node]
+    if isinstance(node, tuple) and not hasattr(node, "_fields"):
+        return tuple(_map_leaves(v, leaf) for v in node)
+    return leaf(node)
+
+
 def _skeleton(node: Any, found: list[torch.Tensor]) -> Any:
     """A copy of ``node`` with every tensor replaced by a numbered slot (containers are copied)."""
-    if isinstance(node, torch.Tensor):
-        found.append(node)
-        return _Slot(len(found) - 1)
-    if isinstance(node, dict):
-        return _same_mapping(node, {k: _skeleton(v, found) for k, v in node.items()})
-    if isinstance(node, list):
-        return [_skeleton(v, found) for v in node]
-    if isinstance(node, tuple) and not hasattr(node, "_fields"):
-        return tuple(_skeleton(v, found) for v in node)
-    return node
+    def slot(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+            return _Slot(len(found) - 1)
+        return value
 
-
-def _same_mapping(original: dict, items: dict) -> dict:
-    """``items`` as the original's dict type (OrderedDict stays OrderedDict) where possible."""
-    if type(original) is dict:
-        return items
-    try:
-        return type(original)(items)
-    except TypeError:
-        return items
-
-
-def _fill(node: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(node, _Slot):
-        return tensors[node.index]
-    if isinstance(node, dict):
-        return _same_mapping(node, {k: _fill(v, tensors) for k, v in node.items()})
-    if isinstance(node, list):
-        return [_fill(v, tensors) for v in node]
-    if isinstance(node, tuple) and not hasattr(node, "_fields"):
-        return tuple(_fill(v, tensors) for v in node)
-    return node
+    return _map_leaves(node, slot)
 
 
 def collect_tensors(extra_files: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -113,4 +106,4 @@ def fill_tensors(name: str, count: int, staged: Mapping[str, torch.Tensor]) -> l
 
 def fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
     """The structure of a :class:`StagedFile` with its staged tensors in place."""
-    return _fill(skeleton, tensors)
+    return _map_leaves(skeleton, lambda value: tensors[value.index] if isinstance(value, _Slot) else value)

@@ -27,15 +27,23 @@ KILLS = int(os.environ.get("CKPT_KILLS", 200 if os.environ.get("CKPT_SOAK") else
 DIST_KILLS = int(os.environ.get("CKPT_KILLS", 200 if os.environ.get("CKPT_SOAK") else 4))
 
 
-def _run_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(directory), mode],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(rng.uniform(0.0, 0.4))
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
-    committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+def _start_and_kill(commands: list[tuple[list[str], dict]], pause: float, rng: random.Random) -> int:
+    """Start every process, wait until each is ready, SIGKILL them all at once after a random
+    pause, and return the newest step the first one reported as committed."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env) for argv, env in commands]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    time.sleep(rng.uniform(0.0, pause))
+    for proc in procs:  # the whole job dies at once, as when a node is lost
+        proc.send_signal(signal.SIGKILL)
+    outputs = [proc.communicate()[0] for proc in procs]
+    committed = [int(line.split()[1]) for line in outputs[0].splitlines() if line.startswith("committed")]
     return max(committed, default=0)
+
+
+def _run_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return _start_and_kill([([sys.executable, str(CHILD), str(directory), mode], env)], 0.4, rng)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -68,17 +76,8 @@ def _free_port() -> int:
 
 def _run_two_ranks_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, str(DIST_CHILD), str(directory), mode], stdout=subprocess.PIPE,
-                              text=True, env={**env, "RANK": str(rank)}) for rank in (0, 1)]
-    for proc in procs:
-        assert proc.stdout.readline().strip() == "ready"
-    time.sleep(rng.uniform(0.0, 1.0))
-    for proc in procs:  # the whole job dies at once, as when a node is lost
-        proc.send_signal(signal.SIGKILL)
-    out = procs[0].communicate()[0]
-    procs[1].communicate()
-    committed = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
-    return max(committed, default=0)
+    argv = [sys.executable, str(DIST_CHILD), str(directory), mode]
+    return _start_and_kill([(argv, {**env, "RANK": str(rank)}) for rank in (0, 1)], 1.0, rng)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
