@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (RESULTS, fsync_tree, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
-                    write_json, write_text)
+from common import (OtherLoad, file_bytes, fsync_tree, machine_info, md_table, median,  # noqa: E402
+                    overhead_note, publish, scratch_dir)
 
 CONFIGS = ("none", "trainer", "ours (thread)")
 PROCESS_WRITER = "ours (process)"
@@ -178,10 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   "blocked per save, median ms",
                   "max ms", "checkpoint MB"], rows),
         "",
-        "Overheads are medians over rounds of (run / the `none` run of the same round - 1); on a shared machine "
-        "identical runs still vary by 10-20 %, so read them with the blocked time per save, which is measured "
-        "directly. \"Until checkpoints are on disk\" adds, for the Trainer, an fsync of its checkpoint files "
-        "after `train()` returns (ours are fsynced before it returns).",
+        overhead_note("for the Trainer, an fsync of its checkpoint files after `train()` returns (ours are "
+                      "fsynced before it returns)."),
         "",
         "The Trainer's own saves are neither fsynced nor atomic (a kill while saving leaves a torn "
         "`checkpoint-N`, see `kill_while_saving_hf.md`); ours fsync every file, commit by rename, and "
@@ -191,11 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `.venv/bin/python benchmarks/bench_e2e_hf.py`",
         "",
     ])
-    write_text(RESULTS / "e2e_hf.md", text)
-    write_json(RESULTS / "e2e_hf.json", {"headline": headline, "summary": summary, "runs": results,
+    publish("e2e_hf", text, {"headline": headline, "summary": summary, "runs": results,
                                           "machine": info, "other_load": load.as_dict(),
                                           "steps": opts.steps, "every": opts.every, "rounds": rounds})
-    print(text)
     return 0
 
 

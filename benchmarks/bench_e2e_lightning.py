@@ -46,8 +46,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (RESULTS, fsync_tree, OtherLoad, file_bytes, machine_info, md_table, median, scratch_dir,  # noqa: E402
-                    write_json, write_text)
+from common import (OtherLoad, file_bytes, fsync_tree, machine_info, md_table, median,  # noqa: E402
+                    overhead_note, publish, scratch_dir)
 
 CONFIGS = ("none", "ModelCheckpoint", "ModelCheckpoint + AsyncCheckpointIO", "ModelCheckpoint + CheckpointIOPlugin",
            "CheckpointCallback")
@@ -192,10 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         f"**Target** (overhead until on disk, ours at most 1/3 of `ModelCheckpoint`'s): "
         f"{headline[0]['measured']} - {'met' if headline[0]['met'] else 'NOT met'}.",
         "",
-        "Overheads are medians over rounds of (run / the `none` run of the same round - 1); on a shared machine "
-        "identical runs still vary by 10-20 %, so read them with the blocked time per save, which is measured "
-        "directly. \"Until checkpoints are on disk\" adds an fsync of the checkpoint files after `fit()` returns "
-        "for Lightning's IO (ours fsync before `fit()` returns).",
+        overhead_note("an fsync of the checkpoint files after `fit()` returns for Lightning's IO (ours fsync "
+                      "before `fit()` returns)."),
         "",
         "`TorchCheckpointIO` writes on the training thread and does not fsync; `AsyncCheckpointIO` clones the "
         "state on the training thread into fresh memory at every save, then writes on a thread (not fsynced, "
@@ -205,11 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `.venv/bin/python benchmarks/bench_e2e_lightning.py`",
         "",
     ])
-    write_text(RESULTS / "e2e_lightning.md", text)
-    write_json(RESULTS / "e2e_lightning.json", {"headline": headline, "summary": summary, "runs": results,
+    publish("e2e_lightning", text, {"headline": headline, "summary": summary, "runs": results,
                                                 "machine": info, "other_load": load.as_dict(),
                                                 "steps": opts.steps, "every": opts.every, "rounds": rounds})
-    print(text)
     return 0
 
 

@@ -390,6 +390,20 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str |
     return "\n".join(lines)
 
 
+def publish(stem: str, text: str, payload: dict[str, Any]) -> None:
+    """Write ``results/<stem>.md`` and ``results/<stem>.json`` and show the report."""
+    write_text(RESULTS / f"{stem}.md", text)
+    write_json(RESULTS / f"{stem}.json", payload)
+    print(text)
+
+
+def overhead_note(framework_fsync: str) -> str:
+    """How the end-to-end benchmarks compute overheads, shared by the Lightning and HF reports."""
+    return ("Overheads are medians over rounds of (run / the `none` run of the same round - 1); on a shared "
+            "machine identical runs still vary by 10-20 %, so read them with the blocked time per save, which "
+            "is measured directly. \"Until checkpoints are on disk\" adds " + framework_fsync)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1, sort_keys=False, default=_jsonable) + "\n")
