@@ -82,6 +82,10 @@ class CheckpointManager:
         writer_nice: lower the background writer thread's scheduling priority by this much (Linux
             nice increment; default 0). Measured on 2 cores: less slowdown of training while a
             persist runs, but a longer persist and more training time lost in total.
+        direct_io: write tensor files with ``O_DIRECT`` (past the page cache: one memory copy
+            instead of the page cache's copy and writeback) where the file system supports it,
+            plain writes elsewhere. ``False``, or ``CKPT_PLUGINS_DIRECT_IO=0`` in the environment,
+            always writes through the page cache.
         distributed: under torch.distributed, act as one of the ranks (the default). ``False``
             makes this manager a world of one even in a distributed job: no collectives, rank 0
             duties (lock, commit, retention) in this process. For code that already saves on
@@ -106,7 +110,7 @@ class CheckpointManager:
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
                  read_only: bool = False, rank_timeout: float = 600.0,
                  writer: Literal["thread", "process"] = "thread", writer_nice: int = 0,
-                 distributed: bool = True,
+                 direct_io: bool = True, distributed: bool = True,
                  dir_prefix: str = "step_") -> None:
         _check_choice("on_busy", on_busy, ("wait", "skip"))
         _check_choice("snapshot", snapshot, ("safe", "overlap"))
@@ -141,7 +145,8 @@ class CheckpointManager:
         if writer == "process" and self.storage.local_path(self.root) is None:
             raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
         self._stager = HostStager(max_pending, shared=writer == "process")
-        self._process_writer = ProcessWriter() if writer == "process" else None
+        self.direct_io = direct_io
+        self._process_writer = ProcessWriter(direct_io) if writer == "process" else None
         self._engine = PersistEngine(async_save=async_save, writer_nice=writer_nice)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
@@ -332,7 +337,7 @@ class CheckpointManager:
                        metadata: Mapping[str, str] | None = None) -> FileRecord:
         if self._process_writer is not None:
             return self._process_writer.write(path, tensors, metadata)
-        return write_tensor_file(self.storage, path, tensors, metadata)
+        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
 
     def wait(self) -> None:
         """Block until every pending save is committed; raise the first error not yet seen."""

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import torch
 import xxhash
 
+from .direct_io import DirectWriter
 from .errors import CorruptCheckpointError
 from .storage import Storage
 
@@ -83,18 +84,30 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
 
 
 def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> FileRecord:
-    """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum."""
+                      metadata: Mapping[str, str] | None = None, *, direct_io: bool = True) -> FileRecord:
+    """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum.
+
+    With ``direct_io`` the bytes bypass the page cache where the file system allows it
+    (:mod:`.direct_io`).
+    """
     order, head, data_len = _layout(tensors, metadata)
     hasher = xxhash.xxh3_64()
     hasher.update(head)
     with storage.open_write(path) as out:
-        out.write(head)
-        for key in order:
-            view = tensor_bytes(tensors[key])
-            if len(view):
-                hasher.update(view)
-                out.write(view)
+        direct = DirectWriter.wrap(out) if direct_io else None
+        sink = direct or out
+        try:
+            sink.write(head)
+            for key in order:
+                view = tensor_bytes(tensors[key])
+                if len(view):
+                    hasher.update(view)
+                    sink.write(view)
+            if direct is not None:
+                direct.finish()
+        finally:
+            if direct is not None:
+                direct.abandon()
     return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
 
 

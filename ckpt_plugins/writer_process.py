@@ -30,7 +30,7 @@ __all__ = ["ProcessWriter"]
 log = logging.getLogger(__name__)
 
 
-def _serve(requests: Any, results: Any) -> None:
+def _serve(requests: Any, results: Any, direct_io: bool) -> None:
     from .storage import LocalStorage
     from .tensor_file import write_tensor_file
 
@@ -42,7 +42,7 @@ def _serve(requests: Any, results: Any) -> None:
             return
         path, tensors, metadata = item
         try:
-            record = write_tensor_file(storage, path, tensors, metadata)
+            record = write_tensor_file(storage, path, tensors, metadata, direct_io=direct_io)
             results.put(("ok", (record.size, record.xxh3_64)))
         except OSError as exc:
             results.put(("oserror", (exc.errno, exc.strerror or str(exc), path)))
@@ -55,7 +55,8 @@ def _serve(requests: Any, results: Any) -> None:
 class ProcessWriter:
     """Writes tensor files in a child process; one request at a time, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, direct_io: bool = True) -> None:
+        self._direct_io = direct_io
         self._proc = None
         self._lock = threading.Lock()
 
@@ -63,7 +64,7 @@ class ProcessWriter:
         ctx = mp.get_context("spawn")
         self._requests = ctx.Queue()
         self._results = ctx.Queue()
-        self._proc = ctx.Process(target=_serve, args=(self._requests, self._results),
+        self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, self._direct_io),
                                  name="ckpt-writer-process", daemon=True)
         self._proc.start()
         log.info("started writer process (pid %d)", self._proc.pid)

@@ -1,0 +1,203 @@
+"""Direct I/O: write tensor files past the page cache, from two reused aligned buffers.
+
+A buffered ``write`` copies every byte into the page cache and leaves the kernel's writeback
+threads to copy it out again; on a machine with few cores that copying is what a background save
+takes away from training (about 0.4 s of CPU per 512 MiB here, against 0.03 s with ``O_DIRECT``).
+With ``O_DIRECT`` the device reads our memory directly, but every write must start at an aligned
+file offset, from an aligned address, for an aligned length. Tensors are not laid out that way,
+so :class:`DirectWriter` copies the stream into one of two page-aligned buffers (``memmove``,
+which releases the GIL) while a helper thread writes the other one: one memory copy instead of
+the page cache's copy plus writeback. The last block is written padded and the file is then
+truncated to its real size. The caller still fsyncs (``O_DIRECT`` skips the page cache, not the
+device's cache).
+
+Where the file system refuses ``O_DIRECT`` (tmpfs, some FUSE and network file systems, other
+operating systems) the writer falls back to plain writes through the same buffers, so callers
+never need to care. ``CKPT_PLUGINS_DIRECT_IO=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import logging
+import mmap
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+__all__ = ["DirectWriter", "direct_io_enabled"]
+
+log = logging.getLogger(__name__)
+
+ALIGN = 4096  # a multiple of every logical block size in use (512 and 4096)
+BUFFER_BYTES = 16 << 20
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def direct_io_enabled() -> bool:
+    """True unless the platform lacks ``O_DIRECT`` or ``CKPT_PLUGINS_DIRECT_IO=0`` is set."""
+    return bool(_O_DIRECT) and os.environ.get("CKPT_PLUGINS_DIRECT_IO", "1") != "0"
+
+
+class _BufferPool:
+    """Page-aligned buffers (anonymous ``mmap``), allocated once and reused by every writer."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, BUFFER_BYTES)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+
+_POOL = _BufferPool()
+
+
+def _address(view: memoryview) -> int | None:
+    """The address of a writable buffer's first byte (None for read-only ones such as bytes)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+class DirectWriter:
+    """A sequential, write-only view of an open file that writes it with ``O_DIRECT``.
+
+    Build it with :meth:`wrap` right after the file was opened; write with :meth:`write`; call
+    :meth:`finish` before closing (and fsyncing) the file. Only ``write`` may touch the file in
+    between.
+    """
+
+    def __init__(self, fd: int, direct: bool) -> None:
+        self._fd = fd
+        self._direct = direct
+        self._buffers = [_POOL.take(), _POOL.take()]
+        self._addresses = [_address(memoryview(b)) for b in self._buffers]
+        self._current = 0
+        self._fill = 0
+        self._size = 0
+        self._pending: list[Future | None] = [None, None]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-direct-io")
+        self._finished = False
+
+    @classmethod
+    def wrap(cls, file) -> "DirectWriter | None":
+        """A writer over ``file`` (empty, freshly opened for writing), or None when the file has
+        no OS descriptor (fsspec files) or direct I/O is off."""
+        if not direct_io_enabled():
+            return None
+        try:
+            fd = file.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return None
+        file.flush()
+        if os.lseek(fd, 0, os.SEEK_CUR) != 0:
+            return None
+        return cls(fd, direct=_set_direct(fd, True))
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        source = _address(view) if len(view) >= 4096 else None
+        done = 0
+        while done < len(view):
+            buffer = self._buffers[self._current]
+            n = min(len(view) - done, BUFFER_BYTES - self._fill)
+            if source is not None:
+                ctypes.memmove(self._addresses[self._current] + self._fill, source + done, n)
+            else:
+                buffer[self._fill:self._fill + n] = view[done:done + n]
+            self._fill += n
+            done += n
+            if self._fill == BUFFER_BYTES:
+                self._submit(BUFFER_BYTES)
+        self._size += len(view)
+        return len(view)
+
+    def _submit(self, length: int) -> None:
+        """Hand the current buffer to the I/O thread and switch to the other one."""
+        try:
+            self._pending[self._current] = self._io.submit(self._write_all, self._current, length)
+        except RuntimeError:  # interpreter shutdown (a save flushed at exit): write it here
+            self._write_all(self._current, length)
+        self._current ^= 1
+        self._fill = 0
+        previous = self._pending[self._current]
+        if previous is not None:  # the other buffer must be on disk before we refill it
+            self._pending[self._current] = None
+            previous.result()
+
+    def _write_all(self, index: int, length: int) -> None:
+        view = memoryview(self._buffers[index])[:length]
+        written = 0
+        while written < length:
+            try:
+                written += os.write(self._fd, view[written:])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._direct:
+                    raise
+                # The file system took the flag but refuses the I/O: carry on without it.
+                log.info("O_DIRECT refused by the file system (%s); writing through the page cache", exc)
+                self._direct = _set_direct(self._fd, False)
+
+    def finish(self) -> int:
+        """Write what is buffered, wait for every write, trim the padding; return the size."""
+        if self._finished:
+            return self._size
+        self._finished = True
+        try:
+            tail = self._fill
+            if tail:
+                padded = -(-tail // ALIGN) * ALIGN if self._direct else tail
+                if padded != tail:
+                    self._buffers[self._current][tail:padded] = bytes(padded - tail)
+                self._submit(padded)
+            for index, pending in enumerate(self._pending):
+                if pending is not None:
+                    self._pending[index] = None
+                    pending.result()
+            if os.fstat(self._fd).st_size != self._size:
+                os.ftruncate(self._fd, self._size)
+        finally:
+            self.abandon()
+        return self._size
+
+    def abandon(self) -> None:
+        """Stop without finishing (the file is being discarded): wait for the I/O thread and give
+        the buffers back."""
+        self._finished = True
+        for pending in self._pending:
+            if pending is not None:
+                pending.exception()  # wait; the error, if any, was or will be raised elsewhere
+        self._pending = [None, None]
+        self._io.shutdown(wait=True)
+        if self._buffers:
+            for buffer in self._buffers:
+                _POOL.give(buffer)
+            self._buffers = []
+        if self._direct:
+            self._direct = _set_direct(self._fd, False)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn ``O_DIRECT`` on or off for ``fd``; return whether it is on now."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError as exc:
+        if not on or exc.errno != errno.EINVAL:
+            raise
+        return False  # tmpfs and friends: no direct I/O, plain writes
+    return on
