@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096  # a multiple of every logical block size in use (512 and 4096)
 BUFFER_BYTES = 16 << 20
+DIRECT_MIN = 1 << 20  # smaller writes are gathered in the buffers
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -88,6 +89,7 @@ class DirectWriter:
         self._fill = 0
         self._size = 0
         self._pending: list[Future | None] = [None, None]
+        self._in_place: list[Future] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-direct-io")
         self._finished = False
 
@@ -108,7 +110,34 @@ class DirectWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        source = _address(view) if len(view) >= 4096 else None
+        source = _address(view) if len(view) >= ALIGN else None
+        if source is not None and len(view) >= DIRECT_MIN and self._can_write_in_place(source):
+            self._write_in_place(view)
+            return len(view)
+        self._copy_in(view, source)
+        self._size += len(view)
+        return len(view)
+
+    def _can_write_in_place(self, source: int) -> bool:
+        """Whether bytes at ``source`` may go to disk without the copy: any address for plain
+        writes; with O_DIRECT an aligned one, at an aligned file position."""
+        return not self._direct or (source % ALIGN == 0 and self._size % ALIGN == 0)
+
+    def _write_in_place(self, view: memoryview) -> None:
+        """Queue ``view``'s aligned part for writing straight from its memory (it must stay valid
+        until :meth:`finish`); copy the rest into the buffer."""
+        self._raise_failed()
+        if self._fill:
+            self._submit(self._fill)
+        whole = len(view) - len(view) % ALIGN if self._direct else len(view)
+        self._in_place.append(self._run(self._write_view, view[:whole]))
+        self._size += whole
+        if whole < len(view):
+            rest = view[whole:]
+            self._copy_in(rest, _address(rest))
+            self._size += len(rest)
+
+    def _copy_in(self, view: memoryview, source: int | None) -> None:
         done = 0
         while done < len(view):
             buffer = self._buffers[self._current]
@@ -121,15 +150,26 @@ class DirectWriter:
             done += n
             if self._fill == BUFFER_BYTES:
                 self._submit(BUFFER_BYTES)
-        self._size += len(view)
-        return len(view)
+
+    def _run(self, fn, *args) -> Future:
+        """Run ``fn`` on the I/O thread (in submission order), or here at interpreter shutdown."""
+        try:
+            return self._io.submit(fn, *args)
+        except RuntimeError:  # interpreter shutdown (a save flushed at exit): write it here
+            done: Future = Future()
+            fn(*args)
+            done.set_result(None)
+            return done
+
+    def _raise_failed(self) -> None:
+        for future in self._in_place:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
 
     def _submit(self, length: int) -> None:
         """Hand the current buffer to the I/O thread and switch to the other one."""
-        try:
-            self._pending[self._current] = self._io.submit(self._write_all, self._current, length)
-        except RuntimeError:  # interpreter shutdown (a save flushed at exit): write it here
-            self._write_all(self._current, length)
+        self._pending[self._current] = self._run(
+            self._write_view, memoryview(self._buffers[self._current])[:length])
         self._current ^= 1
         self._fill = 0
         previous = self._pending[self._current]
@@ -137,10 +177,9 @@ class DirectWriter:
             self._pending[self._current] = None
             previous.result()
 
-    def _write_all(self, index: int, length: int) -> None:
-        view = memoryview(self._buffers[index])[:length]
+    def _write_view(self, view: memoryview) -> None:
         written = 0
-        while written < length:
+        while written < len(view):
             try:
                 written += os.write(self._fd, view[written:])
             except OSError as exc:
@@ -166,6 +205,9 @@ class DirectWriter:
                 if pending is not None:
                     self._pending[index] = None
                     pending.result()
+            for pending in self._in_place:
+                pending.result()
+            self._in_place = []
             if os.fstat(self._fd).st_size != self._size:
                 os.ftruncate(self._fd, self._size)
         finally:
@@ -176,10 +218,10 @@ class DirectWriter:
         """Stop without finishing (the file is being discarded): wait for the I/O thread and give
         the buffers back."""
         self._finished = True
-        for pending in self._pending:
+        for pending in [*self._pending, *self._in_place]:
             if pending is not None:
                 pending.exception()  # wait; the error, if any, was or will be raised elsewhere
-        self._pending = [None, None]
+        self._pending, self._in_place = [None, None], []
         self._io.shutdown(wait=True)
         if self._buffers:
             for buffer in self._buffers:

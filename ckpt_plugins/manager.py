@@ -146,7 +146,7 @@ class CheckpointManager:
             raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
         self._stager = HostStager(max_pending, shared=writer == "process")
         self.direct_io = direct_io
-        self._process_writer = ProcessWriter(direct_io) if writer == "process" else None
+        self._process_writer = ProcessWriter(direct_io, self._stager) if writer == "process" else None
         self._engine = PersistEngine(async_save=async_save, writer_nice=writer_nice)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
@@ -334,9 +334,9 @@ class CheckpointManager:
         return None
 
     def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
-                       metadata: Mapping[str, str] | None = None) -> FileRecord:
+                       metadata: Mapping[str, str] | None = None, slot: int | None = None) -> FileRecord:
         if self._process_writer is not None:
-            return self._process_writer.write(path, tensors, metadata)
+            return self._process_writer.write(path, tensors, metadata, slot)
         return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
 
     def wait(self) -> None:

@@ -104,12 +104,12 @@ class SaveJob:
         state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
         if state_tensors:
-            files["state.safetensors"] = mgr._write_tensors(join(temp, "state.safetensors"), state_tensors)
+            files["state.safetensors"] = mgr._write_tensors(join(temp, "state.safetensors"), state_tensors, slot=self.slot)
         self._rank_trees: dict[int, Any] = {}
         if self.rank_flat is not None:
             name = f"rank_{mgr.rank}.safetensors"
             if rank_tensors:
-                files[name] = mgr._write_tensors(join(temp, name), rank_tensors)
+                files[name] = mgr._write_tensors(join(temp, name), rank_tensors, slot=self.slot)
             self._rank_trees[mgr.rank] = self.rank_flat.tree
             if mgr.rank != 0:
                 part = {"tree": self.rank_flat.tree,
@@ -130,7 +130,7 @@ class SaveJob:
             if spec[0] == "tensors":
                 _, keys, metadata = spec
                 tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
-                files[name] = mgr._write_tensors(path, tensors, metadata)
+                files[name] = mgr._write_tensors(path, tensors, metadata, slot=self.slot)
                 continue
             with mgr.storage.open_write(path) as raw:
                 out = HashingWriter(raw)

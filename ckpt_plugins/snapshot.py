@@ -3,15 +3,22 @@
 The time a save blocks training has a floor: one copy of the state into memory that already
 exists. Allocating fresh memory on every save (``clone()``, ``.cpu()``) costs page faults that are
 often several times the copy itself, so each staging slot keeps one buffer per tensor key and
-reuses it while shapes and dtypes stay the same.
+reuses it while keys, shapes and dtypes stay the same.
 
-CUDA tensors go to pinned buffers with ``non_blocking`` copies on a side stream, so the device to
+A slot's buffers are views into one page-aligned block (its arena), laid out in the order the
+writer puts them into files: grouped by file (``state/``, ``rank/``, ``extra/<name>/``), each group
+starting on a page boundary, tensors in the order :mod:`.tensor_file` writes them (largest element
+size first). A tensor file's data is then one contiguous, aligned run of memory, which the writer
+hands to the disk with ``O_DIRECT`` without another copy (:mod:`.direct_io`), and a writer process
+receives the arena once instead of one shared-memory segment per tensor per save.
+
+CUDA tensors go to pinned memory with ``non_blocking`` copies on a side stream, so the device to
 host copy overlaps with compute; :meth:`StagedState.wait` synchronises that stream's event. CPU
 tensors are copied with ``Tensor.copy_`` (multi-threaded inside torch, no Python loop over data).
 
-With a writer process the buffers live in shared memory instead (not pinned: CUDA copies into
-them are then synchronous). There are ``slots`` buffer sets: at most that many staged copies exist at once, which is what
-bounds host memory with ``max_pending`` saves in flight.
+With a writer process the arena lives in shared memory instead (not pinned: CUDA copies into
+it are then synchronous). There are ``slots`` arenas: at most that many staged copies exist at
+once, which is what bounds host memory with ``max_pending`` saves in flight.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["HostStager", "StagedState"]
+__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "file_group"]
 
 log = logging.getLogger(__name__)
+
+
+ALIGN = 4096  # file groups start on a page: what O_DIRECT needs of memory addresses
 
 
 @dataclass
@@ -44,21 +54,63 @@ class StagedState:
         self.done.set()
 
 
+@dataclass
+class Arena:
+    """One slot's staging memory: ``memory`` (uint8, page-aligned) and a view per tensor key.
+    ``generation`` changes whenever the arena is reallocated."""
+
+    memory: torch.Tensor
+    views: dict[str, torch.Tensor]
+    offsets: dict[str, int]
+    signature: tuple
+    generation: int
+
+
+def file_group(key: str) -> str:
+    """Which file a staged key is written to: ``state``, ``rank`` or ``extra/<name>``."""
+    head, _, rest = key.partition("/")
+    return f"extra/{rest.partition('/')[0]}" if head == "extra" else head
+
+
+def arena_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, int]], int]:
+    """(key, byte offset) in file order, and the total size: groups start page-aligned; inside a
+    group, largest element size first, as :func:`.tensor_file._layout` orders a file."""
+    groups: dict[str, list[str]] = {}
+    for key in tensors:
+        groups.setdefault(file_group(key), []).append(key)
+    placed, offset = [], 0
+    for keys in groups.values():
+        offset = -(-offset // ALIGN) * ALIGN
+        for key in sorted(keys, key=lambda k: -tensors[k].element_size()):
+            placed.append((key, offset))
+            offset += tensors[key].numel() * tensors[key].element_size()
+    return placed, offset
+
+
+def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    if shared:
+        raw.share_memory_()
+    start = -raw.data_ptr() % ALIGN
+    return raw[start:start + nbytes]
+
+
 class HostStager:
-    """A pool of ``slots`` reusable host-buffer sets."""
+    """A pool of ``slots`` reusable staging arenas."""
 
     def __init__(self, slots: int, shared: bool = False) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        self.shared = shared  # buffers in shared memory, for a writer process
-        self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
+        self.shared = shared  # arenas in shared memory, for a writer process
+        self._arenas: list[Arena | None] = [None] * slots
+        self._generation = 0
         self._free = list(range(slots))
         self._cond = threading.Condition()
         self._stream = None
 
     @property
     def slots(self) -> int:
-        return len(self._buffers)
+        return len(self._arenas)
 
     def acquire(self, block: bool = True) -> int | None:
         """Take a free slot; wait for one when ``block``, else return None if all are busy."""
@@ -74,45 +126,53 @@ class HostStager:
             self._free.append(slot)
             self._cond.notify()
 
+    def arena(self, slot: int) -> Arena | None:
+        return self._arenas[slot]
+
     def staged_bytes(self) -> int:
-        """Host memory held by all slots' buffers."""
-        return sum(t.numel() * t.element_size() for slot in self._buffers for t in slot.values())
+        """Host memory held by all slots' arenas."""
+        return sum(a.memory.numel() for a in self._arenas if a is not None)
 
     def stage(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> StagedState:
-        """Copy ``tensors`` into ``slot``'s buffers (reallocating only where shape/dtype changed)."""
-        buffers = self._buffers[slot]
-        for stale in buffers.keys() - tensors.keys():
-            del buffers[stale]
-        staged: dict[str, torch.Tensor] = {}
+        """Copy ``tensors`` into ``slot``'s arena (reallocated only when keys, shapes or dtypes
+        changed)."""
         uses_cuda = any(t.is_cuda for t in tensors.values())
+        arena = self._arena_for(slot, tensors, pin=uses_cuda and not self.shared)
         stream = self._side_stream() if uses_cuda else None
-        grown = 0
         with torch.no_grad():
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream())
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 for key, src in tensors.items():
-                    buf = buffers.get(key)
-                    if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                        buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda and not self.shared)
-                        if self.shared:
-                            buf.share_memory_()
-                        buffers[key] = buf
-                        grown += buf.numel() * buf.element_size()
-                    buf.copy_(src.detach(), non_blocking=src.is_cuda)
-                    staged[key] = buf
+                    arena.views[key].copy_(src.detach(), non_blocking=src.is_cuda)
         event = None
         if stream is not None:
             event = torch.cuda.Event()
             event.record(stream)
-        if grown:
-            log.info("allocated %.1f MiB of staging buffers (slot %d); %.1f MiB staged in all",
-                     grown / 2**20, slot, self.staged_bytes() / 2**20)
-        return StagedState(slot=slot, tensors=staged, cuda_event=event)
+        return StagedState(slot=slot, tensors={k: arena.views[k] for k in tensors}, cuda_event=event)
+
+    def _arena_for(self, slot: int, tensors: Mapping[str, torch.Tensor], pin: bool) -> Arena:
+        signature = (pin, *((k, tuple(t.shape), t.dtype) for k, t in tensors.items()))
+        arena = self._arenas[slot]
+        if arena is not None and arena.signature == signature:
+            return arena
+        self._arenas[slot] = None  # free the old arena before allocating the new one
+        placed, total = arena_layout(tensors)
+        memory = _aligned_bytes(total, pin, self.shared)
+        views = {}
+        for key, offset in placed:
+            src = tensors[key]
+            nbytes = src.numel() * src.element_size()
+            views[key] = memory[offset:offset + nbytes].view(src.dtype).view(src.shape)
+        self._generation += 1
+        arena = Arena(memory, views, dict(placed), signature, self._generation)
+        self._arenas[slot] = arena
+        log.info("allocated %.1f MiB of staging memory (slot %d); %.1f MiB staged in all",
+                 total / 2**20, slot, self.staged_bytes() / 2**20)
+        return arena
 
     def _side_stream(self):
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         return self._stream
-

@@ -13,11 +13,12 @@ only. Headers come from disk and are validated before use (sizes, offsets, dtype
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -32,6 +33,8 @@ __all__ = ["FileRecord", "HashingWriter", "write_tensor_file", "read_tensor_file
            "tensor_bytes", "checksum_file"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+DATA_ALIGN = 4096  # where the data section starts in files we write
+WRITE_CHUNK = 64 << 20  # hash and write a contiguous run in slices, so the two overlap
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -62,6 +65,34 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _runs(tensors: Iterable[torch.Tensor]) -> Iterator[memoryview]:
+    """The tensors' bytes, in order, with neighbours that are adjacent in memory merged into one
+    view (staged tensors of one file are: see :mod:`.snapshot`)."""
+    start = end = None
+    keep: list[torch.Tensor] = []  # the merged views point into these: keep them alive
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not nbytes:
+            continue
+        ptr = tensor.data_ptr() if tensor.is_contiguous() and not tensor.is_cuda else None
+        if ptr is not None and ptr == end:
+            end += nbytes
+            keep.append(tensor)
+            continue
+        if start is not None:
+            yield _memory(start, end - start)
+        start, end = (ptr, ptr + nbytes) if ptr is not None else (None, None)
+        keep = [tensor]
+        if ptr is None:
+            yield tensor_bytes(tensor)
+    if start is not None:
+        yield _memory(start, end - start)
+
+
+def _memory(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+
+
 def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None):
     # Largest element size first keeps every offset aligned to its dtype (the header is padded
     # to 8 bytes), which is what safetensors itself does.
@@ -79,7 +110,9 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    # Spaces up to a page boundary (the format allows trailing spaces in the header): the data
+    # then starts page-aligned in the file, so aligned memory can go to disk with O_DIRECT as is.
+    blob += b" " * (-(8 + len(blob)) % DATA_ALIGN)
     return order, struct.pack("<Q", len(blob)) + blob, offset
 
 
@@ -98,11 +131,11 @@ def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.T
         sink = direct or out
         try:
             sink.write(head)
-            for key in order:
-                view = tensor_bytes(tensors[key])
-                if len(view):
-                    hasher.update(view)
-                    sink.write(view)
+            for run in _runs(tensors[key] for key in order):
+                for start in range(0, len(run), WRITE_CHUNK):
+                    chunk = run[start:start + WRITE_CHUNK]
+                    hasher.update(chunk)
+                    sink.write(chunk)
             if direct is not None:
                 direct.finish()
         finally:

@@ -186,14 +186,14 @@ def test_staging_buffers_are_allocated_once_and_reused(tmp_path):
     model, opt, sched = make_training_state()
     with CheckpointManager(tmp_path, async_save=True) as mgr:
         mgr.save(1, {"model": model.state_dict()}).wait()
-        first = {k: v.data_ptr() for k, v in mgr._stager._buffers[0].items()}
+        first = {k: v.data_ptr() for k, v in mgr._stager.arena(0).views.items()}
         size = mgr._stager.staged_bytes()
         for step in (2, 3):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
             mgr.save(step, {"model": model.state_dict()}).wait()
-        assert {k: v.data_ptr() for k, v in mgr._stager._buffers[0].items()} == first
+        assert {k: v.data_ptr() for k, v in mgr._stager.arena(0).views.items()} == first
         assert mgr._stager.staged_bytes() == size
         restored = mgr.restore(3)["model"]
     for key, value in model.state_dict().items():
@@ -265,9 +265,23 @@ def test_writer_process_writes_the_same_checkpoints(tmp_path):
         mgr.wait()
         assert mgr.steps() == [2, 3]
         restored = mgr.restore("latest")
-        assert all(buf.is_shared() for buf in mgr._stager._buffers[0].values())
+        assert mgr._stager.arena(0).memory.is_shared()
     for key, value in model.state_dict().items():
         assert torch.equal(restored["model"][key], value)
+
+
+def test_writer_process_gets_each_arena_once_and_follows_shape_changes(tmp_path):
+    with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((64, 64), float(step)), "b": torch.arange(step, step + 3)}).wait()
+        writer = mgr._process_writer
+        assert writer._sent == {0: mgr._stager.arena(0).generation}
+        first = mgr._stager.arena(0).generation
+        mgr.save(4, {"w": torch.full((8, 8), 4.0), "b": torch.arange(5)}).wait()  # new shapes
+        assert writer._sent == {0: mgr._stager.arena(0).generation} != {0: first}
+        for step in (1, 2, 3):
+            assert torch.equal(mgr.restore(step)["w"], torch.full((64, 64), float(step)))
+        assert torch.equal(mgr.restore(4)["w"], torch.full((8, 8), 4.0))
 
 
 def test_writer_process_errors_surface(tmp_path):
@@ -281,6 +295,30 @@ def test_writer_process_errors_surface(tmp_path):
             mgr.wait()
         assert isinstance(handle.exception(), IsADirectoryError)
         assert mgr.steps() == [1] and not temp.exists()
+
+
+UNGUARDED_SCRIPT = """
+import sys, torch
+from ckpt_plugins import CheckpointManager, SaveError
+# No `if __name__ == "__main__":` guard: the spawned writer re-runs this file, finds the
+# directory locked by its parent, and exits with an error before writing anything.
+try:
+    with CheckpointManager(sys.argv[1], async_save=True, writer="process") as mgr:
+        mgr.save(1, {"w": torch.ones(3)}).wait()
+except SaveError as exc:
+    print("SaveError:", exc)
+"""
+
+
+def test_writer_process_dying_at_start_up_is_an_error_not_a_hang(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "writer process died" in proc.stdout and "import-safe" in proc.stdout, proc.stdout
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        assert mgr.steps() == []
 
 
 def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):

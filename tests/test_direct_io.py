@@ -171,3 +171,45 @@ def test_a_write_failing_half_way_raises_and_keeps_the_previous_checkpoint(tmp_p
     assert result["error"] and "File too large" in result["error"] and "step 2" in result["error"]
     assert result["steps"] == [1] and result["w"] == 1024
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_staged_tensors_of_one_file_are_one_aligned_run():
+    """The stager lays each file's tensors out contiguously, page-aligned, in the writer's order,
+    so the writer hands one run of memory to the disk (no copy)."""
+    from ckpt_plugins.snapshot import HostStager
+    from ckpt_plugins.tensor_file import _layout, _runs
+
+    tensors = {"state/a": torch.randn(1000), "state/b": torch.arange(5, dtype=torch.int16),
+               "state/c": torch.randn(3, 3, dtype=torch.float64), "rank/r": torch.ones(7),
+               "extra/f.safetensors/0": torch.zeros(2, dtype=torch.bool), "state/e": torch.empty(0)}
+    stager = HostStager(1)
+    staged = stager.stage(0, tensors).tensors
+    assert all(torch.equal(staged[k], v) for k, v in tensors.items())
+    for prefix in ("state/", "rank/", "extra/f.safetensors/"):
+        group = {k[len(prefix):]: v for k, v in staged.items() if k.startswith(prefix)}
+        order, head, _ = _layout(group, None)
+        runs = list(_runs(group[k] for k in order))
+        assert len(runs) == 1 and direct_io._address(runs[0]) % ALIGN == 0
+        assert len(head) % ALIGN == 0  # the data section starts page-aligned in the file
+    first = staged["state/a"].data_ptr()
+    stager.stage(0, {k: v + 1 if v.dtype.is_floating_point else v for k, v in tensors.items()})
+    assert stager.arena(0).views["state/a"].data_ptr() == first  # same shapes: the arena is reused
+
+
+def test_aligned_memory_is_written_in_place(tmp_path):
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} does not support O_DIRECT")
+    from ckpt_plugins.snapshot import _aligned_bytes
+
+    memory = _aligned_bytes(3 * (1 << 20) + 100, pin=False, shared=False)
+    memory.copy_(torch.randint(0, 256, memory.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    raw = memory.numpy().tobytes()
+    with LocalStorage().open_write(str(tmp_path / "x")) as out:
+        writer = DirectWriter.wrap(out)
+        writer.write(b"h" * ALIGN)  # a page of header, then the aligned run
+        writer.write(memoryview(memory.numpy()))
+        assert len(writer._in_place) == 1  # 3 MiB straight from `memory`; the last 100 bytes copied
+        writer.write(memoryview(memory.numpy())[1:])  # now unaligned: through the buffers
+        assert len(writer._in_place) == 1
+        writer.finish()
+    assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw + raw[1:]
