@@ -5,12 +5,11 @@ exists. Allocating fresh memory on every save (``clone()``, ``.cpu()``) costs pa
 often several times the copy itself, so each staging slot keeps one buffer per tensor key and
 reuses it while keys, shapes and dtypes stay the same.
 
-A slot's buffers are views into one page-aligned block (its arena), laid out in the order the
-writer puts them into files: grouped by file (``state/``, ``rank/``, ``extra/<name>/``), each group
-starting on a page boundary, tensors in the order :mod:`.tensor_file` writes them (largest element
-size first). A tensor file's data is then one contiguous, aligned run of memory, which the writer
+A slot's buffers (its arena) are views into one page-aligned block per file (``state/``,
+``rank/``, ``extra/<name>/``), laid out in the order :mod:`.tensor_file` writes them (largest
+element size first). A tensor file's data is then one contiguous, aligned run of memory, which the writer
 hands to the disk with ``O_DIRECT`` without another copy (:mod:`.direct_io`), and a writer process
-receives the arena once instead of one shared-memory segment per tensor per save.
+receives the blocks once instead of one shared-memory segment per tensor per save.
 
 CUDA tensors go to pinned memory with ``non_blocking`` copies on a side stream, so the device to
 host copy overlaps with compute; :meth:`StagedState.wait` synchronises that stream's event. CPU
@@ -56,14 +55,23 @@ class StagedState:
 
 @dataclass
 class Arena:
-    """One slot's staging memory: ``memory`` (uint8, page-aligned) and a view per tensor key.
-    ``generation`` changes whenever the arena is reallocated."""
+    """One slot's staging memory: one page-aligned uint8 block per file group (``memory``), and
+    a view per tensor key into its group's block. ``generation`` changes whenever the arena is
+    reallocated."""
 
-    memory: torch.Tensor
+    memory: dict[str, torch.Tensor]
     views: dict[str, torch.Tensor]
-    offsets: dict[str, int]
     signature: tuple
     generation: int
+
+    def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
+        """(group, byte offset) of a tensor that lies inside one of the blocks, else None."""
+        nbytes = tensor.numel() * tensor.element_size()
+        for group, block in self.memory.items():
+            offset = tensor.data_ptr() - block.data_ptr() if nbytes else 0
+            if 0 <= offset <= block.numel() - nbytes:
+                return group, offset
+        return None
 
 
 def file_group(key: str) -> str:
@@ -72,22 +80,27 @@ def file_group(key: str) -> str:
     return f"extra/{rest.partition('/')[0]}" if head == "extra" else head
 
 
-def arena_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, int]], int]:
-    """(key, byte offset) in file order, and the total size: groups start page-aligned; inside a
-    group, largest element size first, as :func:`.tensor_file._layout` orders a file."""
+def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Per file group: (key, byte offset) in file order and the group's size. Inside a group,
+    largest element size first, as :func:`.tensor_file._layout` orders a file.
+
+    Each group gets its own block: a file written by ``torch.save`` (an extra file of staged
+    tensors) stores whole storages, so its tensors must not share one with other files'."""
     groups: dict[str, list[str]] = {}
     for key in tensors:
         groups.setdefault(file_group(key), []).append(key)
-    placed, offset = [], 0
-    for keys in groups.values():
-        offset = -(-offset // ALIGN) * ALIGN
+    out = {}
+    for group, keys in groups.items():
+        placed, offset = [], 0
         for key in sorted(keys, key=lambda k: -tensors[k].element_size()):
             placed.append((key, offset))
             offset += tensors[key].numel() * tensors[key].element_size()
-    return placed, offset
+        out[group] = (placed, offset)
+    return out
 
 
 def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
+    """``nbytes`` of uint8 starting on a page boundary (pinned or shared on request)."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     if shared:
         raw.share_memory_()
@@ -131,7 +144,7 @@ class HostStager:
 
     def staged_bytes(self) -> int:
         """Host memory held by all slots' arenas."""
-        return sum(a.memory.numel() for a in self._arenas if a is not None)
+        return sum(block.numel() for a in self._arenas if a is not None for block in a.memory.values())
 
     def stage(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> StagedState:
         """Copy ``tensors`` into ``slot``'s arena (reallocated only when keys, shapes or dtypes
@@ -158,15 +171,16 @@ class HostStager:
         if arena is not None and arena.signature == signature:
             return arena
         self._arenas[slot] = None  # free the old arena before allocating the new one
-        placed, total = arena_layout(tensors)
-        memory = _aligned_bytes(total, pin, self.shared)
-        views = {}
-        for key, offset in placed:
-            src = tensors[key]
-            nbytes = src.numel() * src.element_size()
-            views[key] = memory[offset:offset + nbytes].view(src.dtype).view(src.shape)
+        memory, views, total = {}, {}, 0
+        for group, (placed, size) in arena_layout(tensors).items():
+            block = memory[group] = _aligned_bytes(size, pin, self.shared)
+            total += size
+            for key, offset in placed:
+                src = tensors[key]
+                nbytes = src.numel() * src.element_size()
+                views[key] = block[offset:offset + nbytes].view(src.dtype).view(src.shape)
         self._generation += 1
-        arena = Arena(memory, views, dict(placed), signature, self._generation)
+        arena = Arena(memory, views, signature, self._generation)
         self._arenas[slot] = arena
         log.info("allocated %.1f MiB of staging memory (slot %d); %.1f MiB staged in all",
                  total / 2**20, slot, self.staged_bytes() / 2**20)

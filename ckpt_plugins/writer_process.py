@@ -37,22 +37,22 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
 
     torch.set_num_threads(1)
     storage = LocalStorage()
-    arenas: dict[int, torch.Tensor] = {}  # slot -> its staging arena, mapped once
+    arenas: dict[int, dict[str, torch.Tensor]] = {}  # slot -> its staging blocks, mapped once
     while True:
         item = requests.get()
         if item is None:
             return
         if item[0] == "arena":
             _, slot, memory = item
-            arenas[slot] = memory  # the previous arena of this slot is unmapped here
+            arenas[slot] = memory  # {group: block}; the slot's previous blocks are unmapped here
             continue
         _, path, payload, metadata = item
         try:
             if item[0] == "views":
                 slot, entries = payload
-                memory = arenas[slot]
-                tensors = {key: memory[offset:offset + nbytes].view(dtype).view(shape)
-                           for key, dtype, shape, offset, nbytes in entries}
+                blocks = arenas[slot]
+                tensors = {key: blocks[group][offset:offset + nbytes].view(dtype).view(shape)
+                           for key, dtype, shape, group, offset, nbytes in entries}
             else:
                 tensors = payload
             record = write_tensor_file(storage, path, tensors, metadata, direct_io=direct_io)
@@ -132,18 +132,17 @@ class ProcessWriter:
         raise SaveError(f"the writer process failed to write {path}: {payload}")
 
     def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list | None:
-        """(key, dtype, shape, offset, nbytes) of each tensor inside the slot's arena, or None."""
+        """(key, dtype, shape, group, offset, nbytes) of each tensor inside the slot's arena, or
+        None when one is not in it."""
         arena = self._stager.arena(slot) if self._stager is not None and slot is not None else None
         if arena is None:
             return None
-        base, size = arena.memory.data_ptr(), arena.memory.numel()
         entries = []
         for key, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            offset = tensor.data_ptr() - base if nbytes else 0
-            if not tensor.is_contiguous() or not 0 <= offset <= size - nbytes:
+            where = arena.locate(tensor) if tensor.is_contiguous() else None
+            if where is None:
                 return None
-            entries.append((key, tensor.dtype, tuple(tensor.shape), offset, nbytes))
+            entries.append((key, tensor.dtype, tuple(tensor.shape), *where, tensor.numel() * tensor.element_size()))
         return entries
 
     def close(self) -> None:

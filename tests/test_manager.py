@@ -418,6 +418,18 @@ def test_staged_extra_files_hold_the_values_at_save_time(tmp_path):
     assert saved_opt["param_groups"] == [{"lr": 0.1}]
 
 
+def test_a_pickled_extra_file_holds_only_its_own_tensors(tmp_path):
+    """torch.save stores whole storages: staged tensors of different files must not share one."""
+    from ckpt_plugins.extra_files import StagedFile, TensorFile
+    big = {"w": torch.randn(256, 1024)}  # 1 MiB
+    opt_state = {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": [{"lr": 0.1}]}
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, {"model": big}, extra_files={
+            "model.safetensors": TensorFile(big),
+            "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f))}).wait()
+    assert (tmp_path / "step_1" / "optimizer.pt").stat().st_size < 16_000  # 4 KB of tensor data
+
+
 def test_verify_and_quarantine(tmp_path):
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"w": torch.ones(4)}, extra_files={"native.bin": b"abc"})
