@@ -189,6 +189,25 @@ class DirectWriter:
                 log.info("O_DIRECT refused by the file system (%s); writing through the page cache", exc)
                 self._direct = _set_direct(self._fd, False)
 
+    # The file-object surface a sequential writer such as torch.save uses; no seeking.
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        """Nothing to do: bytes reach the disk at :meth:`finish` at the latest."""
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, *args) -> int:
+        raise io.UnsupportedOperation("DirectWriter writes sequentially; it cannot seek")
+
+    def truncate(self, *args) -> int:
+        raise io.UnsupportedOperation("DirectWriter writes sequentially; it cannot truncate")
+
     def finish(self) -> int:
         """Write what is buffered, wait for every write, trim the padding; return the size."""
         if self._finished:

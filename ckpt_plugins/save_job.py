@@ -10,6 +10,7 @@ failed save leaves nothing behind and deletes nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .direct_io import DirectWriter
 from .engine import SaveHandle
 from .errors import SaveError
 from .extra_files import fill, fill_tensors
@@ -132,17 +134,43 @@ class SaveJob:
                 tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
                 files[name] = mgr._write_tensors(path, tensors, metadata, slot=self.slot)
                 continue
+            if spec[0] == "staged":
+                _, skeleton, count, write = spec
+                files[name] = self._write_staged(path, write, fill(skeleton, fill_tensors(name, count, staged)))
+                continue
             with mgr.storage.open_write(path) as raw:
                 out = HashingWriter(raw)
-                if spec[0] == "staged":
-                    _, skeleton, count, write = spec
-                    write(out, fill(skeleton, fill_tensors(name, count, staged)))
-                elif callable(spec[1]):
+                if callable(spec[1]):
                     spec[1](out)
                 else:
                     out.write(spec[1])
             files[name] = out.record() or checksum_file(mgr.storage, path)
         return files
+
+    def _write_staged(self, path: str, write: Callable[[Any, Any], None], value: Any) -> FileRecord:
+        """A staged extra file (``torch.save`` of staged tensors): sequentially with O_DIRECT
+        where possible; again through the page cache if the writer turns out to seek."""
+        storage, seeks = self.mgr.storage, False
+        with storage.open_write(path) as raw:
+            direct = DirectWriter.wrap(raw) if self.mgr.direct_io else None
+            out = HashingWriter(direct or raw)
+            try:
+                write(out, value)
+                if direct is not None:
+                    direct.finish()
+            except io.UnsupportedOperation:
+                if direct is None:
+                    raise
+                seeks = True
+            finally:
+                if direct is not None:
+                    direct.abandon()
+        if seeks:
+            log.debug("the writer of %s seeks; writing it again through the page cache", path)
+            with storage.open_write(path) as raw:
+                out = HashingWriter(raw)
+                write(out, value)
+        return out.record() or checksum_file(storage, path)
 
     def _collect_other_ranks(self, temp: str) -> dict[str, FileRecord]:
         """Rank 0 waits for each other rank's part file (or its error marker)."""

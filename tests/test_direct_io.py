@@ -213,3 +213,21 @@ def test_aligned_memory_is_written_in_place(tmp_path):
         assert len(writer._in_place) == 1
         writer.finish()
     assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw + raw[1:]
+
+
+def test_staged_extra_files_go_through_direct_io_and_seeking_writers_still_work(tmp_path):
+    from ckpt_plugins.extra_files import StagedFile
+
+    def seeking_save(f, value):  # writes, then goes back to patch its first bytes
+        torch.save(value, f)
+        f.seek(0)
+        f.write(b"PK")
+
+    opt = {"state": {0: {"exp_avg": torch.randn(600_000)}}, "param_groups": [{"lr": 0.1}]}
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, {"step": 1}, extra_files={"optimizer.pt": StagedFile(opt, lambda f, v: torch.save(v, f)),
+                                              "patched.pt": StagedFile(opt, seeking_save)}).wait()
+        assert mgr.verify(1) == []
+    for name in ("optimizer.pt", "patched.pt"):
+        back = torch.load(tmp_path / "step_1" / name, weights_only=True)
+        assert torch.equal(back["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
