@@ -115,9 +115,11 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
         r = d[n]
         dip = (1 - (len(r["busy"]) / r["busy_wall"]) / (len(r["idle"]) / r["idle_wall"])
                if r.get("busy_wall") else _median(r.get("round_dips", [])))
-        lost = ((r["busy_wall"] - len(r["busy"]) * r["idle_wall"] / len(r["idle"])) / len(r["busy_s"])
-                if r.get("busy_wall") else float("nan"))
-        label = f"{b * 1e3:.0f} ms (dip {dip:.0%}" + (f", {lost:.1f} s lost per save)" if lost == lost else ")")
+        lost = r.get("lost_s")  # stall + persist window - steps done in it at the idle step time
+        if lost is None:  # results written before the stall was counted
+            lost = ((r["busy_wall"] - len(r["busy"]) * r["idle_wall"] / len(r["idle"])) / len(r["busy_s"])
+                    if r.get("busy_wall") else float("nan"))
+        label = f"{b * 1e3:.0f} ms (dip {dip:.0%}" + (f", {lost * 1e3:.0f} ms lost per save)" if lost == lost else ")")
         ax_dip.text(b * 1e3 * 1.01, y + 0.2, label if dip == dip else "", va="center", fontsize=8)
     ax_dip.set_yticks(list(ys), names, fontsize=8)
     ax_dip.invert_yaxis()
