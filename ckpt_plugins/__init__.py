@@ -14,9 +14,10 @@ from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, Corr
                      UnsafeCheckpointError, UnsupportedStateError)
 from .manager import CheckpointManager
 from .restore import RestoreReport
+from .rng import capture_rng, restore_rng
 
 __all__ = [
-    "CheckpointManager", "SaveHandle", "RestoreReport", "__version__",
+    "CheckpointManager", "SaveHandle", "RestoreReport", "capture_rng", "restore_rng", "__version__",
     "CheckpointError", "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError",
     "DistributedError", "LockedError", "NotWritableError", "RestoreError", "SaveError", "StepExistsError",
     "UnsafeCheckpointError", "UnsupportedStateError",

@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ckpt_plugins import CheckpointManager, UnsupportedStateError
 from ckpt_plugins.lightning.data_position import _Tracked
-from ckpt_plugins.lightning.rng import capture_rng, restore_rng
+from ckpt_plugins import capture_rng, restore_rng
 from ckpt_plugins.lightning.state import explain_unsupported, to_storable
 from ckpt_plugins.lightning.triggers import Triggers
 from ckpt_plugins.state_tree import flatten_state

@@ -34,11 +34,11 @@ from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_ch
 from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.retention import build_policy
+from ckpt_plugins.rng import capture_rng, restore_rng
 
 from .data_position import DataPosition
 from .paths import CommittedPaths
 from .plugin import CheckpointIOPlugin
-from .rng import capture_rng, restore_rng
 from .state import RANK_STATE_KEY, explain_unsupported, to_storable
 from .stats import SaveStats
 from .triggers import Triggers, validation_follows

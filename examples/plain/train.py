@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ckpt_plugins import CheckpointManager
+from ckpt_plugins import CheckpointManager, capture_rng, restore_rng
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
@@ -86,16 +86,6 @@ def dataset(block_size: int) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x, y)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
@@ -126,7 +116,7 @@ def main() -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"])
         position = state["position"]
         print(f"resumed from step {position['step']} ({mgr.last_restore_report.source})", flush=True)
 
@@ -149,7 +139,7 @@ def main() -> None:
             if mgr is not None and step % args.save_every == 0:
                 t0 = time.perf_counter()
                 mgr.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "rng": rng_state(), "position": position},
+                                "scheduler": sched.state_dict(), "rng": capture_rng(), "position": position},
                          metrics={"loss": loss.item()})
                 stalls.append(time.perf_counter() - t0)
                 print(f"step {step:3d}  loss {loss.item():.3f}  saved (training blocked "

@@ -4,6 +4,9 @@ An exact resume needs every generator the training step draws from: Python's ``r
 global generator, torch's CPU generator and, when CUDA is in use, one generator per device. The
 states are plain values the core stores without pickle (a tuple of ints, a uint32 array, byte
 tensors). Each rank captures its own, so under DDP they go into the checkpoint as ``rank_state``.
+The Lightning callback uses these; a plain training loop stores ``capture_rng()`` in its state
+and calls ``restore_rng`` after a restore. (The HF adapter writes the Trainer's own
+``rng_state.pth`` layout instead, which its resume code reads.)
 
 CUDA states are captured only once CUDA has been initialised: asking earlier would initialise it
 (and pick a device) in a process that may never use the GPU.
