@@ -108,10 +108,14 @@ class DirectWriter:
             return None
         return cls(fd, direct=_set_direct(fd, True))
 
-    def write(self, data) -> int:
+    def write(self, data, *, stable: bool = False) -> int:
+        """Append ``data``. With ``stable=True`` the caller promises the memory stays valid and
+        unchanged until :meth:`finish`, so a large aligned run may go to disk from where it is;
+        otherwise (a file-object ``write`` from third-party code, whose buffers may be reused
+        as soon as it returns) the bytes are always copied first."""
         view = memoryview(data).cast("B")
         source = _address(view) if len(view) >= ALIGN else None
-        if source is not None and len(view) >= DIRECT_MIN and self._can_write_in_place(source):
+        if stable and source is not None and len(view) >= DIRECT_MIN and self._can_write_in_place(source):
             self._write_in_place(view)
             return len(view)
         self._copy_in(view, source)

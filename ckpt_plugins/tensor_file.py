@@ -135,7 +135,10 @@ def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.T
                 for start in range(0, len(run), WRITE_CHUNK):
                     chunk = run[start:start + WRITE_CHUNK]
                     hasher.update(chunk)
-                    sink.write(chunk)
+                    if direct is not None:  # the tensors outlive the writer: no copy needed
+                        direct.write(chunk, stable=True)
+                    else:
+                        out.write(chunk)
             if direct is not None:
                 direct.finish()
         finally:

@@ -207,12 +207,14 @@ def test_aligned_memory_is_written_in_place(tmp_path):
     with LocalStorage().open_write(str(tmp_path / "x")) as out:
         writer = DirectWriter.wrap(out)
         writer.write(b"h" * ALIGN)  # a page of header, then the aligned run
-        writer.write(memoryview(memory.numpy()))
+        writer.write(memoryview(memory.numpy())[:3 << 20])  # not promised stable: copied
+        assert writer._in_place == []
+        writer.write(memoryview(memory.numpy()), stable=True)
         assert len(writer._in_place) == 1  # 3 MiB straight from `memory`; the last 100 bytes copied
-        writer.write(memoryview(memory.numpy())[1:])  # now unaligned: through the buffers
+        writer.write(memoryview(memory.numpy())[1:], stable=True)  # now unaligned: through the buffers
         assert len(writer._in_place) == 1
         writer.finish()
-    assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw + raw[1:]
+    assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw[:3 << 20] + raw + raw[1:]
 
 
 def test_staged_extra_files_go_through_direct_io_and_seeking_writers_still_work(tmp_path):
