@@ -38,7 +38,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (OtherLoad, file_bytes, fsync_tree, machine_info, md_table, median,  # noqa: E402
-                    overhead_note, publish, scratch_dir)
+                    overhead_note, publish_e2e, scratch_dir)
 
 CONFIGS = ("none", "trainer", "ours (thread)")
 PROCESS_WRITER = "ours (process)"
@@ -189,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `.venv/bin/python benchmarks/bench_e2e_hf.py`",
         "",
     ])
-    publish("e2e_hf", text, {"headline": headline, "summary": summary, "runs": results,
-                                          "machine": info, "other_load": load.as_dict(),
-                                          "steps": opts.steps, "every": opts.every, "rounds": rounds})
+    publish_e2e("e2e_hf", text, headline=headline, summary=summary, runs=results, machine=info,
+                load=load, opts=opts, rounds=rounds)
     return 0
 
 

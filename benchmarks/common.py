@@ -28,7 +28,7 @@ __all__ = [
     "median", "spread", "Stopwatch",
     "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
     "aligned_random_bytes", "cpu_seconds", "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
-    "OtherLoad", "machine_info", "md_table", "replace_block", "write_json", "write_text", "fmt_s", "fmt_ratio",
+    "OtherLoad", "machine_info", "publish_e2e", "md_table", "replace_block", "write_json", "write_text", "fmt_s", "fmt_ratio",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,6 +395,14 @@ def publish(stem: str, text: str, payload: dict[str, Any]) -> None:
     write_text(RESULTS / f"{stem}.md", text)
     write_json(RESULTS / f"{stem}.json", payload)
     print(text)
+
+
+def publish_e2e(stem: str, text: str, *, headline: list, summary: dict, runs: list, machine: dict,
+                load: Any, opts: Any, rounds: int) -> None:
+    """:func:`publish` for an end-to-end benchmark: its report plus every run and the settings."""
+    publish(stem, text, {"headline": headline, "summary": summary, "runs": runs, "machine": machine,
+                         "other_load": load.as_dict(), "steps": opts.steps, "every": opts.every,
+                         "rounds": rounds})
 
 
 def overhead_note(framework_fsync: str) -> str:

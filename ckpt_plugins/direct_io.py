@@ -18,6 +18,7 @@ never need to care. ``CKPT_PLUGINS_DIRECT_IO=0`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -25,9 +26,10 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-__all__ = ["DirectWriter", "direct_io_enabled"]
+__all__ = ["DirectWriter", "direct_io_enabled", "direct_writer"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +254,18 @@ class DirectWriter:
             self._buffers = []
         if self._direct:
             self._direct = _set_direct(self._fd, False)
+
+
+@contextlib.contextmanager
+def direct_writer(file, enabled: bool = True) -> Iterator[DirectWriter | None]:
+    """A :class:`DirectWriter` over ``file`` (None where direct I/O is off or impossible), always
+    released on the way out; call its ``finish`` before leaving on success."""
+    writer = DirectWriter.wrap(file) if enabled else None
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.abandon()
 
 
 def _set_direct(fd: int, on: bool) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .direct_io import DirectWriter
+from .direct_io import direct_writer
 from .engine import SaveHandle
 from .errors import SaveError
 from .extra_files import fill, fill_tensors
@@ -151,8 +151,7 @@ class SaveJob:
         """A staged extra file (``torch.save`` of staged tensors): sequentially with O_DIRECT
         where possible; again through the page cache if the writer turns out to seek."""
         storage, seeks = self.mgr.storage, False
-        with storage.open_write(path) as raw:
-            direct = DirectWriter.wrap(raw) if self.mgr.direct_io else None
+        with storage.open_write(path) as raw, direct_writer(raw, self.mgr.direct_io) as direct:
             out = HashingWriter(direct or raw)
             try:
                 write(out, value)
@@ -162,9 +161,6 @@ class SaveJob:
                 if direct is None:
                     raise
                 seeks = True
-            finally:
-                if direct is not None:
-                    direct.abandon()
         if seeks:
             log.debug("the writer of %s seeks; writing it again through the page cache", path)
             with storage.open_write(path) as raw:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .direct_io import ALIGN
+from .tensor_file import file_order
+
 __all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "file_group"]
 
 log = logging.getLogger(__name__)
-
-
-ALIGN = 4096  # file groups start on a page: what O_DIRECT needs of memory addresses
 
 
 @dataclass
@@ -81,8 +81,8 @@ def file_group(key: str) -> str:
 
 
 def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tuple[str, int]], int]]:
-    """Per file group: (key, byte offset) in file order and the group's size. Inside a group,
-    largest element size first, as :func:`.tensor_file._layout` orders a file.
+    """Per file group: (key, byte offset) in :func:`.tensor_file.file_order` and the group's
+    size.
 
     Each group gets its own block: a file written by ``torch.save`` (an extra file of staged
     tensors) stores whole storages, so its tensors must not share one with other files'."""
@@ -92,7 +92,7 @@ def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tu
     out = {}
     for group, keys in groups.items():
         placed, offset = [], 0
-        for key in sorted(keys, key=lambda k: -tensors[k].element_size()):
+        for key in file_order({k: tensors[k] for k in keys}):
             placed.append((key, offset))
             offset += tensors[key].numel() * tensors[key].element_size()
         out[group] = (placed, offset)

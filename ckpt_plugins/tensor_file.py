@@ -18,6 +18,7 @@ import json
 import math
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -25,7 +26,7 @@ from typing import BinaryIO
 import torch
 import xxhash
 
-from .direct_io import DirectWriter
+from .direct_io import ALIGN, direct_writer
 from .errors import CorruptCheckpointError
 from .storage import Storage
 
@@ -33,7 +34,6 @@ __all__ = ["FileRecord", "HashingWriter", "write_tensor_file", "read_tensor_file
            "tensor_bytes", "checksum_file"]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-DATA_ALIGN = 4096  # where the data section starts in files we write
 WRITE_CHUNK = 64 << 20  # hash and write a contiguous run in slices, so the two overlap
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
@@ -68,8 +68,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def _runs(tensors: Iterable[torch.Tensor]) -> Iterator[memoryview]:
     """The tensors' bytes, in order, with neighbours that are adjacent in memory merged into one
     view (staged tensors of one file are: see :mod:`.snapshot`)."""
-    start = end = None
-    keep: list[torch.Tensor] = []  # the merged views point into these: keep them alive
+    start = end = None  # the run being merged; the caller keeps its tensors alive
     for tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if not nbytes:
@@ -77,12 +76,10 @@ def _runs(tensors: Iterable[torch.Tensor]) -> Iterator[memoryview]:
         ptr = tensor.data_ptr() if tensor.is_contiguous() and not tensor.is_cuda else None
         if ptr is not None and ptr == end:
             end += nbytes
-            keep.append(tensor)
             continue
         if start is not None:
             yield _memory(start, end - start)
         start, end = (ptr, ptr + nbytes) if ptr is not None else (None, None)
-        keep = [tensor]
         if ptr is None:
             yield tensor_bytes(tensor)
     if start is not None:
@@ -93,10 +90,15 @@ def _memory(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
 
 
+def file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The order tensors are written in: largest element size first (stable), which keeps every
+    offset aligned to its dtype, as safetensors itself does. The stager lays out its memory in
+    the same order, so a file's staged tensors are one run."""
+    return sorted(tensors, key=lambda k: -tensors[k].element_size())
+
+
 def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None):
-    # Largest element size first keeps every offset aligned to its dtype (the header is padded
-    # to 8 bytes), which is what safetensors itself does.
-    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    order = file_order(tensors)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -112,7 +114,7 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     blob = json.dumps(header, separators=(",", ":")).encode()
     # Spaces up to a page boundary (the format allows trailing spaces in the header): the data
     # then starts page-aligned in the file, so aligned memory can go to disk with O_DIRECT as is.
-    blob += b" " * (-(8 + len(blob)) % DATA_ALIGN)
+    blob += b" " * (-(8 + len(blob)) % ALIGN)
     return order, struct.pack("<Q", len(blob)) + blob, offset
 
 
@@ -126,24 +128,17 @@ def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.T
     order, head, data_len = _layout(tensors, metadata)
     hasher = xxhash.xxh3_64()
     hasher.update(head)
-    with storage.open_write(path) as out:
-        direct = DirectWriter.wrap(out) if direct_io else None
-        sink = direct or out
-        try:
-            sink.write(head)
-            for run in _runs(tensors[key] for key in order):
-                for start in range(0, len(run), WRITE_CHUNK):
-                    chunk = run[start:start + WRITE_CHUNK]
-                    hasher.update(chunk)
-                    if direct is not None:  # the tensors outlive the writer: no copy needed
-                        direct.write(chunk, stable=True)
-                    else:
-                        out.write(chunk)
-            if direct is not None:
-                direct.finish()
-        finally:
-            if direct is not None:
-                direct.abandon()
+    with storage.open_write(path) as out, direct_writer(out, direct_io) as direct:
+        # The tensors outlive the direct writer, so it may write them from where they are.
+        write = partial(direct.write, stable=True) if direct is not None else out.write
+        write(head)
+        for run in _runs(tensors[key] for key in order):
+            for start in range(0, len(run), WRITE_CHUNK):
+                chunk = run[start:start + WRITE_CHUNK]
+                hasher.update(chunk)
+                write(chunk)
+        if direct is not None:
+            direct.finish()
     return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
 
 

@@ -2,14 +2,15 @@
 
 Why: on a machine with few cores, the writer thread shares the GIL with training. Writing and
 hashing release the GIL for large buffers, but the Python-level work around them does not. A
-separate process has its own interpreter. Each staging slot is one arena in shared memory
-(``share_memory_``, :mod:`.snapshot`); the child receives a slot's arena once, when it is
-allocated, and keeps it mapped, so each file written afterwards costs one small message of
-offsets, not bytes and not one shared-memory segment per tensor.
+separate process has its own interpreter. A staging slot's arena is a few blocks of shared
+memory (``share_memory_``, one per file, :mod:`.snapshot`); the child receives them once, when
+they are allocated, and keeps them mapped, so each file written afterwards costs one small message
+of offsets, not bytes and not one shared-memory segment per tensor.
 
 The parent's writer thread still runs the job (commit, retention, callbacks); only
 ``write_tensor_file`` moves to the child. The child is started on first use with the ``spawn``
-method (safe with threads and CUDA) and stopped on close. Local directories only."""
+method (safe with threads and CUDA) and stopped on close. Local directories only.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ Lightning's launchers do) sets the value used when there is no directory to read
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,12 +50,16 @@ class CommittedPaths:
             return CheckpointManager(self.dirpath, read_only=True, monitor=self.monitor, mode=self.mode)
         return None
 
+    def _committed_path(self, pick: Callable[[CheckpointManager], int | None], fallback: str) -> str:
+        """The folder of the step ``pick`` chooses among committed checkpoints, else ``fallback``."""
+        reader = self._reader()
+        step = pick(reader) if reader is not None else None
+        return reader.path_for(step) if step is not None else fallback  # type: ignore[union-attr]
+
     @property
     def last_model_path(self) -> str:
         """The newest committed checkpoint folder ("" when there is none)."""
-        reader = self._reader()
-        step = reader.latest_step() if reader is not None else None
-        return reader.path_for(step) if step is not None else self._last_model_path
+        return self._committed_path(CheckpointManager.latest_step, self._last_model_path)
 
     @last_model_path.setter
     def last_model_path(self, value: str) -> None:
@@ -63,9 +68,7 @@ class CommittedPaths:
     @property
     def best_model_path(self) -> str:
         """The best committed checkpoint folder by ``monitor`` ("" without a monitor or metric)."""
-        reader = self._reader()
-        step = reader.best_step() if reader is not None else None
-        return reader.path_for(step) if step is not None else self._best_model_path
+        return self._committed_path(CheckpointManager.best_step, self._best_model_path)
 
     @best_model_path.setter
     def best_model_path(self, value: str) -> None:
