@@ -64,8 +64,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """Flush pending saves, then let SIGTERM do what it would have done.
 
     The handler runs on the main thread between two bytecodes, possibly while that thread holds
-    a lock the writer needs (the engine's queue, for one), so it must not wait here: the wait
-    runs on a helper thread and the handler returns at once. When a previous handler exists
+    a lock (the engine's, inside ``save()``), so it must not take one or wait here: finding the
+    pending saves and waiting for them run on a helper thread and the handler returns at once. When a previous handler exists
     (Lightning installs one to stop training gracefully) it is called, and the manager's close()
     at the end of training flushes. Otherwise the helper thread flushes, then sends SIGTERM again,
     which this handler passes to the default action.
@@ -82,15 +82,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     if _terminating:
         return  # a flush is already under way
     _terminating = "flushing"
-    pending = [m for m in list(_managers) if m._engine.pending()]
-    if pending:
-        log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
-    threading.Thread(target=_flush_then_terminate, args=(pending,), name="ckpt-sigterm",
+    threading.Thread(target=_flush_then_terminate, args=(list(_managers),), name="ckpt-sigterm",
                      daemon=True).start()
 
 
-def _flush_then_terminate(pending: list) -> None:
+def _flush_then_terminate(managers: list) -> None:
     global _terminating
+    pending = [m for m in managers if m._engine.pending()]  # waits for save() to let go of the lock
+    if pending:
+        log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
     for manager in pending:
         manager._engine.flush()
     _terminating = "flushed"
