@@ -41,8 +41,18 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def direct_io_enabled() -> bool:
-    """True unless the platform lacks ``O_DIRECT`` or ``CKPT_PLUGINS_DIRECT_IO=0`` is set."""
-    return bool(_O_DIRECT) and os.environ.get("CKPT_PLUGINS_DIRECT_IO", "1") != "0"
+    """True unless the platform lacks ``O_DIRECT`` or ``CKPT_PLUGINS_DIRECT_IO`` turns it off."""
+    value = os.environ.get("CKPT_PLUGINS_DIRECT_IO", "1").strip().lower()
+    if value not in _SWITCH:
+        from .errors import ConfigError
+
+        raise ConfigError(f"CKPT_PLUGINS_DIRECT_IO={value!r} is not understood; use 1 or 0 "
+                          "(also true/false, yes/no, on/off)")
+    return bool(_O_DIRECT) and _SWITCH[value]
+
+
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "": True,
+           "0": False, "false": False, "no": False, "off": False}
 
 
 class _BufferPool:

@@ -39,6 +39,7 @@ from .lock import DirectoryLock
 from .manifest import _SAFE_NAME, MANIFEST_NAME
 from .restore import RestoreReport, make_selector
 from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
+from .direct_io import direct_io_enabled
 from .snapshot import HostStager
 from .writer_process import ProcessWriter
 from .state_tree import flatten_state
@@ -136,17 +137,17 @@ class CheckpointManager:
         self.storage, self.root = open_storage(self.directory)
         if not dir_prefix or "/" in dir_prefix or dir_prefix.startswith("."):
             raise ConfigError(f"dir_prefix must be a non-empty folder-name prefix not starting with '.', got {dir_prefix!r}")
+        if writer == "process" and self.storage.local_path(self.root) is None:
+            raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
+        self.direct_io = direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
         self.layout = Layout(self.storage, self.root, dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
         if self.rank == 0 and not read_only:
             self.storage.makedirs(self.root)
             self._lock.acquire()
             self.layout.cleanup_leftovers()
-        if writer == "process" and self.storage.local_path(self.root) is None:
-            raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
         self._stager = HostStager(max_pending, shared=writer == "process")
-        self.direct_io = direct_io
-        self._process_writer = ProcessWriter(direct_io, self._stager) if writer == "process" else None
+        self._process_writer = ProcessWriter(self.direct_io, self._stager) if writer == "process" else None
         self._engine = PersistEngine(async_save=async_save, writer_nice=writer_nice)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_plugins import CheckpointManager, SaveError
+from ckpt_plugins import CheckpointManager, ConfigError, SaveError
 from conftest import make_training_state, state_of
 
 HELPER = Path(__file__).parent / "helpers" / "async_exit.py"
@@ -282,6 +282,15 @@ def test_writer_process_gets_each_arena_once_and_follows_shape_changes(tmp_path)
         for step in (1, 2, 3):
             assert torch.equal(mgr.restore(step)["w"], torch.full((64, 64), float(step)))
         assert torch.equal(mgr.restore(4)["w"], torch.full((8, 8), 4.0))
+
+
+def test_writer_process_on_remote_storage_is_refused_without_holding_the_lock():
+    url = "memory://ckpt-process-writer"
+    with pytest.raises(ConfigError, match="writer='process' works with local directories only"):
+        CheckpointManager(url, async_save=True, writer="process")
+    with CheckpointManager(url) as mgr:  # the refused manager left no lock behind
+        mgr.save(1, {"w": torch.ones(2)})
+        assert mgr.steps() == [1]
 
 
 def test_writer_process_errors_surface(tmp_path):

@@ -116,10 +116,24 @@ def test_refused_io_after_the_flag_was_accepted_falls_back(tmp_path, monkeypatch
         assert len(refused) == 1  # the first refused write switched the flag off for good
 
 
-def test_environment_switch_turns_it_off(tmp_path, monkeypatch):
-    monkeypatch.setenv("CKPT_PLUGINS_DIRECT_IO", "0")
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_environment_switch_turns_it_off(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("CKPT_PLUGINS_DIRECT_IO", value)
     with LocalStorage().open_write(str(tmp_path / "x")) as out:
         assert DirectWriter.wrap(out) is None
+
+
+def test_a_misspelt_environment_switch_is_a_clear_error(tmp_path, monkeypatch):
+    from ckpt_plugins import ConfigError
+
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+    monkeypatch.setenv("CKPT_PLUGINS_DIRECT_IO", "nope")
+    with pytest.raises(ConfigError, match="CKPT_PLUGINS_DIRECT_IO='nope'.*use 1 or 0"):
+        CheckpointManager(tmp_path)  # said when the manager is built, before any save
+    monkeypatch.delenv("CKPT_PLUGINS_DIRECT_IO")
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [1] and torch.equal(mgr.restore(1)["w"], torch.ones(3))
 
 
 def test_buffers_are_reused_and_no_thread_is_left_behind(tmp_path):
