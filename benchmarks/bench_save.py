@@ -610,7 +610,7 @@ class _AsyncIOInLoop:
 
 def bench_dip(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     loop = TrainLoop()
-    from ckpt_plugins.tensor_file import tensor_bytes
+    from ckpt_plugins.files.tensor_file import tensor_bytes
 
     staged = [tensor_bytes(v.clone()) for v in unique_tensors(state).values()]
     total = sum(len(v) for v in staged)

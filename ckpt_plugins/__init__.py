@@ -8,13 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import SaveHandle
-from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
+from ckpt_plugins.persist.engine import SaveHandle
+from ckpt_plugins.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                      DistributedError, LockedError, NotWritableError, RestoreError, SaveError, StepExistsError,
                      UnsafeCheckpointError, UnsupportedStateError)
-from .manager import CheckpointManager
-from .restore import RestoreReport
-from .rng import capture_rng, restore_rng
+from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.restore.targets import RestoreReport
+from ckpt_plugins.rng import capture_rng, restore_rng
 
 __all__ = [
     "CheckpointManager", "SaveHandle", "RestoreReport", "capture_rng", "restore_rng", "__version__",

@@ -27,24 +27,24 @@ from typing import Any, Literal
 
 import torch
 
-from . import exit_hooks
-from .distributed import all_gather_object, rank_and_world
-from .engine import PersistEngine, SaveHandle
-from .save_job import SaveJob
-from .extra_files import collect_tensors
-from .errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
+from ckpt_plugins.persist import exit_hooks
+from ckpt_plugins.distributed import all_gather_object, rank_and_world
+from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
+from ckpt_plugins.persist.save_job import SaveJob
+from ckpt_plugins.files.extra_files import collect_tensors
+from ckpt_plugins.errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
                      SaveError, StepExistsError, UnsupportedStateError)
-from .layout import Layout, check_folder_name
-from .lock import DirectoryLock
-from .manifest import _SAFE_NAME, MANIFEST_NAME
-from .restore import RestoreReport, make_selector
-from .retention import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
-from .direct_io import direct_io_enabled
-from .snapshot import HostStager
-from .writer_process import ProcessWriter
-from .state_tree import flatten_state
-from .storage import open_storage
-from .tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.layout.commit import Layout, check_folder_name
+from ckpt_plugins.layout.lock import DirectoryLock
+from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
+from ckpt_plugins.restore.targets import RestoreReport, make_selector
+from ckpt_plugins.retention.policy import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
+from ckpt_plugins.storage.direct_io import direct_io_enabled
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.persist.writer_process import ProcessWriter
+from ckpt_plugins.tree.codec import flatten_state
+from ckpt_plugins.storage import open_storage
+from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
 
 __all__ = ["CheckpointManager"]
 
@@ -229,7 +229,7 @@ class CheckpointManager:
             SaveError: an earlier background save failed (raised once).
 
         ``extra_files`` maps plain file names to bytes, ``fn(file)`` writers, ``TensorFile`` or
-        ``StagedFile`` values (``ckpt_plugins.extra_files``: their tensors are staged like the
+        ``StagedFile`` values (``ckpt_plugins.files.extra_files``: their tensors are staged like the
         state's); they are written on the background writer and committed (and checksummed) with
         the checkpoint. Adapters use them for a framework's native files. Rank 0 only.
 
@@ -420,7 +420,7 @@ class CheckpointManager:
                     f"available steps: {self.steps()}")
             return self._restore_dir(path, step=which, **options)
         if isinstance(which, (str, os.PathLike)):
-            from .loading import restore_path
+            from ckpt_plugins.restore.read import restore_path
             state, report = restore_path(os.fspath(which), **options, verify=self.verify_on_restore)
             self.last_restore_report = report
             return state
@@ -440,7 +440,7 @@ class CheckpointManager:
             ranked.append(best)
 
     def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
-        from .loading import restore_ours
+        from ckpt_plugins.restore.read import restore_ours
         state, report = restore_ours(self.storage, self.layout, path, verify=self.verify_on_restore, **options)
         report.step = step
         self.last_restore_report = report
@@ -455,7 +455,7 @@ class CheckpointManager:
         step = self.latest_step() if which == "latest" else (self.best_step() if which == "best" else which)
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
-        from .loading import restore_ours
+        from ckpt_plugins.restore.read import restore_ours
         state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.verify_on_restore,
                                 part=f"rank_{self.rank if rank is None else rank}", target=None,
                                 selector=None, rename=None, strict=True, map_location=map_location,

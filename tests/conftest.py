@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+HELPERS = ROOT / "tests" / "helpers"  # scripts the tests run as real subprocesses
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -14,7 +14,7 @@ from ckpt_plugins.formats.hf_folder import HF_MARKER_FILES, read_hf_folder
 from ckpt_plugins.formats.lightning_ckpt import read_lightning_ckpt
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.formats.torch_file import read_torch_file
-from ckpt_plugins.naming import natural_key
+from ckpt_plugins.layout.naming import natural_key
 
 __all__ = ["SUPPORTED_FORMATS", "detect_format", "list_foreign_checkpoints", "read_foreign"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ckpt_plugins.errors import CheckpointError
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.manifest import MANIFEST_NAME
+from ckpt_plugins.files.manifest import MANIFEST_NAME
 
 __all__ = ["GuardFinding", "guard_latest", "problems_of", "trainer_checkpoints"]
 

@@ -23,8 +23,8 @@ file                          read by                                written her
 core writes them into the hidden temporary folder on its background writer, checksums them in the
 manifest, and renames the folder to ``checkpoint-N`` only when all of them are complete. Small
 files (RNG, scheduler, JSON) are serialized right away on the training thread; the tensors of the
-weights and of the optimizer go in as :class:`~ckpt_plugins.extra_files.TensorFile` and
-:class:`~ckpt_plugins.extra_files.StagedFile`, which the core stages like any state (reused host
+weights and of the optimizer go in as :class:`~ckpt_plugins.files.extra_files.TensorFile` and
+:class:`~ckpt_plugins.files.extra_files.StagedFile`, which the core stages like any state (reused host
 buffers, ``snapshot="overlap"``) and serializes on the writer.
 
 ``training_args.bin`` (a pickle of ``TrainingArguments``; the Trainer never reads it back) is not
@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from ckpt_plugins.extra_files import StagedFile, TensorFile
+from ckpt_plugins.files.extra_files import StagedFile, TensorFile
 from ckpt_plugins.hf.rng import rng_file_name, serialize_rng_state
 
 __all__ = ["native_files", "native_files_warmup", "is_peft_model", "tokenizer_files", "trainer_state_json"]

@@ -33,15 +33,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_checkpointing
 from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.retention import build_policy
+from ckpt_plugins.retention.policy import build_policy
 from ckpt_plugins.rng import capture_rng, restore_rng
 
-from .data_position import DataPosition
-from .paths import CommittedPaths
-from .plugin import CheckpointIOPlugin
-from .state import RANK_STATE_KEY, explain_unsupported, to_storable
-from .stats import SaveStats
-from .triggers import Triggers, validation_follows
+from ckpt_plugins.lightning.data_position import DataPosition
+from ckpt_plugins.lightning.paths import CommittedPaths
+from ckpt_plugins.lightning.plugin import CheckpointIOPlugin
+from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
+from ckpt_plugins.lightning.stats import SaveStats
+from ckpt_plugins.lightning.triggers import Triggers, validation_follows
 
 __all__ = ["CheckpointCallback"]
 

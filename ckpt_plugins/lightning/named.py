@@ -21,9 +21,9 @@ import os
 import threading
 from typing import Any
 
-from ckpt_plugins.engine import SaveHandle
+from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.errors import ConfigError
-from ckpt_plugins.layout import REPLACED_PREFIX, check_folder_name
+from ckpt_plugins.layout.commit import REPLACED_PREFIX, check_folder_name
 from ckpt_plugins.manager import CheckpointManager
 
 __all__ = ["NamedSaves", "is_folder_name"]

@@ -33,9 +33,9 @@ from lightning.fabric.utilities.types import _PATH
 from ckpt_plugins.errors import ConfigError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 
-from .named import NamedSaves, is_folder_name
-from .reader import read_lightning_checkpoint
-from .state import RANK_STATE_KEY, explain_unsupported, to_storable
+from ckpt_plugins.lightning.named import NamedSaves, is_folder_name
+from ckpt_plugins.lightning.reader import read_lightning_checkpoint
+from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
 
 __all__ = ["CheckpointIOPlugin"]
 

@@ -18,13 +18,13 @@ import torch
 from ckpt_plugins.distributed import rank_and_world
 from ckpt_plugins.errors import CheckpointNotFoundError
 from ckpt_plugins.formats import read_foreign
-from ckpt_plugins.layout import Layout
-from ckpt_plugins.loading import is_our_checkpoint, restore_ours, restore_path
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.restore.read import is_our_checkpoint, restore_ours, restore_path
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.naming import parse_step_dir
+from ckpt_plugins.layout.naming import parse_step_dir
 from ckpt_plugins.storage import open_storage
 
-from .state import RANK_STATE_KEY
+from ckpt_plugins.lightning.state import RANK_STATE_KEY
 
 __all__ = ["read_lightning_checkpoint"]
 

@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Any
 
-from ckpt_plugins.engine import SaveHandle
+from ckpt_plugins.persist.engine import SaveHandle
 
 __all__ = ["SaveStats"]
 

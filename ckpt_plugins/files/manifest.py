@@ -1,0 +1,195 @@
+"""The manifest: the one file that makes a checkpoint folder a checkpoint.
+
+It is written last, so its presence means every other file was complete and fsynced. It holds the
+format version, the step, metrics, wall time, library and torch versions, the state tree (how to
+rebuild the nested state from the tensor files) and every file's size and xxh3 checksum.
+
+Manifests are read from disk that may be damaged or hostile, so :func:`parse_manifest` checks
+every field's type and rejects file names that could leave the checkpoint folder. Older format
+versions are upgraded by the migrations registered in :data:`MIGRATIONS`, one version at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.tensor_file import FileRecord
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "Part", "MIGRATIONS",
+           "parse_manifest", "dump_manifest"]
+
+FORMAT_NAME = "ckpt_plugins"
+FORMAT_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_FILE_BYTES = 1 << 50
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One state tree and the tensor file that holds its tensors (None when it has none)."""
+
+    tree: Any
+    tensor_file: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything known about one committed checkpoint."""
+
+    step: int
+    parts: dict[str, Part]
+    files: dict[str, FileRecord]
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_time: float = field(default_factory=time.time)
+    world_size: int = 1
+    created_by: dict[str, str] = field(default_factory=dict)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def dump_manifest(manifest: Manifest) -> bytes:
+    """Serialise a manifest to strict JSON (NaN metrics become the string "nan")."""
+    from ckpt_plugins import __version__
+
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": manifest.step,
+        "wall_time": manifest.wall_time,
+        "metrics": {k: _encode_float(v) for k, v in manifest.metrics.items()},
+        "world_size": manifest.world_size,
+        "created_by": manifest.created_by or {"ckpt_plugins": __version__,
+                                              "torch": torch.__version__},
+        "parts": {name: {"tree": p.tree, "tensor_file": p.tensor_file}
+                  for name, p in manifest.parts.items()},
+        "files": {name: {"size": r.size, "xxh3_64": r.xxh3_64} for name, r in manifest.files.items()},
+        "user_metadata": manifest.user_metadata,
+    }
+    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _encode_float(value: float) -> float | str:
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)  # "nan", "inf", "-inf"
+
+
+def _decode_float(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise CorruptCheckpointError(f"{where}: metric value {value!r} is not a number")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: metric value {value!r} is not a number") from exc
+
+
+# --- migrations --------------------------------------------------------------------------------
+# Version 1 (the 0.0.x pre-releases) kept one unnamed state tree at the top level ("tree" and
+# "tensor_file") and listed files as [name, size, checksum] triples. Each migration takes the
+# document of version N and returns one of version N + 1.
+
+def _v1_to_v2(doc: dict) -> dict:
+    doc = dict(doc)
+    doc["parts"] = {"state": {"tree": doc.pop("tree", None), "tensor_file": doc.pop("tensor_file", None)}}
+    files = doc.get("files", [])
+    if not isinstance(files, list):
+        raise CorruptCheckpointError("version-1 manifest: 'files' must be a list of triples")
+    doc["files"] = {}
+    for item in files:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise CorruptCheckpointError(f"version-1 manifest: file entry {item!r} is not [name, size, xxh3]")
+        doc["files"][item[0]] = {"size": item[1], "xxh3_64": item[2]}
+    doc.setdefault("world_size", 1)
+    doc["format_version"] = 2
+    return doc
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse and validate manifest bytes read from ``where`` (named in every error)."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} manifest (no 'format' field)")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpointError(f"{where}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: format version {version} is newer than this ckpt_plugins understands "
+            f"({FORMAT_VERSION}); upgrade ckpt_plugins to read it")
+    while version < FORMAT_VERSION:
+        doc = MIGRATIONS[version](doc)
+        version = doc["format_version"]
+    return _build(doc, where)
+
+
+def _expect(where: str, doc: dict, key: str, types: type | tuple[type, ...]) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise CorruptCheckpointError(f"{where}: manifest field {key!r} has the wrong type ({value!r:.80})")
+    return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _check_name(where: str, name: Any) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise CorruptCheckpointError(
+            f"{where}: file name {name!r:.80} is not a plain file name; refusing to read outside "
+            "the checkpoint folder")
+    return name
+
+
+def _build(doc: dict, where: str) -> Manifest:
+    step = _expect(where, doc, "step", int)
+    if step < 0:
+        raise CorruptCheckpointError(f"{where}: step {step} is negative")
+    files: dict[str, FileRecord] = {}
+    for name, rec in _expect(where, doc, "files", dict).items():
+        _check_name(where, name)
+        if not isinstance(rec, dict):
+            raise CorruptCheckpointError(f"{where}: entry for file {name!r} is not an object")
+        size = _expect(f"{where} [{name}]", rec, "size", int)
+        digest = _expect(f"{where} [{name}]", rec, "xxh3_64", str)
+        if not 0 <= size <= MAX_FILE_BYTES or not re.fullmatch(r"[0-9a-f]{1,32}", digest):
+            raise CorruptCheckpointError(f"{where}: file {name!r} has an absurd size or checksum")
+        files[name] = FileRecord(size=size, xxh3_64=digest)
+    parts: dict[str, Part] = {}
+    for name, part in _expect(where, doc, "parts", dict).items():
+        if not isinstance(part, dict) or "tree" not in part:
+            raise CorruptCheckpointError(f"{where}: part {name!r} has no tree")
+        tensor_file = part.get("tensor_file")
+        if tensor_file is not None and _check_name(where, tensor_file) not in files:
+            raise CorruptCheckpointError(f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed")
+        parts[name] = Part(tree=part["tree"], tensor_file=tensor_file)
+    metrics_doc = doc.get("metrics") or {}
+    if not isinstance(metrics_doc, dict):
+        raise CorruptCheckpointError(f"{where}: manifest field 'metrics' is not an object")
+    metrics = {str(k): _decode_float(f"{where} [metrics.{k}]", v) for k, v in metrics_doc.items()}
+    wall_time = _expect(where, doc, "wall_time", (int, float))
+    world_size = _expect(where, doc, "world_size", int)
+    created_by = doc.get("created_by") or {}
+    user_metadata = doc.get("user_metadata") or {}
+    if not isinstance(created_by, dict) or not isinstance(user_metadata, dict):
+        raise CorruptCheckpointError(f"{where}: 'created_by' and 'user_metadata' must be objects")
+    return Manifest(step=step, parts=parts, files=files, metrics=metrics, wall_time=float(wall_time),
+                    world_size=world_size, created_by=created_by, user_metadata=user_metadata)

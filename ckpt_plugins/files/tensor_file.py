@@ -1,0 +1,312 @@
+"""Tensor files: the safetensors format, streamed, with a checksum computed on the way.
+
+Files written here are plain safetensors files (``safetensors.safe_open`` reads them, and we read
+files it writes). We stream them ourselves instead of calling ``safetensors.torch.save_file``
+because that function first turns every tensor into a Python ``bytes`` object: a second copy of
+the whole state in memory and a second pass over it. Here each tensor's memory goes straight to
+the file, and the xxh3 checksum is computed over the same buffers in the same pass.
+
+Reading allocates one tensor per entry and ``readinto``-s its bytes, in file order, so a full
+restore is one sequential read plus the checksum; a partial restore seeks to the selected entries
+only. Headers come from disk and are validated before use (sizes, offsets, dtypes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+import xxhash
+
+from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
+from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.storage import Storage
+
+__all__ = ["FileRecord", "HashingWriter", "write_tensor_file", "read_tensor_file", "read_header",
+           "tensor_bytes", "checksum_file"]
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+WRITE_CHUNK = 64 << 20  # hash and write a contiguous run in slices, so the two overlap
+
+_DTYPE_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")):
+    if hasattr(torch, _name):
+        _DTYPE_TO_CODE[getattr(torch, _name)] = _code
+_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """Size and checksum of one written file, as stored in the manifest."""
+
+    size: int
+    xxh3_64: str
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, including 0-dim and empty)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _runs(tensors: Iterable[torch.Tensor]) -> Iterator[memoryview]:
+    """The tensors' bytes, in order, with neighbours that are adjacent in memory merged into one
+    view (staged tensors of one file are: see :mod:`.snapshot`)."""
+    start = end = None  # the run being merged; the caller keeps its tensors alive
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not nbytes:
+            continue
+        ptr = tensor.data_ptr() if tensor.is_contiguous() and not tensor.is_cuda else None
+        if ptr is not None and ptr == end:
+            end += nbytes
+            continue
+        if start is not None:
+            yield _memory(start, end - start)
+        start, end = (ptr, ptr + nbytes) if ptr is not None else (None, None)
+        if ptr is None:
+            yield tensor_bytes(tensor)
+    if start is not None:
+        yield _memory(start, end - start)
+
+
+def _memory(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+
+
+def file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The order tensors are written in: largest element size first (stable), which keeps every
+    offset aligned to its dtype, as safetensors itself does. The stager lays out its memory in
+    the same order, so a file's staged tensors are one run."""
+    return sorted(tensors, key=lambda k: -tensors[k].element_size())
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None):
+    order = file_order(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        if tensor.dtype not in _DTYPE_TO_CODE:
+            raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    # Spaces up to a page boundary (the format allows trailing spaces in the header): the data
+    # then starts page-aligned in the file, so aligned memory can go to disk with O_DIRECT as is.
+    blob += b" " * (-(8 + len(blob)) % ALIGN)
+    return order, struct.pack("<Q", len(blob)) + blob, offset
+
+
+def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None, *, direct_io: bool = True) -> FileRecord:
+    """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum.
+
+    With ``direct_io`` the bytes bypass the page cache where the file system allows it
+    (:mod:`.direct_io`).
+    """
+    order, head, data_len = _layout(tensors, metadata)
+    hasher = xxhash.xxh3_64()
+    hasher.update(head)
+    with storage.open_write(path) as out, direct_writer(out, direct_io) as direct:
+        # The tensors outlive the direct writer, so it may write them from where they are.
+        write = partial(direct.write, stable=True) if direct is not None else out.write
+        write(head)
+        for run in _runs(tensors[key] for key in order):
+            for start in range(0, len(run), WRITE_CHUNK):
+                chunk = run[start:start + WRITE_CHUNK]
+                hasher.update(chunk)
+                write(chunk)
+        if direct is not None:
+            direct.finish()
+    return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
+
+
+def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict, int]:
+    """Read and validate a safetensors header; return (entries, offset where data starts)."""
+    raw_len = f.read(8)
+    if len(raw_len) != 8:
+        raise CorruptCheckpointError(f"{path}: file is truncated (no safetensors header)")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise CorruptCheckpointError(
+            f"{path}: header length {header_len} is impossible for a {file_size}-byte file")
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    entries = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        entries[key] = _validate_entry(path, key, entry, data_len)
+    return entries, data_start
+
+
+def _validate_entry(path: str, key: str, entry: object, data_len: int):
+    try:
+        dtype = _CODE_TO_DTYPE[entry["dtype"]]  # type: ignore[index]
+        shape = [int(d) for d in entry["shape"]]  # type: ignore[index]
+        begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: header entry {key!r} is malformed ({exc!r})") from exc
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len \
+            or (end - begin) != math.prod(shape) * itemsize:
+        raise CorruptCheckpointError(
+            f"{path}: header entry {key!r} (shape {shape}, offsets {begin}..{end}) does not fit "
+            f"the file's {data_len} data bytes; the file is damaged or truncated")
+    return dtype, shape, begin, end
+
+
+def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None = None,
+                     expected: FileRecord | None = None,
+                     map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read tensors from ``path``: all of them (checksummed against ``expected``) or only ``keys``.
+
+    A partial read seeks to the selected entries and leaves the rest on disk, so it checks the
+    file size and header but cannot check the whole-file checksum.
+    """
+    try:
+        file_size = storage.size(path)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: tensor file is missing") from exc
+    if expected is not None and file_size != expected.size:
+        raise CorruptCheckpointError(
+            f"{path}: size is {file_size} bytes but the manifest says {expected.size}; "
+            "the file is truncated or was replaced")
+    wanted = None if keys is None else set(keys)
+    out: dict[str, torch.Tensor] = {}
+    with storage.open_read(path) as f:
+        entries, data_start = read_header(f, path, file_size)
+        if wanted is not None:
+            missing = wanted - entries.keys()
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not "
+                    "in the file")
+        full = wanted is None
+        hasher = _OrderedHasher() if full and expected is not None else None
+        if hasher is not None:
+            f.seek(0)
+            hasher.update(f.read(data_start))
+        position = data_start
+        for key, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            if not full and key not in wanted:  # type: ignore[operator]
+                continue
+            tensor = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                if position != data_start + begin:  # partial reads, or a gap in a foreign file
+                    f.seek(data_start + begin)
+                view = tensor_bytes(tensor)
+                got = f.readinto(view)
+                if got != end - begin:
+                    raise CorruptCheckpointError(f"{path}: file ends inside tensor {key!r}")
+                position = data_start + end
+                if hasher is not None:
+                    hasher.update(view)
+            out[key] = tensor
+    digest = hasher.hexdigest() if hasher is not None else None
+    if digest is not None and digest != expected.xxh3_64:  # type: ignore[union-attr]
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (xxh3 {digest}, manifest "
+            f"{expected.xxh3_64}); the file is damaged")  # type: ignore[union-attr]
+    if torch.device(map_location) != torch.device("cpu"):
+        out = {k: v.to(map_location) for k, v in out.items()}
+    return out
+
+
+class _OrderedHasher:
+    """xxh3 on a helper thread, fed in order: the hash of tensor i runs while tensor i + 1 is
+    read. Both ``readinto`` and xxh3 release the GIL, so a verified restore costs about one read
+    instead of a read plus a hash."""
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh3_64()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._last = None
+
+    def update(self, data) -> None:
+        self._last = self._pool.submit(self._hasher.update, data)  # one worker: runs in order
+
+    def hexdigest(self) -> str:
+        try:
+            if self._last is not None:
+                self._last.result()
+            return self._hasher.hexdigest()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def checksum_file(storage: Storage, path: str, chunk: int = 8 << 20) -> FileRecord:
+    """Size and xxh3 of a file on storage, read in chunks (for ``verify`` and plain files)."""
+    hasher = xxhash.xxh3_64()
+    size = 0
+    with storage.open_read(path) as f:
+        while block := f.read(chunk):
+            hasher.update(block)
+            size += len(block)
+    return FileRecord(size=size, xxh3_64=hasher.hexdigest())
+
+
+class HashingWriter:
+    """Wraps a file being written: every ``write`` also feeds xxh3 and counts bytes, so a file
+    written by a third-party writer (``torch.save``) needs no second read to be checksummed.
+
+    If the writer seeks or truncates, the running hash no longer describes the file; ``record()``
+    then returns None and the caller checksums the finished file instead.
+    """
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self._hasher = xxhash.xxh3_64()
+        self._size = 0
+        self._sequential = True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = self._file.write(view)
+        self._hasher.update(view)
+        self._size += len(view)
+        return written if written is not None else len(view)
+
+    def seek(self, *args):
+        self._sequential = False
+        return self._file.seek(*args)
+
+    def truncate(self, *args):
+        self._sequential = False
+        return self._file.truncate(*args)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def __getattr__(self, attr: str):
+        return getattr(self._file, attr)
+
+    def record(self) -> FileRecord | None:
+        return FileRecord(self._size, self._hasher.hexdigest()) if self._sequential else None

@@ -1,0 +1,209 @@
+"""Layout and the commit protocol: what is on disk, and how a checkpoint becomes visible.
+
+A checkpoint for step N lives in ``<root>/step_N/`` (the prefix is configurable: the HF adapter
+uses ``checkpoint-N``, the Trainer's own layout). It is written like this, and each step is
+there for a reason:
+
+1. Everything goes into a hidden temporary folder *beside* the target
+   (``.tmp-step_N-<token>``), never into $TMPDIR, because a rename is only atomic within one
+   file system.
+2. Every file is fsynced as it is closed, so its bytes are on disk before anything refers to them.
+3. The manifest is written last and fsynced: a folder with a manifest is complete by
+   construction; a folder without one is a leftover and is never listed, restored or counted.
+4. The folder is renamed to ``step_N`` and the parent directory is fsynced, so the rename itself
+   survives a power cut.
+5. Deleting renames to ``.trash-step_N-<token>`` first, then removes, so a half-deleted checkpoint
+   can never look valid. Overwriting moves the old folder to ``.replaced-step_N-<token>`` and only
+   removes it after the new one is in place; if a crash falls in between, start-up cleanup puts the
+   old one back.
+
+Start-up cleanup (rank 0) removes only names with those hidden prefixes; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
+from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
+from ckpt_plugins.layout.naming import STEP_PREFIX, parse_step_dir, step_dir_name
+from ckpt_plugins.storage import Storage
+from ckpt_plugins.files.tensor_file import checksum_file
+
+__all__ = ["CheckpointDir", "Layout", "check_folder_name", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+REPLACED_PREFIX = ".replaced-"
+DAMAGED_SUFFIX = ".damaged-"
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """A committed checkpoint folder: its step and full path."""
+
+    step: int
+    path: str
+
+
+def check_folder_name(name: str) -> str:
+    """A checkpoint folder name must be one plain, visible path component."""
+    if not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") \
+            or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
+        raise ConfigError(f"checkpoint name {name!r} must be a plain folder name (no '/', not hidden, "
+                          "at most 255 characters)")
+    return name
+
+
+class Layout:
+    """Naming, listing, committing and deleting checkpoint folders under one root."""
+
+    def __init__(self, storage: Storage, root: str, prefix: str = STEP_PREFIX) -> None:
+        self.storage = storage
+        self.root = root
+        self.prefix = prefix
+
+    # --- names -------------------------------------------------------------------------------
+    def path_for(self, step: int, name: str | None = None) -> str:
+        """Where step ``step`` is committed: ``<prefix><step>``, or ``name`` when given."""
+        return self.storage.join(self.root, name if name is not None else step_dir_name(step, self.prefix))
+
+    def new_temp_dir(self, step: int, token: str | None = None, name: str | None = None) -> str:
+        """The hidden folder a save of ``step`` (or of ``name``) writes into before it commits."""
+        token = token or uuid.uuid4().hex[:12]
+        final = name if name is not None else step_dir_name(step, self.prefix)
+        return self.storage.join(self.root, f"{TMP_PREFIX}{final}-{token}")
+
+    # --- listing -----------------------------------------------------------------------------
+    def committed(self) -> list[CheckpointDir]:
+        """Committed checkpoints (a ``step_N`` folder holding a manifest), by ascending step."""
+        found = []
+        for name in self.storage.listdir(self.root):
+            step = parse_step_dir(name, self.prefix)
+            if step is None:
+                continue
+            path = self.storage.join(self.root, name)
+            if self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
+                found.append(CheckpointDir(step, path))
+        return sorted(found, key=lambda c: c.step)
+
+    def read_manifest(self, path: str) -> Manifest:
+        """Read and validate ``path``/manifest.json, naming the file in any error."""
+        where = self.storage.join(path, MANIFEST_NAME)
+        try:
+            with self.storage.open_read(where) as f:
+                raw = f.read()
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"{where}: manifest is missing; the checkpoint is incomplete") from exc
+        return parse_manifest(raw, where)
+
+    # --- commit ------------------------------------------------------------------------------
+    def commit(self, temp_dir: str, manifest: Manifest, *, replace: bool = False,
+               name: str | None = None) -> str:
+        """Write the manifest into ``temp_dir`` and make it ``step_N`` (or ``name``) atomically;
+        return the path."""
+        self.storage.makedirs(temp_dir)
+        with self.storage.open_write(self.storage.join(temp_dir, MANIFEST_NAME)) as out:
+            out.write(dump_manifest(manifest))
+        self.storage.fsync_dir(temp_dir)
+        final = self.path_for(manifest.step, name)
+        replaced = None
+        if self.storage.exists(final):
+            if not replace:
+                raise FileExistsError(f"{final} already exists and overwrite was not requested")
+            final_name = name if name is not None else step_dir_name(manifest.step, self.prefix)
+            replaced = self.storage.join(self.root, f"{REPLACED_PREFIX}{final_name}-{uuid.uuid4().hex[:12]}")
+            self.storage.rename(final, replaced)
+        self.storage.rename(temp_dir, final)
+        self.storage.fsync_dir(self.root)
+        if replaced is not None:
+            self._remove(replaced)
+        return final
+
+    def delete(self, step: int) -> None:
+        """Remove a committed checkpoint: rename it out of sight first, then remove it."""
+        self.delete_path(self.path_for(step))
+
+    def delete_path(self, path: str) -> None:
+        """Remove the checkpoint folder (or plain file) at ``path`` under the root, the same way."""
+        if not self.storage.exists(path):
+            return
+        name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        trash = self.storage.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        self.storage.rename(path, trash)
+        self.storage.fsync_dir(self.root)
+        self._remove(trash)
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Rename a committed checkpoint to ``<name>.damaged-<token>``: no longer listed (nor
+        matched by a framework's ``checkpoint-N`` pattern), never removed by cleanup."""
+        path = self.path_for(step)
+        target = f"{path}{DAMAGED_SUFFIX}{uuid.uuid4().hex[:12]}"
+        self.storage.rename(path, target)
+        self.storage.fsync_dir(self.root)
+        log.warning("moved damaged checkpoint %s aside to %s: %s", path, target, reason)
+        return target
+
+    def verify(self, path: str) -> list[str]:
+        """Problems with a checkpoint folder: manifest, and every listed file's presence, size and
+        xxh3 checksum. An empty list means it is intact."""
+        try:
+            manifest = self.read_manifest(path)
+        except CorruptCheckpointError as exc:
+            return [str(exc)]
+        problems = []
+        for name, expected in manifest.files.items():
+            file_path = self.storage.join(path, name)
+            if not self.storage.exists(file_path):
+                problems.append(f"{file_path}: missing")
+                continue
+            got = checksum_file(self.storage, file_path)
+            if got.size != expected.size:
+                problems.append(f"{file_path}: size {got.size}, manifest says {expected.size}")
+            elif got.xxh3_64 != expected.xxh3_64:
+                problems.append(f"{file_path}: checksum mismatch (xxh3 {got.xxh3_64}, manifest {expected.xxh3_64})")
+        return problems
+
+    def discard(self, temp_dir: str) -> None:
+        """Remove a temporary folder after a failed save (best effort; cleanup retries later)."""
+        try:
+            if self.storage.exists(temp_dir):
+                self.storage.remove_tree(temp_dir)
+        except OSError as exc:
+            log.warning("could not remove %s after a failed save (%s); it will be removed at the next start", temp_dir, exc)
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.storage.remove_tree(path)
+        except OSError as exc:
+            log.warning("could not remove %s (%s); it is hidden and will be removed at the next start", path, exc)
+
+    # --- crash recovery ----------------------------------------------------------------------
+    def cleanup_leftovers(self) -> list[str]:
+        """Remove what an interrupted run left behind; restore an overwritten checkpoint whose
+        replacement never committed. Only hidden names with our prefixes are ever touched."""
+        removed = []
+        names = self.storage.listdir(self.root)
+        for name in sorted(names):
+            path = self.storage.join(self.root, name)
+            if name.startswith(REPLACED_PREFIX):
+                target_name = name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
+                final = self.storage.join(self.root, target_name)
+                if target_name and not self.storage.exists(self.storage.join(final, MANIFEST_NAME)) \
+                        and self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
+                    if self.storage.exists(final):  # an empty or partial folder without manifest
+                        self.storage.remove_tree(final)
+                    self.storage.rename(path, final)
+                    self.storage.fsync_dir(self.root)
+                    log.warning("restored %s: the save that was replacing it did not commit", final)
+                    continue
+            if name.startswith((TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX)):
+                self._remove(path)
+                removed.append(name)
+        if removed:
+            log.info("removed %d leftover(s) of an interrupted run in %s: %s", len(removed), self.root, removed)
+        return removed

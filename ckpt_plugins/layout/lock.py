@@ -1,0 +1,143 @@
+"""A write lock on a checkpoint directory, so two managers never write one directory at once.
+
+The lock is a ``.lock`` file holding the owner's host, pid and process start time. Local
+directories create it with O_EXCL, which is atomic. A lock whose owner is on this host and no
+longer running (or whose pid now belongs to a different process, detected through the start
+time) is stale: it is taken over with a warning. A lock held by another host cannot be checked
+and is reported with instructions.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+
+from ckpt_plugins.errors import LockedError, NotWritableError
+from ckpt_plugins.storage import LocalStorage, Storage
+
+__all__ = ["DirectoryLock", "LOCK_NAME"]
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+
+
+def _process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), which tells a reused pid from the original."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    current = _process_start_time(pid)
+    return start_time is None or current is None or current == start_time
+
+
+class DirectoryLock:
+    """Exclusive write lock for one checkpoint directory (acquire/release, or a context manager)."""
+
+    def __init__(self, storage: Storage, root: str) -> None:
+        self.storage = storage
+        self.path = storage.join(root, LOCK_NAME)
+        self.held = False
+        self._owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "start_time": _process_start_time(os.getpid()), "since": time.time()}
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                created = self._try_create()
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise NotWritableError(
+                        f"{self.path}: cannot create the lock file ({exc.strerror}); the directory "
+                        "is not writable. Fix its permissions, or open the CheckpointManager with "
+                        "read_only=True to list and restore only.") from exc
+                raise
+            if created:
+                self.held = True
+                return
+            holder = self._read_holder()
+            if holder is None:
+                continue  # removed or half-written in between; try again
+            if self._is_stale(holder):
+                log.warning("taking over the lock %s left by process %s on %s, which is no longer running",
+                            self.path, holder.get("pid"), holder.get("host"))
+                try:
+                    self.storage.remove_file(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            raise LockedError(
+                f"{self.path} is held by process {holder.get('pid')} on host {holder.get('host')}: "
+                "another CheckpointManager is writing this directory. Close it first, use another "
+                "directory, or, if that process is gone, delete the .lock file.")
+        raise LockedError(f"could not acquire {self.path}: it kept changing; is another process starting up?")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read_holder()
+        if holder is not None and holder.get("pid") == self._owner["pid"] \
+                and holder.get("host") == self._owner["host"]:
+            try:
+                self.storage.remove_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _try_create(self) -> bool:
+        payload = json.dumps(self._owner).encode()
+        if isinstance(self.storage, LocalStorage):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            return True
+        if self.storage.exists(self.path):  # object stores: best effort, no atomic create
+            return False
+        with self.storage.open_write(self.path) as f:
+            f.write(payload)
+        return True
+
+    def _read_holder(self) -> dict | None:
+        try:
+            with self.storage.open_read(self.path) as f:
+                holder = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"garbled": True}
+        return holder if isinstance(holder, dict) else {"garbled": True}
+
+    def _is_stale(self, holder: dict) -> bool:
+        if holder.get("garbled"):
+            # Empty or unreadable: either an owner killed between creating and writing it, or one
+            # writing it right now. Look again after a moment; still garbled means abandoned.
+            time.sleep(0.2)
+            again = self._read_holder()
+            return again is not None and bool(again.get("garbled"))
+        if holder.get("host") != self._owner["host"] or not isinstance(holder.get("pid"), int):
+            return False
+        return not _alive(holder["pid"], holder.get("start_time"))
+
+    def __enter__(self) -> "DirectoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,192 @@
+"""Snapshot: copy the state's tensors into host buffers that are allocated once and reused.
+
+The time a save blocks training has a floor: one copy of the state into memory that already
+exists. Allocating fresh memory on every save (``clone()``, ``.cpu()``) costs page faults that are
+often several times the copy itself, so each staging slot keeps one buffer per tensor key and
+reuses it while keys, shapes and dtypes stay the same.
+
+A slot's buffers (its arena) are views into one page-aligned block per file (``state/``,
+``rank/``, ``extra/<name>/``), laid out in the order :mod:`.tensor_file` writes them (largest
+element size first). A tensor file's data is then one contiguous, aligned run of memory, which the writer
+hands to the disk with ``O_DIRECT`` without another copy (:mod:`.direct_io`), and a writer process
+receives the blocks once instead of one shared-memory segment per tensor per save.
+
+CUDA tensors go to pinned memory with ``non_blocking`` copies on a side stream, so the device to
+host copy overlaps with compute; :meth:`StagedState.wait` synchronises that stream's event. CPU
+tensors are copied with ``Tensor.copy_`` (multi-threaded inside torch, no Python loop over data).
+
+With a writer process the arena lives in shared memory instead (not pinned: CUDA copies into
+it are then synchronous). There are ``slots`` arenas: at most that many staged copies exist at
+once, which is what bounds host memory with ``max_pending`` saves in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ckpt_plugins.storage.direct_io import ALIGN
+from ckpt_plugins.files.tensor_file import file_order
+
+__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "file_group"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedState:
+    """Tensors copied into a slot's buffers; ``event`` is set once the copies are complete."""
+
+    slot: int
+    tensors: dict[str, torch.Tensor]
+    cuda_event: object | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> None:
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()  # type: ignore[attr-defined]
+        self.done.set()
+
+
+@dataclass
+class Arena:
+    """One slot's staging memory: one page-aligned uint8 block per file group (``memory``), and
+    a view per tensor key into its group's block. ``generation`` changes whenever the arena is
+    reallocated."""
+
+    memory: dict[str, torch.Tensor]
+    views: dict[str, torch.Tensor]
+    signature: tuple
+    generation: int
+
+    def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
+        """(group, byte offset) of a tensor that lies inside one of the blocks, else None."""
+        nbytes = tensor.numel() * tensor.element_size()
+        for group, block in self.memory.items():
+            offset = tensor.data_ptr() - block.data_ptr() if nbytes else 0
+            if 0 <= offset <= block.numel() - nbytes:
+                return group, offset
+        return None
+
+
+def file_group(key: str) -> str:
+    """Which file a staged key is written to: ``state``, ``rank`` or ``extra/<name>``."""
+    head, _, rest = key.partition("/")
+    return f"extra/{rest.partition('/')[0]}" if head == "extra" else head
+
+
+def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tuple[str, int]], int]]:
+    """Per file group: (key, byte offset) in :func:`.tensor_file.file_order` and the group's
+    size.
+
+    Each group gets its own block: a file written by ``torch.save`` (an extra file of staged
+    tensors) stores whole storages, so its tensors must not share one with other files'."""
+    groups: dict[str, list[str]] = {}
+    for key in tensors:
+        groups.setdefault(file_group(key), []).append(key)
+    out = {}
+    for group, keys in groups.items():
+        placed, offset = [], 0
+        for key in file_order({k: tensors[k] for k in keys}):
+            placed.append((key, offset))
+            offset += tensors[key].numel() * tensors[key].element_size()
+        out[group] = (placed, offset)
+    return out
+
+
+def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
+    """``nbytes`` of uint8 starting on a page boundary (pinned or shared on request)."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    if shared:
+        raw.share_memory_()
+    start = -raw.data_ptr() % ALIGN
+    return raw[start:start + nbytes]
+
+
+class HostStager:
+    """A pool of ``slots`` reusable staging arenas."""
+
+    def __init__(self, slots: int, shared: bool = False) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.shared = shared  # arenas in shared memory, for a writer process
+        self._arenas: list[Arena | None] = [None] * slots
+        self._generation = 0
+        self._free = list(range(slots))
+        self._cond = threading.Condition()
+        self._stream = None
+
+    @property
+    def slots(self) -> int:
+        return len(self._arenas)
+
+    def acquire(self, block: bool = True) -> int | None:
+        """Take a free slot; wait for one when ``block``, else return None if all are busy."""
+        with self._cond:
+            while not self._free:
+                if not block:
+                    return None
+                self._cond.wait()
+            return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify()
+
+    def arena(self, slot: int) -> Arena | None:
+        return self._arenas[slot]
+
+    def staged_bytes(self) -> int:
+        """Host memory held by all slots' arenas."""
+        return sum(block.numel() for a in self._arenas if a is not None for block in a.memory.values())
+
+    def stage(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> StagedState:
+        """Copy ``tensors`` into ``slot``'s arena (reallocated only when keys, shapes or dtypes
+        changed)."""
+        uses_cuda = any(t.is_cuda for t in tensors.values())
+        arena = self._arena_for(slot, tensors, pin=uses_cuda and not self.shared)
+        stream = self._side_stream() if uses_cuda else None
+        with torch.no_grad():
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx:
+                for key, src in tensors.items():
+                    arena.views[key].copy_(src.detach(), non_blocking=src.is_cuda)
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        return StagedState(slot=slot, tensors={k: arena.views[k] for k in tensors}, cuda_event=event)
+
+    def _arena_for(self, slot: int, tensors: Mapping[str, torch.Tensor], pin: bool) -> Arena:
+        signature = (pin, *((k, tuple(t.shape), t.dtype) for k, t in tensors.items()))
+        arena = self._arenas[slot]
+        if arena is not None and arena.signature == signature:
+            return arena
+        self._arenas[slot] = None  # free the old arena before allocating the new one
+        memory, views, total = {}, {}, 0
+        for group, (placed, size) in arena_layout(tensors).items():
+            block = memory[group] = _aligned_bytes(size, pin, self.shared)
+            total += size
+            for key, offset in placed:
+                src = tensors[key]
+                nbytes = src.numel() * src.element_size()
+                views[key] = block[offset:offset + nbytes].view(src.dtype).view(src.shape)
+        self._generation += 1
+        arena = Arena(memory, views, signature, self._generation)
+        self._arenas[slot] = arena
+        log.info("allocated %.1f MiB of staging memory (slot %d); %.1f MiB staged in all",
+                 total / 2**20, slot, self.staged_bytes() / 2**20)
+        return arena
+
+    def _side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream

@@ -1,0 +1,156 @@
+"""A writer process: tensor files written by another process, reading staged shared memory.
+
+Why: on a machine with few cores, the writer thread shares the GIL with training. Writing and
+hashing release the GIL for large buffers, but the Python-level work around them does not. A
+separate process has its own interpreter. A staging slot's arena is a few blocks of shared
+memory (``share_memory_``, one per file, :mod:`.snapshot`); the child receives them once, when
+they are allocated, and keeps them mapped, so each file written afterwards costs one small message
+of offsets, not bytes and not one shared-memory segment per tensor.
+
+The parent's writer thread still runs the job (commit, retention, callbacks); only
+``write_tensor_file`` moves to the child. The child is started on first use with the ``spawn``
+method (safe with threads and CUDA) and stopped on close. Local directories only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from ckpt_plugins.errors import SaveError
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.files.tensor_file import FileRecord
+
+__all__ = ["ProcessWriter"]
+
+log = logging.getLogger(__name__)
+
+
+def _serve(requests: Any, results: Any, direct_io: bool) -> None:
+    from ckpt_plugins.storage import LocalStorage
+    from ckpt_plugins.files.tensor_file import write_tensor_file
+
+    torch.set_num_threads(1)
+    storage = LocalStorage()
+    arenas: dict[int, dict[str, torch.Tensor]] = {}  # slot -> its staging blocks, mapped once
+    while True:
+        item = requests.get()
+        if item is None:
+            return
+        if item[0] == "arena":
+            _, slot, memory = item
+            arenas[slot] = memory  # {group: block}; the slot's previous blocks are unmapped here
+            continue
+        _, path, payload, metadata = item
+        try:
+            if item[0] == "views":
+                slot, entries = payload
+                blocks = arenas[slot]
+                tensors = {key: blocks[group][offset:offset + nbytes].view(dtype).view(shape)
+                           for key, dtype, shape, group, offset, nbytes in entries}
+            else:
+                tensors = payload
+            record = write_tensor_file(storage, path, tensors, metadata, direct_io=direct_io)
+            results.put(("ok", (record.size, record.xxh3_64)))
+        except OSError as exc:
+            results.put(("oserror", (exc.errno, exc.strerror or str(exc), path)))
+        except Exception as exc:  # noqa: BLE001 - sent back to the parent, raised there
+            results.put(("error", f"{type(exc).__name__}: {exc}"))
+        finally:
+            tensors = payload = None
+
+
+class ProcessWriter:
+    """Writes tensor files in a child process; one request at a time, in order."""
+
+    def __init__(self, direct_io: bool = True, stager: HostStager | None = None) -> None:
+        self._direct_io = direct_io
+        self._stager = stager
+        self._sent: dict[int, int] = {}  # slot -> arena generation the child holds
+        self._proc = None
+        self._answered = 0  # requests the current child has answered
+        self._lock = threading.Lock()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._requests = ctx.Queue()
+        self._results = ctx.Queue()
+        self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, self._direct_io),
+                                 name="ckpt-writer-process", daemon=True)
+        self._proc.start()
+        self._answered = 0
+        self._sent = {}
+        log.info("started writer process (pid %d)", self._proc.pid)
+
+    def write(self, path: str, tensors: Mapping[str, torch.Tensor],
+              metadata: Mapping[str, str] | None = None, slot: int | None = None) -> FileRecord:
+        """Write ``tensors`` (in shared memory) to ``path`` in the child; raise its error here.
+
+        Tensors staged in ``slot``'s arena travel as offsets into it (the arena itself is sent
+        once per allocation); others as shared-memory tensors, one segment each.
+        """
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            entries = self._arena_entries(slot, tensors)
+            if entries is not None:
+                arena = self._stager.arena(slot)  # type: ignore[union-attr]
+                if self._sent.get(slot) != arena.generation:  # type: ignore[arg-type, union-attr]
+                    self._requests.put(("arena", slot, arena.memory))  # type: ignore[union-attr]
+                    self._sent[slot] = arena.generation  # type: ignore[index, union-attr]
+                self._requests.put(("views", path, (slot, entries), dict(metadata or {})))
+            else:
+                self._requests.put(("tensors", path, dict(tensors), dict(metadata or {})))
+            while True:
+                try:
+                    kind, payload = self._results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._proc.is_alive():
+                        code = self._proc.exitcode
+                        self._proc = None
+                        # Nobody reads the queues any more: never block exit on their feeder threads.
+                        self._requests.cancel_join_thread()
+                        self._results.cancel_join_thread()
+                        hint = ""
+                        if not self._answered:
+                            hint = ("; it died before writing anything: with writer='process' the main "
+                                    "script must be import-safe (training code under `if __name__ == "
+                                    "'__main__':`), because the writer is started with spawn and imports it")
+                        raise SaveError(f"the writer process died (exit code {code}) while writing "
+                                        f"{path}{hint}") from None
+        self._answered += 1
+        if kind == "ok":
+            return FileRecord(size=payload[0], xxh3_64=payload[1])
+        if kind == "oserror":
+            raise OSError(*payload)
+        raise SaveError(f"the writer process failed to write {path}: {payload}")
+
+    def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list | None:
+        """(key, dtype, shape, group, offset, nbytes) of each tensor inside the slot's arena, or
+        None when one is not in it."""
+        arena = self._stager.arena(slot) if self._stager is not None and slot is not None else None
+        if arena is None:
+            return None
+        entries = []
+        for key, tensor in tensors.items():
+            where = arena.locate(tensor) if tensor.is_contiguous() else None
+            if where is None:
+                return None
+            entries.append((key, tensor.dtype, tuple(tensor.shape), *where, tensor.numel() * tensor.element_size()))
+        return entries
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.is_alive():
+                self._requests.put(None)
+                self._proc.join(timeout=30)
+                if self._proc.is_alive():
+                    self._proc.kill()
+            self._proc = None

@@ -1,0 +1,99 @@
+"""Reading a checkpoint given its location: ours (manifest + tensor files) or a foreign format.
+
+Both paths end in the same :mod:`restore` pipeline (select, rename, read only what is needed,
+load into a target), so partial and tolerant restores behave the same for every format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.files.manifest import MANIFEST_NAME
+from ckpt_plugins.restore.targets import RestoreReport, load_into, materialize
+from ckpt_plugins.tree.codec import flatten_state
+from ckpt_plugins.storage import Storage, open_storage
+from ckpt_plugins.files.tensor_file import read_tensor_file
+
+__all__ = ["restore_ours", "restore_path", "is_our_checkpoint"]
+
+
+def is_our_checkpoint(storage: Storage, path: str) -> bool:
+    return storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME))
+
+
+def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
+                 selector: Callable[[str], bool] | None, rename: Mapping[str, str] | None,
+                 strict: bool, map_location: str | torch.device, allow_unsafe_pickle: bool,
+                 verify: bool, part: str = "state", missing_ok: bool = False) -> tuple[Any, RestoreReport]:
+    """Restore one part of one of our checkpoint folders (raises CorruptCheckpointError)."""
+    manifest = layout.read_manifest(path)
+    report = RestoreReport(source=path, step=manifest.step)
+    if part not in manifest.parts:
+        if missing_ok:
+            return None, report
+        raise CorruptCheckpointError(f"{storage.join(path, MANIFEST_NAME)}: has no part {part!r}")
+    entry = manifest.parts[part]
+    for name in manifest.files:  # a missing file is damage even when this part does not need it
+        if not storage.exists(storage.join(path, name)):
+            raise CorruptCheckpointError(f"{storage.join(path, name)}: file listed in the manifest is missing")
+
+    def read_tensors(keys: set[str] | None) -> Mapping[str, torch.Tensor]:
+        if entry.tensor_file is None or keys == set():
+            return {}
+        file_path = storage.join(path, entry.tensor_file)
+        expected = manifest.files[entry.tensor_file] if verify else None
+        return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
+
+    state = materialize(entry.tree, read_tensors, selector=selector, rename=rename, report=report)
+    _finish(state, target, strict, report)
+    return state, report
+
+
+def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | None,
+                 rename: Mapping[str, str] | None, strict: bool, map_location: str | torch.device,
+                 allow_unsafe_pickle: bool, verify: bool) -> tuple[Any, RestoreReport]:
+    """Restore from an explicit path: one of our folders, or a foreign file/folder."""
+    storage, root = open_storage(path)
+    if is_our_checkpoint(storage, root):
+        parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
+        return restore_ours(storage, Layout(storage, parent), root, target=target, selector=selector,
+                            rename=rename, strict=strict, map_location=map_location,
+                            allow_unsafe_pickle=allow_unsafe_pickle, verify=verify)
+    if storage.local_path(root) is None:
+        raise CheckpointNotFoundError(f"{path}: no {MANIFEST_NAME} there; foreign formats are read "
+                                      "from local paths only")
+    from ckpt_plugins.formats import detect_format, read_foreign
+
+    obj = read_foreign(root, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle,
+                       include=selector)
+    report = RestoreReport(source=os.fspath(path), format=detect_format(root) or "unknown")
+    if selector is None and not rename:
+        state = obj
+        report.tensors_read = sum(1 for _ in _tensor_leaves(obj))
+    else:
+        flat = flatten_state(obj)
+        state = materialize(flat.tree, lambda keys: flat.tensors, selector=selector, rename=rename, report=report)
+    _finish(state, target, strict, report)
+    return state, report
+
+
+def _tensor_leaves(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensor_leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensor_leaves(v)
+
+
+def _finish(state: Any, target: Any, strict: bool, report: RestoreReport) -> None:
+    if target is not None:
+        load_into(target, state, strict=strict, report=report)

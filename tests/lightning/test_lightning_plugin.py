@@ -1,0 +1,125 @@
+"""CheckpointIOPlugin with a real Trainer and Lightning's own ModelCheckpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from ckpt_plugins import CheckpointManager, UnsafeCheckpointError
+from ckpt_plugins.lightning import CheckpointIOPlugin
+
+from lightning_train import Net, data  # noqa: E402
+
+
+
+def _fit(dirpath, plugins, steps, ckpt_path=None):
+    L.seed_everything(0)
+    model = Net()
+    callback = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=2, save_last=True, every_n_train_steps=4)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback], plugins=plugins, val_check_interval=6, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(data(96), batch_size=8, shuffle=True), DataLoader(data(32), batch_size=16),
+                ckpt_path=ckpt_path)
+    return trainer, callback, model
+
+
+def test_under_model_checkpoint_same_files_our_format_and_resume(tmp_path):
+    _, default_cb, default_model = _fit(tmp_path / "default", None, 24)
+    trainer, ours_cb, ours_model = _fit(tmp_path / "ours", [CheckpointIOPlugin(async_save=True)], 24)
+    names = sorted(os.listdir(tmp_path / "default"))
+    assert sorted(os.listdir(tmp_path / "ours")) == names  # save_top_k=2 + last, as before
+    assert os.path.basename(ours_cb.best_model_path) == os.path.basename(default_cb.best_model_path)
+    for name in names:  # every checkpoint is a committed folder in our format
+        assert sorted(os.listdir(tmp_path / "ours" / name)) == ["manifest.json", "state.safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(default_model.state_dict().values(), ours_model.state_dict().values()))
+
+    loaded = trainer.strategy.checkpoint_io.load_checkpoint(tmp_path / "ours" / "last.ckpt")
+    reference = torch.load(tmp_path / "default" / "last.ckpt", weights_only=True)
+    assert loaded["global_step"] == reference["global_step"] == 24
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in reference["state_dict"].items())
+
+    _, _, resumed_default = _fit(tmp_path / "default", None, 30, ckpt_path="last")
+    trainer, _, resumed_ours = _fit(tmp_path / "ours", [CheckpointIOPlugin()], 30, ckpt_path="last")
+    assert trainer.global_step == 30
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "default"))
+    assert all(torch.equal(a, b) for a, b in zip(resumed_default.state_dict().values(), resumed_ours.state_dict().values()))
+
+
+class Opaque:  # a class torch's weights_only loader does not allow
+    def __init__(self, value):
+        self.value = value
+
+
+def test_load_reads_lightning_ckpt_weights_only_and_refuses_unsafe_pickle(tmp_path):
+    plugin = CheckpointIOPlugin()
+    plain = {"state_dict": {"w": torch.ones(2)}, "global_step": 3, "hyper_parameters": {"path": Path("/x")}}
+    torch.save(plain, tmp_path / "plain.ckpt")
+    loaded = plugin.load_checkpoint(tmp_path / "plain.ckpt")
+    assert loaded["global_step"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    torch.save({**plain, "hyper_parameters": {"thing": Opaque(1)}}, tmp_path / "unsafe.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="Opaque"):
+        plugin.load_checkpoint(tmp_path / "unsafe.ckpt")
+    assert plugin.load_checkpoint(tmp_path / "unsafe.ckpt", weights_only=False)["hyper_parameters"]["thing"].value == 1
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        plugin.load_checkpoint(tmp_path / "missing.ckpt")
+    plugin.teardown()
+
+
+def test_remove_runs_after_pending_saves_and_teardown_flushes(tmp_path):
+    plugin = CheckpointIOPlugin(async_save=True)
+    plugin.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "global_step": 1}, tmp_path / "old.ckpt")
+    plugin._named().flush()
+    gate = threading.Event()
+    stage = plugin._named()._stage(str(tmp_path / "x"))
+    original = stage.mgr.storage.open_write
+    stage.mgr.storage.open_write = lambda path: (gate.wait(10), original(path))[1]
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "global_step": 2}, tmp_path / "new.ckpt")
+    plugin.remove_checkpoint(tmp_path / "old.ckpt")  # queued behind the pending save, returns at once
+    assert (tmp_path / "old.ckpt").is_dir() and not (tmp_path / "new.ckpt").exists()
+    gate.set()
+    plugin.teardown()
+    assert not (tmp_path / "old.ckpt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["new.ckpt"]  # the hidden staging folder is gone too
+    assert torch.equal(CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"], torch.ones(4))
+
+
+def test_a_checkpoint_being_replaced_when_a_crash_hit_is_restored(tmp_path):
+    """What a crash between moving the old folder aside and committing its successor leaves."""
+    with CheckpointManager(tmp_path, distributed=False) as mgr:
+        mgr.save(7, {"state_dict": {"w": torch.full((2,), 7.0)}, "global_step": 7}, name="last.ckpt")
+    os.rename(tmp_path / "last.ckpt", tmp_path / ".replaced-last.ckpt-0123456789ab")
+    plugin = CheckpointIOPlugin()
+    loaded = plugin.load_checkpoint(tmp_path / "last.ckpt")
+    assert loaded["global_step"] == 7 and (tmp_path / "last.ckpt" / "manifest.json").exists()
+    plugin.teardown()
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_hidden_names_are_lightning_files_removed_as_files(tmp_path):
+    """Lightning's spawn launchers save ``.temp.ckpt`` through the IO and remove it with fs.rm."""
+    plugin = CheckpointIOPlugin()
+    plugin.save_checkpoint({"w": torch.ones(3)}, tmp_path / ".temp.ckpt")
+    assert (tmp_path / ".temp.ckpt").is_file()
+    assert torch.equal(plugin.load_checkpoint(tmp_path / ".temp.ckpt")["w"], torch.ones(3))
+    plugin.remove_checkpoint(tmp_path / ".temp.ckpt")
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.ckpt")
+    plugin.remove_checkpoint(tmp_path / "plain.ckpt")
+    plugin.teardown()
+    assert os.listdir(tmp_path) == []
+
+
+def test_options_are_checked_with_the_option_named():
+    with pytest.raises(ValueError, match="max_pending"):
+        CheckpointIOPlugin(max_pending=0)
+    with pytest.raises(ValueError, match="on_error"):
+        CheckpointIOPlugin(on_error="ignore")
+    with pytest.raises(ValueError, match="storage_options"):
+        CheckpointIOPlugin().save_checkpoint({}, "x.ckpt", storage_options={"a": 1})
