@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch, aligned_random_bytes,  # noqa: E402
                     cpu_seconds, disk_write_bandwidth, fsync_tree,
                     drop_page_cache, file_bytes, fmt_ratio, fmt_s, machine_info, md_table, median, pss_bytes, rss_bytes,
-                    replace_block, scratch_dir, spread, sync_disk, write_json, write_text)
+                    scratch_dir, spread, sync_disk, write_json, write_text)
 
 from ckpt_plugins import CheckpointManager  # noqa: E402
 
@@ -974,15 +974,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
-    """save.json, save.md, save.png, and (full runs into benchmarks/results) the docs section."""
+    """save.json, save.md, save.png (docs/benchmarks.md links to them and reads them by hand)."""
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "save.json", res)
     report = render(res)
     write_text(args.out / "save.md", report)
-    if not args.quick and args.out == RESULTS:  # the README section shows the latest full run
-        body = report.split("\n", 1)[1].replace("\n## ", "\n### ")
-        body = body.replace("![stall, durable, restore and dip](save.png)", "")  # the page shows it once, above
-        replace_block(REPO / "docs" / "benchmarks.md", "save", body)
     from plot import plot_save
 
     plot_save(res, args.out / "save.png")

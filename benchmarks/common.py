@@ -28,7 +28,7 @@ __all__ = [
     "median", "spread", "Stopwatch",
     "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
     "aligned_random_bytes", "cpu_seconds", "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
-    "OtherLoad", "machine_info", "publish_e2e", "md_table", "replace_block", "write_json", "write_text", "fmt_s", "fmt_ratio",
+    "OtherLoad", "machine_info", "publish_e2e", "md_table", "write_json", "write_text", "fmt_s", "fmt_ratio",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -420,23 +420,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text if text.endswith("\n") else text + "\n")
-
-
-def replace_block(path: str | os.PathLike, name: str, body: str) -> bool:
-    """Replace the text between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` in a
-    hand-written document; everything outside the markers is left alone. False when the file or
-    its markers are missing (nothing is written then)."""
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    path = Path(path)
-    if not path.exists():
-        return False
-    text = path.read_text()
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
-    return True
 
 
 def _jsonable(obj: Any) -> Any:

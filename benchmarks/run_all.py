@@ -6,10 +6,10 @@ Each benchmark is a module with ``main(argv: list[str] | None = None)`` that wri
 (``python -c "import bench_x; sys.exit(bench_x.main([]))"``), so one benchmark's memory, threads or
 ``torch.distributed`` group cannot skew the next; ``--in-process`` imports and calls them here.
 
-Afterwards the block between ``<!-- bench:results:start -->`` and ``<!-- bench:results:end -->``
-in ``benchmarks/README.md`` and ``docs/benchmarks.md`` is replaced with a table of every
-benchmark (status, time, result files) followed by each ``results/<name>.md`` summary line. The
-hand-written text around the block is left alone.
+Afterwards ``benchmarks/results/summary.md`` is rewritten with a table of every benchmark (status,
+time, result files) followed by the targets each one reports in its ``results/<name>.json``
+headline. Run dates and commits live only in the result files; the hand-written pages
+(``benchmarks/README.md``, ``docs/benchmarks.md``) link to them.
 
 Usage::
 
@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-DOCS = [HERE / "README.md", REPO / "docs" / "benchmarks.md"]
+SUMMARY = RESULTS / "summary.md"
 sys.path.insert(0, str(HERE))
 
 
@@ -127,16 +127,16 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
     return "\n".join(lines)
 
 
-def update_docs(table: str) -> None:
-    from common import replace_block
-
+def write_summary(table: str) -> None:
+    """``results/summary.md``: the combined table, with links relative to ``results/``."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    for doc in DOCS:
-        # links in the table are relative to the repo root; make them relative to this document
-        local = re.sub(r"\]\((benchmarks/[^)]+)\)",
-                       lambda m: f"]({os.path.relpath(REPO / m.group(1), doc.parent)})", table)
-        if replace_block(doc, "results", f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}"):
-            print(f"updated {os.path.relpath(doc, REPO)}")
+    local = re.sub(r"\]\((benchmarks/[^)]+)\)",
+                   lambda m: f"]({os.path.relpath(REPO / m.group(1), SUMMARY.parent)})", table)
+    SUMMARY.write_text("# All benchmarks: status and targets\n\n"
+                       "Written by `benchmarks/run_all.py` (`make bench`) after each run; links are to the result files "
+                       "of\neach benchmark, and each target row is the headline that benchmark reports.\n\n"
+                       f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}\n")
+    print(f"updated {os.path.relpath(SUMMARY, REPO)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("only", nargs="*", help="benchmark names (save, activation, ...); default: all")
     p.add_argument("--in-process", action="store_true", help="import and run them in this process")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p.add_argument("--no-docs", action="store_true", help="do not rewrite the results block in the docs")
+    p.add_argument("--no-docs", action="store_true", help="do not rewrite results/summary.md")
     p.add_argument("--tables-only", action="store_true",
                    help="run nothing: rebuild the combined table from the result files present")
     args = p.parse_args(argv)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     table = combined_table(outcomes)
     print(table)
     if not args.no_docs:
-        update_docs(table)
+        write_summary(table)
     failed = [o.name for o in outcomes.values() if o.status != "ok"]
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
