@@ -37,7 +37,7 @@ from ckpt_plugins.errors import (CheckpointNotFoundError, ConfigError, CorruptCh
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
-from ckpt_plugins.restore.targets import RestoreReport, make_selector
+from ckpt_plugins.restore.targets import RestoreReport, check_rename, check_strict, make_selector
 from ckpt_plugins.retention.policy import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 from ckpt_plugins.persist.stager import HostStager
@@ -165,8 +165,18 @@ class CheckpointManager:
         return [c.step for c in self.layout.committed()]
 
     def latest_step(self) -> int | None:
+        """The newest committed step, damaged or not (a restore finds out); None when there is none.
+        To resume, use :attr:`restored_step` after ``restore("latest")``."""
         steps = self.steps()
         return steps[-1] if steps else None
+
+    @property
+    def restored_step(self) -> int | None:
+        """The step of the checkpoint the last successful :meth:`restore` loaded (None before one,
+        or for a foreign checkpoint without a step). After ``restore("latest")`` skipped a damaged
+        newest checkpoint this is the older step, which is where a resume continues from."""
+        report = self.last_restore_report
+        return None if report is None else report.step
 
     def best_step(self) -> int | None:
         """The best committed step by ``monitor`` and ``mode``; None without a monitor or metric."""
@@ -388,17 +398,27 @@ class CheckpointManager:
         ``"latest"`` (and ``"best"``) skip damaged checkpoints with a warning that names the file;
         an explicit step or path raises instead. ``include``/``exclude`` are glob patterns on key
         paths (``model.*``), ``rename`` maps prefixes, ``target`` is loaded in place (tensors,
-        dicts, lists, modules, optimizers) with shape/dtype checks. The report is kept in
-        ``last_restore_report``.
+        dicts, lists, modules, optimizers) with shape/dtype checks; keys of the checkpoint that
+        no target names are returned but never fail a strict restore. The report is kept in
+        ``last_restore_report``, and the step that was loaded in :attr:`restored_step`: resume
+        from that, not from ``latest_step()``, which may be a damaged checkpoint that was skipped.
+
+        Example:
+            >>> mgr.restore("latest", target={"model": model, "optimizer": opt})  # doctest: +SKIP
+            >>> start = mgr.restored_step + 1  # doctest: +SKIP
 
         Raises:
             CheckpointNotFoundError: nothing matches ``which``.
             CorruptCheckpointError: an explicit checkpoint failed verification.
-            RestoreError: ``strict`` and the target does not match.
+            RestoreError: ``strict`` and a target key is missing or differs in shape or dtype.
+            ConfigError: an option has the wrong type, or an ``include``/``exclude`` pattern or
+                a ``rename`` prefix matches nothing (the message lists the top-level keys).
         """
         self._check_open()
-        self._engine.flush()
         selector = make_selector(include, exclude)
+        check_rename(rename)
+        check_strict(strict)
+        self._engine.flush()
         options = dict(target=target, selector=selector, rename=rename, strict=strict,
                        map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
         if isinstance(which, str) and which in ("latest", "best"):

@@ -18,7 +18,7 @@ import torch
 
 from ckpt_plugins.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_plugins.formats import describe, detect_format
-from ckpt_plugins.formats._tree import iter_leaves
+from ckpt_plugins.tree.walk import iter_leaves
 from ckpt_plugins.restore.read import restore_path
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.layout.commit import Layout

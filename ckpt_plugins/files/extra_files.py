@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ckpt_plugins.tree.walk import map_leaves
+
 __all__ = ["TensorFile", "StagedFile", "collect_tensors", "fill_tensors", "fill"]
 
 
@@ -46,24 +48,6 @@ class _Slot:
     index: int
 
 
-def _map_leaves(node: Any, leaf: Callable[[Any], Any]) -> Any:
-    """A copy of ``node`` with ``leaf`` applied to every leaf; dicts (keeping their type where
-    possible), lists and plain tuples are rebuilt, anything else is a leaf."""
-    if isinstance(node, dict):
-        items = {k: _map_leaves(v, leaf) for k, v in node.items()}
-        if type(node) is not dict:
-            try:
-                return type(node)(items)  # OrderedDict stays OrderedDict
-            except TypeError:
-                pass
-        return items
-    if isinstance(node, list):
-        return [_map_leaves(v, leaf) for v in node]
-    if isinstance(node, tuple) and not hasattr(node, "_fields"):
-        return tuple(_map_leaves(v, leaf) for v in node)
-    return leaf(node)
-
-
 def _skeleton(node: Any, found: list[torch.Tensor]) -> Any:
     """A copy of ``node`` with every tensor replaced by a numbered slot (containers are copied)."""
     def slot(value: Any) -> Any:
@@ -72,7 +56,7 @@ def _skeleton(node: Any, found: list[torch.Tensor]) -> Any:
             return _Slot(len(found) - 1)
         return value
 
-    return _map_leaves(node, slot)
+    return map_leaves(node, slot)
 
 
 def collect_tensors(extra_files: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,4 +90,4 @@ def fill_tensors(name: str, count: int, staged: Mapping[str, torch.Tensor]) -> l
 
 def fill(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
     """The structure of a :class:`StagedFile` with its staged tensors in place."""
-    return _map_leaves(skeleton, lambda value: tensors[value.index] if isinstance(value, _Slot) else value)
+    return map_leaves(skeleton, lambda value: tensors[value.index] if isinstance(value, _Slot) else value)

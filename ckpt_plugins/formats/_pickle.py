@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ckpt_plugins.formats._tree import select
+from ckpt_plugins.tree.walk import select
 
 __all__ = ["DATA_ONLY_GLOBALS", "MapLocation", "load_pickle"]
 
@@ -136,4 +136,4 @@ def load_pickle(
             f"Cannot read {path}: it is truncated or not a torch.save file ({exc!r}). "
             f"Check the file, or re-download / re-save it."
         ) from exc
-    return obj if include is None else select(obj, include, prefix)
+    return obj if include is None else select(obj, include, prefix, empty={})

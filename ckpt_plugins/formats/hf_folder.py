@@ -28,7 +28,7 @@ from typing import Any
 
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.formats._pickle import MapLocation, load_pickle
-from ckpt_plugins.formats._tree import join, select
+from ckpt_plugins.tree.walk import join, select
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 
 __all__ = ["HF_MARKER_FILES", "read_hf_folder"]
@@ -146,7 +146,7 @@ class _Reader:
         if os.path.isfile(state_path):
             state = _read_json(state_path)
             out["trainer_state"] = state if self.include is None else select(
-                state, self.include, "trainer_state"
+                state, self.include, "trainer_state", empty={}
             )
         for name in _SKIPPED:
             if os.path.isfile(self.path(name)):

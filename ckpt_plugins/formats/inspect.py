@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_plugins.formats._tree import iter_leaves
+from ckpt_plugins.tree.walk import iter_leaves
 
 __all__ = ["describe"]
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
-from ckpt_plugins.formats._tree import join
+from ckpt_plugins.tree.walk import join
 
 __all__ = ["read_safetensors", "read_safetensors_metadata", "safetensors_device"]
 

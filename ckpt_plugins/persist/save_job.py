@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -83,10 +84,11 @@ class SaveJob:
             else:
                 self._mark_failed(temp)
             if isinstance(exc, OSError) and exc.errno is not None:
-                # Name the checkpoint and say what survived; OSError(errno, ...) keeps the subclass.
-                raise OSError(exc.errno, f"{exc.strerror or exc} while saving step {self.step} "
-                              f"into {temp}; existing checkpoints are intact",
-                              exc.filename or temp) from exc
+                # Name the step and what survived (not the removed temporary folder); OSError(errno,
+                # ...) keeps the subclass (ENOSPC, EACCES, ...).
+                writing = f" (writing {os.path.basename(exc.filename)})" if isinstance(exc.filename, str) else ""
+                raise OSError(exc.errno, f"{exc.strerror or exc}: step {self.step} was not saved{writing}; "
+                              f"{self._survivors()}") from exc
             raise
         finally:
             mgr._stager.release(self.slot)
@@ -98,6 +100,16 @@ class SaveJob:
             except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
                 log.exception("on_commit callback %r failed for step %d", callback, self.step)
         return path
+
+    def _survivors(self) -> str:
+        """What a failed save left as it was, for its error message."""
+        mgr = self.mgr
+        try:
+            steps = mgr.steps()
+        except Exception:  # noqa: BLE001 - the message must not hide the original error
+            return f"the committed checkpoints in {mgr.directory} are unchanged"
+        latest = f"latest: step {steps[-1]}" if steps else "there are none yet"
+        return f"the committed checkpoints in {mgr.directory} are unchanged ({latest})"
 
     def _write_own_files(self, temp: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
         mgr = self.mgr

@@ -15,10 +15,11 @@ import torch
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.files.manifest import MANIFEST_NAME
-from ckpt_plugins.restore.targets import RestoreReport, load_into, materialize
-from ckpt_plugins.tree.codec import flatten_state
+from ckpt_plugins.restore.targets import RestoreReport, Selector, load_into, materialize
+from ckpt_plugins.tree.codec import flatten_state, leaf_paths
 from ckpt_plugins.storage import Storage, open_storage
 from ckpt_plugins.files.tensor_file import read_tensor_file
+from ckpt_plugins.tree.walk import iter_leaves
 
 __all__ = ["restore_ours", "restore_path", "is_our_checkpoint"]
 
@@ -50,6 +51,8 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
         expected = manifest.files[entry.tensor_file] if verify else None
         return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
 
+    if isinstance(selector, Selector):
+        selector.check(leaf_paths(entry.tree))
     state = materialize(entry.tree, read_tensors, selector=selector, rename=rename, report=report)
     _finish(state, target, strict, report)
     return state, report
@@ -70,28 +73,25 @@ def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | No
                                       "from local paths only")
     from ckpt_plugins.formats import detect_format, read_foreign
 
+    seen: list[str] = []  # every key path the reader asked about: what the checkpoint holds
+
+    def probe(key_path: str) -> bool:
+        seen.append(key_path)
+        return selector(key_path)
+
     obj = read_foreign(root, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle,
-                       include=selector)
+                       include=None if selector is None else probe)
+    if isinstance(selector, Selector):
+        selector.check(seen)
     report = RestoreReport(source=os.fspath(path), format=detect_format(root) or "unknown")
     if selector is None and not rename:
         state = obj
-        report.tensors_read = sum(1 for _ in _tensor_leaves(obj))
+        report.tensors_read = sum(1 for _, leaf in iter_leaves(obj) if isinstance(leaf, torch.Tensor))
     else:
         flat = flatten_state(obj)
         state = materialize(flat.tree, lambda keys: flat.tensors, selector=selector, rename=rename, report=report)
     _finish(state, target, strict, report)
     return state, report
-
-
-def _tensor_leaves(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensor_leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensor_leaves(v)
 
 
 def _finish(state: Any, target: Any, strict: bool, report: RestoreReport) -> None:

@@ -14,6 +14,7 @@ Key paths are dict keys and list indices joined with ``.``: ``model.layer.0.weig
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -23,16 +24,31 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import ConfigError, RestoreError
-from ckpt_plugins.tree.codec import rename_tree, select_tree, tensor_refs, unflatten_state
+from ckpt_plugins.tree.codec import leaf_paths, rename_tree, select_tree, tensor_refs, unflatten_state
+from ckpt_plugins.tree.walk import join, state_children
 
-__all__ = ["RestoreReport", "make_selector", "materialize", "load_into", "hoist"]
+__all__ = ["RestoreReport", "Selector", "make_selector", "check_rename", "check_strict", "materialize",
+           "load_into", "hoist"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RestoreReport:
-    """What a restore did: where from, and which keys were loaded, missing, unexpected, mismatched."""
+    """What a restore did: where from, which step, and which keys were loaded, missing, unexpected
+    or mismatched.
+
+    Attributes:
+        step: the step of the checkpoint that was read (None for a foreign file without one). A
+            resume continues from here: after a fallback past a damaged newest checkpoint this is
+            the older step, not ``latest_step()``.
+        loaded: target keys filled from the checkpoint.
+        missing: target keys the checkpoint does not have (a strict restore fails).
+        mismatched: target keys whose shape, dtype or kind differs (a strict restore fails; a
+            tolerant one leaves them as they are); ``details`` says how for each.
+        unexpected: checkpoint keys no target asks for; they are returned, not loaded, and never
+            fail a restore (a target names what to fill).
+    """
 
     source: str = ""
     step: int | None = None
@@ -41,18 +57,25 @@ class RestoreReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
     tensors_read: int = 0
     bytes_read: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        """Every target key was filled with a value of matching shape and dtype."""
+        return not (self.missing or self.mismatched)
 
     def summary(self) -> str:
         return (f"restored {self.source} ({self.format}, step {self.step}): {len(self.loaded)} keys "
-                f"loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                f"{len(self.mismatched)} mismatched; {self.tensors_read} tensors / "
+                f"loaded, {len(self.missing)} missing, {len(self.mismatched)} mismatched, "
+                f"{len(self.unexpected)} not asked for; {self.tensors_read} tensors / "
                 f"{self.bytes_read / 2**20:.1f} MiB read")
+
+    def _mismatch(self, path: str, why: str) -> None:
+        key = path or "<root>"
+        self.mismatched.append(key)
+        self.details[key] = why
 
 
 def _pattern_matcher(pattern: str) -> Callable[[str], bool]:
@@ -61,35 +84,123 @@ def _pattern_matcher(pattern: str) -> Callable[[str], bool]:
     return lambda path: path == pattern or path.startswith(pattern + ".")
 
 
-def make_selector(include: str | Iterable[str] | None,
-                  exclude: str | Iterable[str] | None) -> Callable[[str], bool] | None:
-    """A predicate on key paths, or None when everything is selected."""
-    inc = [include] if isinstance(include, str) else list(include or [])
-    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    if not inc and not exc:
-        return None
-    inc_m = [_pattern_matcher(p) for p in inc]
-    exc_m = [_pattern_matcher(p) for p in exc]
+def _patterns(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{option} must be a glob pattern on key paths (a str such as 'model.*') or a list "
+                          f"of them, got {value!r} ({type(value).__name__})")
+    else:
+        items = list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{option} patterns must be non-empty strings such as 'model.*', got {item!r} "
+                              f"in {option}={value!r}")
+    if not items:
+        raise ConfigError(f"{option}=[] has no pattern; pass None (the default) to "
+                          f"{'restore everything' if option == 'include' else 'exclude nothing'}")
+    return tuple(items)
 
-    def select(path: str) -> bool:
-        if inc_m and not any(m(path) for m in inc_m):
+
+@dataclass(frozen=True)
+class Selector:
+    """``include``/``exclude`` glob patterns on key paths, validated; call it on a key path.
+
+    A pattern without wildcards selects that key and everything below it (``model`` selects
+    ``model.*``). Every pattern must match some key of the checkpoint (:meth:`check`), so a typo
+    is an error instead of an empty or unfiltered restore.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inc", [_pattern_matcher(p) for p in self.include])
+        object.__setattr__(self, "_exc", [_pattern_matcher(p) for p in self.exclude])
+
+    def __call__(self, path: str) -> bool:
+        if self._inc and not any(m(path) for m in self._inc):  # type: ignore[attr-defined]
             return False
-        return not any(m(path) for m in exc_m)
+        return not any(m(path) for m in self._exc)  # type: ignore[attr-defined]
 
-    return select
+    def check(self, paths: Iterable[str]) -> None:
+        """Raise ConfigError for a pattern that matches none of ``paths`` (the checkpoint's keys)."""
+        paths = list(paths)
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                match = _pattern_matcher(pattern)
+                if not any(match(p) for p in paths):
+                    raise ConfigError(f"{option} {pattern!r} matches nothing in the checkpoint; "
+                                      f"{_existing_keys(paths, pattern)}")
+
+
+def _existing_keys(paths: Iterable[str], wanted: str) -> str:
+    """"its top-level keys are: a, b (did you mean 'model'?)" for a message about ``wanted``."""
+    tops = list(dict.fromkeys(p.split(".", 1)[0] for p in paths))
+    if not tops:
+        return "the checkpoint holds no keys at all"
+    shown = ", ".join(tops[:20]) + (f", ... (+{len(tops) - 20} more)" if len(tops) > 20 else "")
+    close = difflib.get_close_matches(wanted.split(".", 1)[0], tops, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close and close[0] != wanted.split(".", 1)[0] else ""
+    return f"its top-level keys are: {shown}{hint}. Key paths join keys and indices with '.' (model.fc.weight)."
+
+
+def make_selector(include: str | Iterable[str] | None,
+                  exclude: str | Iterable[str] | None) -> Selector | None:
+    """A :class:`Selector`, or None when everything is selected.
+
+    Raises:
+        ConfigError: a pattern is not a non-empty str (the message names the option).
+    """
+    inc, exc = _patterns("include", include), _patterns("exclude", exclude)
+    return Selector(inc, exc) if inc or exc else None
+
+
+def check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
+    """``rename`` as a dict, checked: str prefixes to str prefixes, at most one mapped to ``""``."""
+    if rename is None:
+        return {}
+    if not isinstance(rename, Mapping):
+        raise ConfigError(f"rename must map old key-path prefixes to new ones, such as {{'model.': 'net.'}}, "
+                          f"got {rename!r} ({type(rename).__name__})")
+    for old, new in rename.items():
+        if not isinstance(old, str) or not old or not isinstance(new, str):
+            raise ConfigError(f"rename must map non-empty str prefixes to str prefixes, got {old!r}: {new!r}")
+    hoists = [old for old, new in rename.items() if new == ""]
+    if len(hoists) > 1:
+        raise ConfigError(f"rename maps several prefixes to '' ({hoists}); only one can become the root")
+    return dict(rename)
+
+
+def check_strict(strict: Any) -> bool:
+    if not isinstance(strict, bool):
+        raise ConfigError(f"strict must be True or False, got {strict!r} ({type(strict).__name__})")
+    return strict
 
 
 def materialize(tree: Any, read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]], *,
                 selector: Callable[[str], bool] | None, rename: Mapping[str, str] | None,
                 report: RestoreReport) -> Any:
     """Select, rename and rebuild the nested state; ``read_tensors(keys)`` reads tensor keys
-    (``None`` meaning all of them, which allows one sequential, checksummed read)."""
+    (``None`` meaning all of them, which allows one sequential, checksummed read).
+
+    Raises:
+        ConfigError: a ``rename`` prefix matches no key of the (selected) state.
+    """
     if selector is not None:
         tree = select_tree(tree, selector)
-    renames = {old: new for old, new in (rename or {}).items() if new != ""}
-    hoists = [old for old, new in (rename or {}).items() if new == ""]
-    if len(hoists) > 1:
-        raise ConfigError(f"rename maps several prefixes to '' ({hoists}); only one can become the root")
+    rules = check_rename(rename)
+    if rules:
+        paths = leaf_paths(tree)
+        for old in rules:
+            if not any(p.startswith(old) for p in paths):
+                raise ConfigError(f"rename {old!r} matches nothing in the checkpoint"
+                                  f"{' (after include/exclude)' if selector is not None else ''}; "
+                                  f"{_existing_keys(paths, old)}")
+    renames = {old: new for old, new in rules.items() if new != ""}
+    hoists = [old for old, new in rules.items() if new == ""]
     if renames:
         tree = rename_tree(tree, renames)
     needed = set(tensor_refs(tree).values())
@@ -129,109 +240,185 @@ def hoist(state: Any, prefix: str) -> Any:
 
 
 def load_into(target: Any, loaded: Any, *, strict: bool, report: RestoreReport) -> None:
-    """Copy ``loaded`` into ``target`` in place. Strict mode checks everything before changing
-    anything, so a failed strict restore leaves the target untouched."""
-    _walk(target, loaded, "", report, apply=False)
+    """Copy ``loaded`` into ``target`` in place.
+
+    The target names what to fill: tensors, dicts and lists of them, modules, optimizers and
+    anything with ``state_dict``/``load_state_dict``. Every filled key is checked for kind, shape
+    and dtype. Strict mode checks everything before changing anything and fails on missing or
+    mismatched target keys, so a failed strict restore leaves the target untouched; tolerant mode
+    loads what matches and leaves the rest as it is (a dtype mismatch is skipped, never cast).
+    Checkpoint keys no target names are listed in ``report.unexpected`` and never fail.
+
+    Raises:
+        RestoreError: ``strict`` and a target key is missing or mismatched (``key_path`` names it
+            when it is the only one; ``report`` lists them all).
+    """
+    check_strict(strict)
+    _fill(target, loaded, "", report, apply=False)
     if strict and not report.ok:
-        raise RestoreError(_strict_message(report))
-    report.loaded.clear()
-    report.missing.clear()
-    report.unexpected.clear()
-    report.mismatched.clear()
-    _walk(target, loaded, "", report, apply=True)
+        faults = report.missing + report.mismatched
+        raise RestoreError(_strict_message(report), key_path=faults[0] if len(faults) == 1 else None,
+                           report=report)
+    for found in (report.loaded, report.missing, report.unexpected, report.mismatched):
+        found.clear()
+    report.details.clear()
+    _fill(target, loaded, "", report, apply=True)
     if not report.ok:
         log.warning("tolerant restore: %s", report.summary())
+    elif report.unexpected:
+        log.info("restore from %s: not loaded (no target asks for them): %s", report.source,
+                 _shown(report.unexpected))
+
+
+def _shown(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _strict_message(report: RestoreReport) -> str:
-    lines = [f"restore from {report.source} does not match the target (strict=True):"]
-    for label, keys in (("missing in checkpoint", report.missing),
-                        ("unexpected in checkpoint", report.unexpected),
-                        ("shape/dtype mismatch", report.mismatched)):
-        if keys:
-            shown = ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-            lines.append(f"  {label}: {shown}")
+    lines = [f"restore from {report.source} does not fill the target (strict=True):"]
+    if report.missing:
+        lines.append(f"  missing in checkpoint: {_shown(report.missing)}")
+    if report.mismatched:
+        shown = [f"{k} ({report.details[k]})" for k in report.mismatched]
+        lines.append(f"  shape/dtype mismatch: {_shown(shown)}")
     lines.append("Pass strict=False to load what matches, or include/exclude/rename to select keys.")
     return "\n".join(lines)
 
 
-def _join(prefix: str, key: Any) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
+def _is_stateful(value: Any) -> bool:
+    return hasattr(value, "load_state_dict") and hasattr(value, "state_dict")
 
 
-def _walk(target: Any, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
+def _fill(target: Any, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
     if isinstance(target, torch.nn.Module):
         _load_module(target, loaded, path, report, apply)
-    elif hasattr(target, "load_state_dict") and hasattr(target, "state_dict"):
-        # Optimizers, schedulers, anything with the state_dict protocol: all or nothing.
+    elif isinstance(target, torch.optim.Optimizer):
+        _load_optimizer(target, loaded, path, report, apply)
+    elif _is_stateful(target):  # schedulers, anything with the state_dict protocol: all or nothing
         if not isinstance(loaded, Mapping):
-            report.mismatched.append(f"{path or '<root>'} (expected a state dict, got {type(loaded).__name__})")
-        elif apply:
-            target.load_state_dict(loaded)
+            report._mismatch(path, f"expected a state dict, got {type(loaded).__name__}")
+        else:
+            if apply:
+                target.load_state_dict(loaded)
             report.loaded.append(path or "<root>")
     elif isinstance(target, torch.Tensor):
         _load_tensor(target, loaded, path, report, apply)
-    elif isinstance(target, dict):
-        if not isinstance(loaded, Mapping):
-            report.mismatched.append(f"{path or '<root>'} (expected a mapping, got {type(loaded).__name__})")
-            return
-        for key, value in target.items():
-            if key not in loaded:
-                report.missing.append(_join(path, key))
-            elif isinstance(value, (torch.Tensor, torch.nn.Module, dict, list)) or hasattr(value, "load_state_dict"):
-                _walk(value, loaded[key], _join(path, key), report, apply)
-            else:
-                if apply:
-                    target[key] = loaded[key]
-                report.loaded.append(_join(path, key))
-        report.unexpected.extend(_join(path, k) for k in loaded if k not in target)
-    elif isinstance(target, list):
-        if not isinstance(loaded, (list, tuple)):
-            report.mismatched.append(f"{path or '<root>'} (expected a sequence, got {type(loaded).__name__})")
-            return
-        for i, value in enumerate(target):
-            if i >= len(loaded):
-                report.missing.append(_join(path, i))
-            elif isinstance(value, (torch.Tensor, torch.nn.Module, dict, list)) or hasattr(value, "load_state_dict"):
-                _walk(value, loaded[i], _join(path, i), report, apply)
-            else:
-                if apply:
-                    target[i] = loaded[i]
-                report.loaded.append(_join(path, i))
-        report.unexpected.extend(_join(path, i) for i in range(len(target), len(loaded)))
+    elif isinstance(target, (dict, list)):
+        _load_container(target, loaded, path, report, apply)
     else:
-        report.mismatched.append(f"{path or '<root>'} (cannot load into a {type(target).__name__}; "
-                                 "pass a dict, list, tensor, module or optimizer)")
+        report._mismatch(path, f"cannot load into a {type(target).__name__}; pass a dict, list, tensor, "
+                         "module or optimizer")
+
+
+def _load_container(target: dict | list, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
+    kind = (Mapping, "a mapping") if isinstance(target, dict) else ((list, tuple), "a sequence")
+    if not isinstance(loaded, kind[0]):
+        report._mismatch(path, f"expected {kind[1]}, got {type(loaded).__name__}")
+        return
+    present = (lambda k: k in loaded) if isinstance(target, dict) else (lambda i: i < len(loaded))
+    for key, _seg, value in state_children(target) or []:
+        full = join(path, key)
+        if not present(key):
+            report.missing.append(full)
+        elif isinstance(value, (torch.Tensor, torch.nn.Module, dict, list)) or _is_stateful(value):
+            _fill(value, loaded[key], full, report, apply)
+        else:
+            if apply:
+                target[key] = loaded[key]
+            report.loaded.append(full)
+    if isinstance(target, dict):
+        report.unexpected.extend(join(path, k) for k in loaded if k not in target)
+    else:
+        report.unexpected.extend(join(path, i) for i in range(len(target), len(loaded)))
+
+
+def _tensor_mismatch(loaded: Any, own: torch.Tensor) -> str | None:
+    if not isinstance(loaded, torch.Tensor):
+        return f"checkpoint holds a {type(loaded).__name__}, target a tensor"
+    if loaded.shape != own.shape or loaded.dtype != own.dtype:
+        return f"checkpoint {tuple(loaded.shape)} {loaded.dtype}, target {tuple(own.shape)} {own.dtype}"
+    return None
 
 
 def _load_tensor(target: torch.Tensor, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
-    if not isinstance(loaded, torch.Tensor):
-        report.mismatched.append(f"{path} (checkpoint holds a {type(loaded).__name__}, target a tensor)")
-    elif loaded.shape != target.shape or loaded.dtype != target.dtype:
-        report.mismatched.append(f"{path} (checkpoint {tuple(loaded.shape)} {loaded.dtype}, "
-                                 f"target {tuple(target.shape)} {target.dtype})")
-    else:
-        if apply:
-            with torch.no_grad():
-                target.copy_(loaded)
-        report.loaded.append(path)
+    why = _tensor_mismatch(loaded, target)
+    if why is not None:
+        report._mismatch(path, why)
+        return
+    if apply:
+        with torch.no_grad():
+            target.copy_(loaded)
+    report.loaded.append(path)
 
 
 def _load_module(module: torch.nn.Module, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
     if not isinstance(loaded, Mapping):
-        report.mismatched.append(f"{path or '<root>'} (expected a state dict, got {type(loaded).__name__})")
+        report._mismatch(path, f"expected a state dict, got {type(loaded).__name__}")
         return
     own = module.state_dict()
-    usable = {}
+    usable, extra = {}, []
     for key, value in loaded.items():
-        full = _join(path, key)
+        full = join(path, key)
         if key not in own:
-            report.unexpected.append(full)
-        elif isinstance(value, torch.Tensor) and (value.shape != own[key].shape):
-            report.mismatched.append(f"{full} (checkpoint {tuple(value.shape)}, target {tuple(own[key].shape)})")
+            extra.append(full)
+            continue
+        why = _tensor_mismatch(value, own[key]) if isinstance(own[key], torch.Tensor) else None
+        if why is not None:
+            report._mismatch(full, why)
         else:
             usable[key] = value
             report.loaded.append(full)
-    report.missing.extend(_join(path, k) for k in own if k not in loaded)
+    report.missing.extend(join(path, k) for k in own if k not in loaded)
+    report.unexpected.extend(extra)
     if apply:
+        if extra:
+            log.warning("restore into the module at %r: the checkpoint has keys the module does not; they "
+                        "were not loaded: %s", path or "<root>", _shown(extra))
         module.load_state_dict(usable, strict=False)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: RestoreReport, apply: bool) -> None:
+    """All or nothing, after the checks ``Optimizer.load_state_dict`` would skip or fail halfway:
+    the same parameter groups and sizes, and each state tensor in the dtype (and, where the
+    optimizer already holds state, the shape) it would be cast to. torch casts floating-point
+    state to its parameter's dtype silently; here a different dtype is a mismatch."""
+    label = path or "<root>"
+    if not isinstance(loaded, Mapping) or not isinstance(loaded.get("param_groups"), (list, tuple)) \
+            or not isinstance(loaded.get("state"), Mapping):
+        report._mismatch(path, "expected an optimizer state dict with 'state' and 'param_groups'")
+        return
+    own = opt.state_dict()
+    sizes = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in loaded["param_groups"]]
+    own_sizes = [len(g["params"]) for g in own["param_groups"]]
+    if sizes != own_sizes:
+        report._mismatch(path, f"checkpoint has parameter groups of sizes {sizes}, the optimizer {own_sizes}")
+        return
+    params = {}  # checkpoint param id -> (own param id, parameter)
+    for group, own_group, live in zip(loaded["param_groups"], own["param_groups"], opt.param_groups):
+        params.update({pid: (oid, p) for pid, oid, p in zip(group["params"], own_group["params"], live["params"])})
+    ok = True
+    for pid, entry in loaded["state"].items():
+        if pid not in params:
+            report._mismatch(join(join(path, "state"), pid), "state for a parameter id no group lists")
+            ok = False
+            continue
+        oid, param = params[pid]
+        own_entry = own["state"].get(oid, {})
+        for name, value in (entry.items() if isinstance(entry, Mapping) else ()):
+            full = join(join(join(path, "state"), pid), name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if isinstance(own_entry.get(name), torch.Tensor):
+                why = _tensor_mismatch(value, own_entry[name])
+            elif name != "step" and value.is_floating_point() and value.dtype != param.dtype:
+                why = f"checkpoint {value.dtype}, parameter {param.dtype} (torch would cast it silently)"
+            else:
+                why = None
+            if why is not None:
+                report._mismatch(full, why)
+                ok = False
+    if not ok:
+        return
+    if apply:
+        opt.load_state_dict(loaded)
+    report.loaded.append(label)

@@ -68,15 +68,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_plugins.tree.tags import (MAX_DEPTH, TAG, TENSOR_TAGS, TreeFail, Unflattener, children, dotted, enc_float,
-                         enc_int, enc_key, enc_leaf, escape, rebuild, segment, short, subscript, walk)
+from ckpt_plugins.tree.tags import (TAG, TENSOR_TAGS, Unflattener, children, enc_float, enc_int, enc_key, enc_leaf,
+                                    escape, rebuild, short, subscript)
+from ckpt_plugins.tree.walk import MAX_DEPTH, MISSING, TreeFail, dotted, iter_leaves, segment, select
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
 
 __all__ = ["FlatState", "flatten_state", "unflatten_state", "tensor_refs", "leaf_paths",
            "select_tree", "rename_tree"]
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-_DROP = object()
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def flatten_state(state: Any) -> FlatState:
         tree = flat.enc(state, "", 0)
     except TreeFail as e:
         where = f"{subscript(e.keys)} (key path {dotted(e.keys)!r})" if e.keys else "state"
-        raise UnsupportedStateError(f"{where} {e.what}") from None
+        raise UnsupportedStateError(f"{where} {e.what}", key_path=dotted(e.keys) if e.keys else None) from None
     except RecursionError:
         raise UnsupportedStateError("state is nested too deeply to store (beyond Python's recursion limit; "
                                     "is there a reference cycle?)") from None
@@ -262,12 +262,13 @@ def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return _checked(Unflattener(tensors).dec, tree, 0)
 
 
-def _checked(fn: Callable[..., Any], *args: Any) -> Any:
+def _checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except TreeFail as e:
         where = f"at key path {dotted(e.keys)!r}" if e.keys else "at the root"
-        raise CorruptCheckpointError(f"invalid checkpoint state tree {where}: {e.what}") from None
+        raise CorruptCheckpointError(f"invalid checkpoint state tree {where}: {e.what}",
+                                     key_path=dotted(e.keys) if e.keys else None) from None
     except RecursionError:
         raise CorruptCheckpointError("invalid checkpoint state tree: nested too deeply") from None
 
@@ -279,16 +280,20 @@ def tensor_refs(tree: Any) -> dict[str, str]:
         >>> tensor_refs(flatten_state({"a": torch.ones(1), "b": 1}).tree)
         {'a': 'a'}
     """
-    refs: dict[str, str] = {}
+    return _checked(_tensor_refs, tree)
 
-    def visit(path: str, leaf: Any) -> None:
+
+def _tensor_refs(tree: Any) -> dict[str, str]:
+    refs: dict[str, str] = {}
+    leaves = iter_leaves(tree, children=children)
+    for path, leaf in leaves:
         if type(leaf) is dict and leaf.get(TAG) in TENSOR_TAGS:
             key = leaf.get("key")
             if type(key) is not str:
-                raise TreeFail(f"tensor key must be a string, got {short(key)}")
+                fail = TreeFail(f"tensor key must be a string, got {short(key)}")
+                fail.keys = [path]  # the joined path reads back as itself through dotted()
+                raise fail
             refs[path] = key
-
-    _checked(walk, tree, "", 0, visit)
     return refs
 
 
@@ -299,9 +304,7 @@ def leaf_paths(tree: Any) -> list[str]:
         >>> leaf_paths(flatten_state({"a": [1, 2], "b": {}}).tree)
         ['a.0', 'a.1', 'b']
     """
-    paths: list[str] = []
-    _checked(walk, tree, "", 0, lambda path, leaf: paths.append(path))
-    return paths
+    return _checked(lambda t: [path for path, _ in iter_leaves(t, children=children)], tree)
 
 
 def select_tree(tree: Any, keep: Callable[[str], bool]) -> Any:
@@ -315,26 +318,8 @@ def select_tree(tree: Any, keep: Callable[[str], bool]) -> Any:
         >>> select_tree({"a": 1, "b": {"c": 2}}, lambda p: p.startswith("b."))
         {'b': {'c': 2}}
     """
-
-    def sel(node: Any, path: str, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise TreeFail(f"is nested deeper than {MAX_DEPTH} levels")
-        kids = children(node)
-        if kids is None:
-            return node if keep(path) else _DROP
-        kept = []
-        for key, seg, child in kids:
-            try:
-                sub = sel(child, seg if depth == 0 else f"{path}.{seg}", depth + 1)
-            except TreeFail as e:
-                e.keys.append(seg)
-                raise
-            if sub is not _DROP:
-                kept.append((key, sub))
-        return rebuild(node, kept) if kept else _DROP
-
-    out = _checked(sel, tree, "", 0)
-    if out is not _DROP:
+    out = _checked(select, tree, keep, children=children, rebuild=rebuild)
+    if out is not MISSING:
         return out
     if _checked(children, tree) is not None:
         return rebuild(tree, [])

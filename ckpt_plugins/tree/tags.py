@@ -1,4 +1,5 @@
-"""Tagged JSON values of the state tree: leaf encoders, the validating decoder, and the walker.
+"""Tagged JSON values of the state tree: leaf encoders, the validating decoder, and the tree's
+``children``/``rebuild`` views for the walker (:mod:`ckpt_plugins.tree.walk`).
 
 Private helpers of :mod:`ckpt_plugins.tree.codec`, whose module docstring is the format spec.
 Encoding of containers and tensors (aliasing, contiguity) lives in ``state_tree``; decoding lives
@@ -14,15 +15,15 @@ import functools
 import math
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from ckpt_plugins.tree.walk import MAX_DEPTH, TreeFail, segment
+
 TAG = "$t"  # the reserved key of a tagged object; user keys starting with "$" get one more "$"
-MAX_DEPTH = 256  # deeper nesting is refused: real training state is rarely 10 levels deep, and
-# this keeps the recursion (up to two frames a level) well inside Python's default limit of 1000
 INT_MIN, INT_MAX = -(2**63), 2**64  # ints outside [INT_MIN, INT_MAX) are tagged as hex strings
 DIM_LIMIT = 2**63  # array and Size dimensions must be below this
 TENSOR_TAGS = frozenset({"tensor", "ctensor", "ndarray"})
@@ -38,20 +39,6 @@ _FIELDS = {"tensor": ("key",), "ctensor": ("key",), "ndarray": ("key", "dtype", 
            "device": ("v",), "size": ("v",)}
 
 
-class TreeFail(Exception):
-    """Internal: a failure deep in a tree; each container level appends its key on the way out."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(what)
-        self.what = what
-        self.keys: list[Any] = []
-
-
-def dotted(keys: list[Any]) -> str:
-    """Key path of ``keys`` (given innermost first, as TreeFail collects them)."""
-    return ".".join(segment(k) for k in reversed(keys))
-
-
 def subscript(keys: list[Any]) -> str:
     return "state" + "".join(f"[{short(k)}]" for k in reversed(keys))
 
@@ -63,16 +50,6 @@ def short(v: Any, limit: int = 80) -> str:
     except Exception:  # noqa: BLE001 - a message must not fail on a value's own repr
         text = f"<{type(v).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def segment(key: Any) -> str:
-    """The path segment of a dict key or list index."""
-    if type(key) is str:
-        return key
-    try:
-        return str(key)
-    except ValueError:  # an int beyond Python's int-to-decimal limit
-        return f"<int of {key.bit_length()} bits>"
 
 
 def escape(key: str) -> str:
@@ -451,19 +428,3 @@ def rebuild(node: Any, kept: list[tuple[Any, Any]]) -> Any:
     if tag == "tuple":
         return {TAG: "tuple", "v": [c for _, c in kept]}
     return {TAG: "dict", "items": [[k, c] for k, c in kept]}
-
-
-def walk(node: Any, path: str, depth: int, visit: Callable[[str, Any], None]) -> None:
-    """Call ``visit(path, leaf)`` for every leaf, in order (empty containers are leaves)."""
-    if depth > MAX_DEPTH:
-        raise TreeFail(f"is nested deeper than {MAX_DEPTH} levels")
-    kids = children(node)
-    if kids is None:
-        visit(path, node)
-        return
-    for key, seg, child in kids:
-        try:
-            walk(child, seg if depth == 0 else f"{path}.{seg}", depth + 1, visit)
-        except TreeFail as e:
-            e.keys.append(seg)
-            raise

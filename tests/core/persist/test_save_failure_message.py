@@ -27,7 +27,7 @@ def test_disk_full_message_names_the_step_and_the_committed_checkpoints(tmp_path
         assert mgr.steps() == [1]
     message = str(info.value)
     assert info.value.errno == errno.ENOSPC
-    assert "saving step 2 failed" in message
+    assert "No space left on device: step 2 was not saved (writing state.safetensors)" in message
     assert f"the committed checkpoints in {tmp_path} are unchanged (latest: step 1)" in message
     assert "intact" not in message and not message.rstrip("'").endswith("safetensors"), message
     assert ".tmp-" not in message.rsplit(";", 1)[-1], "the temporary folder is not what survived"
