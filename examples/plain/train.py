@@ -111,14 +111,14 @@ def main() -> None:
     mgr = None if args.no_checkpoints else CheckpointManager(
         args.dir, keep_last=args.keep_last, keep_best=1, monitor="loss", mode="min",
         async_save=True)
-    if mgr is not None and mgr.latest_step() is not None:
-        state = mgr.restore("latest")  # the newest checkpoint that verifies
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    if mgr is not None and mgr.steps():
+        # The newest checkpoint that verifies, loaded in place (strict: every key of the model,
+        # optimizer and scheduler, in the right shape and dtype). A damaged newest one is skipped,
+        # so continue from mgr.restored_step, not from latest_step().
+        state = mgr.restore("latest", target={"model": model, "optimizer": opt, "scheduler": sched})
         restore_rng(state["rng"])
         position = state["position"]
-        print(f"resumed from step {position['step']} ({mgr.last_restore_report.source})", flush=True)
+        print(f"resumed from step {mgr.restored_step} ({mgr.last_restore_report.source})", flush=True)
 
     stalls = []
     while position["step"] < args.steps:
