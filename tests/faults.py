@@ -1,9 +1,11 @@
-"""Fault injection helpers: an fsspec file system that fails the Nth write, and real OS faults."""
+"""Fault injection helpers: an fsspec file system that fails the Nth write, real OS faults, and the
+seeded generator of random kill moments."""
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
@@ -59,3 +61,14 @@ def reset_faulty() -> None:
     FaultyMemoryFileSystem.store.clear()
     FaultyMemoryFileSystem.pseudo_dirs[:] = [""]
     FaultyMemoryFileSystem.disarm()
+
+
+def kill_rng(what: str) -> tuple[random.Random, int]:
+    """The generator of a test's random kill moments, and its seed.
+
+    The seed is ``CKPT_KILL_SEED`` when set (to replay a failure), else a fresh one; it is printed
+    (pytest shows it with a failure) and returned, for the test's assertion messages.
+    """
+    seed = int(os.environ.get("CKPT_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"{what}: kill seed {seed} (replay with CKPT_KILL_SEED={seed})")
+    return random.Random(seed), seed

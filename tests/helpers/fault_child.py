@@ -2,21 +2,56 @@
 
 scenario "fill": save ever larger checkpoints (keep_last=3) until a save fails; the parent runs
     this on a tiny file system (tmpfs) or under RLIMIT_FSIZE.
-scenario "readonly": save step 1, lose write permission on the directory (drop root to nobody,
-    or chmod when not root), then save step 2 (sync and async) and list/restore.
+scenario "readonly": save step 1, lose write permission on the directory (chmod 0555), then save
+    step 2 (sync and async) and list/restore.
+
+As root the "readonly" child stays uid 0 and gives up, first thing, CAP_DAC_OVERRIDE,
+CAP_DAC_READ_SEARCH and CAP_FOWNER: it then obeys the permission bits of the directories it owns,
+and can still read the checkout and the venv, which may sit in a folder only root can enter (a
+clone in root's 0700 home). Becoming nobody instead made every later lazy import, of ours or of
+torch, fail there. Capabilities belong to a thread and are inherited by the threads it starts, so
+they are dropped before any other thread exists (the async writer's included).
 """
 
+import ctypes
+import ctypes.util
 import json
 import os
 import signal
 import sys
 
-import torch
+_CAPS_BYPASSING_PERMISSIONS = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
 
-import ckpt_plugins.formats  # noqa: F401 - import everything before privileges are dropped
-from ckpt_plugins import CheckpointManager, CheckpointError
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32))
+
+
+def obey_permission_bits() -> None:
+    """Drop, for good, the capabilities that let root ignore permission bits (capget/capset, v3)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    mask = ~sum(1 << cap for cap in _CAPS_BYPASSING_PERMISSIONS) & 0xFFFFFFFF
+    for field in ("effective", "permitted", "inheritable"):
+        setattr(data[0], field, getattr(data[0], field) & mask)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed: cannot drop CAP_DAC_OVERRIDE to test permission errors")
+
 
 directory, scenario = sys.argv[1], sys.argv[2]
+if scenario == "readonly" and os.geteuid() == 0:  # root ignores permission bits unless it gives this up
+    obey_permission_bits()
+
+import torch  # noqa: E402 - after the capabilities are dropped, so that no thread keeps them
+
+from ckpt_plugins import CheckpointError, CheckpointManager  # noqa: E402
+
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # RLIMIT_FSIZE: get EFBIG instead of a signal
 result: dict = {"errors": []}
 
@@ -48,9 +83,6 @@ elif scenario == "readonly":
         closed.save(1, state(1))
     for path in (directory, async_mgr_dir, fresh):
         os.chmod(path, 0o555)
-    if os.geteuid() == 0:  # root ignores permission bits: become nobody
-        os.setgid(65534)
-        os.setuid(65534)
     try:
         mgr.save(2, state(2))
     except OSError as exc:

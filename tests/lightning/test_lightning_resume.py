@@ -10,7 +10,6 @@ suite fast; the killed DDP run uses Lightning's subprocess launcher (``strategy=
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 import lightning_train  # noqa: E402
 from conftest import HELPERS
+from faults import kill_rng
 
 SCRIPT = HELPERS / "lightning_train.py"
 
@@ -44,7 +44,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
     """Single process; 12 batches per epoch, saves every 4 steps (some end an epoch), killed at a
     random step. Loaders: ``DataLoader(shuffle=True)``, the same with its own generator, and
     torchdata's ``StatefulDataLoader``."""
-    die_at = random.Random().randrange(5, 27)
+    rng, seed = kill_rng("lightning run")
+    die_at = rng.randrange(5, 27)
     common = ["--steps", "30", "--every", "4", "--loader", loader]
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)])
@@ -52,7 +53,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
     summary = lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--resume",
                                    "--out", str(tmp_path / "resumed.safetensors")])
     _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors",
-                 f"{loader} loader, killed at step {die_at} with {committed} committed")
+                 f"{loader} loader, seed {seed}, killed at step {die_at} with {committed} committed")
     assert summary["last"].endswith("step_28")
     assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_24", "step_28"]  # keep_last=2
 
@@ -61,13 +62,14 @@ def test_resume_with_validation_and_monitor_is_bit_exact(tmp_path):
     """Validation every 6 batches, best by val_loss: saves due right before a validation are taken
     at its end, saves before the first validation wait for it; the resumed run saves at the same
     steps as the uninterrupted one."""
-    die_at = random.Random().randrange(8, 26)
+    rng, seed = kill_rng("lightning run")
+    die_at = rng.randrange(8, 26)
     common = ["--steps", "30", "--every", "4", "--val"]
     reference = lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)])
     resumed = lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--resume",
                                    "--out", str(tmp_path / "resumed.safetensors")])
-    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"killed at step {die_at}")
+    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"seed {seed}, killed at step {die_at}")
     assert reference["saved"][0] == 6  # due at 4, deferred to the first validation
     assert [s for s in reference["saved"] if s > min(resumed["saved"]) - 1] == resumed["saved"]
 
@@ -75,14 +77,15 @@ def test_resume_with_validation_and_monitor_is_bit_exact(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_sigkill_and_resume_is_bit_exact(tmp_path):
     """DDP x2 on CPU (gloo): 6 batches per rank and epoch, per-rank RNG and data position."""
-    die_at = random.Random().randrange(5, 18)
+    rng, seed = kill_rng("lightning run")
+    die_at = rng.randrange(5, 18)
     common = ["--steps", "20", "--every", "4", "--ddp"]
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--strategy", "ddp_fork",
                          "--out", str(tmp_path / "ref.safetensors")])
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--strategy", "ddp", "--die-at", str(die_at)])
     lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--strategy", "ddp_fork", "--resume",
                          "--out", str(tmp_path / "resumed.safetensors")])
-    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"DDP, killed at step {die_at}")
+    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"DDP, seed {seed}, killed at step {die_at}")
     kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_16", "step_20"]
     assert sorted(os.listdir(tmp_path / "run" / "step_20")) == [

@@ -2,7 +2,9 @@
 
 After every kill: every listed checkpoint verifies and restores, the newest step the child
 reported as committed is still there (or a newer one), and leftovers are gone once the next
-manager starts. Set CKPT_SOAK=1 for the long version (200 kills per mode).
+manager starts. Set CKPT_SOAK=1 for the long version (200 kills per mode). The kill moments come
+from a seeded generator; the seed is printed and in every assertion message, and
+CKPT_KILL_SEED=<seed> replays it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.cli import main as cli_main
 from conftest import HELPERS
+from faults import kill_rng
 
 CHILD = HELPERS / "save_forever.py"
 DIST_CHILD = HELPERS / "save_forever_dist.py"
@@ -49,7 +52,7 @@ def _run_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode, capsys):
-    rng = random.Random(1234)
+    rng, seed = kill_rng(f"{mode} save")
     newest_reported = 0
     for trial in range(KILLS):
         reported = _run_and_kill(tmp_path, mode, rng)
@@ -58,14 +61,14 @@ def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode,
             steps = mgr.steps()
             assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", ".trash-", ".replaced-"))]
             if newest_reported:
-                assert steps and steps[-1] >= newest_reported, (trial, steps, newest_reported)
+                assert steps and steps[-1] >= newest_reported, (seed, trial, steps, newest_reported)
             for step in steps:
                 state = mgr.restore(step)
                 assert state["step"] == step
                 assert torch.equal(state["model"]["w"], torch.full((512, 1024), float(step)))
-        assert cli_main(["verify", str(tmp_path)]) == 0
+        assert cli_main(["verify", str(tmp_path)]) == 0, f"seed {seed}, trial {trial}"
     capsys.readouterr()
-    assert newest_reported > 0, "the child never committed: kills came too early to test anything"
+    assert newest_reported > 0, f"seed {seed}: the child never committed: kills came too early to test anything"
 
 
 def _free_port() -> int:
@@ -83,17 +86,17 @@ def _run_two_ranks_and_kill(directory: Path, mode: str, rng: random.Random) -> i
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigkill_of_a_two_rank_job_never_loses_a_committed_checkpoint(tmp_path, mode, capsys):
-    rng = random.Random(99)
+    rng, seed = kill_rng(f"two ranks, {mode} save")
     newest_reported = 0
     for trial in range(DIST_KILLS):
         newest_reported = max(newest_reported, _run_two_ranks_and_kill(tmp_path, mode, rng))
         with CheckpointManager(tmp_path) as mgr:
             steps = mgr.steps()
             if newest_reported:
-                assert steps and steps[-1] >= newest_reported, (trial, steps, newest_reported)
+                assert steps and steps[-1] >= newest_reported, (seed, trial, steps, newest_reported)
             for step in steps:
-                assert mgr.verify(step) == []
+                assert mgr.verify(step) == [], f"seed {seed}, trial {trial}"
                 assert mgr.restore(step)["step"] == step
                 assert mgr.restore_rank_state(step, rank=1)["rank"] == 1
     capsys.readouterr()
-    assert newest_reported > 0
+    assert newest_reported > 0, f"seed {seed}"

@@ -2,7 +2,8 @@
 
 * ENOSPC and EIO injected at every write of a save, in turn (``faulty://``, an fsspec file system).
 * A real full file system (a 2 MiB tmpfs; RLIMIT_FSIZE where mounting is not permitted).
-* A directory that stops being writable (permission bits, as a non-root user).
+* A directory that stops being writable (permission bits; as root, without the capabilities that
+  bypass them), also from a checkout inside a 0700 folder.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import errno
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 
 from ckpt_plugins import CheckpointManager, SaveError
 from faults import FaultyMemoryFileSystem, reset_faulty
-from conftest import HELPERS
+from conftest import HELPERS, ROOT
 
 CHILD = HELPERS / "fault_child.py"
 
@@ -100,12 +101,30 @@ def test_real_disk_full_keeps_existing_checkpoints(tmp_path):
     assert result["leftovers"] == []
 
 
-def test_directory_that_is_not_writable():
-    base = Path(tempfile.mkdtemp(prefix="ckpt-ro-"))
+def _private_checkout(tmp_path: Path) -> Path:
+    """A copy of the package and of the child inside a folder only its owner may enter, as a clone
+    in root's 0700 home is."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shutil.copytree(ROOT / "ckpt_plugins", private / "checkout" / "ckpt_plugins",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(CHILD, private / "checkout" / CHILD.name)
+    return private / "checkout"
+
+
+@pytest.mark.parametrize("checkout", ["this checkout", "a copy in a 0700 folder"])
+def test_directory_that_is_not_writable(tmp_path, checkout):
+    """As root, the child gives up the capabilities that bypass permission bits; it used to become
+    nobody, which could then not import the rest of the library from a checkout in a 0700 folder."""
+    base = tmp_path / "checkpoints"
+    base.mkdir()
+    child, env = CHILD, dict(os.environ)
+    if checkout != "this checkout":
+        copy = _private_checkout(tmp_path)
+        child, env["PYTHONPATH"] = copy / CHILD.name, str(copy)
     try:
-        os.chmod(base, 0o777)
-        proc = subprocess.run([sys.executable, str(CHILD), str(base), "readonly"], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([sys.executable, str(child), str(base), "readonly"], capture_output=True,
+                              text=True, timeout=120, env=env)
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout.splitlines()[-1])
     finally:
@@ -113,8 +132,6 @@ def test_directory_that_is_not_writable():
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o755)
         os.chmod(base, 0o755)
-        import shutil
-        shutil.rmtree(base)
     errors = result["errors"]
     assert any(e.startswith("sync PermissionError") and "Permission denied" in e for e in errors), errors
     assert any(e.startswith("async SaveError") and "Permission denied" in e for e in errors), errors

@@ -146,12 +146,17 @@ def test_on_busy_skip_skips_with_a_warning(tmp_path, caplog):
 
 
 def test_on_busy_wait_blocks_until_a_slot_frees(tmp_path):
+    gate = threading.Event()
     with CheckpointManager(tmp_path, async_save=True, max_pending=1, on_busy="wait") as mgr:
-        slow_writes(mgr, 0.3)
-        mgr.save(1, {"w": torch.ones(3)})
-        t0 = time.perf_counter()
+        slow_writes(mgr, 0, gate)  # step 1's writes wait for the gate
+        first = mgr.save(1, {"w": torch.ones(3)})
+        assert not first.done()
+        release = threading.Timer(0.2, gate.set)  # opens the gate while save(2) waits, or after
+        release.start()
         mgr.save(2, {"w": torch.ones(3)})
-        assert time.perf_counter() - t0 > 0.2  # waited for step 1's writes
+        first_done_when_second_returned = first.done()
+        release.join()
+        assert first_done_when_second_returned  # save(2) returned only once step 1's save had finished
         mgr.wait()
         assert mgr.steps() == [1, 2]
 
