@@ -36,7 +36,9 @@ from ckpt_plugins.errors import (CheckpointNotFoundError, ConfigError, CorruptCh
                      SaveError, StepExistsError, UnsupportedStateError)
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
+from ckpt_plugins.layout.run_start import check_run_start
 from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
+from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.targets import RestoreReport, check_rename, check_strict, make_selector
 from ckpt_plugins.retention.policy import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from ckpt_plugins.storage.direct_io import direct_io_enabled
@@ -153,6 +155,7 @@ class CheckpointManager:
         self._state_lock = threading.Lock()
         self._in_flight: set[int] = set()
         self._restored_step: int | None = None
+        self._replaceable: frozenset[int] = frozenset()  # start_run: an earlier run's later steps
         self._last_handle: SaveHandle | None = None
         self.last_restore_report: RestoreReport | None = None
         self.last_save_stats: dict[str, float] = {}
@@ -220,6 +223,31 @@ class CheckpointManager:
         with self._state_lock:
             self._records.pop(step, None)
         return path
+
+    # --- start of a run (ckpt_plugins.layout.run_start) ---------------------------------------
+    def start_run(self, step: int = 0, *, resumed: bool = False, hint: str | None = None) -> list[int]:
+        """Check, before a run's first save, the checkpoints after ``step`` (where the run starts).
+
+        A fresh run (``resumed=False``) before later checkpoints is refused (unless ``overwrite``);
+        a resumed one may save past them: they stay until its first save commits, which replaces
+        the one at its step and removes the later ones. One warning names them.
+
+        Args:
+            step: the step the run starts at (the resumed step, or 0).
+            resumed: the run continues from a checkpoint of ``step``.
+            hint: what to do, in the caller's terms, for the error message.
+
+        Returns:
+            The later steps, ascending (``[]``: nothing after ``step``).
+
+        Raises:
+            StepExistsError: a fresh run before later checkpoints, without ``overwrite``.
+        """
+        later = check_run_start(self.directory, self.steps(), step, resumed=resumed, overwrite=self.overwrite,
+                                hint=hint)
+        with self._state_lock:
+            self._replaceable = frozenset(later)
+        return later
 
     # --- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
@@ -337,7 +365,8 @@ class CheckpointManager:
 
     def _order_conflict(self, step: int) -> str | None:
         with self._state_lock:
-            later = sorted({s for s in self.steps() if s >= step} | {s for s in self._in_flight if s >= step})
+            later = sorted({s for s in self.steps() if s >= step and s not in self._replaceable}
+                           | {s for s in self._in_flight if s >= step})
         if later and not self.overwrite:
             return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
                     "already exist or are being saved, at or after it. Use a larger step, or "
@@ -422,16 +451,9 @@ class CheckpointManager:
         options = dict(target=target, selector=selector, rename=rename, strict=strict,
                        map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
         if isinstance(which, str) and which in ("latest", "best"):
-            candidates = self._candidates(which)
-            for i, step in enumerate(candidates):
-                try:
-                    return self._restore_dir(self.layout.path_for(step), step=step, **options)
-                except CorruptCheckpointError as exc:
-                    fallback = f"falling back to step {candidates[i + 1]}" if i + 1 < len(candidates) else "no older checkpoint left"
-                    log.warning("checkpoint step %d is damaged (%s); %s", step, exc, fallback)
-            raise CheckpointNotFoundError(
-                f"no {'usable ' if candidates else ''}checkpoint to restore as {which!r} in {self.directory}"
-                + (f" (all {len(candidates)} candidates are damaged)" if candidates else ""))
+            return first_usable(self._candidates(which),
+                                lambda step: self._restore_dir(self.layout.path_for(step), step=step, **options),
+                                what=which, directory=self.directory)
         if isinstance(which, int) and not isinstance(which, bool):
             path = self.layout.path_for(which)
             if not self.storage.exists(self.storage.join(path, MANIFEST_NAME)):

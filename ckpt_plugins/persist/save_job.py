@@ -217,10 +217,14 @@ class SaveJob:
             pass
 
     def _after_commit(self, manifest: Manifest) -> None:
-        """Drop later checkpoints on overwrite, then apply retention. Rank 0, after the commit."""
+        """Drop later checkpoints (overwrite, or an earlier run's after a resume: ``start_run``), then
+        apply retention. Rank 0, after the commit."""
         mgr = self.mgr
-        for later in [s for s in mgr.steps() if s > self.step]:
-            log.info("removing step %d: step %d was saved over it with overwrite=True", later, self.step)
+        with mgr._state_lock:
+            replaceable, mgr._replaceable = mgr._replaceable, frozenset()
+        for later in [s for s in mgr.steps() if s > self.step or (s in replaceable and s != self.step)]:
+            log.info("removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", later,
+                     self.step)
             mgr.layout.delete(later)
         with mgr._state_lock:
             mgr._records[self.step] = CheckpointRecord(self.step, manifest.wall_time, manifest.metrics)
