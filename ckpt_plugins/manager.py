@@ -39,7 +39,8 @@ from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
 from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
 from ckpt_plugins.restore.choose import first_usable
-from ckpt_plugins.restore.targets import RestoreReport, check_rename, check_strict, make_selector
+from ckpt_plugins.restore.select import check_rename, check_strict, make_selector
+from ckpt_plugins.restore.targets import RestoreReport
 from ckpt_plugins.retention.policy import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 from ckpt_plugins.persist.stager import HostStager

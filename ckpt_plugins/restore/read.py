@@ -13,15 +13,16 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
-from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.files.manifest import MANIFEST_NAME
-from ckpt_plugins.restore.targets import RestoreReport, Selector, load_into, materialize
-from ckpt_plugins.tree.codec import flatten_state, leaf_paths
-from ckpt_plugins.storage import Storage, open_storage
 from ckpt_plugins.files.tensor_file import read_tensor_file
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.restore.select import Selector, materialize
+from ckpt_plugins.restore.targets import RestoreReport, load_into
+from ckpt_plugins.storage import Storage, open_storage
+from ckpt_plugins.tree.codec import flatten_state, leaf_paths
 from ckpt_plugins.tree.walk import iter_leaves
 
-__all__ = ["restore_ours", "restore_path", "is_our_checkpoint"]
+__all__ = ["is_our_checkpoint", "restore_ours", "restore_path"]
 
 
 def is_our_checkpoint(storage: Storage, path: str) -> bool:
@@ -77,7 +78,7 @@ def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | No
 
     def probe(key_path: str) -> bool:
         seen.append(key_path)
-        return selector(key_path)
+        return selector is None or selector(key_path)
 
     obj = read_foreign(root, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle,
                        include=None if selector is None else probe)

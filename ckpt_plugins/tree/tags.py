@@ -367,10 +367,11 @@ class Unflattener:
                 t = torch.view_as_complex(t)
             except RuntimeError:
                 t = torch.view_as_complex(t.clone(memory_format=torch.contiguous_format))
-        elif tag == "ndarray":
-            t = self.ndarray(t, key, dt, shape)
-        self.cache[ident] = t
-        return t
+        value: Any = t
+        if tag == "ndarray" and dt is not None:
+            value = self.ndarray(t, key, dt, shape)
+        self.cache[ident] = value
+        return value
 
     @staticmethod
     def ndarray(t: torch.Tensor, key: str, dt: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

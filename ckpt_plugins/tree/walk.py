@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "TreeFail", "Children", "state_children", "rebuild_state", "segment", "join",
-           "dotted", "iter_leaves", "map_leaves", "select", "MISSING"]
+__all__ = ["MAX_DEPTH", "MISSING", "Children", "TreeFail", "dotted", "iter_leaves", "join", "map_leaves",
+           "rebuild_state", "segment", "select", "state_children"]
 
 MAX_DEPTH = 256  # deeper nesting is refused: real training state is rarely 10 levels deep, and
 # this keeps the recursion (up to two frames a level) well inside Python's default limit of 1000
@@ -83,7 +83,7 @@ def rebuild_state(node: Any, kept: list[tuple[Any, Any]]) -> Any:
     if isinstance(node, Mapping):
         if type(node) is not dict:
             try:
-                return type(node)(kept)
+                return type(node)(kept)  # type: ignore[call-arg]
             except TypeError:  # defaultdict, mapping proxies, ...: a plain dict in the same order
                 pass
         return dict(kept)

@@ -12,8 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_plugins import (CheckpointManager, ConfigError, CorruptCheckpointError, RestoreError, capture_rng,
-                          restore_rng)
+from ckpt_plugins import (
+    CheckpointManager,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    RestoreError,
+    capture_rng,
+    restore_rng,
+)
 
 
 class Net(torch.nn.Module):
@@ -79,7 +86,7 @@ def test_restored_step_of_an_explicit_step_and_path(tmp_path):
         assert mgr.restored_step == 3
         mgr.restore(str(tmp_path / "step_7"))
         assert mgr.restored_step == 7
-        with pytest.raises(Exception):
+        with pytest.raises(CheckpointNotFoundError):
             mgr.restore(99)
         assert mgr.restored_step == 7, "a failed restore does not change what was restored"
 
@@ -180,7 +187,7 @@ def test_float64_optimizer_state_into_float32_optimizer_fails_strict(tmp_path):
 
 
 def test_optimizer_with_other_param_groups_fails_strict_before_changing_anything(tmp_path):
-    model, opt = _trained()
+    _, opt = _trained()
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"optimizer": opt.state_dict()})
         other = torch.optim.Adam(Net(width=8).fc1.parameters())
