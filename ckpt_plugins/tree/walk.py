@@ -30,13 +30,20 @@ MAX_DEPTH = 256  # deeper nesting is refused: real training state is rarely 10 l
 Children = Callable[[Any], "list[tuple[Any, str, Any]] | None"]
 
 
-class TreeFail(Exception):
-    """Internal: a failure deep in a tree; each container level appends its key on the way out."""
+class TreeFail(ValueError):
+    """A failure deep in a tree; each container level appends its key on the way out.
+
+    Callers turn it into their public error (the codec into UnsupportedStateError or
+    CorruptCheckpointError with ``key_path``); uncaught, it still reads as a sentence naming the path.
+    """
 
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
         self.keys: list[Any] = []
+
+    def __str__(self) -> str:
+        return f"at key path {dotted(self.keys)!r}: {self.what}" if self.keys else self.what
 
 
 class _Missing:
