@@ -116,6 +116,11 @@ def _strict_message(report: RestoreReport) -> str:
     if report.mismatched:
         shown = [f"{k} ({report.details[k]})" for k in report.mismatched]
         lines.append(f"  shape/dtype mismatch: {_shown(shown)}")
+    if report.missing and report.unexpected:  # often the same keys under other names
+        lines.append(f"  (in the checkpoint but asked for by no target, not a failure: {_shown(report.unexpected)})")
+    if report.missing and not report.loaded and report.unexpected:
+        lines.append("Nothing matched: to load what lies under one key of the checkpoint into this target, "
+                     "pass rename={'<key>.': ''} (for example rename={'model.': ''}).")
     lines.append("Pass strict=False to load what matches, or include/exclude/rename to select keys.")
     return "\n".join(lines)
 

@@ -292,7 +292,7 @@ def test_strict_target_reports_and_tolerant_mode(tmp_path):
         with pytest.raises(RestoreError) as info:
             mgr.restore(1, target=target)
         message = str(info.value)
-        assert "missing in checkpoint: c" in message and "extra" not in message  # no target asks for it
+        assert "missing in checkpoint: c" in message and "unexpected" not in message  # no target asks for extra
         assert "b (checkpoint (2, 2) torch.float32, target (3,) torch.float32)" in message
         assert torch.equal(target["a"], torch.zeros(3)), "a failed strict restore changed the target"
         mgr.restore(1, target=target, strict=False)

@@ -122,7 +122,8 @@ def test_strict_still_fails_on_a_key_the_target_asks_for(tmp_path):
         target = {"a": torch.zeros(3), "c": torch.zeros(1)}
         with pytest.raises(RestoreError, match="missing in checkpoint: c") as info:
             mgr.restore(1, target=target)
-        assert "extra" not in str(info.value), "a key no target names is not a reason to fail"
+        assert "unexpected" not in str(info.value), "a key no target names is not a reason to fail"
+        assert "(in the checkpoint but asked for by no target, not a failure: extra)" in str(info.value)
         assert torch.equal(target["a"], torch.zeros(3)), "a failed strict restore changed the target"
 
 
@@ -252,6 +253,17 @@ def test_selectors_that_match_still_work(saved_run):
 
 
 # --- 6. errors about state carry key_path --------------------------------------------------------
+
+def test_a_root_module_target_against_a_nested_checkpoint_says_how_to_hoist(tmp_path):
+    model, _ = _trained()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, {"model": model.state_dict(), "step": 1})
+        fresh = Net()
+        with pytest.raises(RestoreError, match=r"rename=\{'model\.': ''\}"):
+            mgr.restore(1, target=fresh)
+        mgr.restore(1, target=fresh, include="model", rename={"model.": ""})
+    assert torch.equal(fresh.fc1.weight, model.fc1.weight)
+
 
 def test_restore_error_carries_key_path_and_report(tmp_path):
     with CheckpointManager(tmp_path) as mgr:
