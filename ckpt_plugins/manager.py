@@ -33,7 +33,7 @@ from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.persist.save_job import SaveJob
 from ckpt_plugins.files.extra_files import collect_tensors
 from ckpt_plugins.errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
-                     SaveError, StepExistsError, UnsupportedStateError)
+                     SaveError, StepExistsError, UnsupportedStateError, WriterError)
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
@@ -41,7 +41,12 @@ from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
 from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.select import check_rename, check_strict, make_selector
 from ckpt_plugins.restore.targets import RestoreReport
-from ckpt_plugins.retention.policy import CheckpointRecord, RetentionContext, RetentionDecision, best_step, build_policy
+from ckpt_plugins.retention.policy import (CheckpointRecord, RetentionContext, RetentionDecision, RetentionPolicy,
+                                          best_step)
+from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
+                                  SaveOptions)
+from ckpt_plugins.options.checks import check_directory
+from ckpt_plugins.options.model import assemble
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.persist.writer_process import ProcessWriter
@@ -96,6 +101,17 @@ class CheckpointManager:
             one rank only, such as Lightning's CheckpointIO.
         dir_prefix: checkpoint folder names are ``<dir_prefix><step>`` (``checkpoint-`` gives the
             HF Trainer's layout).
+        strict: the default of ``restore(strict=...)``.
+        options: every option at once, as a :class:`~ckpt_plugins.options.ManagerOptions`
+            (instead of the keywords above).
+        retention_options, save_options, io_options, distributed_options, restore_options: one
+            group of options as an object (:mod:`ckpt_plugins.options`) instead of its keywords.
+        policy: a ready :class:`~ckpt_plugins.retention.RetentionPolicy` instead of the
+            ``keep_*`` keywords (``monitor``/``mode`` still rank for ``best_step``).
+
+    Every option is checked here, before the directory is touched: a bad value is a
+    :class:`~ckpt_plugins.errors.ConfigError` naming it (``exc.option``), with the value and the fix.
+    See docs/options.md.
 
     Example:
         >>> with CheckpointManager("runs/demo", keep_last=3) as mgr:  # doctest: +SKIP
@@ -104,7 +120,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = None,
-                 keep_best: int | None = None, monitor: str | None = None, mode: str = "min",
+                 keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
                  keep_every_n_steps: int | None = None,
                  keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
                  async_save: bool = False, max_pending: int = 1,
@@ -115,43 +131,45 @@ class CheckpointManager:
                  read_only: bool = False, rank_timeout: float = 600.0,
                  writer: Literal["thread", "process"] = "thread", writer_nice: int = 0,
                  direct_io: bool = True, distributed: bool = True,
-                 dir_prefix: str = "step_") -> None:
-        _check_choice("on_busy", on_busy, ("wait", "skip"))
-        _check_choice("snapshot", snapshot, ("safe", "overlap"))
-        _check_choice("on_error", on_error, ("raise", "warn"))
-        _check_choice("writer", writer, ("thread", "process"))
-        if writer == "process" and not async_save:
-            raise ConfigError("writer='process' needs async_save=True (it writes staged copies)")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ConfigError(f"max_pending must be a positive integer, got {max_pending!r}")
-        if snapshot == "overlap" and not async_save:
-            raise ConfigError("snapshot='overlap' needs async_save=True (a synchronous save has "
-                              "nothing to overlap with)")
-        self.policy = build_policy(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                                   mode=mode, keep_every_n_steps=keep_every_n_steps,
-                                   keep_time_interval=keep_time_interval)
+                 dir_prefix: str = "step_", strict: bool = True,
+                 options: ManagerOptions | None = None, retention_options: RetentionOptions | None = None,
+                 save_options: SaveOptions | None = None, io_options: IOOptions | None = None,
+                 distributed_options: DistributedOptions | None = None,
+                 restore_options: RestoreOptions | None = None, policy: RetentionPolicy | None = None) -> None:
+        check_directory("directory", directory)
+        if isinstance(on_commit, Iterable) and not isinstance(on_commit, (list, tuple, str, bytes)):
+            on_commit = tuple(on_commit)  # a generator of callables: read it once, here
+        flat = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
+                    keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
+                    overwrite=overwrite, async_save=async_save, max_pending=max_pending, on_busy=on_busy,
+                    snapshot=snapshot, on_commit=on_commit, on_error=on_error, verify=verify, strict=strict,
+                    read_only=read_only, rank_timeout=rank_timeout, writer=writer, writer_nice=writer_nice,
+                    direct_io=direct_io, distributed=distributed, dir_prefix=dir_prefix)
+        groups = dict(retention_options=retention_options, save_options=save_options, io_options=io_options,
+                      distributed_options=distributed_options, restore_options=restore_options)
+        self.options = opts = assemble(options, groups, flat)
+        self.policy = _policy(policy, opts.retention)
         self.directory = os.fspath(directory)
-        self.monitor, self.mode = monitor, mode
-        self.overwrite, self.async_save, self.on_busy = overwrite, async_save, on_busy
-        self.snapshot_mode, self.on_error, self.verify_on_restore = snapshot, on_error, verify
-        self.rank_timeout, self.read_only = rank_timeout, read_only
-        self._on_commit = [on_commit] if callable(on_commit) else list(on_commit or [])
-        self.rank, self.world_size = rank_and_world() if distributed else (0, 1)
+        self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
         self.storage, self.root = open_storage(self.directory)
-        if not dir_prefix or "/" in dir_prefix or dir_prefix.startswith("."):
-            raise ConfigError(f"dir_prefix must be a non-empty folder-name prefix not starting with '.', got {dir_prefix!r}")
-        if writer == "process" and self.storage.local_path(self.root) is None:
-            raise ConfigError(f"writer='process' works with local directories only, not {self.directory}")
-        self.direct_io = direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
-        self.layout = Layout(self.storage, self.root, dir_prefix)
+        if opts.saving.writer == "process" and self.storage.local_path(self.root) is None:
+            raise ConfigError(f"$writer='process' works with local directories only, not {self.directory}",
+                              option="writer", value="process")
+        self.direct_io = opts.io.direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
+        self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
-        if self.rank == 0 and not read_only:
-            self.storage.makedirs(self.root)
-            self._lock.acquire()
-            self.layout.cleanup_leftovers()
-        self._stager = HostStager(max_pending, shared=writer == "process")
-        self._process_writer = ProcessWriter(self.direct_io, self._stager) if writer == "process" else None
-        self._engine = PersistEngine(async_save=async_save, writer_nice=writer_nice)
+        try:
+            if self.rank == 0 and not opts.io.read_only:
+                self.storage.makedirs(self.root)
+                self._lock.acquire()
+                self.layout.cleanup_leftovers()
+            self._stager = HostStager(opts.saving.max_pending, shared=opts.saving.writer == "process")
+            self._process_writer = ProcessWriter(self.direct_io, self._stager) \
+                if opts.saving.writer == "process" else None
+            self._engine = PersistEngine(async_save=opts.saving.async_save, writer_nice=opts.saving.writer_nice)
+        except BaseException:
+            self._lock.release()  # a failure after the lock was taken must not keep it
+            raise
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
         self._in_flight: set[int] = set()
@@ -162,6 +180,23 @@ class CheckpointManager:
         self.last_save_stats: dict[str, float] = {}
         self._closed = False
         exit_hooks.register(self)
+
+    # --- options, as read-only attributes -------------------------------------------------------
+    @property
+    def monitor(self) -> str | None:
+        return self.options.retention.monitor
+
+    @property
+    def mode(self) -> str:
+        return self.options.retention.mode
+
+    @property
+    def async_save(self) -> bool:
+        return self.options.saving.async_save
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.io.read_only
 
     # --- queries -----------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -244,7 +279,7 @@ class CheckpointManager:
         Raises:
             StepExistsError: a fresh run before later checkpoints, without ``overwrite``.
         """
-        later = check_run_start(self.directory, self.steps(), step, resumed=resumed, overwrite=self.overwrite,
+        later = check_run_start(self.directory, self.steps(), step, resumed=resumed, overwrite=self.options.retention.overwrite,
                                 hint=hint)
         with self._state_lock:
             self._replaceable = frozenset(later)
@@ -301,7 +336,7 @@ class CheckpointManager:
             flatten_error = str(exc)  # every rank must hear of it, or the others would hang
         token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None,
                                               flatten_error=flatten_error, name=name)
-        slot = self._stager.acquire(block=self.on_busy == "wait")
+        slot = self._stager.acquire(block=self.options.saving.on_busy == "wait")
         if slot is None:
             log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
                         step, self._stager.slots)
@@ -317,7 +352,7 @@ class CheckpointManager:
         handle = SaveHandle(step, self.layout.path_for(step, name))
         staged = None
         try:
-            if self.snapshot_mode == "safe" and (self.async_save or any(t.is_cuda for t in tensors.values())):
+            if self.options.saving.snapshot == "safe" and (self.async_save or any(t.is_cuda for t in tensors.values())):
                 staged = self._stager.stage(slot, tensors)
                 staged.wait()
         except BaseException:
@@ -331,7 +366,13 @@ class CheckpointManager:
         job = SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
                       clean_metrics, dict(user_metadata or {}), on_commit, extra_specs, name)
         handle.stats["stall_s"] = time.perf_counter() - t0
-        self._last_handle = self._engine.submit(handle, job)
+        try:
+            self._last_handle = self._engine.submit(handle, job)
+        except BaseException:
+            self._stager.release(slot)
+            with self._state_lock:
+                self._in_flight.discard(step)
+            raise
         handle.stats["stall_s"] = time.perf_counter() - t0
         if not self.async_save:
             self._report(handle)
@@ -342,7 +383,7 @@ class CheckpointManager:
     def _agree(self, step: int, *, has_rank_state: bool, flatten_error: str | None = None,
                name: str | None = None) -> tuple[str, list[int]]:
         """Check the step against what exists, and (distributed) that every rank agrees."""
-        own_error = self._take_error()
+        own_error = self._take_error(refuse=True)
         conflict = self._order_conflict(step) if self.rank == 0 and name is None else None
         token = uuid.uuid4().hex[:12]
         views = self._gather((step, own_error, conflict, token, has_rank_state, flatten_error))
@@ -368,7 +409,7 @@ class CheckpointManager:
         with self._state_lock:
             later = sorted({s for s in self.steps() if s >= step and s not in self._replaceable}
                            | {s for s in self._in_flight if s >= step})
-        if later and not self.overwrite:
+        if later and not self.options.retention.overwrite:
             return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
                     "already exist or are being saved, at or after it. Use a larger step, or "
                     "overwrite=True to replace them (later checkpoints are then removed).")
@@ -397,11 +438,17 @@ class CheckpointManager:
             except BaseException:  # noqa: BLE001 - the error surfaces through wait()/save()
                 pass
 
-    def _take_error(self) -> str | None:
+    def _take_error(self, refuse: bool = False) -> str | None:
+        """Raise (one process) or return (for the other ranks to hear of it) an unseen save error;
+        when ``refuse`` (a new save), also a failed writer's error, whatever ``on_error`` says."""
         try:
-            self._engine.raise_pending_error()
+            self._engine.raise_pending_error(refuse=refuse)
+        except WriterError as exc:
+            if self.world_size == 1:
+                raise
+            return str(exc)
         except SaveError as exc:
-            if self.on_error == "warn":
+            if self.options.saving.on_error == "warn":
                 log.warning("a checkpoint save failed and on_error='warn': %s", exc)
                 return None
             if self.world_size == 1:
@@ -413,7 +460,7 @@ class CheckpointManager:
         try:
             handle.wait()
         except Exception as exc:
-            if self.on_error == "warn":
+            if self.options.saving.on_error == "warn":
                 log.warning("saving step %d failed and on_error='warn': %s", handle.step, exc)
             elif self.world_size == 1:
                 raise
@@ -421,7 +468,7 @@ class CheckpointManager:
     # --- restore -----------------------------------------------------------------------------
     def restore(self, which: Which = "latest", *, target: Any = None,
                 include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
-                rename: Mapping[str, str] | None = None, strict: bool = True,
+                rename: Mapping[str, str] | None = None, strict: bool | None = None,
                 map_location: str | torch.device = "cpu", allow_unsafe_pickle: bool = False) -> Any:
         """Load a checkpoint: ``"latest"``, ``"best"``, a step, or a path (ours or foreign).
 
@@ -446,6 +493,7 @@ class CheckpointManager:
         """
         self._check_open()
         selector = make_selector(include, exclude)
+        strict = self.options.restore.strict if strict is None else strict
         check_rename(rename)
         check_strict(strict)
         self._engine.flush()
@@ -464,7 +512,7 @@ class CheckpointManager:
             return self._restore_dir(path, step=which, **options)
         if isinstance(which, (str, os.PathLike)):
             from ckpt_plugins.restore.read import restore_path
-            state, report = restore_path(os.fspath(which), **options, verify=self.verify_on_restore)
+            state, report = restore_path(os.fspath(which), **options, verify=self.options.restore.verify)
             self.last_restore_report = report
             return state
         raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
@@ -484,7 +532,7 @@ class CheckpointManager:
 
     def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
         from ckpt_plugins.restore.read import restore_ours
-        state, report = restore_ours(self.storage, self.layout, path, verify=self.verify_on_restore, **options)
+        state, report = restore_ours(self.storage, self.layout, path, verify=self.options.restore.verify, **options)
         report.step = step
         self.last_restore_report = report
         self._restored_step = step
@@ -499,7 +547,7 @@ class CheckpointManager:
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from ckpt_plugins.restore.read import restore_ours
-        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.verify_on_restore,
+        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.options.restore.verify,
                                 part=f"rank_{self.rank if rank is None else rank}", target=None,
                                 selector=None, rename=None, strict=True, map_location=map_location,
                                 allow_unsafe_pickle=False, missing_ok=True)
@@ -580,9 +628,19 @@ class CheckpointManager:
         return f"CheckpointManager({self.directory!r}, policy={self.policy}, async_save={self.async_save})"
 
 
-def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{option} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+def _policy(policy: Any, retention: RetentionOptions) -> RetentionPolicy:
+    """A ready ``policy`` (then no ``keep_*`` option may be set), else the one ``retention`` stands for."""
+    if policy is None:
+        return retention.policy()
+    if not isinstance(policy, RetentionPolicy):
+        raise ConfigError(f"$policy must be a RetentionPolicy (ckpt_plugins.retention), got {policy!r}",
+                          option="policy", value=policy)
+    if retention.has_rules:
+        rules = [f"{n}={getattr(retention, n)!r}" for n in ("keep_last", "keep_best", "keep_every_n_steps",
+                                                           "keep_time_interval") if getattr(retention, n) is not None]
+        raise ConfigError(f"$policy replaces the keep_* rules, and {', '.join(rules)} is set too; put that rule "
+                          "in the policy or drop policy=", option="policy", value=policy)
+    return policy
 
 
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

@@ -7,6 +7,11 @@
   tells when the state has been copied (what overlap mode waits for).
 * A failed job's error is kept until it is reported: by ``handle.wait()``, or else by the next
   ``raise_pending_error()`` (the manager calls it at the next save, wait and close).
+* A failure of the writer itself (the thread raising outside a job, or a job raising
+  :class:`~ckpt_plugins.errors.WriterError`, e.g. the writer process died) fails every pending
+  handle with one :class:`WriterError`, and :meth:`PersistEngine.submit` refuses new jobs with it:
+  nothing is left waiting for a writer that is gone (``wait()``, ``close()`` and interpreter exit
+  return).
 
 Synchronous managers run jobs on the caller's thread through the same path, so both modes share
 one implementation of ordering and error handling.
@@ -21,7 +26,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from ckpt_plugins.errors import SaveError
+from ckpt_plugins.errors import SaveError, WriterError
 
 __all__ = ["SaveHandle", "PersistEngine"]
 
@@ -82,19 +87,33 @@ class PersistEngine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._name = name
+        self._failure: WriterError | None = None
+        self._failure_reported = False
+
+    @property
+    def failure(self) -> WriterError | None:
+        """The writer's own failure, once it happened (then no job runs any more)."""
+        return self._failure
 
     def submit(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> SaveHandle:
-        """Queue ``job`` (which must mark ``handle`` staged) and return the handle."""
+        """Queue ``job`` (which must mark ``handle`` staged) and return the handle.
+
+        Raises:
+            WriterError: the writer failed earlier; no job can run.
+        """
         with self._lock:
+            if self._failure is not None:
+                self._failure_reported = True
+                raise self._failure
             self._handles = [h for h in self._handles if not (h.done() and h._reported)]
             self._handles.append(handle)
+            if self.async_save:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                    self._thread.start()
+                self._queue.put((handle, job))  # under the lock: _fail() drains what is queued
         if not self.async_save:
             self._run(handle, job)
-            return handle
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
-        self._queue.put((handle, job))
         return handle
 
     def pending(self) -> list[SaveHandle]:
@@ -109,16 +128,22 @@ class PersistEngine:
             except BaseException:  # noqa: BLE001 - cancelled futures; nothing to wait for
                 pass
 
-    def raise_pending_error(self) -> None:
-        """Raise the first error no one has seen yet (as SaveError, cause chained)."""
+    def raise_pending_error(self, *, refuse: bool = False) -> None:
+        """Raise the first error no one has seen yet (as SaveError, cause chained); then the
+        writer's failure if it was not reported yet, or always when ``refuse`` (a new save)."""
         with self._lock:
             for handle in self._handles:
                 if handle.done() and not handle._reported and handle._durable.exception() is not None:
                     handle._reported = True
                     exc = handle._durable.exception()
+                    if exc is self._failure:
+                        self._failure_reported = True
                     if isinstance(exc, SaveError):
                         raise exc
                     raise SaveError(f"saving step {handle.step} failed: {exc}") from exc
+            if self._failure is not None and (refuse or not self._failure_reported):
+                self._failure_reported = True
+                raise self._failure
 
     def shutdown(self) -> None:
         """Flush and stop the writer thread."""
@@ -129,12 +154,40 @@ class PersistEngine:
         self._thread = None
 
     def _loop(self) -> None:
-        self._lower_priority()
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            self._run(*item)
+        try:
+            self._lower_priority()
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                self._run(*item)
+                if self._failure is not None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - the writer is gone: fail what waits for it
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The writer cannot go on: fail every pending handle with one WriterError, refuse new jobs."""
+        failure = exc if isinstance(exc, WriterError) else WriterError(
+            f"the checkpoint writer failed ({type(exc).__name__}: {exc}); saves still pending failed with "
+            "it, and this manager accepts no more saves: close it and open a new one")
+        if failure is not exc:
+            failure.__cause__ = exc
+        with self._lock:
+            if self._failure is None:
+                self._failure = failure
+                log.error("%s", failure)
+            pending = [h for h in self._handles if not h.done()]
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        for handle in pending:
+            if not handle._staged.done():
+                handle._staged.set_exception(self._failure)
+            if not handle._durable.done():
+                handle._durable.set_exception(self._failure)
 
     def _lower_priority(self) -> None:
         """Optionally give the writer thread a higher nice value (Linux schedules threads one by
@@ -149,11 +202,13 @@ class PersistEngine:
         except OSError as exc:  # not permitted here: keep the default priority
             log.debug("could not lower the writer thread's priority: %s", exc)
 
-    @staticmethod
-    def _run(handle: SaveHandle, job: Callable[[SaveHandle], str]) -> None:
+    def _run(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> None:
         try:
             path = job(handle)
         except BaseException as exc:  # noqa: BLE001 - handed to the handle, raised by wait()
+            if isinstance(exc, WriterError):
+                self._fail(exc)  # this handle too
+                return
             if not handle._staged.done():
                 handle._staged.set_exception(exc)
             log.error("saving step %d failed: %s", handle.step, exc)

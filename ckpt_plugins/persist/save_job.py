@@ -54,7 +54,7 @@ class SaveJob:
             tensors = self.tensors
             if self.staged is not None:
                 tensors = self.staged.tensors
-            elif mgr.snapshot_mode == "overlap":
+            elif mgr.options.saving.snapshot == "overlap":
                 staged = mgr._stager.stage(self.slot, tensors)
                 staged.wait()
                 tensors = staged.tensors
@@ -94,7 +94,7 @@ class SaveJob:
             mgr._stager.release(self.slot)
             with mgr._state_lock:
                 mgr._in_flight.discard(self.step)
-        for callback in [*mgr._on_commit, *([self.on_commit] if self.on_commit else [])]:
+        for callback in [*mgr.options.saving.callbacks, *([self.on_commit] if self.on_commit else [])]:
             try:
                 callback(self.step, path)
             except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
@@ -184,7 +184,7 @@ class SaveJob:
         """Rank 0 waits for each other rank's part file (or its error marker)."""
         mgr = self.mgr
         files: dict[str, FileRecord] = {}
-        deadline = time.monotonic() + mgr.rank_timeout
+        deadline = time.monotonic() + mgr.options.distributed.rank_timeout
         for r in self.ranks_with_state:
             if r == 0:
                 continue
@@ -197,7 +197,7 @@ class SaveJob:
                                         f"{f.read().decode(errors='replace')}")
                 if time.monotonic() > deadline:
                     raise SaveError(f"rank {r} did not write its part of step {self.step} within "
-                                    f"{mgr.rank_timeout:.0f} s (rank_timeout); is it still alive?")
+                                    f"{mgr.options.distributed.rank_timeout:.0f} s (rank_timeout); is it still alive?")
                 time.sleep(0.01)
             with mgr.storage.open_read(part_path) as f:
                 part = json.loads(f.read())

@@ -9,7 +9,10 @@ of offsets, not bytes and not one shared-memory segment per tensor.
 
 The parent's writer thread still runs the job (commit, retention, callbacks); only
 ``write_tensor_file`` moves to the child. The child is started on first use with the ``spawn``
-method (safe with threads and CUDA) and stopped on close. Local directories only.
+method (safe with threads and CUDA) and stopped on close. Local directories only. A child that
+dies (killed, out of memory) is not replaced behind the user's back: the write raises
+:class:`~ckpt_plugins.errors.WriterError`, which fails every pending save of the manager and
+refuses the later ones (see :mod:`.engine`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from ckpt_plugins.errors import SaveError
+from ckpt_plugins.errors import SaveError, WriterError
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.files.tensor_file import FileRecord
 
@@ -75,6 +78,7 @@ class ProcessWriter:
         self._sent: dict[int, int] = {}  # slot -> arena generation the child holds
         self._proc = None
         self._answered = 0  # requests the current child has answered
+        self._died: WriterError | None = None
         self._lock = threading.Lock()
 
     def _start(self) -> None:
@@ -96,8 +100,12 @@ class ProcessWriter:
         once per allocation); others as shared-memory tensors, one segment each.
         """
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
+            if self._died is not None:
+                raise self._died
+            if self._proc is None:
                 self._start()
+            elif not self._proc.is_alive():
+                raise self._death(path)
             entries = self._arena_entries(slot, tensors)
             if entries is not None:
                 arena = self._stager.arena(slot)  # type: ignore[union-attr]
@@ -113,24 +121,29 @@ class ProcessWriter:
                     break
                 except queue.Empty:
                     if not self._proc.is_alive():
-                        code = self._proc.exitcode
-                        self._proc = None
-                        # Nobody reads the queues any more: never block exit on their feeder threads.
-                        self._requests.cancel_join_thread()
-                        self._results.cancel_join_thread()
-                        hint = ""
-                        if not self._answered:
-                            hint = ("; it died before writing anything: with writer='process' the main "
-                                    "script must be import-safe (training code under `if __name__ == "
-                                    "'__main__':`), because the writer is started with spawn and imports it")
-                        raise SaveError(f"the writer process died (exit code {code}) while writing "
-                                        f"{path}{hint}") from None
+                        raise self._death(path) from None
         self._answered += 1
         if kind == "ok":
             return FileRecord(size=payload[0], xxh3_64=payload[1])
         if kind == "oserror":
             raise OSError(*payload)
         raise SaveError(f"the writer process failed to write {path}: {payload}")
+
+    def _death(self, path: str) -> WriterError:
+        """The error for a child found dead (kept: every later write raises it too)."""
+        code = self._proc.exitcode if self._proc is not None else None
+        self._proc = None
+        # Nobody reads the queues any more: never block exit on their feeder threads.
+        self._requests.cancel_join_thread()
+        self._results.cancel_join_thread()
+        hint = ""
+        if not self._answered:
+            hint = ("; it died before writing anything: with writer='process' the main "
+                    "script must be import-safe (training code under `if __name__ == "
+                    "'__main__':`), because the writer is started with spawn and imports it")
+        self._died = WriterError(f"the writer process died (exit code {code}) while writing {path}{hint}; "
+                                 "saves still pending failed with it, and this manager accepts no more saves")
+        return self._died
 
     def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list | None:
         """(key, dtype, shape, group, offset, nbytes) of each tensor inside the slot's arena, or

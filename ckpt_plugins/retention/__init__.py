@@ -3,10 +3,11 @@
 from ckpt_plugins.retention.policy import (
     CheckpointRecord, KeepAll, KeepBest, KeepBestOne, KeepEveryNSteps, KeepLast, KeepLatest, KeepProtected,
     KeepTimeInterval, RetentionContext, RetentionDecision, RetentionPolicy, RetentionRule, best_step, build_policy,
+    policy_for,
 )
 
 __all__ = [
     "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
     "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
-    "RetentionPolicy", "RetentionRule", "best_step", "build_policy",
+    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_for",
 ]

@@ -26,14 +26,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.options.checks import check_metric, check_mode, check_positive_int, check_seconds
+
+if TYPE_CHECKING:
+    from ckpt_plugins.options.groups import RetentionOptions
 
 __all__ = [
     "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
     "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
-    "RetentionPolicy", "RetentionRule", "best_step", "build_policy",
+    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_for",
 ]
 
 @dataclass(frozen=True)
@@ -73,25 +77,6 @@ class RetentionDecision:
     delete: list[int]
 
 
-def _check_positive_int(option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{option} must be a positive int, got {value!r}; use an int >= 1")
-
-
-def _check_mode(mode: object, where: str = "") -> None:
-    if mode not in ("min", "max"):
-        raise ConfigError(
-            f"mode{where} must be 'min' or 'max', got {mode!r}; use 'min' when lower is better "
-            "(a loss) or 'max' when higher is better (an accuracy)"
-        )
-
-
-def _check_metric(monitor: object, mode: object, where: str = "") -> None:
-    if not isinstance(monitor, str) or not monitor:
-        raise ConfigError(f"monitor{where} must be a metric name (non-empty str), got {monitor!r}")
-    _check_mode(mode, where)
-
-
 def _ranked(records: Sequence[CheckpointRecord], monitor: str, mode: str) -> list[int]:
     """Steps that carry ``monitor``, best first. NaN ranks last; ties go to the later step."""
     sign = 1.0 if mode == "min" else -1.0
@@ -120,7 +105,8 @@ def best_step(records: Sequence[CheckpointRecord], monitor: str, mode: str = "mi
         >>> best_step(records, "acc", "max")
         2
     """
-    _check_metric(monitor, mode)
+    check_metric("monitor", monitor)
+    check_mode("mode", mode)
     ranked = _ranked(records, monitor, mode)
     return ranked[0] if ranked else None
 
@@ -163,7 +149,7 @@ class KeepLast:
     reason: ClassVar[str] = "keep_last"
 
     def __post_init__(self) -> None:
-        _check_positive_int("keep_last (KeepLast.n)", self.n)
+        check_positive_int("keep_last (KeepLast.n)", self.n)
 
     def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
         return set(sorted((r.step for r in records), reverse=True)[: self.n])
@@ -179,8 +165,9 @@ class KeepBest:
     reason: ClassVar[str] = "keep_best"
 
     def __post_init__(self) -> None:
-        _check_positive_int("keep_best (KeepBest.n)", self.n)
-        _check_metric(self.monitor, self.mode, " (KeepBest)")
+        check_positive_int("keep_best (KeepBest.n)", self.n)
+        check_metric("monitor (KeepBest)", self.monitor)
+        check_mode("mode (KeepBest)", self.mode)
 
     def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
         return set(_ranked(records, self.monitor, self.mode)[: self.n])
@@ -195,7 +182,8 @@ class KeepBestOne:
     reason: ClassVar[str] = "best"
 
     def __post_init__(self) -> None:
-        _check_metric(self.monitor, self.mode, " (KeepBestOne)")
+        check_metric("monitor (KeepBestOne)", self.monitor)
+        check_mode("mode (KeepBestOne)", self.mode)
 
     def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
         step = best_step(records, self.monitor, self.mode)
@@ -210,7 +198,7 @@ class KeepEveryNSteps:
     reason: ClassVar[str] = "keep_every_n_steps"
 
     def __post_init__(self) -> None:
-        _check_positive_int("keep_every_n_steps (KeepEveryNSteps.n)", self.n)
+        check_positive_int("keep_every_n_steps (KeepEveryNSteps.n)", self.n)
 
     def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
         return {r.step for r in records if r.step % self.n == 0}
@@ -230,14 +218,7 @@ class KeepTimeInterval:
     reason: ClassVar[str] = "keep_time_interval"
 
     def __post_init__(self) -> None:
-        value = self.seconds
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0
-        ):
-            raise ConfigError(
-                f"keep_time_interval (KeepTimeInterval.seconds) must be a positive, finite number "
-                f"of seconds, got {value!r}; for example 3600 keeps one checkpoint per hour"
-            )
+        check_seconds("keep_time_interval (KeepTimeInterval.seconds)", self.seconds)
 
     def keep(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> set[int]:
         first: dict[int, CheckpointRecord] = {}
@@ -310,49 +291,41 @@ def build_policy(
     keep_every_n_steps: int | None = None,
     keep_time_interval: float | timedelta | None = None,
 ) -> RetentionPolicy:
-    """Turn user flags into a :class:`RetentionPolicy` (the one place flags become rules).
+    """Turn user flags into a :class:`RetentionPolicy` (the flags are those of
+    :class:`~ckpt_plugins.options.RetentionOptions`, checked there; see :func:`policy_for`).
+
+    Raises:
+        ConfigError: an option has an invalid value (the message names it and shows the value).
+    """
+    from ckpt_plugins.options.groups import RetentionOptions
+
+    return policy_for(RetentionOptions(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
+                                       mode=mode,  # type: ignore[arg-type] # checked there
+                                       keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval))
+
+
+def policy_for(options: RetentionOptions) -> RetentionPolicy:
+    """The one place flags become rules.
 
     Rules, in order (the order of reasons in a decision): ``keep_last``, ``keep_best``,
     ``keep_every_n_steps``, ``keep_time_interval``, then the always-kept ``latest``, ``best``
     (when ``monitor`` is set, even without ``keep_best``) and ``protected``. With none of the
     four ``keep_*`` options (``monitor`` alone included), every checkpoint is kept (``keep_all``).
-
-    Args:
-        keep_last: keep the N most recent steps.
-        keep_best: keep the N best steps by ``monitor``; needs ``monitor``.
-        monitor: metric name that ranks checkpoints.
-        mode: ``"min"`` (lower is better) or ``"max"``; checked even without ``monitor``.
-        keep_every_n_steps: keep steps divisible by K, for good.
-        keep_time_interval: keep the first checkpoint of each interval (seconds or timedelta).
-
-    Raises:
-        ConfigError: an option has an invalid value (the message names it and shows the value).
     """
-    if monitor is None:
-        _check_mode(mode)
-    else:
-        _check_metric(monitor, mode)
     rules: list[RetentionRule] = []
-    if keep_last is not None:
-        rules.append(KeepLast(keep_last))
-    if keep_best is not None:
-        _check_positive_int("keep_best", keep_best)
-        if monitor is None:
-            raise ConfigError(
-                f"keep_best={keep_best!r} needs monitor, the metric that ranks checkpoints; "
-                "pass monitor='<metric name>' (for example monitor='val_loss')"
-            )
-        rules.append(KeepBest(keep_best, monitor, mode))
-    if keep_every_n_steps is not None:
-        rules.append(KeepEveryNSteps(keep_every_n_steps))
-    if isinstance(keep_time_interval, timedelta):
-        rules.append(KeepTimeInterval(keep_time_interval.total_seconds()))
-    elif keep_time_interval is not None:
-        rules.append(KeepTimeInterval(keep_time_interval))
+    if options.keep_last is not None:
+        rules.append(KeepLast(options.keep_last))
+    if options.keep_best is not None and options.monitor is not None:
+        rules.append(KeepBest(options.keep_best, options.monitor, options.mode))
+    if options.keep_every_n_steps is not None:
+        rules.append(KeepEveryNSteps(options.keep_every_n_steps))
+    interval = options.interval_s
+    if interval is not None:
+        rules.append(KeepTimeInterval(interval))
     if not rules:
         rules.append(KeepAll())
     rules.append(KeepLatest())
-    if monitor is not None:
-        rules.append(KeepBestOne(monitor, mode))
+    if options.monitor is not None:
+        rules.append(KeepBestOne(options.monitor, options.mode))
     rules.append(KeepProtected())
     return RetentionPolicy(tuple(rules))

@@ -176,9 +176,16 @@ def test_a_flat_keyword_and_its_group_object_together_are_refused(tmp_path):
         CheckpointManager(tmp_path, options=ManagerOptions(), save_options=SaveOptions())
 
 
-def test_unknown_flat_keyword_is_named_with_the_closest_option(tmp_path):
+def test_unknown_flat_keyword_is_named_with_the_closest_option():
     with pytest.raises(TypeError, match="keep_lats.*keep_last"):
-        CheckpointManager(tmp_path, keep_lats=3)
+        ManagerOptions.from_flat(keep_lats=3)
+
+
+def test_the_constructor_defaults_are_the_options_defaults():
+    import inspect
+
+    signature = inspect.signature(CheckpointManager.__init__).parameters
+    assert {name: signature[name].default for name in ManagerOptions().flat()} == ManagerOptions().flat()
 
 
 def test_wrong_group_type_is_refused(tmp_path):
