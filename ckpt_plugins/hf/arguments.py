@@ -13,9 +13,10 @@ them next to ``TrainingArguments`` and builds the callback in one line::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ckpt_plugins.errors import renamed_options
 from ckpt_plugins.hf.options import CallbackOptions
 
 __all__ = ["CheckpointArguments"]
@@ -69,7 +70,7 @@ class CheckpointArguments:
         "help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."})
 
     def __post_init__(self) -> None:
-        self.to_options()  # fail at parse time, naming the option
+        self.to_options()  # fail at parse time, naming the flag
 
     def gradient_checkpointing(self) -> dict[str, Any] | None:
         """The ``gradient_checkpointing`` option the three ``--ckpt_gradient_checkpointing*`` flags mean."""
@@ -90,8 +91,14 @@ class CheckpointArguments:
         """The callback options these flags stand for.
 
         Raises:
-            ConfigError: a value is invalid (the message names the option).
+            ConfigError: a value is invalid (the message and ``option`` name the flag).
         """
+        names = {f.name[len("ckpt_"):]: f"--{f.name}" for f in fields(self)}
+        names["gradient_checkpointing"] = "--ckpt_gradient_checkpointing"
+        with renamed_options(names):
+            return self._options(names)
+
+    def _options(self, names: dict[str, str]) -> CallbackOptions:
         return CallbackOptions(
             dirpath=self.ckpt_dirpath, keep_last=self.ckpt_keep_last, keep_best=self.ckpt_keep_best,
             monitor=self.ckpt_monitor, mode=self.ckpt_mode, keep_every_n_steps=self.ckpt_keep_every_n_steps,
@@ -100,4 +107,4 @@ class CheckpointArguments:
             writer=self.ckpt_writer,
             every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
             on_error=self.ckpt_on_error,
-            gradient_checkpointing=self.gradient_checkpointing())
+            gradient_checkpointing=self.gradient_checkpointing()).spelled(names)

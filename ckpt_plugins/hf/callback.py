@@ -143,7 +143,9 @@ class CheckpointCallback(TrainerCallback):
     def from_args(cls, args: CheckpointArguments) -> CheckpointCallback:
         """Build the callback from parsed ``CheckpointArguments`` (``--ckpt_*`` flags)."""
         options = args.to_options()
-        return cls(**{name: getattr(options, name) for name in CallbackOptions.__dataclass_fields__})
+        callback = cls(**{name: getattr(options, name) for name in CallbackOptions.__dataclass_fields__})
+        callback.options = options  # errors found at on_init_end name the --ckpt_ flags
+        return callback
 
     # --- set-up ----------------------------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

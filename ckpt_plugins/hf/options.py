@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
 from ckpt_plugins.activation import ActivationCheckpointing
-from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.errors import ConfigError, renamed_options
+from ckpt_plugins.options import RetentionOptions, SaveOptions
+from ckpt_plugins.options.checks import check_bool, check_choice, check_directory, check_positive_int
 
 __all__ = ["CallbackOptions", "Settings", "resolve"]
 
 log = logging.getLogger(__name__)
-
-
-def _positive(option: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{option} must be a positive integer or None, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,24 +52,31 @@ class CallbackOptions:
     verify_latest: bool = True
 
     def __post_init__(self) -> None:
-        for option in ("keep_last", "keep_best", "keep_every_n_steps", "every_n_train_steps", "max_pending"):
-            _positive(option, getattr(self, option))
-        if self.mode not in (None, "min", "max"):
-            raise ConfigError(f"mode must be 'min', 'max' or None (None: from greater_is_better), got {self.mode!r}")
-        if self.snapshot not in ("safe", "overlap"):
-            raise ConfigError(f"snapshot must be 'safe' or 'overlap', got {self.snapshot!r}")
-        if self.snapshot == "overlap" and not self.async_save:
-            raise ConfigError("snapshot='overlap' needs async_save=True (a synchronous save has nothing to overlap)")
-        if self.on_error not in ("raise", "warn"):
-            raise ConfigError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
-        if self.writer not in ("thread", "process"):
-            raise ConfigError(f"writer must be 'thread' or 'process', got {self.writer!r}")
-        if self.writer == "process" and not self.async_save:
-            raise ConfigError("writer='process' needs async_save=True (it writes the staged copies)")
-        if self.keep_best is not None and self.monitor is None:
-            log.debug("keep_best without monitor: the monitor comes from metric_for_best_model at init")
+        """The core's groups check the options they share (same checks, same messages)."""
+        if self.dirpath is not None:
+            check_directory("dirpath", self.dirpath)
+        check_choice("mode", self.mode, (None, "min", "max"), "None follows greater_is_better")
+        RetentionOptions(keep_last=self.keep_last, keep_best=None, monitor=self.monitor, mode=self.mode or "min",
+                         keep_every_n_steps=self.keep_every_n_steps, keep_time_interval=self.keep_time_interval,
+                         overwrite=self.overwrite)
+        check_positive_int("keep_best", self.keep_best, optional=True)  # its monitor may come at resolve()
+        SaveOptions(async_save=self.async_save, max_pending=self.max_pending, snapshot=self.snapshot,
+                    writer=self.writer, on_error=self.on_error)
+        check_positive_int("every_n_train_steps", self.every_n_train_steps, optional=True)
+        check_bool("verify_latest", self.verify_latest)
         if self.gradient_checkpointing is not None:
             ActivationCheckpointing.from_value(self.gradient_checkpointing)  # raises ConfigError
+
+    @property
+    def spelled_as(self) -> Mapping[str, str]:
+        """How the user spelled each option (plain name -> e.g. ``--ckpt_monitor``); errors found
+        later, against ``TrainingArguments``, name the options the same way."""
+        return getattr(self, "_spelled_as", {})
+
+    def spelled(self, names: Mapping[str, str]) -> "CallbackOptions":
+        """These options, remembered as spelled by ``names`` (not an option: equality ignores it)."""
+        object.__setattr__(self, "_spelled_as", dict(names))
+        return self
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,14 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
 
     Raises:
         ConfigError: ``mode`` contradicts ``greater_is_better`` for ``metric_for_best_model``, or
-            ``keep_best`` is set and no metric to rank by is known.
+            ``keep_best`` is set and no metric to rank by is known (named as the user spelled
+            the options: ``--ckpt_mode`` when they came from ``CheckpointArguments``).
     """
+    with renamed_options(options.spelled_as):
+        return _resolve(options, args)
+
+
+def _resolve(options: CallbackOptions, args: Any) -> Settings:
     for name in ("fsdp", "deepspeed"):
         if getattr(args, name, None):
             raise ConfigError(f"CheckpointCallback does not write {name} (sharded) checkpoints yet, and "
@@ -117,21 +128,25 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
         metric = f"eval_{metric}"
     greater = bool(args.greater_is_better) if args.greater_is_better is not None else False
     monitor, mode = options.monitor, options.mode
+    args_mode = "max" if greater else "min"
+    # greater_is_better speaks of metric_for_best_model: a mode for the same metric (or, without
+    # either monitor or metric, for the one the user has in mind) must agree with it.
+    same_metric = monitor is None or monitor == metric
+    if mode is not None and args.greater_is_better is not None and same_metric and mode != args_mode:
+        about = f" for metric_for_best_model={args.metric_for_best_model!r}" if metric is not None else ""
+        raise ConfigError(f"$mode={mode!r} contradicts greater_is_better={args.greater_is_better}{about}; drop "
+                          "$mode (it follows greater_is_better) or change one of them", option="mode", value=mode)
     if monitor is None and metric is not None:
         monitor = metric
-        args_mode = "max" if greater else "min"
-        if mode is not None and mode != args_mode:
-            raise ConfigError(f"mode={mode!r} contradicts greater_is_better={args.greater_is_better} for "
-                              f"metric_for_best_model={args.metric_for_best_model!r}; drop mode (it follows "
-                              "greater_is_better) or change one of them")
         mode = args_mode
     if args.load_best_model_at_end and metric is not None and monitor != metric:
         log.warning("monitor=%r differs from metric_for_best_model=%r: retention keeps the best by %r, "
                     "so the checkpoint load_best_model_at_end wants may be deleted; drop monitor to follow "
                     "metric_for_best_model", monitor, metric, monitor)
     if options.keep_best is not None and monitor is None:
-        raise ConfigError(f"keep_best={options.keep_best} needs a metric to rank checkpoints: pass "
-                          "monitor= (e.g. 'eval_loss') or set TrainingArguments.metric_for_best_model")
+        raise ConfigError(f"$keep_best={options.keep_best} needs a metric to rank checkpoints: set $monitor "
+                          "(e.g. eval_loss) or TrainingArguments.metric_for_best_model",
+                          option="keep_best", value=options.keep_best, mentions=("monitor",))
     keep_last = options.keep_last
     if keep_last is None and args.save_total_limit:
         keep_last = int(args.save_total_limit)

@@ -33,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_checkpointing
 from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.retention.policy import build_policy
+from ckpt_plugins.options import ManagerOptions
 from ckpt_plugins.rng import capture_rng, restore_rng
 
 from ckpt_plugins.lightning.data_position import DataPosition
@@ -90,8 +90,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         verify: check checksums when loading.
 
     Raises:
-        ConfigError: an option is invalid (the message names it); retention and triggers are
-            checked here, the manager's own options when training starts.
+        ConfigError: an option is invalid (the message names it); every option is checked here,
+            the manager's by the core's options model.
 
     Example:
         >>> trainer = Trainer(callbacks=[CheckpointCallback("ckpts", keep_last=2, keep_best=1,  # doctest: +SKIP
@@ -116,8 +116,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                                     keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
                                     overwrite=overwrite, async_save=async_save, max_pending=max_pending,
                                     snapshot=snapshot, writer=writer, on_error=on_error, verify=verify)
-        build_policy(**{k: self.manager_options[k] for k in  # fail fast on retention flags; the rest at setup
-                        ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")})
+        ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
         super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=-1,
                          save_weights_only=save_weights_only, save_on_exception=save_on_exception,

@@ -32,6 +32,7 @@ from lightning.fabric.utilities.types import _PATH
 
 from ckpt_plugins.errors import ConfigError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.options import RestoreOptions, SaveOptions
 
 from ckpt_plugins.lightning.named import NamedSaves, is_folder_name
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
@@ -61,13 +62,8 @@ class CheckpointIOPlugin(CheckpointIO):
 
     def __init__(self, async_save: bool = True, max_pending: int = 1, writer: Literal["thread", "process"] = "thread",
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
-        if on_error not in ("raise", "warn"):
-            raise ConfigError(f"CheckpointIOPlugin(on_error=...) must be 'raise' or 'warn', got {on_error!r}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ConfigError(f"CheckpointIOPlugin(max_pending=...) must be a positive integer, got {max_pending!r}")
-        if writer not in ("thread", "process") or writer == "process" and not async_save:
-            raise ConfigError(f"CheckpointIOPlugin(writer=...) must be 'thread' or 'process' (the latter with "
-                              f"async_save=True), got writer={writer!r}, async_save={async_save!r}")
+        SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)  # the core's checks
+        RestoreOptions(verify=verify)
         self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
         self.on_error, self.verify = on_error, verify
         self._saves: NamedSaves | None = None

@@ -41,7 +41,7 @@ def test_flags_build_the_callback():
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt_keep_last", "0"], "keep_last must be a positive integer"),
     (["--ckpt_max_pending", "0"], "max_pending must be a positive integer"),
-    (["--ckpt_snapshot", "overlap", "--ckpt_async_save", "false"], "snapshot='overlap' needs async_save=True"),
+    (["--ckpt_snapshot", "overlap", "--ckpt_async_save", "false"], "--ckpt_snapshot='overlap' needs --ckpt_async_save=True"),
     (["--ckpt_gradient_checkpointing", "every_n", "--ckpt_gradient_checkpointing_every_n", "0"], "every_n=0"),
 ])
 def test_bad_flags_fail_at_parse_time_naming_the_option(argv, message):
