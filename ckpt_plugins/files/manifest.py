@@ -56,6 +56,10 @@ class Manifest:
     created_by: dict[str, str] = field(default_factory=dict)
     user_metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    retention: dict[str, Any] | None = None
+    """The run's retention flags when it saved (``keep_last``, ``keep_best``, ``monitor``, ``mode``,
+    ``keep_every_n_steps``, ``keep_time_interval``); ``None`` in manifests written before they were
+    stored, or for a policy no flags describe. Optional: older readers ignore it."""
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
@@ -76,6 +80,8 @@ def dump_manifest(manifest: Manifest) -> bytes:
         "files": {name: {"size": r.size, "xxh3_64": r.xxh3_64} for name, r in manifest.files.items()},
         "user_metadata": manifest.user_metadata,
     }
+    if manifest.retention is not None:
+        doc["retention"] = manifest.retention
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -192,4 +198,25 @@ def _build(doc: dict, where: str) -> Manifest:
     if not isinstance(created_by, dict) or not isinstance(user_metadata, dict):
         raise CorruptCheckpointError(f"{where}: 'created_by' and 'user_metadata' must be objects")
     return Manifest(step=step, parts=parts, files=files, metrics=metrics, wall_time=float(wall_time),
-                    world_size=world_size, created_by=created_by, user_metadata=user_metadata)
+                    world_size=world_size, created_by=created_by, user_metadata=user_metadata,
+                    retention=_retention(where, doc.get("retention")))
+
+
+_RETENTION_TYPES: dict[str, tuple[type, ...]] = {
+    "keep_last": (int,), "keep_best": (int,), "monitor": (str,), "mode": (str,),
+    "keep_every_n_steps": (int,), "keep_time_interval": (int, float)}
+
+
+def _retention(where: str, value: Any) -> dict[str, Any] | None:
+    """The optional ``retention`` field: known flags with values of their type (or null)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{where}: manifest field 'retention' is not an object ({value!r:.80})")
+    out: dict[str, Any] = {}
+    for key, types in _RETENTION_TYPES.items():
+        flag = value.get(key)
+        if flag is not None and (isinstance(flag, bool) or not isinstance(flag, types)):
+            raise CorruptCheckpointError(f"{where}: retention flag {key!r} has the wrong type ({flag!r:.80})")
+        out[key] = flag
+    return out

@@ -58,23 +58,30 @@ DATA_ONLY_GLOBALS: tuple[Any, ...] = (
 
 _GLOBAL_PATTERNS = (
     re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+)"),  # torch >= 2.6: "Trying to load unsupported GLOBAL posix.system"
     re.compile(r"but got <class '([^']+)'>"),
     re.compile(r"unrecognized function (\S+)"),
 )
 
 
-def _offending_global(message: str) -> str:
-    """Pull the refused global out of torch's weights_only error (or its reason line)."""
+def _offending_global(message: str) -> str | None:
+    """Pull the refused global (``posix.system``) out of torch's weights_only error, if it names one."""
     for pattern in _GLOBAL_PATTERNS:
         match = pattern.search(message)
         if match:
             return match.group(1).rstrip(".,")
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    return match.group(1).strip() if match else "an object outside torch's allow-list"
+    return None
 
 
 def _unsafe_error(path: str, message: str) -> UnsafeCheckpointError:
     name = _offending_global(message)
+    if name is None:
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        detail = reason.group(1).strip() if reason else message.strip().splitlines()[-1]
+        return UnsafeCheckpointError(
+            f"{path} needs full pickle to load: torch's weights_only loader refused it ({detail}); "
+            f"unpickling it could run code. Pass allow_unsafe_pickle=True only for files you trust."
+        )
     return UnsafeCheckpointError(
         f"{path} needs full pickle to load: it needs the global {name!r}, which torch's "
         f"weights_only loader does not allow; unpickling it could run code. Pass "

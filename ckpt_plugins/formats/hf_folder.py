@@ -23,15 +23,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.tensor_file import checksum_file
 from ckpt_plugins.formats._pickle import MapLocation, load_pickle
 from ckpt_plugins.tree.walk import join, select
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 
-__all__ = ["HF_MARKER_FILES", "read_hf_folder"]
+__all__ = ["HF_MARKER_FILES", "read_hf_folder", "read_native_files"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ _WEIGHTS = (
 _PICKLES = (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("scaler", "scaler.pt"))
 _RNG_RANK = re.compile(r"rng_state_(\d+)\.pth")
 _SKIPPED = ("training_args.bin",)
+_OURS = re.compile(r"(state|rank_\d+)(\.[A-Za-z0-9_-]+)?\.safetensors|manifest\.json|rank_\d+\.part\.json")
 
 
 class _Reader:
@@ -74,7 +76,9 @@ class _Reader:
         map_location: MapLocation,
         allow_unsafe: bool,
         include: Callable[[str], bool] | None,
+        meta: bool = False,
     ) -> None:
+        self.meta = meta
         self.folder = folder
         self.map_location = map_location
         self.allow_unsafe = allow_unsafe
@@ -89,7 +93,7 @@ class _Reader:
             raise CorruptCheckpointError(f"{path} is missing: the folder's index lists it.")
         if name.endswith(".safetensors"):
             return read_safetensors(
-                path, map_location=self.map_location, include=self.include, prefix=prefix
+                path, map_location=self.map_location, include=self.include, prefix=prefix, meta=self.meta
             )
         return self.pickle(path, prefix)
 
@@ -169,6 +173,7 @@ def read_hf_folder(
     map_location: MapLocation = "cpu",
     allow_unsafe_pickle: bool = False,
     include: Callable[[str], bool] | None = None,
+    meta: bool = False,
 ) -> dict[str, Any]:
     """Read an HF checkpoint folder into ``{"model": ..., "optimizer": ..., ...}``.
 
@@ -179,6 +184,7 @@ def read_hf_folder(
         include: keep only leaves whose key path (``"model.<tensor name>"``,
             ``"optimizer.state.0.exp_avg"``, ...) satisfies it; safetensors weights that are not
             selected are never read.
+        meta: safetensors weights as ``meta`` tensors (shapes and dtypes, no data read).
 
     Returns:
         A dict with the keys described in this module's docstring, for the parts present.
@@ -187,4 +193,56 @@ def read_hf_folder(
         UnsafeCheckpointError: a pickle file needs globals outside the allow-list (named).
         CorruptCheckpointError: a file is truncated, unreadable, or missing from its index.
     """
-    return _Reader(os.fspath(path), map_location, allow_unsafe_pickle, include).read()
+    return _Reader(os.fspath(path), map_location, allow_unsafe_pickle, include, meta).read()
+
+
+def read_native_files(
+    storage: Any,
+    folder: str,
+    files: Mapping[str, Any],
+    *,
+    map_location: MapLocation = "cpu",
+    include: Callable[[str], bool] | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """The Trainer's own files inside one of OUR checkpoint folders, read as :func:`read_hf_folder` reads them.
+
+    ``ckpt_plugins.hf`` commits ``model.safetensors`` (or the adapter's), ``optimizer.pt``,
+    ``scheduler.pt``, ``rng_state*.pth`` and ``trainer_state.json`` beside the manifest, which lists
+    them with their checksums. A restore of such a folder returns them next to the manifest's own
+    state (``data_position``), so ``restore(".../checkpoint-30")`` gives the weights back.
+
+    Args:
+        storage: the folder's storage.
+        folder: the checkpoint folder.
+        files: the manifest's ``files`` (name -> record with ``size`` and ``xxh3_64``).
+        map_location: device for the tensors.
+        include: keep only these key paths (``"model.<name>"``, ...); unselected weights are never read.
+        verify: check each native file's size and xxh3 against the manifest before reading it.
+
+    Returns:
+        ``{"model": ..., "optimizer": ..., ...}`` for the parts present; ``{}`` when the manifest
+        lists no Trainer file, or the folder is not local (logged).
+
+    Raises:
+        CorruptCheckpointError: a native file is missing or fails its checksum (named).
+    """
+    if not any(name in files for name in HF_MARKER_FILES):
+        return {}
+    local = storage.local_path(folder)
+    if local is None:
+        log.warning("%s: the Trainer's files are read from local folders only; returning the manifest's state alone",
+                    folder)
+        return {}
+    if verify:
+        for name, record in files.items():
+            if _OURS.fullmatch(name):
+                continue  # our own tensor files, verified by the core as it reads them
+            path = storage.join(folder, name)
+            if not storage.exists(path):
+                raise CorruptCheckpointError(f"{path}: file listed in the manifest is missing")
+            got = checksum_file(storage, path)
+            if (got.size, got.xxh3_64) != (record.size, record.xxh3_64):
+                raise CorruptCheckpointError(f"{path}: size {got.size} / xxh3 {got.xxh3_64} do not match the "
+                                             f"manifest ({record.size} / {record.xxh3_64}); the file is damaged")
+    return _Reader(local, map_location, False, include).read()

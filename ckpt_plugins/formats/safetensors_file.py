@@ -46,6 +46,7 @@ def read_safetensors(
     map_location: Any = "cpu",
     include: Callable[[str], bool] | None = None,
     prefix: str = "",
+    meta: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors file into ``{name: tensor}``.
 
@@ -54,6 +55,8 @@ def read_safetensors(
         map_location: the device to load onto.
         include: read only tensors whose key path (``prefix`` + ``"."`` + name) satisfies it.
         prefix: key path of this file's dict inside the caller's result.
+        meta: return tensors on the ``meta`` device, with the shapes and dtypes of the header and
+            no data read (for listings such as ``ckpt-plugins inspect``).
 
     Raises:
         CorruptCheckpointError: the file is truncated or not a safetensors file.
@@ -64,11 +67,28 @@ def read_safetensors(
         with safe_open(path, framework="pt", device=device) as f:
             names = [n for n in f.keys() if include is None or include(join(prefix, n))]
             log.debug("Reading %d tensors from %s", len(names), path)
+            if meta:
+                return {name: _meta_tensor(f.get_slice(name)) for name in names}
             return {name: f.get_tensor(name) for name in names}
     except SafetensorError as exc:
         raise CorruptCheckpointError(
             f"Cannot read {path}: it is truncated or not a safetensors file ({exc})."
         ) from exc
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+           "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8), "U16": getattr(torch, "uint16", torch.int16),
+           "U32": getattr(torch, "uint32", torch.int32), "U64": getattr(torch, "uint64", torch.int64)}
+
+
+def _meta_tensor(view: Any) -> torch.Tensor:
+    """A meta tensor with the shape and dtype of a ``safe_open`` slice (no data read)."""
+    dtype = _DTYPES.get(view.get_dtype())
+    if dtype is None:
+        raise CorruptCheckpointError(f"safetensors dtype {view.get_dtype()!r} is not one torch knows")
+    return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

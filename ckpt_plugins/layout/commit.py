@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
@@ -148,9 +149,10 @@ class Layout:
         log.warning("moved damaged checkpoint %s aside to %s: %s", path, target, reason)
         return target
 
-    def verify(self, path: str) -> list[str]:
+    def verify(self, path: str, progress: Callable[[int], None] | None = None) -> list[str]:
         """Problems with a checkpoint folder: manifest, and every listed file's presence, size and
-        xxh3 checksum. An empty list means it is intact."""
+        xxh3 checksum. An empty list means it is intact. ``progress(nbytes)`` is called after each
+        file (for a progress bar)."""
         try:
             manifest = self.read_manifest(path)
         except CorruptCheckpointError as exc:
@@ -166,6 +168,8 @@ class Layout:
                 problems.append(f"{file_path}: size {got.size}, manifest says {expected.size}")
             elif got.xxh3_64 != expected.xxh3_64:
                 problems.append(f"{file_path}: checksum mismatch (xxh3 {got.xxh3_64}, manifest {expected.xxh3_64})")
+            if progress is not None:
+                progress(got.size)
         return problems
 
     def discard(self, temp_dir: str) -> None:

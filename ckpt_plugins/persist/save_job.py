@@ -25,7 +25,7 @@ from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.errors import SaveError
 from ckpt_plugins.files.extra_files import fill, fill_tensors
 from ckpt_plugins.files.manifest import Manifest, Part
-from ckpt_plugins.retention.policy import CheckpointRecord
+from ckpt_plugins.retention.policy import CheckpointRecord, policy_flags
 from ckpt_plugins.files.tensor_file import FileRecord, HashingWriter, checksum_file
 
 if TYPE_CHECKING:
@@ -72,7 +72,8 @@ class SaveJob:
             for r in self.ranks_with_state:
                 parts[f"rank_{r}"] = Part(self._rank_trees[r], f"rank_{r}.safetensors" if f"rank_{r}.safetensors" in files else None)
             manifest = Manifest(step=self.step, parts=parts, files=files, metrics=self.metrics,
-                                world_size=mgr.world_size, user_metadata=self.user_metadata)
+                                world_size=mgr.world_size, user_metadata=self.user_metadata,
+                                retention=policy_flags(mgr.policy))
             replace = mgr.storage.exists(mgr.layout.path_for(self.step, self.name))
             path = mgr.layout.commit(temp, manifest, replace=replace, name=self.name)
             handle.stats["persist_s"] = time.perf_counter() - t0

@@ -52,11 +52,37 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
         expected = manifest.files[entry.tensor_file] if verify else None
         return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
 
+    native, native_paths = _native_files(storage, path, manifest, selector, map_location, verify) \
+        if part == "state" else ({}, [])
     if isinstance(selector, Selector):
-        selector.check(leaf_paths(entry.tree))
+        selector.check(leaf_paths(entry.tree) + native_paths)
     state = materialize(entry.tree, read_tensors, selector=selector, rename=rename, report=report)
+    if native and isinstance(state, dict):
+        if rename:
+            flat = flatten_state(native)
+            native = materialize(flat.tree, lambda keys: flat.tensors, selector=None, rename=rename, report=report)
+        report.tensors_read += sum(1 for _, leaf in iter_leaves(native) if isinstance(leaf, torch.Tensor))
+        state = {**state, **native}
     _finish(state, target, strict, report)
     return state, report
+
+
+def _native_files(storage: Storage, path: str, manifest: Any, selector: Callable[[str], bool] | None,
+                  map_location: str | torch.device, verify: bool) -> tuple[dict[str, Any], list[str]]:
+    """Our HF checkpoints also hold the Trainer's own files (weights, optimizer, scheduler, RNG,
+    trainer_state.json): they are returned beside the manifest's state, selected and renamed
+    alike. Returns them and every key path they hold (for the selector's check)."""
+    from ckpt_plugins.formats.hf_folder import read_native_files
+
+    seen: list[str] = []
+
+    def probe(key_path: str) -> bool:
+        seen.append(key_path)
+        return selector(key_path)  # type: ignore[misc]
+
+    native = read_native_files(storage, path, manifest.files, map_location=map_location,
+                               include=None if selector is None else probe, verify=verify)
+    return native, seen
 
 
 def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | None,

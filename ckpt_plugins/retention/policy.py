@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.options.checks import check_metric, check_mode, check_positive_int, check_seconds
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
     "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
-    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_for",
+    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_for", "policy_flags",
 ]
 
 @dataclass(frozen=True)
@@ -329,3 +329,30 @@ def policy_for(options: RetentionOptions) -> RetentionPolicy:
         rules.append(KeepBestOne(options.monitor, options.mode))
     rules.append(KeepProtected())
     return RetentionPolicy(tuple(rules))
+
+
+def policy_flags(policy: RetentionPolicy) -> dict[str, Any] | None:
+    """The flags :func:`build_policy` would turn into ``policy`` (stored in each manifest, so that
+    ``ckpt-plugins ls`` can say which rule keeps each checkpoint), or ``None`` when the policy holds
+    a rule that no flag makes (a hand-built :class:`RetentionPolicy`).
+
+    Example:
+        >>> policy_flags(build_policy(keep_last=2, monitor="loss"))
+        {'keep_last': 2, 'keep_best': None, 'monitor': 'loss', 'mode': 'min', 'keep_every_n_steps': None, 'keep_time_interval': None}
+    """
+    flags: dict[str, Any] = {"keep_last": None, "keep_best": None, "monitor": None, "mode": "min",
+                             "keep_every_n_steps": None, "keep_time_interval": None}
+    for rule in policy.rules:
+        if isinstance(rule, KeepLast):
+            flags["keep_last"] = rule.n
+        elif isinstance(rule, KeepBest):
+            flags.update(keep_best=rule.n, monitor=rule.monitor, mode=rule.mode)
+        elif isinstance(rule, KeepBestOne):
+            flags.update(monitor=rule.monitor, mode=rule.mode)
+        elif isinstance(rule, KeepEveryNSteps):
+            flags["keep_every_n_steps"] = rule.n
+        elif isinstance(rule, KeepTimeInterval):
+            flags["keep_time_interval"] = rule.seconds
+        elif not isinstance(rule, (KeepAll, KeepLatest, KeepProtected)):
+            return None
+    return flags

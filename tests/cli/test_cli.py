@@ -27,9 +27,10 @@ def run_dir(tmp_path):
 def test_ls_shows_steps_metrics_and_reasons(run_dir, capsys):
     assert main(["ls", str(run_dir), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["STEP", "METRICS", "SIZE", "AGE", "KEPT", "BY"]
-    rows = {line.split()[0]: line for line in out[1:]}
+    assert out[0].split() == ["STEP", "NAME", "FORMAT", "METRICS", "SIZE", "AGE", "KEPT", "BY"]
+    rows = {line.split()[0]: line for line in out[1:4]}
     assert list(rows) == ["9", "10", "11"]
+    assert out[4] == "rules: keep_last=1 keep_best=1 monitor=loss mode=min (command line)"
     assert "(would be pruned)" in rows["9"]
     assert "loss=0.5" in rows["10"] and "keep_best" in rows["10"] and "best" in rows["10"]
     assert "keep_last" in rows["11"] and "latest" in rows["11"]
@@ -38,7 +39,7 @@ def test_ls_shows_steps_metrics_and_reasons(run_dir, capsys):
 def test_inspect_ours_reads_headers_only(run_dir, capsys):
     assert main(["inspect", str(run_dir / "step_10")]) == 0
     out = capsys.readouterr().out
-    assert "step 10" in out and "metrics {'loss': 0.5}" in out
+    assert "step 10" in out and "metrics loss=0.5" in out
     assert "model.w" in out and "(4, 4)" in out and "float32" in out and "64 B" in out
     assert "step" in out and "int" in out
 

@@ -42,7 +42,7 @@ def test_ls_labels_come_from_the_rules_the_run_stored(tmp_path, capsys):
     doc = json_of("ls", run)
     assert doc["rules"] == {"keep_last": 1, "keep_best": 1, "monitor": "loss", "mode": "min",
                             "keep_every_n_steps": None, "keep_time_interval": None}
-    assert [c["kept_by"] for c in doc["checkpoints"]] == [["best", "keep_best"], ["keep_last", "latest"]]
+    assert [c["kept_by"] for c in doc["checkpoints"]] == [["keep_best", "best"], ["keep_last", "latest"]]
     # flags on the command line are a what-if: they replace the stored rules
     doc = json_of("ls", run, "--keep-last", "2")
     assert doc["rules"]["keep_last"] == 2 and doc["rules"]["keep_best"] is None

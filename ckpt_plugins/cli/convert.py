@@ -1,0 +1,127 @@
+"""``ckpt-plugins convert SRC DST --to FORMAT``: write a checkpoint as another tool's file.
+
+- ``--to lightning``: a plain ``.ckpt`` that ``LightningModule.load_from_checkpoint`` and
+  ``Trainer.fit(ckpt_path=...)`` read (from a checkpoint of our Lightning integration, or a
+  ``.ckpt``); see :func:`ckpt_plugins.lightning.convert.to_lightning_checkpoint`.
+- ``--to safetensors``: every tensor of any checkpoint, flat, under its key path
+  (``model.transformer.wte.weight``); numbers, strings and numpy arrays are left out.
+
+SRC is one checkpoint or a run folder (its newest numbered checkpoint, or ``--step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError
+from ckpt_plugins.formats import detect_format
+from ckpt_plugins.tree.walk import iter_leaves
+from ckpt_plugins.restore.read import is_our_checkpoint, restore_path
+from ckpt_plugins.storage import open_storage
+
+from . import catalog
+from .render import progress
+
+__all__ = ["add_parser", "resolve_source", "run"]
+
+TARGETS = ("lightning", "safetensors")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("convert", help="write a checkpoint as another tool's file (.ckpt, .safetensors)",
+                       description="Convert one checkpoint, or a run folder's newest (or --step), to another "
+                                   "format.")
+    p.add_argument("src", help="a checkpoint (folder or file), or a run folder (its newest checkpoint)")
+    p.add_argument("dst", help="the file to write, e.g. model.ckpt or weights.safetensors (replaced atomically)")
+    p.add_argument("--to", required=True, choices=TARGETS,
+                   help="lightning: a .ckpt for Lightning (from a Lightning checkpoint); safetensors: every "
+                        "tensor of any checkpoint, flat by key path")
+    p.add_argument("--step", type=int, metavar="N", help="with a run folder: convert step N (default: the newest)")
+    p.set_defaults(func=run)
+
+
+def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
+    """The checkpoint ``src`` names: itself, or a run folder's newest (or ``step``).
+
+    Raises:
+        CheckpointNotFoundError: the run folder has no numbered checkpoint, or none at ``step``
+            (the message lists the steps there).
+        ConfigError: ``step`` was given with a single checkpoint.
+    """
+    storage, root = open_storage(src)
+    if is_our_checkpoint(storage, root) or detect_format(src) not in (None, "ckpt_plugins"):
+        if step is not None:
+            raise ConfigError(f"--step applies to a run folder; {src} is one checkpoint (drop --step)")
+        return src
+    numbered = [e for e in catalog.scan(src) if e.numbered and e.step is not None]
+    steps = sorted({e.step for e in numbered})  # type: ignore[misc]
+    if not numbered:
+        raise CheckpointNotFoundError(f"{src} holds no numbered checkpoint to convert (our step_N/checkpoint-N "
+                                      "folders, .ckpt files, Trainer checkpoint-N folders); pass one checkpoint")
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise CheckpointNotFoundError(f"{src} has no checkpoint at step {step}; steps there: "
+                                      f"{', '.join(map(str, steps))}")
+    return [e for e in numbered if e.step == chosen][-1]
+
+
+def _write_safetensors(path: str, dst: str) -> int:
+    from safetensors.torch import save_file
+
+    state, _ = restore_path(path, target=None, selector=None, rename=None, strict=True, map_location="cpu",
+                            allow_unsafe_pickle=False, verify=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in iter_leaves(state):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous()
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+            tensors[key] = t.clone() if ident in seen and t.numel() else t  # safetensors refuses shared memory
+            seen.add(ident)
+    if not tensors:
+        raise ConfigError(f"{path} holds no tensors; there is nothing to write to {dst}")
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"source": os.path.abspath(path)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return len(tensors)
+
+
+def run(args: argparse.Namespace) -> int:
+    source = resolve_source(args.src, args.step)
+    if isinstance(source, catalog.Entry):
+        path, is_hf = source.path, source.is_hf()
+    else:
+        storage, root = open_storage(source)
+        path, is_hf = source, detect_format(source) == "hf" or _is_our_hf(storage, root)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    with progress(f"converting {os.path.basename(path.rstrip('/'))}", None):
+        if args.to == "lightning":
+            if is_hf:
+                raise ConfigError(f"{path} is a Hugging Face Trainer checkpoint; --to lightning converts checkpoints "
+                                  "of Lightning runs only. Write its tensors with --to safetensors instead")
+            from ckpt_plugins.lightning.convert import to_lightning_checkpoint  # imports no Lightning
+            to_lightning_checkpoint(path, args.dst)
+            print(f"wrote {args.dst} from {path}")
+        else:
+            count = _write_safetensors(path, args.dst)
+            print(f"wrote {args.dst} ({count} tensors) from {path}")
+    return 0
+
+
+def _is_our_hf(storage: Any, root: str) -> bool:
+    if not is_our_checkpoint(storage, root):
+        return False
+    from ckpt_plugins.layout.commit import Layout
+
+    parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
+    return Layout(storage, parent).read_manifest(root).user_metadata.get("written_by") == "ckpt_plugins.hf"
