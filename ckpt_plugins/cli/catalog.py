@@ -28,12 +28,14 @@ from ckpt_plugins.layout.naming import natural_key
 from ckpt_plugins.retention import CheckpointRecord, RetentionContext, build_policy
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["RULE_FLAGS", "Entry", "choose_rules", "decide", "describe_rules", "folder_size", "rule_flags", "scan", "step_from_name"]
+__all__ = ["RULE_FLAGS", "Entry", "choose_rules", "decide", "describe_rules", "folder_size", "rule_flags",
+           "run_folder_entries", "scan", "step_from_name"]
 
 RULE_FLAGS = ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")
 """The retention flags, as the manager takes them and as a manifest's ``retention`` stores them."""
 
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+_NOT_CHECKPOINTS = ("training_args.bin",)  # the Trainer's pickled TrainingArguments, beside its final model
 _NAMED_STEP = re.compile(r"(?:^|[^a-z])(?:step[=_-]?|checkpoint-)(\d+)(?![0-9])", re.IGNORECASE)
 _LAST_NUMBER = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
 
@@ -120,7 +122,8 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
     local = storage.local_path(root)
     entries = []
     for name in storage.listdir(root):
-        if name.startswith(".") or DAMAGED_SUFFIX in name or (prefix and not name.startswith(prefix)):
+        if name.startswith(".") or DAMAGED_SUFFIX in name or name in _NOT_CHECKPOINTS \
+                or (prefix and not name.startswith(prefix)):
             continue
         path = storage.join(root, name)
         if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
@@ -139,6 +142,22 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
             entry.metrics = _trainer_metrics(path)
         entries.append(entry)
     return sorted(entries, key=lambda e: (not e.numbered, e.step if e.numbered else 0, natural_key(e.name)))
+
+
+def run_folder_entries(directory: str) -> list[Entry]:
+    """The checkpoints *inside* ``directory`` when it is a run folder; ``[]`` for a checkpoint.
+
+    A folder that is itself a foreign checkpoint (a Trainer ``output_dir`` holding its final
+    ``model.safetensors``) is a run folder too when it holds checkpoint folders; its own files
+    (``model.safetensors``, ``optimizer.pt``) are then not listed one by one.
+    """
+    storage, root = open_storage(directory)
+    if not storage.isdir(root) or storage.exists(storage.join(root, MANIFEST_NAME)):
+        return []
+    entries = scan(directory)
+    if detect_format(directory) is not None:
+        entries = [e for e in entries if storage.isdir(e.path)]
+    return entries
 
 
 def choose_rules(entries: Iterable[Entry], flags: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:

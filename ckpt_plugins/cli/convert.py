@@ -53,11 +53,11 @@ def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
         ConfigError: ``step`` was given with a single checkpoint.
     """
     storage, root = open_storage(src)
-    if is_our_checkpoint(storage, root) or detect_format(src) not in (None, "ckpt_plugins"):
+    numbered = [e for e in catalog.run_folder_entries(src) if e.numbered and e.step is not None]
+    if not numbered and (is_our_checkpoint(storage, root) or detect_format(src) not in (None, "ckpt_plugins")):
         if step is not None:
             raise ConfigError(f"--step applies to a run folder; {src} is one checkpoint (drop --step)")
         return src
-    numbered = [e for e in catalog.scan(src) if e.numbered and e.step is not None]
     steps = sorted({e.step for e in numbered})  # type: ignore[misc]
     if not numbered:
         raise CheckpointNotFoundError(f"{src} holds no numbered checkpoint to convert (our step_N/checkpoint-N "

@@ -114,6 +114,30 @@ def _foreign_state(path: str, fmt: str | None, allow_unsafe_pickle: bool) -> Any
     return read_foreign(path, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
+RUN_LIMIT = 8
+"""Longer runs of plain values in one list (Python's RNG state: 625 ints) show as one table row."""
+
+
+def _collapse(rows: list[Row]) -> list[Row]:
+    """Fold runs of more than :data:`RUN_LIMIT` plain items of one list into ``key[0..n]`` rows."""
+    out: list[Row] = []
+    i = 0
+    while i < len(rows):
+        key, shape, dtype, _ = rows[i]
+        parent, _, index = key.rpartition(".")
+        j = i
+        while (j < len(rows) and rows[j][1] is None and rows[j][2] == dtype and index.isdigit()
+               and rows[j][0] == f"{parent}.{int(index) + j - i}"):
+            j += 1
+        if shape is None and j - i > RUN_LIMIT:
+            out.append((f"{parent}.[{index}..{int(index) + j - i - 1}]", None, f"{j - i} x {dtype}", 0))
+            i = j
+        else:
+            out.append(rows[i])
+            i += 1
+    return out
+
+
 def _refuse_run_folder(path: str) -> None:
     """``inspect`` takes one checkpoint; on a run folder say which ones it holds and point to ls."""
     entries = catalog.scan(path)
@@ -157,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(f"{args.path}: {info['format']} format")
     print_table(["KEY", "SHAPE", "DTYPE", "BYTES"],
-                [[k, str(s) if s is not None else "", d, human_bytes(b) if s is not None else ""] for k, s, d, b in rows],
+                [[k, str(s) if s is not None else "", d, human_bytes(b) if s is not None else ""]
+                 for k, s, d, b in _collapse(rows)],
                 fold=("KEY",), console=console)
     console.print(f"{len(rows)} entries, {human_bytes(total)} of tensors")
     return 0

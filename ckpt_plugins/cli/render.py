@@ -77,7 +77,11 @@ def progress(description: str, total: float | None, *, enabled: bool = True) -> 
         yield lambda amount=1: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
+    # Lines printed meanwhile go above the bar when stdout is the same terminal; a piped stdout
+    # is left alone (rich would otherwise route it to the terminal).
+    shared = sys.stdout.isatty()
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True, redirect_stdout=shared,
+                  redirect_stderr=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda amount=1: bar.advance(task, amount)
 

@@ -42,9 +42,10 @@ def _targets(path: str) -> list[tuple[str, bool]]:
         return [(root, True)]
     if not storage.exists(root):
         raise ConfigError(f"{path}: no such file or folder")
-    if detect_format(path) not in (None, "ckpt_plugins"):
-        return [(path, False)]
-    return [(e.path, e.format == "ckpt_plugins") for e in catalog.scan(path)]
+    fmt = detect_format(path)
+    inner = catalog.run_folder_entries(path)
+    own = [(path, False)] if fmt not in (None, "ckpt_plugins") else []  # e.g. a Trainer output_dir's final model
+    return own + [(e.path, e.format == "ckpt_plugins") for e in inner]
 
 
 def check(path: str, ours: bool, advance: Any = None) -> tuple[str, list[str]]:

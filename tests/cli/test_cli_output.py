@@ -135,3 +135,44 @@ def test_progress_and_colour_are_off_when_not_a_terminal(tmp_path):
         result = run_cli(*args)
         assert result.returncode in (0, 1), result.stderr
         assert "\x1b[" not in result.stdout + result.stderr, args
+
+
+def test_a_malformed_retention_field_is_damage_not_a_crash(tmp_path, capsys):
+    run = plain_run(tmp_path / "run")
+    path = run / "step_2" / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["retention"] = {"keep_last": "three"}
+    path.write_text(json.dumps(doc))
+    assert main(["ls", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "DAMAGED step_2" in out and "retention flag 'keep_last'" in out
+    assert main(["verify", str(run / "step_2")]) == 1
+
+
+def _run_with_terminal_stderr(*args: str) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a pseudo-terminal and stdout on a pipe."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    result = subprocess.run([*CLI, *map(str, args)], stdin=follower, stdout=subprocess.PIPE, stderr=follower,
+                            timeout=240)
+    os.close(follower)
+    seen = b""
+    while select.select([leader], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    return result.returncode, result.stdout.decode(), seen.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_leaves_piped_stdout_whole(tmp_path):
+    run = plain_run(tmp_path / "run")
+    code, out, terminal = _run_with_terminal_stderr("verify", run)
+    assert code == 0 and "verifying" in terminal
+    assert out.splitlines() == [f"OK       {run / f'step_{s}'}" for s in (1, 2, 3, 4)]
