@@ -87,7 +87,7 @@ def run_ls(args: argparse.Namespace) -> int:
     print_table(["STEP", "NAME", "FORMAT", "METRICS", "SIZE", "AGE", "KEPT BY"], rows, fold=("METRICS",),
                 console=console)
     if rules is None:
-        print(f"rules unknown (no manifest stored them); pass --keep-last/--keep-best/... to see what prune would keep")
+        print("rules unknown (no manifest stored them); pass --keep-last/--keep-best/... to see what prune would keep")
     else:
         print(f"rules: {catalog.describe_rules(rules)} ({source})")
     for e in entries:

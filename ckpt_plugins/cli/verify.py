@@ -27,7 +27,7 @@ __all__ = ["add_parser", "check", "run"]
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("verify", help="check the checksums (or readability) of one checkpoint or of every one in a folder",
+    p = sub.add_parser("verify", help="check the checksums (or readability) of a checkpoint or of a run folder's",
                        description="Check one checkpoint, or every checkpoint of a run folder, in any format. "
                                    "Exit status 0 when all are OK, 1 when one is DAMAGED or UNSAFE.")
     p.add_argument("path", help="a checkpoint (folder or file) or a run folder")

@@ -8,11 +8,10 @@ import os
 
 import pytest
 import torch
+from cli_runs import hf_runs, json_of, lightning_runs, run_cli
 from safetensors.torch import load_file
 
 from ckpt_plugins.cli import main
-
-from cli_runs import hf_runs, json_of, lightning_runs, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
-import pytest
 import torch
-
-from ckpt_plugins import CheckpointManager
-from ckpt_plugins.cli import main
-
 from cli_runs import CLI, json_of, plain_run, run_cli
+
+from ckpt_plugins.cli import main
 
 
 class RunsCode:
