@@ -19,9 +19,9 @@ import torch
 
 from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError
 from ckpt_plugins.formats import detect_format
-from ckpt_plugins.tree.walk import iter_leaves
 from ckpt_plugins.restore.read import is_our_checkpoint, restore_path
 from ckpt_plugins.storage import open_storage
+from ckpt_plugins.tree.walk import iter_leaves
 
 from . import catalog
 from .render import progress

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_plugins.tree.walk import iter_leaves
 from ckpt_plugins.restore.read import restore_path
+from ckpt_plugins.tree.walk import iter_leaves
 
 from .render import emit_json, progress
 

@@ -19,14 +19,14 @@ from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.files.tensor_file import read_header
 from ckpt_plugins.formats import detect_format, read_foreign
-from ckpt_plugins.tree.walk import iter_leaves
 from ckpt_plugins.formats.hf_folder import HF_MARKER_FILES, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
 from ckpt_plugins.tree.codec import unflatten_state
-from ckpt_plugins.tree.tags import TAG, TENSOR_TAGS, np_dtype, walk
+from ckpt_plugins.tree.tags import TAG, TENSOR_TAGS, children, np_dtype
+from ckpt_plugins.tree.walk import iter_leaves
 
 from . import catalog
 from .render import emit_json, human_bytes, print_table, stdout
@@ -71,7 +71,8 @@ def _tree_rows(tree: Any, headers: dict[str, tuple[torch.dtype, list[int]]], pre
         value = unflatten_state(leaf, {})
         rows.append((key, None, type(value).__name__, 0))
 
-    walk(tree, "", 0, visit)
+    for path, leaf in iter_leaves(tree, children=children):
+        visit(path, leaf)
     return rows
 
 

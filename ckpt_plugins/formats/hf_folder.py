@@ -29,8 +29,8 @@ from typing import Any
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.tensor_file import checksum_file
 from ckpt_plugins.formats._pickle import MapLocation, load_pickle
-from ckpt_plugins.tree.walk import join, select
 from ckpt_plugins.formats.safetensors_file import read_safetensors
+from ckpt_plugins.tree.walk import join, select
 
 __all__ = ["HF_MARKER_FILES", "read_hf_folder", "read_native_files"]
 

@@ -20,6 +20,7 @@ from ckpt_plugins.restore.select import Selector, materialize
 from ckpt_plugins.restore.targets import RestoreReport, load_into
 from ckpt_plugins.storage import Storage, open_storage
 from ckpt_plugins.tree.codec import flatten_state, leaf_paths
+from ckpt_plugins.tree.tags import TAG
 from ckpt_plugins.tree.walk import iter_leaves
 
 __all__ = ["is_our_checkpoint", "restore_ours", "restore_path"]
@@ -52,26 +53,25 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
         expected = manifest.files[entry.tensor_file] if verify else None
         return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
 
-    native, native_paths = _native_files(storage, path, manifest, selector, map_location, verify) \
-        if part == "state" else ({}, [])
+    tree, native_paths = entry.tree, []
+    if part == "state":
+        tree, read_tensors, native_paths = _with_native_files(storage, path, manifest, tree, read_tensors,
+                                                              selector, map_location, verify)
     if isinstance(selector, Selector):
         selector.check(leaf_paths(entry.tree) + native_paths)
-    state = materialize(entry.tree, read_tensors, selector=selector, rename=rename, report=report)
-    if native and isinstance(state, dict):
-        if rename:
-            flat = flatten_state(native)
-            native = materialize(flat.tree, lambda keys: flat.tensors, selector=None, rename=rename, report=report)
-        report.tensors_read += sum(1 for _, leaf in iter_leaves(native) if isinstance(leaf, torch.Tensor))
-        state = {**state, **native}
+    state = materialize(tree, read_tensors, selector=selector, rename=rename, report=report)
     _finish(state, target, strict, report)
     return state, report
 
 
-def _native_files(storage: Storage, path: str, manifest: Any, selector: Callable[[str], bool] | None,
-                  map_location: str | torch.device, verify: bool) -> tuple[dict[str, Any], list[str]]:
+def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
+                       read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]],
+                       selector: Callable[[str], bool] | None, map_location: str | torch.device,
+                       verify: bool) -> tuple[Any, Callable[[set[str] | None], Mapping[str, torch.Tensor]], list[str]]:
     """Our HF checkpoints also hold the Trainer's own files (weights, optimizer, scheduler, RNG,
-    trainer_state.json): they are returned beside the manifest's state, selected and renamed
-    alike. Returns them and every key path they hold (for the selector's check)."""
+    trainer_state.json): add them to the state tree beside the manifest's own keys, so that
+    selection, renames and strict checks treat both alike. Also returns every key path of those files
+    (selected or not), for the selector's check. Other checkpoints are returned as they are."""
     from ckpt_plugins.formats.hf_folder import read_native_files
 
     seen: list[str] = []
@@ -82,7 +82,18 @@ def _native_files(storage: Storage, path: str, manifest: Any, selector: Callable
 
     native = read_native_files(storage, path, manifest.files, map_location=map_location,
                                include=None if selector is None else probe, verify=verify)
-    return native, seen
+    if not native or type(tree) is not dict or TAG in tree:
+        return tree, read_tensors, seen
+    flat = flatten_state(native)
+    if type(flat.tree) is not dict or set(flat.tree) & set(tree):
+        return tree, read_tensors, seen
+    in_memory = flat.tensors
+
+    def read_both(keys: set[str] | None) -> Mapping[str, torch.Tensor]:
+        own = read_tensors(None if keys is None else {k for k in keys if k not in in_memory})
+        return {**own, **in_memory}
+
+    return {**tree, **flat.tree}, read_both, seen
 
 
 def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | None,
