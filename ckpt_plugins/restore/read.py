@@ -53,13 +53,15 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
         expected = manifest.files[entry.tensor_file] if verify else None
         return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
 
-    tree, native_paths = entry.tree, []
+    tree = entry.tree
+    reader: Callable[[set[str] | None], Mapping[str, torch.Tensor]] = read_tensors
+    native_paths: list[str] = []
     if part == "state":
-        tree, read_tensors, native_paths = _with_native_files(storage, path, manifest, tree, read_tensors,
-                                                              selector, map_location, verify)
+        tree, reader, native_paths = _with_native_files(storage, path, manifest, tree, read_tensors, selector,
+                                                        map_location, verify)
     if isinstance(selector, Selector):
         selector.check(leaf_paths(entry.tree) + native_paths)
-    state = materialize(tree, read_tensors, selector=selector, rename=rename, report=report)
+    state = materialize(tree, reader, selector=selector, rename=rename, report=report)
     _finish(state, target, strict, report)
     return state, report
 
