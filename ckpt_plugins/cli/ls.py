@@ -8,6 +8,7 @@ replace them: ``ls --keep-last 2`` shows what ``prune --keep-last 2 --yes`` woul
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any
 
@@ -55,8 +56,23 @@ def add_parsers(sub: Any) -> None:
 def _listing(args: argparse.Namespace) -> tuple[list[catalog.Entry], dict | None, str, dict[str, list[str] | None]]:
     entries = catalog.scan(args.directory, args.dir_prefix)
     rules, source = catalog.choose_rules(entries, catalog.rule_flags(args))
-    reasons = catalog.decide(entries, rules) if rules is not None else {e.name: None for e in entries}
+    try:
+        reasons = catalog.decide(entries, rules) if rules is not None else {e.name: None for e in entries}
+    except ConfigError as exc:
+        if source != "command line":
+            raise ConfigError(f"the retention rules {source} are invalid ({exc}); pass rule flags instead") from None
+        raise ConfigError(_as_flags(str(exc))) from None
     return entries, rules, source, reasons
+
+
+def _as_flags(message: str) -> str:
+    """A rule error in the command line's words: ``keep_best=1 needs monitor`` -> ``--keep-best 1
+    needs --monitor``."""
+    for name in catalog.RULE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"\b{name}=(?=\S)", flag + " ", message)
+        message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
+    return message
 
 
 def _kept_by(entry: catalog.Entry, reasons: list[str] | None) -> str:
