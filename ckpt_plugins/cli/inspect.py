@@ -19,7 +19,7 @@ from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.files.tensor_file import read_header
 from ckpt_plugins.formats import detect_format, read_foreign
-from ckpt_plugins.formats.hf_folder import HF_MARKER_FILES, read_hf_folder
+from ckpt_plugins.formats.hf_folder import holds_native_files, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.read import is_our_checkpoint
@@ -102,7 +102,7 @@ def describe_ours(storage: Any, root: str, manifest: Manifest) -> list[Row]:
             headers = {key: (dtype, list(shape)) for key, (dtype, shape, _b, _e) in entries.items()}
         rows += _tree_rows(part.tree, headers, "" if part_name == "state" else f"[{part_name}] ")
     local = storage.local_path(root)
-    if local is not None and any(name in manifest.files for name in HF_MARKER_FILES):
+    if local is not None and holds_native_files(manifest):
         rows += _leaf_rows(read_hf_folder(local, meta=True))
     return rows
 

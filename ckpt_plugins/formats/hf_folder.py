@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ckpt_plugins.errors import CorruptCheckpointError
@@ -32,7 +32,7 @@ from ckpt_plugins.formats._pickle import MapLocation, load_pickle
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.tree.walk import join, select
 
-__all__ = ["HF_MARKER_FILES", "read_hf_folder", "read_native_files"]
+__all__ = ["HF_MARKER_FILES", "HF_WRITER", "holds_native_files", "read_hf_folder", "read_native_files"]
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,20 @@ def read_hf_folder(
     return _Reader(os.fspath(path), map_location, allow_unsafe_pickle, include, meta).read()
 
 
+HF_WRITER = "ckpt_plugins.hf"
+"""``user_metadata["written_by"]`` of the checkpoints ``ckpt_plugins.hf`` commits."""
+
+
+def holds_native_files(manifest: Any) -> bool:
+    """Whether one of our checkpoints was written by ``ckpt_plugins.hf`` with the Trainer's files in it."""
+    return manifest.user_metadata.get("written_by") == HF_WRITER and any(
+        name in manifest.files for name in HF_MARKER_FILES)
+
+
 def read_native_files(
     storage: Any,
     folder: str,
-    files: Mapping[str, Any],
+    manifest: Any,
     *,
     map_location: MapLocation = "cpu",
     include: Callable[[str], bool] | None = None,
@@ -215,19 +225,19 @@ def read_native_files(
     Args:
         storage: the folder's storage.
         folder: the checkpoint folder.
-        files: the manifest's ``files`` (name -> record with ``size`` and ``xxh3_64``).
+        manifest: its manifest (``files`` lists the native files with sizes and checksums).
         map_location: device for the tensors.
         include: keep only these key paths (``"model.<name>"``, ...); unselected weights are never read.
         verify: check each native file's size and xxh3 against the manifest before reading it.
 
     Returns:
-        ``{"model": ..., "optimizer": ..., ...}`` for the parts present; ``{}`` when the manifest
-        lists no Trainer file, or the folder is not local (logged).
+        ``{"model": ..., "optimizer": ..., ...}`` for the parts present; ``{}`` unless
+        :func:`holds_native_files`, or when the folder is not local (logged).
 
     Raises:
         CorruptCheckpointError: a native file is missing or fails its checksum (named).
     """
-    if not any(name in files for name in HF_MARKER_FILES):
+    if not holds_native_files(manifest):
         return {}
     local = storage.local_path(folder)
     if local is None:
@@ -235,7 +245,7 @@ def read_native_files(
                     folder)
         return {}
     if verify:
-        for name, record in files.items():
+        for name, record in manifest.files.items():
             if _OURS.fullmatch(name):
                 continue  # our own tensor files, verified by the core as it reads them
             path = storage.join(folder, name)

@@ -82,7 +82,7 @@ def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
         seen.append(key_path)
         return selector(key_path)  # type: ignore[misc]
 
-    native = read_native_files(storage, path, manifest.files, map_location=map_location,
+    native = read_native_files(storage, path, manifest, map_location=map_location,
                                include=None if selector is None else probe, verify=verify)
     if not native or type(tree) is not dict or TAG in tree:
         return tree, read_tensors, seen

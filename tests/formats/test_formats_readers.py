@@ -65,3 +65,10 @@ def test_a_refused_global_is_named(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"needs the global 'posix.system'") as info:
         load_pickle(tmp_path / "evil.pt")
     assert "allow-list'" not in str(info.value)
+
+
+def test_only_checkpoints_the_hf_callback_wrote_get_the_trainer_files(tmp_path):
+    weights = {"w": torch.ones(2)}
+    with CheckpointManager(tmp_path) as mgr:  # a plain run that happens to keep a model.safetensors beside
+        mgr.save(1, {"step": 1}, extra_files={"model.safetensors": save(weights)})
+        assert mgr.restore(1) == {"step": 1}
