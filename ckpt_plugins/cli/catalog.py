@@ -52,7 +52,7 @@ class Entry:
     """One checkpoint found in a folder."""
 
     name: str
-    path: str
+    path: str  # what open_storage() opens: an absolute local path, or the URL of a remote one
     format: str  # "ckpt_plugins" or a foreign format name (see ckpt_plugins.formats)
     step: int | None  # the manifest's step, else the name's; None when neither has one
     numbered: bool  # the name carries a step: retention applies to it
@@ -127,7 +127,10 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
             continue
         path = storage.join(root, name)
         if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
-            entries.append(_ours(storage, root, name, path))
+            entry = _ours(storage, root, name, path)
+            if local is None:  # a path open_storage opens again (memory://run/step_3, not /run/step_3)
+                entry.path = f"{directory.rstrip('/')}/{name}"
+            entries.append(entry)
             continue
         if local is None:
             continue  # foreign formats are read from local paths only
@@ -156,7 +159,7 @@ def run_folder_entries(directory: str) -> list[Entry]:
         return []
     entries = scan(directory)
     if detect_format(directory) is not None:
-        entries = [e for e in entries if storage.isdir(e.path)]
+        entries = [e for e in entries if storage.isdir(storage.join(root, e.name))]
     return entries
 
 

@@ -130,7 +130,7 @@ def run_prune(args: argparse.Namespace) -> int:
         layout = Layout(storage, root)
         for e in doomed:
             if args.yes:
-                layout.delete_path(e.path)
+                layout.delete_path(storage.join(root, e.name))
             print(f"{'deleted' if args.yes else 'delete '} step {e.step} {e.name}")
     finally:
         if lock is not None:

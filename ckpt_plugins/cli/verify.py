@@ -39,7 +39,7 @@ def _targets(path: str) -> list[tuple[str, bool]]:
     """(checkpoint path, is ours) for a checkpoint or for every checkpoint of a run folder."""
     storage, root = open_storage(path)
     if is_our_checkpoint(storage, root):
-        return [(root, True)]
+        return [(path, True)]
     if not storage.exists(root):
         raise ConfigError(f"{path}: no such file or folder")
     fmt = detect_format(path)

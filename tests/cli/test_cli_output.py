@@ -9,6 +9,7 @@ import subprocess
 import torch
 from cli_runs import CLI, json_of, plain_run, run_cli
 
+from ckpt_plugins import CheckpointManager
 from ckpt_plugins.cli import main
 
 
@@ -180,3 +181,19 @@ def test_rule_flag_errors_name_the_command_line_flags(tmp_path, capsys):
     assert "--keep-best 1 needs --monitor" in capsys.readouterr().err
     assert main(["prune", str(run), "--keep-last", "0"]) == 2
     assert "--keep-last must be a positive integer" in capsys.readouterr().err
+
+
+def test_remote_run_folders_are_listed_verified_and_pruned(capsys):
+    url = "memory://cli-remote-run"
+    with CheckpointManager(url, keep_last=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": 1.0 / step})
+    assert main(["verify", url]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"OK       {url}/step_{s}" for s in (1, 2, 3)]
+    assert main(["diff", f"{url}/step_1", f"{url}/step_3"]) == 1
+    assert "~ w: values differ (max |A-B| = 2)" in capsys.readouterr().out
+    assert main(["prune", url, "--keep-last", "1", "--yes"]) == 0
+    capsys.readouterr()
+    assert main(["ls", url]) == 0
+    out = capsys.readouterr().out
+    assert "step_3" in out and "step_1" not in out and "rules: keep_last=3 (stored in step_3)" in out
