@@ -11,7 +11,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["rank_and_world", "is_distributed", "all_gather_object", "broadcast_object", "barrier"]
+from ckpt_plugins.errors import DistributedError, SaveError, StepExistsError, UnsupportedStateError
+
+__all__ = ["rank_and_world", "is_distributed", "all_gather_object", "broadcast_object", "barrier", "agree_on_save"]
 
 
 def is_distributed() -> bool:
@@ -46,3 +48,31 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def agree_on_save(views: list[tuple[Any, ...]]) -> tuple[str, list[int]]:
+    """Check what every rank said before a save; return rank 0's token and the ranks with state.
+
+    Each view is ``(step, earlier_error, conflict, token, has_rank_state, unstorable)`` as one rank
+    sent it (one all_gather on the training thread, so every rank reaches the same verdict and
+    raises the same error instead of leaving the others waiting).
+
+    Raises:
+        SaveError: an earlier save failed on some rank.
+        UnsupportedStateError: some rank's state cannot be stored.
+        DistributedError: the ranks called ``save`` with different steps.
+        StepExistsError: rank 0 found checkpoints at or after the step.
+    """
+    errors = [f"rank {r}: {v[1]}" for r, v in enumerate(views) if v[1]]
+    if errors:
+        raise SaveError("an earlier save failed; " + "; ".join(errors))
+    unstorable = [f"rank {r}: {v[5]}" for r, v in enumerate(views) if v[5]]
+    if unstorable:
+        raise UnsupportedStateError("; ".join(unstorable))
+    if len({v[0] for v in views}) > 1:
+        raise DistributedError("ranks called save() with different steps: " +
+                               ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views)) +
+                               "; every rank must save the same step")
+    if views[0][2]:
+        raise StepExistsError(views[0][2])
+    return views[0][3], [r for r, v in enumerate(views) if v[4]]

@@ -16,7 +16,6 @@ alone takes the lock, cleans up, commits and deletes.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -27,32 +26,30 @@ from typing import Any, Literal
 
 import torch
 
-from ckpt_plugins.persist import exit_hooks
-from ckpt_plugins.distributed import all_gather_object, rank_and_world
-from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
-from ckpt_plugins.persist.save_job import SaveJob
-from ckpt_plugins.files.extra_files import collect_tensors
-from ckpt_plugins.errors import (CheckpointNotFoundError, ConfigError, CorruptCheckpointError, DistributedError,
-                     SaveError, StepExistsError, UnsupportedStateError, WriterError)
+from ckpt_plugins.distributed import agree_on_save, all_gather_object, rank_and_world
+from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, SaveError
+from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
+from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
-from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
+from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
+                                  SaveOptions)
+from ckpt_plugins.options.checks import check_directory
+from ckpt_plugins.options.model import assemble, policy_of
+from ckpt_plugins.persist import exit_hooks
+from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
+from ckpt_plugins.persist.request import check_save_arguments, collect, flatten_parts, stage_now
+from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.persist.writer_process import ProcessWriter
 from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.select import check_rename, check_strict, make_selector
 from ckpt_plugins.restore.targets import RestoreReport
 from ckpt_plugins.retention.policy import (CheckpointRecord, RetentionContext, RetentionDecision, RetentionPolicy,
-                                          best_step)
-from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
-                                  SaveOptions)
-from ckpt_plugins.options.checks import check_directory
-from ckpt_plugins.options.model import assemble
-from ckpt_plugins.storage.direct_io import direct_io_enabled
-from ckpt_plugins.persist.stager import HostStager
-from ckpt_plugins.persist.writer_process import ProcessWriter
-from ckpt_plugins.tree.codec import flatten_state
+                                          best_step, policy_flags, ranked_steps)
 from ckpt_plugins.storage import open_storage
-from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.storage.direct_io import direct_io_enabled
 
 __all__ = ["CheckpointManager"]
 
@@ -66,52 +63,27 @@ class CheckpointManager:
 
     Args:
         directory: a local path or an fsspec URL (``memory://run1``, ``s3://bucket/run1``).
-        keep_last: keep the N most recent checkpoints.
-        keep_best: keep the N best by ``monitor`` (needs ``monitor``).
-        monitor: metric name used by ``keep_best`` and ``restore("best")``.
-        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
-        keep_every_n_steps: keep steps divisible by N for good.
-        keep_time_interval: keep the first checkpoint of each interval (seconds or timedelta).
-        overwrite: allow saving at or before an existing step (later checkpoints are removed).
-        async_save: return from ``save`` once the state is copied; persist in the background.
-        max_pending: at most this many saves in flight (and staged copies in memory).
-        on_busy: when ``max_pending`` saves are in flight: ``"wait"`` blocks, ``"skip"`` skips.
-        snapshot: ``"safe"`` copies inside ``save``; ``"overlap"`` copies in the background and
-            requires :meth:`wait_for_snapshot` before the next ``optimizer.step()``.
-        on_commit: callables ``fn(step, path)`` run after every commit.
-        on_error: ``"raise"`` surfaces a failed background save at the next call; ``"warn"`` logs
-            it and keeps training.
-        verify: check file checksums when restoring.
-        read_only: only list and restore (no lock, no cleanup, ``save`` refused); for evaluation
-            jobs and tools that read a directory another process is writing.
-        rank_timeout: seconds rank 0 waits for other ranks' files before failing the save.
-        writer: ``"thread"`` writes tensor files on the background thread; ``"process"`` hands
-            staged shared-memory buffers to a writer process (no GIL contention with training;
-            needs ``async_save=True`` and a local directory).
-        writer_nice: lower the background writer thread's scheduling priority by this much (Linux
-            nice increment; default 0). Measured on 2 cores: less slowdown of training while a
-            persist runs, but a longer persist and more training time lost in total.
-        direct_io: write tensor files with ``O_DIRECT`` (past the page cache: one memory copy
-            instead of the page cache's copy and writeback) where the file system supports it,
-            plain writes elsewhere. ``False``, or ``CKPT_PLUGINS_DIRECT_IO=0`` in the environment,
-            always writes through the page cache.
-        distributed: under torch.distributed, act as one of the ranks (the default). ``False``
-            makes this manager a world of one even in a distributed job: no collectives, rank 0
-            duties (lock, commit, retention) in this process. For code that already saves on
-            one rank only, such as Lightning's CheckpointIO.
-        dir_prefix: checkpoint folder names are ``<dir_prefix><step>`` (``checkpoint-`` gives the
-            HF Trainer's layout).
-        strict: the default of ``restore(strict=...)``.
-        options: every option at once, as a :class:`~ckpt_plugins.options.ManagerOptions`
-            (instead of the keywords above).
+        keep_last, keep_best, monitor, mode, keep_every_n_steps, keep_time_interval, overwrite:
+            retention (:class:`~ckpt_plugins.options.RetentionOptions`): which checkpoints are kept,
+            and whether a save may go back in steps.
+        async_save, max_pending, on_busy, snapshot, on_commit, on_error, writer, writer_nice:
+            saving (:class:`~ckpt_plugins.options.SaveOptions`): background saves, how many at
+            once, who writes. ``snapshot="overlap"`` needs :meth:`wait_for_snapshot` before the
+            next ``optimizer.step()``.
+        direct_io, dir_prefix, read_only: the directory (:class:`~ckpt_plugins.options.IOOptions`).
+        distributed, rank_timeout: under ``torch.distributed``
+            (:class:`~ckpt_plugins.options.DistributedOptions`); ``distributed=False`` makes a
+            world of one, for code that saves on one rank only (Lightning's CheckpointIO).
+        verify, strict: restore defaults (:class:`~ckpt_plugins.options.RestoreOptions`).
+        options: every option at once, a :class:`~ckpt_plugins.options.ManagerOptions`.
         retention_options, save_options, io_options, distributed_options, restore_options: one
-            group of options as an object (:mod:`ckpt_plugins.options`) instead of its keywords.
+            group as an object instead of its keywords.
         policy: a ready :class:`~ckpt_plugins.retention.RetentionPolicy` instead of the
             ``keep_*`` keywords (``monitor``/``mode`` still rank for ``best_step``).
 
-    Every option is checked here, before the directory is touched: a bad value is a
-    :class:`~ckpt_plugins.errors.ConfigError` naming it (``exc.option``), with the value and the fix.
-    See docs/options.md.
+    Each option is documented on its group and in docs/options.md. Every option is checked here,
+    before the directory is touched: a bad value is a :class:`~ckpt_plugins.errors.ConfigError`
+    naming it (``exc.option``), with the value and the fix.
 
     Example:
         >>> with CheckpointManager("runs/demo", keep_last=3) as mgr:  # doctest: +SKIP
@@ -148,7 +120,7 @@ class CheckpointManager:
         groups = dict(retention_options=retention_options, save_options=save_options, io_options=io_options,
                       distributed_options=distributed_options, restore_options=restore_options)
         self.options = opts = assemble(options, groups, flat)
-        self.policy = _policy(policy, opts.retention)
+        self.policy = policy_of(policy, opts.retention)
         self.directory = os.fspath(directory)
         self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
         self.storage, self.root = open_storage(self.directory)
@@ -166,10 +138,13 @@ class CheckpointManager:
             self._stager = HostStager(opts.saving.max_pending, shared=opts.saving.writer == "process")
             self._process_writer = ProcessWriter(self.direct_io, self._stager) \
                 if opts.saving.writer == "process" else None
-            self._engine = PersistEngine(async_save=opts.saving.async_save, writer_nice=opts.saving.writer_nice)
+            self._engine = PersistEngine(async_save=opts.saving.async_save, writer_nice=opts.saving.writer_nice,
+                                         on_error=opts.saving.on_error)
         except BaseException:
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
+        self._destination = Destination(self.storage, self.layout, self._write_tensors, self.direct_io, self.rank,
+                                        self.world_size, opts.distributed.rank_timeout)
         self._records: dict[int, CheckpointRecord] = {}
         self._state_lock = threading.Lock()
         self._in_flight: set[int] = set()
@@ -279,7 +254,8 @@ class CheckpointManager:
         Raises:
             StepExistsError: a fresh run before later checkpoints, without ``overwrite``.
         """
-        later = check_run_start(self.directory, self.steps(), step, resumed=resumed, overwrite=self.options.retention.overwrite,
+        later = check_run_start(self.directory, self.steps(), step, resumed=resumed,
+                                overwrite=self.options.retention.overwrite,
                                 hint=hint)
         with self._state_lock:
             self._replaceable = frozenset(later)
@@ -315,92 +291,52 @@ class CheckpointManager:
         self._check_open()
         if self.read_only:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"step must be a non-negative integer, got {step!r}")
-        clean_metrics = _clean_metrics(metrics)
-        for file_name in extra_files or {}:
-            if not isinstance(file_name, str) or not _SAFE_NAME.match(file_name) or ".." in file_name \
-                    or file_name == MANIFEST_NAME or file_name.endswith(".safetensors") \
-                    and file_name.startswith(("state", "rank_")):
-                raise ConfigError(f"extra_files name {file_name!r} is not a plain file name, or is reserved "
-                                  "(manifest.json, state*.safetensors, rank_*.safetensors)")
-        if name is not None:
-            check_folder_name(name)
-        flat = rank_flat = flatten_error = None
-        try:
-            flat = flatten_state(state) if self.rank == 0 else None
-            rank_flat = flatten_state(rank_state) if rank_state is not None else None
-        except UnsupportedStateError as exc:
-            if self.world_size == 1:
-                raise
-            flatten_error = str(exc)  # every rank must hear of it, or the others would hang
-        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None,
-                                              flatten_error=flatten_error, name=name)
-        slot = self._stager.acquire(block=self.options.saving.on_busy == "wait")
+        metrics = check_save_arguments(step, metrics, extra_files, name)
+        flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
+        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None, unstorable=unstorable,
+                                              name=name)
+        saving = self.options.saving
+        slot = self._stager.acquire(block=saving.on_busy == "wait")
         if slot is None:
             log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
                         step, self._stager.slots)
             return None
         t0 = time.perf_counter()
-        tensors = {}
-        if flat is not None:
-            tensors.update({f"state/{k}": v for k, v in flat.tensors.items()})
-        if rank_flat is not None:
-            tensors.update({f"rank/{k}": v for k, v in rank_flat.tensors.items()})
-        extra_tensors, extra_specs = collect_tensors((extra_files or {}) if self.rank == 0 else {})
-        tensors.update(extra_tensors)
+        tensors, extra_specs = collect(flat, rank_flat, extra_files if self.rank == 0 else None)
+        staged = stage_now(self._stager, slot, tensors, snapshot=saving.snapshot, async_save=saving.async_save)
         handle = SaveHandle(step, self.layout.path_for(step, name))
-        staged = None
-        try:
-            if self.options.saving.snapshot == "safe" and (self.async_save or any(t.is_cuda for t in tensors.values())):
-                staged = self._stager.stage(slot, tensors)
-                staged.wait()
-        except BaseException:
-            self._stager.release(slot)
-            raise
         handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
         self.last_save_stats = handle.stats
+        request = SaveRequest(step=step, token=token, name=name, ranks_with_state=ranks_with_state, flat=flat,
+                              rank_flat=rank_flat, tensors=tensors, staged=staged,
+                              stage_in_job=saving.snapshot == "overlap", slot=slot, metrics=metrics,
+                              user_metadata=dict(user_metadata or {}), extra_specs=extra_specs,
+                              callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
+                              retention=policy_flags(self.policy))
         if name is None:
             with self._state_lock:
                 self._in_flight.add(step)
-        job = SaveJob(self, step, token, ranks_with_state, flat, rank_flat, tensors, staged, slot,
-                      clean_metrics, dict(user_metadata or {}), on_commit, extra_specs, name)
-        handle.stats["stall_s"] = time.perf_counter() - t0
         try:
-            self._last_handle = self._engine.submit(handle, job)
+            self._last_handle = self._engine.submit(handle, SaveJob(request, self._destination, self._stager,
+                                                                    done=self._save_done))
         except BaseException:
             self._stager.release(slot)
-            with self._state_lock:
-                self._in_flight.discard(step)
+            self._save_done(request, None)
             raise
         handle.stats["stall_s"] = time.perf_counter() - t0
-        if not self.async_save:
-            self._report(handle)
+        if not saving.async_save:
+            self._engine.report(handle, distributed=self.world_size > 1)
             if self.world_size > 1:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
         return handle
 
-    def _agree(self, step: int, *, has_rank_state: bool, flatten_error: str | None = None,
-               name: str | None = None) -> tuple[str, list[int]]:
-        """Check the step against what exists, and (distributed) that every rank agrees."""
-        own_error = self._take_error(refuse=True)
+    def _agree(self, step: int, *, has_rank_state: bool, unstorable: str | None,
+               name: str | None) -> tuple[str, list[int]]:
+        """Check the step against what exists and (distributed) that every rank agrees (one all_gather)."""
+        own_error = self._engine.take_error(distributed=self.world_size > 1, refuse=True)
         conflict = self._order_conflict(step) if self.rank == 0 and name is None else None
-        token = uuid.uuid4().hex[:12]
-        views = self._gather((step, own_error, conflict, token, has_rank_state, flatten_error))
-        errors = [f"rank {r}: {v[1]}" for r, v in enumerate(views) if v[1]]
-        if errors:
-            raise SaveError("an earlier save failed; " + "; ".join(errors))
-        unstorable = [f"rank {r}: {v[5]}" for r, v in enumerate(views) if v[5]]
-        if unstorable:
-            raise UnsupportedStateError("; ".join(unstorable))
-        steps = {v[0] for v in views}
-        if len(steps) > 1:
-            raise DistributedError("ranks called save() with different steps: " +
-                                   ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views)) +
-                                   "; every rank must save the same step")
-        if views[0][2]:
-            raise StepExistsError(views[0][2])
-        return views[0][3], [r for r, v in enumerate(views) if v[4]]
+        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable)
+        return agree_on_save(self._gather(view))
 
     def _gather(self, obj: Any) -> list[Any]:
         return all_gather_object(obj) if self.world_size > 1 else [obj]
@@ -415,16 +351,36 @@ class CheckpointManager:
                     "overwrite=True to replace them (later checkpoints are then removed).")
         return None
 
-    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor],
-                       metadata: Mapping[str, str] | None = None, slot: int | None = None) -> FileRecord:
+    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                       slot: int | None) -> FileRecord:
         if self._process_writer is not None:
             return self._process_writer.write(path, tensors, metadata, slot)
         return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
 
+    def _save_done(self, request: SaveRequest, manifest: Manifest | None) -> None:
+        """A save job finished (the writer's completion callback): forget it as in flight; after a
+        commit on rank 0, drop the checkpoints it supersedes (``overwrite``, or an earlier run's
+        after a resume: :meth:`start_run`), record it, and apply retention."""
+        step = request.step
+        with self._state_lock:
+            if request.name is None:
+                self._in_flight.discard(step)
+            if manifest is None or request.name is not None:
+                return
+            replaceable, self._replaceable = self._replaceable, frozenset()
+        for later in [s for s in self.steps() if s > step or (s in replaceable and s != step)]:
+            log.info("removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", later, step)
+            self.layout.delete(later)
+        with self._state_lock:
+            self._records[step] = CheckpointRecord(step, manifest.wall_time, manifest.metrics)
+            if self._restored_step is not None and step > self._restored_step:
+                self._restored_step = None  # a newer checkpoint exists now: no longer protected
+        self.prune()
+
     def wait(self) -> None:
         """Block until every pending save is committed; raise the first error not yet seen."""
         self._engine.flush()
-        own_error = self._take_error()
+        own_error = self._engine.take_error(distributed=self.world_size > 1)
         errors = [f"rank {r}: {e}" for r, e in enumerate(self._gather(own_error)) if e]
         if errors:
             raise SaveError("a save failed; " + "; ".join(errors))
@@ -437,33 +393,6 @@ class CheckpointManager:
                 self._last_handle.wait_staged()
             except BaseException:  # noqa: BLE001 - the error surfaces through wait()/save()
                 pass
-
-    def _take_error(self, refuse: bool = False) -> str | None:
-        """Raise (one process) or return (for the other ranks to hear of it) an unseen save error;
-        when ``refuse`` (a new save), also a failed writer's error, whatever ``on_error`` says."""
-        try:
-            self._engine.raise_pending_error(refuse=refuse)
-        except WriterError as exc:
-            if self.world_size == 1:
-                raise
-            return str(exc)
-        except SaveError as exc:
-            if self.options.saving.on_error == "warn":
-                log.warning("a checkpoint save failed and on_error='warn': %s", exc)
-                return None
-            if self.world_size == 1:
-                raise
-            return str(exc)
-        return None
-
-    def _report(self, handle: SaveHandle) -> None:
-        try:
-            handle.wait()
-        except Exception as exc:
-            if self.options.saving.on_error == "warn":
-                log.warning("saving step %d failed and on_error='warn': %s", handle.step, exc)
-            elif self.world_size == 1:
-                raise
 
     # --- restore -----------------------------------------------------------------------------
     def restore(self, which: Which = "latest", *, target: Any = None,
@@ -521,14 +450,9 @@ class CheckpointManager:
         if which == "latest":
             return self.steps()[::-1]
         if self.monitor is None:
-            raise ConfigError("restore('best') needs monitor= (and mode=) on the CheckpointManager")
-        records = self.records()
-        ranked = []
-        while True:
-            best = best_step([r for r in records if r.step not in ranked], self.monitor, self.mode)
-            if best is None:
-                return ranked
-            ranked.append(best)
+            raise ConfigError("restore('best') needs $monitor (and $mode) on the CheckpointManager",
+                              option="monitor", value=None, mentions=("mode",))
+        return ranked_steps(self.records(), self.monitor, self.mode)
 
     def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
         from ckpt_plugins.restore.read import restore_ours
@@ -547,7 +471,8 @@ class CheckpointManager:
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from ckpt_plugins.restore.read import restore_ours
-        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step), verify=self.options.restore.verify,
+        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step),
+                                verify=self.options.restore.verify,
                                 part=f"rank_{self.rank if rank is None else rank}", target=None,
                                 selector=None, rename=None, strict=True, map_location=map_location,
                                 allow_unsafe_pickle=False, missing_ok=True)
@@ -572,7 +497,7 @@ class CheckpointManager:
 
         self._engine.submit(handle, job)
         if not self.async_save:
-            self._report(handle)
+            self._engine.report(handle, distributed=self.world_size > 1)
         return handle
 
     def retention(self) -> RetentionDecision:
@@ -602,7 +527,7 @@ class CheckpointManager:
             self._engine.shutdown()
             if self._process_writer is not None:
                 self._process_writer.close()
-            self._take_error()
+            self._engine.take_error(distributed=self.world_size > 1)
         finally:
             self._closed = True
             self._lock.release()
@@ -626,36 +551,3 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, policy={self.policy}, async_save={self.async_save})"
-
-
-def _policy(policy: Any, retention: RetentionOptions) -> RetentionPolicy:
-    """A ready ``policy`` (then no ``keep_*`` option may be set), else the one ``retention`` stands for."""
-    if policy is None:
-        return retention.policy()
-    if not isinstance(policy, RetentionPolicy):
-        raise ConfigError(f"$policy must be a RetentionPolicy (ckpt_plugins.retention), got {policy!r}",
-                          option="policy", value=policy)
-    if retention.has_rules:
-        rules = [f"{n}={getattr(retention, n)!r}" for n in ("keep_last", "keep_best", "keep_every_n_steps",
-                                                           "keep_time_interval") if getattr(retention, n) is not None]
-        raise ConfigError(f"$policy replaces the keep_* rules, and {', '.join(rules)} is set too; put that rule "
-                          "in the policy or drop policy=", option="policy", value=policy)
-    return policy
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ConfigError(f"metric {name!r} is a tensor with {value.numel()} elements; pass a scalar")
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value)  # numpy scalars and similar
-            except (TypeError, ValueError):
-                raise ConfigError(f"metric {name!r} must be a number, got {value!r}") from None
-        out[str(name)] = float(value) if not isinstance(value, float) else value
-        if math.isnan(out[str(name)]):
-            log.debug("metric %r is NaN at this save; it ranks worst", name)
-    return out

@@ -12,12 +12,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOptions, RetentionOptions, SaveOptions
 
-__all__ = ["ManagerOptions", "assemble", "GROUP_KEYWORDS", "FLAT_DEFAULTS"]
+if TYPE_CHECKING:
+    from ckpt_plugins.retention.policy import RetentionPolicy
+
+__all__ = ["ManagerOptions", "assemble", "policy_of", "GROUP_KEYWORDS", "FLAT_DEFAULTS"]
 
 # ManagerOptions field -> (keyword of CheckpointManager that takes the group, group class)
 GROUP_KEYWORDS: dict[str, tuple[str, type]] = {
@@ -128,3 +131,20 @@ def assemble(options: ManagerOptions | None, groups: Mapping[str, Any], flat: Ma
                               option=clash[0], value=mine[clash[0]], mentions=(keyword,))
         built[name] = group
     return ManagerOptions(**built)
+
+
+def policy_of(policy: Any, retention: RetentionOptions) -> RetentionPolicy:
+    """A ready ``policy`` (then no ``keep_*`` option may be set), else the one ``retention`` stands for."""
+    from ckpt_plugins.retention.policy import RetentionPolicy
+
+    if policy is None:
+        return retention.policy()
+    if not isinstance(policy, RetentionPolicy):
+        raise ConfigError(f"$policy must be a RetentionPolicy (ckpt_plugins.retention), got {policy!r}",
+                          option="policy", value=policy)
+    if retention.has_rules:
+        rules = [f"{n}={getattr(retention, n)!r}" for n in ("keep_last", "keep_best", "keep_every_n_steps",
+                                                           "keep_time_interval") if getattr(retention, n) is not None]
+        raise ConfigError(f"$policy replaces the keep_* rules, and {', '.join(rules)} is set too; put that rule "
+                          "in the policy or drop policy=", option="policy", value=policy)
+    return policy

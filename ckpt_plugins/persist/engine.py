@@ -79,8 +79,10 @@ class SaveHandle:
 class PersistEngine:
     """Ordered execution of save jobs, on a writer thread (async) or inline (sync)."""
 
-    def __init__(self, *, async_save: bool, name: str = "ckpt-writer", writer_nice: int = 0) -> None:
+    def __init__(self, *, async_save: bool, name: str = "ckpt-writer", writer_nice: int = 0,
+                 on_error: str = "raise") -> None:
         self.async_save = async_save
+        self.on_error = on_error
         self.writer_nice = writer_nice
         self._queue: queue.Queue[tuple[SaveHandle, Callable[[SaveHandle], str]] | None] = queue.Queue()
         self._handles: list[SaveHandle] = []
@@ -144,6 +146,35 @@ class PersistEngine:
             if self._failure is not None and (refuse or not self._failure_reported):
                 self._failure_reported = True
                 raise self._failure
+
+    def take_error(self, *, distributed: bool = False, refuse: bool = False) -> str | None:
+        """Apply ``on_error`` to an unseen error: raise it (one process), log it (``"warn"``), or
+        return its text for the other ranks to hear of (``distributed``). With ``refuse`` (a new
+        save) a failed writer's error is raised (returned) whatever ``on_error`` says."""
+        try:
+            self.raise_pending_error(refuse=refuse)
+        except WriterError as exc:
+            if not distributed:
+                raise
+            return str(exc)
+        except SaveError as exc:
+            if self.on_error == "warn":
+                log.warning("a checkpoint save failed and on_error='warn': %s", exc)
+                return None
+            if not distributed:
+                raise
+            return str(exc)
+        return None
+
+    def report(self, handle: SaveHandle, *, distributed: bool = False) -> None:
+        """Wait for ``handle`` (a synchronous save) and apply ``on_error`` to its failure."""
+        try:
+            handle.wait()
+        except Exception as exc:
+            if self.on_error == "warn":
+                log.warning("saving step %d failed and on_error='warn': %s", handle.step, exc)
+            elif not distributed:
+                raise
 
     def shutdown(self) -> None:
         """Flush and stop the writer thread."""

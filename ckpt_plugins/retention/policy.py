@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
     "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
-    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_for", "policy_flags",
+    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_flags", "policy_for",
+    "ranked_steps",
 ]
 
 @dataclass(frozen=True)
@@ -87,6 +88,14 @@ def _ranked(records: Sequence[CheckpointRecord], monitor: str, mode: str) -> lis
         return (nan, 0.0 if nan else sign * value, -record.step)
 
     return [r.step for r in sorted((r for r in records if monitor in r.metrics), key=rank)]
+
+
+def ranked_steps(records: Sequence[CheckpointRecord], monitor: str, mode: str = "min") -> list[int]:
+    """Steps that carry ``monitor``, best first, ranked as in :func:`best_step` (``restore("best")``
+    tries them in this order, past damaged ones)."""
+    check_metric("monitor", monitor)
+    check_mode("mode", mode)
+    return _ranked(records, monitor, mode)
 
 
 def best_step(records: Sequence[CheckpointRecord], monitor: str, mode: str = "min") -> int | None:

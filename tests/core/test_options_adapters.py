@@ -9,12 +9,10 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import lightning as L
 import pytest
-import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ckpt_plugins import CheckpointManager, ConfigError
+from ckpt_plugins import ConfigError
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback as HfCallback
 from ckpt_plugins.hf.options import CallbackOptions
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
