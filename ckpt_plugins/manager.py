@@ -312,7 +312,7 @@ class CheckpointManager:
                               stage_in_job=saving.snapshot == "overlap", slot=slot, metrics=metrics,
                               user_metadata=dict(user_metadata or {}), extra_specs=extra_specs,
                               callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
-                              retention=policy_flags(self.policy))
+                              retention=policy_flags(self.policy) if name is None else None)
         if name is None:
             with self._state_lock:
                 self._in_flight.add(step)

@@ -95,6 +95,7 @@ def test_ls_verify_prune_read_folders_of_lightning_checkpoints(lightning, kind, 
     doc = json_of("ls", directory)
     assert [c["step"] for c in doc["checkpoints"]] == [4, 8, 12]
     assert {c["format"] for c in doc["checkpoints"]} == {"ckpt_plugins" if kind == "plugin" else "lightning"}
+    assert doc["rules"] is None  # ModelCheckpoint decides what stays, not rules stored by us
     assert main(["verify", str(directory)]) == 0
     assert capsys.readouterr().out.count("OK") == 3
     assert main(["prune", str(directory), "--keep-last", "2"]) == 0
