@@ -4,13 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is installed first, and only when missing, so that a local CPU wheel is used when present.
 TORCH_SPEC ?= torch==2.13.0
+# what `make test` needs: both adapters, PEFT, and the test and lint tools
+EXTRAS := lightning,hf,peft,dev
+# `make test-min`: the oldest versions pyproject.toml accepts, pinned in .ci/min-versions.txt
+VENV_MIN := .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
 
-.PHONY: venv demo test bench soak clean
+.PHONY: venv demo lint test test-min bench soak clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[lightning,hf,dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(VENV)/.ready
@@ -18,14 +23,29 @@ venv: $(VENV)/.ready
 demo: venv
 	$(PY) examples/demo.py
 
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 test: venv
 	$(PY) -m pytest -q tests
 
+$(VENV_MIN)/.ready: pyproject.toml Makefile .ci/min-versions.txt
+	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
+	$(PY_MIN) -m pip install -q -c .ci/min-versions.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# Not part of `make test`: the suite against the minimum versions (a separate, larger download).
+test-min: $(VENV_MIN)/.ready
+	$(PY_MIN) -m pytest -q tests
+
 bench: venv
+	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
 	$(PY) benchmarks/run_all.py
 
 soak: venv
-	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/test_crash.py tests/test_faults.py tests/test_fuzz.py
+	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/reliability
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache

@@ -43,13 +43,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ckpt_plugins.activation import (  # noqa: E402
+from ckpt_plugins.activation import (
     ActivationCheckpointing,
     ActivationCheckpointingWarning,
     apply_activation_checkpointing,
@@ -77,8 +77,11 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type == self.device_type}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type
+        }
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
@@ -118,13 +121,20 @@ def build(args: argparse.Namespace, dropout: float, device: torch.device):
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=args.heads,
-                        vocab_size=args.vocab, n_positions=args.seq, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
-                        attn_pdrop=dropout)
+    config = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.embd,
+        n_head=args.heads,
+        vocab_size=args.vocab,
+        n_positions=args.seq,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
     model = GPT2LMHeadModel(config).to(device).train()
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq),
-                          generator=torch.Generator().manual_seed(1)).to(device)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
     return model, batch
 
 
@@ -194,9 +204,11 @@ def run(args: argparse.Namespace, dropout: float, device: torch.device) -> list[
         apply_activation_checkpointing(model, config)
         memory[name] = measure_memory(model, batch, device)
         remove_activation_checkpointing(model)
-        print(f"dropout {dropout}: {name:>14}: kept {memory[name][0] / MIB:7.1f} MiB, hooks "
-              f"{memory[name][1] / MIB:7.1f} MiB, peak {memory[name][2] / MIB:7.1f} MiB",
-              flush=True)
+        print(
+            f"dropout {dropout}: {name:>14}: kept {memory[name][0] / MIB:7.1f} MiB, hooks "
+            f"{memory[name][1] / MIB:7.1f} MiB, peak {memory[name][2] / MIB:7.1f} MiB",
+            flush=True,
+        )
 
     steps: dict[str, list[float]] = {name: [] for name in MODES}
     walls: dict[str, list[float]] = {name: [] for name in MODES}
@@ -210,56 +222,78 @@ def run(args: argparse.Namespace, dropout: float, device: torch.device) -> list[
             if round_ >= args.warmup:
                 steps[name].append(step)
                 walls[name].append(wall)
-    results = [Result(name, *memory[name], min(steps[name]), min(walls[name]),
-                      statistics.median(steps[name]), steps[name], walls[name])
-               for name in MODES]
+    results = [
+        Result(
+            name,
+            *memory[name],
+            min(steps[name]),
+            min(walls[name]),
+            statistics.median(steps[name]),
+            steps[name],
+            walls[name],
+        )
+        for name in MODES
+    ]
     for r in results:
-        print(f"dropout {dropout}: {r.mode:>14}: step min {r.step_s * 1000:.0f} ms, median "
-              f"{r.step_median_s * 1000:.0f} ms, wall min {r.wall_s * 1000:.0f} ms", flush=True)
+        print(
+            f"dropout {dropout}: {r.mode:>14}: step min {r.step_s * 1000:.0f} ms, median "
+            f"{r.step_median_s * 1000:.0f} ms, wall min {r.wall_s * 1000:.0f} ms",
+            flush=True,
+        )
     return results
 
 
-def environment(args: argparse.Namespace, device: torch.device, load: tuple[float, float]
-                ) -> str:
+def environment(args: argparse.Namespace, device: torch.device, load: tuple[float, float]) -> str:
     import transformers
 
     if device.type == "cuda":
         where = f"CUDA: {torch.cuda.get_device_name()}; step time = wall time"
     else:
-        where = (f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
-                 f"{torch.get_num_threads()} torch thread(s); step time = CPU time of the "
-                 f"stepping thread; load average {load[0]:.1f} at start, {load[1]:.1f} at end")
-    return (f"torch {torch.__version__}, transformers {transformers.__version__}, {where}. "
-            f"Model: `GPT2LMHeadModel` built from config ({args.layers} layers, n_embd "
-            f"{args.embd}, {args.heads} heads, vocab {args.vocab}), fp32, batch {args.batch} x "
-            f"seq {args.seq}. Step = forward + backward + AdamW; times are the minimum over "
-            f"{args.rounds} rounds after {args.warmup} warm-up round(s), modes interleaved "
-            "round-robin in an order rotated every round (medians and every sample are in "
-            "`activation.json`)")
+        where = (
+            f"CPU: {platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread(s); step time = CPU time of the "
+            f"stepping thread; load average {load[0]:.1f} at start, {load[1]:.1f} at end"
+        )
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {where}. "
+        f"Model: `GPT2LMHeadModel` built from config ({args.layers} layers, n_embd "
+        f"{args.embd}, {args.heads} heads, vocab {args.vocab}), fp32, batch {args.batch} x "
+        f"seq {args.seq}. Step = forward + backward + AdamW; times are the minimum over "
+        f"{args.rounds} rounds after {args.warmup} warm-up round(s), modes interleaved "
+        "round-robin in an order rotated every round (medians and every sample are in "
+        "`activation.json`)"
+    )
 
 
 def render_variant(title: str, results: list[Result], device_type: str) -> tuple[str, list[str]]:
     base = results[0]
     peak = "peak (`max_memory_allocated`)" if device_type == "cuda" else "peak live tensor bytes"
     step = "step time" if device_type == "cuda" else "step CPU time"
-    rows = [f"| mode | kept for backward | vs off | outer saved-tensor hooks | {peak} | vs off "
-            f"| {step} | vs off | wall time | vs off |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"| mode | kept for backward | vs off | outer saved-tensor hooks | {peak} | vs off "
+        f"| {step} | vs off | wall time | vs off |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         rows.append(
             f"| {r.mode} | {r.kept_bytes / MIB:.1f} MiB | {_pct(r.kept_bytes, base.kept_bytes)} "
             f"| {r.hook_bytes / MIB:.1f} MiB | {r.peak_bytes / MIB:.1f} MiB "
             f"| {_pct(r.peak_bytes, base.peak_bytes)} | {r.step_s * 1000:.0f} ms "
             f"| {_pct(r.step_s, base.step_s)} | {r.wall_s * 1000:.0f} ms "
-            f"| {_pct(r.wall_s, base.wall_s)} |")
+            f"| {_pct(r.wall_s, base.wall_s)} |"
+        )
     verdicts = [
         f"- {title}, `{h['mode']}`: kept-for-backward bytes {-h['cut']:+.0%} (target <= "
         f"-{h['min_cut']:.0%}), {step} {h['extra']:+.0%} (target <= +{h['max_extra']:.0%}): "
-        f"**{'met' if h['met'] else 'NOT met'}**" for h in target_checks(results)]
+        f"**{'met' if h['met'] else 'NOT met'}**"
+        for h in target_checks(results)
+    ]
     offload = next(r for r in results if r.mode == "offload")
     if device_type == "cpu":
-        rows.append(f"\n`offload` does nothing on a CPU-only model, so its time against `off` "
-                    f"({_pct(offload.step_s, base.step_s)}) shows this run's timing noise.")
+        rows.append(
+            f"\n`offload` does nothing on a CPU-only model, so its time against `off` "
+            f"({_pct(offload.step_s, base.step_s)}) shows this run's timing noise."
+        )
     return f"### {title}\n\n" + "\n".join(rows) + "\n", verdicts
 
 
@@ -271,19 +305,31 @@ def target_checks(results: list[Result]) -> list[dict]:
         if r.mode in TARGETS:
             min_cut, max_extra = TARGETS[r.mode]
             cut, extra = 1 - r.kept_bytes / base.kept_bytes, r.step_s / base.step_s - 1
-            checks.append({"mode": r.mode, "cut": cut, "extra": extra, "min_cut": min_cut,
-                           "max_extra": max_extra, "met": cut >= min_cut and extra <= max_extra})
+            checks.append(
+                {
+                    "mode": r.mode,
+                    "cut": cut,
+                    "extra": extra,
+                    "min_cut": min_cut,
+                    "max_extra": max_extra,
+                    "met": cut >= min_cut and extra <= max_extra,
+                }
+            )
     return checks
 
 
 def headline(variants: dict[str, list[Result]], device_type: str) -> list[dict]:
     """Rows for ``benchmarks/run_all.py``'s combined table."""
     step = "step time" if device_type == "cuda" else "step CPU time"
-    return [{"target": f"`{h['mode']}`, {title}: kept bytes <= -{h['min_cut']:.0%} at "
-                       f"<= +{h['max_extra']:.0%} {step}",
-             "measured": f"{-h['cut']:+.0%} bytes, {h['extra']:+.0%} {step}",
-             "met": h["met"]}
-            for title, results in variants.items() for h in target_checks(results)]
+    return [
+        {
+            "target": f"`{h['mode']}`, {title}: kept bytes <= -{h['min_cut']:.0%} at <= +{h['max_extra']:.0%} {step}",
+            "measured": f"{-h['cut']:+.0%} bytes, {h['extra']:+.0%} {step}",
+            "met": h["met"],
+        }
+        for title, results in variants.items()
+        for h in target_checks(results)
+    ]
 
 
 def _pct(value: float, base: float) -> str:
@@ -299,22 +345,22 @@ def plot(variants: dict[str, list[Result]], path: Path, device_type: str) -> Non
     peak_title = "peak (MiB)" if device_type == "cuda" else "peak live tensor bytes (MiB)"
     step_title = "step time (ms)" if device_type == "cuda" else "step CPU time (ms)"
     fig, axes = plt.subplots(len(variants), 3, figsize=(13, 3.2 * len(variants)), squeeze=False)
-    for row, (title, results) in zip(axes, variants.items()):
+    for row, (title, results) in zip(axes, variants.items(), strict=False):
         names = [r.mode for r in results][::-1]
-        panels = [("kept for backward (MiB)", [r.kept_bytes / MIB for r in results]),
-                  (peak_title, [r.peak_bytes / MIB for r in results]),
-                  (step_title, [r.step_s * 1000 for r in results])]
-        for ax, (label, values) in zip(row, panels):
+        panels = [
+            ("kept for backward (MiB)", [r.kept_bytes / MIB for r in results]),
+            (peak_title, [r.peak_bytes / MIB for r in results]),
+            (step_title, [r.step_s * 1000 for r in results]),
+        ]
+        for ax, (label, values) in zip(row, panels, strict=False):
             bars = ax.barh(names, values[::-1], color="#4c72b0")
             bars[-1].set_color("#999999")  # "off", the baseline
-            for bar, value in zip(bars, values[::-1]):
+            for bar, value in zip(bars, values[::-1], strict=False):
                 text = " baseline" if bar is bars[-1] else f" {value / values[0] - 1:+.0%}"
-                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text,
-                        va="center", fontsize=8)
+                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
             ax.set_title(f"{label} - {title}", fontsize=9)
             ax.set_xlim(0, max(values) * 1.3)
-    fig.suptitle(f"Activation checkpointing modes on a GPT-2-style model ({device_type})",
-                 fontsize=11)
+    fig.suptitle(f"Activation checkpointing modes on a GPT-2-style model ({device_type})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -329,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode")
-    parser.add_argument("--warmup", type=int, default=0,
-                        help="untimed rounds (the memory pass already ran every mode once)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (1: step CPU time is the whole step's)")
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.1, 0.0],
-                        help="one benchmark per value (GPT-2's default is 0.1)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="untimed rounds (the memory pass already ran every mode once)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads on CPU (1: step CPU time is the whole step's)"
+    )
+    parser.add_argument(
+        "--dropout", type=float, nargs="+", default=[0.1, 0.0], help="one benchmark per value (GPT-2's default is 0.1)"
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with CUDA")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -354,14 +403,24 @@ def main(argv: list[str] | None = None) -> int:
         section, verdict = render_variant(title, results, device.type)
         sections.append(section)
         verdicts += verdict
-    text = (f"# Activation checkpointing benchmark\n\n{env}.\n\n" + "\n".join(sections)
-            + "\nTargets (`full`: bytes -70% at <= +40% time; `selective`: bytes -40% at "
-            "<= +15% time):\n\n" + "\n".join(verdicts) + "\n")
+    text = (
+        f"# Activation checkpointing benchmark\n\n{env}.\n\n"
+        + "\n".join(sections)
+        + "\nTargets (`full`: bytes -70% at <= +40% time; `selective`: bytes -40% at "
+        "<= +15% time):\n\n" + "\n".join(verdicts) + "\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "activation.md").write_text(text)
-    (args.out / "activation.json").write_text(json.dumps(
-        {"environment": env, "headline": headline(variants, device.type),
-         "variants": {t: [asdict(r) for r in rs] for t, rs in variants.items()}}, indent=1))
+    (args.out / "activation.json").write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "headline": headline(variants, device.type),
+                "variants": {t: [asdict(r) for r in rs] for t, rs in variants.items()},
+            },
+            indent=1,
+        )
+    )
     plot(variants, args.out / "activation.png", device.type)
     print(text)
     return 0

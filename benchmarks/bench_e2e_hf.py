@@ -33,12 +33,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (OtherLoad, file_bytes, fsync_tree, machine_info, md_table, median,  # noqa: E402
-                    overhead_note, publish_e2e, scratch_dir)
+from common import (
+    OtherLoad,
+    file_bytes,
+    fsync_tree,
+    machine_info,
+    md_table,
+    median,
+    overhead_note,
+    publish_e2e,
+    scratch_dir,
+)
 
 CONFIGS = ("none", "trainer", "ours (thread)")
 PROCESS_WRITER = "ours (process)"
@@ -46,6 +55,7 @@ PROCESS_WRITER = "ours (process)"
 
 def _model(quick: bool):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     layers, width = (4, 128) if quick else (16, 256)
     return GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=width, n_layer=layers, n_head=8))
@@ -78,6 +88,7 @@ def _save_timer():
             if self.started is not None:
                 self.stalls.append(time.perf_counter() - self.started)
                 self.started = None
+
     return SaveTimer()
 
 
@@ -86,9 +97,19 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
 
     from ckpt_plugins.hf import CheckpointCallback
 
-    args = TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-4,
-                             use_cpu=True, report_to=[], disable_tqdm=True, seed=0, logging_steps=10_000,
-                             save_strategy="no" if config == "none" else "steps", save_steps=every)
+    args = TrainingArguments(
+        str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-4,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=10_000,
+        save_strategy="no" if config == "none" else "steps",
+        save_steps=every,
+    )
     callbacks = []
     if config == "trainer":
         callbacks.append(_save_timer())
@@ -110,9 +131,16 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
     else:
         stalls = []
     checkpoints = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
-    return {"config": config, "wall_s": wall, "durable_s": durable, "cpu_s": cpu, "stalls_s": stalls, "saves": len(stalls),
-            "checkpoint_bytes": file_bytes(checkpoints[-1]) if checkpoints else 0,
-            "state_bytes": sum(p.numel() * p.element_size() for p in trainer.model.parameters()) * 3}
+    return {
+        "config": config,
+        "wall_s": wall,
+        "durable_s": durable,
+        "cpu_s": cpu,
+        "stalls_s": stalls,
+        "saves": len(stalls),
+        "checkpoint_bytes": file_bytes(checkpoints[-1]) if checkpoints else 0,
+        "state_bytes": sum(p.numel() * p.element_size() for p in trainer.model.parameters()) * 3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,54 +171,96 @@ def main(argv: list[str] | None = None) -> int:
         wall = median(walls)
         # paired with the run without checkpoints of the same round: load from other processes
         # changes from round to round, much less within one
-        paired = median(x["wall_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"]))
-        durable = median(x["durable_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"]))
+        paired = median(x["wall_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"], strict=False))
+        durable = median(
+            x["durable_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"], strict=False)
+        )
         cpu = median(x["cpu_s"] for x in results[config])
-        summary[config] = {"wall_s": wall, "overhead": paired, "overhead_durable": durable, "cpu_s": cpu,
-                           "saves_per_run": results[config][0]["saves"],
-                           "stall_median_s": median(stalls) if stalls else None,
-                           "stall_max_s": max(stalls) if stalls else None,
-                           "checkpoint_mb": results[config][0]["checkpoint_bytes"] / 1e6}
+        summary[config] = {
+            "wall_s": wall,
+            "overhead": paired,
+            "overhead_durable": durable,
+            "cpu_s": cpu,
+            "saves_per_run": results[config][0]["saves"],
+            "stall_median_s": median(stalls) if stalls else None,
+            "stall_max_s": max(stalls) if stalls else None,
+            "checkpoint_mb": results[config][0]["checkpoint_bytes"] / 1e6,
+        }
         s = summary[config]
-        rows.append([config, f"{wall:.2f}", f"{s['overhead'] * 100:+.1f} %", f"{s['overhead_durable'] * 100:+.1f} %",
-                     f"{cpu:.1f}", s["saves_per_run"],
-                     "-" if s["stall_median_s"] is None else f"{s['stall_median_s'] * 1e3:.0f}",
-                     "-" if s["stall_max_s"] is None else f"{s['stall_max_s'] * 1e3:.0f}",
-                     "-" if not s["checkpoint_mb"] else f"{s['checkpoint_mb']:.0f}"])
+        rows.append(
+            [
+                config,
+                f"{wall:.2f}",
+                f"{s['overhead'] * 100:+.1f} %",
+                f"{s['overhead_durable'] * 100:+.1f} %",
+                f"{cpu:.1f}",
+                s["saves_per_run"],
+                "-" if s["stall_median_s"] is None else f"{s['stall_median_s'] * 1e3:.0f}",
+                "-" if s["stall_max_s"] is None else f"{s['stall_max_s'] * 1e3:.0f}",
+                "-" if not s["checkpoint_mb"] else f"{s['checkpoint_mb']:.0f}",
+            ]
+        )
     state_mb = results["none"][0]["state_bytes"] / 1e6
     trainer_stall, ours_stall = summary["trainer"]["stall_median_s"], summary["ours (thread)"]["stall_median_s"]
-    headline = [{"target": "HF Trainer run: training blocked per save, ours (async) vs the Trainer's own saving",
-                 "measured": f"{ours_stall * 1e3:.0f} ms vs {trainer_stall * 1e3:.0f} ms (run overhead until on disk: "
-                             f"{summary['ours (thread)']['overhead_durable'] * 100:+.1f} % vs "
-                             f"{summary['trainer']['overhead_durable'] * 100:+.1f} %)",
-                 "met": ours_stall < trainer_stall}]
+    headline = [
+        {
+            "target": "HF Trainer run: training blocked per save, ours (async) vs the Trainer's own saving",
+            "measured": f"{ours_stall * 1e3:.0f} ms vs {trainer_stall * 1e3:.0f} ms (run overhead until on disk: "
+            f"{summary['ours (thread)']['overhead_durable'] * 100:+.1f} % vs "
+            f"{summary['trainer']['overhead_durable'] * 100:+.1f} %)",
+            "met": ours_stall < trainer_stall,
+        }
+    ]
     info = machine_info()
-    text = "\n".join([
-        "# HF Trainer end to end: the Trainer's own checkpointing vs ckpt_plugins",
-        "",
-        f"GPT-2-style model, {state_mb:.0f} MB of weights + Adam state, {opts.steps} steps, a checkpoint every "
-        f"{opts.every} steps; median of {rounds} interleaved round(s). CPU only "
-        f"({info.get('cpu', '?')}, torch threads {torch.get_num_threads()}); other processes used "
-        f"{load.other_cores:.1f} cores on average while this ran.",
-        "",
-        md_table(["config", "wall s (median)", "overhead vs none", "overhead, until checkpoints are on disk",
-                  "CPU s of the process", "saves per run",
-                  "blocked per save, median ms",
-                  "max ms", "checkpoint MB"], rows),
-        "",
-        overhead_note("for the Trainer, an fsync of its checkpoint files after `train()` returns (ours are "
-                      "fsynced before it returns)."),
-        "",
-        "The Trainer's own saves are neither fsynced nor atomic (a kill while saving leaves a torn "
-        "`checkpoint-N`, see `kill_while_saving_hf.md`); ours fsync every file, commit by rename, and "
-        "block training only while the state is copied. Ours waits for its last save at the end of "
-        "training, inside the wall time.",
-        "",
-        "Command: `.venv/bin/python benchmarks/bench_e2e_hf.py`",
-        "",
-    ])
-    publish_e2e("e2e_hf", text, headline=headline, summary=summary, runs=results, machine=info,
-                load=load, opts=opts, rounds=rounds)
+    text = "\n".join(
+        [
+            "# HF Trainer end to end: the Trainer's own checkpointing vs ckpt_plugins",
+            "",
+            f"GPT-2-style model, {state_mb:.0f} MB of weights + Adam state, {opts.steps} steps, a checkpoint every "
+            f"{opts.every} steps; median of {rounds} interleaved round(s). CPU only "
+            f"({info.get('cpu', '?')}, torch threads {torch.get_num_threads()}); other processes used "
+            f"{load.other_cores:.1f} cores on average while this ran.",
+            "",
+            md_table(
+                [
+                    "config",
+                    "wall s (median)",
+                    "overhead vs none",
+                    "overhead, until checkpoints are on disk",
+                    "CPU s of the process",
+                    "saves per run",
+                    "blocked per save, median ms",
+                    "max ms",
+                    "checkpoint MB",
+                ],
+                rows,
+            ),
+            "",
+            overhead_note(
+                "for the Trainer, an fsync of its checkpoint files after `train()` returns (ours are "
+                "fsynced before it returns)."
+            ),
+            "",
+            "The Trainer's own saves are neither fsynced nor atomic (a kill while saving leaves a torn "
+            "`checkpoint-N`, see `kill_while_saving_hf.md`); ours fsync every file, commit by rename, and "
+            "block training only while the state is copied. Ours waits for its last save at the end of "
+            "training, inside the wall time.",
+            "",
+            "Command: `.venv/bin/python benchmarks/bench_e2e_hf.py`",
+            "",
+        ]
+    )
+    publish_e2e(
+        "e2e_hf",
+        text,
+        headline=headline,
+        summary=summary,
+        runs=results,
+        machine=info,
+        load=load,
+        opts=opts,
+        rounds=rounds,
+    )
     return 0
 
 

@@ -42,29 +42,53 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (OtherLoad, file_bytes, fsync_tree, machine_info, md_table, median,  # noqa: E402
-                    overhead_note, publish_e2e, scratch_dir)
+from common import (
+    OtherLoad,
+    file_bytes,
+    fsync_tree,
+    machine_info,
+    md_table,
+    median,
+    overhead_note,
+    publish_e2e,
+    scratch_dir,
+)
 
-CONFIGS = ("none", "ModelCheckpoint", "ModelCheckpoint + AsyncCheckpointIO", "ModelCheckpoint + CheckpointIOPlugin",
-           "CheckpointCallback")
+CONFIGS = (
+    "none",
+    "ModelCheckpoint",
+    "ModelCheckpoint + AsyncCheckpointIO",
+    "ModelCheckpoint + CheckpointIOPlugin",
+    "CheckpointCallback",
+)
 DEFAULT, OURS = "ModelCheckpoint", "CheckpointCallback"
 
 
 def _module(quick: bool):
-    import lightning as L
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import lightning as L
 
     class GPT(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
             layers, width = (4, 128) if quick else (16, 256)
-            self.model = GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=width, n_layer=layers,
-                                                    n_head=8, bos_token_id=0, eos_token_id=0))
+            self.model = GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=1024,
+                    n_positions=64,
+                    n_embd=width,
+                    n_layer=layers,
+                    n_head=8,
+                    bos_token_id=0,
+                    eos_token_id=0,
+                )
+            )
             self.model.loss_type = "ForCausalLM"
             self.stalls: list[float] = []
             self.batch_end_started: float | None = None
@@ -93,10 +117,10 @@ def _timer():
 
 
 def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dict:
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
+    import lightning as L
     from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
 
     callbacks, plugins = [_timer()], []
@@ -107,14 +131,28 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
     if config.endswith("CheckpointIOPlugin"):
         plugins.append(CheckpointIOPlugin(async_save=True))
     if config.startswith(OURS):
-        callbacks.append(CheckpointCallback(out, every_n_train_steps=every, async_save=True,
-                                            writer="process" if "process" in config else "thread"))
+        callbacks.append(
+            CheckpointCallback(
+                out, every_n_train_steps=every, async_save=True, writer="process" if "process" in config else "thread"
+            )
+        )
     model = _module(quick)
     model.every = every
-    data = torch.utils.data.TensorDataset(torch.randint(0, 1024, (steps * 4, 64), generator=torch.Generator().manual_seed(0)))
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=config != "none", callbacks=callbacks,
-                        plugins=plugins or None, num_sanity_val_steps=0, limit_val_batches=0)
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, 1024, (steps * 4, 64), generator=torch.Generator().manual_seed(0))
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=config != "none",
+        callbacks=callbacks,
+        plugins=plugins or None,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     gc.collect()
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
@@ -123,11 +161,17 @@ def run_once(config: str, out: Path, steps: int, every: int, quick: bool) -> dic
         fsync_tree(out)  # ours fsync every file before fit() returns; make the others durable too
     durable = time.perf_counter() - t0
     saved = sorted(out.iterdir()) if out.exists() else []
-    return {"config": config, "wall_s": wall, "durable_s": durable, "cpu_s": time.process_time() - cpu0,
-            "stalls_s": model.stalls if config != "none" else [], "saves": len(model.stalls) if config != "none" else 0,
-            "checkpoints": [p.name for p in saved],
-            "checkpoint_bytes": file_bytes(saved[-1]) if saved else 0,
-            "state_bytes": sum(p.numel() * p.element_size() for p in model.parameters()) * 3}
+    return {
+        "config": config,
+        "wall_s": wall,
+        "durable_s": durable,
+        "cpu_s": time.process_time() - cpu0,
+        "stalls_s": model.stalls if config != "none" else [],
+        "saves": len(model.stalls) if config != "none" else 0,
+        "checkpoints": [p.name for p in saved],
+        "checkpoint_bytes": file_bytes(saved[-1]) if saved else 0,
+        "state_bytes": sum(p.numel() * p.element_size() for p in model.parameters()) * 3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,58 +197,100 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = [], {}
     for config in CONFIGS:
         stalls = [s for x in results[config] for s in x["stalls_s"]]
-        paired = median(x["wall_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"]))
-        durable = median(x["durable_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"]))
-        summary[config] = {"wall_s": median(x["wall_s"] for x in results[config]), "overhead": paired,
-                           "overhead_durable": durable, "cpu_s": median(x["cpu_s"] for x in results[config]),
-                           "saves_per_run": results[config][0]["saves"],
-                           "stall_median_s": median(stalls) if stalls else None,
-                           "stall_max_s": max(stalls) if stalls else None,
-                           "checkpoint_mb": results[config][0]["checkpoint_bytes"] / 1e6}
+        paired = median(x["wall_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"], strict=False))
+        durable = median(
+            x["durable_s"] / n["wall_s"] - 1 for x, n in zip(results[config], results["none"], strict=False)
+        )
+        summary[config] = {
+            "wall_s": median(x["wall_s"] for x in results[config]),
+            "overhead": paired,
+            "overhead_durable": durable,
+            "cpu_s": median(x["cpu_s"] for x in results[config]),
+            "saves_per_run": results[config][0]["saves"],
+            "stall_median_s": median(stalls) if stalls else None,
+            "stall_max_s": max(stalls) if stalls else None,
+            "checkpoint_mb": results[config][0]["checkpoint_bytes"] / 1e6,
+        }
         s = summary[config]
-        rows.append([config, f"{s['wall_s']:.2f}", f"{s['overhead'] * 100:+.1f} %", f"{s['overhead_durable'] * 100:+.1f} %",
-                     f"{s['cpu_s']:.1f}", s["saves_per_run"],
-                     "-" if s["stall_median_s"] is None else f"{s['stall_median_s'] * 1e3:.0f}",
-                     "-" if s["stall_max_s"] is None else f"{s['stall_max_s'] * 1e3:.0f}",
-                     "-" if not s["checkpoint_mb"] else f"{s['checkpoint_mb']:.0f}"])
+        rows.append(
+            [
+                config,
+                f"{s['wall_s']:.2f}",
+                f"{s['overhead'] * 100:+.1f} %",
+                f"{s['overhead_durable'] * 100:+.1f} %",
+                f"{s['cpu_s']:.1f}",
+                s["saves_per_run"],
+                "-" if s["stall_median_s"] is None else f"{s['stall_median_s'] * 1e3:.0f}",
+                "-" if s["stall_max_s"] is None else f"{s['stall_max_s'] * 1e3:.0f}",
+                "-" if not s["checkpoint_mb"] else f"{s['checkpoint_mb']:.0f}",
+            ]
+        )
     ours, default = summary[OURS], summary[DEFAULT]
     ratio = ours["overhead_durable"] / default["overhead_durable"] if default["overhead_durable"] > 0 else float("nan")
-    headline = [{"target": "Lightning run: our end-to-end checkpointing overhead at most 1/3 of Lightning's default "
-                           "(ModelCheckpoint + TorchCheckpointIO) at the same interval, until checkpoints are on disk",
-                 "measured": f"{ours['overhead_durable'] * 100:+.1f} % vs {default['overhead_durable'] * 100:+.1f} % "
-                             f"(ratio {ratio:.2f}); blocked per save {ours['stall_median_s'] * 1e3:.0f} ms vs "
-                             f"{default['stall_median_s'] * 1e3:.0f} ms",
-                 "met": bool(ratio <= 1 / 3)}]
+    headline = [
+        {
+            "target": "Lightning run: our end-to-end checkpointing overhead at most 1/3 of Lightning's default "
+            "(ModelCheckpoint + TorchCheckpointIO) at the same interval, until checkpoints are on disk",
+            "measured": f"{ours['overhead_durable'] * 100:+.1f} % vs {default['overhead_durable'] * 100:+.1f} % "
+            f"(ratio {ratio:.2f}); blocked per save {ours['stall_median_s'] * 1e3:.0f} ms vs "
+            f"{default['stall_median_s'] * 1e3:.0f} ms",
+            "met": bool(ratio <= 1 / 3),
+        }
+    ]
     state_mb = results["none"][0]["state_bytes"] / 1e6
     info = machine_info()
-    text = "\n".join([
-        "# Lightning end to end: Lightning's checkpointing vs ckpt_plugins",
-        "",
-        f"GPT-2-style model, {state_mb:.0f} MB of weights + Adam state, {opts.steps} steps, a checkpoint every "
-        f"{opts.every} steps (all kept); median of {rounds} interleaved round(s). CPU only "
-        f"({info.get('cpu', '?')}, torch threads {torch.get_num_threads()}); other processes used "
-        f"{load.other_cores:.1f} cores on average while this ran.",
-        "",
-        md_table(["config", "wall s (median)", "overhead vs none", "overhead, until checkpoints are on disk",
-                  "CPU s of the process", "saves per run", "blocked per save, median ms", "max ms",
-                  "checkpoint MB"], rows),
-        "",
-        f"**Target** (overhead until on disk, ours at most 1/3 of `ModelCheckpoint`'s): "
-        f"{headline[0]['measured']} - {'met' if headline[0]['met'] else 'NOT met'}.",
-        "",
-        overhead_note("an fsync of the checkpoint files after `fit()` returns for Lightning's IO (ours fsync "
-                      "before `fit()` returns)."),
-        "",
-        "`TorchCheckpointIO` writes on the training thread and does not fsync; `AsyncCheckpointIO` clones the "
-        "state on the training thread into fresh memory at every save, then writes on a thread (not fsynced, "
-        "not atomic). Ours copy into reused staging buffers, then write, checksum, fsync and commit by rename "
-        "in the background; `CheckpointCallback` also records every generator's state and the data position.",
-        "",
-        "Command: `.venv/bin/python benchmarks/bench_e2e_lightning.py`",
-        "",
-    ])
-    publish_e2e("e2e_lightning", text, headline=headline, summary=summary, runs=results, machine=info,
-                load=load, opts=opts, rounds=rounds)
+    text = "\n".join(
+        [
+            "# Lightning end to end: Lightning's checkpointing vs ckpt_plugins",
+            "",
+            f"GPT-2-style model, {state_mb:.0f} MB of weights + Adam state, {opts.steps} steps, a checkpoint every "
+            f"{opts.every} steps (all kept); median of {rounds} interleaved round(s). CPU only "
+            f"({info.get('cpu', '?')}, torch threads {torch.get_num_threads()}); other processes used "
+            f"{load.other_cores:.1f} cores on average while this ran.",
+            "",
+            md_table(
+                [
+                    "config",
+                    "wall s (median)",
+                    "overhead vs none",
+                    "overhead, until checkpoints are on disk",
+                    "CPU s of the process",
+                    "saves per run",
+                    "blocked per save, median ms",
+                    "max ms",
+                    "checkpoint MB",
+                ],
+                rows,
+            ),
+            "",
+            f"**Target** (overhead until on disk, ours at most 1/3 of `ModelCheckpoint`'s): "
+            f"{headline[0]['measured']} - {'met' if headline[0]['met'] else 'NOT met'}.",
+            "",
+            overhead_note(
+                "an fsync of the checkpoint files after `fit()` returns for Lightning's IO (ours fsync "
+                "before `fit()` returns)."
+            ),
+            "",
+            "`TorchCheckpointIO` writes on the training thread and does not fsync; `AsyncCheckpointIO` clones the "
+            "state on the training thread into fresh memory at every save, then writes on a thread (not fsynced, "
+            "not atomic). Ours copy into reused staging buffers, then write, checksum, fsync and commit by rename "
+            "in the background; `CheckpointCallback` also records every generator's state and the data position.",
+            "",
+            "Command: `.venv/bin/python benchmarks/bench_e2e_lightning.py`",
+            "",
+        ]
+    )
+    publish_e2e(
+        "e2e_lightning",
+        text,
+        headline=headline,
+        summary=summary,
+        runs=results,
+        machine=info,
+        load=load,
+        opts=opts,
+        rounds=rounds,
+    )
     return 0
 
 

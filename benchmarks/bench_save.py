@@ -52,16 +52,38 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (MB, REPO, RESULTS, OtherLoad, PeakRss, RssSampler, Stopwatch, aligned_random_bytes,  # noqa: E402
-                    cpu_seconds, disk_write_bandwidth, fsync_tree,
-                    drop_page_cache, file_bytes, fmt_ratio, fmt_s, machine_info, md_table, median, pss_bytes, rss_bytes,
-                    scratch_dir, spread, sync_disk, write_json, write_text)
-
-from ckpt_plugins import CheckpointManager  # noqa: E402
+from ckpt_plugins import CheckpointManager
+from common import (
+    MB,
+    REPO,
+    RESULTS,
+    OtherLoad,
+    PeakRss,
+    RssSampler,
+    Stopwatch,
+    aligned_random_bytes,
+    cpu_seconds,
+    disk_write_bandwidth,
+    drop_page_cache,
+    file_bytes,
+    fmt_ratio,
+    fmt_s,
+    fsync_tree,
+    machine_info,
+    md_table,
+    median,
+    pss_bytes,
+    rss_bytes,
+    scratch_dir,
+    spread,
+    sync_disk,
+    write_json,
+    write_text,
+)
 
 COMMAND = ".venv/bin/python benchmarks/bench_save.py"
 _OPTIONS = inspect.signature(CheckpointManager.__init__).parameters
@@ -92,11 +114,17 @@ def library_version() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "ckpt_plugins").splitlines()
-             if line.strip()]
+    dirty = [
+        line.split(maxsplit=1)[1]
+        for line in git("status", "--porcelain", "--", "ckpt_plugins").splitlines()
+        if line.strip()
+    ]
     defaults = {k: v.default for k, v in _OPTIONS.items() if k.startswith("writer") or k == "direct_io"}
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_ckpt_plugins": dirty,
-            "writer_defaults": defaults}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "uncommitted_in_ckpt_plugins": dirty,
+        "writer_defaults": defaults,
+    }
 
 
 # --- the state ---------------------------------------------------------------------------------
@@ -105,8 +133,9 @@ def build_state(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=max(1, args.embd // 64),
-                        vocab_size=args.vocab, n_positions=1024)
+    config = GPT2Config(
+        n_layer=args.layers, n_embd=args.embd, n_head=max(1, args.embd // 64), vocab_size=args.vocab, n_positions=1024
+    )
     model = GPT2LMHeadModel(config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = torch.randint(0, config.vocab_size, (2, 64))
@@ -260,8 +289,7 @@ class DcpSave(Contender):
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=0, world_size=1,
-                                    init_method=f"file://{workdir / 'dist_init'}")
+            dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{workdir / 'dist_init'}")
         DcpSave._group_users += 1
 
     def save(self, i: int):
@@ -301,9 +329,17 @@ class Ours(Contender):
 
     kind = "ours"
 
-    def __init__(self, state: Any, workdir: Path, *, async_save: bool, snapshot: str = "safe",
-                 options: dict[str, Any] | None = None, compute: Callable[[], float] | None = None,
-                 label: str = "") -> None:
+    def __init__(
+        self,
+        state: Any,
+        workdir: Path,
+        *,
+        async_save: bool,
+        snapshot: str = "safe",
+        options: dict[str, Any] | None = None,
+        compute: Callable[[], float] | None = None,
+        label: str = "",
+    ) -> None:
         self.name = "ours " + label
         super().__init__(state, workdir)
         self.mgr = CheckpointManager(self.dir, async_save=async_save, snapshot=snapshot, **(options or {}))
@@ -336,18 +372,27 @@ class Ours(Contender):
 
 
 def make_contenders(state: Any, workdir: Path, compute: Compute, args: argparse.Namespace) -> list[Contender]:
-    out: list[Contender] = [TorchSave(state, workdir), LightningIO(state, workdir),
-                            LightningAsyncIO(state, workdir)]
+    out: list[Contender] = [TorchSave(state, workdir), LightningIO(state, workdir), LightningAsyncIO(state, workdir)]
     if not args.no_dcp:
         out += [DcpSave(state, workdir), DcpAsyncSave(state, workdir)]
     out.append(Ours(state, workdir, async_save=False, label="sync"))
     for label, kwargs in writer_variants():
-        out.append(Ours(state, workdir, async_save=True, options=kwargs,
-                        label="async" + (f" ({label})" if label else "")))
-    out.append(Ours(state, workdir, async_save=True, snapshot="overlap", compute=compute,
-                    label="overlap (CPU fwd/bwd)"))
-    out.append(Ours(state, workdir, async_save=True, snapshot="overlap",
-                    compute=lambda: _sleep(compute.idle_s), label="overlap (idle-CPU fwd/bwd)"))
+        out.append(
+            Ours(state, workdir, async_save=True, options=kwargs, label="async" + (f" ({label})" if label else ""))
+        )
+    out.append(
+        Ours(state, workdir, async_save=True, snapshot="overlap", compute=compute, label="overlap (CPU fwd/bwd)")
+    )
+    out.append(
+        Ours(
+            state,
+            workdir,
+            async_save=True,
+            snapshot="overlap",
+            compute=lambda: _sleep(compute.idle_s),
+            label="overlap (idle-CPU fwd/bwd)",
+        )
+    )
     return out
 
 
@@ -370,7 +415,7 @@ def bench_saves(state: Any, workdir: Path, args: argparse.Namespace, payload: me
     direct: list[float] = []
     try:
         for rnd in range(args.warmup + args.reps):
-            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
+            order = contenders[rnd % len(contenders) :] + contenders[: rnd % len(contenders)]
             with contextlib.suppress(OSError):  # context: what the device sustains without the page cache
                 direct.append(disk_write_bandwidth(workdir, payload=payload, direct=True))
             for c in order:
@@ -383,23 +428,39 @@ def bench_saves(state: Any, workdir: Path, args: argparse.Namespace, payload: me
                 sync_disk()
                 with PeakRss() as peak:
                     stall, durable, path, extra = c.save(rnd)
-                row = dict(stall_s=stall, durable_s=durable, bytes=file_bytes(path), floor_s=f, disk_bw=bw,
-                           peak_rss=peak.peak, rss_after=rss_bytes(), **extra)
+                row = dict(
+                    stall_s=stall,
+                    durable_s=durable,
+                    bytes=file_bytes(path),
+                    floor_s=f,
+                    disk_bw=bw,
+                    peak_rss=peak.peak,
+                    rss_after=rss_bytes(),
+                    **extra,
+                )
                 if rnd < args.warmup:
                     warmup[c.name] = row
                 else:
                     samples[c.name].append(row)
-                print(f"  round {rnd} {c.name:34s} stall {fmt_s(stall):>9s}  durable {fmt_s(durable):>8s}"
-                      f"  floor {fmt_s(f)}  disk {bw / MB:.0f} MB/s", flush=True)
+                print(
+                    f"  round {rnd} {c.name:34s} stall {fmt_s(stall):>9s}  durable {fmt_s(durable):>8s}"
+                    f"  floor {fmt_s(f)}  disk {bw / MB:.0f} MB/s",
+                    flush=True,
+                )
     finally:
         for c in contenders:
             with contextlib.suppress(Exception):
                 c.clear()
             c.close()
-    return {"samples": samples, "warmup": warmup, "floor_samples": floors, "disk_bw_samples": disk,
-            "disk_bw_direct_samples": direct,
-            "compute": {"target_s": max(0.3, 3 * floor_s), "idle_s": compute.idle_s},
-            "kinds": {c.name: c.kind for c in contenders}}
+    return {
+        "samples": samples,
+        "warmup": warmup,
+        "floor_samples": floors,
+        "disk_bw_samples": disk,
+        "disk_bw_direct_samples": direct,
+        "compute": {"target_s": max(0.3, 3 * floor_s), "idle_s": compute.idle_s},
+        "kinds": {c.name: c.kind for c in contenders},
+    }
 
 
 def summarize_saves(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -421,8 +482,11 @@ def summarize_saves(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
             s["persist_best_pct_disk"] = max(r["bytes"] / r["persist_s"] for r in rows) / max(raw["disk_bw_samples"])
             s["persist_med_pct_disk"] = s["persist_throughput"] / median(raw["disk_bw_samples"])
         out[name] = s
-    out["floor (copy into allocated memory)"] = {"stall_s": floor, "x_floor": 1.0,
-                                                 "stall_range": spread(raw["floor_samples"])}
+    out["floor (copy into allocated memory)"] = {
+        "stall_s": floor,
+        "x_floor": 1.0,
+        "stall_range": spread(raw["floor_samples"]),
+    }
     return out
 
 
@@ -455,8 +519,11 @@ def bench_restore(state: Any, workdir: Path, args: argparse.Namespace) -> dict[s
         "safetensors load_file full (mmap, default)": lambda: st.load_file(st_path),
         "safetensors model-only (safe_open, pread)": lambda: st_model_only("pread"),
     }
-    sizes = {"ours": file_bytes(ours_dir / "step_1"), "torch.load": file_bytes(pt_path),
-             "safetensors": file_bytes(st_path)}
+    sizes = {
+        "ours": file_bytes(ours_dir / "step_1"),
+        "torch.load": file_bytes(pt_path),
+        "safetensors": file_bytes(st_path),
+    }
     can_drop = drop_page_cache()
     results: dict[str, dict[str, list[float]]] = {name: {"warm": [], "cold": []} for name in readers}
     modes = ["warm", "cold"] if can_drop else ["warm"]
@@ -474,8 +541,13 @@ def bench_restore(state: Any, workdir: Path, args: argparse.Namespace) -> dict[s
                     results[name][mode].append(sw.s)
     ours.close()
     ours_noverify.close()
-    return {"samples": results, "cold_available": can_drop, "file_bytes": sizes,
-            "model_bytes": nbytes({k: flat[k] for k in model_keys}), "state_bytes": nbytes(flat)}
+    return {
+        "samples": results,
+        "cold_available": can_drop,
+        "file_bytes": sizes,
+        "model_bytes": nbytes({k: flat[k] for k in model_keys}),
+        "state_bytes": nbytes(flat),
+    }
 
 
 # --- memory across many saves ------------------------------------------------------------------
@@ -489,23 +561,39 @@ def bench_growth(state: Any, workdir: Path, args: argparse.Namespace) -> dict[st
         label = label or "async"
         folder = workdir / f"growth_{i}"
         points = []
-        with RssSampler(0.02) as sampler, \
-                CheckpointManager(folder, keep_last=2, async_save=True, **kwargs) as mgr:
-            before = {"step": 0, "rss": rss_bytes(), "pss": pss_bytes(), "threads": proc.num_threads(),
-                      "fds": proc.num_fds()}
+        with RssSampler(0.02) as sampler, CheckpointManager(folder, keep_last=2, async_save=True, **kwargs) as mgr:
+            before = {
+                "step": 0,
+                "rss": rss_bytes(),
+                "pss": pss_bytes(),
+                "threads": proc.num_threads(),
+                "fds": proc.num_fds(),
+            }
             for step in range(1, args.growth_saves + 1):
                 mgr.save(step, state)
                 if step in (1, 5, args.growth_saves) or step % 5 == 0:
                     mgr.wait()
-                    points.append({"step": step, "rss": rss_bytes(), "pss": pss_bytes(),
-                                   "threads": proc.num_threads(), "fds": proc.num_fds()})
+                    points.append(
+                        {
+                            "step": step,
+                            "rss": rss_bytes(),
+                            "pss": pss_bytes(),
+                            "threads": proc.num_threads(),
+                            "fds": proc.num_fds(),
+                        }
+                    )
         by_step = {p["step"]: p for p in points}
         ref = 5 if 5 in by_step else points[0]["step"]
         last = points[-1]
-        out[label] = {"before": before, "points": points, "ref_step": ref, "last_step": last["step"],
-                      "growth_rss": last["rss"] - by_step[ref]["rss"],
-                      "growth_pss": last["pss"] - by_step[ref]["pss"],
-                      "peak_rss_over_before": sampler.peak - before["rss"]}
+        out[label] = {
+            "before": before,
+            "points": points,
+            "ref_step": ref,
+            "last_step": last["step"],
+            "growth_rss": last["rss"] - by_step[ref]["rss"],
+            "growth_pss": last["pss"] - by_step[ref]["pss"],
+            "peak_rss_over_before": sampler.peak - before["rss"],
+        }
         shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -517,7 +605,9 @@ class TrainLoop:
 
     def __init__(self, width: int = 512, batch: int = 64) -> None:
         torch.manual_seed(1)
-        self.model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(width, width), torch.nn.GELU())])
+        self.model = torch.nn.Sequential(
+            *[m for _ in range(4) for m in (torch.nn.Linear(width, width), torch.nn.GELU())]
+        )
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.batch, self.width = batch, width
         for _ in range(5):
@@ -574,7 +664,7 @@ class _ThreadWrite:
             for v in self.views:
                 pos = 0
                 while pos < len(v):
-                    pos += os.write(fd, v[pos:pos + (64 << 20)])
+                    pos += os.write(fd, v[pos : pos + (64 << 20)])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -620,18 +710,28 @@ def bench_dip(state: Any, workdir: Path, args: argparse.Namespace) -> dict[str, 
     for i, (label, kwargs) in enumerate(writer_variants()):
         folder = workdir / f"dip_{i}"
         managers["ours async" + (f", {label}" if label else "")] = (
-            CheckpointManager(folder, async_save=True, **kwargs), folder)
+            CheckpointManager(folder, async_save=True, **kwargs),
+            folder,
+        )
     anchors = {"Lightning AsyncCheckpointIO": _AsyncIOInLoop(state, workdir / "dip_async_io")}
     try:
         for mgr, _ in managers.values():  # warm-up: staging buffers, writer process start-up
             mgr.save(0, state).wait()
         step = 0
         for _ in range(max(5, args.reps)):  # the dip is a small signal in a noisy one: more rounds
-            refs = [("reference: bare write thread (no checksum, nice 0)",
-                     (lambda: _ThreadWrite(staged, workdir / "dip_bare.bin"), None))]
+            refs = [
+                (
+                    "reference: bare write thread (no checksum, nice 0)",
+                    (lambda: _ThreadWrite(staged, workdir / "dip_bare.bin"), None),
+                )
+            ]
             if aligned:
-                refs.append(("reference: bare O_DIRECT write thread (no checksum, no copy)",
-                             (lambda: _ThreadWrite(aligned, workdir / "dip_bare.bin", direct=True), None)))
+                refs.append(
+                    (
+                        "reference: bare O_DIRECT write thread (no checksum, no copy)",
+                        (lambda: _ThreadWrite(aligned, workdir / "dip_bare.bin", direct=True), None),
+                    )
+                )
             anchor_rows = [(name, (anchor, None)) for name, anchor in anchors.items()]
             for name, (mgr, folder) in [*managers.items(), *anchor_rows, *refs]:
                 sync_disk()
@@ -685,8 +785,7 @@ def dip_summary(r: dict[str, Any]) -> dict[str, float]:
     rounds = len(r["busy_s"])
     window_lost = (r["busy_wall"] - len(r["busy"]) / rate_idle) / rounds
     stall = median(r["stall_s"]) if r.get("stall_s") else 0.0
-    return {"pooled_dip": pooled, "window_lost_s": window_lost, "lost_s": stall + window_lost,
-            "median_stall_s": stall}
+    return {"pooled_dip": pooled, "window_lost_s": window_lost, "lost_s": stall + window_lost, "median_stall_s": stall}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -695,8 +794,9 @@ def _verdict(*checks: bool) -> bool | None:
     return checks[0] if all(c == checks[0] for c in checks) else None
 
 
-def targets(saves: dict, restore: dict, growth: dict, state_bytes: int, compute_idle_s: float,
-            dip: dict | None = None) -> list[dict]:
+def targets(
+    saves: dict, restore: dict, growth: dict, state_bytes: int, compute_idle_s: float, dip: dict | None = None
+) -> list[dict]:
     """The issue's targets, each judged by the paired median and by best-vs-best where a paired
     reference exists: on a shared machine the two can disagree, and then the verdict says so."""
     out = []
@@ -708,53 +808,75 @@ def targets(saves: dict, restore: dict, growth: dict, state_bytes: int, compute_
     lasync = saves.get("Lightning AsyncCheckpointIO", {}).get("stall_s")
     for name, s in saves.items():
         if name.startswith("ours async"):
-            add(f"{name}: stall <= 2x floor", f"{fmt_s(s['stall_s'])} = {s['x_floor']:.2f}x floor",
-                s["x_floor"] <= 2, f"median of per-save ratios to the floor copy measured just before "
-                f"(best vs best: {s['best_x_floor']:.2f}x)")
+            add(
+                f"{name}: stall <= 2x floor",
+                f"{fmt_s(s['stall_s'])} = {s['x_floor']:.2f}x floor",
+                s["x_floor"] <= 2,
+                f"median of per-save ratios to the floor copy measured just before "
+                f"(best vs best: {s['best_x_floor']:.2f}x)",
+            )
         if name.startswith(("ours async", "ours overlap")) and lasync:
-            add(f"{name}: stall <= 1/20 of AsyncCheckpointIO", f"1/{lasync / s['stall_s']:.1f} "
-                f"({fmt_s(s['stall_s'])} vs {fmt_s(lasync)})", s["stall_s"] <= lasync / 20)
+            add(
+                f"{name}: stall <= 1/20 of AsyncCheckpointIO",
+                f"1/{lasync / s['stall_s']:.1f} ({fmt_s(s['stall_s'])} vs {fmt_s(lasync)})",
+                s["stall_s"] <= lasync / 20,
+            )
         if name.startswith("ours async") and "persist_throughput" in s:
-            ok = _verdict(s["persist_pct_disk"] >= 0.7, s["persist_best_pct_disk"] >= 0.7,
-                          s["persist_med_pct_disk"] >= 0.7)
-            add(f"{name}: persist throughput >= 70% of disk bw",
+            ok = _verdict(
+                s["persist_pct_disk"] >= 0.7, s["persist_best_pct_disk"] >= 0.7, s["persist_med_pct_disk"] >= 0.7
+            )
+            add(
+                f"{name}: persist throughput >= 70% of disk bw",
                 f"{s['persist_throughput'] / MB:.0f} MB/s: paired {s['persist_pct_disk']:.0%}, median/median "
-                f"{s['persist_med_pct_disk']:.0%}, best/best {s['persist_best_pct_disk']:.0%}", ok,
+                f"{s['persist_med_pct_disk']:.0%}, best/best {s['persist_best_pct_disk']:.0%}",
+                ok,
                 "persist = writer phase (written, fsynced, committed); paired = median over saves of "
                 "throughput / the disk bandwidth sampled just before; end to end (from the call): "
-                f"{s['throughput'] / MB:.0f} MB/s")
+                f"{s['throughput'] / MB:.0f} MB/s",
+            )
         if name.startswith("ours overlap"):
-            add(f"{name}: stall <= 0.5x floor", f"{fmt_s(s['stall_s'])} = {s['x_floor']:.2f}x floor",
-                s["x_floor"] <= 0.5, f"fwd/bwd took {fmt_s(s['compute_s'])} (alone {fmt_s(compute_idle_s)}), "
-                f"the copy {fmt_s(floor)}")
+            add(
+                f"{name}: stall <= 0.5x floor",
+                f"{fmt_s(s['stall_s'])} = {s['x_floor']:.2f}x floor",
+                s["x_floor"] <= 0.5,
+                f"fwd/bwd took {fmt_s(s['compute_s'])} (alone {fmt_s(compute_idle_s)}), the copy {fmt_s(floor)}",
+            )
     dip_rows = {name: {**r, **dip_summary(r)} for name, r in (dip or {}).get("rows", {}).items()}
     anchor = dip_rows.get("Lightning AsyncCheckpointIO")
     for name, r in dip_rows.items():
         if anchor and name.startswith("ours async"):
-            add(f"{name}: training time lost per save <= 1/20 of AsyncCheckpointIO's (in a training loop)",
-                f"1/{anchor['lost_s'] / max(r['lost_s'], 1e-9):.1f} ({fmt_s(r['lost_s'])} vs {fmt_s(anchor['lost_s'])})",
+            add(
+                f"{name}: training time lost per save <= 1/20 of AsyncCheckpointIO's (in a training loop)",
+                f"1/{anchor['lost_s'] / max(r['lost_s'], 1e-9):.1f} "
+                f"({fmt_s(r['lost_s'])} vs {fmt_s(anchor['lost_s'])})",
                 r["lost_s"] <= anchor["lost_s"] / 20,
                 "not the issue's measure (that is the stall above); the whole cost of a save to a CPU training "
-                "loop: stall in save() + the slowdown while it persists (training throughput section)")
+                "loop: stall in save() + the slowdown while it persists (training throughput section)",
+            )
     limit = max(16 * 2**20, 0.02 * state_bytes)
     for label, g in growth.items():
-        add(f"no memory growth across {g['last_step']} saves ({label})",
+        add(
+            f"no memory growth across {g['last_step']} saves ({label})",
             f"PSS {g['growth_pss'] / 2**20:+.1f} MiB, RSS {g['growth_rss'] / 2**20:+.1f} MiB from save "
-            f"{g['ref_step']} to {g['last_step']}", max(g["growth_pss"], g["growth_rss"]) <= limit,
-            f"threshold {limit / 2**20:.0f} MiB (2% of the state, at least 16 MiB)")
+            f"{g['ref_step']} to {g['last_step']}",
+            max(g["growth_pss"], g["growth_rss"]) <= limit,
+            f"threshold {limit / 2**20:.0f} MiB (2% of the state, at least 16 MiB)",
+        )
     rs = restore["samples"]
     for mode in ("warm", "cold"):
         ours, st = rs["ours full (checksum verified)"][mode], rs["safetensors load_file full (pread)"][mode]
         if not ours or not st:
             continue
-        paired = median(o / t for o, t in zip(ours, st))  # same round, back to back
+        paired = median(o / t for o, t in zip(ours, st, strict=False))  # same round, back to back
         best = min(ours) / min(st)
         mm = median(rs["safetensors load_file full (mmap, default)"][mode])
-        add(f"full restore <= 1.2x safetensors load_file (page cache {mode})",
+        add(
+            f"full restore <= 1.2x safetensors load_file (page cache {mode})",
             f"{fmt_s(median(ours))} vs {fmt_s(median(st))}: paired {paired:.2f}x, best/best {best:.2f}x",
             _verdict(paired <= 1.2, best <= 1.2),
             f"safetensors with backend='pread' (bytes read into memory, as ours); its default mmap "
-            f"backend returns in {fmt_s(mm)} because it reads nothing until a tensor is touched")
+            f"backend returns in {fmt_s(mm)} because it reads nothing until a tensor is touched",
+        )
     return out
 
 
@@ -768,24 +890,38 @@ def render(res: dict[str, Any]) -> str:
         f"{m['filesystem']}; torch {m['torch']}, lightning {m.get('lightning', '-')}, "
         f"transformers {m.get('transformers', '-')}, safetensors {m.get('safetensors', '-')}, "
         f"Python {m['python']}.  ",
-        (f"Code under test: commit {res['library']['commit']}"
-         + (f" plus uncommitted changes to {', '.join(res['library']['uncommitted_in_ckpt_plugins'])}"
-            if res["library"]["uncommitted_in_ckpt_plugins"] else "")
-         + "; manager defaults " + ", ".join(f"{k}={v!r}" for k, v in res["library"]["writer_defaults"].items())
-         + ".  " if "library" in res else ""),
+        (
+            f"Code under test: commit {res['library']['commit']}"
+            + (
+                f" plus uncommitted changes to {', '.join(res['library']['uncommitted_in_ckpt_plugins'])}"
+                if res["library"]["uncommitted_in_ckpt_plugins"]
+                else ""
+            )
+            + "; manager defaults "
+            + ", ".join(f"{k}={v!r}" for k, v in res["library"]["writer_defaults"].items())
+            + ".  "
+            if "library" in res
+            else ""
+        ),
         f"State: {res['state']['desc']}: {res['state']['bytes'] / 2**20:.0f} MiB in {res['state']['tensors']} "
         f"tensors (tied embedding stored once).  ",
         f"Run: {res['date']}, {res['reps']} measured rounds after {res['warmup']} warm-up round(s), "
         f"contenders interleaved round-robin; medians. Other processes used "
         f"{res['load']['other_processes_cores']:.2f} of {m['cores']} cores on average during the run "
         f"(load average {res['load']['loadavg_1m_start']:.1f} -> {res['load']['loadavg_1m_end']:.1f})"
-        + (f"; this process ran at nice {res['nice']}" if res.get("nice") else "") + ".  ",
+        + (f"; this process ran at nice {res['nice']}" if res.get("nice") else "")
+        + ".  ",
         f"Disk: fsynced sequential write bandwidth {disk_bw / MB:.0f} MB/s (median of "
         f"{len(res['save_raw']['disk_bw_samples'])} samples of 2 x 256 MiB, one just before each save; range "
         f"{min(res['save_raw']['disk_bw_samples']) / MB:.0f}-{max(res['save_raw']['disk_bw_samples']) / MB:.0f} MB/s)"
-        + (f"; with O_DIRECT (no page cache, once per round) {median(res['save_raw']['disk_bw_direct_samples']) / MB:.0f} MB/s "
-           f"(range {min(res['save_raw']['disk_bw_direct_samples']) / MB:.0f}-"
-           f"{max(res['save_raw']['disk_bw_direct_samples']) / MB:.0f})" if res["save_raw"].get("disk_bw_direct_samples") else "")
+        + (
+            "; with O_DIRECT (no page cache, once per round) "
+            f"{median(res['save_raw']['disk_bw_direct_samples']) / MB:.0f} MB/s "
+            f"(range {min(res['save_raw']['disk_bw_direct_samples']) / MB:.0f}-"
+            f"{max(res['save_raw']['disk_bw_direct_samples']) / MB:.0f})"
+            if res["save_raw"].get("disk_bw_direct_samples")
+            else ""
+        )
         + ".",
         "",
         "## Saves",
@@ -802,32 +938,72 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for name, s in sorted(saves.items(), key=lambda kv: kv[1]["stall_s"]):
         lo, hi = s["stall_range"]
-        rows.append([name, f"{fmt_s(s['stall_s'])} ({fmt_s(lo)} - {fmt_s(hi)})", fmt_ratio(s["x_floor"]),
-                     fmt_s(s.get("durable_s")), f"{s['throughput'] / MB:.0f}" if "throughput" in s else "-",
-                     f"{s['pct_disk']:.0%}" if "pct_disk" in s else "-",
-                     f"{s['persist_throughput'] / MB:.0f}" if "persist_throughput" in s else "-",
-                     f"{s['persist_cpu_s']:.2f}" if s.get("persist_cpu_s") == s.get("persist_cpu_s") and "persist_cpu_s" in s else "-",
-                     f"{s['peak_rss'] / 2**20:.0f}" if s.get("peak_rss") is not None else "-",
-                     f"{s['bytes'] / 2**20:.0f}" if "bytes" in s else "-"])
-    lines.append(md_table(["contender", "stall (min - max)", "x floor", "durable", "MB/s", "% disk bw",
-                           "writer-phase MB/s", "writer CPU s", "peak RSS +MiB", "on disk MiB"], rows))
-    lines += ["", "Warm-up saves (first save of each contender; ours allocates its staging buffers here): "
-              + "; ".join(f"{k}: {fmt_s(v['stall_s'])}" for k, v in res["save_raw"]["warmup"].items()
-                          if k.startswith("ours")) + ".", ""]
+        rows.append(
+            [
+                name,
+                f"{fmt_s(s['stall_s'])} ({fmt_s(lo)} - {fmt_s(hi)})",
+                fmt_ratio(s["x_floor"]),
+                fmt_s(s.get("durable_s")),
+                f"{s['throughput'] / MB:.0f}" if "throughput" in s else "-",
+                f"{s['pct_disk']:.0%}" if "pct_disk" in s else "-",
+                f"{s['persist_throughput'] / MB:.0f}" if "persist_throughput" in s else "-",
+                f"{s['persist_cpu_s']:.2f}"
+                if s.get("persist_cpu_s") == s.get("persist_cpu_s") and "persist_cpu_s" in s
+                else "-",
+                f"{s['peak_rss'] / 2**20:.0f}" if s.get("peak_rss") is not None else "-",
+                f"{s['bytes'] / 2**20:.0f}" if "bytes" in s else "-",
+            ]
+        )
+    lines.append(
+        md_table(
+            [
+                "contender",
+                "stall (min - max)",
+                "x floor",
+                "durable",
+                "MB/s",
+                "% disk bw",
+                "writer-phase MB/s",
+                "writer CPU s",
+                "peak RSS +MiB",
+                "on disk MiB",
+            ],
+            rows,
+        )
+    )
+    lines += [
+        "",
+        "Warm-up saves (first save of each contender; ours allocates its staging buffers here): "
+        + "; ".join(f"{k}: {fmt_s(v['stall_s'])}" for k, v in res["save_raw"]["warmup"].items() if k.startswith("ours"))
+        + ".",
+        "",
+    ]
     for name, s in saves.items():
         if name.startswith("ours overlap"):
-            lines.append(f"- {name}: fwd/bwd took {fmt_s(s['compute_s'])} (alone: "
-                         f"{fmt_s(res['save_raw']['compute']['idle_s'])}), then wait_for_snapshot "
-                         f"{fmt_s(s['wait_for_snapshot_s'])}; save() itself {fmt_s(s['stall_s'] - s['wait_for_snapshot_s'])}.")
-    lines += ["", "Peak RSS +MiB: the kernel's high-water mark (VmHWM, reset before the call) minus RSS at the call, "
-              "summed over this process and its writer process if any: memory a save needs on top of what is "
-              "already resident (ours keeps its staging buffers resident between saves: see the memory section).", ""]
+            lines.append(
+                f"- {name}: fwd/bwd took {fmt_s(s['compute_s'])} (alone: "
+                f"{fmt_s(res['save_raw']['compute']['idle_s'])}), then wait_for_snapshot "
+                f"{fmt_s(s['wait_for_snapshot_s'])}; save() itself {fmt_s(s['stall_s'] - s['wait_for_snapshot_s'])}."
+            )
+    lines += [
+        "",
+        "Peak RSS +MiB: the kernel's high-water mark (VmHWM, reset before the call) minus RSS at the call, "
+        "summed over this process and its writer process if any: memory a save needs on top of what is "
+        "already resident (ours keeps its staging buffers resident between saves: see the memory section).",
+        "",
+    ]
 
     r = res["restore"]
-    lines += ["## Restore", "", f"Files: ours {r['file_bytes']['ours'] / 2**20:.0f} MiB, torch.save "
-              f"{r['file_bytes']['torch.load'] / 2**20:.0f} MiB, safetensors {r['file_bytes']['safetensors'] / 2**20:.0f} MiB "
-              f"(model part {r['model_bytes'] / 2**20:.0f} MiB). Warm: files read once just before; cold: "
-              f"`drop_caches` before each read{'' if r['cold_available'] else ' (not permitted here: cold not measured)'}.", ""]
+    lines += [
+        "## Restore",
+        "",
+        f"Files: ours {r['file_bytes']['ours'] / 2**20:.0f} MiB, torch.save "
+        f"{r['file_bytes']['torch.load'] / 2**20:.0f} MiB, "
+        f"safetensors {r['file_bytes']['safetensors'] / 2**20:.0f} MiB "
+        f"(model part {r['model_bytes'] / 2**20:.0f} MiB). Warm: files read once just before; cold: "
+        f"`drop_caches` before each read{'' if r['cold_available'] else ' (not permitted here: cold not measured)'}.",
+        "",
+    ]
     base = {mode: median(r["samples"]["safetensors load_file full (pread)"][mode]) for mode in ("warm", "cold")}
     rows = []
     for name, s in r["samples"].items():
@@ -836,10 +1012,14 @@ def render(res: dict[str, Any]) -> str:
             t = median(s[mode])
             cells += [fmt_s(t), fmt_ratio(t / base[mode]) if t == t and base[mode] == base[mode] else "-"]
         rows.append(cells)
-    lines += [md_table(["reader", "warm", "x safetensors pread", "cold", "x safetensors pread"], rows), "",
-              "safetensors' default `load_file` maps the file: it returns before any tensor byte is read (pages "
-              "are read, or mapped from the page cache, when first touched), so its time is not the time to "
-              "have the bytes in memory; `backend='pread'` reads them, as ours and torch.load do.", ""]
+    lines += [
+        md_table(["reader", "warm", "x safetensors pread", "cold", "x safetensors pread"], rows),
+        "",
+        "safetensors' default `load_file` maps the file: it returns before any tensor byte is read (pages "
+        "are read, or mapped from the page cache, when first touched), so its time is not the time to "
+        "have the bytes in memory; `backend='pread'` reads them, as ours and torch.load do.",
+        "",
+    ]
 
     lines += ["## Memory across many saves", ""]
     rows = []
@@ -847,52 +1027,112 @@ def render(res: dict[str, Any]) -> str:
         by = {p["step"]: p for p in g["points"]}
         first, ref, last = by[g["points"][0]["step"]], by[g["ref_step"]], by[g["last_step"]]
         mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
-        rows.append([label, f"{mib(g['before']['pss'])} / {mib(g['before']['rss'])}",
-                     f"{mib(first['pss'])} / {mib(first['rss'])}", f"{mib(ref['pss'])} / {mib(ref['rss'])}",
-                     f"{mib(last['pss'])} / {mib(last['rss'])}",
-                     f"{g['growth_pss'] / 2**20:+.1f} / {g['growth_rss'] / 2**20:+.1f}",
-                     f"{g['before']['threads']} -> {first['threads']} -> {last['threads']}",
-                     f"{g['before']['fds']} -> {first['fds']} -> {last['fds']}"])
-    lines += [md_table(["ours async", "before (PSS / RSS MiB)", f"after save {g['points'][0]['step']}",
-                        f"after save {g['ref_step']}", f"after save {g['last_step']}",
-                        f"growth {g['ref_step']} -> {g['last_step']}", "threads", "open fds"], rows),
-              "", f"{g['last_step']} back-to-back saves of the same state (max_pending=1, keep_last=2), this "
-              "process plus its children. PSS counts memory shared between the two processes (the writer "
-              "process's shared-memory staging buffers) once; RSS counts it in each. The first save allocates "
-              "the staging buffers (one copy of the state), later saves reuse them.", ""]
+        rows.append(
+            [
+                label,
+                f"{mib(g['before']['pss'])} / {mib(g['before']['rss'])}",
+                f"{mib(first['pss'])} / {mib(first['rss'])}",
+                f"{mib(ref['pss'])} / {mib(ref['rss'])}",
+                f"{mib(last['pss'])} / {mib(last['rss'])}",
+                f"{g['growth_pss'] / 2**20:+.1f} / {g['growth_rss'] / 2**20:+.1f}",
+                f"{g['before']['threads']} -> {first['threads']} -> {last['threads']}",
+                f"{g['before']['fds']} -> {first['fds']} -> {last['fds']}",
+            ]
+        )
+    lines += [
+        md_table(
+            [
+                "ours async",
+                "before (PSS / RSS MiB)",
+                f"after save {g['points'][0]['step']}",
+                f"after save {g['ref_step']}",
+                f"after save {g['last_step']}",
+                f"growth {g['ref_step']} -> {g['last_step']}",
+                "threads",
+                "open fds",
+            ],
+            rows,
+        ),
+        "",
+        f"{g['last_step']} back-to-back saves of the same state (max_pending=1, keep_last=2), this "
+        "process plus its children. PSS counts memory shared between the two processes (the writer "
+        "process's shared-memory staging buffers) once; RSS counts it in each. The first save allocates "
+        "the staging buffers (one copy of the state), later saves reuse them.",
+        "",
+    ]
 
     d = res["dip"]
-    lines += ["## Training throughput while a persist runs", "",
-              f"A small MLP trained with AdamW on the CPU (batch {d['batch']}, {d['idle_step_s'] * 1e3:.0f} ms per "
-              "step alone) runs steps while a save persists in the background (from save() returning until "
-              f"the handle is done), then for as long again (at most 3 s) with nothing in the background; "
-              f"{len(next(iter(d['rows'].values()))['busy_s'])} rounds, "
-              "writers interleaved.", ""]
+    lines += [
+        "## Training throughput while a persist runs",
+        "",
+        f"A small MLP trained with AdamW on the CPU (batch {d['batch']}, {d['idle_step_s'] * 1e3:.0f} ms per "
+        "step alone) runs steps while a save persists in the background (from save() returning until "
+        f"the handle is done), then for as long again (at most 3 s) with nothing in the background; "
+        f"{len(next(iter(d['rows'].values()))['busy_s'])} rounds, "
+        "writers interleaved.",
+        "",
+    ]
     rows = []
     for name, s in d["rows"].items():
         s = {**s, **dip_summary(s)}
         dips = s.get("round_dips", [])
-        rows.append([name, fmt_s(s["median_stall_s"]), f"{len(s['busy'])}", fmt_s(median(s["busy"])),
-                     fmt_s(median(s["idle"])), f"{s['pooled_dip']:.0%}",
-                     f"{median(dips):.0%} ({', '.join(f'{x:.0%}' for x in dips)})" if dips else "-",
-                     fmt_s(median(s["busy_s"])), fmt_s(s["lost_s"])])
-    lines += [md_table(["writer", "stall in save()", "steps during persist", "step time during persist",
-                        "step time idle", "dip, pooled", "dip, median of rounds (each round)", "persist window",
-                        "training time lost per save"], rows), "",
-              "Dip, pooled = 1 - (all steps during persists / their time) / (all steps in idle windows / their "
-              "time); median of rounds = the same per round from median step times, then the median. Training "
-              "time lost per save = the stall in save() + persist window - (steps done in it x the idle step "
-              "time), per save: what a save costs the loop in all, weighing a small dip over a long persist "
-              "against a large dip over a short one. The persist window is longer than in the save table: the "
-              "writer and the training loop share the two cores. AsyncCheckpointIO's window ends when "
-              "`torch.save` returns (it does not fsync; the kernel writes its pages back later, partly during "
-              "the idle window, which flatters it).", ""]
+        rows.append(
+            [
+                name,
+                fmt_s(s["median_stall_s"]),
+                f"{len(s['busy'])}",
+                fmt_s(median(s["busy"])),
+                fmt_s(median(s["idle"])),
+                f"{s['pooled_dip']:.0%}",
+                f"{median(dips):.0%} ({', '.join(f'{x:.0%}' for x in dips)})" if dips else "-",
+                fmt_s(median(s["busy_s"])),
+                fmt_s(s["lost_s"]),
+            ]
+        )
+    lines += [
+        md_table(
+            [
+                "writer",
+                "stall in save()",
+                "steps during persist",
+                "step time during persist",
+                "step time idle",
+                "dip, pooled",
+                "dip, median of rounds (each round)",
+                "persist window",
+                "training time lost per save",
+            ],
+            rows,
+        ),
+        "",
+        "Dip, pooled = 1 - (all steps during persists / their time) / (all steps in idle windows / their "
+        "time); median of rounds = the same per round from median step times, then the median. Training "
+        "time lost per save = the stall in save() + persist window - (steps done in it x the idle step "
+        "time), per save: what a save costs the loop in all, weighing a small dip over a long persist "
+        "against a large dip over a short one. The persist window is longer than in the save table: the "
+        "writer and the training loop share the two cores. AsyncCheckpointIO's window ends when "
+        "`torch.save` returns (it does not fsync; the kernel writes its pages back later, partly during "
+        "the idle window, which flatters it).",
+        "",
+    ]
 
     lines += ["## Targets", ""]
-    lines += [md_table(["target", "measured", "met", "note"],
-                       [[t["target"], t["measured"], {True: "met", False: "**not met**"}.get(t["met"], "inconclusive (noise)"),
-                         t["note"]]
-                        for t in res["targets"]], "llll"), ""]
+    lines += [
+        md_table(
+            ["target", "measured", "met", "note"],
+            [
+                [
+                    t["target"],
+                    t["measured"],
+                    {True: "met", False: "**not met**"}.get(t["met"], "inconclusive (noise)"),
+                    t["note"],
+                ]
+                for t in res["targets"]
+            ],
+            "llll",
+        ),
+        "",
+    ]
     lines += ["![stall, durable, restore and dip](save.png)", ""]
     return "\n".join(lines)
 
@@ -907,26 +1147,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--growth-saves", type=int, default=50)
     p.add_argument("--no-dcp", action="store_true", help="leave out torch.distributed.checkpoint")
     p.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke test of the harness")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to this long for the 1-minute load average to fall below "
-                        "--quiet-below (a shared machine)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to this long for the 1-minute load average to fall below --quiet-below (a shared machine)",
+    )
     p.add_argument("--quiet-below", type=float, default=0.5, metavar="LOAD")
-    p.add_argument("--nice", type=int, default=0,
-                   help="change this process's nice value first (negative: ahead of other processes on a "
-                        "shared machine; needs root); recorded in the results")
-    p.add_argument("--from-json", type=Path, metavar="SAVE_JSON",
-                   help="run nothing: rebuild save.md, save.png (and the docs section) from a save.json")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: benchmarks/results; --quick: benchmarks/results/tmp/quick)")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="change this process's nice value first (negative: ahead of other processes on a "
+        "shared machine; needs root); recorded in the results",
+    )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="SAVE_JSON",
+        help="run nothing: rebuild save.md, save.png (and the docs section) from a save.json",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: benchmarks/results; --quick: benchmarks/results/tmp/quick)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.embd, args.vocab, args.reps, args.growth_saves = 1, 128, 8000, 1, 6
     args.out = args.out or (RESULTS / "tmp" / "quick" if args.quick else RESULTS)
     if args.from_json:  # only redraw the report, the figure and the docs section from earlier results
         res = json.loads(args.from_json.read_text())
-        res["targets"] = res["headline"] = targets(res["saves"], res["restore"], res["growth"],
-                                                   res["state"]["bytes"], res["save_raw"]["compute"]["idle_s"],
-                                                   res.get("dip"))
+        res["targets"] = res["headline"] = targets(
+            res["saves"],
+            res["restore"],
+            res["growth"],
+            res["state"]["bytes"],
+            res["save_raw"]["compute"]["idle_s"],
+            res.get("dip"),
+        )
         write_outputs(res, args)
         return 0
     warnings.filterwarnings("ignore")
@@ -943,12 +1204,21 @@ def main(argv: list[str] | None = None) -> int:
     flat = unique_tensors(state)
     state_bytes = nbytes(flat)
     payload = aligned_random_bytes(256 << 20)
-    res: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                           "command": COMMAND + (f" --nice {args.nice}" if args.nice else ""), "nice": os.nice(0),
-                           "reps": args.reps, "warmup": args.warmup,
-                           "writers": [label for label, _ in writer_variants()], "library": library_version(),
-                           "state": {"desc": f"GPT-2-style ({args.layers} layers, d={args.embd}, vocab {args.vocab}) "
-                                     "+ Adam state after one step", "bytes": state_bytes, "tensors": len(flat)}}
+    res: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": COMMAND + (f" --nice {args.nice}" if args.nice else ""),
+        "nice": os.nice(0),
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "writers": [label for label, _ in writer_variants()],
+        "library": library_version(),
+        "state": {
+            "desc": f"GPT-2-style ({args.layers} layers, d={args.embd}, vocab {args.vocab}) "
+            "+ Adam state after one step",
+            "bytes": state_bytes,
+            "tensors": len(flat),
+        },
+    }
     with OtherLoad() as load, scratch_dir("save") as workdir:
         print("saves ...", flush=True)
         res["save_raw"] = bench_saves(state, workdir, args, payload)
@@ -963,8 +1233,9 @@ def main(argv: list[str] | None = None) -> int:
         res["dip"] = bench_dip(state, workdir, args)
     res["load"] = load.as_dict()
     res["machine"] = machine_info()
-    res["targets"] = targets(res["saves"], res["restore"], res["growth"], state_bytes,
-                             res["save_raw"]["compute"]["idle_s"], res["dip"])
+    res["targets"] = targets(
+        res["saves"], res["restore"], res["growth"], state_bytes, res["save_raw"]["compute"]["idle_s"], res["dip"]
+    )
     res["headline"] = res["targets"]  # picked up by run_all.py for the combined table
     res["elapsed_s"] = time.perf_counter() - t_start
     write_outputs(res, args)

@@ -24,11 +24,34 @@ from typing import Any
 import psutil
 
 __all__ = [
-    "REPO", "RESULTS", "TMP", "MB",
-    "median", "spread", "Stopwatch",
-    "scratch_dir", "drop_page_cache", "sync_disk", "file_bytes",
-    "aligned_random_bytes", "cpu_seconds", "disk_write_bandwidth", "PeakRss", "RssSampler", "rss_bytes", "pss_bytes", "peak_rss_reset", "peak_rss_bytes",
-    "OtherLoad", "machine_info", "publish_e2e", "md_table", "write_json", "write_text", "fmt_s", "fmt_ratio",
+    "MB",
+    "REPO",
+    "RESULTS",
+    "TMP",
+    "OtherLoad",
+    "PeakRss",
+    "RssSampler",
+    "Stopwatch",
+    "aligned_random_bytes",
+    "cpu_seconds",
+    "disk_write_bandwidth",
+    "drop_page_cache",
+    "file_bytes",
+    "fmt_ratio",
+    "fmt_s",
+    "machine_info",
+    "md_table",
+    "median",
+    "peak_rss_bytes",
+    "peak_rss_reset",
+    "pss_bytes",
+    "publish_e2e",
+    "rss_bytes",
+    "scratch_dir",
+    "spread",
+    "sync_disk",
+    "write_json",
+    "write_text",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +75,7 @@ def spread(values: Iterable[float]) -> tuple[float, float]:
 class Stopwatch:
     """``with Stopwatch() as sw: ...`` then ``sw.s`` (seconds, perf_counter)."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.t0 = time.perf_counter()
         self.s = float("nan")
         return self
@@ -108,7 +131,7 @@ def aligned_random_bytes(nbytes: int) -> memoryview:
     view = memoryview(buf)
     step = 64 << 20
     for pos in range(0, nbytes, step):
-        view[pos:pos + min(step, nbytes - pos)] = os.urandom(min(step, nbytes - pos))
+        view[pos : pos + min(step, nbytes - pos)] = os.urandom(min(step, nbytes - pos))
     return view
 
 
@@ -134,8 +157,14 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_file(path.parent)
 
 
-def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_mb: int = 256,
-                         payload: memoryview | None = None, direct: bool = False) -> float:
+def disk_write_bandwidth(
+    directory: str | os.PathLike,
+    *,
+    files: int = 2,
+    file_mb: int = 256,
+    payload: memoryview | None = None,
+    direct: bool = False,
+) -> float:
     """Fsynced sequential write bandwidth in bytes/s: ``files`` x ``file_mb`` MiB written with one
     ``os.write`` loop per file (16 MiB calls) and an ``os.fsync`` each, into ``directory``.
 
@@ -157,7 +186,7 @@ def disk_write_bandwidth(directory: str | os.PathLike, *, files: int = 2, file_m
             try:
                 pos = 0
                 while pos < size:
-                    pos += os.write(fd, payload[pos:min(pos + chunk, size)])
+                    pos += os.write(fd, payload[pos : min(pos + chunk, size)])
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -240,7 +269,7 @@ class PeakRss:
     cannot be reset (then nothing is reported).
     """
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.pids: list[int | str] = ["self", *(c.pid for c in psutil.Process().children(recursive=True))]
         self.exact = all([peak_rss_reset(pid) for pid in self.pids])
         self.start = {pid: _status_kb(pid, "VmRSS") or 0 for pid in self.pids}
@@ -293,7 +322,7 @@ class RssSampler:
             self.samples += 1
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.baseline = self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
@@ -318,7 +347,7 @@ class OtherLoad:
     spent minus what this process (and its children) spent, as a share of all cores.
     """
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self._sys0 = _busy_cpu_seconds()
         self._own0 = _own_cpu_seconds()
         self._t0 = time.monotonic()
@@ -333,8 +362,12 @@ class OtherLoad:
         self.loadavg_end = os.getloadavg()[0]
 
     def as_dict(self) -> dict[str, float]:
-        return {"wall_s": self.wall_s, "other_processes_cores": self.other_cores,
-                "loadavg_1m_start": self.loadavg_start, "loadavg_1m_end": self.loadavg_end}
+        return {
+            "wall_s": self.wall_s,
+            "other_processes_cores": self.other_cores,
+            "loadavg_1m_start": self.loadavg_start,
+            "loadavg_1m_end": self.loadavg_end,
+        }
 
 
 def _busy_cpu_seconds() -> float:
@@ -367,9 +400,13 @@ def machine_info(directory: str | os.PathLike = REPO) -> dict[str, Any]:
         line = out.strip().splitlines()[-1].split()
         fs = f"{line[1]} on {line[0]}"
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "filesystem": fs,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "filesystem": fs,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "platform": platform.platform(terse=True),
     }
     for name in ("lightning", "transformers", "safetensors"):
@@ -397,19 +434,33 @@ def publish(stem: str, text: str, payload: dict[str, Any]) -> None:
     print(text)
 
 
-def publish_e2e(stem: str, text: str, *, headline: list, summary: dict, runs: list, machine: dict,
-                load: Any, opts: Any, rounds: int) -> None:
+def publish_e2e(
+    stem: str, text: str, *, headline: list, summary: dict, runs: list, machine: dict, load: Any, opts: Any, rounds: int
+) -> None:
     """:func:`publish` for an end-to-end benchmark: its report plus every run and the settings."""
-    publish(stem, text, {"headline": headline, "summary": summary, "runs": runs, "machine": machine,
-                         "other_load": load.as_dict(), "steps": opts.steps, "every": opts.every,
-                         "rounds": rounds})
+    publish(
+        stem,
+        text,
+        {
+            "headline": headline,
+            "summary": summary,
+            "runs": runs,
+            "machine": machine,
+            "other_load": load.as_dict(),
+            "steps": opts.steps,
+            "every": opts.every,
+            "rounds": rounds,
+        },
+    )
 
 
 def overhead_note(framework_fsync: str) -> str:
     """How the end-to-end benchmarks compute overheads, shared by the Lightning and HF reports."""
-    return ("Overheads are medians over rounds of (run / the `none` run of the same round - 1); on a shared "
-            "machine identical runs still vary by 10-20 %, so read them with the blocked time per save, which "
-            "is measured directly. \"Until checkpoints are on disk\" adds " + framework_fsync)
+    return (
+        "Overheads are medians over rounds of (run / the `none` run of the same round - 1); on a shared "
+        "machine identical runs still vary by 10-20 %, so read them with the blocked time per save, which "
+        'is measured directly. "Until checkpoints are on disk" adds ' + framework_fsync
+    )
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -38,16 +38,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, md_table, scratch_dir, write_json, write_text  # noqa: E402
-
-from ckpt_plugins.hf import CheckpointCallback  # noqa: E402
+from ckpt_plugins.hf import CheckpointCallback
+from common import RESULTS, md_table, scratch_dir, write_json, write_text
 
 SAVE_EVERY, MAX_STEPS = 2, 8
 NEEDED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
@@ -84,6 +83,7 @@ class _Report(TrainerCallback):
                     while not os.path.isdir(folder):
                         time.sleep(0.002)
                     self.send("end", state.global_step, time.monotonic())
+
                 threading.Thread(target=watch, daemon=True).start()
 
     def on_save(self, args, state, control, **kwargs):
@@ -99,8 +99,17 @@ class _StopAfterOneStep(TrainerCallback):
 def _trainer(out: Path, ours: bool, callbacks: list) -> Trainer:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_positions=64, n_embd=256, n_layer=8, n_head=8))
-    args = TrainingArguments(str(out), max_steps=MAX_STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=4,
-                             use_cpu=True, report_to=[], disable_tqdm=True, seed=0, logging_steps=10_000)
+    args = TrainingArguments(
+        str(out),
+        max_steps=MAX_STEPS,
+        save_steps=SAVE_EVERY,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=10_000,
+    )
     extra = [CheckpointCallback()] if ours else []
     return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=extra + callbacks)
 
@@ -113,7 +122,7 @@ def _fork(fn) -> int:
             torch.set_num_threads(1)
             logging.disable(logging.CRITICAL)
             fn()
-        except BaseException:  # noqa: BLE001 - reported through the exit code / files
+        except BaseException:
             traceback.print_exc()
             code = 1
         finally:
@@ -178,7 +187,7 @@ def _try_resume(out: Path, ours: bool) -> dict:
         try:
             trainer.train(resume_from_checkpoint=True)
             outcome = {"error": None, "resumed_step": trainer.state.global_step - 1}
-        except Exception as exc:  # noqa: BLE001 - the measurement
+        except Exception as exc:
             outcome = {"error": f"{type(exc).__name__}: {str(exc).replace(str(out.parent) + os.sep, '')[:300]}"}
         result_path.write_text(json.dumps(outcome))
 
@@ -195,9 +204,14 @@ def _try_resume(out: Path, ours: bool) -> dict:
         verdict = "silent"
     else:
         verdict = "ok"
-    return {"verdict": verdict, "error": outcome["error"], "newest_after_kill": os.path.basename(newest or "-"),
-            "newest_files": newest_files, "resumed_from": os.path.basename(resumed_from or "-"),
-            "missing_in_resumed": incomplete}
+    return {
+        "verdict": verdict,
+        "error": outcome["error"],
+        "newest_after_kill": os.path.basename(newest or "-"),
+        "newest_files": newest_files,
+        "resumed_from": os.path.basename(resumed_from or "-"),
+        "missing_in_resumed": incomplete,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,35 +234,64 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # the save had completed: not a kill while saving
                 trial = {**kill, **_try_resume(out, method == "ours")}
                 report[method].append(trial)
-                print(f"{method:8} trial {len(report[method]):2}: killed {trial['delay_s'] * 1e3:5.0f} ms into a "
-                      f"{trial['save_duration_s'] * 1e3:.0f} ms save -> {trial['verdict']}"
-                      f"{' (' + trial['error'] + ')' if trial['error'] else ''}", flush=True)
+                print(
+                    f"{method:8} trial {len(report[method]):2}: killed {trial['delay_s'] * 1e3:5.0f} ms into a "
+                    f"{trial['save_duration_s'] * 1e3:.0f} ms save -> {trial['verdict']}"
+                    f"{' (' + trial['error'] + ')' if trial['error'] else ''}",
+                    flush=True,
+                )
     rows = []
     for method, label in (("trainer", "Trainer's own saving"), ("ours", "CheckpointCallback")):
         trials = report[method]
         count = {v: sum(t["verdict"] == v for t in trials) for v in ("crash", "silent", "ok")}
         rows.append([label, len(trials), f"**{count['crash']}**", count["silent"], count["ok"]])
-    details = [[m, i + 1, f"{t['delay_s'] * 1e3:.0f} / {t['save_duration_s'] * 1e3:.0f}", t["newest_after_kill"],
-                ", ".join(t["newest_files"]) or "-", t["resumed_from"], t["verdict"], (t["error"] or "")[:90]]
-               for m in ("trainer", "ours") for i, t in enumerate(report[m])]
-    text = "\n".join([
-        "# Killed while saving: does `resume_from_checkpoint=True` work afterwards?",
-        "",
-        f"GPT-2-style model (~80 MB weights + Adam), a save every {SAVE_EVERY} steps; each kill (SIGKILL) lands at "
-        "a uniformly random moment inside the second save, then a fresh process calls "
-        "`trainer.train(resume_from_checkpoint=True)`. `silent`: resumed from a checkpoint missing files the "
-        f"Trainer needs ({', '.join(NEEDED)}), without an error. Took {time.time() - t0:.0f} s.",
-        "",
-        md_table(["saving", "kills while saving", "resume crashed", "resumed silently incomplete", "resumed OK"], rows),
-        "",
-        "## Trials",
-        "",
-        md_table(["saving", "trial", "kill at / save ms", "newest after kill", "its files", "resumed from",
-                  "outcome", "error"], details),
-        "",
-        "Command: `.venv/bin/python benchmarks/kill_while_saving_hf.py --trials 10`",
-        "",
-    ])
+    details = [
+        [
+            m,
+            i + 1,
+            f"{t['delay_s'] * 1e3:.0f} / {t['save_duration_s'] * 1e3:.0f}",
+            t["newest_after_kill"],
+            ", ".join(t["newest_files"]) or "-",
+            t["resumed_from"],
+            t["verdict"],
+            (t["error"] or "")[:90],
+        ]
+        for m in ("trainer", "ours")
+        for i, t in enumerate(report[m])
+    ]
+    text = "\n".join(
+        [
+            "# Killed while saving: does `resume_from_checkpoint=True` work afterwards?",
+            "",
+            f"GPT-2-style model (~80 MB weights + Adam), a save every {SAVE_EVERY} steps; each kill (SIGKILL) lands at "
+            "a uniformly random moment inside the second save, then a fresh process calls "
+            "`trainer.train(resume_from_checkpoint=True)`. `silent`: resumed from a checkpoint missing files the "
+            f"Trainer needs ({', '.join(NEEDED)}), without an error. Took {time.time() - t0:.0f} s.",
+            "",
+            md_table(
+                ["saving", "kills while saving", "resume crashed", "resumed silently incomplete", "resumed OK"], rows
+            ),
+            "",
+            "## Trials",
+            "",
+            md_table(
+                [
+                    "saving",
+                    "trial",
+                    "kill at / save ms",
+                    "newest after kill",
+                    "its files",
+                    "resumed from",
+                    "outcome",
+                    "error",
+                ],
+                details,
+            ),
+            "",
+            "Command: `.venv/bin/python benchmarks/kill_while_saving_hf.py --trials 10`",
+            "",
+        ]
+    )
     write_text(RESULTS / "kill_while_saving_hf.md", text)
     write_json(RESULTS / "kill_while_saving_hf.json", {"trials": report, "save_every": SAVE_EVERY, "seed": opts.seed})
     print(text)

@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = ["plot_save"]
 
@@ -72,12 +72,24 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     ax_dur.barh(dur, dvals, color=[_color(n) for n in dur])
     for y, n in enumerate(dur):
         s = saves[n]
-        ax_dur.text(s["durable_s"] * 1.01, y, f"{_label(s['durable_s'])}  {s['throughput'] / MB:.0f} MB/s",
-                    va="center", fontsize=8)
-    disk_floor = _median([s["bytes"] for n, s in saves.items() if "bytes" in s and n.startswith("ours")]) / res["disk_bw"]
+        ax_dur.text(
+            s["durable_s"] * 1.01,
+            y,
+            f"{_label(s['durable_s'])}  {s['throughput'] / MB:.0f} MB/s",
+            va="center",
+            fontsize=8,
+        )
+    disk_floor = (
+        _median([s["bytes"] for n, s in saves.items() if "bytes" in s and n.startswith("ours")]) / res["disk_bw"]
+    )
     ax_dur.axvline(disk_floor, color="k", lw=1, ls="--")
-    ax_dur.text(disk_floor, len(dur) - 0.45, f" state size / disk bw ({res['disk_bw'] / MB:.0f} MB/s, median)",
-                fontsize=8, va="bottom")
+    ax_dur.text(
+        disk_floor,
+        len(dur) - 0.45,
+        f" state size / disk bw ({res['disk_bw'] / MB:.0f} MB/s, median)",
+        fontsize=8,
+        va="bottom",
+    )
     ax_dur.set_ylim(-0.6, len(dur) + 0.2)
     ax_dur.set_xlim(0, max(dvals) * 1.45)
     ax_dur.set_xlabel("seconds from the call until fsynced and committed (median)")
@@ -92,9 +104,15 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     for i, mode in enumerate(modes):
         ys = [y + (i - (len(modes) - 1) / 2) * height for y in range(len(names))]
         vals = [_median(r[n][mode]) for n in names]
-        ax_rest.barh(ys, vals, height=height * 0.95, label=f"page cache {mode}",
-                     color=[_color(n) for n in names], alpha=1.0 if mode == "warm" else 0.55)
-        for y, v in zip(ys, vals):
+        ax_rest.barh(
+            ys,
+            vals,
+            height=height * 0.95,
+            label=f"page cache {mode}",
+            color=[_color(n) for n in names],
+            alpha=1.0 if mode == "warm" else 0.55,
+        )
+        for y, v in zip(ys, vals, strict=False):
             ax_rest.text(v * 1.01, y, f"{_label(v)} ({mode})", va="center", fontsize=7)
     ax_rest.set_yticks(range(len(names)), names, fontsize=8)
     ax_rest.invert_yaxis()
@@ -109,16 +127,27 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     idle = [_median(d[n]["idle"]) for n in names]
     ys = range(len(names))
     ax_dip.barh([y - 0.2 for y in ys], [i * 1e3 for i in idle], height=0.38, color="#cccccc", label="idle")
-    ax_dip.barh([y + 0.2 for y in ys], [b * 1e3 for b in busy], height=0.38,
-                color=[_color(n) for n in names], label="while a persist runs")
-    for y, n, b in zip(ys, names, busy):
+    ax_dip.barh(
+        [y + 0.2 for y in ys],
+        [b * 1e3 for b in busy],
+        height=0.38,
+        color=[_color(n) for n in names],
+        label="while a persist runs",
+    )
+    for y, n, b in zip(ys, names, busy, strict=False):
         r = d[n]
-        dip = (1 - (len(r["busy"]) / r["busy_wall"]) / (len(r["idle"]) / r["idle_wall"])
-               if r.get("busy_wall") else _median(r.get("round_dips", [])))
+        dip = (
+            1 - (len(r["busy"]) / r["busy_wall"]) / (len(r["idle"]) / r["idle_wall"])
+            if r.get("busy_wall")
+            else _median(r.get("round_dips", []))
+        )
         lost = r.get("lost_s")  # stall + persist window - steps done in it at the idle step time
         if lost is None:  # results written before the stall was counted
-            lost = ((r["busy_wall"] - len(r["busy"]) * r["idle_wall"] / len(r["idle"])) / len(r["busy_s"])
-                    if r.get("busy_wall") else float("nan"))
+            lost = (
+                (r["busy_wall"] - len(r["busy"]) * r["idle_wall"] / len(r["idle"])) / len(r["busy_s"])
+                if r.get("busy_wall")
+                else float("nan")
+            )
         label = f"{b * 1e3:.0f} ms (dip {dip:.0%}" + (f", {lost * 1e3:.0f} ms lost per save)" if lost == lost else ")")
         ax_dip.text(b * 1e3 * 1.01, y + 0.2, label if dip == dip else "", va="center", fontsize=8)
     ax_dip.set_yticks(list(ys), names, fontsize=8)
@@ -129,9 +158,11 @@ def plot_save(res: dict[str, Any], path: str | Path) -> None:
     ax_dip.legend(fontsize=8, loc="upper right")
 
     m = res["machine"]
-    fig.suptitle(f"ckpt_plugins save benchmark: {res['state']['bytes'] / 2**20:.0f} MiB state, "
-                 f"{m['cores']} CPU cores, {m['filesystem']} (blue: ours, grey: others, green: floor copy)",
-                 fontsize=11)
+    fig.suptitle(
+        f"ckpt_plugins save benchmark: {res['state']['bytes'] / 2**20:.0f} MiB state, "
+        f"{m['cores']} CPU cores, {m['filesystem']} (blue: ours, grey: others, green: floor copy)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

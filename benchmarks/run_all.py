@@ -79,7 +79,7 @@ def run_in_process(name: str) -> Outcome:
         rc = module.main([])
     except SystemExit as exc:
         rc = exc.code
-    except Exception as exc:  # noqa: BLE001 - one broken benchmark must not stop the others
+    except Exception as exc:
         return Outcome(name, f"error: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
     rc = 0 if rc in (None, 0) else rc
     return Outcome(name, "ok" if rc == 0 else f"failed (exit {rc})", time.perf_counter() - t0)
@@ -87,8 +87,11 @@ def run_in_process(name: str) -> Outcome:
 
 def result_files(name: str) -> list[Path]:
     short = name.removeprefix("bench_")
-    return sorted(p for p in RESULTS.glob(f"{short}*") if p.is_file() and p.suffix in (".md", ".json", ".png")
-                  and not p.stem.endswith("_quick"))
+    return sorted(
+        p
+        for p in RESULTS.glob(f"{short}*")
+        if p.is_file() and p.suffix in (".md", ".json", ".png") and not p.stem.endswith("_quick")
+    )
 
 
 def headlines(name: str) -> list[dict]:
@@ -115,7 +118,9 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
         files = result_files(name)
         ran = f"{o.status}, {o.seconds:.0f} s" if o else "not run"
         if files:
-            ran += ", results of " + time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files)))
+            ran += ", results of " + time.strftime(
+                "%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files))
+            )
         links = ", ".join(f"[{p.name}]({os.path.relpath(p, REPO)})" for p in files) or "none yet"
         lines.append(f"| `{name}.py` | {ran} | {links} |")
         targets += [(name, r) for r in headlines(name)]
@@ -130,12 +135,15 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
 def write_summary(table: str) -> None:
     """``results/summary.md``: the combined table, with links relative to ``results/``."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    local = re.sub(r"\]\((benchmarks/[^)]+)\)",
-                   lambda m: f"]({os.path.relpath(REPO / m.group(1), SUMMARY.parent)})", table)
-    SUMMARY.write_text("# All benchmarks: status and targets\n\n"
-                       "Written by `benchmarks/run_all.py` (`make bench`) after each run; links are to the result files "
-                       "of\neach benchmark, and each target row is the headline that benchmark reports.\n\n"
-                       f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}\n")
+    local = re.sub(
+        r"\]\((benchmarks/[^)]+)\)", lambda m: f"]({os.path.relpath(REPO / m.group(1), SUMMARY.parent)})", table
+    )
+    SUMMARY.write_text(
+        "# All benchmarks: status and targets\n\n"
+        "Written by `benchmarks/run_all.py` (`make bench`) after each run; links are to the result files "
+        "of\neach benchmark, and each target row is the headline that benchmark reports.\n\n"
+        f"_Updated by `benchmarks/run_all.py` on {stamp}._\n\n{local}\n"
+    )
     print(f"updated {os.path.relpath(SUMMARY, REPO)}")
 
 
@@ -145,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-process", action="store_true", help="import and run them in this process")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite results/summary.md")
-    p.add_argument("--tables-only", action="store_true",
-                   help="run nothing: rebuild the combined table from the result files present")
+    p.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="run nothing: rebuild the combined table from the result files present",
+    )
     args = p.parse_args(argv)
     names = discover(args.only)
     if args.list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+from typing import ClassVar
 
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
@@ -21,8 +22,8 @@ class FaultyMemoryFileSystem(MemoryFileSystem):
 
     protocol = "faulty"
     root_marker = "/"
-    store: dict = {}  # separate from memory://
-    pseudo_dirs = [""]
+    store: ClassVar[dict] = {}  # separate from memory://
+    pseudo_dirs: ClassVar[list[str]] = [""]
     countdown: int | None = None
     fault_errno = errno.ENOSPC
     writes = 0

@@ -26,10 +26,10 @@ from ckpt_plugins.activation.modes import SELECTIVE_SAVE_OPS, selective_policy
 from ckpt_plugins.activation.report import ActivationCheckpointingReport, WrappedModule
 
 __all__ = [
+    "SELECTIVE_SAVE_OPS",
     "ActivationCheckpointing",
     "ActivationCheckpointingReport",
     "ActivationCheckpointingWarning",
-    "SELECTIVE_SAVE_OPS",
     "WrappedModule",
     "activation_checkpointing_report",
     "apply_activation_checkpointing",

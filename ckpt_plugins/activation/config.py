@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args
+from typing import Any, Literal, get_args
 
 from ckpt_plugins.errors import ConfigError
 
@@ -47,7 +47,7 @@ class ActivationCheckpointing:
     saves for backward are moved to CPU memory (pinned when CUDA is available) and copied back
     during backward; on a CPU-only model this changes nothing. ``"off"``: leave the model alone."""
 
-    targets: Union[str, list[str]] = "auto"
+    targets: str | list[str] = "auto"
     """Which modules are the blocks.
 
     ``"auto"``: a Hugging Face model's decoder layers (its ``GradientCheckpointingLayer``
@@ -67,7 +67,7 @@ class ActivationCheckpointing:
     the recomputed forward; gradients then equal those without checkpointing. Turn off only for
     models without randomness, to save the (small) cost of the stash."""
 
-    offload_pin_memory: Union[bool, None] = None
+    offload_pin_memory: bool | None = None
     """For ``mode="offload"``: copy saved tensors into pinned host memory (faster, asynchronous
     device-to-host copies). ``None`` means auto: pin when CUDA is available. Ignored by other
     modes."""
@@ -133,8 +133,7 @@ class ActivationCheckpointing:
         return tuple(items)
 
     @classmethod
-    def from_value(cls, value: bool | str | dict[str, Any] | ActivationCheckpointing | None
-                   ) -> ActivationCheckpointing:
+    def from_value(cls, value: bool | str | dict[str, Any] | ActivationCheckpointing | None) -> ActivationCheckpointing:
         """Convert a user flag into an :class:`ActivationCheckpointing`.
 
         Args:
@@ -175,8 +174,7 @@ class ActivationCheckpointing:
             for key in value:
                 if key not in valid:
                     raise ConfigError(
-                        f"activation checkpointing has no option {key!r}; "
-                        f"valid options are {', '.join(valid)}."
+                        f"activation checkpointing has no option {key!r}; valid options are {', '.join(valid)}."
                     )
             kwargs = dict(value)
             if isinstance(kwargs.get("offload_pin_memory"), str):

@@ -24,7 +24,9 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from torch import nn
 
@@ -48,7 +50,8 @@ def warn(message: str) -> str:
 
     The warning is attributed to the first caller outside this package.
     """
-    frame, level = sys._getframe(0), 1
+    frame: FrameType | None = sys._getframe(0)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, ActivationCheckpointingWarning, stacklevel=level)
@@ -62,14 +65,16 @@ def check_batchnorm(blocks: list[Block]) -> list[str]:
         for sub, module in block.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 where = f"{path}.{sub}" if sub else path
-                notes.append(warn(
-                    f"{type(module).__name__} {where!r} is inside checkpointed block {path!r}: in "
-                    "training mode its running_mean/running_var are updated twice per step (in "
-                    "forward and again when the block is recomputed), so they drift from what "
-                    "training without checkpointing gives (gradients are unaffected). Exclude the "
-                    "block from `targets`, use LayerNorm/GroupNorm, or use mode='offload', which "
-                    "does not recompute."
-                ))
+                notes.append(
+                    warn(
+                        f"{type(module).__name__} {where!r} is inside checkpointed block {path!r}: in "
+                        "training mode its running_mean/running_var are updated twice per step (in "
+                        "forward and again when the block is recomputed), so they drift from what "
+                        "training without checkpointing gives (gradients are unaffected). Exclude the "
+                        "block from `targets`, use LayerNorm/GroupNorm, or use mode='offload', which "
+                        "does not recompute."
+                    )
+                )
     return notes
 
 
@@ -92,11 +97,18 @@ def disable_use_cache(hf_model: nn.Module) -> tuple[list[str], list[Undo]]:
     return [note], [undo]
 
 
+def _method(module: nn.Module, name: str) -> Callable[..., Any]:
+    """A method a Hugging Face model defines (``nn.Module.__getattr__`` is typed for tensors)."""
+    method: Callable[..., Any] = getattr(module, name)
+    return method
+
+
 def input_embeddings(model: nn.Module, hf_model: nn.Module | None) -> nn.Module | None:
     """The module that produces the blocks' inputs from token ids, if there is one."""
     if hf_model is not None and hasattr(hf_model, "get_input_embeddings"):
         try:
-            return hf_model.get_input_embeddings()
+            embeddings: nn.Module | None = _method(hf_model, "get_input_embeddings")()
+            return embeddings
         except NotImplementedError:
             pass
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
@@ -113,31 +125,33 @@ def has_frozen_inputs(model: nn.Module, hf_model: nn.Module | None, blocks: list
 
 
 def _has_input_grad_hooks(hf_model: nn.Module) -> bool:
-    return bool(getattr(hf_model, "_require_grads_hooks", None)
-                or getattr(hf_model, "_require_grads_hook", None))
+    return bool(getattr(hf_model, "_require_grads_hooks", None) or getattr(hf_model, "_require_grads_hook", None))
 
 
 def keep_input_grad_hooks_as_before(hf_model: nn.Module) -> list[Undo]:
     """Undo for enabling HF checkpointing: remove input-grad hooks it adds if none were there."""
     if _has_input_grad_hooks(hf_model) or not hasattr(hf_model, "disable_input_require_grads"):
         return []
-    return [hf_model.disable_input_require_grads]
+    return [_method(hf_model, "disable_input_require_grads")]
 
 
-def handle_frozen_inputs(model: nn.Module, hf_model: nn.Module | None,
-                         blocks: list[Block]) -> tuple[list[str], list[Undo]]:
+def handle_frozen_inputs(
+    model: nn.Module, hf_model: nn.Module | None, blocks: list[Block]
+) -> tuple[list[str], list[Undo]]:
     """The frozen-inputs guard for the wrapping mechanism (see the module docstring)."""
     if not has_frozen_inputs(model, hf_model, blocks):
         return [], []
     if hf_model is None or not hasattr(hf_model, "enable_input_require_grads"):
-        note = ("the input embeddings are frozen (LoRA-style); nothing changed: the "
-                "non-reentrant checkpointing used here (use_reentrant=False) computes gradients "
-                "for trainable parameters inside blocks whose inputs do not require grad.")
+        note = (
+            "the input embeddings are frozen (LoRA-style); nothing changed: the "
+            "non-reentrant checkpointing used here (use_reentrant=False) computes gradients "
+            "for trainable parameters inside blocks whose inputs do not require grad."
+        )
         logger.info(note)
         return [note], []
     if _has_input_grad_hooks(hf_model):
         return [], []
-    hf_model.enable_input_require_grads()
+    _method(hf_model, "enable_input_require_grads")()
     note = warn(
         f"the input embeddings of {type(hf_model).__name__} are frozen (LoRA-style); called "
         "enable_input_require_grads() so the blocks' inputs require grad, as transformers does "
@@ -145,4 +159,4 @@ def handle_frozen_inputs(model: nn.Module, hf_model: nn.Module | None,
         "used here), but keeps any reentrant checkpointing elsewhere working. Undone by "
         "remove_activation_checkpointing()."
     )
-    return [note], [hf_model.disable_input_require_grads]
+    return [note], [_method(hf_model, "disable_input_require_grads")]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -33,16 +34,25 @@ Forward = Callable[..., Any]
 # reaches the dispatcher (it decomposes into addmm/mm/bmm), and SDPA dispatches either to one of
 # the fused kernels below or, on the math path (e.g. CPU with attention dropout), to bmm + softmax.
 _SAVE_OP_NAMES = (
-    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_int_mm", "convolution",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward",
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_mm",
+    "_int_mm",
+    "convolution",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward",
     "_efficient_attention_forward",
 )
 
 
-def _resolve_ops(names: tuple[str, ...]) -> frozenset:
-    ops = []
+def _resolve_ops(names: tuple[str, ...]) -> frozenset[Any]:
+    ops: list[Any] = []
     for name in names:
         packet = getattr(torch.ops.aten, name, None)
         if packet is not None:
@@ -96,8 +106,11 @@ class CheckpointMode(ABC):
     def _checkpoint(self, forward: Forward, args: tuple, kwargs: dict, **extra: Any) -> Any:
         fn = functools.partial(forward, **kwargs) if kwargs else forward
         return torch.utils.checkpoint.checkpoint(
-            fn, *args, use_reentrant=False,
-            preserve_rng_state=self.config.preserve_rng_state, **extra,
+            fn,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=self.config.preserve_rng_state,
+            **extra,
         )
 
     def _checkpoint_kwargs(self) -> dict[str, Any]:
@@ -128,8 +141,7 @@ class EveryNCheckpoint(FullCheckpoint):
         return index % self.config.every_n == 0
 
     def hf_kwargs(self) -> dict[str, Any] | None:
-        return {"activation_checkpointing_kwargs": self._checkpoint_kwargs(),
-                "every_n_layers": self.config.every_n}
+        return {"activation_checkpointing_kwargs": self._checkpoint_kwargs(), "every_n_layers": self.config.every_n}
 
     def describe(self) -> str:
         return f"checkpoint (full recompute, every {self.config.every_n} blocks)"
@@ -195,8 +207,7 @@ class NoCheckpoint(CheckpointMode):
 
 
 MODES: dict[str, type[CheckpointMode]] = {
-    cls.name: cls for cls in
-    (FullCheckpoint, EveryNCheckpoint, SelectiveCheckpoint, OffloadActivations, NoCheckpoint)
+    cls.name: cls for cls in (FullCheckpoint, EveryNCheckpoint, SelectiveCheckpoint, OffloadActivations, NoCheckpoint)
 }
 assert set(MODES) == set(MODE_NAMES), "every mode name needs exactly one CheckpointMode class"
 
@@ -225,12 +236,15 @@ class _OffloadToHost(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, pin_memory: bool, keep: frozenset[int]) -> None:
         def pack(tensor: torch.Tensor) -> tuple[torch.device | None, torch.Tensor]:
-            if (tensor.device.type == "cpu" or isinstance(tensor, nn.Parameter)
-                    or type(tensor) is not torch.Tensor or tensor.is_sparse
-                    or tensor.untyped_storage().data_ptr() in keep):
+            if (
+                tensor.device.type == "cpu"
+                or isinstance(tensor, nn.Parameter)
+                or type(tensor) is not torch.Tensor
+                or tensor.is_sparse
+                or tensor.untyped_storage().data_ptr() in keep
+            ):
                 return None, tensor
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout,
-                               pin_memory=pin_memory)
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin_memory)
             host.copy_(tensor, non_blocking=pin_memory)
             return tensor.device, host
 

@@ -51,8 +51,11 @@ def find_blocks(model: nn.Module, targets: tuple[str, ...] | None) -> list[Block
         return _auto_blocks(model)
     matched: list[Block] = []
     for pattern in targets:
-        hits = [(path, m) for path, m in model.named_modules()
-                if path and (type(m).__name__ == pattern or fnmatch.fnmatchcase(path, pattern))]
+        hits = [
+            (path, m)
+            for path, m in model.named_modules()
+            if path and (type(m).__name__ == pattern or fnmatch.fnmatchcase(path, pattern))
+        ]
         if not hits:
             raise ConfigError(
                 f"activation checkpointing target {pattern!r} matched no module of "
@@ -76,8 +79,7 @@ def _auto_blocks(model: nn.Module) -> list[Block]:
         for cls, count in counts.items():
             if count < 2:
                 continue
-            blocks = [(f"{path}.{name}" if path else name, child)
-                      for name, child in children if type(child) is cls]
+            blocks = [(f"{path}.{name}" if path else name, child) for name, child in children if type(child) is cls]
             size = sum(p.numel() for _, b in blocks for p in b.parameters())
             if size > 0 and (best is None or size > best[0]):
                 best = (size, blocks)

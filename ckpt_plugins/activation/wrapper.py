@@ -60,21 +60,24 @@ class CheckpointedForward:
         cache_positions = [i for i, a in enumerate(args) if _is_kv_cache(a)]
         if not dropped and not cache_positions:
             return args, kwargs
-        kwargs = {k: (False if k in _CACHE_FLAGS else None) if k in dropped else v
-                  for k, v in kwargs.items()}
+        kwargs = {k: (False if k in _CACHE_FLAGS else None) if k in dropped else v for k, v in kwargs.items()}
         args = tuple(None if i in cache_positions else a for i, a in enumerate(args))
         if not self._warned_cache:
             self._warned_cache = True
-            warn(f"{type(self.module).__name__} is checkpointed and training, but was called with "
-                 "a KV cache or use_cache=True; dropped them for this call (a recomputed block "
-                 "would fill the cache twice). Call the model with use_cache=False when training.")
+            warn(
+                f"{type(self.module).__name__} is checkpointed and training, but was called with "
+                "a KV cache or use_cache=True; dropped them for this call (a recomputed block "
+                "would fill the cache twice). Call the model with use_cache=False when training."
+            )
         return args, kwargs
 
     def restore(self) -> None:
         """Put the module's original ``forward`` back."""
         if self.module.__dict__.get("forward") is not self:
-            logger.warning("forward of %s was replaced after activation checkpointing was "
-                           "applied; leaving it as it is", type(self.module).__name__)
+            logger.warning(
+                "forward of %s was replaced after activation checkpointing was applied; leaving it as it is",
+                type(self.module).__name__,
+            )
             return
         if self.had_instance_forward:
             self.module.forward = self.original

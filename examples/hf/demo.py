@@ -23,15 +23,35 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 RUNS = REPO / "demo_runs" / "hf"
-COMMON = ["--max_steps", "60", "--save_steps", "10", "--eval_strategy", "steps", "--eval_steps", "10",
-          "--metric_for_best_model", "loss", "--logging_steps", "10", "--seed", "7", "--use_cpu",
-          "--report_to", "none", "--disable_tqdm", "true", "--ckpt_keep_last", "2"]
+COMMON = [
+    "--max_steps",
+    "60",
+    "--save_steps",
+    "10",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "10",
+    "--metric_for_best_model",
+    "loss",
+    "--logging_steps",
+    "10",
+    "--seed",
+    "7",
+    "--use_cpu",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--ckpt_keep_last",
+    "2",
+]
 STALL = re.compile(r"checkpoint step (\d+): training blocked ([\d.]+) ms")
 
 
@@ -63,26 +83,39 @@ def run(*args: str, expect_kill: bool = False) -> str:
     if expect_kill != killed or (not killed and os.WEXITSTATUS(status) != 0):
         sys.exit(f"run_clm.py ended unexpectedly (status {status}):\n{log[-3000:]}")
     for line in log.splitlines():
-        if ("ckpt_plugins" in line and ("WARNING" in line or "blocked" in line or "retention" in line)
-                and "will not save" not in line) or "SIGKILL" in line or "resuming from" in line:
+        if (
+            (
+                "ckpt_plugins" in line
+                and ("WARNING" in line or "blocked" in line or "retention" in line)
+                and "will not save" not in line
+            )
+            or "SIGKILL" in line
+            or "resuming from" in line
+        ):
             print("   ", line.split(": ", 1)[-1])
     return log
 
 
 def main() -> None:
+    import run_clm  # noqa: F401 - imports transformers once, before the runs are forked
     from safetensors.torch import load_file
 
     from ckpt_plugins.cli import main as cli
-
-    import run_clm  # noqa: F401 - imports transformers once, before the runs are forked
 
     shutil.rmtree(RUNS, ignore_errors=True)
     RUNS.mkdir(parents=True)
     out = RUNS / "clm"
 
     print("== HF 1. reference run: 60 steps, no checkpoints, no interruption")
-    run("--output_dir", str(RUNS / "reference"), *COMMON, "--save_strategy", "no",
-        "--final_weights", str(RUNS / "reference.safetensors"))
+    run(
+        "--output_dir",
+        str(RUNS / "reference"),
+        *COMMON,
+        "--save_strategy",
+        "no",
+        "--final_weights",
+        str(RUNS / "reference.safetensors"),
+    )
 
     print("\n== HF 2. CheckpointCallback run (async, every 10 steps), SIGKILLed after step 37")
     log_killed = run("--output_dir", str(out), *COMMON, "--die_at_step", "37", expect_kill=True)

@@ -27,15 +27,23 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-from transformers import (GPT2Config, GPT2LMHeadModel, HfArgumentParser, PreTrainedTokenizerFast,  # noqa: E402
-                          Trainer, TrainerCallback, TrainingArguments, default_data_collator)
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import Dataset
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback  # noqa: E402
+from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 log = logging.getLogger("run_clm")
@@ -61,8 +69,7 @@ def build_tokenizer(text: str) -> PreTrainedTokenizerFast:
         vocab.setdefault(char, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]",
-                                   pad_token="[PAD]")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]", pad_token="[PAD]")
 
 
 class Blocks(Dataset):
@@ -106,17 +113,29 @@ def main(argv: list[str] | None = None) -> None:
     eval_set = torch.utils.data.Subset(blocks, range(len(blocks) - n_eval, len(blocks)))
 
     torch.manual_seed(training_args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=data_args.block_size, n_embd=data_args.n_embd,
-                        n_layer=data_args.n_layer, n_head=data_args.n_head,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=data_args.block_size,
+        n_embd=data_args.n_embd,
+        n_layer=data_args.n_layer,
+        n_head=data_args.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = GPT2LMHeadModel(config)
 
     checkpointing = CheckpointCallback.from_args(ckpt_args)
     callbacks = [checkpointing] + ([DieAtStep(data_args.die_at_step)] if data_args.die_at_step else [])
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
-                      eval_dataset=eval_set if training_args.eval_strategy != "no" else None,
-                      processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
 
     resume = training_args.resume_from_checkpoint or get_last_checkpoint(training_args.output_dir)
     if resume:
@@ -125,11 +144,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if data_args.final_weights:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"},
-                  data_args.final_weights)
+
+        save_file(
+            {k: v.contiguous() for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"},
+            data_args.final_weights,
+        )
     if data_args.stats:
-        Path(data_args.stats).write_text(json.dumps({"stall_s": [s.stall_s for s in checkpointing.saves],
-                                                     "steps": [s.step for s in checkpointing.saves]}))
+        Path(data_args.stats).write_text(
+            json.dumps(
+                {"stall_s": [s.stall_s for s in checkpointing.saves], "steps": [s.step for s in checkpointing.saves]}
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,16 @@ CRASH_AT = 23
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.logger.init_args.save_dir", str(run_dir), *extra]
+    return [
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _in_process(args: list[str]) -> None:
@@ -54,8 +62,11 @@ def _stalls(path: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     with open(path) as f:
-        return [(int(row["step"]), float(row["checkpoint/stall_s"])) for row in csv.DictReader(f)
-                if row.get("checkpoint/stall_s")]
+        return [
+            (int(row["step"]), float(row["checkpoint/stall_s"]))
+            for row in csv.DictReader(f)
+            if row.get("checkpoint/stall_s")
+        ]
 
 
 def _leaves(obj: object, prefix: str = "") -> dict[str, object]:
@@ -74,23 +85,29 @@ def _compare(a: Path, b: Path) -> tuple[bool, int]:
     left = _leaves({k: v for k, v in read_lightning_checkpoint(a).items() if k in parts})
     right = _leaves({k: v for k, v in read_lightning_checkpoint(b).items() if k in parts})
     same = left.keys() == right.keys() and all(
-        torch.equal(x, right[k]) if isinstance(x, torch.Tensor) else x == right[k] for k, x in left.items())
+        torch.equal(x, right[k]) if isinstance(x, torch.Tensor) else x == right[k] for k, x in left.items()
+    )
     return same, sum(isinstance(v, torch.Tensor) for v in left.values())
 
 
 def _retention_table(ckpt_dir: Path) -> str:
     from ckpt_plugins import CheckpointManager
 
-    options = next(cb["init_args"] for cb in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
-                   if cb["class_path"].endswith("CheckpointCallback"))
+    options = next(
+        cb["init_args"]
+        for cb in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
+        if cb["class_path"].endswith("CheckpointCallback")
+    )
     rules = {k: options.get(k) for k in ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps")}
     with CheckpointManager(ckpt_dir, read_only=True, **rules) as mgr:
         decision = mgr.retention()
         lines = [f"{'step':>6}  {'val_loss':>9}  kept because"]
         for record in mgr.records():
             value = record.metrics.get("val_loss")
-            lines.append(f"{record.step:>6}  {value if value is None else f'{value:.4f}':>9}  "
-                         f"{', '.join(decision.keep.get(record.step, ['(would be pruned)']))}")
+            lines.append(
+                f"{record.step:>6}  {value if value is None else f'{value:.4f}':>9}  "
+                f"{', '.join(decision.keep.get(record.step, ['(would be pruned)']))}"
+            )
     return "\n".join(lines)
 
 
@@ -107,8 +124,15 @@ def main() -> None:
         _in_process(_args(reference))
 
         print(f"\n== 2. the same run in a child process, SIGKILLed at step {CRASH_AT}", flush=True)
-        command = [sys.executable, str(HERE / "train.py"), *_args(crashed, "--trainer.callbacks+=tiny_gpt.SimulateCrash",
-                                                                  f"--trainer.callbacks.init_args.at_step={CRASH_AT}")]
+        command = [
+            sys.executable,
+            str(HERE / "train.py"),
+            *_args(
+                crashed,
+                "--trainer.callbacks+=tiny_gpt.SimulateCrash",
+                f"--trainer.callbacks.init_args.at_step={CRASH_AT}",
+            ),
+        ]
         proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
         if proc.returncode != -9:
             sys.exit(f"expected the run to die from SIGKILL, got exit code {proc.returncode}")
@@ -126,15 +150,21 @@ def main() -> None:
     print("\n== 4. what happened")
     print(f"checkpoints in {_checkpoint_dir(crashed)}:")
     print(_retention_table(_checkpoint_dir(crashed)))
-    for name, path in (("crashed run", crashed / "metrics_before_crash.csv"),
-                       ("resumed run", crashed / "logs" / "main" / "metrics.csv")):
+    for name, path in (
+        ("crashed run", crashed / "metrics_before_crash.csv"),
+        ("resumed run", crashed / "logs" / "main" / "metrics.csv"),
+    ):
         stalls = _stalls(path)
-        print(f"training blocked per save, {name}: " + (", ".join(f"step {s}: {t * 1e3:.1f} ms" for s, t in stalls)
-                                                        or "(no save logged)"))
+        print(
+            f"training blocked per save, {name}: "
+            + (", ".join(f"step {s}: {t * 1e3:.1f} ms" for s, t in stalls) or "(no save logged)")
+        )
     final = max(int(p.name.split("_")[1]) for p in _checkpoint_dir(reference).glob("step_*"))
     same, count = _compare(_checkpoint_dir(reference) / f"step_{final}", _checkpoint_dir(crashed) / f"step_{final}")
-    print(f"step {final}: resumed run == uninterrupted run, {count} tensors (weights, Adam moments, "
-          f"schedule) bit for bit: {same}")
+    print(
+        f"step {final}: resumed run == uninterrupted run, {count} tensors (weights, Adam moments, "
+        f"schedule) bit for bit: {same}"
+    )
     if not same:
         sys.exit("the resumed run diverged from the reference")
 

@@ -11,12 +11,13 @@ import os
 import signal
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning as L
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
@@ -34,13 +35,31 @@ class TinyGPT(L.LightningModule):
         warmup_steps: linear warm-up, then cosine decay to ``max_steps``.
     """
 
-    def __init__(self, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, block_size: int = 32,
-                 dropout: float = 0.1, lr: float = 3e-3, warmup_steps: int = 5) -> None:
+    def __init__(
+        self,
+        n_layer: int = 2,
+        n_embd: int = 64,
+        n_head: int = 2,
+        block_size: int = 32,
+        dropout: float = 0.1,
+        lr: float = 3e-3,
+        warmup_steps: int = 5,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        config = GPT2Config(vocab_size=256, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
-                            n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                            bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+        config = GPT2Config(
+            vocab_size=256,
+            n_positions=block_size,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            loss_type="ForCausalLM",
+        )
         self.model = GPT2LMHeadModel(config)
         self.model.loss_type = "ForCausalLM"  # the default; saying so keeps transformers quiet
 

@@ -16,9 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from tiny_gpt import TextData, TinyGPT  # noqa: E402
+from lightning.pytorch.cli import LightningCLI
+from tiny_gpt import TextData, TinyGPT
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = ROOT
 VOCAB, SEQ = 128, 32
 RECOMPUTING = ["full", "every_n", "selective"]
-ALL_MODES = RECOMPUTING + ["offload"]
+ALL_MODES = [*RECOMPUTING, "offload"]
 
 
 # --------------------------------------------------------------------------- models
@@ -63,8 +62,7 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.p if self.training else 0.0)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, c)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -101,8 +99,18 @@ def gpt2(**overrides) -> nn.Module:
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = dict(n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
-                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0)
+    config = dict(
+        n_layer=4,
+        n_embd=64,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(GPT2Config(**{**config, **overrides}))
 
 
@@ -167,19 +175,26 @@ def backward_op_counts(name: str, model: nn.Module) -> dict[str, int]:
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("value, expected", [
-    (True, ActivationCheckpointing(mode="full")),
-    (False, ActivationCheckpointing(mode="off")),
-    (None, ActivationCheckpointing(mode="off")),
-    ("selective", ActivationCheckpointing(mode="selective")),
-    (" Every_N ", ActivationCheckpointing(mode="every_n")),
-    ({}, ActivationCheckpointing()),
-    ({"mode": "every_n", "every_n": 3, "targets": ["Block"]},
-     ActivationCheckpointing(mode="every_n", every_n=3, targets=["Block"])),
-    ({"mode": "offload", "offload_pin_memory": "auto"}, ActivationCheckpointing(mode="offload")),
-    ({"mode": "offload", "offload_pin_memory": False},
-     ActivationCheckpointing(mode="offload", offload_pin_memory=False)),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (True, ActivationCheckpointing(mode="full")),
+        (False, ActivationCheckpointing(mode="off")),
+        (None, ActivationCheckpointing(mode="off")),
+        ("selective", ActivationCheckpointing(mode="selective")),
+        (" Every_N ", ActivationCheckpointing(mode="every_n")),
+        ({}, ActivationCheckpointing()),
+        (
+            {"mode": "every_n", "every_n": 3, "targets": ["Block"]},
+            ActivationCheckpointing(mode="every_n", every_n=3, targets=["Block"]),
+        ),
+        ({"mode": "offload", "offload_pin_memory": "auto"}, ActivationCheckpointing(mode="offload")),
+        (
+            {"mode": "offload", "offload_pin_memory": False},
+            ActivationCheckpointing(mode="offload", offload_pin_memory=False),
+        ),
+    ],
+)
 def test_from_value(value, expected):
     assert ActivationCheckpointing.from_value(value) == expected
 
@@ -189,21 +204,30 @@ def test_from_value_returns_instances_unchanged():
     assert ActivationCheckpointing.from_value(config) is config
 
 
-@pytest.mark.parametrize("value, message", [
-    ({"mdoe": "full"}, r"no option 'mdoe'; valid options are mode, targets, every_n, "
-                       r"preserve_rng_state, offload_pin_memory"),
-    ("fast", r"mode 'fast' is not valid; use one of 'full', 'every_n', 'selective', 'offload', "
-             r"'off'"),
-    ({"mode": "partial"}, r"mode 'partial' is not valid; use one of 'full'"),
-    ({"every_n": 0}, r"every_n=0 is not valid; use an integer >= 1"),
-    ({"every_n": True}, r"every_n=True is not valid"),
-    ({"targets": ""}, r"targets='' is empty"),
-    ({"targets": ["auto", "Block"]}, r"mixes 'auto' with patterns"),
-    ({"targets": 3}, r"targets=3 is not valid"),
-    ({"offload_pin_memory": "yes"}, r"offload_pin_memory='yes' is not valid"),
-    ({"preserve_rng_state": "no"}, r"preserve_rng_state='no' is not valid"),
-    (3.5, r"value 3.5 of type float is not valid"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            {"mdoe": "full"},
+            r"no option 'mdoe'; valid options are mode, targets, every_n, "
+            r"preserve_rng_state, offload_pin_memory",
+        ),
+        (
+            "fast",
+            r"mode 'fast' is not valid; use one of 'full', 'every_n', 'selective', 'offload', "
+            r"'off'",
+        ),
+        ({"mode": "partial"}, r"mode 'partial' is not valid; use one of 'full'"),
+        ({"every_n": 0}, r"every_n=0 is not valid; use an integer >= 1"),
+        ({"every_n": True}, r"every_n=True is not valid"),
+        ({"targets": ""}, r"targets='' is empty"),
+        ({"targets": ["auto", "Block"]}, r"mixes 'auto' with patterns"),
+        ({"targets": 3}, r"targets=3 is not valid"),
+        ({"offload_pin_memory": "yes"}, r"offload_pin_memory='yes' is not valid"),
+        ({"preserve_rng_state": "no"}, r"preserve_rng_state='no' is not valid"),
+        (3.5, r"value 3.5 of type float is not valid"),
+    ],
+)
 def test_bad_values_raise_config_error_naming_them(value, message):
     with pytest.raises(ConfigError, match=message):
         ActivationCheckpointing.from_value(value)
@@ -225,8 +249,7 @@ def test_config_builds_from_yaml_with_jsonargparse():
     jsonargparse = pytest.importorskip("jsonargparse")
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--gradient_checkpointing", type=ActivationCheckpointing)
-    cfg = parser.parse_string(
-        "gradient_checkpointing: {mode: every_n, targets: [GPT2Block], every_n: 3}")
+    cfg = parser.parse_string("gradient_checkpointing: {mode: every_n, targets: [GPT2Block], every_n: 3}")
     built = parser.instantiate(cfg).gradient_checkpointing
     assert built == ActivationCheckpointing(mode="every_n", targets=["GPT2Block"], every_n=3)
 
@@ -235,7 +258,8 @@ def test_config_builds_from_command_line_with_hf_argument_parser():
     transformers = pytest.importorskip("transformers")
     parser = transformers.HfArgumentParser(ActivationCheckpointing)
     (built,) = parser.parse_args_into_dataclasses(
-        ["--mode", "selective", "--targets", "GPT2Block", "--offload_pin_memory", "false"])
+        ["--mode", "selective", "--targets", "GPT2Block", "--offload_pin_memory", "false"]
+    )
     assert built.mode == "selective" and built.target_patterns() == ("GPT2Block",)
     assert built.offload_pin_memory is False
 
@@ -254,15 +278,16 @@ def test_targets_by_class_name_and_glob_keep_the_outermost():
     by_class = find_blocks(model, ("Block",))
     by_glob = find_blocks(model, ("blocks.*",))  # also matches blocks.0.ln1 ...: nested, dropped
     assert [p for p, _ in by_class] == [p for p, _ in by_glob] == EXPECTED_BLOCKS["tiny_gpt"]
-    assert [p for p, _ in find_blocks(model, ("blocks.[13]", "Block"))] == \
-        EXPECTED_BLOCKS["tiny_gpt"]
-    assert [p for p, _ in find_blocks(model, ("blocks.?.mlp",))] == \
-        [f"blocks.{i}.mlp" for i in range(4)]
+    assert [p for p, _ in find_blocks(model, ("blocks.[13]", "Block"))] == EXPECTED_BLOCKS["tiny_gpt"]
+    assert [p for p, _ in find_blocks(model, ("blocks.?.mlp",))] == [f"blocks.{i}.mlp" for i in range(4)]
 
 
 def test_unmatched_target_lists_the_classes():
-    with pytest.raises(ConfigError, match=r"target 'Layer' matched no module of TinyGPT; use a "
-                                          r"class name among Block, Dropout, Embedding"):
+    with pytest.raises(
+        ConfigError,
+        match=r"target 'Layer' matched no module of TinyGPT; use a "
+        r"class name among Block, Dropout, Embedding",
+    ):
         apply_activation_checkpointing(tiny_gpt(), {"targets": "Layer"})
 
 
@@ -318,17 +343,15 @@ def test_modes_recompute_what_they_promise(name, quiet):
         apply_activation_checkpointing(model, mode)
         return backward_op_counts(name, model)
 
-    off, full, selective, offload = (recomputed(m) for m in ("off", "full", "selective",
-                                                               "offload"))
+    off, full, selective, offload = (recomputed(m) for m in ("off", "full", "selective", "offload"))
     forward_ops = {"addmm", "gelu"}
-    assert all(off.get(op, 0) == 0 for op in forward_ops)          # no forward ops in backward
-    assert full.get("addmm", 0) > 0 and full.get("gelu", 0) > 0    # whole block again
-    assert selective.get("gelu", 0) == full["gelu"]                # pointwise recomputed
-    assert selective.get("addmm", 0) == 0                          # matmul outputs kept
+    assert all(off.get(op, 0) == 0 for op in forward_ops)  # no forward ops in backward
+    assert full.get("addmm", 0) > 0 and full.get("gelu", 0) > 0  # whole block again
+    assert selective.get("gelu", 0) == full["gelu"]  # pointwise recomputed
+    assert selective.get("addmm", 0) == 0  # matmul outputs kept
     assert sum(selective.get(op, 0) for op in matmuls) == sum(off.get(op, 0) for op in matmuls)
     ignore = {"detach"}  # saved-tensor hooks unpack through extra detaches
-    assert {k: v for k, v in offload.items() if k not in ignore} == \
-        {k: v for k, v in off.items() if k not in ignore}
+    assert {k: v for k, v in offload.items() if k not in ignore} == {k: v for k, v in off.items() if k not in ignore}
 
 
 def test_every_n_checkpoints_blocks_0_n_2n(quiet):
@@ -354,8 +377,7 @@ def test_use_reentrant_false_is_always_passed(monkeypatch, quiet):
         model = tiny_gpt()
         apply_activation_checkpointing(model, mode)
         grads_of("tiny_gpt", model)
-    assert calls and all(c["use_reentrant"] is False and c["preserve_rng_state"] is True
-                         for c in calls)
+    assert calls and all(c["use_reentrant"] is False and c["preserve_rng_state"] is True for c in calls)
 
     model = gpt2()
     apply_activation_checkpointing(model, "selective")
@@ -365,8 +387,14 @@ def test_use_reentrant_false_is_always_passed(monkeypatch, quiet):
 
 def test_selective_policy_keeps_matmuls_and_attention():
     names = {op.overloadpacket.__name__ for op in SELECTIVE_SAVE_OPS}
-    assert {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
-            "_scaled_dot_product_efficient_attention"} <= names
+    assert {
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+    } <= names
     assert not names & {"gelu", "native_layer_norm", "add", "mul", "bernoulli_", "_softmax"}
 
 
@@ -416,12 +444,11 @@ def test_names_and_state_dict_keys_do_not_change(name, mode, quiet):
     apply_activation_checkpointing(model, mode)
     assert list(model.state_dict().keys()) == keys
     assert [n for n, _ in model.named_parameters()] == params
-    model.load_state_dict(plain.state_dict(), strict=True)      # saved without AC, loaded with
+    model.load_state_dict(plain.state_dict(), strict=True)  # saved without AC, loaded with
     for p in model.parameters():
         p.data.add_(1.0)
-    plain.load_state_dict(model.state_dict(), strict=True)       # saved with AC, loaded without
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
-                                                   model.state_dict().values()))
+    plain.load_state_dict(model.state_dict(), strict=True)  # saved with AC, loaded without
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_applying_twice_is_a_no_op_and_a_different_config_is_refused(quiet):
@@ -433,8 +460,11 @@ def test_applying_twice_is_a_no_op_and_a_different_config_is_refused(quiet):
     assert again.wrapped == first.wrapped and "already applied" in str(again)
     assert [b.__dict__["forward"] for b in model.blocks] == forwards
     assert not isinstance(forwards[0].original, CheckpointedForward)
-    with pytest.raises(ConfigError, match=r"already applied to TinyGPT with .*mode='full'.*; call "
-                                          r"remove_activation_checkpointing\(model\) before applying"):
+    with pytest.raises(
+        ConfigError,
+        match=r"already applied to TinyGPT with .*mode='full'.*; call "
+        r"remove_activation_checkpointing\(model\) before applying",
+    ):
         apply_activation_checkpointing(model, "selective")
     assert activation_checkpointing_report(model) == first
 
@@ -444,8 +474,7 @@ def test_remove_restores_the_model(mode, quiet):
     model = tiny_gpt()
     report = apply_activation_checkpointing(model, mode)
     wrapped = {w.path for w in report.wrapped}
-    assert [wrapped_by(b) is not None for b in model.blocks] == \
-        [f"blocks.{i}" in wrapped for i in range(4)]
+    assert [wrapped_by(b) is not None for b in model.blocks] == [f"blocks.{i}" in wrapped for i in range(4)]
     assert remove_activation_checkpointing(model) is True
     assert all("forward" not in b.__dict__ for b in model.blocks)
     assert activation_checkpointing_report(model) is None
@@ -532,9 +561,11 @@ def test_hf_model_that_already_checkpoints_is_not_checkpointed_twice(quiet):
 
 def test_batchnorm_inside_a_recomputed_block_warns_with_its_path():
     model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(2)])
-    with pytest.warns(ActivationCheckpointingWarning,
-                      match=r"BatchNorm1d '[01]\.1' is inside checkpointed block '[01]'.*updated "
-                            r"twice") as record:
+    with pytest.warns(
+        ActivationCheckpointingWarning,
+        match=r"BatchNorm1d '[01]\.1' is inside checkpointed block '[01]'.*updated "
+        r"twice",
+    ) as record:
         report = apply_activation_checkpointing(model, "full")
     assert any("'1.1'" in n for n in report.notes)
     assert "BatchNorm1d '0.1' is inside checkpointed block '0'" in str(record[0].message)
@@ -547,10 +578,10 @@ def test_batchnorm_inside_a_recomputed_block_warns_with_its_path():
 
 def test_batchnorm_statistics_really_update_twice():
     """Documents the hazard the guard warns about."""
+
     def run(mode: str) -> torch.Tensor:
         torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
-                                for _ in range(2)])
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(2)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ActivationCheckpointingWarning)
             apply_activation_checkpointing(model, mode)
@@ -562,8 +593,11 @@ def test_batchnorm_statistics_really_update_twice():
 
 def test_use_cache_is_turned_off_with_a_warning_and_restored():
     model = gpt2()
-    with pytest.warns(ActivationCheckpointingWarning, match=r"config\.use_cache was True; set "
-                                                            r"it to False"):
+    with pytest.warns(
+        ActivationCheckpointingWarning,
+        match=r"config\.use_cache was True; set "
+        r"it to False",
+    ):
         report = apply_activation_checkpointing(model, "full")
     assert model.config.use_cache is False
     assert any("use_cache" in n for n in report.notes)
@@ -585,8 +619,7 @@ def test_explicit_use_cache_while_training_is_dropped_by_the_wrapper():
 
 def lora_gpt2():
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
-                             fan_in_fan_out=True)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
     with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         model = peft.get_peft_model(gpt2(), config)
@@ -597,8 +630,9 @@ def lora_gpt2():
     return model
 
 
-@pytest.mark.parametrize("mode, targets", [(m, "auto") for m in ALL_MODES]
-                         + [("full", "GPT2Block"), ("selective", "GPT2Block")])
+@pytest.mark.parametrize(
+    "mode, targets", [(m, "auto") for m in ALL_MODES] + [("full", "GPT2Block"), ("selective", "GPT2Block")]
+)
 def test_lora_with_frozen_embeddings_gets_the_same_gradients(mode, targets, quiet):
     reference = grads_of("gpt2", lora_gpt2())
     assert reference and all("lora" in k for k in reference)
@@ -620,8 +654,9 @@ def test_lora_wrap_path_warns_that_inputs_were_made_to_require_grad():
     model = lora_gpt2()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*config\.use_cache was True")
-        with pytest.warns(ActivationCheckpointingWarning,
-                          match=r"frozen \(LoRA-style\); called enable_input_require_grads\(\)"):
+        with pytest.warns(
+            ActivationCheckpointingWarning, match=r"frozen \(LoRA-style\); called enable_input_require_grads\(\)"
+        ):
             apply_activation_checkpointing(model, {"mode": "full", "targets": "GPT2Block"})
 
 
@@ -649,8 +684,7 @@ def test_report_says_what_was_wrapped_and_how(quiet):
     report = apply_activation_checkpointing(tiny_gpt(), "selective")
     assert isinstance(report, ActivationCheckpointingReport)
     assert report.mode == "selective" and report.mechanism == "wrap"
-    assert [(w.path, w.class_name) for w in report.wrapped] == \
-        [(f"blocks.{i}", "Block") for i in range(4)]
+    assert [(w.path, w.class_name) for w in report.wrapped] == [(f"blocks.{i}", "Block") for i in range(4)]
     text = str(report)
     assert "mode=selective, mechanism=wrap" in text
     assert "- blocks.0 (Block): selective checkpoint (save matmul/attention outputs" in text
@@ -661,8 +695,9 @@ def test_report_says_what_was_wrapped_and_how(quiet):
     assert hf_report.wrapped[0].how.startswith("transformers activation_checkpointing_enable")
     offload = apply_activation_checkpointing(mlp_stack(), "offload")
     assert any("CPU-only model" in n and "changes nothing" in n for n in offload.notes)
-    assert apply_activation_checkpointing(mlp_stack(), False) == \
-        ActivationCheckpointingReport(mode="off", mechanism="none")
+    assert apply_activation_checkpointing(mlp_stack(), False) == ActivationCheckpointingReport(
+        mode="off", mechanism="none"
+    )
 
 
 def test_docs_examples_run(tmp_path, monkeypatch, quiet):

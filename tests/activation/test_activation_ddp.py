@@ -21,9 +21,15 @@ from torch import nn
 WORLD = 2
 VOCAB, SEQ, DIM = 64, 16, 32
 CASES = [  # (model, mode, find_unused_parameters)
-    ("tiny", "off", False), ("tiny", "full", False), ("tiny", "every_n", False),
-    ("tiny", "selective", False), ("tiny", "offload", False), ("tiny", "full", True),
-    ("gpt2", "off", False), ("gpt2", "full", False), ("gpt2", "selective", False),
+    ("tiny", "off", False),
+    ("tiny", "full", False),
+    ("tiny", "every_n", False),
+    ("tiny", "selective", False),
+    ("tiny", "offload", False),
+    ("tiny", "full", True),
+    ("gpt2", "off", False),
+    ("gpt2", "full", False),
+    ("gpt2", "selective", False),
     ("gpt2", "full", True),
 ]
 
@@ -38,10 +44,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, 2, c // 2).transpose(1, 2)
-                   for z in self.qkv(self.ln(x)).split(c, dim=-1))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=0.1 if self.training else 0.0)
+        q, k, v = (z.view(b, t, 2, c // 2).transpose(1, 2) for z in self.qkv(self.ln(x)).split(c, dim=-1))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, c)))
         return x + self.drop(self.mlp(x))
 
@@ -68,8 +72,9 @@ def build(kind: str) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=DIM, n_head=2, vocab_size=VOCAB,
-                                      n_positions=SEQ, bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=DIM, n_head=2, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def train(kind: str, mode: str, find_unused: bool, rank: int) -> list[torch.Tensor]:
@@ -86,8 +91,7 @@ def train(kind: str, mode: str, find_unused: bool, rank: int) -> list[torch.Tens
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     grads = []
     for step in range(3):
-        ids = torch.randint(0, VOCAB, (2, SEQ),
-                            generator=torch.Generator().manual_seed(100 * step + rank))
+        ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(100 * step + rank))
         torch.manual_seed(1000 * step + rank)
         if kind == "tiny":
             logits = ddp(ids)
@@ -104,15 +108,14 @@ def train(kind: str, mode: str, find_unused: bool, rank: int) -> list[torch.Tens
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
         for kind, mode, find_unused in CASES:
             grads = train(kind, mode, find_unused, rank)
             gathered = [torch.empty_like(g) for g in grads for _ in range(WORLD)]
             for i, g in enumerate(grads):
-                dist.all_gather(gathered[i * WORLD:(i + 1) * WORLD], g)
+                dist.all_gather(gathered[i * WORLD : (i + 1) * WORLD], g)
             results[(kind, mode, find_unused)] = {"grads": grads, "gathered": gathered}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -126,10 +129,11 @@ def test_ddp_two_ranks_trains_with_every_mode(tmp_path):
     for case in CASES:
         gathered = results[case]["gathered"]
         for step in range(3):
-            rank0, rank1 = gathered[step * WORLD:(step + 1) * WORLD]
+            rank0, rank1 = gathered[step * WORLD : (step + 1) * WORLD]
             assert torch.equal(rank0, rank1), f"{case}: ranks disagree at step {step}"
         kind = case[0]
         reference = results[(kind, "off", False)]["grads"]
-        for step, (g, ref) in enumerate(zip(results[case]["grads"], reference)):
-            torch.testing.assert_close(g, ref, rtol=0, atol=1e-6,
-                                       msg=f"{case}: differs from no checkpointing at {step}")
+        for step, (g, ref) in enumerate(zip(results[case]["grads"], reference, strict=True)):
+            torch.testing.assert_close(
+                g, ref, rtol=0, atol=1e-6, msg=f"{case}: differs from no checkpointing at {step}"
+            )

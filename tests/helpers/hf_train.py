@@ -21,14 +21,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,  # noqa: E402
-                          TrainingArguments)
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ckpt_plugins.hf import CheckpointCallback  # noqa: E402
+from ckpt_plugins.hf import CheckpointCallback
 
 VOCAB, LENGTH = 64, 16
 
@@ -65,8 +64,9 @@ class PlainLM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, 32)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 32))
-                                    for _ in range(3))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 32)) for _ in range(3)
+        )
         self.head = nn.Linear(32, VOCAB)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -88,14 +88,26 @@ def build_model(kind: str = "gpt2") -> nn.Module:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=2))
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                 lora_dropout=0.1, task_type="CAUSAL_LM"))
+
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.1, task_type="CAUSAL_LM")
+        )
     return model
 
 
 def training_args(out: str | os.PathLike, steps: int, **overrides) -> TrainingArguments:
-    defaults = dict(max_steps=steps, save_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                    use_cpu=True, report_to=[], disable_tqdm=True, seed=1, data_seed=2, logging_steps=1)
+    defaults = dict(
+        max_steps=steps,
+        save_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=1,
+        data_seed=2,
+        logging_steps=1,
+    )
     defaults.update(overrides)
     return TrainingArguments(str(out), **defaults)
 
@@ -118,15 +130,28 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make_trainer(out: str | os.PathLike, steps: int, *, model_kind: str = "gpt2",
-                 callback: dict | None = None, extra_callbacks: list | None = None,
-                 eval_dataset: Dataset | None = None, compute_metrics=None, train_size: int = 48,
-                 **overrides) -> Trainer:
+def make_trainer(
+    out: str | os.PathLike,
+    steps: int,
+    *,
+    model_kind: str = "gpt2",
+    callback: dict | None = None,
+    extra_callbacks: list | None = None,
+    eval_dataset: Dataset | None = None,
+    compute_metrics=None,
+    train_size: int = 48,
+    **overrides,
+) -> Trainer:
     """A Trainer on :class:`TokenDataset`; ``callback`` holds CheckpointCallback kwargs (None: none)."""
     callbacks = [CheckpointCallback(**callback)] if callback is not None else []
-    return Trainer(model=build_model(model_kind), args=training_args(out, steps, **overrides),
-                   train_dataset=TokenDataset(train_size), eval_dataset=eval_dataset, compute_metrics=compute_metrics,
-                   callbacks=callbacks + list(extra_callbacks or []))
+    return Trainer(
+        model=build_model(model_kind),
+        args=training_args(out, steps, **overrides),
+        train_dataset=TokenDataset(train_size),
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks + list(extra_callbacks or []),
+    )
 
 
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -151,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("CKPT_HF_THREADS", "1")))
     from safetensors.torch import save_file
+
     if opts.reference:
         ref = make_trainer(opts.reference, opts.steps, model_kind=opts.model, save_strategy="no")
         ref.train()
@@ -158,8 +184,14 @@ def main(argv: list[str] | None = None) -> None:
             save_file(trainable_state(ref), os.path.join(opts.reference, "final.safetensors"))
     extra = [KillAt(opts.kill_at)] if opts.kill_at else []
     callback = None if opts.no_callback else {"async_save": not opts.sync}
-    trainer = make_trainer(opts.out, opts.steps, model_kind=opts.model, callback=callback,
-                           extra_callbacks=extra, save_steps=opts.save_steps)
+    trainer = make_trainer(
+        opts.out,
+        opts.steps,
+        model_kind=opts.model,
+        callback=callback,
+        extra_callbacks=extra,
+        save_steps=opts.save_steps,
+    )
     trainer.train(resume_from_checkpoint=True if opts.resume else None)
     if opts.final and trainer.args.process_index == 0:
         save_file(trainable_state(trainer), opts.final)

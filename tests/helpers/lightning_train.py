@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
+import lightning as L
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from ckpt_plugins.lightning import CheckpointCallback  # noqa: E402
+from ckpt_plugins.lightning import CheckpointCallback
 
 
 class Net(L.LightningModule):
@@ -110,8 +110,12 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--die-at", type=int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", help="write the final parameters here (.safetensors)")
-    p.add_argument("--loader", choices=("plain", "seeded", "stateful"), default="plain",
-                   help="DataLoader(shuffle=True), the same with its own generator, or a StatefulDataLoader")
+    p.add_argument(
+        "--loader",
+        choices=("plain", "seeded", "stateful"),
+        default="plain",
+        help="DataLoader(shuffle=True), the same with its own generator, or a StatefulDataLoader",
+    )
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--strategy", default="ddp", help="with --ddp: ddp (subprocesses) or ddp_fork")
     p.add_argument("--val", action="store_true", help="validate every 6 batches, keep the best by val_loss")
@@ -136,23 +140,40 @@ def _fit(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(5) if args.loader == "seeded" else None
     train = Loader(data(96), batch_size=8, shuffle=True, generator=generator)
     val = DataLoader(data(32), batch_size=16) if args.val else None
-    ckpt = CheckpointCallback(args.dir, keep_last=args.keep_last, every_n_train_steps=args.every,
-                              async_save=not args.sync,
-                              **({"monitor": "val_loss", "keep_best": 1} if args.val else {}))
+    ckpt = CheckpointCallback(
+        args.dir,
+        keep_last=args.keep_last,
+        every_n_train_steps=args.every,
+        async_save=not args.sync,
+        **({"monitor": "val_loss", "keep_best": 1} if args.val else {}),
+    )
     callbacks = [ckpt] + ([Die(args.die_at)] if args.die_at is not None else [])
     if args.fail_rank is not None:
         callbacks.append(FailRankWrites(args.fail_rank, after=2))
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=2 if args.ddp else 1,
-                        strategy=args.strategy if args.ddp else "auto", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks,
-                        val_check_interval=6 if args.val else None, limit_val_batches=None if args.val else 0,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=2 if args.ddp else 1,
+        strategy=args.strategy if args.ddp else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        val_check_interval=6 if args.val else None,
+        limit_val_batches=None if args.val else 0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, train, val, ckpt_path="last" if args.resume else None)
     if trainer.is_global_zero and args.out:
         from safetensors.torch import save_file
+
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args.out)
-    return {"best": ckpt.best_model_path, "last": ckpt.last_model_path, "stats": ckpt.stats.records,
-            "saved": [int(r["step"]) for r in ckpt.stats.records]}
+    return {
+        "best": ckpt.best_model_path,
+        "last": ckpt.last_model_path,
+        "stats": ckpt.stats.records,
+        "saved": [int(r["step"]) for r in ckpt.stats.records],
+    }
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ with CheckpointManager(directory, keep_last=2, keep_every_n_steps=7, async_save=
     step = (mgr.latest_step() or 0) + 1
     print("ready", flush=True)
     while True:
-        state = {"model": {"w": torch.full((512, 1024), float(step)), "b": torch.arange(step + 1)},
-                 "step": step}
+        state = {"model": {"w": torch.full((512, 1024), float(step)), "b": torch.arange(step + 1)}, "step": step}
         handle = mgr.save(step, state, metrics={"loss": 1.0 / step})
         if async_save:
             handle.wait()

@@ -356,7 +356,8 @@ def test_writer_nice_lowers_the_writer_threads_priority(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer_nice=10) as mgr:
         mgr.save(1, {"w": torch.ones(4)}).wait()
         tid = mgr._engine._thread.native_id
-        assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+        # niceness tops out at 19: the suite itself may run under `nice`
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
     with CheckpointManager(tmp_path / "b", async_save=True) as mgr:  # default: unchanged
         mgr.save(1, {"w": torch.ones(4)}).wait()
         assert os.getpriority(os.PRIO_PROCESS, mgr._engine._thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
