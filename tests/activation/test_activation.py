@@ -250,7 +250,8 @@ def test_config_builds_from_yaml_with_jsonargparse():
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--gradient_checkpointing", type=ActivationCheckpointing)
     cfg = parser.parse_string("gradient_checkpointing: {mode: every_n, targets: [GPT2Block], every_n: 3}")
-    built = parser.instantiate(cfg).gradient_checkpointing
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # before 4.49
+    built = instantiate(cfg).gradient_checkpointing
     assert built == ActivationCheckpointing(mode="every_n", targets=["GPT2Block"], every_n=3)
 
 

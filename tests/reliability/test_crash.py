@@ -66,8 +66,9 @@ def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode,
                 state = mgr.restore(step)
                 assert state["step"] == step
                 assert torch.equal(state["model"]["w"], torch.full((512, 1024), float(step)))
-        code = cli_main(["verify", str(tmp_path)])
-        assert code == 0, f"seed {seed}, trial {trial}: ckpt-plugins verify says\n{capsys.readouterr().out}"
+        if steps:  # verify exits 1 on a directory with nothing committed yet (a kill before the first commit)
+            code = cli_main(["verify", str(tmp_path)])
+            assert code == 0, f"seed {seed}, trial {trial}: ckpt-plugins verify says\n{capsys.readouterr().out}"
     capsys.readouterr()
     assert newest_reported > 0, f"seed {seed}: the child never committed: kills came too early to test anything"
 
