@@ -23,13 +23,14 @@ from typing import Any
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.formats import detect_format
+from ckpt_plugins.formats.hf_folder import HF_WRITER
 from ckpt_plugins.layout.commit import DAMAGED_SUFFIX, Layout
 from ckpt_plugins.layout.naming import natural_key
 from ckpt_plugins.retention import CheckpointRecord, RetentionContext, build_policy
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["RULE_FLAGS", "Entry", "choose_rules", "decide", "describe_rules", "folder_size", "rule_flags",
-           "run_folder_entries", "scan", "step_from_name"]
+__all__ = ["RULE_FLAGS", "Entry", "choose_rules", "decide", "describe_rules", "folder_size", "kind_of", "layout_of",
+           "rule_flags", "run_folder_entries", "scan", "step_from_name"]
 
 RULE_FLAGS = ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")
 """The retention flags, as the manager takes them and as a manifest's ``retention`` stores them."""
@@ -63,8 +64,25 @@ class Entry:
     manifest: Manifest | None = None
     kind: str = ""  # "lightning" / "hf" for our checkpoints written by an adapter
 
-    def is_hf(self) -> bool:
-        return self.format == "hf" or self.kind == "hf"
+
+def layout_of(storage: Any, checkpoint: str) -> Layout:
+    """The :class:`Layout` of the folder that holds ``checkpoint`` (to read or verify it)."""
+    parent = checkpoint.rstrip("/").rsplit("/", 1)[0] if "/" in checkpoint.rstrip("/") else checkpoint
+    return Layout(storage, parent)
+
+
+def kind_of(path: str) -> str:
+    """``"lightning"``, ``"hf"`` or ``"other"``: which framework wrote the checkpoint at ``path``."""
+    storage, root = open_storage(path)
+    if storage.exists(storage.join(root, MANIFEST_NAME)):
+        try:
+            meta = layout_of(storage, root).read_manifest(root).user_metadata
+        except CorruptCheckpointError:
+            return "other"
+        if meta.get("written_by") == HF_WRITER:
+            return "hf"
+        return "lightning" if meta.get("kind") == "lightning" else "other"
+    return {"lightning": "lightning", "hf": "hf"}.get(detect_format(path) or "", "other")
 
 
 def folder_size(storage: Any, path: str) -> int:
@@ -101,7 +119,7 @@ def _ours(storage: Any, root: str, name: str, path: str) -> Entry:
     entry.manifest, entry.step, entry.metrics = manifest, manifest.step, dict(manifest.metrics)
     entry.wall_time = manifest.wall_time
     meta = manifest.user_metadata
-    entry.kind = "hf" if meta.get("written_by") == "ckpt_plugins.hf" else str(meta.get("kind") or "")
+    entry.kind = "hf" if meta.get("written_by") == HF_WRITER else str(meta.get("kind") or "")
     return entry
 
 

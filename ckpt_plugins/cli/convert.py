@@ -98,17 +98,14 @@ def _write_safetensors(path: str, dst: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.src, args.step)
-    if isinstance(source, catalog.Entry):
-        path, is_hf = source.path, source.is_hf()
-    else:
-        storage, root = open_storage(source)
-        path, is_hf = source, detect_format(source) == "hf" or _is_our_hf(storage, root)
+    path = source.path if isinstance(source, catalog.Entry) else source
+    if args.to == "lightning" and catalog.kind_of(path) != "lightning":
+        what = "a Hugging Face Trainer checkpoint" if catalog.kind_of(path) == "hf" else "not a Lightning checkpoint"
+        raise ConfigError(f"{path} is {what}; --to lightning converts checkpoints of Lightning runs (our Lightning "
+                          "callback or plugin, or a .ckpt) only. Write its tensors with --to safetensors instead")
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     with progress(f"converting {os.path.basename(path.rstrip('/'))}", None):
         if args.to == "lightning":
-            if is_hf:
-                raise ConfigError(f"{path} is a Hugging Face Trainer checkpoint; --to lightning converts checkpoints "
-                                  "of Lightning runs only. Write its tensors with --to safetensors instead")
             from ckpt_plugins.lightning.convert import to_lightning_checkpoint  # imports no Lightning
             to_lightning_checkpoint(path, args.dst)
             print(f"wrote {args.dst} from {path}")
@@ -116,12 +113,3 @@ def run(args: argparse.Namespace) -> int:
             count = _write_safetensors(path, args.dst)
             print(f"wrote {args.dst} ({count} tensors) from {path}")
     return 0
-
-
-def _is_our_hf(storage: Any, root: str) -> bool:
-    if not is_our_checkpoint(storage, root):
-        return False
-    from ckpt_plugins.layout.commit import Layout
-
-    parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
-    return Layout(storage, parent).read_manifest(root).user_metadata.get("written_by") == "ckpt_plugins.hf"

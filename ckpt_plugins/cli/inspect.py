@@ -21,7 +21,6 @@ from ckpt_plugins.files.tensor_file import read_header
 from ckpt_plugins.formats import detect_format, read_foreign
 from ckpt_plugins.formats.hf_folder import holds_native_files, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
-from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
 from ckpt_plugins.tree.codec import unflatten_state
@@ -155,8 +154,7 @@ def run(args: argparse.Namespace) -> int:
     storage, root = open_storage(args.path)
     info: dict[str, Any]
     if is_our_checkpoint(storage, root):
-        parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
-        manifest = Layout(storage, parent).read_manifest(root)
+        manifest = catalog.layout_of(storage, root).read_manifest(root)
         rows = describe_ours(storage, root, manifest)
         info = {"format": "ckpt_plugins", "format_version": manifest.format_version, "step": manifest.step,
                 "world_size": manifest.world_size, "metrics": manifest.metrics}

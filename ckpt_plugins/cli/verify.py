@@ -16,7 +16,6 @@ from typing import Any
 
 from ckpt_plugins.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ckpt_plugins.formats import detect_format, read_foreign
-from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
 
@@ -52,8 +51,7 @@ def check(path: str, ours: bool, advance: Any = None) -> tuple[str, list[str]]:
     """Status (``OK``, ``DAMAGED``, ``UNSAFE``) and problems of one checkpoint."""
     if ours:
         storage, root = open_storage(path)
-        parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
-        problems = Layout(storage, parent).verify(root, progress=advance)
+        problems = catalog.layout_of(storage, root).verify(root, progress=advance)
         return ("DAMAGED" if problems else "OK"), problems
     try:
         read_foreign(path)

@@ -197,3 +197,14 @@ def test_remote_run_folders_are_listed_verified_and_pruned(capsys):
     assert main(["ls", url]) == 0
     out = capsys.readouterr().out
     assert "step_3" in out and "step_1" not in out and "rules: keep_last=3 (stored in step_3)" in out
+
+
+def test_convert_to_lightning_refuses_a_plain_run_and_names_the_alternative(tmp_path, capsys):
+    run = plain_run(tmp_path / "run")
+    assert main(["convert", str(run), str(tmp_path / "m.ckpt"), "--to", "lightning"]) == 2
+    err = capsys.readouterr().err
+    assert "step_4 is not a Lightning checkpoint" in err and "--to safetensors" in err
+    assert not (tmp_path / "m.ckpt").exists()
+    assert main(["convert", str(run), str(tmp_path / "w.safetensors"), "--to", "safetensors"]) == 0
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / "w.safetensors")) == {"model.w", "model.b", "rng.torch"}
