@@ -80,6 +80,9 @@ class CheckpointManager:
             group as an object instead of its keywords.
         policy: a ready :class:`~ckpt_plugins.retention.RetentionPolicy` instead of the
             ``keep_*`` keywords (``monitor``/``mode`` still rank for ``best_step``).
+        storage_options: passed to the fsspec file system of a URL ``directory`` (for ``s3://``:
+            ``client_kwargs={"endpoint_url": ...}``, ``key``/``secret``, ``profile``, ...); never
+            stored, logged or written into a checkpoint. See docs/storage.md.
 
     Each option is documented on its group and in docs/options.md. Every option is checked here,
     before the directory is touched: a bad value is a :class:`~ckpt_plugins.errors.ConfigError`
@@ -107,7 +110,8 @@ class CheckpointManager:
                  options: ManagerOptions | None = None, retention_options: RetentionOptions | None = None,
                  save_options: SaveOptions | None = None, io_options: IOOptions | None = None,
                  distributed_options: DistributedOptions | None = None,
-                 restore_options: RestoreOptions | None = None, policy: RetentionPolicy | None = None) -> None:
+                 restore_options: RestoreOptions | None = None, policy: RetentionPolicy | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         check_directory("directory", directory)
         if isinstance(on_commit, Iterable) and not isinstance(on_commit, (list, tuple, str, bytes)):
             on_commit = tuple(on_commit)  # a generator of callables: read it once, here
@@ -123,7 +127,8 @@ class CheckpointManager:
         self.policy = policy_of(policy, opts.retention)
         self.directory = os.fspath(directory)
         self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
-        self.storage, self.root = open_storage(self.directory)
+        # storage_options (endpoint, credentials) go to fsspec only: never kept, logged or saved.
+        self.storage, self.root = open_storage(self.directory, storage_options)
         if opts.saving.writer == "process" and self.storage.local_path(self.root) is None:
             raise ConfigError(f"$writer='process' works with local directories only, not {self.directory}",
                               option="writer", value="process")

@@ -14,6 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 HELPERS = ROOT / "tests" / "helpers"  # scripts the tests run as real subprocesses
 
+pytest_plugins = ["s3_fixtures"]  # the moto S3 server, buckets and the fault proxy (tests/helpers)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

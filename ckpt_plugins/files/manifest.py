@@ -33,6 +33,9 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 50
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+# A file of a checkpoint overwritten on an object store lives under one version folder
+# (``v<12 hex>/name``: see ckpt_plugins.layout.object_commit); nothing else may contain a "/".
+_VERSIONED_NAME = re.compile(r"^v[0-9a-f]{12}/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _as_tuple(types):
 
 
 def _check_name(where: str, name: Any) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not (_SAFE_NAME.match(name) or _VERSIONED_NAME.match(name)) or ".." in name:
         raise CorruptCheckpointError(
             f"{where}: file name {name!r:.80} is not a plain file name; refusing to read outside "
             "the checkpoint folder")

@@ -18,6 +18,11 @@ there for a reason:
    old one back.
 
 Start-up cleanup (rank 0) removes only names with those hidden prefixes; nothing else is touched.
+
+Stores without an atomic rename (``storage.atomic_rename`` is False: S3 and other object stores)
+use a different protocol with the same guarantees, in :mod:`ckpt_plugins.layout.object_commit`:
+files are written under the final prefix and the manifest, one atomic PUT written last, is the
+commit. ``Layout`` picks the protocol; its callers do not know which one runs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
 from ckpt_plugins.layout.naming import STEP_PREFIX, parse_step_dir, step_dir_name
+from ckpt_plugins.layout.object_commit import ObjectCommit
 from ckpt_plugins.storage import Storage
 from ckpt_plugins.files.tensor_file import checksum_file
 
@@ -67,6 +73,7 @@ class Layout:
         self.storage = storage
         self.root = root
         self.prefix = prefix
+        self._object = None if getattr(storage, "atomic_rename", True) else ObjectCommit(self)
 
     # --- names -------------------------------------------------------------------------------
     def path_for(self, step: int, name: str | None = None) -> str:
@@ -76,6 +83,8 @@ class Layout:
     def new_temp_dir(self, step: int, token: str | None = None, name: str | None = None) -> str:
         """The hidden folder a save of ``step`` (or of ``name``) writes into before it commits."""
         token = token or uuid.uuid4().hex[:12]
+        if self._object is not None:  # no rename: write under the final prefix (a fresh version if committed)
+            return self._object.begin(step, token, name)
         final = name if name is not None else step_dir_name(step, self.prefix)
         return self.storage.join(self.root, f"{TMP_PREFIX}{final}-{token}")
 
@@ -107,6 +116,8 @@ class Layout:
                name: str | None = None) -> str:
         """Write the manifest into ``temp_dir`` and make it ``step_N`` (or ``name``) atomically;
         return the path."""
+        if self._object is not None:
+            return self._object.commit(temp_dir, manifest, replace=replace, name=name)
         self.storage.makedirs(temp_dir)
         with self.storage.open_write(self.storage.join(temp_dir, MANIFEST_NAME)) as out:
             out.write(dump_manifest(manifest))
@@ -131,6 +142,8 @@ class Layout:
 
     def delete_path(self, path: str) -> None:
         """Remove the checkpoint folder (or plain file) at ``path`` under the root, the same way."""
+        if self._object is not None:
+            return self._object.delete_path(path)
         if not self.storage.exists(path):
             return
         name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
@@ -143,6 +156,8 @@ class Layout:
         """Rename a committed checkpoint to ``<name>.damaged-<token>``: no longer listed (nor
         matched by a framework's ``checkpoint-N`` pattern), never removed by cleanup."""
         path = self.path_for(step)
+        if self._object is not None:
+            return self._object.quarantine(path, reason)
         target = f"{path}{DAMAGED_SUFFIX}{uuid.uuid4().hex[:12]}"
         self.storage.rename(path, target)
         self.storage.fsync_dir(self.root)
@@ -174,6 +189,8 @@ class Layout:
 
     def discard(self, temp_dir: str) -> None:
         """Remove a temporary folder after a failed save (best effort; cleanup retries later)."""
+        if self._object is not None:
+            return self._object.discard(temp_dir)
         try:
             if self.storage.exists(temp_dir):
                 self.storage.remove_tree(temp_dir)
@@ -190,6 +207,8 @@ class Layout:
     def cleanup_leftovers(self) -> list[str]:
         """Remove what an interrupted run left behind; restore an overwritten checkpoint whose
         replacement never committed. Only hidden names with our prefixes are ever touched."""
+        if self._object is not None:
+            return self._object.cleanup_leftovers()
         removed = []
         names = self.storage.listdir(self.root)
         for name in sorted(names):

@@ -5,6 +5,14 @@ directories create it with O_EXCL, which is atomic. A lock whose owner is on thi
 longer running (or whose pid now belongs to a different process, detected through the start
 time) is stale: it is taken over with a warning. A lock held by another host cannot be checked
 and is reported with instructions.
+
+On object stores (S3) there is no O_EXCL; the lock is a conditional create instead
+(``PUT`` with ``If-None-Match: *``: of two writers, exactly one succeeds). The object holds the
+holder and a heartbeat time that the holder refreshes every ``HEARTBEAT_S`` seconds with an
+ETag-conditional PUT. A lock is stale when its holder is on this host and gone, or when its
+heartbeat is older than ``STALE_AFTER_S`` (any host); it is then taken over with a WARNING, again
+conditionally (``If-Match`` on the stale object's ETag), so two contenders cannot both win. A store
+without conditional writes gets exists-then-write: the lock is then advisory (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -14,15 +22,18 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 
 from ckpt_plugins.errors import LockedError, NotWritableError
 from ckpt_plugins.storage import LocalStorage, Storage
 
-__all__ = ["DirectoryLock", "LOCK_NAME"]
+__all__ = ["LOCK_NAME", "DirectoryLock"]
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
+HEARTBEAT_S = float(os.environ.get("CKPT_PLUGINS_LOCK_HEARTBEAT_S", "30"))
+STALE_AFTER_S = float(os.environ.get("CKPT_PLUGINS_LOCK_STALE_S", "300"))
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -54,6 +65,11 @@ class DirectoryLock:
         self.held = False
         self._owner = {"host": socket.gethostname(), "pid": os.getpid(),
                        "start_time": _process_start_time(os.getpid()), "since": time.time()}
+        self._conditional = hasattr(storage, "create_exclusive")  # object stores
+        self._etag = ""
+        self._holder_etag = ""
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
         for _ in range(3):
@@ -73,8 +89,12 @@ class DirectoryLock:
             if holder is None:
                 continue  # removed or half-written in between; try again
             if self._is_stale(holder):
-                log.warning("taking over the lock %s left by process %s on %s, which is no longer running",
-                            self.path, holder.get("pid"), holder.get("host"))
+                log.warning("taking over the lock %s left by process %s on %s, which is no longer running%s",
+                            self.path, holder.get("pid"), holder.get("host"), self._heartbeat_age(holder))
+                if self._conditional:
+                    if self._take_over():
+                        return
+                    continue
                 try:
                     self.storage.remove_file(self.path)
                 except FileNotFoundError:
@@ -90,6 +110,12 @@ class DirectoryLock:
         if not self.held:
             return
         self.held = False
+        if self._conditional:
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join(timeout=10)
+            self.storage.remove_if(self.path, self._etag)  # type: ignore[attr-defined]
+            return
         holder = self._read_holder()
         if holder is not None and holder.get("pid") == self._owner["pid"] \
                 and holder.get("host") == self._owner["host"]:
@@ -99,7 +125,12 @@ class DirectoryLock:
                 pass
 
     def _try_create(self) -> bool:
-        payload = json.dumps(self._owner).encode()
+        payload = self._payload()
+        if self._conditional:
+            if not self.storage.create_exclusive(self.path, payload):  # type: ignore[attr-defined]
+                return False
+            self._started()
+            return True
         if isinstance(self.storage, LocalStorage):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -114,7 +145,54 @@ class DirectoryLock:
             f.write(payload)
         return True
 
+    # --- object stores: heartbeat and conditional takeover ----------------------------------
+    def _payload(self) -> bytes:
+        return json.dumps({**self._owner, "heartbeat": time.time()}).encode()
+
+    def _started(self) -> None:
+        tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
+        self._etag = tagged[1] if tagged else ""
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="ckpt-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _take_over(self) -> bool:
+        if not self.storage.replace_if(self.path, self._payload(), self._holder_etag):  # type: ignore[attr-defined]
+            return False  # someone else took it first, or its holder came back
+        self.held = True
+        self._started()
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                payload = self._payload()
+                if not self.storage.replace_if(self.path, payload, self._etag):  # type: ignore[attr-defined]
+                    log.error("the lock %s was taken over by another process while this one held it (its "
+                              "heartbeat was missed for %.0f s?); two writers may now share the directory",
+                              self.path, STALE_AFTER_S)
+                    return
+                tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
+                self._etag = tagged[1] if tagged else self._etag
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+                log.warning("could not refresh the lock %s (%s); retrying in %.0f s", self.path, exc, HEARTBEAT_S)
+
+    @staticmethod
+    def _heartbeat_age(holder: dict) -> str:
+        beat = holder.get("heartbeat")
+        return f" (last heartbeat {time.time() - beat:.0f} s ago)" if isinstance(beat, (int, float)) else ""
+
     def _read_holder(self) -> dict | None:
+        if self._conditional:
+            tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
+            if tagged is None:
+                return None
+            self._holder_etag = tagged[1]
+            try:
+                holder = json.loads(tagged[0])
+            except ValueError:
+                return {"garbled": True}
+            return holder if isinstance(holder, dict) else {"garbled": True}
         try:
             with self.storage.open_read(self.path) as f:
                 holder = json.loads(f.read())
@@ -131,11 +209,14 @@ class DirectoryLock:
             time.sleep(0.2)
             again = self._read_holder()
             return again is not None and bool(again.get("garbled"))
+        beat = holder.get("heartbeat")
+        if self._conditional and isinstance(beat, (int, float)) and time.time() - beat > STALE_AFTER_S:
+            return True  # any host: its holder stopped refreshing it
         if holder.get("host") != self._owner["host"] or not isinstance(holder.get("pid"), int):
             return False
         return not _alive(holder["pid"], holder.get("start_time"))
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         self.acquire()
         return self
 

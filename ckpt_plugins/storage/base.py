@@ -12,7 +12,15 @@ __all__ = ["Storage"]
 
 
 class Storage(Protocol):
-    """What the commit protocol, the lock and restore need from a file system."""
+    """What the commit protocol, the lock and restore need from a file system.
+
+    ``atomic_rename`` says whether ``rename`` of a folder is one atomic step (local disks): the
+    layout then commits by renaming a hidden folder. Object stores have none
+    (:class:`~ckpt_plugins.storage.object_store.ObjectStorage`): the layout writes under the
+    final prefix and the manifest, written last in one PUT, is the commit.
+    """
+
+    atomic_rename: bool
 
     def join(self, *parts: str) -> str: ...
     def exists(self, path: str) -> bool: ...

@@ -46,6 +46,8 @@ class _SyncedFile:
 class LocalStorage:
     """Local file system with fsync and atomic rename."""
 
+    atomic_rename = True
+
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
 

@@ -17,6 +17,8 @@ __all__ = ["FsspecStorage"]
 class FsspecStorage:
     """Any fsspec file system. Durability is whatever the backend gives on close()."""
 
+    atomic_rename = True
+
     def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
         self.fs = fs
 
