@@ -130,7 +130,8 @@ def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.T
     hasher.update(head)
     with storage.open_write(path) as out, direct_writer(out, direct_io) as direct:
         # The tensors outlive the direct writer, so it may write them from where they are.
-        write = partial(direct.write, stable=True) if direct is not None else out.write
+        # An object-store upload (storage.object_store) likewise sends views of them as its parts.
+        write = partial(direct.write, stable=True) if direct is not None else getattr(out, "write_stable", out.write)
         write(head)
         for run in _runs(tensors[key] for key in order):
             for start in range(0, len(run), WRITE_CHUNK):
