@@ -195,7 +195,8 @@ def choose_rules(entries: Iterable[Entry], flags: dict[str, Any]) -> tuple[dict[
     if not stored:
         return None, "rules unknown"
     newest = max(stored, key=lambda e: (e.step or 0, e.wall_time or 0.0))
-    return dict(newest.manifest.retention), f"stored in {newest.name}"  # type: ignore[union-attr]
+    retention = newest.manifest.retention if newest.manifest is not None else None
+    return dict(retention or {}), f"stored in {newest.name}"
 
 
 def describe_rules(rules: dict[str, Any] | None) -> str:

@@ -58,7 +58,7 @@ def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
         if step is not None:
             raise ConfigError(f"--step applies to a run folder; {src} is one checkpoint (drop --step)")
         return src
-    steps = sorted({e.step for e in numbered})  # type: ignore[misc]
+    steps = sorted({e.step for e in numbered if e.step is not None})
     if not numbered:
         raise CheckpointNotFoundError(f"{src} holds no numbered checkpoint to convert (our step_N/checkpoint-N "
                                       "folders, .ckpt files, Trainer checkpoint-N folders); pass one checkpoint")
@@ -75,7 +75,7 @@ def _write_safetensors(path: str, dst: str) -> int:
     state, _ = restore_path(path, target=None, selector=None, rename=None, strict=True, map_location="cpu",
                             allow_unsafe_pickle=False, verify=True)
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()
     for key, value in iter_leaves(state):
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous()

@@ -57,8 +57,8 @@ def _tree_rows(tree: Any, headers: dict[str, tuple[torch.dtype, list[int]]], pre
         tag = leaf.get(TAG) if type(leaf) is dict else None
         if tag in TENSOR_TAGS:
             if tag == "ndarray":
-                dt, shape = np_dtype(leaf["dtype"]), tuple(int(d) for d in leaf["shape"])
-                rows.append((key, shape, str(dt), math.prod(shape) * dt.itemsize))
+                dt, dims = np_dtype(leaf["dtype"]), tuple(int(d) for d in leaf["shape"])
+                rows.append((key, dims, str(dt), math.prod(dims) * dt.itemsize))
                 return
             dtype, shape = headers[leaf["key"]]
             size = math.prod(shape) * dtype.itemsize

@@ -56,8 +56,10 @@ def add_parsers(sub: Any) -> None:
 def _listing(args: argparse.Namespace) -> tuple[list[catalog.Entry], dict | None, str, dict[str, list[str] | None]]:
     entries = catalog.scan(args.directory, args.dir_prefix)
     rules, source = catalog.choose_rules(entries, catalog.rule_flags(args))
+    reasons: dict[str, list[str] | None] = {e.name: None for e in entries}
     try:
-        reasons = catalog.decide(entries, rules) if rules is not None else {e.name: None for e in entries}
+        if rules is not None:
+            reasons = catalog.decide(entries, rules)
     except ConfigError as exc:
         if source != "command line":
             raise ConfigError(f"the retention rules {source} are invalid ({exc}); pass rule flags instead") from None
@@ -125,8 +127,9 @@ def run_prune(args: argparse.Namespace) -> int:
     try:
         print(f"rules: {catalog.describe_rules(rules)} ({source})")
         for e in entries:
-            if reasons[e.name]:
-                print(f"keep    step {e.step if e.step is not None else '-'} {e.name} ({', '.join(reasons[e.name])})")
+            kept = reasons[e.name]
+            if kept:
+                print(f"keep    step {e.step if e.step is not None else '-'} {e.name} ({', '.join(kept)})")
         layout = Layout(storage, root)
         for e in doomed:
             if args.yes:

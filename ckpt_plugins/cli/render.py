@@ -74,7 +74,7 @@ def progress(description: str, total: float | None, *, enabled: bool = True) -> 
     and removed when done, so pipes, files and scripts see nothing of it.
     """
     if not enabled or not sys.stderr.isatty():
-        yield lambda amount=1: None
+        yield _ignore
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
     # Lines printed meanwhile go above the bar when stdout is the same terminal; a piped stdout
@@ -83,7 +83,15 @@ def progress(description: str, total: float | None, *, enabled: bool = True) -> 
     with Progress(*columns, console=Console(file=sys.stderr), transient=True, redirect_stdout=shared,
                   redirect_stderr=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda amount=1: bar.advance(task, amount)
+
+        def advance(amount: float = 1) -> None:
+            bar.advance(task, amount)
+
+        yield advance
+
+
+def _ignore(amount: float = 1) -> None:
+    """``advance`` when no bar is shown."""
 
 
 def human_bytes(n: float) -> str:
