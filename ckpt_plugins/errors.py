@@ -72,8 +72,8 @@ class ConfigError(CheckpointError, ValueError):
         return (_rebuild_config_error, (type(self), self.template, self.key, self.value, self.mentions, self.names))
 
 
-def _rebuild_config_error(cls: type, template: str, option: str | None, value: Any, mentions: tuple[str, ...],
-                          names: dict[str, str]) -> ConfigError:
+def _rebuild_config_error(cls: type[ConfigError], template: str, option: str | None, value: Any,
+                          mentions: tuple[str, ...], names: dict[str, str]) -> ConfigError:
     return cls(template, option=option, value=value, mentions=mentions, names=names)
 
 

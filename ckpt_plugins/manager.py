@@ -55,7 +55,7 @@ __all__ = ["CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
-Which = Literal["latest", "best"] | int | str | os.PathLike
+Which = Literal["latest", "best"] | int | str | os.PathLike[str]
 
 
 class CheckpointManager:
@@ -94,7 +94,7 @@ class CheckpointManager:
         ...     state = mgr.restore("latest")
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int | None = None,
+    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int | None = None,
                  keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
                  keep_every_n_steps: int | None = None,
                  keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
@@ -545,7 +545,7 @@ class CheckpointManager:
     def __enter__(self) -> "CheckpointManager":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
             self.close()
         else:  # do not hide the original exception behind a save error

@@ -65,10 +65,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
     The handler runs on the main thread between two bytecodes, possibly while that thread holds
     a lock (the engine's, inside ``save()``), so it must not take one or wait here: finding the
-    pending saves and waiting for them run on a helper thread and the handler returns at once. When a previous handler exists
-    (Lightning installs one to stop training gracefully) it is called, and the manager's close()
-    at the end of training flushes. Otherwise the helper thread flushes, then sends SIGTERM again,
-    which this handler passes to the default action.
+    pending saves and waiting for them run on a helper thread and the handler returns at once.
+    When a previous handler exists (Lightning installs one to stop training gracefully) it is
+    called, and the manager's close() at the end of training flushes. Otherwise the helper thread
+    flushes, then sends SIGTERM again, which this handler passes to the default action.
     """
     global _terminating
     previous = _previous_sigterm
@@ -86,7 +86,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
                      daemon=True).start()
 
 
-def _flush_then_terminate(managers: list) -> None:
+def _flush_then_terminate(managers: list[Any]) -> None:
     global _terminating
     pending = [m for m in managers if m._engine.pending()]  # waits for save() to let go of the lock
     if pending:

@@ -89,7 +89,8 @@ class SaveJob:
     Args:
         request: the save.
         dest: storage, layout, tensor writer and rank.
-        stager: whose ``request.slot`` the job holds (and releases when finished).
+        stager: whose ``request.slot`` the job holds; it is released last, after ``done`` and the
+            ``on_commit`` callbacks, so a ``save()`` waiting for the slot sees this save finished.
         done: ``done(request, manifest)`` once the job has finished: with the committed manifest
             (rank 0), or None (failed, or another rank). Its error fails the save.
     """
@@ -101,6 +102,18 @@ class SaveJob:
         self._rank_trees: dict[int, Any] = {}
 
     def __call__(self, handle: SaveHandle) -> str:
+        try:
+            path = self._save(handle)
+            for callback in self.request.callbacks if self.dest.rank == 0 else ():
+                try:
+                    callback(self.step, path)
+                except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
+                    log.exception("on_commit callback %r failed for step %d", callback, self.step)
+            return path
+        finally:
+            self.stager.release(self.request.slot)
+
+    def _save(self, handle: SaveHandle) -> str:
         req, dest = self.request, self.dest
         temp = dest.layout.new_temp_dir(req.step, req.token, req.name)
         manifest: Manifest | None = None
@@ -146,13 +159,7 @@ class SaveJob:
                               f"{self._survivors()}") from exc
             raise
         finally:
-            self.stager.release(req.slot)
             self.done(req, manifest)
-        for callback in req.callbacks:
-            try:
-                callback(self.step, path)
-            except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
-                log.exception("on_commit callback %r failed for step %d", callback, self.step)
         return path
 
     def _survivors(self) -> str:

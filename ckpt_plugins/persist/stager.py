@@ -22,6 +22,8 @@ once, which is what bounds host memory with ``max_pending`` saves in flight.
 
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import logging
 import threading
@@ -61,7 +63,7 @@ class Arena:
 
     memory: dict[str, torch.Tensor]
     views: dict[str, torch.Tensor]
-    signature: tuple
+    signature: tuple[Any, ...]
     generation: int
 
     def locate(self, tensor: torch.Tensor) -> tuple[str, int] | None:
@@ -103,7 +105,7 @@ def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
     """``nbytes`` of uint8 starting on a page boundary (pinned or shared on request)."""
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     if shared:
-        raw.share_memory_()
+        raw.share_memory_()  # type: ignore[no-untyped-call]
     start = -raw.data_ptr() % ALIGN
     return raw[start:start + nbytes]
 
@@ -119,7 +121,7 @@ class HostStager:
         self._generation = 0
         self._free = list(range(slots))
         self._cond = threading.Condition()
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def slots(self) -> int:
@@ -161,7 +163,7 @@ class HostStager:
                     arena.views[key].copy_(src.detach(), non_blocking=src.is_cuda)
         event = None
         if stream is not None:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
         return StagedState(slot=slot, tensors={k: arena.views[k] for k in tensors}, cuda_event=event)
 
@@ -186,7 +188,7 @@ class HostStager:
                  total / 2**20, slot, self.staged_bytes() / 2**20)
         return arena
 
-    def _side_stream(self):
+    def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         return self._stream

@@ -51,6 +51,7 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
             arenas[slot] = memory  # {group: block}; the slot's previous blocks are unmapped here
             continue
         _, path, payload, metadata = item
+        tensors: Any = None
         try:
             if item[0] == "views":
                 slot, entries = payload
@@ -66,7 +67,7 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
         except Exception as exc:  # noqa: BLE001 - sent back to the parent, raised there
             results.put(("error", f"{type(exc).__name__}: {exc}"))
         finally:
-            tensors = payload = None
+            tensors = payload = None  # drop the child's views before the next request
 
 
 class ProcessWriter:
@@ -76,7 +77,7 @@ class ProcessWriter:
         self._direct_io = direct_io
         self._stager = stager
         self._sent: dict[int, int] = {}  # slot -> arena generation the child holds
-        self._proc = None
+        self._proc: Any = None  # a spawn-context Process
         self._answered = 0  # requests the current child has answered
         self._died: WriterError | None = None
         self._lock = threading.Lock()
@@ -107,11 +108,11 @@ class ProcessWriter:
             elif not self._proc.is_alive():
                 raise self._death(path)
             entries = self._arena_entries(slot, tensors)
-            if entries is not None:
-                arena = self._stager.arena(slot)  # type: ignore[union-attr]
-                if self._sent.get(slot) != arena.generation:  # type: ignore[arg-type, union-attr]
-                    self._requests.put(("arena", slot, arena.memory))  # type: ignore[union-attr]
-                    self._sent[slot] = arena.generation  # type: ignore[index, union-attr]
+            arena = self._stager.arena(slot) if entries is not None and self._stager and slot is not None else None
+            if arena is not None and slot is not None:
+                if self._sent.get(slot) != arena.generation:
+                    self._requests.put(("arena", slot, arena.memory))
+                    self._sent[slot] = arena.generation
                 self._requests.put(("views", path, (slot, entries), dict(metadata or {})))
             else:
                 self._requests.put(("tensors", path, dict(tensors), dict(metadata or {})))
@@ -145,13 +146,13 @@ class ProcessWriter:
                                  "saves still pending failed with it, and this manager accepts no more saves")
         return self._died
 
-    def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list | None:
+    def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list[tuple[Any, ...]] | None:
         """(key, dtype, shape, group, offset, nbytes) of each tensor inside the slot's arena, or
         None when one is not in it."""
         arena = self._stager.arena(slot) if self._stager is not None and slot is not None else None
         if arena is None:
             return None
-        entries = []
+        entries: list[tuple[Any, ...]] = []
         for key, tensor in tensors.items():
             where = arena.locate(tensor) if tensor.is_contiguous() else None
             if where is None:
