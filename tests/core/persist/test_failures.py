@@ -23,18 +23,21 @@ import torch
 from ckpt_plugins import CheckpointManager, SaveError
 
 WRITER_THREAD_DIES = r"""
-import sys, torch
+import sys, threading, torch
 from ckpt_plugins import CheckpointManager, SaveError
 
 mgr = CheckpointManager(sys.argv[1], async_save=True, max_pending=2)
 engine = type(mgr._engine)
+both_queued = threading.Event()
 
 def broken_start(self):
+    both_queued.wait(60)
     raise RuntimeError("injected writer-thread fault")
 
 engine._lower_priority = broken_start  # the first thing the writer thread runs, outside any job
 first = mgr.save(1, {"w": torch.ones(4)})
 second = mgr.save(2, {"w": torch.ones(4)})
+both_queued.set()
 for handle in (first, second):
     try:
         handle.wait(timeout=30)
