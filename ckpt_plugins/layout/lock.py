@@ -174,7 +174,7 @@ class DirectoryLock:
                     return
                 tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
                 self._etag = tagged[1] if tagged else self._etag
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+            except Exception as exc:
                 log.warning("could not refresh the lock %s (%s); retrying in %.0f s", self.path, exc, HEARTBEAT_S)
 
     @staticmethod

@@ -57,7 +57,7 @@ class ObjectCommit:
         self.storage: ObjectStorage = layout.storage  # type: ignore[assignment]
 
     def _rel(self, path: str) -> str:
-        return path[len(self.layout.root.rstrip("/")) + 1:]
+        return path[len(self.layout.root.rstrip("/")) + 1 :]
 
     def begin(self, step: int, token: str, name: str | None) -> str:
         """Where a save writes: the final prefix, or a fresh version under it when it is committed."""
@@ -89,8 +89,11 @@ class ObjectCommit:
             if _VERSION.match(tail) or not self.storage.exists(join(written, MANIFEST_NAME)):
                 self.storage.remove_tree(written)
         except OSError as exc:
-            log.warning("could not remove %s after a failed save (%s); it is not listed and will be removed "
-                        "at the next start", written, exc)
+            log.warning(
+                "could not remove %s after a failed save (%s); it is not listed and will be removed at the next start",
+                written,
+                exc,
+            )
 
     def delete_path(self, path: str) -> None:
         join = self.storage.join
@@ -104,14 +107,22 @@ class ObjectCommit:
         try:
             self.storage.remove_tree(path)
         except OSError as exc:
-            log.warning("could not remove the data of %s (%s); it is no longer listed and will be removed at "
-                        "the next start", path, exc)
+            log.warning(
+                "could not remove the data of %s (%s); it is no longer listed and will be removed at the next start",
+                path,
+                exc,
+            )
 
     def quarantine(self, path: str, reason: str) -> str:
         target = self.storage.join(path, f"{DAMAGED_MANIFEST_PREFIX}{uuid.uuid4().hex[:12]}.json")
         self.storage.move_small(self.storage.join(path, MANIFEST_NAME), target)
-        log.warning("moved the manifest of damaged checkpoint %s aside to %s (the checkpoint is no longer "
-                    "listed; its files are kept): %s", path, target, reason)
+        log.warning(
+            "moved the manifest of damaged checkpoint %s aside to %s (the checkpoint is no longer "
+            "listed; its files are kept): %s",
+            path,
+            target,
+            reason,
+        )
         return target
 
     def cleanup_leftovers(self) -> list[str]:
@@ -134,8 +145,7 @@ class ObjectCommit:
                 manifest = self.layout.read_manifest(path)
                 removed += [f"{name}/{r}" for r in self._remove_unreferenced(path, set(manifest.files))]
         if removed:
-            log.info("removed %d leftover(s) of an interrupted run in %s: %s", len(removed), self.layout.root,
-                     removed)
+            log.info("removed %d leftover(s) of an interrupted run in %s: %s", len(removed), self.layout.root, removed)
         return removed
 
     def _remove_unreferenced(self, prefix: str, keep: set[str]) -> list[str]:
@@ -143,13 +153,13 @@ class ObjectCommit:
         an interrupted save's files, the marker); return their names relative to ``prefix``."""
         base = prefix.rstrip("/") + "/"
         keep = keep | {MANIFEST_NAME}
-        stale = [p for p in self.storage.find(prefix) if p.startswith(base) and p[len(base):] not in keep]
+        stale = [p for p in self.storage.find(prefix) if p.startswith(base) and p[len(base) :] not in keep]
         for path in sorted(stale, key=lambda p: p.endswith(INCOMPLETE_MARKER)):  # the marker goes last
             try:
                 self.storage.remove_file(path)
             except FileNotFoundError:
                 pass
-        return [p[len(base):] for p in stale]
+        return [p[len(base) :] for p in stale]
 
 
 def _versioned(manifest: Manifest, version: str) -> Manifest:
@@ -157,5 +167,7 @@ def _versioned(manifest: Manifest, version: str) -> Manifest:
     from dataclasses import replace
 
     files = {f"{version}/{n}": r for n, r in manifest.files.items()}
-    parts = {k: Part(p.tree, f"{version}/{p.tensor_file}" if p.tensor_file else None) for k, p in manifest.parts.items()}
+    parts = {
+        k: Part(p.tree, f"{version}/{p.tensor_file}" if p.tensor_file else None) for k, p in manifest.parts.items()
+    }
     return replace(manifest, files=files, parts=parts)

@@ -83,7 +83,7 @@ class _ViewBody(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         n = min(len(buffer), len(self._view) - self._pos)
-        buffer[:n] = self._view[self._pos:self._pos + n]
+        buffer[:n] = self._view[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -130,8 +130,11 @@ class ObjectStorage(FsspecStorage):
         return int(self._call("read", path, self.fs.size, path))
 
     def rename(self, src: str, dst: str) -> None:
-        raise OSError(errno.ENOTSUP, f"{self.url(src)}: object stores have no rename; the object-store "
-                      "commit protocol never renames (this is a bug in ckpt_plugins)")
+        raise OSError(
+            errno.ENOTSUP,
+            f"{self.url(src)}: object stores have no rename; the object-store "
+            "commit protocol never renames (this is a bug in ckpt_plugins)",
+        )
 
     def move_small(self, src: str, dst: str) -> None:
         """Move one small metadata object (copy + delete; never used for checkpoint data)."""
@@ -248,8 +251,11 @@ class ObjectStorage(FsspecStorage):
             raise self._failed(what, path, exc) from exc
 
     def _failed(self, what: str, path: str, exc: BaseException) -> OSError:
-        err = OSError(errno.EIO, f"{self.url(path)}: {what} failed after retries "
-                      f"({type(exc).__name__}: {exc}); check the endpoint and network, then retry")
+        err = OSError(
+            errno.EIO,
+            f"{self.url(path)}: {what} failed after retries "
+            f"({type(exc).__name__}: {exc}); check the endpoint and network, then retry",
+        )
         err.filename = path
         return err
 
@@ -344,8 +350,11 @@ class _UploadWriter:
             self._upload_id = storage._s3("create_multipart_upload", self.path)["UploadId"]
         body, number = self._joined(), len(self._parts) + 1
         self._pending, self._pending_bytes = [], 0
-        future = storage._submit(storage._s3_async("upload_part", self.path, UploadId=self._upload_id,
-                                                   PartNumber=number, Body=_ViewBody(body)))
+        future = storage._submit(
+            storage._s3_async(
+                "upload_part", self.path, UploadId=self._upload_id, PartNumber=number, Body=_ViewBody(body)
+            )
+        )
         self._parts.append(future)
         self._window.append(future)
         while len(self._window) >= UPLOAD_PARALLEL:  # bounded parts in flight
@@ -363,8 +372,9 @@ class _UploadWriter:
                 if self._pending_bytes or not self._parts:
                     self._send_part()
                 parts = [{"PartNumber": i + 1, "ETag": f.result()["ETag"]} for i, f in enumerate(self._parts)]
-                storage._s3("complete_multipart_upload", self.path, UploadId=self._upload_id,
-                            MultipartUpload={"Parts": parts})
+                storage._s3(
+                    "complete_multipart_upload", self.path, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+                )
         except BaseException:
             self._abort()
             raise
@@ -384,9 +394,12 @@ class _UploadWriter:
         if self._upload_id is not None:
             try:
                 self.storage._s3("abort_multipart_upload", self.path, UploadId=self._upload_id)
-            except Exception as exc:  # noqa: BLE001 - the store expires unfinished uploads anyway
-                log.warning("could not abort the unfinished upload of %s (%s); the store's lifecycle "
-                            "rules expire it", self.storage.url(self.path), exc)
+            except Exception as exc:
+                log.warning(
+                    "could not abort the unfinished upload of %s (%s); the store's lifecycle rules expire it",
+                    self.storage.url(self.path),
+                    exc,
+                )
             self._upload_id = None
 
     def __enter__(self) -> _UploadWriter:
@@ -444,10 +457,19 @@ class _RangedReader(io.RawIOBase):
                 raise storage._failed(f"read of bytes {start}-{end}", self.path, exc) from exc
             if len(data) == end - start:
                 return data
-            log.info("%s: bytes %d-%d came back short (%d bytes); reading them again (%d)",
-                     storage.url(self.path), start, end, len(data), attempt + 1)
-        raise storage._failed(f"read of bytes {start}-{end}", self.path,
-                              EOFError(f"the store kept returning {len(data)} bytes instead of {end - start}"))
+            log.info(
+                "%s: bytes %d-%d came back short (%d bytes); reading them again (%d)",
+                storage.url(self.path),
+                start,
+                end,
+                len(data),
+                attempt + 1,
+            )
+        raise storage._failed(
+            f"read of bytes {start}-{end}",
+            self.path,
+            EOFError(f"the store kept returning {len(data)} bytes instead of {end - start}"),
+        )
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -458,7 +480,7 @@ class _RangedReader(io.RawIOBase):
                 self._fetch(ahead)
             chunk = self._fetch(index).result()
             n = min(len(view) - done, len(chunk) - within)
-            view[done:done + n] = chunk[within:within + n]
+            view[done : done + n] = chunk[within : within + n]
             done += n
             self._pos += n
             if within + n == len(chunk):

@@ -71,8 +71,10 @@ class FaultProxy:
                     return
                 if fault is not None and fault.kind in ("500", "503"):
                     code = "InternalError" if fault.kind == "500" else "SlowDown"
-                    payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-                               f"<Message>injected {fault.kind}</Message></Error>").encode()
+                    payload = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>injected {fault.kind}</Message></Error>"
+                    ).encode()
                     self.send_response(int(fault.kind))
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -116,8 +118,9 @@ class FaultProxy:
         self._thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
         self._thread.start()
 
-    def inject(self, kind: str, count: int = 1, *, method: str | None = None, path: str | None = None,
-               delay: float = 0.5) -> None:
+    def inject(
+        self, kind: str, count: int = 1, *, method: str | None = None, path: str | None = None, delay: float = 0.5
+    ) -> None:
         """Fail the next ``count`` requests whose method is ``method`` and whose path contains ``path``."""
         with self._lock:
             self.faults.append(_Fault(kind, count, method, path, delay))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from s3_server import S3Server, start_s3_server
 
 
@@ -51,6 +52,9 @@ def fault_proxy(s3_server: S3Server):
 def proxied_options(s3_server: S3Server, fault_proxy) -> dict:
     """``storage_options`` through the fault proxy, with short botocore timeouts."""
     options = s3_server.storage_options(fault_proxy.endpoint)
-    options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 10,
-                                "retries": {"max_attempts": 4, "mode": "standard"}}
+    options["config_kwargs"] = {
+        "connect_timeout": 5,
+        "read_timeout": 10,
+        "retries": {"max_attempts": 4, "mode": "standard"},
+    }
     return options

@@ -40,8 +40,9 @@ def test_save_and_restore_on_s3(s3_bucket, s3_options):
         assert mgr.verify(3) == []
 
 
-def test_files_go_under_the_final_prefix_manifest_last_and_nothing_is_copied(s3_bucket, s3_server, fault_proxy,
-                                                                            proxied_options):
+def test_files_go_under_the_final_prefix_manifest_last_and_nothing_is_copied(
+    s3_bucket, s3_server, fault_proxy, proxied_options
+):
     url = f"s3://{s3_bucket}/run"
     with CheckpointManager(url, storage_options=proxied_options, keep_last=1) as mgr:
         mgr.save(1, _state(1))
@@ -52,8 +53,11 @@ def test_files_go_under_the_final_prefix_manifest_last_and_nothing_is_copied(s3_
         before = len(fault_proxy.log)
         mgr.save(2, _state(2))  # retention deletes step 1
     assert _copies(fault_proxy) == []
-    deletes = [(method, path) for method, path, query, _ in fault_proxy.log[before:]
-               if (method == "DELETE" and "/step_1/" in path) or (method == "POST" and "delete" in query)]
+    deletes = [
+        (method, path)
+        for method, path, query, _ in fault_proxy.log[before:]
+        if (method == "DELETE" and "/step_1/" in path) or (method == "POST" and "delete" in query)
+    ]
     manifest_first = deletes.index(("DELETE", f"/{s3_bucket}/run/step_1/manifest.json"))
     assert ("POST", f"/{s3_bucket}") in deletes[manifest_first:], deletes  # the data after the manifest
     assert all(m == "DELETE" and not p.endswith(".safetensors") for m, p in deletes[:manifest_first]), deletes
@@ -61,8 +65,9 @@ def test_files_go_under_the_final_prefix_manifest_last_and_nothing_is_copied(s3_
     assert _keys(s3_server, s3_bucket, "run/step_2/") == ["run/step_2/manifest.json", "run/step_2/state.safetensors"]
 
 
-def test_a_prefix_without_manifest_is_never_listed_and_the_next_writer_removes_it(s3_bucket, s3_server, s3_options,
-                                                                                 caplog):
+def test_a_prefix_without_manifest_is_never_listed_and_the_next_writer_removes_it(
+    s3_bucket, s3_server, s3_options, caplog
+):
     url = f"s3://{s3_bucket}/run"
     with CheckpointManager(url, storage_options=s3_options) as mgr:
         mgr.save(1, _state(1))
@@ -73,16 +78,22 @@ def test_a_prefix_without_manifest_is_never_listed_and_the_next_writer_removes_i
     client.put_object(Bucket=s3_bucket, Key="run/notes/readme.txt", Body=b"not ours")
     with CheckpointManager(url, storage_options=s3_options, read_only=True) as reader:
         assert reader.steps() == [1]  # listed only with a manifest, even before any cleanup
-    with caplog.at_level(logging.INFO, logger="ckpt_plugins"), \
-            CheckpointManager(url, storage_options=s3_options) as mgr:
+    with (
+        caplog.at_level(logging.INFO, logger="ckpt_plugins"),
+        CheckpointManager(url, storage_options=s3_options) as mgr,
+    ):
         assert mgr.steps() == [1]
     assert "leftover" in caplog.text
-    assert _keys(s3_server, s3_bucket, "run/") == ["run/notes/readme.txt", "run/step_1/manifest.json",
-                                                    "run/step_1/state.safetensors"]
+    assert _keys(s3_server, s3_bucket, "run/") == [
+        "run/notes/readme.txt",
+        "run/step_1/manifest.json",
+        "run/step_1/state.safetensors",
+    ]
 
 
-def test_overwrite_keeps_the_old_checkpoint_until_the_new_manifest_replaces_it(s3_bucket, s3_server, fault_proxy,
-                                                                              proxied_options):
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_manifest_replaces_it(
+    s3_bucket, s3_server, fault_proxy, proxied_options
+):
     url = f"s3://{s3_bucket}/run"
     with CheckpointManager(url, storage_options=proxied_options) as mgr:
         mgr.save(1, _state(1))
@@ -144,7 +155,10 @@ def test_large_files_are_multipart_uploads_and_ranged_reads(s3_bucket, s3_server
         assert torch.equal(mgr.restore(1)["w"], state["w"])
     uploads = [q for method, path, q, _ in fault_proxy.log if method == "PUT" and "partNumber=" in q]
     assert len(uploads) >= 3
-    ranged = [h for method, path, _, h in fault_proxy.log if method == "GET" and "state.safetensors" in path
-              and any(k.lower() == "range" for k in h)]
+    ranged = [
+        h
+        for method, path, _, h in fault_proxy.log
+        if method == "GET" and "state.safetensors" in path and any(k.lower() == "range" for k in h)
+    ]
     assert len(ranged) >= 3
     assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []

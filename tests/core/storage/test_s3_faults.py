@@ -19,15 +19,18 @@ def _keys(server, bucket: str) -> list[str]:
     return sorted(o["Key"] for o in server.client().list_objects_v2(Bucket=bucket).get("Contents", []))
 
 
-@pytest.mark.parametrize(("kind", "method", "path"), [
-    ("503", "PUT", "state.safetensors"),
-    ("500", "PUT", "manifest.json"),
-    ("drop", "PUT", "state.safetensors"),
-    ("slow", None, None),
-    ("503", "GET", "state.safetensors"),
-    ("drop", "GET", "state.safetensors"),
-    ("truncate", "GET", "state.safetensors"),
-])
+@pytest.mark.parametrize(
+    ("kind", "method", "path"),
+    [
+        ("503", "PUT", "state.safetensors"),
+        ("500", "PUT", "manifest.json"),
+        ("drop", "PUT", "state.safetensors"),
+        ("slow", None, None),
+        ("503", "GET", "state.safetensors"),
+        ("drop", "GET", "state.safetensors"),
+        ("truncate", "GET", "state.safetensors"),
+    ],
+)
 def test_transient_faults_are_retried(s3_bucket, fault_proxy, proxied_options, kind, method, path):
     url = f"s3://{s3_bucket}/run"
     with CheckpointManager(url, storage_options=proxied_options) as mgr:
@@ -52,8 +55,9 @@ def test_faults_in_a_multipart_upload_are_retried(s3_bucket, fault_proxy, proxie
     assert fault_proxy.injected == 5
 
 
-def test_a_persistent_upload_failure_names_the_object_and_lists_nothing(s3_bucket, s3_server, fault_proxy,
-                                                                       proxied_options):
+def test_a_persistent_upload_failure_names_the_object_and_lists_nothing(
+    s3_bucket, s3_server, fault_proxy, proxied_options
+):
     url = f"s3://{s3_bucket}/run"
     with CheckpointManager(url, storage_options=proxied_options) as mgr:
         mgr.save(1, _state(1))

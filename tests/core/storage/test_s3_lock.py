@@ -56,15 +56,19 @@ def test_conditional_create_lets_exactly_one_of_many_racers_win(s3_bucket, s3_op
     assert sorted(results) == [False] * 7 + [True]
 
 
-def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning(s3_bucket, s3_server, s3_options,
-                                                                                caplog):
+def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_with_a_warning(
+    s3_bucket, s3_server, s3_options, caplog
+):
     import socket
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _put_lock(s3_server, s3_bucket, host=socket.gethostname(), pid=int(dead.stdout), start_time="1",
-              heartbeat=time.time())
-    with caplog.at_level(logging.WARNING, logger="ckpt_plugins"), \
-            CheckpointManager(f"s3://{s3_bucket}/run", storage_options=s3_options) as mgr:
+    _put_lock(
+        s3_server, s3_bucket, host=socket.gethostname(), pid=int(dead.stdout), start_time="1", heartbeat=time.time()
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="ckpt_plugins"),
+        CheckpointManager(f"s3://{s3_bucket}/run", storage_options=s3_options) as mgr,
+    ):
         mgr.save(1, {"w": torch.ones(2)})
     assert "taking over the lock" in caplog.text and "no longer running" in caplog.text
 
