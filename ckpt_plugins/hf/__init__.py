@@ -12,13 +12,16 @@
 
 Modules: :mod:`.callback` (the TrainerCallback), :mod:`.arguments` (``--ckpt_*`` flags),
 :mod:`.options` (options meet ``TrainingArguments``), :mod:`.native` (the Trainer's file set),
-:mod:`.rng` and :mod:`.position` (exact resume), :mod:`.guard` (damaged newest checkpoint),
+:mod:`.rng` and :mod:`.position` (exact resume), :mod:`.resume` (which checkpoint to resume from,
+``--resume_from_checkpoint True``),
 :mod:`.gradient_checkpointing` (activation-checkpointing flags). Importing this package imports
 transformers; ``import ckpt_plugins`` does not.
 """
 
 from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.callback import CheckpointCallback, SaveRecord
-from ckpt_plugins.hf.guard import GuardFinding, guard_latest
+from ckpt_plugins.hf.guard import GuardFinding, guard_latest  # deprecated
+from ckpt_plugins.hf.resume import last_usable_checkpoint
 
-__all__ = ["CheckpointArguments", "CheckpointCallback", "GuardFinding", "SaveRecord", "guard_latest"]
+__all__ = ["CheckpointArguments", "CheckpointCallback", "GuardFinding", "SaveRecord", "guard_latest",
+           "last_usable_checkpoint"]

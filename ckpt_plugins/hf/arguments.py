@@ -6,7 +6,9 @@ them next to ``TrainingArguments`` and builds the callback in one line::
     parser = HfArgumentParser((TrainingArguments, CheckpointArguments))
     training_args, ckpt_args = parser.parse_args_into_dataclasses()
     trainer = Trainer(..., args=training_args, callbacks=[CheckpointCallback.from_args(ckpt_args)])
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
+    python train.py --output_dir out --resume_from_checkpoint True   # resume from the newest usable one
     python train.py --output_dir out --save_steps 50 --ckpt_keep_last 3 --ckpt_async_save true \\
         --gradient_checkpointing --ckpt_gradient_checkpointing_every_n 2
 """
@@ -47,7 +49,7 @@ class CheckpointArguments:
     ckpt_keep_time_interval: float | None = field(default=None, metadata={
         "help": "Also keep, for good, the first checkpoint of every interval of this many seconds."})
     ckpt_overwrite: bool = field(default=False, metadata={
-        "help": "Allow saving at or before an existing checkpoint's step (later ones are removed)."})
+        "help": "Let a fresh run save into a directory with checkpoints (replaced as its saves commit)."})
     ckpt_async_save: bool = field(default=True, metadata={
         "help": "Write checkpoints in the background; training only waits for a copy of the state."})
     ckpt_max_pending: int = field(default=1, metadata={
@@ -61,7 +63,7 @@ class CheckpointArguments:
     ckpt_on_error: Literal["raise", "warn"] = field(default="raise", metadata={
         "help": "A failed background save: raise at the next save (stops training), or warn and go on."})
     ckpt_verify_latest: bool = field(default=True, metadata={
-        "help": "Check the newest checkpoint-N before the Trainer may resume from it; move damaged ones aside."})
+        "help": "Check the newest checkpoint-N when the Trainer is built; warn if damaged (nothing is moved)."})
     ckpt_gradient_checkpointing: ActivationMode | None = field(default=None, metadata={
         "help": "Activation checkpointing mode, extending --activation_checkpointing (any model)."})
     ckpt_gradient_checkpointing_every_n: int | None = field(default=None, metadata={

@@ -17,9 +17,12 @@ callback decides at ``on_step_end``/``on_epoch_end`` and saves at the last of th
 Events, in the order they matter:
 
 * ``on_init_end``: resolve options against ``TrainingArguments`` (:mod:`.options`), apply
-  activation checkpointing (:mod:`.gradient_checkpointing`), and check the newest
-  ``checkpoint-N`` before ``train()`` can resume from it (:mod:`.guard`).
-* ``on_train_begin``: open the manager; on resume, compare the data position (:mod:`.position`).
+  activation checkpointing (:mod:`.gradient_checkpointing`), check the newest ``checkpoint-N``
+  before ``train()`` can resume from it and resolve ``--resume_from_checkpoint True``
+  (:mod:`.resume`; nothing is moved).
+* ``on_train_begin``: open the manager and check where the run starts against the checkpoints
+  there (``CheckpointManager.start_run``: a resume from an older checkpoint replaces the later
+  ones as its saves commit); on resume, compare the data position (:mod:`.position`).
 * ``on_pre_optimizer_step``: with ``snapshot="overlap"``, wait until the last save has copied
   the state, before the optimizer changes it.
 * ``on_train_end``: wait for pending saves, log a summary, release the directory.
@@ -27,9 +30,9 @@ Events, in the order they matter:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -37,20 +40,25 @@ from typing import Any, Literal
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingReport
-from ckpt_plugins.distributed import barrier, rank_and_world
-from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.distributed import broadcast_object, rank_and_world
+from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.hf import gradient_checkpointing as gc_wiring
 from ckpt_plugins.hf.arguments import CheckpointArguments
-from ckpt_plugins.hf.guard import GuardFinding, guard_latest
 from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
 from ckpt_plugins.hf.options import CallbackOptions, Settings, resolve
 from ckpt_plugins.hf.position import DataPosition, check_resume
+from ckpt_plugins.hf.resume import choose, resolve_flag
 from ckpt_plugins.hf.rng import gather_rng_states
 from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.restore.choose import Choice
 
 __all__ = ["CheckpointCallback", "SaveRecord"]
 
 log = logging.getLogger(__name__)
+
+_RESUME_HINT = ("Resume from the newest with trainer.train(resume_from_checkpoint=True) (--resume_from_checkpoint "
+                "True), pass overwrite=True (--ckpt_overwrite) to replace them as this run's saves commit, or use "
+                "another output_dir / dirpath.")
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class SaveRecord:
 
     step: int
     stall_s: float
-    """How long training was blocked by this save (copying the state included)."""
+    """How long ``save()`` blocked training (copying the state included): the handle's
+    ``stats["stall_s"]``, measured by the core."""
     metrics: dict[str, float]
 
 
@@ -87,9 +96,10 @@ class CheckpointCallback(TrainerCallback):
         mode: ``"min"`` or ``"max"``; default from ``greater_is_better`` (else ``"min"``).
         keep_every_n_steps: also keep, for good, steps that are multiples of N.
         keep_time_interval: also keep the first checkpoint of each interval (seconds/timedelta).
-        overwrite: allow saving at or before existing checkpoints (a fresh run into a directory
-            that has checkpoints; later ones are removed). Without it such a run stops at
-            ``on_train_begin`` with instructions.
+        overwrite: let a fresh run (not resumed) save into a directory that has checkpoints
+            (they are replaced as its saves commit). Without it such a run stops at
+            ``on_train_begin`` with instructions. A resume from an older checkpoint needs no
+            option: the later checkpoints stay until the resumed run's first save commits.
         async_save: write in the background; training waits only for the copy of the state.
         max_pending: at most this many saves in flight.
         snapshot: ``"safe"`` copies the state inside the save; ``"overlap"`` lets the copy run
@@ -103,8 +113,8 @@ class CheckpointCallback(TrainerCallback):
             ``--activation_checkpointing`` and works for models without transformers support.
         on_error: ``"raise"``: a failed background save is raised at the next save (training
             stops); ``"warn"``: it is logged and training goes on.
-        verify_latest: before the Trainer may resume, check the newest ``checkpoint-N`` and move
-            damaged ones aside (see :mod:`ckpt_plugins.hf.guard`).
+        verify_latest: when the Trainer is built, check the newest ``checkpoint-N`` and warn
+            when it is damaged; nothing is moved (see :mod:`ckpt_plugins.hf.resume`).
 
     Example:
         >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=100),
@@ -130,7 +140,8 @@ class CheckpointCallback(TrainerCallback):
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
         self.activation_report: ActivationCheckpointingReport | None = None
-        self.guard_findings: list[GuardFinding] = []
+        self.resume_check: Choice | None = None
+        """The newest usable checkpoint found when the Trainer was built (``verify_latest``)."""
         self.saves: list[SaveRecord] = []
         self._pending: _Pending | None = None
         self._last_log_step = -1
@@ -138,6 +149,8 @@ class CheckpointCallback(TrainerCallback):
         self._tokenizer: dict[str, bytes] | None = None
         self._saved_steps: set[int] = set()
         self._activation_plan: gc_wiring.ActivationPlan | None = None
+        self._seen_metrics: set[str] = set()
+        self._monitor_warned = False
 
     @classmethod
     def from_args(cls, args: CheckpointArguments) -> CheckpointCallback:
@@ -158,11 +171,26 @@ class CheckpointCallback(TrainerCallback):
             log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
                      "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
                      self.settings.dirpath, self.settings.dirpath)
-        if self.settings.verify_latest:
-            if rank_and_world()[0] == 0:
-                with CheckpointManager(self.settings.dirpath, dir_prefix="checkpoint-") as manager:
-                    self.guard_findings = guard_latest(manager)
-            barrier()  # no rank may look for a checkpoint before rank 0 has moved damaged ones
+        self._check_latest(args)
+
+    def _check_latest(self, args: TrainingArguments) -> None:
+        """Warn about a damaged newest checkpoint (nothing is moved) and resolve
+        ``--resume_from_checkpoint True`` (:mod:`.resume`). Rank 0 checks; every rank uses its answer."""
+        assert self.settings is not None
+        if not self.settings.verify_latest:
+            args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, None, self.settings.dirpath)
+            return
+        choice = choose(self.settings.dirpath) if rank_and_world()[0] == 0 else None
+        self.resume_check = choice = broadcast_object(choice)
+        newest = choice.damaged[0] if choice.damaged else None
+        if newest is not None and rank_and_world()[0] == 0:
+            log.warning("resume_from_checkpoint=True would still load %s (the Trainer does not check it); %s. "
+                        "--resume_from_checkpoint True (with CheckpointArguments) and ckpt_plugins.hf."
+                        "last_usable_checkpoint(%r) skip it. Nothing was moved: an explicit "
+                        "resume_from_checkpoint=<path> is loaded as given", newest.path,
+                        f"the newest usable one is {choice.path}" if choice.path else "no checkpoint is usable",
+                        self.settings.dirpath)
+        args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, choice, self.settings.dirpath)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -192,18 +220,19 @@ class CheckpointCallback(TrainerCallback):
                         "save_total_limit")
 
     def _check_existing(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
-        assert self.manager is not None
+        """Where the run starts against the checkpoints there (the core's one check), and, on a
+        resume from one of ours, whether the data position carries over. Warnings only, except a
+        fresh run before an earlier run's checkpoints (StepExistsError, unless ``overwrite``)."""
+        assert self.manager is not None and self.settings is not None
         step = state.global_step
-        later = [s for s in self.manager.steps() if s > step]
-        if later and not self.options.overwrite:
-            what = f"resumed at step {step}" if step else "starting from step 0"
-            raise ConfigError(
-                f"{self.settings.dirpath} has checkpoints at steps {later} and this run is {what}; "
-                "its saves would collide with them. Resume from the newest with "
-                "trainer.train(resume_from_checkpoint=True), pass overwrite=True (--ckpt_overwrite) "
-                "to replace them, or use another output_dir / dirpath.")
+        self.manager.start_run(step, resumed=step > 0, hint=_RESUME_HINT)
         if step and step in self.manager.steps():
-            saved = self.manager.restore(step).get("data_position")
+            try:
+                saved = self.manager.restore(step).get("data_position")
+            except CorruptCheckpointError as exc:
+                log.warning("resumed from step %d, whose checkpoint no longer matches its manifest (%s); the "
+                            "Trainer loaded it, so training goes on, but the data position was not checked", step, exc)
+                saved = None
             if saved:
                 current = DataPosition.capture(args, state, train_dataloader)
                 for problem in check_resume(DataPosition.from_dict(saved), current, args.ignore_data_skip):
@@ -238,6 +267,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        self._seen_metrics.update(k for k, v in (logs or {}).items() if isinstance(v, (int, float)))
         if not logs or "loss" not in logs:
             return  # evaluation and end-of-training logs
         self._last_log_step = state.global_step
@@ -253,6 +283,8 @@ class CheckpointCallback(TrainerCallback):
         if self.manager is None or self.settings is None:
             return  # evaluate() outside train()
         metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        self._seen_metrics.update(metrics)
+        self._check_monitor(evaluated=True)
         new_best = self._track_best(state, metrics)
         pending = self._pending
         if pending is not None and pending.await_eval and pending.step == state.global_step:
@@ -272,6 +304,8 @@ class CheckpointCallback(TrainerCallback):
         self._flush_pending(args, state, control, kwargs)
         if self.manager is None:
             return
+        if self.saves:
+            self._check_monitor(evaluated=False)
         try:
             self.manager.wait()
             if self.saves:
@@ -297,6 +331,22 @@ class CheckpointCallback(TrainerCallback):
             log.warning("checkpoint of step %d taken late: the log/evaluation it waited for did not come "
                         "(another callback changed control.should_log/should_evaluate?)", self._pending.step)
             self._save_pending(args, state, control, kwargs)
+
+    def _check_monitor(self, evaluated: bool) -> None:
+        """Warn once when the monitored metric is not among those this run logs (a typo such as
+        ``eval_los``): checkpoints are ranked only by the metrics they hold. An ``eval_`` metric is
+        looked for after each evaluation, any other at the end of training."""
+        monitor = self.settings.manager_kwargs["monitor"] if self.settings else None
+        if monitor is None or self._monitor_warned or monitor in self._seen_metrics or not self._seen_metrics:
+            return
+        if evaluated and not monitor.startswith("eval_"):
+            return
+        self._monitor_warned = True
+        logged = sorted(k for k in self._seen_metrics if not _is_speed_metric(k))
+        close = difflib.get_close_matches(monitor, logged, n=1)
+        log.warning("--ckpt_monitor %r (monitor=) is not a metric this run logs (%s)%s; checkpoints are ranked "
+                    "by the metrics they hold, so keep_best and the best checkpoint cannot use it", monitor,
+                    ", ".join(logged), f"; did you mean {close[0]!r}?" if close else "")
 
     def _track_best(self, state: TrainerState, metrics: dict[str, float]) -> bool:
         """The Trainer's best-model bookkeeping, done before the checkpoint is taken.
@@ -334,8 +384,7 @@ class CheckpointCallback(TrainerCallback):
 
     def _save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
               kwargs: dict[str, Any], metrics: dict[str, float]) -> None:
-        assert self.manager is not None
-        t0 = time.perf_counter()
+        assert self.manager is not None and self.settings is not None
         step = state.global_step
         rank, world_size = rank_and_world()
         rng_states = gather_rng_states(distributed=world_size > 1)
@@ -348,19 +397,18 @@ class CheckpointCallback(TrainerCallback):
                 self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
             files = native_files(model=kwargs["model"], optimizer=kwargs.get("optimizer"),
                                  lr_scheduler=kwargs.get("lr_scheduler"), trainer_state=state,
-                                 rng_states=rng_states, world_size=world_size,
+                                 rng_states=rng_states, world_size=world_size, training_args=args,
                                  model_only=self.settings.model_only, extra=self._tokenizer)
         position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
         handle = self.manager.save(step, {"data_position": position.to_dict()}, metrics,
                                    extra_files=files, user_metadata={"written_by": "ckpt_plugins.hf"})
-        stall = time.perf_counter() - t0
         if handle is not None:
             self._saved_steps.add(step)
-            self.saves.append(SaveRecord(step, stall, metrics))
+            self.saves.append(SaveRecord(step, handle.stats["stall_s"], metrics))
+            log.info("checkpoint step %d: training blocked %.1f ms (%s)", step, handle.stats["stall_s"] * 1e3,
+                     "written in the background" if self.manager.async_save else "written")
         if control.should_training_stop or step >= state.max_steps:
             self.manager.wait()  # the Trainer may load the best checkpoint right after this
-        log.info("checkpoint step %d: training blocked %.1f ms (%s)", step, stall * 1e3,
-                 "written in the background" if self.manager.async_save else "written")
 
 
 def _is_speed_metric(name: str) -> bool:

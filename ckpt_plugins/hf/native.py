@@ -15,6 +15,8 @@ file                          read by                                written her
 ``scaler.pt``                 ``_load_scaler``                       the grad scaler, when used
 ``rng_state[_<rank>].pth``    ``_load_rng_state``                    every rank's RNG state
 ``trainer_state.json``        ``TrainerState.load_from_json``        the ``TrainerState``
+``training_args.bin``         nobody (the Trainer writes it for      ``torch.save`` of the
+                              the record; never read on resume)      ``TrainingArguments``
 ``config.json``, tokenizer    ``from_pretrained`` (not resume)       the model config, the
                                                                      ``processing_class``
 ============================  =====================================  ==========================
@@ -27,8 +29,9 @@ weights and of the optimizer go in as :class:`~ckpt_plugins.files.extra_files.Te
 :class:`~ckpt_plugins.files.extra_files.StagedFile`, which the core stages like any state (reused host
 buffers, ``snapshot="overlap"``) and serializes on the writer.
 
-``training_args.bin`` (a pickle of ``TrainingArguments``; the Trainer never reads it back) is not
-written.
+``training_args.bin`` is a pickle of ``TrainingArguments``, written because the Trainer writes it
+and tools expect it; nothing here reads it (the core's HF reader skips it: loading it would need
+full pickle).
 """
 
 from __future__ import annotations
@@ -66,8 +69,8 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer_state: Any,
-                 rng_states: list[dict[str, Any]], world_size: int, model_only: bool = False,
-                 extra: Mapping[str, bytes] | None = None) -> dict[str, FileContent]:
+                 rng_states: list[dict[str, Any]], world_size: int, training_args: Any = None,
+                 model_only: bool = False, extra: Mapping[str, bytes] | None = None) -> dict[str, FileContent]:
     """The files of one Trainer checkpoint, as ``extra_files`` for ``CheckpointManager.save``.
 
     Args:
@@ -78,6 +81,7 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
         trainer_state: the ``TrainerState`` to write as ``trainer_state.json``.
         rng_states: every rank's RNG state, indexed by rank.
         world_size: number of ranks (names the RNG files as the Trainer expects).
+        training_args: the ``TrainingArguments``, written as ``training_args.bin`` (None: not written).
         model_only: ``TrainingArguments.save_only_model``: no optimizer, scheduler or RNG files
             (such a checkpoint is for inference; the Trainer cannot resume training from it).
         extra: more small files, already serialized (the tokenizer's, for example).
@@ -103,6 +107,8 @@ def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer
     for rank, state in enumerate(rng_states):
         files[rng_file_name(rank, world_size)] = serialize_rng_state(state)
     files["trainer_state.json"] = trainer_state_json(trainer_state)
+    if training_args is not None:
+        files["training_args.bin"] = _torch_bytes(training_args)  # as Trainer._save: torch.save(self.args)
     files.update(extra or {})
     return files
 

@@ -8,8 +8,13 @@ they are allocated, and keeps them mapped, so each file written afterwards costs
 of offsets, not bytes and not one shared-memory segment per tensor.
 
 The parent's writer thread still runs the job (commit, retention, callbacks); only
-``write_tensor_file`` moves to the child. The child is started on first use with the ``spawn``
-method (safe with threads and CUDA) and stopped on close. Local directories only. A child that
+``write_tensor_file`` moves to the child. The child is started with the ``spawn`` method (safe
+with threads and CUDA), which costs a fresh interpreter importing torch and, as spawn does, the
+main script's imports: seconds (8 s for a transformers script on 2 busy cores). So it is started
+as soon as the writer is built, in the background, and nothing waits for it: until it reports
+ready, files are written by the writer thread itself (the same ``write_tensor_file`` on the same
+staged buffers, as with ``writer="thread"``), and closing before it is ready stops it instead of
+waiting; a short run never pays for the start-up. It is stopped on close. Local directories only. A child that
 dies (killed, out of memory) is not replaced behind the user's back: the write raises
 :class:`~ckpt_plugins.errors.WriterError`, which fails every pending save of the manager and
 refuses the later ones (see :mod:`.engine`).
@@ -28,7 +33,8 @@ import torch.multiprocessing as mp
 
 from ckpt_plugins.errors import SaveError, WriterError
 from ckpt_plugins.persist.stager import HostStager
-from ckpt_plugins.files.tensor_file import FileRecord
+from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.storage.local import LocalStorage
 
 __all__ = ["ProcessWriter"]
 
@@ -42,6 +48,7 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
     torch.set_num_threads(1)
     storage = LocalStorage()
     arenas: dict[int, dict[str, torch.Tensor]] = {}  # slot -> its staging blocks, mapped once
+    results.put(("ready", None))
     while True:
         item = requests.get()
         if item is None:
@@ -79,8 +86,10 @@ class ProcessWriter:
         self._sent: dict[int, int] = {}  # slot -> arena generation the child holds
         self._proc: Any = None  # a spawn-context Process
         self._answered = 0  # requests the current child has answered
+        self._ready = False  # the current child has finished its start-up
         self._died: WriterError | None = None
         self._lock = threading.Lock()
+        self._start()  # now, in the background: its start-up overlaps whatever comes before the first save
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -91,7 +100,34 @@ class ProcessWriter:
         self._proc.start()
         self._answered = 0
         self._sent = {}
-        log.info("started writer process (pid %d)", self._proc.pid)
+        self._ready = False
+        log.info("starting writer process (pid %d); files are written by the writer thread until it is ready",
+                 self._proc.pid)
+
+    def _check_ready(self, path: str | None, timeout: float | None = 0) -> bool:
+        """Whether the child has finished its start-up, waiting up to ``timeout`` seconds (None:
+        until it is ready or dead). Raises its WriterError when it died first. Lock held."""
+        while not self._ready:
+            try:
+                kind, _ = self._results.get(timeout=1.0 if timeout is None else min(timeout, 1.0))
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise self._death(path) from None
+                if timeout is not None:
+                    timeout -= 1.0
+                    if timeout < 0:
+                        return False
+                continue
+            self._ready = kind == "ready"
+            log.info("writer process (pid %d) is ready", self._proc.pid)
+        return True
+
+    def wait_ready(self) -> None:
+        """Block until the child has started (raises its WriterError if it died first)."""
+        with self._lock:
+            if self._died is not None:
+                raise self._died
+            self._check_ready(None, None)
 
     def write(self, path: str, tensors: Mapping[str, torch.Tensor],
               metadata: Mapping[str, str] | None = None, slot: int | None = None) -> FileRecord:
@@ -107,6 +143,8 @@ class ProcessWriter:
                 self._start()
             elif not self._proc.is_alive():
                 raise self._death(path)
+            if not self._check_ready(path):
+                return write_tensor_file(LocalStorage(), path, tensors, metadata, direct_io=self._direct_io)
             entries = self._arena_entries(slot, tensors)
             arena = self._stager.arena(slot) if entries is not None and self._stager and slot is not None else None
             if arena is not None and slot is not None:
@@ -130,7 +168,7 @@ class ProcessWriter:
             raise OSError(*payload)
         raise SaveError(f"the writer process failed to write {path}: {payload}")
 
-    def _death(self, path: str) -> WriterError:
+    def _death(self, path: str | None) -> WriterError:
         """The error for a child found dead (kept: every later write raises it too)."""
         code = self._proc.exitcode if self._proc is not None else None
         self._proc = None
@@ -142,7 +180,8 @@ class ProcessWriter:
             hint = ("; it died before writing anything: with writer='process' the main "
                     "script must be import-safe (training code under `if __name__ == "
                     "'__main__':`), because the writer is started with spawn and imports it")
-        self._died = WriterError(f"the writer process died (exit code {code}) while writing {path}{hint}; "
+        where = f"while writing {path}" if path else "while starting"
+        self._died = WriterError(f"the writer process died (exit code {code}) {where}{hint}; "
                                  "saves still pending failed with it, and this manager accepts no more saves")
         return self._died
 
@@ -161,10 +200,15 @@ class ProcessWriter:
         return entries
 
     def close(self) -> None:
+        """Stop the child: it finishes the request in hand; one still starting is stopped at once."""
         with self._lock:
             if self._proc is not None and self._proc.is_alive():
-                self._requests.put(None)
-                self._proc.join(timeout=30)
+                if self._ready or self._check_ready(None):
+                    self._requests.put(None)
+                    self._proc.join(timeout=30)
                 if self._proc.is_alive():
                     self._proc.kill()
+                    self._proc.join(timeout=30)
+                    self._requests.cancel_join_thread()  # nobody reads them any more
+                    self._results.cancel_join_thread()
             self._proc = None

@@ -50,8 +50,12 @@ def checkpoints(folder) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """Final weights of an uninterrupted run (one torch thread, as every test here)."""
+    threads = hf_train.single_thread()
+    next(threads)
     trainer = hf_train.make_trainer(tmp_path_factory.mktemp("ref"), STEPS, save_strategy="no")
     trainer.train()
+    next(threads, None)
     return hf_train.trainable_state(trainer)
 
 

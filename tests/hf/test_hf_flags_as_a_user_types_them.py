@@ -40,7 +40,7 @@ def test_a_misspelt_monitor_warns_naming_the_logged_metrics(tmp_path, caplog):
 
 
 def test_keep_best_without_a_monitor_names_the_flag(tmp_path):
-    with pytest.raises(ConfigError, match=r"--ckpt_keep_best 1 needs a metric.*--ckpt_monitor.*--metric_for_best_model"):
+    with pytest.raises(ConfigError, match=r"--ckpt_keep_best 1 .*needs a metric.*--ckpt_monitor.*--metric_for_best_model"):
         build(tmp_path, "--ckpt_keep_best", "1")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,16 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ckpt_plugins import CheckpointManager, ConfigError
-from ckpt_plugins.hf import CheckpointCallback
+from ckpt_plugins import CheckpointManager
+from ckpt_plugins.hf import CheckpointCallback, last_usable_checkpoint
 
-import hf_train  # noqa: E402
+import hf_train
 
 
 STEPS = 12
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 NATIVE_FILES = {"config.json", "generation_config.json", "manifest.json", "model.safetensors",
-                "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json"}
+                "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 
 
 class StopAt(TrainerCallback):
@@ -125,7 +124,7 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_damaged_latest_is_moved_aside_and_previous_one_used(tmp_path, reference, caplog):
+def test_damaged_latest_is_reported_not_moved_and_last_usable_checkpoint_skips_it(tmp_path, reference, caplog):
     hf_train.make_trainer(tmp_path, STEPS, callback={}, extra_callbacks=[StopAt(9)]).train()
     _flip_byte(tmp_path / "checkpoint-8" / "optimizer.pt")
 
@@ -133,14 +132,17 @@ def test_damaged_latest_is_moved_aside_and_previous_one_used(tmp_path, reference
     resumed = hf_train.make_trainer(tmp_path, STEPS, callback={})
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("checkpoint-8" in w and "optimizer.pt: checksum mismatch" in w for w in warnings), warnings
-    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-4")
-    assert [p.name.split(".damaged-")[0] for p in tmp_path.glob("checkpoint-8.damaged-*")] == ["checkpoint-8"]
+    assert any("last_usable_checkpoint" in w and "checkpoint-4" in w for w in warnings), warnings
+    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-8")  # nothing was moved
+    assert last_usable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
-    resumed.train(resume_from_checkpoint=True)
+    resumed.train(resume_from_checkpoint=last_usable_checkpoint(tmp_path))
     assert_same(reference(), hf_train.trainable_state(resumed))
+    with CheckpointManager(tmp_path, read_only=True, dir_prefix="checkpoint-") as mgr:
+        assert mgr.steps() == [4, 8, 12] and mgr.verify(8) == []  # the damaged 8 was replaced at commit
 
 
-def test_half_written_foreign_checkpoint_is_moved_aside(tmp_path, caplog):
+def test_half_written_foreign_checkpoint_is_reported_and_skipped(tmp_path, caplog):
     hf_train.make_trainer(tmp_path, STEPS, callback={}, extra_callbacks=[StopAt(5)]).train()
     torn = tmp_path / "checkpoint-8"  # what a Trainer killed in its own save leaves behind
     torn.mkdir()
@@ -148,18 +150,8 @@ def test_half_written_foreign_checkpoint_is_moved_aside(tmp_path, caplog):
 
     caplog.set_level(logging.WARNING, logger="ckpt_plugins")
     hf_train.make_trainer(tmp_path, STEPS, callback={})
-    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-4")
     assert any("trainer_state.json is missing" in r.getMessage() for r in caplog.records)
-
-
-def test_fresh_run_into_a_directory_with_checkpoints_stops_before_training(tmp_path):
-    hf_train.make_trainer(tmp_path, 4, callback={}).train()
-    again = hf_train.make_trainer(tmp_path, 4, callback={})
-    with pytest.raises(ConfigError, match=r"checkpoints at steps \[4\].*resume_from_checkpoint=True.*overwrite=True"):
-        again.train()
-    hf_train.make_trainer(tmp_path, 4, callback={"overwrite": True}).train()
-    with CheckpointManager(tmp_path, read_only=True, dir_prefix="checkpoint-") as mgr:
-        assert mgr.steps() == [4]
+    assert torn.is_dir() and last_usable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
 
 def test_save_only_model_writes_weights_and_state_only(tmp_path):

@@ -265,6 +265,7 @@ def test_pending_save_is_flushed_at_exit_and_on_sigterm(tmp_path, mode):
 def test_writer_process_writes_the_same_checkpoints(tmp_path):
     model, opt, sched = make_training_state()
     with CheckpointManager(tmp_path, async_save=True, writer="process", keep_last=2) as mgr:
+        mgr._process_writer.wait_ready()  # until then the writer thread writes (a short run never waits)
         for step in (1, 2, 3):
             mgr.save(step, state_of(model, opt, sched), metrics={"loss": 1.0 / step})
         mgr.wait()
@@ -277,6 +278,7 @@ def test_writer_process_writes_the_same_checkpoints(tmp_path):
 
 def test_writer_process_gets_each_arena_once_and_follows_shape_changes(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
+        mgr._process_writer.wait_ready()
         for step in (1, 2, 3):
             mgr.save(step, {"w": torch.full((64, 64), float(step)), "b": torch.arange(step, step + 3)}).wait()
         writer = mgr._process_writer
@@ -300,6 +302,7 @@ def test_writer_process_on_remote_storage_is_refused_without_holding_the_lock():
 
 def test_writer_process_errors_surface(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
+        mgr._process_writer.wait_ready()
         mgr.save(1, {"w": torch.ones(3)}).wait()
         temp = tmp_path / ".tmp-step_2-fixed"
         (temp / "state.safetensors").mkdir(parents=True)  # the child's open() will fail
@@ -318,6 +321,7 @@ from ckpt_plugins import CheckpointManager, SaveError
 # directory locked by its parent, and exits with an error before writing anything.
 try:
     with CheckpointManager(sys.argv[1], async_save=True, writer="process") as mgr:
+        mgr._process_writer.wait_ready()  # saves made before it is ready are written by the writer thread
         mgr.save(1, {"w": torch.ones(3)}).wait()
 except SaveError as exc:
     print("SaveError:", exc)

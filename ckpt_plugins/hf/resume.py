@@ -1,0 +1,101 @@
+"""Which ``checkpoint-N`` a run resumes from, and how the callback helps without moving anything.
+
+``Trainer.train(resume_from_checkpoint=True)`` takes the newest ``checkpoint-N`` of ``output_dir``
+(``get_last_checkpoint``) and loads it without checking anything. Our own saves never leave a
+half-written folder under that name (the core writes into a hidden folder and renames it when
+complete), but a folder can be damaged afterwards (a disk error, a copy cut short), edited by hand
+on purpose, or written by the Trainer's own saving and cut short by a crash.
+
+The choice is the core's (:func:`ckpt_plugins.restore.choose.latest_usable`): ours are verified
+against their manifest, other ``checkpoint-N`` folders by :func:`trainer_folder_problems` (the
+files the Trainer needs, readable by the core's HF reader). The callback runs it when the Trainer
+is built and only reports: nothing is renamed, so a folder named explicitly
+(``resume_from_checkpoint="out/checkpoint-800"``) is loaded as given, and a check never aborts a
+resume the Trainer can do. What skips a damaged newest checkpoint:
+
+* ``--resume_from_checkpoint True`` on the command line (a script that passes
+  ``training_args.resume_from_checkpoint`` to ``train()``): the Trainer would take the string
+  ``"True"`` as a path; the callback resolves it, when the Trainer is built, to the newest usable
+  checkpoint (:func:`resolve_flag`);
+* :func:`last_usable_checkpoint`, a drop-in for ``transformers.trainer_utils.get_last_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ckpt_plugins.errors import CheckpointError
+from ckpt_plugins.files.manifest import MANIFEST_NAME
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.restore.choose import Choice, latest_usable
+from ckpt_plugins.storage import open_storage
+
+__all__ = ["choose", "last_usable_checkpoint", "resolve_flag", "trainer_folder_problems"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def trainer_folder_problems(path: str) -> list[str]:
+    """What is wrong with a ``checkpoint-N`` folder that has no manifest (empty: the Trainer can
+    resume from it)."""
+    problems = []
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        problems.append(f"{path}: trainer_state.json is missing (the Trainer cannot resume without it)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHTS):
+        problems.append(f"{path}: has no model or adapter weights file")
+    if problems:
+        return [*problems, f"{path}: has no {MANIFEST_NAME} either: an interrupted save by another writer"]
+    from ckpt_plugins.formats.hf_folder import read_hf_folder
+    try:
+        read_hf_folder(path)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
+        problems.append(f"{path}: cannot be read: {exc}")
+    return problems
+
+
+def choose(directory: str | os.PathLike) -> Choice:
+    """The newest usable ``checkpoint-N`` of ``directory`` (nothing is moved)."""
+    storage, root = open_storage(os.fspath(directory))
+    return latest_usable(Layout(storage, root, PREFIX), foreign=trainer_folder_problems)
+
+
+def last_usable_checkpoint(folder: str | os.PathLike) -> str | None:
+    """Like ``get_last_checkpoint(folder)``, but damaged checkpoints are skipped (with a warning).
+
+    Example:
+        >>> trainer.train(resume_from_checkpoint=last_usable_checkpoint(args.output_dir))  # doctest: +SKIP
+    """
+    return choose(folder).path
+
+
+def resolve_flag(value: object, choice: Choice | None, output_dir: str) -> object:
+    """``TrainingArguments.resume_from_checkpoint`` as a script passes it on to ``train()``.
+
+    ``HfArgumentParser`` gives ``--resume_from_checkpoint True`` as the string ``"True"``, which
+    the Trainer would read as a path. ``"True"`` (``true``/``yes``/``1``) becomes the newest usable
+    checkpoint of ``choice``, or None (start from scratch, with a warning) when there is none;
+    without a choice (nothing was checked) it becomes ``True``, the Trainer's own pick. ``"False"``
+    becomes None. Anything else (a path, None, a bool) is returned unchanged.
+    """
+    if not isinstance(value, str) or os.path.exists(value):
+        return value
+    word = value.strip().lower()
+    if word in _FALSE:
+        log.info("--resume_from_checkpoint %s: not resuming", value)
+        return None
+    if word not in _TRUE:
+        return value
+    if choice is None:
+        return True
+    if choice.path is None:
+        log.warning("--resume_from_checkpoint %s: %s has no usable checkpoint; this run starts from scratch",
+                    value, output_dir)
+        return None
+    log.info("--resume_from_checkpoint %s: resuming from %s, the newest usable checkpoint", value, choice.path)
+    return choice.path
