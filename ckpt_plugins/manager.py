@@ -372,11 +372,12 @@ class CheckpointManager:
                 self._in_flight.discard(step)
             if manifest is None or request.name is not None:
                 return
-            replaceable, self._replaceable = self._replaceable, frozenset()
+            replaceable = self._replaceable
         for later in [s for s in self.steps() if s > step or (s in replaceable and s != step)]:
             log.info("removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", later, step)
             self.layout.delete(later)
         with self._state_lock:
+            self._replaceable = frozenset()  # only now: a save checked meanwhile may pass the ones being removed
             self._records[step] = CheckpointRecord(step, manifest.wall_time, manifest.metrics)
             if self._restored_step is not None and step > self._restored_step:
                 self._restored_step = None  # a newer checkpoint exists now: no longer protected

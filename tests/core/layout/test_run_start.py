@@ -5,6 +5,7 @@ own saves commit, after one warning that names them."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -75,3 +76,28 @@ def test_nothing_later_nothing_said(tmp_path, caplog):
         assert _warnings(caplog) == []
         mgr.save(12, {"w": torch.zeros(8)})
         assert mgr.steps() == [4, 8, 12]
+
+
+def test_saves_checked_while_the_later_ones_are_being_removed_pass_them(tmp_path):
+    """The first commit removes the earlier run's later checkpoints on the writer thread; a save
+    checked on the training thread meanwhile must not collide with those still being removed."""
+    _saved(tmp_path, steps=(4, 8, 12, 16))
+    with CheckpointManager(tmp_path, async_save=True, max_pending=2) as mgr:
+        mgr.start_run(4, resumed=True)
+        removing, release = threading.Event(), threading.Event()
+        delete = mgr.layout.delete
+
+        def held_delete(step: int) -> None:
+            removing.set()
+            release.wait(60)
+            delete(step)
+
+        mgr.layout.delete = held_delete
+        try:
+            mgr.save(6, {"w": torch.zeros(8)})
+            assert removing.wait(60)  # step 6 committed; 8, 12 and 16 are being removed
+            mgr.save(10, {"w": torch.ones(8)})  # checked now: 12 and 16 are still there
+        finally:
+            release.set()
+        mgr.wait()
+        assert mgr.steps() == [4, 6, 10]
