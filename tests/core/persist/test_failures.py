@@ -85,6 +85,7 @@ def test_writer_process_death_fails_every_pending_handle_and_refuses_saves(tmp_p
     state = {"w": torch.randn(256, 256)}
     mgr = CheckpointManager(tmp_path, async_save=True, writer="process", max_pending=2)
     try:
+        mgr._process_writer.wait_ready()  # before that, the writer thread writes (start-up is not waited for)
         mgr.save(1, state).wait()
         pid = mgr._process_writer._proc.pid
         os.kill(pid, signal.SIGSTOP)  # both saves below are queued while it cannot answer
