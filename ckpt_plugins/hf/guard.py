@@ -32,7 +32,11 @@ def guard_latest(manager: CheckpointManager) -> list[GuardFinding]:
 
     Use ``latest_usable(manager.layout, foreign=trainer_folder_problems, quarantine=True)``.
     """
-    warnings.warn("ckpt_plugins.hf.guard_latest is deprecated: use ckpt_plugins.restore.choose.latest_usable "
-                  "(quarantine=True) or ckpt_plugins.hf.last_usable_checkpoint", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "ckpt_plugins.hf.guard_latest is deprecated: use ckpt_plugins.restore.choose.latest_usable "
+        "(quarantine=True) or ckpt_plugins.hf.last_usable_checkpoint",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     choice = latest_usable(manager.layout, foreign=trainer_folder_problems, quarantine=True)
     return [GuardFinding(d.path, d.moved_to, d.problems) for d in choice.damaged if d.moved_to is not None]

@@ -36,8 +36,14 @@ __all__ = ["choose", "last_usable_checkpoint", "resolve_flag", "trainer_folder_p
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -52,6 +58,7 @@ def trainer_folder_problems(path: str) -> list[str]:
     if problems:
         return [*problems, f"{path}: has no {MANIFEST_NAME} either: an interrupted save by another writer"]
     from ckpt_plugins.formats.hf_folder import read_hf_folder
+
     try:
         read_hf_folder(path)
     except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
@@ -94,8 +101,9 @@ def resolve_flag(value: object, choice: Choice | None, output_dir: str) -> objec
     if choice is None:
         return True
     if choice.path is None:
-        log.warning("--resume_from_checkpoint %s: %s has no usable checkpoint; this run starts from scratch",
-                    value, output_dir)
+        log.warning(
+            "--resume_from_checkpoint %s: %s has no usable checkpoint; this run starts from scratch", value, output_dir
+        )
         return None
     log.info("--resume_from_checkpoint %s: resuming from %s, the newest usable checkpoint", value, choice.path)
     return choice.path

@@ -28,12 +28,15 @@ __all__ = ["check_run_start"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HINT = ("Resume from the newest of them, pass overwrite=True to replace them as this run's saves commit, "
-                "or use another directory.")
+DEFAULT_HINT = (
+    "Resume from the newest of them, pass overwrite=True to replace them as this run's saves commit, "
+    "or use another directory."
+)
 
 
-def check_run_start(directory: str, steps: Iterable[int], start: int, *, resumed: bool, overwrite: bool,
-                    hint: str | None = None) -> list[int]:
+def check_run_start(
+    directory: str, steps: Iterable[int], start: int, *, resumed: bool, overwrite: bool, hint: str | None = None
+) -> list[int]:
     """The committed steps after ``start``, checked as the module docstring says.
 
     Args:
@@ -56,8 +59,15 @@ def check_run_start(directory: str, steps: Iterable[int], start: int, *, resumed
     if not (resumed or overwrite):
         raise StepExistsError(
             f"{directory} holds checkpoints at steps {later} of an earlier run, after step {start} where this run "
-            f"starts without resuming: its saves would collide with them. {hint or DEFAULT_HINT}")
+            f"starts without resuming: its saves would collide with them. {hint or DEFAULT_HINT}"
+        )
     why = f"this run resumed from step {start}" if resumed else f"overwrite=True, this run starts at step {start}"
-    log.warning("%s holds checkpoints at steps %s after step %d (%s); they stay until this run's first save "
-                "commits, which replaces the one at its step and removes the later ones", directory, later, start, why)
+    log.warning(
+        "%s holds checkpoints at steps %s after step %d (%s); they stay until this run's first save "
+        "commits, which replaces the one at its step and removes the later ones",
+        directory,
+        later,
+        start,
+        why,
+    )
     return later

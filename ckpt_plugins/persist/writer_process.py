@@ -32,8 +32,8 @@ import torch
 import torch.multiprocessing as mp
 
 from ckpt_plugins.errors import SaveError, WriterError
-from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.storage.local import LocalStorage
 
 __all__ = ["ProcessWriter"]
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def _serve(requests: Any, results: Any, direct_io: bool) -> None:
-    from ckpt_plugins.storage import LocalStorage
     from ckpt_plugins.files.tensor_file import write_tensor_file
+    from ckpt_plugins.storage import LocalStorage
 
     torch.set_num_threads(1)
     storage = LocalStorage()
@@ -71,7 +71,7 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
             results.put(("ok", (record.size, record.xxh3_64)))
         except OSError as exc:
             results.put(("oserror", (exc.errno, exc.strerror or str(exc), path)))
-        except Exception as exc:  # noqa: BLE001 - sent back to the parent, raised there
+        except Exception as exc:
             results.put(("error", f"{type(exc).__name__}: {exc}"))
         finally:
             tensors = payload = None  # drop the child's views before the next request

@@ -61,8 +61,13 @@ class Choice:
     """The newer checkpoints that were skipped, newest first."""
 
 
-def latest_usable(layout: Layout, *, foreign: Callable[[str], list[str]] | None = None,
-                  quarantine: bool = False, keep: Iterable[str | os.PathLike] = ()) -> Choice:
+def latest_usable(
+    layout: Layout,
+    *,
+    foreign: Callable[[str], list[str]] | None = None,
+    quarantine: bool = False,
+    keep: Iterable[str | os.PathLike[str]] = (),
+) -> Choice:
     """The newest checkpoint under ``layout`` that passes verification.
 
     Args:
@@ -117,7 +122,8 @@ def first_usable(steps: Sequence[int], attempt: Callable[[int], T], *, what: str
             log.warning("checkpoint step %d is damaged (%s); %s", step, exc, fallback)
     raise CheckpointNotFoundError(
         f"no {'usable ' if steps else ''}checkpoint to restore as {what!r} in {directory}"
-        + (f" (all {len(steps)} candidates are damaged)" if steps else ""))
+        + (f" (all {len(steps)} candidates are damaged)" if steps else "")
+    )
 
 
 def _candidates(layout: Layout, with_foreign: bool) -> list[tuple[int, str, bool]]:
@@ -135,6 +141,6 @@ def _candidates(layout: Layout, with_foreign: bool) -> list[tuple[int, str, bool
     return sorted(found, reverse=True)
 
 
-def _norm(path: str | os.PathLike) -> str:
+def _norm(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path).rstrip("/")
     return os.path.realpath(text) if "://" not in text else text

@@ -9,12 +9,12 @@ import logging
 import os
 from pathlib import Path
 
-import hf_train
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+import hf_train
 from ckpt_plugins import CheckpointManager, restore_rng
 from ckpt_plugins.errors import StepExistsError
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
@@ -70,7 +70,9 @@ def wall_time(folder: Path) -> float:
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("ckpt_plugins")]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("ckpt_plugins")
+    ]
 
 
 def test_resume_from_an_older_checkpoint_in_the_same_output_dir(tmp_path, reference, caplog):
@@ -129,12 +131,16 @@ def _reshard(folder: Path) -> None:
     """What ``save_pretrained(max_shard_size=...)`` leaves: an index and two shards, no model.safetensors."""
     weights = load_file(folder / "model.safetensors")
     names = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for shard, keys in shards.items():
         save_file({k: weights[k] for k in keys}, folder / shard, metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
-             "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+        "weight_map": {k: shard for shard, keys in shards.items() for k in keys},
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "model.safetensors").unlink()
 
@@ -172,17 +178,41 @@ def test_building_a_trainer_renames_nothing_and_an_explicit_path_is_loaded_as_gi
 
 def _cli(out: Path, *argv: str) -> tuple[TrainingArguments, CheckpointArguments]:
     """The flags of a script that parses ``(TrainingArguments, CheckpointArguments)``."""
-    base = ["--output_dir", str(out), "--max_steps", str(STEPS), "--save_steps", "4",
-            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--use_cpu", "--report_to", "none",
-            "--disable_tqdm", "true", "--seed", "1", "--data_seed", "2", "--logging_steps", "1"]
+    base = [
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(STEPS),
+        "--save_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "1",
+        "--data_seed",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
     return HfArgumentParser((TrainingArguments, CheckpointArguments)).parse_args_into_dataclasses([*base, *argv])
 
 
 def _script_run(out: Path, *argv: str) -> Trainer:
     """The common script form: ``trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)``."""
     training_args, ckpt_args = _cli(out, *argv)
-    trainer = Trainer(model=hf_train.build_model(), args=training_args, train_dataset=hf_train.TokenDataset(),
-                      callbacks=[CheckpointCallback.from_args(ckpt_args)])
+    trainer = Trainer(
+        model=hf_train.build_model(),
+        args=training_args,
+        train_dataset=hf_train.TokenDataset(),
+        callbacks=[CheckpointCallback.from_args(ckpt_args)],
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 

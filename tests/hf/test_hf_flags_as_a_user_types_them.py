@@ -8,10 +8,10 @@ import logging
 import os
 from pathlib import Path
 
-import hf_train
 import pytest
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
+import hf_train
 from ckpt_plugins import CheckpointManager, ConfigError
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
 
@@ -19,19 +19,39 @@ one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 
 
 def build(out: Path, *argv: str, steps: int = 4, eval_set: bool = False) -> Trainer:
-    base = ["--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "4",
-            "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
-            "--logging_steps", "1"]
+    base = [
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+    ]
     training_args, ckpt_args = HfArgumentParser((TrainingArguments, CheckpointArguments)).parse_args_into_dataclasses(
-        [*base, *argv])
-    return Trainer(model=hf_train.build_model(), args=training_args, train_dataset=hf_train.TokenDataset(),
-                   eval_dataset=hf_train.TokenDataset(8, seed=1) if eval_set else None,
-                   callbacks=[CheckpointCallback.from_args(ckpt_args)])
+        [*base, *argv]
+    )
+    return Trainer(
+        model=hf_train.build_model(),
+        args=training_args,
+        train_dataset=hf_train.TokenDataset(),
+        eval_dataset=hf_train.TokenDataset(8, seed=1) if eval_set else None,
+        callbacks=[CheckpointCallback.from_args(ckpt_args)],
+    )
 
 
 def test_a_misspelt_monitor_warns_naming_the_logged_metrics(tmp_path, caplog):
-    trainer = build(tmp_path, "--ckpt_monitor", "eval_los", "--eval_strategy", "steps", "--eval_steps", "4",
-                    steps=8, eval_set=True)
+    trainer = build(
+        tmp_path, "--ckpt_monitor", "eval_los", "--eval_strategy", "steps", "--eval_steps", "4", steps=8, eval_set=True
+    )
     caplog.set_level(logging.WARNING, logger="ckpt_plugins")
     trainer.train()
     naming = [r.getMessage() for r in caplog.records if "eval_los'" in r.getMessage()]
@@ -44,12 +64,24 @@ def test_keep_best_without_a_monitor_names_the_flag(tmp_path):
         build(tmp_path, "--ckpt_keep_best", "1")
 
 
-@pytest.mark.parametrize("argv", [
-    ["--ckpt_mode", "max", "--greater_is_better", "false"],
-    ["--ckpt_mode", "max", "--greater_is_better", "false", "--ckpt_monitor", "eval_loss",
-     "--metric_for_best_model", "loss"],
-    ["--ckpt_mode", "min", "--metric_for_best_model", "accuracy"],
-], ids=["no-metric", "same-metric", "derived"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--ckpt_mode", "max", "--greater_is_better", "false"],
+        [
+            "--ckpt_mode",
+            "max",
+            "--greater_is_better",
+            "false",
+            "--ckpt_monitor",
+            "eval_loss",
+            "--metric_for_best_model",
+            "loss",
+        ],
+        ["--ckpt_mode", "min", "--metric_for_best_model", "accuracy"],
+    ],
+    ids=["no-metric", "same-metric", "derived"],
+)
 def test_mode_against_greater_is_better_is_always_caught(tmp_path, argv):
     with pytest.raises(ConfigError, match=r"--ckpt_mode='(max|min)' contradicts greater_is_better=(True|False)"):
         build(tmp_path, *argv)
