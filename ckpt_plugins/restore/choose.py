@@ -98,7 +98,7 @@ def latest_usable(
         if quarantine and _norm(path) not in kept:
             moved = layout.quarantine(step, "; ".join(problems))
         else:
-            log.warning("checkpoint step %d (%s) is damaged and is skipped: %s", step, path, "; ".join(problems))
+            log.warning("checkpoint step %d (%s) is damaged: %s", step, path, "; ".join(problems))
         damaged.append(Damaged(step, path, tuple(problems), moved))
     if damaged:
         log.warning("no usable checkpoint in %s: all %d are damaged", layout.root, len(damaged))

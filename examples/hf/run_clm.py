@@ -5,7 +5,8 @@ corpus in-process (``tokenizers`` WordLevel, wrapped in ``PreTrainedTokenizerFas
 GPT-2 built from a config, and the text shipped in ``examples/data/tiny_corpus.txt``. Checkpoints
 are written by :class:`ckpt_plugins.hf.CheckpointCallback` (asynchronous, crash-safe, in the
 Trainer's own ``checkpoint-N`` layout), configured by the ``--ckpt_*`` flags; the script resumes
-from the newest checkpoint in ``--output_dir`` when there is one.
+from the newest usable checkpoint in ``--output_dir`` when there is one (``--resume_from_checkpoint
+PATH`` picks one, ``--resume_from_checkpoint True`` the newest usable one, damaged ones skipped).
 
     python examples/hf/run_clm.py --output_dir runs/clm --max_steps 60 --save_steps 10 \\
         --eval_strategy steps --eval_steps 10 --metric_for_best_model loss \\
@@ -40,10 +41,9 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
+from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback, last_usable_checkpoint
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 log = logging.getLogger("run_clm")
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=callbacks,
     )
 
-    resume = training_args.resume_from_checkpoint or get_last_checkpoint(training_args.output_dir)
+    # "--resume_from_checkpoint True" was resolved by the callback when the Trainer was built.
+    resume = training_args.resume_from_checkpoint or last_usable_checkpoint(training_args.output_dir)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
