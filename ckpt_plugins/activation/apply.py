@@ -142,8 +142,9 @@ def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
     """Run the guards and one mechanism; append notes and undo steps as changes are made."""
     if mode.recomputes:
         notes += guards.check_batchnorm(selected)
-        if hf_model is not None:
-            cache_notes, cache_undo = guards.disable_use_cache(hf_model)
+        # The model itself, or the Hugging Face models inside it (a LightningModule around one).
+        for cached in [hf_model] if hf_model is not None else hf.find_nested_hf_models(model):
+            cache_notes, cache_undo = guards.disable_use_cache(cached)
             notes += cache_notes
             undo += cache_undo
 

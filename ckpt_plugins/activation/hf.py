@@ -38,6 +38,15 @@ def find_hf_model(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def find_nested_hf_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost ``PreTrainedModel``s inside ``model`` (a LightningModule holding one, say)."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if path and not any(path.startswith(f"{p}.") for p, _ in found) and find_hf_model(module) is module:
+            found.append((path, module))
+    return [module for _, module in found]
+
+
 def _enable_fn(hf_model: nn.Module) -> Any:
     return (getattr(hf_model, "activation_checkpointing_enable", None)
             or getattr(hf_model, "gradient_checkpointing_enable", None))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 import xxhash
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from ..storage import Storage
-from .tensor_file import FileRecord, file_order, read_header, read_tensor_file, tensor_bytes, write_tensor_file
+from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_plugins.storage.base import Storage
+from ckpt_plugins.files.tensor_file import FileRecord, file_order, read_header, read_tensor_file, tensor_bytes, write_tensor_file
 
 __all__ = ["FORMAT", "TEMP_PREFIX", "is_single_file", "is_reservation", "reserve", "temp_path", "write_single_file",
            "read_single_file", "remove_stale_temp_files"]
@@ -47,14 +48,16 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ckpt_plugins.single_file"
 FORMAT_VERSION = 1
-TEMP_PREFIX = ".ckpt_plugins-tmp-"
+TEMP_PREFIX = ".partial-"  # no "ckpt_" (Lightning's version scan), ".ckpt" or "last" in temporary names
+_TEMP_NAME = re.compile(r"^\.partial-([0-9a-f]{8})-([0-9a-f]+)-[0-9a-f]{12}$")
 _HEAD = b'{"__metadata__":{"format":"' + FORMAT.encode() + b'"'
 _RESERVED = b"ckpt_plugins: reserved by a save in progress; "
 _HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def temp_path(storage: Storage, path: str) -> str:
-    """A hidden name beside ``path`` to write it under: host, pid and a random token, in hex."""
+    """A hidden name beside ``path`` to write it under: host, pid and a random token, in hex (so
+    no digit or letter of the final name is in it)."""
     parent = _parent(path)
     return storage.join(parent, f"{TEMP_PREFIX}{_HOST}-{os.getpid():x}-{uuid.uuid4().hex[:12]}")
 
@@ -127,7 +130,7 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
     Returns:
         The written file's size and whole-file xxh3.
     """
-    from .. import __version__
+    from ckpt_plugins import __version__
 
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                 "data_xxh3_64": _data_checksum(tensors, file_order(tensors)),
@@ -161,7 +164,7 @@ def read_single_file(storage: Storage, path: str, *, map_location: str | torch.d
         CorruptCheckpointError: the header is malformed or (``verify``) the data does not match
             its checksum; the message names the file.
     """
-    from ..state_tree import unflatten_state
+    from ckpt_plugins.tree.codec import unflatten_state
 
     if not storage.exists(path):
         raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
@@ -197,13 +200,10 @@ def remove_stale_temp_files(storage: Storage, directory: str) -> list[str]:
     """Remove temporary files left in ``directory`` by processes of this host that have ended."""
     removed = []
     for name in storage.listdir(directory):
-        if not name.startswith(TEMP_PREFIX):
+        match = _TEMP_NAME.match(name)
+        if match is None:
             continue
-        host, _, rest = name[len(TEMP_PREFIX):].partition("-")
-        try:
-            pid = int(rest.partition("-")[0], 16)
-        except ValueError:
-            continue
+        host, pid = match.group(1), int(match.group(2), 16)
         if host != _HOST or _alive(pid):
             continue
         try:

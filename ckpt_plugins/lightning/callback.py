@@ -10,35 +10,35 @@ It subclasses ``ModelCheckpoint`` so Lightning treats it as one: ``trainer.check
 finds it, ``ckpt_path="last"``/``"best"`` resolve to its folders, ``best_model_path``,
 ``best_model_score`` and ``last_model_path`` are set (from the committed checkpoints). It
 overrides every hook ``ModelCheckpoint`` implements; nothing of ``ModelCheckpoint``'s saving
-logic runs. Loading goes through the trainer's ``CheckpointIO``: if that is Lightning's default,
-the callback installs :class:`~ckpt_plugins.lightning.CheckpointIOPlugin` with its own options;
-an IO plugin the user configured is kept.
+logic runs. The trainer's ``CheckpointIO`` is left as the user configured it, so
+``trainer.save_checkpoint(path)`` behaves as without the callback; loading our folders through
+Lightning's default IO (and ``load_from_checkpoint``) works through :mod:`.load_hook`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
+import warnings
 from datetime import timedelta
 from typing import Any, Literal
 from weakref import proxy
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ckpt_plugins.activation import ActivationCheckpointing, apply_activation_checkpointing
+from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingWarning, apply_activation_checkpointing
 from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.options import ManagerOptions
 from ckpt_plugins.rng import capture_rng, restore_rng
 
+from ckpt_plugins.lightning import load_hook
 from ckpt_plugins.lightning.data_position import DataPosition
 from ckpt_plugins.lightning.paths import CommittedPaths
-from ckpt_plugins.lightning.plugin import CheckpointIOPlugin
+from ckpt_plugins.lightning.reader import register_manager, unregister_manager
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
 from ckpt_plugins.lightning.stats import SaveStats
 from ckpt_plugins.lightning.triggers import Triggers, validation_follows
@@ -46,6 +46,8 @@ from ckpt_plugins.lightning.triggers import Triggers, validation_follows
 __all__ = ["CheckpointCallback"]
 
 log = logging.getLogger(__name__)
+
+load_hook.install()
 
 
 class CheckpointCallback(CommittedPaths, ModelCheckpoint):
@@ -88,6 +90,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         on_error: ``"raise"`` surfaces a failed background save at the next save; ``"warn"``
             logs it and training goes on.
         verify: check checksums when loading.
+        log_metrics: send each save's figures to the trainer's loggers as ``checkpoint/stall_ms``
+            (training blocked), ``checkpoint/durable_s`` (until committed) and
+            ``checkpoint/bytes``.
 
     Raises:
         ConfigError: an option is invalid (the message names it); every option is checked here,
@@ -109,7 +114,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                  save_on_train_epoch_end: bool | None = None, save_weights_only: bool = False,
                  save_on_exception: bool = False,
                  gradient_checkpointing: bool | str | dict[str, Any] | ActivationCheckpointing | None = None,
-                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
+                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True, log_metrics: bool = True) -> None:
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
         self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
         self.manager_options = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
@@ -123,10 +128,10 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                          every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
                          train_time_interval=interval, save_on_train_epoch_end=save_on_train_epoch_end)
         self.async_save, self.max_pending, self.snapshot, self.writer = async_save, max_pending, snapshot, writer
+        self.log_metrics = log_metrics
         self.stats = SaveStats()
         self.manager: CheckpointManager | None = None
         self._position = DataPosition()
-        self._plugin: CheckpointIOPlugin | None = None
         self._resume: dict[str, Any] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._deferred: str | None = None
@@ -134,6 +139,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._warned_hparams: set[str] = set()
         self._step_saved = -1
         self._seen_metrics: dict[str, float] = {}
+        self._validated = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and deep-copied without the live manager (``ddp_spawn`` sends callbacks to its
+        workers; each builds its own at ``setup``)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("manager", "_read_only")} | {"manager": None}
 
     # --- set-up and tear-down ----------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -142,31 +153,19 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         fitting = stage == TrainerFn.FITTING
         options = self.manager_options if fitting else dict(monitor=self.monitor, mode=self.mode,
                                                                verify=self.manager_options["verify"])
+        self._drop_reader()
         self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options)
-        io = trainer.strategy.checkpoint_io
-        if type(io) is TorchCheckpointIO:
-            io = CheckpointIOPlugin(async_save=self.async_save, max_pending=self.max_pending, writer=self.writer,
-                                    on_error=self.manager_options["on_error"], verify=self.manager_options["verify"])
-            trainer.strategy.checkpoint_io = io
-            log.info("installed %r as the trainer's checkpoint IO (it was Lightning's default)", io)
-        if isinstance(io, CheckpointIOPlugin):
-            io.attach(self.manager)
-            self._plugin = io
-        else:
-            self._say("io", logging.WARNING, "the trainer's checkpoint IO is %s, which is kept; it must be able to "
-                      "read ckpt_plugins folders for fit(ckpt_path=...) to resume from this callback's checkpoints "
-                      "(CheckpointIOPlugin can; or convert them with `ckpt-plugins convert --to lightning`)",
-                      type(io).__name__)
+        register_manager(self.manager)  # loads of its folders (ckpt_path=...) go through it
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._close(trainer)
 
     def _close(self, trainer: Any) -> None:
         manager, self.manager = self.manager, None
+        self._drop_reader()
         if manager is None:
             return
-        if self._plugin is not None:
-            self._plugin.detach(manager)
+        unregister_manager(manager)
         try:
             manager.close()
         except Exception as exc:  # noqa: BLE001 - teardown also runs after errors; do not mask them
@@ -174,8 +173,16 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._deliver(trainer)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.gradient_checkpointing.enabled:
-            log.debug("%s", apply_activation_checkpointing(pl_module, self.gradient_checkpointing))
+        """Apply activation checkpointing; its guards' findings go into one WARNING line."""
+        if not self.gradient_checkpointing.enabled:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ActivationCheckpointingWarning)  # they are the report's notes
+            report = apply_activation_checkpointing(pl_module, self.gradient_checkpointing)
+        wrapped = ", ".join(f"{w.path} ({w.class_name})" for w in report.wrapped) or "nothing"
+        notes = "".join(f"; note: {n}" for n in report.notes)
+        log.warning("activation checkpointing (mode=%s, %s): wrapped %d module(s): %s%s", report.mode,
+                    report.mechanism, len(report.wrapped), wrapped, notes)
 
     # --- resume ------------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -193,7 +200,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self._say("no-rank-state", logging.WARNING, "resuming from %s, which has no RNG state or data position "
                       "for this rank: training continues, but not bit-exactly", trainer.ckpt_path)
             return
-        self._position.resume(trainer, resume["data"])
+        self._position.resume(trainer, resume["data"], (resume.get("rng") or {}).get("torch"))
         self._rng_to_restore = resume["rng"]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -229,7 +236,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         reason = self.triggers.due_after_batch(trainer)
         if reason is None:
             return
-        if self.monitor is not None and self.monitor not in self._metrics(trainer):
+        if self.monitor is not None and self.monitor not in self._metrics(trainer) and not self._validated:
             self._defer(reason, "missing-monitor", logging.INFO,
                         "monitored metric %r is not available at step %d; the save is deferred to the end of the "
                         "next validation, as ModelCheckpoint does (logged once)", self.monitor, trainer.global_step)
@@ -250,6 +257,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._skip(trainer):
             return
+        self._validated = True
         if self._deferred:
             reason, self._deferred = self._deferred, None
             self._save(trainer, reason)
@@ -271,6 +279,13 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self._close(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._deferred and not self._skip(trainer) and trainer.global_step != self._step_saved:
+            self._say("deferred-at-end", logging.WARNING,
+                      "a save (%s) was waiting for %r, which was not logged before training ended; saving step %d "
+                      "now without it (it ranks last for keep_best)", self._deferred, self.monitor,
+                      trainer.global_step)
+            self._save(trainer, self._deferred)
+        self._deferred = None
         if self.manager is not None:
             self.manager.wait()  # every save committed (or its error raised) before fit() returns
         self._deliver(trainer)
@@ -302,27 +317,30 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         step = trainer.global_step
         if step == self._step_saved or self.manager is None:
             return
-        start = time.perf_counter()
+        metrics = self._metrics(trainer)  # before the dict is built: the callback's state holds them
+        if self._deferred == reason:
+            self._deferred = None
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
         state, converted = to_storable(checkpoint, self._warned_hparams)
         rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
-        metrics = self._metrics(trainer)
         if self.monitor is not None and self.monitor not in metrics:
-            self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged at step %d; this "
-                      "checkpoint ranks last for keep_best (logged once)", self.monitor, step)
+            self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged by step %d; the "
+                      "metrics logged so far are %s. Check the name (self.log(%r, ...)); this checkpoint ranks "
+                      "last for keep_best (logged once)", self.monitor, step, sorted(metrics) or "none",
+                      self.monitor)
         try:
             handle = self.manager.save(step, state, metrics, rank_state=rank_state, user_metadata={
                 "kind": "lightning", "reason": reason, "epoch": trainer.current_epoch,
                 "hyper_parameters_converted": converted})
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
-        stall = time.perf_counter() - start
         self._step_saved = step
         if handle is None:
             return
-        record = self.stats.saved(handle, stall)
-        self.stats.log_to(trainer, record, ("stall_s", "bytes"))
-        if handle.done():  # synchronous: persist_s is known now
+        record = self.stats.saved(handle)
+        if self.log_metrics:
+            self.stats.log_to(trainer, record, ("stall_ms", "bytes"))
+        if handle.done():  # synchronous: durable_s is known now
             self._deliver(trainer)
 
     def _metrics(self, trainer: Any) -> dict[str, float]:
@@ -343,7 +361,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         """Log what committed in the background since the last call; tell the loggers."""
         done = self.stats.drain()
         for record in done:
-            self.stats.log_to(trainer, record, ("persist_s",))
+            if self.log_metrics:
+                self.stats.log_to(trainer, record, ("durable_s",))
         if done:
             self._notify_loggers(trainer)
 

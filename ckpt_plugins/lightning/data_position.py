@@ -7,18 +7,19 @@ that gap for the common case, a map-style dataset with a ``BatchSampler`` over a
 ``RandomSampler``, ``SequentialSampler`` or ``DistributedSampler`` (what ``DataLoader(shuffle=...)``
 and Lightning's DDP set-up build):
 
-* The order of an epoch is a function of the sampler's generator state when the epoch's iterator
-  starts. An unseeded ``RandomSampler`` draws a seed from torch's global generator at that moment,
-  which a resumed process cannot replay, so it gets its own ``torch.Generator`` seeded from
-  ``torch.initial_seed()`` (logged once). ``DistributedSampler`` orders by ``(seed, epoch)`` and
-  needs nothing.
+* The order of an epoch is a function of a generator state when the epoch's pass starts: the
+  sampler's own generator, or, for an unseeded ``RandomSampler``, torch's global generator, from
+  which it draws its seed. Nothing is changed about either, so a run orders its data exactly as it
+  would without the callback (as with ``ModelCheckpoint``). ``DistributedSampler`` orders by
+  ``(seed, epoch)`` and needs nothing.
 * The sampler under each training ``BatchSampler`` is wrapped (:class:`_Tracked`): when a pass
-  over the data starts, it records the generator's state, which decides that pass's order. A
-  checkpoint stores it with the number of batches already drawn this epoch.
-* On resume, before the first batch is drawn, the generators get the recorded state back and the
-  wrapper skips the indices of the batches already trained on in its first pass (no data is
-  loaded for them). Draws the uninterrupted run made between the checkpoint and its next batch
-  (starting the next epoch's iterator, after a checkpoint that ended an epoch) are made again.
+  over the data starts, it records the state that decides that pass's order. A checkpoint stores
+  it with the number of batches already drawn this epoch.
+* On resume, before the first batch is drawn, the pass gets the recorded state back (the global
+  generator only for the sampler's one draw, then it is put back) and the wrapper skips the
+  indices of the batches already trained on in its first pass (no data is loaded for them). Draws
+  the uninterrupted run made between the checkpoint and its next batch (starting the next epoch's
+  iterator, after a checkpoint that ended an epoch) are made again.
 
 Exact for ``num_workers=0`` or workers without randomness; otherwise, and for iterable datasets or
 custom batch samplers, use ``StatefulDataLoader`` (a warning says so once).
@@ -68,31 +69,53 @@ def _tracked(loader: Any) -> "_Tracked | None":
     if not isinstance(loader, DataLoader) or _is_stateful(loader) or not isinstance(batch_sampler, BatchSampler):
         return None
     if not isinstance(batch_sampler.sampler, _Tracked):
-        sampler = batch_sampler.sampler
-        if isinstance(sampler, RandomSampler) and sampler.generator is None:
-            sampler.generator = torch.Generator().manual_seed(torch.initial_seed())
-            log.info("gave the train DataLoader's RandomSampler its own generator (seed %d, from "
-                     "torch.initial_seed()) so that its order can be replayed on resume", torch.initial_seed())
-        batch_sampler.sampler = _Tracked(sampler)
+        batch_sampler.sampler = _Tracked(batch_sampler.sampler)
     return batch_sampler.sampler
 
 
+def _draws_from_global(sampler: Any) -> bool:
+    """An unseeded ``RandomSampler``: its pass draws its seed from torch's global generator."""
+    return isinstance(sampler, RandomSampler) and sampler.generator is None
+
+
 class _Tracked(Sampler):
-    """Wraps a training sampler: records its generator's state when a pass starts (that state
-    decides the pass's order) and, once, leaves out the first ``skip`` indices of a pass."""
+    """Wraps a training sampler: records the generator state that decides a pass's order when the
+    pass starts and, once, replays a recorded one (``replay``) and leaves out the first ``skip``
+    indices of a pass."""
 
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
         self.skip = 0
-        self.pass_start: torch.Tensor | None = _generator_state(inner)
+        self.replay: torch.Tensor | None = None
+        self.pass_start: torch.Tensor | None = _pass_state(inner)
 
     def __iter__(self) -> Iterator[Any]:
-        self.pass_start = _generator_state(self.inner)
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.inner), skip, None)
+        replay, self.replay = self.replay, None
+        if not _draws_from_global(self.inner):
+            self.pass_start = _generator_state(self.inner)
+            yield from itertools.islice(iter(self.inner), skip, None)
+            return
+        current = torch.get_rng_state()
+        if replay is not None:
+            torch.set_rng_state(replay)
+        self.pass_start = torch.get_rng_state()
+        indices = iter(self.inner)
+        first = next(indices, _END)  # the sampler draws its seed from the global generator here
+        if replay is not None:
+            torch.set_rng_state(current)  # the checkpoint's RNG state is restored at the first batch
+        if first is not _END:
+            yield from itertools.islice(itertools.chain([first], indices), skip, None)
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
+
+
+_END = object()
+
+
+def _pass_state(sampler: Any) -> torch.Tensor | None:
+    return torch.get_rng_state() if _draws_from_global(sampler) else _generator_state(sampler)
 
 
 def _generator_state(sampler: Any) -> torch.Tensor | None:
@@ -124,14 +147,17 @@ class DataPosition:
             "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
             "epoch_start": [t.pass_start if t is not None else None for t in tracked],
             "now": [_generator_state(t.inner) if t is not None else None for t in tracked],
+            "global": [t is not None and _draws_from_global(t.inner) for t in tracked],
         }
 
-    def resume(self, trainer: Any, state: Mapping[str, Any]) -> None:
+    def resume(self, trainer: Any, state: Mapping[str, Any], rng_state: torch.Tensor | None = None) -> None:
         """Before the first batch of a resumed run: replay the epoch's order and skip what was seen.
 
         Args:
             trainer: the trainer, after its train loaders were set up (``on_train_start``).
             state: what :meth:`state` returned when the checkpoint was taken.
+            rng_state: torch's global generator state in the checkpoint (what an unseeded
+                ``RandomSampler`` of the next epoch draws from, after a checkpoint that ended one).
         """
         loaders = train_loaders(trainer)
         num_batches = trainer.num_training_batches
@@ -142,10 +168,19 @@ class DataPosition:
             log.warning("the checkpoint recorded %d training loader(s), this run has %d; the data "
                         "position is not restored", len(generators), len(loaders))
             return
-        for loader, saved in zip(loaders, generators):
+        self._global_draws = 0
+        for loader, saved, start in zip(loaders, generators, state["epoch_start"]):
             tracked = _tracked(loader)
             if tracked is None:
                 continue  # Lightning restores a stateful loader from the loop state
+            if _draws_from_global(tracked.inner):
+                if mid_epoch:
+                    tracked.replay = start
+                    tracked.skip = state["batches"] * loader.batch_sampler.batch_size
+                elif self._epoch_ended and rng_state is not None:
+                    tracked.replay = _after_base_seed(rng_state, loader)
+                    self._global_draws += 1
+                continue
             generator = getattr(tracked.inner, "generator", None)
             if saved is not None and isinstance(generator, torch.Generator):
                 generator.set_state(saved)
@@ -173,6 +208,9 @@ class DataPosition:
         for loader in train_loaders(trainer):
             if isinstance(loader, DataLoader) and loader.generator is None:
                 _draw_base_seed(loader)
+        for _ in range(getattr(self, "_global_draws", 0)):  # each unseeded RandomSampler's seed
+            torch.empty((), dtype=torch.int64).random_()
+        self._global_draws = 0
 
     def _warn_if_inexact(self, loaders: list[Any]) -> None:
         if self._warned:
@@ -191,6 +229,16 @@ class DataPosition:
                             "Use torchdata's StatefulDataLoader (Lightning saves its position) for "
                             "an exact resume.", type(loader).__name__, reason)
                 return
+
+
+def _after_base_seed(rng_state: torch.Tensor, loader: Any) -> torch.Tensor:
+    """The global generator state an unseeded sampler's next pass draws from: the checkpoint's,
+    after the loader's iterator drew its base seed from it (when the loader has no generator)."""
+    generator = torch.Generator()
+    generator.set_state(rng_state)
+    if getattr(loader, "generator", None) is None:
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return generator.get_state()
 
 
 def _draw_base_seed(loader: DataLoader) -> None:

@@ -26,8 +26,8 @@ from ckpt_plugins.files.single_file import is_reservation, is_single_file
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
 
-from .reader import read_lightning_checkpoint
-from .saves import in_flight
+from ckpt_plugins.lightning.reader import read_lightning_checkpoint
+from ckpt_plugins.lightning.saves import in_flight
 
 __all__ = ["install", "is_ours"]
 

@@ -11,15 +11,20 @@ Lightning's launchers do) sets the value used when there is no directory to read
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ckpt_plugins.errors import CheckpointNotFoundError
+from ckpt_plugins.lightning.reader import preload, unregister_manager
 from ckpt_plugins.manager import CheckpointManager
 
 __all__ = ["CommittedPaths"]
+
+log = logging.getLogger(__name__)
 
 
 class CommittedPaths:
@@ -42,13 +47,26 @@ class CommittedPaths:
             return os.path.join(save_dir, str(logger.name), version, "checkpoints")
         return os.path.join(trainer.default_root_dir, "checkpoints")
 
-    def _reader(self) -> CheckpointManager | None:
-        """The live manager, else a read-only one over ``dirpath`` when it exists."""
-        if self.manager is not None:
+    def _reader(self, directory: str | None = None) -> CheckpointManager | None:
+        """The live manager, else one read-only manager over ``dirpath`` (or ``directory``),
+        built once and kept until teardown, when the directory exists."""
+        if self.manager is not None and directory in (None, self.manager.directory):
             return self.manager
-        if self.dirpath is not None and os.path.isdir(self.dirpath):
-            return CheckpointManager(self.dirpath, read_only=True, monitor=self.monitor, mode=self.mode)
-        return None
+        directory = directory if directory is not None else (os.fspath(self.dirpath) if self.dirpath else None)
+        if directory is None or not os.path.isdir(directory):
+            return None
+        cached = self.__dict__.get("_read_only")
+        if cached is None or cached.directory != directory:
+            self._drop_reader()
+            cached = self.__dict__["_read_only"] = CheckpointManager(directory, read_only=True, monitor=self.monitor,
+                                                                    mode=self.mode)
+        return cached
+
+    def _drop_reader(self) -> None:
+        cached = self.__dict__.pop("_read_only", None)
+        if cached is not None:
+            unregister_manager(cached)
+            cached.close()
 
     def _committed_path(self, pick: Callable[[CheckpointManager], int | None], fallback: str) -> str:
         """The folder of the step ``pick`` chooses among committed checkpoints, else ``fallback``."""
@@ -67,7 +85,10 @@ class CommittedPaths:
 
     @property
     def best_model_path(self) -> str:
-        """The best committed checkpoint folder by ``monitor`` ("" without a monitor or metric)."""
+        """The best committed checkpoint folder by ``monitor``; without a monitor the latest, as
+        Lightning reports it ("" when there is none)."""
+        if self.monitor is None:
+            return self.last_model_path
         return self._committed_path(CheckpointManager.best_step, self._best_model_path)
 
     @best_model_path.setter
@@ -97,10 +118,16 @@ class CommittedPaths:
         pass  # derived from the checkpoints on disk
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
-        """For ``ckpt_path="last"``: the newest committed folder (called before ``setup``)."""
-        directory = self._resolve_dirpath(trainer)
-        if not os.path.isdir(directory):
+        """For ``ckpt_path="last"`` (called before ``setup``): the newest committed folder that
+        restores, past damaged ones (with a warning naming each). The core's ``restore("latest")``
+        chooses it; the state it read is handed to the load that follows (:func:`.reader.preload`)."""
+        reader = self._reader(self._resolve_dirpath(trainer))
+        if reader is None or reader.latest_step() is None:
             return set()
-        reader = CheckpointManager(directory, read_only=True)
-        step = reader.latest_step()
-        return {reader.path_for(step)} if step is not None else set()
+        try:
+            state = reader.restore("latest")
+        except CheckpointNotFoundError as exc:
+            log.warning("ckpt_path='last': %s", exc)
+            return set()
+        step = reader.last_restore_report.step  # type: ignore[union-attr]
+        return {preload(reader, step, dict(state))}

@@ -3,21 +3,25 @@
 Lightning routes every checkpoint file through the strategy's ``CheckpointIO``: ``ModelCheckpoint``
 saves and removes through it, ``fit(ckpt_path=...)`` and ``test(ckpt_path=...)`` load through it.
 Adding this plugin to an existing ``Trainer`` changes how the bytes are written, not which
-checkpoints exist: the same names, the same ``save_top_k`` decisions, but each checkpoint is a
-folder in our format (``manifest.json`` + safetensors, checksums), committed atomically, and
-written in the background::
+checkpoints exist: the same names, the same ``save_top_k`` decisions, but each ``.ckpt`` is one
+file in our single-file format (safetensors with the state tree and a checksum in its header,
+:mod:`ckpt_plugins.files.single_file`), committed atomically by rename, written in the
+background::
 
     trainer = Trainer(callbacks=[ModelCheckpoint(save_top_k=2, monitor="val_loss")],
                       plugins=[CheckpointIOPlugin(async_save=True)])
 
-``load_checkpoint`` reads our folders and Lightning's ``.ckpt`` files (``weights_only``; Lightning's
-``weights_only=False`` is the explicit opt-in to full pickle). ``remove_checkpoint`` never
-overtakes a save still in flight, and ``teardown`` flushes.
+The path is taken when ``save_checkpoint`` returns (a name reservation), a load of a path still
+being written waits for it, a removal runs after the saves before it, and ``teardown`` flushes
+and stops the writer (:mod:`.saves`). ``load_checkpoint`` reads our files and folders and
+Lightning's ``.ckpt`` files (``weights_only``; Lightning's ``weights_only=False`` is the explicit
+opt-in to full pickle). ``MyModule.load_from_checkpoint(path)`` reads our files too
+(:mod:`.load_hook`).
 
-Under ``torch.distributed`` Lightning calls ``save_checkpoint`` on global rank 0 only; the
-plugin's managers are single-rank (``distributed=False``: no collectives), so it saves the same
-way there. A hidden name (Lightning's ``ddp_spawn`` launchers save ``.temp.ckpt`` and remove it
-with a non-recursive ``fs.rm``) is written as a Lightning file, synchronously.
+Under ``torch.distributed`` Lightning calls ``save_checkpoint`` on global rank 0 only, so the
+plugin saves the same way there. A hidden name (Lightning's ``ddp_spawn`` launchers save
+``.temp.ckpt`` and remove it with a non-recursive ``fs.rm``) is written as a Lightning file,
+synchronously.
 """
 
 from __future__ import annotations
@@ -31,16 +35,17 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
 from ckpt_plugins.errors import ConfigError, UnsupportedStateError
-from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.options import RestoreOptions, SaveOptions
-
-from ckpt_plugins.lightning.named import NamedSaves, is_folder_name
+from ckpt_plugins.lightning import load_hook
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
+from ckpt_plugins.lightning.saves import PathSaves, wait_for
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
+from ckpt_plugins.options import RestoreOptions, SaveOptions
 
 __all__ = ["CheckpointIOPlugin"]
 
 log = logging.getLogger(__name__)
+
+load_hook.install()
 
 
 class CheckpointIOPlugin(CheckpointIO):
@@ -49,7 +54,7 @@ class CheckpointIOPlugin(CheckpointIO):
     Args:
         async_save: return from ``save_checkpoint`` once the state is copied into reused host
             buffers; write and commit in the background.
-        max_pending: saves in flight at once (per directory); a further save waits.
+        max_pending: saves in flight at once; a further save waits.
         writer: ``"thread"`` or ``"process"`` (tensor files written by a separate process, no
             GIL contention with training; needs ``async_save``).
         on_error: ``"raise"``: a failed background save raises at the next save, removal or
@@ -66,13 +71,12 @@ class CheckpointIOPlugin(CheckpointIO):
         RestoreOptions(verify=verify)
         self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
         self.on_error, self.verify = on_error, verify
-        self._saves: NamedSaves | None = None
-        self._managers: list[CheckpointManager] = []
+        self._saves = PathSaves(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         self._warned: set[str] = set()
 
     # --- CheckpointIO ------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        """Save Lightning's checkpoint dict as the folder ``path`` (our format, atomic commit).
+        """Save Lightning's checkpoint dict as the file ``path`` (single-file format, atomic).
 
         Raises:
             ConfigError: ``storage_options`` was given (this plugin has none).
@@ -84,21 +88,21 @@ class CheckpointIOPlugin(CheckpointIO):
             raise ConfigError("CheckpointIOPlugin takes no storage_options; call "
                               "trainer.save_checkpoint(path) without them")
         path = os.fspath(path)
-        if not is_folder_name(path):  # hidden (Lightning's .temp.ckpt): a plain file, as Lightning writes it
+        if os.path.basename(path.rstrip("/")).startswith("."):  # Lightning's .temp.ckpt: its own format
             TorchCheckpointIO().save_checkpoint(checkpoint, path)
             return
         state, converted = to_storable(checkpoint, self._warned)
         state.pop(RANK_STATE_KEY, None)
+        step = checkpoint.get("global_step", 0)
+        step = step if isinstance(step, int) and step >= 0 else 0
         try:
-            step = checkpoint.get("global_step", 0)
-            step = step if isinstance(step, int) and step >= 0 else 0
-            self._named().save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted})
+            self._saves.save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted})
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Load ``path``: one of our folders or a Lightning ``.ckpt`` file.
+        """Load ``path``: one of our files or folders, or a Lightning ``.ckpt`` file.
 
         Args:
             path: the checkpoint.
@@ -110,38 +114,17 @@ class CheckpointIOPlugin(CheckpointIO):
             FileNotFoundError: nothing at ``path``.
             UnsafeCheckpointError: a ``.ckpt`` needs full pickle and ``weights_only`` is not False.
         """
-        path = os.fspath(path)
-        named = self._named()
-        named.flush()  # a save to this path may still be in flight
-        named.recover(path)
+        wait_for(path)  # a save of this path may still be in flight (in any plugin of this process)
         return read_lightning_checkpoint(path, map_location=map_location, allow_unsafe_pickle=weights_only is False,
-                                         verify=self.verify, managers=self._managers)
+                                         verify=self.verify)
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
-        self._named().remove(os.fspath(path))
+        self._saves.remove(os.fspath(path))
 
     def teardown(self) -> None:
-        """Wait for every save to commit, run queued removals, release the directories."""
-        saves, self._saves = self._saves, None
-        if saves is not None:
-            saves.close()
-
-    def _named(self) -> NamedSaves:
-        if self._saves is None:
-            self._saves = NamedSaves(async_save=self.async_save, max_pending=self.max_pending, writer=self.writer,
-                                     on_error=self.on_error)
-        return self._saves
-
-    # --- for CheckpointCallback --------------------------------------------------------------
-    def attach(self, manager: CheckpointManager) -> None:
-        """Load ``manager``'s checkpoint folders through it (it protects the one resumed from)."""
-        if manager not in self._managers:
-            self._managers.append(manager)
-
-    def detach(self, manager: CheckpointManager) -> None:
-        if manager in self._managers:
-            self._managers.remove(manager)
+        """Wait for every save to commit, run queued removals, stop the writer."""
+        self._saves.close()
 
     def __repr__(self) -> str:
         return (f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, "

@@ -1,16 +1,23 @@
-"""Read a checkpoint as the dict Lightning loads: one of our folders, or a Lightning ``.ckpt``.
+"""Read a checkpoint as the dict Lightning loads: our single file, one of our folders, or a ``.ckpt``.
 
-Our folders hold the checkpoint dict as the ``state`` part (see :mod:`.state`) and, per rank, a
-``rank_<r>`` part with that rank's RNG and data position; the rank part of the calling rank is
-added under :data:`~ckpt_plugins.lightning.state.RANK_STATE_KEY`. ``.ckpt`` files (and other
-torch files) go through the core's foreign readers: torch's ``weights_only`` loader plus a short
-list of data-only types, never full pickle unless the caller opts in.
+* A single file (what :class:`~ckpt_plugins.lightning.CheckpointIOPlugin` writes,
+  :mod:`ckpt_plugins.files.single_file`) holds the checkpoint dict. A save of that path still in
+  flight in this process is waited for first.
+* A folder (what :class:`~ckpt_plugins.lightning.CheckpointCallback` writes) holds the dict as its
+  ``state`` part and, per rank, a ``rank_<r>`` part with that rank's RNG and data position; the
+  calling rank's part is added under :data:`~ckpt_plugins.lightning.state.RANK_STATE_KEY`. A
+  folder of a live callback's manager (:func:`register_manager`) is restored through that
+  manager, which then protects it from retention as the resumed-from checkpoint.
+* ``.ckpt`` files (and other torch files) go through the core's foreign readers: torch's
+  ``weights_only`` loader plus a short list of data-only types, never full pickle unless the
+  caller opts in.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -22,13 +29,37 @@ from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.read import is_our_checkpoint, restore_ours, restore_path
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.layout.naming import parse_step_dir
+from ckpt_plugins.files.single_file import is_reservation, is_single_file, read_single_file
+from ckpt_plugins.lightning.saves import wait_for
 from ckpt_plugins.storage import open_storage
 
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
 
-__all__ = ["read_lightning_checkpoint"]
+__all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager", "preload"]
 
 log = logging.getLogger(__name__)
+
+_LIVE: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
+_PRELOADED: dict[str, tuple[CheckpointManager, int, dict[str, Any]]] = {}
+
+
+def register_manager(manager: CheckpointManager) -> None:
+    """Restore ``manager``'s folders through it (a callback's, while it trains)."""
+    _LIVE.add(manager)
+
+
+def unregister_manager(manager: CheckpointManager) -> None:
+    _LIVE.discard(manager)
+    for path in [p for p, (m, _, _) in _PRELOADED.items() if m is manager]:
+        del _PRELOADED[path]
+
+
+def preload(manager: CheckpointManager, step: int, state: dict[str, Any]) -> str:
+    """Hand over a checkpoint ``manager`` already restored (choosing ``ckpt_path="last"`` reads
+    it), so that the load of its path does not read it again; return its path."""
+    path = os.path.abspath(manager.path_for(step)) if "://" not in manager.directory else manager.path_for(step)
+    _PRELOADED[path] = (manager, step, state)
+    return manager.path_for(step)
 
 
 def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
@@ -37,13 +68,13 @@ def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "c
     """The Lightning checkpoint dict stored at ``path``.
 
     Args:
-        path: one of our checkpoint folders, or a ``.ckpt``/``.pt`` file.
+        path: one of our single files or checkpoint folders, or a ``.ckpt``/``.pt`` file.
         map_location: where tensors go (a device or string; anything else means ``"cpu"``).
         allow_unsafe_pickle: full pickle for foreign files (trusted files only).
         verify: check our folders' checksums.
         rank: whose rank part to add (default: this process's rank).
-        managers: live managers (a callback's); a folder of theirs is restored through its
-            manager, which then protects it from retention as the resumed-from checkpoint.
+        managers: live managers whose folders are restored through them (default: those
+            registered with :func:`register_manager`).
 
     Returns:
         The checkpoint dict, with :data:`RANK_STATE_KEY` when the folder has this rank's part.
@@ -55,17 +86,25 @@ def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "c
     path = os.fspath(path)
     location = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     rank = rank_and_world()[0] if rank is None else rank
+    wait_for(path)
     storage, root = open_storage(path)
     if not storage.exists(root):
         raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
+    if is_single_file(storage, root) or is_reservation(storage, root):
+        state, _ = read_single_file(storage, root, map_location=location, verify=verify)
+        return dict(state)
     if not is_our_checkpoint(storage, root):
         checkpoint = read_foreign(path, map_location=location, allow_unsafe_pickle=allow_unsafe_pickle)
         if not isinstance(checkpoint, dict):
             raise CheckpointNotFoundError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
         return checkpoint
-    manager, step = _owner(root, managers or [])
+    preloaded = _PRELOADED.pop(os.path.abspath(root) if "://" not in root else root, None)
+    manager, step = preloaded[:2] if preloaded is not None else _owner(root, managers or list(_LIVE))
     if manager is not None and step is not None:
-        checkpoint = dict(manager.restore(step, map_location=location))
+        if preloaded is not None and location == "cpu":
+            checkpoint = dict(preloaded[2])
+        else:
+            checkpoint = dict(manager.restore(step, map_location=location))
         rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
     else:
         state, report = restore_path(path, target=None, selector=None, rename=None, strict=True,

@@ -26,17 +26,16 @@ import threading
 import time
 from typing import Any
 
-from ckpt_plugins import exit_hooks
-from ckpt_plugins.direct_io import direct_io_enabled
-from ckpt_plugins.engine import PersistEngine, SaveHandle
-from ckpt_plugins.files.single_file import (is_reservation, read_single_file, remove_stale_temp_files, reserve,
-                                            write_single_file)
-from ckpt_plugins.snapshot import HostStager
-from ckpt_plugins.state_tree import flatten_state
+from ckpt_plugins.persist import exit_hooks
+from ckpt_plugins.storage.direct_io import direct_io_enabled
+from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
+from ckpt_plugins.files.single_file import is_reservation, remove_stale_temp_files, reserve, write_single_file
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.tree.codec import flatten_state
 from ckpt_plugins.storage import Storage, open_storage
-from ckpt_plugins.writer_process import ProcessWriter
+from ckpt_plugins.persist.writer_process import ProcessWriter
 
-__all__ = ["PathSaves", "wait_for", "read_single_file"]
+__all__ = ["PathSaves", "in_flight", "wait_for"]
 
 log = logging.getLogger(__name__)
 

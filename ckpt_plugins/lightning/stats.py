@@ -1,10 +1,10 @@
 """Per-save figures: how long training was blocked, how many bytes, how long until durable.
 
-``stall_s`` is measured on the training thread around the whole save (building Lightning's dict,
-copying tensors into staging buffers). ``bytes`` and ``persist_s`` (writing and committing, the
-background part) are the core's, from the save's ``handle.stats``, complete when the handle's
-done callback runs. Commits are reported by the writer thread and handed to the training
-thread, which alone talks to the trainer's loggers (they are not thread-safe).
+All three come from the core's ``handle.stats`` (nothing is timed here): ``stall_ms`` is the
+save's ``stall_s`` (the part of ``save`` that blocks training), ``bytes`` what was staged, and
+``durable_s`` its ``persist_s`` (writing and committing, the background part), complete when the
+handle's done callback runs. Commits are reported by the writer thread and handed to the
+training thread, which alone talks to the trainer's loggers (they are not thread-safe).
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ class SaveStats:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def saved(self, handle: SaveHandle, stall_s: float) -> dict[str, float]:
+    def saved(self, handle: SaveHandle) -> dict[str, float]:
         """A save returned to the training loop; its commit is picked up by :meth:`drain`."""
-        record = {"step": float(handle.step), "stall_s": stall_s, "bytes": float(handle.stats.get("bytes", 0.0))}
+        record = {"step": float(handle.step), "stall_ms": float(handle.stats.get("stall_s", 0.0)) * 1e3,
+                  "bytes": float(handle.stats.get("bytes", 0.0))}
         with self._lock:
             self.records.append(record)
-        log.info("checkpoint step %d: training blocked %.1f ms for %.1f MiB", handle.step, stall_s * 1e3,
+        log.info("checkpoint step %d: training blocked %.1f ms for %.1f MiB", handle.step, record["stall_ms"],
                  record["bytes"] / 2**20)
         handle.add_done_callback(lambda h: self._done(h, record))  # at once if already committed
         return record
@@ -50,7 +51,7 @@ class SaveStats:
         if "persist_s" not in handle.stats:
             return  # failed before its commit: the error surfaces through the manager
         with self._lock:
-            record["persist_s"] = handle.stats["persist_s"]
+            record["durable_s"] = handle.stats["persist_s"]
             self._committed.append(record)
 
     def drain(self) -> list[dict[str, float]]:
@@ -58,7 +59,7 @@ class SaveStats:
         with self._lock:
             done, self._committed = self._committed, []
         for record in done:
-            log.info("checkpoint step %d committed, written in %.2f s", record["step"], record["persist_s"])
+            log.info("checkpoint step %d committed, written in %.2f s", record["step"], record["durable_s"])
         return done
 
     @staticmethod

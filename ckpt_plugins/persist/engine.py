@@ -76,12 +76,30 @@ class SaveHandle:
         return f"SaveHandle(step={self.step}, path={self.path!r}, {state})"
 
 
+class _WriterThread(threading.Thread):
+    """The engine's daemon writer thread. ``stop()`` finishes the queued jobs, then ends it: what
+    code that tidies up stray daemon threads calls (Lightning's test harness does)."""
+
+    def __init__(self, engine: "PersistEngine") -> None:
+        super().__init__(target=engine._loop, name=engine._name, daemon=True)
+        self._engine = engine
+
+    def stop(self) -> None:
+        self._engine.shutdown()
+
+
 class PersistEngine:
-    """Ordered execution of save jobs, on a writer thread (async) or inline (sync)."""
+    """Ordered execution of save jobs, on a writer thread (async) or inline (sync).
+
+    ``stop_when_idle``: the writer thread ends whenever its queue is empty, and the next job
+    starts a new one, so an engine that saved once leaves no thread behind (Lightning's
+    ``CheckpointIO``, which is not told when the user's work is over).
+    """
 
     def __init__(self, *, async_save: bool, name: str = "ckpt-writer", writer_nice: int = 0,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", stop_when_idle: bool = False) -> None:
         self.async_save = async_save
+        self.stop_when_idle = stop_when_idle
         self.on_error = on_error
         self.writer_nice = writer_nice
         self._queue: queue.Queue[tuple[SaveHandle, Callable[[SaveHandle], str]] | None] = queue.Queue()
@@ -111,7 +129,7 @@ class PersistEngine:
             self._handles.append(handle)
             if self.async_save:
                 if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                    self._thread = _WriterThread(self)
                     self._thread.start()
                 self._queue.put((handle, job))  # under the lock: _fail() drains what is queued
         if not self.async_save:
@@ -179,16 +197,26 @@ class PersistEngine:
     def shutdown(self) -> None:
         """Flush and stop the writer thread."""
         self.flush()
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        with self._lock:  # the loop decides to end under this lock too: exactly one None per live thread
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                self._queue.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         self._thread = None
 
     def _loop(self) -> None:
         try:
             self._lower_priority()
             while True:
-                item = self._queue.get()
+                if self.stop_when_idle:
+                    with self._lock:
+                        item = None if self._queue.empty() else self._queue.get_nowait()
+                        if item is None:
+                            self._thread = None
+                            return
+                else:
+                    item = self._queue.get()
                 if item is None:
                     return
                 self._run(*item)

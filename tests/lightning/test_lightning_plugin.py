@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from ckpt_plugins import CheckpointManager, UnsafeCheckpointError
+from ckpt_plugins import UnsafeCheckpointError
+from ckpt_plugins.files.single_file import is_single_file
+from ckpt_plugins.storage import LocalStorage
 from ckpt_plugins.lightning import CheckpointIOPlugin
 
 from lightning_train import Net, data  # noqa: E402
@@ -37,8 +38,8 @@ def test_under_model_checkpoint_same_files_our_format_and_resume(tmp_path):
     names = sorted(os.listdir(tmp_path / "default"))
     assert sorted(os.listdir(tmp_path / "ours")) == names  # save_top_k=2 + last, as before
     assert os.path.basename(ours_cb.best_model_path) == os.path.basename(default_cb.best_model_path)
-    for name in names:  # every checkpoint is a committed folder in our format
-        assert sorted(os.listdir(tmp_path / "ours" / name)) == ["manifest.json", "state.safetensors"]
+    for name in names:  # every checkpoint is one committed file in our format
+        assert is_single_file(LocalStorage(), str(tmp_path / "ours" / name))
     assert all(torch.equal(a, b) for a, b in zip(default_model.state_dict().values(), ours_model.state_dict().values()))
 
     loaded = trainer.strategy.checkpoint_io.load_checkpoint(tmp_path / "ours" / "last.ckpt")
@@ -76,31 +77,13 @@ def test_load_reads_lightning_ckpt_weights_only_and_refuses_unsafe_pickle(tmp_pa
 def test_remove_runs_after_pending_saves_and_teardown_flushes(tmp_path):
     plugin = CheckpointIOPlugin(async_save=True)
     plugin.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "global_step": 1}, tmp_path / "old.ckpt")
-    plugin._named().flush()
-    gate = threading.Event()
-    stage = plugin._named()._stage(str(tmp_path / "x"))
-    original = stage.mgr.storage.open_write
-    stage.mgr.storage.open_write = lambda path: (gate.wait(10), original(path))[1]
-    plugin.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "global_step": 2}, tmp_path / "new.ckpt")
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(20_000_000)}, "global_step": 2}, tmp_path / "new.ckpt")
     plugin.remove_checkpoint(tmp_path / "old.ckpt")  # queued behind the pending save, returns at once
-    assert (tmp_path / "old.ckpt").is_dir() and not (tmp_path / "new.ckpt").exists()
-    gate.set()
+    assert (tmp_path / "old.ckpt").is_file() and (tmp_path / "new.ckpt").is_file()  # new.ckpt: reserved
     plugin.teardown()
-    assert not (tmp_path / "old.ckpt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["new.ckpt"]  # the hidden staging folder is gone too
-    assert torch.equal(CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"], torch.ones(4))
-
-
-def test_a_checkpoint_being_replaced_when_a_crash_hit_is_restored(tmp_path):
-    """What a crash between moving the old folder aside and committing its successor leaves."""
-    with CheckpointManager(tmp_path, distributed=False) as mgr:
-        mgr.save(7, {"state_dict": {"w": torch.full((2,), 7.0)}, "global_step": 7}, name="last.ckpt")
-    os.rename(tmp_path / "last.ckpt", tmp_path / ".replaced-last.ckpt-0123456789ab")
-    plugin = CheckpointIOPlugin()
-    loaded = plugin.load_checkpoint(tmp_path / "last.ckpt")
-    assert loaded["global_step"] == 7 and (tmp_path / "last.ckpt" / "manifest.json").exists()
-    plugin.teardown()
-    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["new.ckpt"]  # the hidden temporary file is gone too
+    assert torch.equal(CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"],
+                       torch.ones(20_000_000))
 
 
 def test_hidden_names_are_lightning_files_removed_as_files(tmp_path):
