@@ -18,7 +18,9 @@ assume one. This format keeps our guarantees in that shape:
 * :func:`reserve` puts a small marker file at a final name that does not exist yet, so code that
   chooses a free name by checking what exists (Lightning's ``-vN`` suffixes) sees a save that is
   still being written. A reader that finds a marker raises
-  :class:`~ckpt_plugins.errors.CheckpointNotFoundError` saying the save never committed.
+  :class:`~ckpt_plugins.errors.CheckpointNotFoundError` saying the save never committed. Such a
+  save is then written in place (``in_place=True``): the name holds nothing older to protect, and
+  an incomplete file fails its size or checksum check with an error naming it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def _data_checksum(tensors: Mapping[str, torch.Tensor], order: list[str]) -> str
 
 
 def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[str, torch.Tensor],
-                      info: Mapping[str, Any], *, direct_io: bool = True,
+                      info: Mapping[str, Any], *, direct_io: bool = True, in_place: bool = False,
                       write_tensors: Callable[[str, Mapping[str, torch.Tensor], dict[str, str]], FileRecord] | None = None
                       ) -> FileRecord:
     """Write one checkpoint file atomically (hidden temporary name, fsync, rename, fsync dir).
@@ -124,6 +126,9 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
         tensors: contiguous CPU tensors by key.
         info: JSON-able facts about the checkpoint (step, user metadata, ...).
         direct_io: write the data with ``O_DIRECT`` where the file system allows it.
+        in_place: write straight into ``path``, which holds this save's own :func:`reserve`
+            marker (a new name: there is no earlier file to keep intact, and no temporary file
+            shows up beside it); a failure removes what was written.
         write_tensors: ``fn(path, tensors, metadata)`` that writes the tensor file instead of
             :func:`~ckpt_plugins.files.tensor_file.write_tensor_file` (a writer process).
 
@@ -137,13 +142,14 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
                 "tree": json.dumps(tree, allow_nan=False, separators=(",", ":")),
                 "info": json.dumps({"wall_time": time.time(), "created_by": {"ckpt_plugins": __version__,
                                     "torch": torch.__version__}, **info}, allow_nan=False, separators=(",", ":"))}
-    temp = temp_path(storage, path)
+    temp = path if in_place else temp_path(storage, path)
     try:
         if write_tensors is not None:
             record = write_tensors(temp, tensors, metadata)
         else:
             record = write_tensor_file(storage, temp, tensors, metadata, direct_io=direct_io)
-        _replace(storage, temp, path)
+        if not in_place:
+            _replace(storage, temp, path)
     except BaseException:
         try:
             if storage.exists(temp):
@@ -174,7 +180,11 @@ def read_single_file(storage: Storage, path: str, *, map_location: str | torch.d
             "ended first); delete it and load an earlier checkpoint")
     size = storage.size(path)
     with storage.open_read(path) as f:
-        entries, data_start = read_header(f, path, size)
+        try:
+            entries, data_start = read_header(f, path, size)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{exc}. If the process saving it ended while writing it, delete it and "
+                                         "load an earlier checkpoint") from exc
         f.seek(8)
         try:
             metadata = json.loads(f.read(data_start - 8)).get("__metadata__") or {}

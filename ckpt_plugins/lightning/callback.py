@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingWarning, apply_activation_checkpointing
-from ckpt_plugins.errors import StepExistsError, UnsupportedStateError
+from ckpt_plugins.errors import UnsupportedStateError
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.options import ManagerOptions
 from ckpt_plugins.rng import capture_rng, restore_rng
@@ -213,17 +213,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self._position.replay_draws_after_save(trainer)
 
     def _check_no_later_checkpoints(self, trainer: Any) -> None:
-        """Fail before training, not at the first save, when this run would collide with an
-        earlier one's checkpoints (the core refuses to save at or before an existing step)."""
-        if self.manager is None or self.manager_options["overwrite"]:
-            return
-        later = [s for s in self.manager.steps() if s > trainer.global_step]
-        if later:
-            start = "from step 0" if trainer.ckpt_path is None else f"from {trainer.ckpt_path} (step {trainer.global_step})"
-            raise StepExistsError(
-                f"CheckpointCallback(dirpath={self.dirpath!r}) already holds checkpoints at steps {later} from an "
-                f"earlier run, and this run starts {start}. Resume with fit(..., ckpt_path='last'), choose another "
-                "dirpath, or pass overwrite=True (this run's first save then removes them).")
+        """Before training, not at the first save: the core's start-of-run check (a fresh run
+        before an earlier run's later checkpoints is refused; a resumed one may save past them)."""
+        if self.manager is not None and not self.manager.read_only:
+            self.manager.start_run(trainer.global_step, resumed=trainer.ckpt_path is not None,
+                                   hint="Resume with fit(..., ckpt_path='last'), choose another dirpath, or pass "
+                                        "CheckpointCallback(overwrite=True).")
 
     # --- triggers ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

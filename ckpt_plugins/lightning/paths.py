@@ -11,20 +11,17 @@ Lightning's launchers do) sets the value used when there is no directory to read
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ckpt_plugins.errors import CheckpointNotFoundError
-from ckpt_plugins.lightning.reader import preload, unregister_manager
+from ckpt_plugins.lightning.reader import unregister_manager
 from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.restore.choose import latest_usable
 
 __all__ = ["CommittedPaths"]
-
-log = logging.getLogger(__name__)
 
 
 class CommittedPaths:
@@ -118,16 +115,10 @@ class CommittedPaths:
         pass  # derived from the checkpoints on disk
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
-        """For ``ckpt_path="last"`` (called before ``setup``): the newest committed folder that
-        restores, past damaged ones (with a warning naming each). The core's ``restore("latest")``
-        chooses it; the state it read is handed to the load that follows (:func:`.reader.preload`)."""
+        """For ``ckpt_path="last"`` (called before ``setup``): the newest committed folder that is
+        usable, past damaged ones (the core's choice; each skipped one is a warning)."""
         reader = self._reader(self._resolve_dirpath(trainer))
-        if reader is None or reader.latest_step() is None:
+        if reader is None:
             return set()
-        try:
-            state = reader.restore("latest")
-        except CheckpointNotFoundError as exc:
-            log.warning("ckpt_path='last': %s", exc)
-            return set()
-        step = reader.last_restore_report.step  # type: ignore[union-attr]
-        return {preload(reader, step, dict(state))}
+        choice = latest_usable(reader.layout)
+        return {choice.path} if choice.path is not None else set()

@@ -35,12 +35,11 @@ from ckpt_plugins.storage import open_storage
 
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
 
-__all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager", "preload"]
+__all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager"]
 
 log = logging.getLogger(__name__)
 
 _LIVE: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
-_PRELOADED: dict[str, tuple[CheckpointManager, int, dict[str, Any]]] = {}
 
 
 def register_manager(manager: CheckpointManager) -> None:
@@ -50,16 +49,6 @@ def register_manager(manager: CheckpointManager) -> None:
 
 def unregister_manager(manager: CheckpointManager) -> None:
     _LIVE.discard(manager)
-    for path in [p for p, (m, _, _) in _PRELOADED.items() if m is manager]:
-        del _PRELOADED[path]
-
-
-def preload(manager: CheckpointManager, step: int, state: dict[str, Any]) -> str:
-    """Hand over a checkpoint ``manager`` already restored (choosing ``ckpt_path="last"`` reads
-    it), so that the load of its path does not read it again; return its path."""
-    path = os.path.abspath(manager.path_for(step)) if "://" not in manager.directory else manager.path_for(step)
-    _PRELOADED[path] = (manager, step, state)
-    return manager.path_for(step)
 
 
 def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
@@ -98,13 +87,9 @@ def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "c
         if not isinstance(checkpoint, dict):
             raise CheckpointNotFoundError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
         return checkpoint
-    preloaded = _PRELOADED.pop(os.path.abspath(root) if "://" not in root else root, None)
-    manager, step = preloaded[:2] if preloaded is not None else _owner(root, managers or list(_LIVE))
+    manager, step = _owner(root, managers or list(_LIVE))
     if manager is not None and step is not None:
-        if preloaded is not None and location == "cpu":
-            checkpoint = dict(preloaded[2])
-        else:
-            checkpoint = dict(manager.restore(step, map_location=location))
+        checkpoint = dict(manager.restore(step, map_location=location))
         rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
     else:
         state, report = restore_path(path, target=None, selector=None, rename=None, strict=True,

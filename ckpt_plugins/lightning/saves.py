@@ -8,7 +8,8 @@ what addressing by path needs:
 
 * **The name is taken at once.** ``save`` puts a reservation marker at a new path before it
   returns, so Lightning's ``ModelCheckpoint``, which picks ``-vN`` names by checking what exists,
-  never hands the same name to two saves; the commit renames the finished file over it.
+  never hands the same name to two saves; the file is then written in place. An existing path
+  (``last.ckpt``) is written under a hidden name and renamed over it.
 * **A load waits for the save of its path.** Saves in flight are listed process-wide
   (:func:`wait_for`), so a new ``Trainer`` (another plugin) loading a path this process is still
   writing gets the committed file.
@@ -29,7 +30,7 @@ from typing import Any
 from ckpt_plugins.persist import exit_hooks
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
-from ckpt_plugins.files.single_file import is_reservation, remove_stale_temp_files, reserve, write_single_file
+from ckpt_plugins.files.single_file import remove_stale_temp_files, reserve, write_single_file
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.tree.codec import flatten_state
 from ckpt_plugins.storage import Storage, open_storage
@@ -142,11 +143,11 @@ class PathSaves:
                 if self._process is not None:
                     write = lambda p, t, m: self._process.write(p, t, m, slot)  # noqa: E731
                 write_single_file(storage, path, flat.tree, tensors, info, direct_io=direct_io_enabled(),
-                                  write_tensors=write)
+                                  in_place=reserved, write_tensors=write)
                 h.stats["persist_s"] = time.perf_counter() - start
                 return path
             except BaseException:
-                if reserved and is_reservation(storage, path):
+                if reserved and storage.exists(path):
                     storage.remove_file(path)  # the name is free again: nothing was committed
                 raise
             finally:

@@ -46,7 +46,6 @@ import dataclasses
 import enum
 import logging
 import pathlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,11 +145,11 @@ def _convert(value: Any) -> Any:
 
 def explain_unsupported(exc: UnsupportedStateError) -> UnsupportedStateError:
     """The core's error with where the key comes from in Lightning, and what to do."""
-    message = str(exc)
-    top = re.search(r"key path '([^'.]*)", message)
-    origin = _ORIGINS.get(top.group(1)) if top else None
+    key_path = getattr(exc, "key_path", None)
+    top = key_path.split(".", 1)[0] if key_path else None
+    origin = _ORIGINS.get(top) if top else None
     hint = (f" In a Lightning checkpoint this key comes from {origin}." if origin else
             " In a Lightning checkpoint a top-level key like this one is added by an "
             "on_save_checkpoint() hook (LightningModule, DataModule or callback).")
-    return UnsupportedStateError(message + hint + " Store plain values there (tensors, numbers, "
-                                 "strings, lists, dicts), e.g. a dict of the object's fields.")
+    return UnsupportedStateError(str(exc) + hint + " Store plain values there (tensors, numbers, strings, lists, "
+                                 "dicts), e.g. a dict of the object's fields.", key_path=key_path)

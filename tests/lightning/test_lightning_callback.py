@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from pathlib import Path
 
@@ -63,16 +64,15 @@ def test_retention_with_a_validation_metric_keeps_the_right_set_and_best_loads_t
     assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_new_process_resumes_from_best_and_must_opt_in_to_overwrite_later_steps(tmp_path):
+def test_a_new_process_resumes_from_best_and_replaces_the_later_steps_with_a_warning(tmp_path, caplog):
     options = dict(keep_best=1, monitor="val_loss", mode="max", every_n_train_steps=6)  # "best" = an early step
     fit([CheckpointCallback(tmp_path, **options)])
     best = CheckpointCallback(tmp_path, **options).best_model_path  # from disk, before any setup
     step = int(Path(best).name[5:])
     assert Path(best).parent == tmp_path and step < 24
-    with pytest.raises(StepExistsError, match="overwrite=True"):
-        fit([CheckpointCallback(tmp_path, **options)], ckpt_path="best")
-    trainer, _ = fit([CheckpointCallback(tmp_path, overwrite=True, **options)], steps=step + 6, ckpt_path="best")
+    trainer, _ = fit([CheckpointCallback(tmp_path, **options)], steps=step + 6, ckpt_path="best")
     assert trainer.ckpt_path == best and trainer.global_step == step + 6
+    assert any(r.levelno == logging.WARNING and "24" in r.getMessage() for r in caplog.records)  # names the later
     assert max(int(p.name[5:]) for p in tmp_path.glob("step_*")) == step + 6  # the later ones were replaced
 
 

@@ -79,14 +79,15 @@ CRASH = textwrap.dedent("""
     from ckpt_plugins.lightning import CheckpointIOPlugin
     directory = sys.argv[1]
     plugin = CheckpointIOPlugin(async_save=False)
-    plugin.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "global_step": 33},
-                           os.path.join(directory, "hpc_ckpt_33.ckpt"))
+    for step in (33, 34):
+        plugin.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "global_step": step},
+                               os.path.join(directory, f"hpc_ckpt_{step}.ckpt"))
     plugin.teardown()
-    plugin = CheckpointIOPlugin()
-    plugin.save_checkpoint({"state_dict": {"w": torch.ones(50_000_000)}, "global_step": 34},
+    plugin = CheckpointIOPlugin()  # replace hpc_ckpt_34.ckpt: written under a hidden name, then renamed
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(50_000_000)}, "global_step": 35},
                            os.path.join(directory, "hpc_ckpt_34.ckpt"))
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # die while the hidden temporary entry is being written
+    while time.monotonic() < deadline:  # die while the hidden temporary file is being written
         if any(n.startswith(".") for n in os.listdir(directory)):
             os.kill(os.getpid(), signal.SIGKILL)
     sys.exit(3)
@@ -100,8 +101,9 @@ def test_r3_a_leftover_of_a_killed_save_is_not_read_as_a_checkpoint_version(tmp_
     assert leftovers, "the child died while its save was in flight"
     for name in leftovers:  # Lightning's HPC scan: any name containing "ckpt_", its digits joined
         assert "ckpt_" not in name and not name.endswith(".ckpt") and "last" not in name, name
-    connector = L.Trainer(logger=False, plugins=[CheckpointIOPlugin()])._checkpoint_connector
-    assert connector._CheckpointConnector__max_ckpt_version_in_folder(tmp_path) in (33, 34)
+    trainer = L.Trainer(logger=False, plugins=[CheckpointIOPlugin()])
+    assert trainer._checkpoint_connector._CheckpointConnector__max_ckpt_version_in_folder(tmp_path) == 34
+    assert trainer.strategy.checkpoint_io.load_checkpoint(tmp_path / "hpc_ckpt_34.ckpt")["global_step"] == 34
 
 
 def test_r4_plugin_and_callback_pickle_and_deepcopy_after_saving(tmp_path):
