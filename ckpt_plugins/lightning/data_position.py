@@ -69,7 +69,7 @@ def _tracked(loader: Any) -> "_Tracked | None":
     if not isinstance(loader, DataLoader) or _is_stateful(loader) or not isinstance(batch_sampler, BatchSampler):
         return None
     if not isinstance(batch_sampler.sampler, _Tracked):
-        batch_sampler.sampler = _Tracked(batch_sampler.sampler)
+        batch_sampler.sampler = _Tracked(batch_sampler.sampler)  # type: ignore[arg-type]
     return batch_sampler.sampler
 
 

@@ -121,6 +121,7 @@ class PathSaves:
             remove_stale_temp_files(storage, parent)
         t0 = time.perf_counter()
         slot = stager.acquire(block=True)
+        assert slot is not None  # a blocking acquire always gets one
         try:
             staged = stager.stage(slot, {f"state/{k}": v for k, v in flat.tensors.items()})
             staged.wait()
