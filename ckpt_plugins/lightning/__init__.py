@@ -3,15 +3,16 @@
 * :class:`CheckpointCallback` - a drop-in for ``ModelCheckpoint`` with the core's retention
   (``keep_last``, ``keep_best``, ...), asynchronous saves, per-rank RNG state and data position
   for a bit-exact resume, and activation checkpointing (``gradient_checkpointing``).
-* :class:`CheckpointIOPlugin` - Lightning's ``CheckpointIO`` in our format (atomic, checksummed,
-  asynchronous), for existing ``ModelCheckpoint`` users: add one plugin.
+* :class:`CheckpointIOPlugin` - Lightning's ``CheckpointIO`` in our format, one file per ``.ckpt``
+  (atomic, checksummed, asynchronous), for existing ``ModelCheckpoint`` users: add one plugin.
 * :func:`load_from_checkpoint`, :func:`to_lightning_checkpoint` - our checkpoints in
   ``LightningModule.load_from_checkpoint`` workflows and as plain ``.ckpt`` files
   (``ckpt-plugins convert --to lightning``).
 
 ``import ckpt_plugins`` never imports Lightning. Here Lightning is imported when the callback or
 the plugin is first used, so the conversion helpers (and the ``ckpt-plugins`` command line) work
-without paying for it.
+without paying for it; that import also lets ``MyModule.load_from_checkpoint(path)`` read our
+checkpoints (:mod:`.load_hook`).
 """
 
 from __future__ import annotations

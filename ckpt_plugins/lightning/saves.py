@@ -112,8 +112,10 @@ class PathSaves:
         self._raise_pending()
         flat = flatten_state(state)
         storage = _storage(path)
-        wait_for(path)  # another plugin's save of the same name commits first
         engine, stager = self._parts()
+        earlier = in_flight(path)
+        if earlier is not None and earlier not in engine.pending():
+            earlier.wait()  # another plugin's save of the same name commits first (ours: the queue orders them)
         parent = os.path.dirname(_key(path)) if "://" not in path else path.rstrip("/").rsplit("/", 1)[0]
         storage.makedirs(parent)
         if parent not in _CLEANED:
