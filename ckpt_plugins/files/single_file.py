@@ -40,11 +40,27 @@ import torch
 import xxhash
 
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_plugins.files.tensor_file import (
+    FileRecord,
+    file_order,
+    read_header,
+    read_tensor_file,
+    tensor_bytes,
+    write_tensor_file,
+)
 from ckpt_plugins.storage.base import Storage
-from ckpt_plugins.files.tensor_file import FileRecord, file_order, read_header, read_tensor_file, tensor_bytes, write_tensor_file
 
-__all__ = ["FORMAT", "TEMP_PREFIX", "is_single_file", "is_reservation", "reserve", "temp_path", "write_single_file",
-           "read_single_file", "remove_stale_temp_files"]
+__all__ = [
+    "FORMAT",
+    "TEMP_PREFIX",
+    "is_reservation",
+    "is_single_file",
+    "read_single_file",
+    "remove_stale_temp_files",
+    "reserve",
+    "temp_path",
+    "write_single_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +70,7 @@ TEMP_PREFIX = ".partial-"  # no "ckpt_" (Lightning's version scan), ".ckpt" or "
 _TEMP_NAME = re.compile(r"^\.partial-([0-9a-f]{8})-([0-9a-f]+)-[0-9a-f]{12}$")
 _HEAD = b'{"__metadata__":{"format":"' + FORMAT.encode() + b'"'
 _RESERVED = b"ckpt_plugins: reserved by a save in progress; "
+TensorWriter = Callable[[str, Mapping[str, torch.Tensor], dict[str, str]], FileRecord]
 _HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
@@ -114,7 +131,7 @@ def _data_checksum(tensors: Mapping[str, torch.Tensor], order: list[str]) -> str
 
 def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[str, torch.Tensor],
                       info: Mapping[str, Any], *, direct_io: bool = True, in_place: bool = False,
-                      write_tensors: Callable[[str, Mapping[str, torch.Tensor], dict[str, str]], FileRecord] | None = None
+                      write_tensors: TensorWriter | None = None
                       ) -> FileRecord:
     """Write one checkpoint file atomically (hidden temporary name, fsync, rename, fsync dir).
 

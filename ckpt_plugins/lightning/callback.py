@@ -29,12 +29,12 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingWarning, apply_activation_checkpointing
+from ckpt_plugins.activation import (
+    ActivationCheckpointing,
+    ActivationCheckpointingWarning,
+    apply_activation_checkpointing,
+)
 from ckpt_plugins.errors import UnsupportedStateError
-from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.options import ManagerOptions
-from ckpt_plugins.rng import capture_rng, restore_rng
-
 from ckpt_plugins.lightning import load_hook
 from ckpt_plugins.lightning.data_position import DataPosition
 from ckpt_plugins.lightning.paths import CommittedPaths
@@ -42,6 +42,9 @@ from ckpt_plugins.lightning.reader import register_manager, unregister_manager
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
 from ckpt_plugins.lightning.stats import SaveStats
 from ckpt_plugins.lightning.triggers import Triggers, validation_follows
+from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.options import ManagerOptions
+from ckpt_plugins.rng import capture_rng, restore_rng
 
 __all__ = ["CheckpointCallback"]
 
@@ -117,13 +120,15 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True, log_metrics: bool = True) -> None:
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
         self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
-        self.manager_options = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
+        self.manager_options: dict[str, Any] = dict(
+                                    keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
                                     keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
                                     overwrite=overwrite, async_save=async_save, max_pending=max_pending,
                                     snapshot=snapshot, writer=writer, on_error=on_error, verify=verify)
         ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
-        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=-1,
+        super().__init__(dirpath=os.fspath(dirpath) if dirpath is not None else None, monitor=monitor, mode=mode,
+                         save_top_k=-1,
                          save_weights_only=save_weights_only, save_on_exception=save_on_exception,
                          every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
                          train_time_interval=interval, save_on_train_epoch_end=save_on_train_epoch_end)
@@ -168,7 +173,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         unregister_manager(manager)
         try:
             manager.close()
-        except Exception as exc:  # noqa: BLE001 - teardown also runs after errors; do not mask them
+        except Exception as exc:
             log.error("closing the checkpoint manager for %s: %s", manager.directory, exc)
         self._deliver(trainer)
 
@@ -246,7 +251,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self.manager.wait_for_snapshot()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._skip(trainer) and self.triggers.on_train_epoch_end(trainer) and self.triggers.due_at_epoch(trainer):
+        if self._skip(trainer):
+            return
+        if self.triggers.on_train_epoch_end(trainer) and self.triggers.due_at_epoch(trainer):
             self._save(trainer, "every_n_epochs")
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -265,7 +272,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         try:
             if self.save_on_exception and self.manager is not None and not self._skip(trainer):
                 if trainer.world_size > 1:
-                    log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join a save")
+                    log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join "
+                                "a save")
                 elif trainer.global_step != self._step_saved:
                     self._save(trainer, "exception")
                     self.manager.wait()
@@ -346,9 +354,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         would have without the interruption.
         """
         for name, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                self._seen_metrics[name] = float(value)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalar = isinstance(value, torch.Tensor) and value.numel() == 1
+            if scalar or (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 self._seen_metrics[name] = float(value)
         return dict(self._seen_metrics)
 

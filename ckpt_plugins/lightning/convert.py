@@ -24,12 +24,11 @@ from typing import Any, TypeVar
 import torch
 
 from ckpt_plugins.errors import CheckpointNotFoundError
-from ckpt_plugins.restore.read import is_our_checkpoint
-from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.storage import open_storage
-
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
+from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.restore.read import is_our_checkpoint
+from ckpt_plugins.storage import open_storage
 
 __all__ = ["add_convert_parser", "load_from_checkpoint", "to_lightning_checkpoint"]
 

@@ -63,7 +63,7 @@ def _is_stateful(loader: Any) -> bool:
     return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
-def _tracked(loader: Any) -> "_Tracked | None":
+def _tracked(loader: Any) -> _Tracked | None:
     """The tracking wrapper of a plain training DataLoader's sampler (installed on first use)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     if not isinstance(loader, DataLoader) or _is_stateful(loader) or not isinstance(batch_sampler, BatchSampler):
@@ -169,7 +169,7 @@ class DataPosition:
                         "position is not restored", len(generators), len(loaders))
             return
         self._global_draws = 0
-        for loader, saved, start in zip(loaders, generators, state["epoch_start"]):
+        for loader, saved, start in zip(loaders, generators, state["epoch_start"], strict=True):
             tracked = _tracked(loader)
             if tracked is None:
                 continue  # Lightning restores a stateful loader from the loop state

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_plugins.files.single_file import is_reservation, is_single_file
-from ckpt_plugins.restore.read import is_our_checkpoint
-from ckpt_plugins.storage import open_storage
-
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
 from ckpt_plugins.lightning.saves import in_flight
+from ckpt_plugins.restore.read import is_our_checkpoint
+from ckpt_plugins.storage import open_storage
 
 __all__ = ["install", "is_ours"]
 
@@ -58,7 +57,7 @@ def install() -> None:
     import lightning.fabric.plugins.io.torch_io as torch_io
     import lightning.pytorch.core.saving as saving
 
-    original = saving.pl_load
+    original = getattr(saving, "pl_load")  # noqa: B009 - not in its __all__
 
     @functools.wraps(original)
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
@@ -66,7 +65,7 @@ def install() -> None:
             return read_lightning_checkpoint(path_or_url, map_location=map_location)
         return original(path_or_url, map_location=map_location, weights_only=weights_only)
 
-    saving.pl_load = pl_load
-    torch_io.pl_load = pl_load
+    for module in (saving, torch_io):
+        setattr(module, "pl_load", pl_load)  # noqa: B010 - the name both modules call
     _installed = True
 

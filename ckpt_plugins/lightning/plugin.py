@@ -67,7 +67,8 @@ class CheckpointIOPlugin(CheckpointIO):
 
     def __init__(self, async_save: bool = True, max_pending: int = 1, writer: Literal["thread", "process"] = "thread",
                  on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
-        SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)  # the core's checks
+        # the core's checks
+        SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         RestoreOptions(verify=verify)
         self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
         self.on_error, self.verify = on_error, verify

@@ -24,22 +24,21 @@ import torch
 
 from ckpt_plugins.distributed import rank_and_world
 from ckpt_plugins.errors import CheckpointNotFoundError
+from ckpt_plugins.files.single_file import is_reservation, is_single_file, read_single_file
 from ckpt_plugins.formats import read_foreign
 from ckpt_plugins.layout.commit import Layout
-from ckpt_plugins.restore.read import is_our_checkpoint, restore_ours, restore_path
-from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.layout.naming import parse_step_dir
-from ckpt_plugins.files.single_file import is_reservation, is_single_file, read_single_file
 from ckpt_plugins.lightning.saves import wait_for
-from ckpt_plugins.storage import open_storage
-
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
+from ckpt_plugins.manager import CheckpointManager
+from ckpt_plugins.restore.read import is_our_checkpoint, restore_ours, restore_path
+from ckpt_plugins.storage import open_storage
 
 __all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager"]
 
 log = logging.getLogger(__name__)
 
-_LIVE: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 
 
 def register_manager(manager: CheckpointManager) -> None:

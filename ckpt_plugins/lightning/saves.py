@@ -27,14 +27,14 @@ import threading
 import time
 from typing import Any
 
-from ckpt_plugins.persist import exit_hooks
-from ckpt_plugins.storage.direct_io import direct_io_enabled
-from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.files.single_file import remove_stale_temp_files, reserve, write_single_file
+from ckpt_plugins.persist import exit_hooks
+from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.persist.stager import HostStager
-from ckpt_plugins.tree.codec import flatten_state
-from ckpt_plugins.storage import Storage, open_storage
 from ckpt_plugins.persist.writer_process import ProcessWriter
+from ckpt_plugins.storage import Storage, open_storage
+from ckpt_plugins.storage.direct_io import direct_io_enabled
+from ckpt_plugins.tree.codec import flatten_state
 
 __all__ = ["PathSaves", "in_flight", "wait_for"]
 
@@ -98,7 +98,7 @@ class PathSaves:
                 if self.writer == "process":
                     self._process = ProcessWriter(direct_io_enabled(), self._stager)
                 self._engine = PersistEngine(async_save=self.async_save, name="ckpt-lightning-writer",
-                                             stop_when_idle=True)
+                                             on_error=self.on_error, stop_when_idle=True)
                 exit_hooks.register(self)
             return self._engine, self._stager  # type: ignore[return-value]
 
@@ -109,7 +109,8 @@ class PathSaves:
             UnsupportedStateError: ``state`` holds something that cannot be stored without pickle.
             SaveError: an earlier background save failed (``on_error="raise"``).
         """
-        self._raise_pending()
+        if self._engine is not None:
+            self._engine.take_error(refuse=True)  # the core's on_error rule
         flat = flatten_state(state)
         storage = _storage(path)
         engine, stager = self._parts()
@@ -162,7 +163,7 @@ class PathSaves:
         handle.stats["stall_s"] = time.perf_counter() - t0
         engine.submit(handle, job)
         if not self.async_save:
-            self._report(handle)
+            engine.report(handle)
         return handle
 
     def remove(self, path: str) -> None:
@@ -184,13 +185,13 @@ class PathSaves:
         engine, _ = self._parts()
         handle = engine.submit(SaveHandle(-1, path), job)
         if not self.async_save:
-            self._report(handle)
+            engine.report(handle)
 
     def flush(self) -> None:
         """Wait for every save and removal; raise the first error not yet reported."""
         if self._engine is not None:
             self._engine.flush()
-        self._raise_pending()
+            self._engine.take_error()
 
     def close(self) -> None:
         """Flush, stop the writer, free the staging memory. Raises a pending save error."""
@@ -204,23 +205,4 @@ class PathSaves:
             if process is not None:
                 process.close()
         finally:
-            self._raise_pending(engine)
-
-    def _raise_pending(self, engine: PersistEngine | None = None) -> None:
-        engine = engine or self._engine
-        if engine is None:
-            return
-        try:
-            engine.raise_pending_error()
-        except Exception as exc:
-            if self.on_error != "warn":
-                raise
-            log.warning("a checkpoint save failed and on_error='warn': %s", exc)
-
-    def _report(self, handle: SaveHandle) -> None:
-        try:
-            handle.wait()
-        except Exception as exc:
-            if self.on_error != "warn":
-                raise
-            log.warning("saving %s failed and on_error='warn': %s", handle.path, exc)
+            engine.take_error()

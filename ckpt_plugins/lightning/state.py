@@ -54,7 +54,7 @@ import torch
 
 from ckpt_plugins.errors import UnsupportedStateError
 
-__all__ = ["HPARAM_KEYS", "RANK_STATE_KEY", "to_storable", "explain_unsupported"]
+__all__ = ["HPARAM_KEYS", "RANK_STATE_KEY", "explain_unsupported", "to_storable"]
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning as L
 from ckpt_plugins.lightning import CheckpointCallback
 
 

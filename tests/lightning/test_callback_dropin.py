@@ -9,17 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+import lightning as L
 from ckpt_plugins.lightning import CheckpointCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from lightning_train import Net, data  # noqa: E402
+from lightning_train import Net, data
 
 
 @pytest.fixture(autouse=True)

@@ -12,16 +12,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+import lightning as L
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from lightning_train import Net, data  # noqa: E402
+from lightning_train import Net, data
 
 
 class BigNet(Net):
@@ -151,7 +151,8 @@ def test_load_from_checkpoint_reads_what_the_plugin_and_the_callback_write(tmp_p
     path = callback.last_model_path or callback.best_model_path
     loaded = Net.load_from_checkpoint(path)
     assert loaded.hparams.lr == 0.05
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    pairs = zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     resumed = trainer(tmp_path, max_steps=6, enable_checkpointing=False)
     resumed.fit(Net(lr=0.05), train_loader(), ckpt_path=path)
     assert resumed.global_step == 6
