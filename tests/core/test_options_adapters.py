@@ -9,10 +9,12 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ckpt_plugins import ConfigError
+from ckpt_plugins import CheckpointManager, ConfigError
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback as HfCallback
 from ckpt_plugins.hf.options import CallbackOptions
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
@@ -128,3 +130,49 @@ def test_the_core_options_page_lists_every_option():
     text = DOCS.read_text()
     missing = [name for name in _core_defaults() if f"`{name}`" not in text]
     assert not missing
+
+
+# --- every manager an adapter opens is closed --------------------------------------------------
+class _Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(8, 4))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+def _fit(tmp_path, max_steps, **fit_kwargs):
+    callback = CheckpointCallback(tmp_path / "ckpts", every_n_train_steps=2)
+    L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=[callback], logger=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(_Net(), **fit_kwargs)
+    return callback
+
+
+def test_lightning_adapter_closes_every_manager_it_opens(tmp_path, monkeypatch):
+    """Every manager opened while a Trainer works (the callback's, the plugin's, the reader that
+    ``ckpt_path="last"`` uses) is closed when that work ends; path lookups afterwards reuse one
+    reader instead of opening a manager each time."""
+    opened: list[CheckpointManager] = []
+    original_init = CheckpointManager.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(CheckpointManager, "__init__", recording_init)
+    _fit(tmp_path, 4)
+    assert opened and [m.directory for m in opened if not m._closed] == []
+    callback = _fit(tmp_path, 6, ckpt_path="last")
+    assert [m.directory for m in opened if not m._closed] == []
+    before = len(opened)
+    paths = {callback.last_model_path for _ in range(5)}
+    assert paths == {str(tmp_path / "ckpts" / "step_6")}
+    assert len(opened) - before <= 1
