@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ckpt_plugins.errors import DistributedError, SaveError, StepExistsError, UnsupportedStateError
 
-__all__ = ["rank_and_world", "is_distributed", "all_gather_object", "broadcast_object", "barrier", "agree_on_save"]
+__all__ = ["agree_on_save", "all_gather_object", "barrier", "broadcast_object", "is_distributed", "rank_and_world"]
 
 
 def is_distributed() -> bool:

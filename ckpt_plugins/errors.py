@@ -63,7 +63,7 @@ class ConfigError(CheckpointError, ValueError):
             text = Template(message).safe_substitute({n: self.names.get(n, n) for n in self.mentions})
         super().__init__(text)
 
-    def renamed(self, names: Mapping[str, str]) -> "ConfigError":
+    def renamed(self, names: Mapping[str, str]) -> ConfigError:
         """The same error with option names spelled by ``names`` (plain name -> user-facing name)."""
         return type(self)(self.template, option=self.key, value=self.value, mentions=self.mentions,
                           names={**self.names, **names})

@@ -22,19 +22,26 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 
 from ckpt_plugins.distributed import agree_on_save, all_gather_object, rank_and_world
 from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, SaveError
+from ckpt_plugins.files.extra_files import StagedFile, TensorFile
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
-from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
-                                  SaveOptions)
+from ckpt_plugins.options import (
+    DistributedOptions,
+    IOOptions,
+    ManagerOptions,
+    RestoreOptions,
+    RetentionOptions,
+    SaveOptions,
+)
 from ckpt_plugins.options.checks import check_directory
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
@@ -46,8 +53,15 @@ from ckpt_plugins.persist.writer_process import ProcessWriter
 from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.select import check_rename, check_strict, make_selector
 from ckpt_plugins.restore.targets import RestoreReport
-from ckpt_plugins.retention.policy import (CheckpointRecord, RetentionContext, RetentionDecision, RetentionPolicy,
-                                          best_step, policy_flags, ranked_steps)
+from ckpt_plugins.retention.policy import (
+    CheckpointRecord,
+    RetentionContext,
+    RetentionDecision,
+    RetentionPolicy,
+    best_step,
+    policy_flags,
+    ranked_steps,
+)
 from ckpt_plugins.storage import open_storage
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 
@@ -270,7 +284,7 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
              rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
              user_metadata: Mapping[str, Any] | None = None,
-             extra_files: Mapping[str, bytes | Callable[[Any], None]] | None = None,
+             extra_files: Mapping[str, bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile] | None = None,
              name: str | None = None) -> SaveHandle | None:
         """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
 
@@ -397,7 +411,7 @@ class CheckpointManager:
         if self._last_handle is not None and not self._last_handle._staged.done():
             try:
                 self._last_handle.wait_staged()
-            except BaseException:  # noqa: BLE001 - the error surfaces through wait()/save()
+            except BaseException:
                 pass
 
     # --- restore -----------------------------------------------------------------------------
@@ -543,7 +557,7 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError(f"this CheckpointManager for {self.directory} is closed")
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -552,7 +566,7 @@ class CheckpointManager:
         else:  # do not hide the original exception behind a save error
             try:
                 self.close()
-            except Exception as close_exc:  # noqa: BLE001
+            except Exception as close_exc:
                 log.error("while closing after an error: %s", close_exc)
 
     def __repr__(self) -> str:

@@ -73,7 +73,7 @@ class CallbackOptions:
         later, against ``TrainingArguments``, name the options the same way."""
         return getattr(self, "_spelled_as", {})
 
-    def spelled(self, names: Mapping[str, str]) -> "CallbackOptions":
+    def spelled(self, names: Mapping[str, str]) -> CallbackOptions:
         """These options, remembered as spelled by ``names`` (not an option: equality ignores it)."""
         object.__setattr__(self, "_spelled_as", dict(names))
         return self
@@ -127,7 +127,8 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
     if metric is not None and not metric.startswith("eval_"):
         metric = f"eval_{metric}"
     greater = bool(args.greater_is_better) if args.greater_is_better is not None else False
-    monitor, mode = options.monitor, options.mode
+    monitor: str | None = options.monitor
+    mode: str | None = options.mode
     args_mode = "max" if greater else "min"
     # greater_is_better speaks of metric_for_best_model: a mode for the same metric (or, without
     # either monitor or metric, for the one the user has in mind) must agree with it.

@@ -15,8 +15,18 @@ from typing import Any
 
 from ckpt_plugins.errors import ConfigError
 
-__all__ = ["check_bool", "check_positive_int", "check_int_range", "check_choice", "check_seconds", "check_metric",
-           "check_mode", "check_callbacks", "check_dir_prefix", "check_directory"]
+__all__ = [
+    "check_bool",
+    "check_callbacks",
+    "check_choice",
+    "check_dir_prefix",
+    "check_directory",
+    "check_int_range",
+    "check_metric",
+    "check_mode",
+    "check_positive_int",
+    "check_seconds",
+]
 
 
 def _name(option: str) -> str:

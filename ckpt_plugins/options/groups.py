@@ -14,14 +14,23 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
 from ckpt_plugins.errors import ConfigError
-from ckpt_plugins.options.checks import (as_callbacks, check_bool, check_callbacks, check_choice, check_dir_prefix,
-                                         check_int_range, check_metric, check_mode, check_positive_int,
-                                         check_seconds)
+from ckpt_plugins.options.checks import (
+    as_callbacks,
+    check_bool,
+    check_callbacks,
+    check_choice,
+    check_dir_prefix,
+    check_int_range,
+    check_metric,
+    check_mode,
+    check_positive_int,
+    check_seconds,
+)
 
 if TYPE_CHECKING:
     from ckpt_plugins.retention.policy import RetentionPolicy
 
-__all__ = ["RetentionOptions", "SaveOptions", "IOOptions", "DistributedOptions", "RestoreOptions"]
+__all__ = ["DistributedOptions", "IOOptions", "RestoreOptions", "RetentionOptions", "SaveOptions"]
 
 OnCommit = Callable[[int, str], None] | Sequence[Callable[[int, str], None]] | None
 

@@ -20,7 +20,7 @@ from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOp
 if TYPE_CHECKING:
     from ckpt_plugins.retention.policy import RetentionPolicy
 
-__all__ = ["ManagerOptions", "assemble", "policy_of", "GROUP_KEYWORDS", "FLAT_DEFAULTS"]
+__all__ = ["FLAT_DEFAULTS", "GROUP_KEYWORDS", "ManagerOptions", "assemble", "policy_of"]
 
 # ManagerOptions field -> (keyword of CheckpointManager that takes the group, group class)
 GROUP_KEYWORDS: dict[str, tuple[str, type]] = {
@@ -58,7 +58,7 @@ class ManagerOptions:
                                   option=name, value=value)
 
     @classmethod
-    def from_flat(cls, **flat: Any) -> "ManagerOptions":
+    def from_flat(cls, **flat: Any) -> ManagerOptions:
         """Build from flat keywords (the names ``CheckpointManager`` takes); unset ones get defaults.
 
         Raises:

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 
 from ckpt_plugins.errors import SaveError, WriterError
 
-__all__ = ["SaveHandle", "PersistEngine"]
+__all__ = ["PersistEngine", "SaveHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SaveHandle:
         self._reported = False
         self.stats: dict[str, float] = {}  # stall_s and bytes at save(); persist_s at the commit
 
-    def add_done_callback(self, fn: Callable[["SaveHandle"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
         """Call ``fn(handle)`` once the save has committed or failed (at once if it has); the
         handle's ``stats`` are complete by then."""
         self._durable.add_done_callback(lambda _future: fn(self))
@@ -80,7 +80,7 @@ class _WriterThread(threading.Thread):
     """The engine's daemon writer thread. ``stop()`` finishes the queued jobs, then ends it: what
     code that tidies up stray daemon threads calls (Lightning's test harness does)."""
 
-    def __init__(self, engine: "PersistEngine") -> None:
+    def __init__(self, engine: PersistEngine) -> None:
         super().__init__(target=engine._loop, name=engine._name, daemon=True)
         self._engine = engine
 
@@ -145,7 +145,7 @@ class PersistEngine:
         for handle in list(self._handles):
             try:
                 handle._durable.exception()
-            except BaseException:  # noqa: BLE001 - cancelled futures; nothing to wait for
+            except BaseException:
                 pass
 
     def raise_pending_error(self, *, refuse: bool = False) -> None:
@@ -222,7 +222,7 @@ class PersistEngine:
                 self._run(*item)
                 if self._failure is not None:
                     return
-        except BaseException as exc:  # noqa: BLE001 - the writer is gone: fail what waits for it
+        except BaseException as exc:
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
@@ -264,7 +264,7 @@ class PersistEngine:
     def _run(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> None:
         try:
             path = job(handle)
-        except BaseException as exc:  # noqa: BLE001 - handed to the handle, raised by wait()
+        except BaseException as exc:
             if isinstance(exc, WriterError):
                 self._fail(exc)  # this handle too
                 return

@@ -16,11 +16,11 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["register", "unregister", "flush_all"]
+__all__ = ["flush_all", "register", "unregister"]
 
 log = logging.getLogger(__name__)
 
-_managers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_managers: weakref.WeakSet[Any] = weakref.WeakSet()
 _installed = False
 _previous_sigterm: Any = None
 _terminating: str = ""  # "", "flushing", "flushed"
@@ -45,7 +45,7 @@ def flush_all() -> None:
     for manager in list(_managers):
         try:
             manager.close()
-        except Exception as exc:  # noqa: BLE001 - at exit there is no one left to raise to
+        except Exception as exc:
             log.error("while flushing %r at exit: %s", manager, exc)
 
 

@@ -21,7 +21,7 @@ from ckpt_plugins.layout.commit import check_folder_name
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.tree.codec import flatten_state
 
-__all__ = ["check_save_arguments", "clean_metrics", "flatten_parts", "collect", "stage_now"]
+__all__ = ["check_save_arguments", "clean_metrics", "collect", "flatten_parts", "stage_now"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def check_save_arguments(step: Any, metrics: Mapping[str, Any] | None, extra_fil
     cleaned = clean_metrics(metrics)
     for file_name in extra_files or {}:
         if not isinstance(file_name, str) or not _SAFE_NAME.match(file_name) or ".." in file_name \
-                or file_name == MANIFEST_NAME or file_name.endswith(".safetensors") \
-                and file_name.startswith(("state", "rank_")):
+                or file_name == MANIFEST_NAME or (file_name.endswith(".safetensors") \
+                and file_name.startswith(("state", "rank_"))):
             raise ConfigError(f"extra_files name {file_name!r} is not a plain file name, or is reserved "
                               "(manifest.json, state*.safetensors, rank_*.safetensors)",
                               option="extra_files", value=file_name)

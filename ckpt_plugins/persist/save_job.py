@@ -107,7 +107,7 @@ class SaveJob:
             for callback in self.request.callbacks if self.dest.rank == 0 else ():
                 try:
                     callback(self.step, path)
-                except Exception:  # noqa: BLE001 - a callback must not turn a committed save into a failure
+                except Exception:
                     log.exception("on_commit callback %r failed for step %d", callback, self.step)
             return path
         finally:
@@ -167,7 +167,7 @@ class SaveJob:
         layout = self.dest.layout
         try:
             steps = [c.step for c in layout.committed()]
-        except Exception:  # noqa: BLE001 - the message must not hide the original error
+        except Exception:
             return f"the committed checkpoints in {layout.root} are unchanged"
         latest = f"latest: step {steps[-1]}" if steps else "there are none yet"
         return f"the committed checkpoints in {layout.root} are unchanged ({latest})"
@@ -204,7 +204,7 @@ class SaveJob:
             path = storage.join(temp, name)
             if spec[0] == "tensors":
                 _, keys, metadata = spec
-                tensors = dict(zip(keys, fill_tensors(name, len(keys), staged)))
+                tensors = dict(zip(keys, fill_tensors(name, len(keys), staged), strict=True))
                 files[name] = self.dest.write_tensors(path, tensors, metadata, self.request.slot)
                 continue
             if spec[0] == "staged":

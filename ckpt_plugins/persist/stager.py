@@ -22,18 +22,17 @@ once, which is what bounds host memory with ``max_pending`` saves in flight.
 
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ckpt_plugins.storage.direct_io import ALIGN
 from ckpt_plugins.files.tensor_file import file_order
+from ckpt_plugins.storage.direct_io import ALIGN
 
 __all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "file_group"]
 

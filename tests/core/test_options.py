@@ -16,8 +16,15 @@ import pytest
 import torch
 
 from ckpt_plugins import CheckpointManager, ConfigError
-from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
-                                  SaveOptions, renamed_options)
+from ckpt_plugins.options import (
+    DistributedOptions,
+    IOOptions,
+    ManagerOptions,
+    RestoreOptions,
+    RetentionOptions,
+    SaveOptions,
+    renamed_options,
+)
 from ckpt_plugins.retention import KeepLast, RetentionPolicy
 
 

@@ -9,13 +9,14 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+import lightning as L
 from ckpt_plugins import CheckpointManager, ConfigError
-from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback as HfCallback
+from ckpt_plugins.hf import CheckpointArguments
+from ckpt_plugins.hf import CheckpointCallback as HfCallback
 from ckpt_plugins.hf.options import CallbackOptions
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
 from ckpt_plugins.options import ManagerOptions

@@ -59,7 +59,8 @@ def test_writer_thread_failure_fails_every_pending_handle_and_refuses_saves(tmp_
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["wait raised", "wait raised", "save refused", "closed"], proc.stdout
+    kinds = [line.split(":")[0] for line in lines]
+    assert kinds == ["wait raised", "wait raised", "save refused", "closed"], proc.stdout
     assert all("injected writer-thread fault" in line for line in lines[:3]), proc.stdout
     assert not (tmp_path / ".lock").exists()
     with CheckpointManager(tmp_path) as mgr:
