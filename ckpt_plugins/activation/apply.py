@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from ckpt_plugins.activation import guards, hf
 from ckpt_plugins.activation.config import ActivationCheckpointing
 from ckpt_plugins.activation.modes import CheckpointMode, build_mode
-from ckpt_plugins.activation.report import ActivationCheckpointingReport, WrappedModule
+from ckpt_plugins.activation.report import ActivationCheckpointingReport, Mechanism, WrappedModule
 from ckpt_plugins.activation.targets import Block, find_blocks
 from ckpt_plugins.activation.wrapper import wrap, wrapped_by
 from ckpt_plugins.errors import ConfigError
@@ -138,7 +139,7 @@ def activation_checkpointing_report(model: nn.Module) -> ActivationCheckpointing
 
 def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
            hf_model: nn.Module | None, selected: list[Block], notes: list[str],
-           undo: list[Callable[[], None]]) -> tuple[str, list[WrappedModule]]:
+           undo: list[Callable[[], None]]) -> tuple[Mechanism, list[WrappedModule]]:
     """Run the guards and one mechanism; append notes and undo steps as changes are made."""
     if mode.recomputes:
         notes += guards.check_batchnorm(selected)
@@ -149,7 +150,9 @@ def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
             undo += cache_undo
 
     hf_kwargs = mode.hf_kwargs()
-    if hf_model is not None and cfg.target_patterns() is None and hf.can_enable(hf_model, hf_kwargs):
+    mechanism: Mechanism
+    if (hf_model is not None and cfg.target_patterns() is None and hf_kwargs is not None
+            and hf.can_enable(hf_model, hf_kwargs)):
         wrapped = _enable_hf(model, hf_model, mode, hf_kwargs, undo)
         mechanism = "hf"
         if guards.has_frozen_inputs(model, hf_model, selected):

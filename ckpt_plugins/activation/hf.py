@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Protocol, cast
 
 from torch import nn
 
@@ -25,12 +25,29 @@ from ckpt_plugins.activation.targets import is_hf_layer
 logger = logging.getLogger(__name__)
 
 
+# nn.Module types unknown attributes as ``Tensor | Module``; these Protocols name what the
+# Hugging Face (and PEFT) classes define, for use after the attribute checks below.
+class _PeftModel(Protocol):
+    def get_base_model(self) -> nn.Module: ...
+
+
+class _PreTrainedModel(Protocol):
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None: ...  # transformers 5
+
+    def gradient_checkpointing_enable(  # transformers 4
+            self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None: ...
+
+
+class _CheckpointingLayer(Protocol):  # transformers' GradientCheckpointingLayer
+    gradient_checkpointing: bool
+
+
 def find_hf_model(model: nn.Module) -> nn.Module | None:
     """The ``PreTrainedModel`` that supports checkpointing: ``model`` or a PEFT model's base."""
     candidates = [model]
     get_base_model = getattr(type(model), "get_base_model", None)
     if callable(get_base_model):
-        candidates.append(model.get_base_model())
+        candidates.append(cast(_PeftModel, model).get_base_model())
     for candidate in candidates:
         supports = getattr(type(candidate), "supports_gradient_checkpointing", None)
         if isinstance(supports, bool) and hasattr(candidate, "config") and _enable_fn(candidate):
@@ -42,9 +59,13 @@ def find_nested_hf_models(model: nn.Module) -> list[nn.Module]:
     """The outermost ``PreTrainedModel``s inside ``model`` (a LightningModule holding one, say)."""
     found: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if path and not any(path.startswith(f"{p}.") for p, _ in found) and find_hf_model(module) is module:
+        if path and not any(path.startswith(f"{p}.") for p, _ in found) and _is_hf_model(module):
             found.append((path, module))
     return [module for _, module in found]
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    return find_hf_model(module) is module
 
 
 def _enable_fn(hf_model: nn.Module) -> Any:
@@ -69,20 +90,21 @@ def can_enable(hf_model: nn.Module, hf_kwargs: dict[str, Any] | None) -> bool:
     if not any(is_hf_layer(m) for m in hf_model.modules()):
         return False  # old-style models: no layer class to report or count every_n on
     if hasattr(hf_model, "activation_checkpointing_enable"):
-        params = inspect.signature(hf_model.activation_checkpointing_enable).parameters
+        params = inspect.signature(cast(_PreTrainedModel, hf_model).activation_checkpointing_enable).parameters
         return hf_kwargs.get("every_n_layers", 1) == 1 or "every_n_layers" in params
     return hf_kwargs.get("every_n_layers", 1) == 1  # transformers 4: no every_n_layers
 
 
 def enable(hf_model: nn.Module, hf_kwargs: dict[str, Any]) -> None:
     """Turn on the model's own checkpointing (``can_enable`` must be true)."""
+    methods = cast(_PreTrainedModel, hf_model)
     if hasattr(hf_model, "activation_checkpointing_enable"):
         kwargs = dict(hf_kwargs)
         if kwargs.get("every_n_layers", 1) == 1:
             kwargs.pop("every_n_layers", None)
-        hf_model.activation_checkpointing_enable(**kwargs)
+        methods.activation_checkpointing_enable(**kwargs)
     else:
-        hf_model.gradient_checkpointing_enable(
+        methods.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs=hf_kwargs["activation_checkpointing_kwargs"])
 
 
@@ -93,4 +115,5 @@ def disable(hf_model: nn.Module) -> None:
 
 def checkpointed_layers(hf_model: nn.Module) -> list[nn.Module]:
     """The layers the model's own mechanism checkpoints now, in module order."""
-    return [m for m in hf_model.modules() if is_hf_layer(m) and m.gradient_checkpointing is True]
+    return [m for m in hf_model.modules()
+            if is_hf_layer(m) and cast(_CheckpointingLayer, m).gradient_checkpointing is True]

@@ -24,8 +24,8 @@ import torch
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.tensor_file import FileRecord
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "Part", "MIGRATIONS",
-           "parse_manifest", "dump_manifest"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MIGRATIONS", "Manifest", "Part", "dump_manifest",
+           "parse_manifest"]
 
 FORMAT_NAME = "ckpt_plugins"
 FORMAT_VERSION = 2
@@ -107,7 +107,7 @@ def _decode_float(where: str, value: Any) -> float:
 # "tensor_file") and listed files as [name, size, checksum] triples. Each migration takes the
 # document of version N and returns one of version N + 1.
 
-def _v1_to_v2(doc: dict) -> dict:
+def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     doc = dict(doc)
     doc["parts"] = {"state": {"tree": doc.pop("tree", None), "tensor_file": doc.pop("tensor_file", None)}}
     files = doc.get("files", [])
@@ -123,7 +123,7 @@ def _v1_to_v2(doc: dict) -> dict:
     return doc
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -149,14 +149,14 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     return _build(doc, where)
 
 
-def _expect(where: str, doc: dict, key: str, types: type | tuple[type, ...]) -> Any:
+def _expect(where: str, doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
     value = doc.get(key)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         raise CorruptCheckpointError(f"{where}: manifest field {key!r} has the wrong type ({value!r:.80})")
     return value
 
 
-def _as_tuple(types):
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
@@ -168,7 +168,7 @@ def _check_name(where: str, name: Any) -> str:
     return name
 
 
-def _build(doc: dict, where: str) -> Manifest:
+def _build(doc: dict[str, Any], where: str) -> Manifest:
     step = _expect(where, doc, "step", int)
     if step < 0:
         raise CorruptCheckpointError(f"{where}: step {step} is negative")
@@ -188,7 +188,8 @@ def _build(doc: dict, where: str) -> Manifest:
             raise CorruptCheckpointError(f"{where}: part {name!r} has no tree")
         tensor_file = part.get("tensor_file")
         if tensor_file is not None and _check_name(where, tensor_file) not in files:
-            raise CorruptCheckpointError(f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed")
+            raise CorruptCheckpointError(
+                f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed")
         parts[name] = Part(tree=part["tree"], tensor_file=tensor_file)
     metrics_doc = doc.get("metrics") or {}
     if not isinstance(metrics_doc, dict):

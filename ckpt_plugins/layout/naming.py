@@ -28,9 +28,10 @@ _STEP_NUMBER = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # comparison, so sorting mixed names cannot raise TypeError). Numbers sort before text.
 _NUM_TAG = 0
 _TEXT_TAG = 1
+_KeyPart = tuple[int, Decimal | str]  # (_NUM_TAG, number) or (_TEXT_TAG, text)
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[tuple[_KeyPart, ...], str]:
     """Return a sort key that compares the number runs in ``name`` numerically.
 
     The name is split into text runs and number runs; the key is a tuple of tagged parts, each
@@ -60,7 +61,7 @@ def natural_key(name: str) -> tuple:
         >>> natural_key("epoch=2-step=100") < natural_key("epoch=10-step=5")
         True
     """
-    parts: list[tuple[int, object]] = []
+    parts: list[_KeyPart] = []
     pos = 0
     for match in _NUMBER.finditer(name):
         if match.start() > pos:

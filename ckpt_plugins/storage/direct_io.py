@@ -26,8 +26,12 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["DirectWriter", "direct_io_enabled", "direct_writer"]
 
@@ -79,9 +83,14 @@ _POOL = _BufferPool()
 def _address(view: memoryview) -> int | None:
     """The address of a writable buffer's first byte (None for read-only ones such as bytes)."""
     try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return _buffer_address(view)
     except (TypeError, ValueError):
         return None
+
+
+def _buffer_address(buffer: memoryview) -> int:
+    """The address of a writable buffer's first byte (TypeError for read-only ones)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 class DirectWriter:
@@ -96,17 +105,17 @@ class DirectWriter:
         self._fd = fd
         self._direct = direct
         self._buffers = [_POOL.take(), _POOL.take()]
-        self._addresses = [_address(memoryview(b)) for b in self._buffers]
+        self._addresses = [_buffer_address(memoryview(b)) for b in self._buffers]
         self._current = 0
         self._fill = 0
         self._size = 0
-        self._pending: list[Future | None] = [None, None]
-        self._in_place: list[Future] = []
+        self._pending: list[Future[None] | None] = [None, None]
+        self._in_place: list[Future[None]] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-direct-io")
         self._finished = False
 
     @classmethod
-    def wrap(cls, file) -> "DirectWriter | None":
+    def wrap(cls, file: IO[bytes]) -> DirectWriter | None:
         """A writer over ``file`` (empty, freshly opened for writing), or None when the file has
         no OS descriptor (fsspec files) or direct I/O is off."""
         if not direct_io_enabled():
@@ -120,7 +129,7 @@ class DirectWriter:
             return None
         return cls(fd, direct=_set_direct(fd, True))
 
-    def write(self, data, *, stable: bool = False) -> int:
+    def write(self, data: Buffer, *, stable: bool = False) -> int:
         """Append ``data``. With ``stable=True`` the caller promises the memory stays valid and
         unchanged until :meth:`finish`, so a large aligned run may go to disk from where it is;
         otherwise (a file-object ``write`` from third-party code, whose buffers may be reused
@@ -167,13 +176,13 @@ class DirectWriter:
             if self._fill == BUFFER_BYTES:
                 self._submit(BUFFER_BYTES)
 
-    def _run(self, fn, *args) -> Future:
+    def _run(self, fn: Callable[[memoryview], None], view: memoryview) -> Future[None]:
         """Run ``fn`` on the I/O thread (in submission order), or here at interpreter shutdown."""
         try:
-            return self._io.submit(fn, *args)
+            return self._io.submit(fn, view)
         except RuntimeError:  # interpreter shutdown (a save flushed at exit): write it here
-            done: Future = Future()
-            fn(*args)
+            done: Future[None] = Future()
+            fn(view)
             done.set_result(None)
             return done
 
@@ -218,10 +227,10 @@ class DirectWriter:
     def seekable(self) -> bool:
         return False
 
-    def seek(self, *args) -> int:
+    def seek(self, *args: Any) -> int:
         raise io.UnsupportedOperation("DirectWriter writes sequentially; it cannot seek")
 
-    def truncate(self, *args) -> int:
+    def truncate(self, *args: Any) -> int:
         raise io.UnsupportedOperation("DirectWriter writes sequentially; it cannot truncate")
 
     def finish(self) -> int:
@@ -267,7 +276,7 @@ class DirectWriter:
 
 
 @contextlib.contextmanager
-def direct_writer(file, enabled: bool = True) -> Iterator[DirectWriter | None]:
+def direct_writer(file: IO[bytes], enabled: bool = True) -> Iterator[DirectWriter | None]:
     """A :class:`DirectWriter` over ``file`` (None where direct I/O is off or impossible), always
     released on the way out; call its ``finish`` before leaving on success."""
     writer = DirectWriter.wrap(file) if enabled else None

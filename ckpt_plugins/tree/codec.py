@@ -63,20 +63,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
-from ckpt_plugins.tree.tags import (TAG, TENSOR_TAGS, Unflattener, children, enc_float, enc_int, enc_key, enc_leaf,
-                                    escape, rebuild, short, subscript)
-from ckpt_plugins.tree.walk import MAX_DEPTH, MISSING, TreeFail, dotted, iter_leaves, segment, select
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
+from ckpt_plugins.tree.tags import (
+    TAG,
+    TENSOR_TAGS,
+    Unflattener,
+    children,
+    enc_float,
+    enc_int,
+    enc_key,
+    enc_leaf,
+    escape,
+    rebuild,
+    short,
+    subscript,
+)
+from ckpt_plugins.tree.walk import MAX_DEPTH, MISSING, TreeFail, dotted, iter_leaves, segment, select
 
-__all__ = ["FlatState", "flatten_state", "unflatten_state", "tensor_refs", "leaf_paths",
-           "select_tree", "rename_tree"]
+__all__ = ["FlatState", "flatten_state", "leaf_paths", "rename_tree", "select_tree", "tensor_refs",
+           "unflatten_state"]
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class _Flattener:
         self.paths.add(cpath)
         return cpath
 
-    def seq(self, obj: list | tuple, path: str, depth: int) -> list:
+    def seq(self, obj: list[Any] | tuple[Any, ...], path: str, depth: int) -> list[Any]:
         out = []
         for i, v in enumerate(obj):
             try:
@@ -139,9 +153,9 @@ class _Flattener:
                 raise
         return out
 
-    def mapping(self, obj: dict, path: str, depth: int) -> Any:
+    def mapping(self, obj: dict[Any, Any], path: str, depth: int) -> Any:
         if all(type(k) is str for k in obj):
-            out = {}
+            out: dict[str, Any] = {}
             for k, v in obj.items():
                 try:
                     out[escape(k)] = self.enc(v, self.child(k, path, depth), depth + 1)
@@ -159,7 +173,7 @@ class _Flattener:
                 raise
         return {TAG: "dict", "items": items}
 
-    def tensor(self, obj: torch.Tensor, path: str) -> dict:
+    def tensor(self, obj: torch.Tensor, path: str) -> dict[str, Any]:
         if obj.layout is not torch.strided or obj.is_quantized or obj.is_nested or obj.is_meta:
             kind = "meta" if obj.is_meta else "quantized" if obj.is_quantized else str(obj.layout)
             raise TreeFail(f"is a {kind} tensor, which cannot be stored; convert it to a dense tensor "
@@ -172,7 +186,7 @@ class _Flattener:
             t, tag = torch.view_as_real(t.resolve_conj()), "ctensor"
         return {TAG: tag, "key": self.add(t, obj, path)}
 
-    def ndarray(self, arr: np.ndarray, path: str) -> dict:
+    def ndarray(self, arr: np.ndarray, path: str) -> dict[str, Any]:
         dt = arr.dtype
         if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
             raise TreeFail(f"is a numpy array of dtype {dt}, which cannot be stored without pickle; "
@@ -262,7 +276,7 @@ def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return _checked(Unflattener(tensors).dec, tree, 0)
 
 
-def _checked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _checked(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
     try:
         return fn(*args, **kwargs)
     except TreeFail as e:

@@ -47,7 +47,7 @@ def short(v: Any, limit: int = 80) -> str:
     """``repr(v)`` cut to ``limit`` characters, safe for any value (huge ints, odd reprs)."""
     try:
         text = repr(v)
-    except Exception:  # noqa: BLE001 - a message must not fail on a value's own repr
+    except Exception:  # a message must not fail on a value's own repr
         text = f"<{type(v).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -91,7 +91,7 @@ def enc_key(k: Any, depth: int = 0) -> Any:
                    "float, bool, None or tuples of these")
 
 
-def check_fields(node: dict, tag: str) -> None:
+def check_fields(node: dict[str, Any], tag: str) -> None:
     fields = _FIELDS.get(tag)
     if fields is None:
         raise TreeFail(f"unknown tag {tag!r}")
@@ -114,7 +114,7 @@ def dec_key(node: Any, depth: int = 0) -> Any:
     raise TreeFail(f"invalid dict key or set element {short(node)}")
 
 
-def _list(v: Any) -> list:
+def _list(v: Any) -> list[Any]:
     if type(v) is not list:
         raise TreeFail(f"expected a list, got {type(v).__name__}")
     return v
@@ -167,7 +167,7 @@ def _np_scalar(obj: np.generic) -> Any:
     return node
 
 
-def _dec_np_scalar(node: dict) -> np.generic:
+def _dec_np_scalar(node: dict[str, Any]) -> np.generic:
     if len(node) != 3 or "dtype" not in node or ("v" in node) == ("b64" in node):
         raise TreeFail(f"tag 'npscalar' needs the fields dtype and one of v/b64, got {short(list(node))}")
     dt = np_dtype(node["dtype"])
@@ -175,7 +175,8 @@ def _dec_np_scalar(node: dict) -> np.generic:
         raw = _b64(node["b64"])
         if len(raw) != dt.itemsize:
             raise TreeFail(f"numpy scalar of dtype {dt.str} needs {dt.itemsize} bytes, got {len(raw)}")
-        return np.frombuffer(raw, dt)[0] if raw else np.zeros(1, dt)[0]
+        scalar: np.generic = np.frombuffer(raw, dt)[0] if raw else np.zeros(1, dt)[0]
+        return scalar
     v = node["v"]
     ok = {"b": type(v) is bool, "i": type(v) is int, "u": type(v) is int}.get(dt.kind)
     if dt.kind == "f" and dt.itemsize <= 8:
@@ -184,9 +185,10 @@ def _dec_np_scalar(node: dict) -> np.generic:
     if not ok:
         raise TreeFail(f"invalid value {short(v)} for a numpy scalar of dtype {dt.str}")
     try:
-        return dt.type(v)
+        value: np.generic = dt.type(v)
     except (OverflowError, ValueError) as e:
         raise TreeFail(f"invalid value {short(v)} for numpy dtype {dt.str} ({e})") from None
+    return value
 
 
 def _kind_of(obj: Any) -> tuple[str, str]:
@@ -228,7 +230,7 @@ def enc_leaf(obj: Any) -> Any:
     raise TreeFail(f"is {kind}, {NO_PICKLE}{hint}")
 
 
-def dec_leaf(node: dict, tag: str) -> Any:
+def dec_leaf(node: dict[str, Any], tag: str) -> Any:
     """Decode a tagged leaf that needs no tensors; containers and tensor tags are not handled here."""
     if tag == "npscalar":
         return _dec_np_scalar(node)
@@ -314,7 +316,7 @@ class Unflattener:
             return self.mapping(node["items"], depth)
         return dec_leaf(node, tag)
 
-    def seq(self, node: Any, depth: int) -> list:
+    def seq(self, node: Any, depth: int) -> list[Any]:
         if type(node) is not list:
             raise TreeFail(f"expected a list, got {type(node).__name__}")
         out = []
@@ -326,10 +328,10 @@ class Unflattener:
                 raise
         return out
 
-    def mapping(self, items: Any, depth: int) -> dict:
+    def mapping(self, items: Any, depth: int) -> dict[Any, Any]:
         if type(items) is not list:
             raise TreeFail("dict items must be a list of [key, value] pairs")
-        out: dict = {}
+        out: dict[Any, Any] = {}
         for item in items:
             if type(item) is not list or len(item) != 2:
                 raise TreeFail(f"dict items must be [key, value] pairs, got {short(item)}")
@@ -343,7 +345,7 @@ class Unflattener:
                 raise
         return out
 
-    def tensor(self, node: dict, tag: str) -> Any:
+    def tensor(self, node: dict[str, Any], tag: str) -> Any:
         check_fields(node, tag)
         key = node["key"]
         if type(key) is not str:
