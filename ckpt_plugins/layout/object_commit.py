@@ -6,8 +6,8 @@ data is missing. What an object store does guarantee is that one object appears 
 all (a PUT, or the completion of a multipart upload). The protocol uses that alone:
 
 1. **Write under the final prefix.** Tensor and extra files are uploaded straight to
-   ``<root>/step_N/``; a ``.incomplete`` marker object goes first, so start-up cleanup knows the
-   prefix is ours even when it has a custom name.
+   ``<root>/step_N/``. A save under a custom name (``save(name=...)``) first puts a ``.incomplete``
+   marker object there, so start-up cleanup knows the prefix is ours; ``step_N`` is known by name.
 2. **The manifest last**, in one PUT, listing every file with its size and xxh3 checksum. A prefix
    holding ``manifest.json`` is committed; one without it is never listed, restored or counted,
    and the next writer removes it (rank 0 at start-up, holding the lock, so no live writer can
@@ -55,17 +55,25 @@ class ObjectCommit:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.storage: ObjectStorage = layout.storage  # type: ignore[assignment]
+        self._empty: set[str] = set()  # prefixes a save began in while they held nothing
 
     def _rel(self, path: str) -> str:
         return path[len(self.layout.root.rstrip("/")) + 1 :]
 
     def begin(self, step: int, token: str, name: str | None) -> str:
-        """Where a save writes: the final prefix, or a fresh version under it when it is committed."""
+        """Where a save writes: the final prefix, or a fresh version under it when it is committed.
+
+        One LIST tells both whether the prefix is committed and whether anything is in it; a save
+        into an empty prefix then needs no clean-up LIST at its commit."""
         final = self.layout.path_for(step, name)
         join = self.storage.join
-        if self.storage.exists(join(final, MANIFEST_NAME)):
+        objects = self.storage.find(final)
+        if join(final, MANIFEST_NAME) in objects:
             return join(final, f"v{token}")
-        self.storage.put_bytes(join(final, INCOMPLETE_MARKER), b"")
+        if name is not None:  # cleanup recognises step-named prefixes by their name; others by the marker
+            self.storage.put_bytes(join(final, INCOMPLETE_MARKER), b"")
+        elif not objects:
+            self._empty.add(final)
         return final
 
     def commit(self, written: str, manifest: Manifest, *, replace: bool, name: str | None) -> str:
@@ -78,11 +86,15 @@ class ObjectCommit:
             version = written.rstrip("/").rsplit("/", 1)[-1]
             manifest = _versioned(manifest, version)
         self.storage.put_bytes(manifest_path, dump_manifest(manifest))  # the commit point
-        self._remove_unreferenced(final, set(manifest.files))
+        if written in self._empty:
+            self._empty.discard(written)  # nothing but this save's files is there
+        else:
+            self._remove_unreferenced(final, set(manifest.files))
         return final
 
     def discard(self, written: str) -> None:
         """Remove what a failed save wrote; a committed checkpoint under it is left alone."""
+        self._empty.discard(written)
         join = self.storage.join
         tail = written.rstrip("/").rsplit("/", 1)[-1]
         try:
@@ -101,7 +113,9 @@ class ObjectCommit:
             if self.storage.exists(path):  # a one-object checkpoint: deleting it is atomic
                 self.storage.remove_file(path)
             return
-        self.storage.put_bytes(join(path, INCOMPLETE_MARKER), b"")
+        tail = path.rstrip("/").rsplit("/", 1)[-1]
+        if parse_step_dir(tail, self.layout.prefix) is None:
+            self.storage.put_bytes(join(path, INCOMPLETE_MARKER), b"")
         if self.storage.exists(join(path, MANIFEST_NAME)):
             self.storage.remove_file(join(path, MANIFEST_NAME))  # no longer listed from here on
         try:

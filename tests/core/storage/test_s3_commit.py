@@ -162,3 +162,29 @@ def test_large_files_are_multipart_uploads_and_ranged_reads(s3_bucket, s3_server
     ]
     assert len(ranged) >= 3
     assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20])  # one PUT; a multipart upload
+def test_one_object_appears_whole_or_not_at_all(s3_bucket, s3_server, s3_options, monkeypatch, size):
+    """What single-file checkpoints rely on where there is no rename: an object written with
+    ``open_write`` is invisible until ``close`` completes it; a failure in between leaves the
+    previous object (or none) and no unfinished upload."""
+    from ckpt_plugins.storage import object_store, open_storage
+
+    monkeypatch.setattr(object_store, "PART_BYTES", 5 << 20)
+    storage, root = open_storage(f"s3://{s3_bucket}/one", s3_options)
+    path = storage.join(root, "last.ckpt")
+    storage.put_bytes(path, b"old")
+    data = bytes(range(256)) * (size // 256)
+    with pytest.raises(RuntimeError, match="interrupted"), storage.open_write(path) as out:
+        out.write(data)
+        with storage.open_read(path) as f:
+            assert f.read() == b"old"  # still the old object while the new one is being written
+        raise RuntimeError("interrupted")
+    with storage.open_read(path) as f:
+        assert f.read() == b"old"
+    assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    with storage.open_write(path) as out:
+        out.write(data)
+    with storage.open_read(path) as f:
+        assert f.read() == data
