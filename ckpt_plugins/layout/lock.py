@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from ckpt_plugins.errors import LockedError, NotWritableError
 from ckpt_plugins.storage import LocalStorage, Storage
@@ -178,11 +179,11 @@ class DirectoryLock:
                 log.warning("could not refresh the lock %s (%s); retrying in %.0f s", self.path, exc, HEARTBEAT_S)
 
     @staticmethod
-    def _heartbeat_age(holder: dict) -> str:
+    def _heartbeat_age(holder: dict[str, Any]) -> str:
         beat = holder.get("heartbeat")
         return f" (last heartbeat {time.time() - beat:.0f} s ago)" if isinstance(beat, (int, float)) else ""
 
-    def _read_holder(self) -> dict | None:
+    def _read_holder(self) -> dict[str, Any] | None:
         if self._conditional:
             tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
             if tagged is None:
@@ -202,7 +203,7 @@ class DirectoryLock:
             return {"garbled": True}
         return holder if isinstance(holder, dict) else {"garbled": True}
 
-    def _is_stale(self, holder: dict) -> bool:
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("garbled"):
             # Empty or unreadable: either an owner killed between creating and writing it, or one
             # writing it right now. Look again after a moment; still garbled means abandoned.
@@ -220,5 +221,5 @@ class DirectoryLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -26,7 +26,7 @@ from ckpt_plugins.storage.local import LocalStorage
 from ckpt_plugins.storage.object_store import ObjectStorage, is_object_store
 from ckpt_plugins.storage.remote import FsspecStorage
 
-__all__ = ["Storage", "LocalStorage", "FsspecStorage", "ObjectStorage", "open_storage"]
+__all__ = ["FsspecStorage", "LocalStorage", "ObjectStorage", "Storage", "open_storage"]
 
 # botocore's "standard" retry mode retries 5xx, throttling and dropped connections with jittered
 # exponential backoff; s3fs adds its own loop on top. A user's own ``config_kwargs`` win.

@@ -30,6 +30,7 @@ import io
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, BinaryIO
 
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 OBJECT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 PART_BYTES = 32 << 20  # multipart part size (S3's minimum is 5 MiB, except the last part)
 UPLOAD_PARALLEL = 4  # parts in flight per file
-READ_CHUNK = 16 << 20  # ranged-read size
-READ_PARALLEL = 4  # ranges in flight per file
+READ_CHUNK = 32 << 20  # ranged-read size
+READ_PARALLEL = 8  # ranges in flight per file
 SHORT_READ_RETRIES = 3
 
 
@@ -81,7 +82,7 @@ class _ViewBody(io.RawIOBase):
         self._pos = max(0, min(len(self._view), base + offset))
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         n = min(len(buffer), len(self._view) - self._pos)
         buffer[:n] = self._view[self._pos : self._pos + n]
         self._pos += n
@@ -111,16 +112,16 @@ class ObjectStorage(FsspecStorage):
 
     def exists(self, path: str) -> bool:
         self.fs.invalidate_cache(path)
-        return self._call("check", path, self.fs.exists, path)
+        return bool(self._call("check", path, self.fs.exists, path))
 
     def isdir(self, path: str) -> bool:
         self.fs.invalidate_cache(path)
-        return self._call("check", path, self.fs.isdir, path)
+        return bool(self._call("check", path, self.fs.isdir, path))
 
     def find(self, path: str) -> list[str]:
         """Every object under ``path`` (full paths)."""
         self.fs.invalidate_cache(path)
-        return self._call("list", path, self.fs.find, path)
+        return list(self._call("list", path, self.fs.find, path))
 
     def makedirs(self, path: str) -> None:
         """Prefixes need no creating (and s3fs would create a missing *bucket*, which we never want)."""
@@ -156,7 +157,7 @@ class ObjectStorage(FsspecStorage):
 
     def open_read(self, path: str) -> BinaryIO:
         if not self.s3:
-            return self._call("read", path, self.fs.open, path, "rb")
+            return self._call("read", path, self.fs.open, path, "rb")  # type: ignore[no-any-return]
         return _RangedReader(self, path, self.size(path))  # type: ignore[return-value]
 
     def put_bytes(self, path: str, data: bytes) -> None:
@@ -190,8 +191,8 @@ class ObjectStorage(FsspecStorage):
             resp = self._s3("get_object", path)
         except FileNotFoundError:
             return None
-        body = self._run(_read_body(resp))
-        return body, resp["ETag"]
+        body: bytes = self._run(_read_body(resp))
+        return body, str(resp["ETag"])
 
     def replace_if(self, path: str, data: bytes, etag: str) -> bool:
         """Overwrite ``path`` only if its ETag is still ``etag``; False if it changed or vanished."""
@@ -216,15 +217,15 @@ class ObjectStorage(FsspecStorage):
         return True
 
     # --- plumbing ----------------------------------------------------------------------------
-    def _run(self, coro) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         from fsspec.asyn import sync
 
         return sync(self.fs.loop, lambda: coro)
 
-    def _submit(self, coro) -> Future:
+    def _submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
 
-    async def _s3_async(self, method: str, path: str, **kwargs) -> Any:
+    async def _s3_async(self, method: str, path: str, **kwargs: Any) -> Any:
         bucket, key, _ = self.fs.split_path(path)
         try:
             return await self.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
@@ -239,10 +240,10 @@ class ObjectStorage(FsspecStorage):
                 raise _Conflict(str(exc)) from exc
             raise self._failed(method, path, exc) from exc
 
-    def _s3(self, method: str, path: str, **kwargs) -> Any:
+    def _s3(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._run(self._s3_async(method, path, **kwargs))
 
-    def _call(self, what: str, path: str, fn, *args, **kwargs) -> Any:
+    def _call(self, what: str, path: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
@@ -264,9 +265,10 @@ class _Conflict(Exception):
     """A conditional request lost (412 Precondition Failed, 409 ConditionalRequestConflict)."""
 
 
-async def _read_body(resp) -> bytes:
+async def _read_body(resp: Any) -> bytes:
     try:
-        return await resp["Body"].read()
+        body: bytes = await resp["Body"].read()
+        return body
     finally:
         resp["Body"].close()
 
@@ -274,16 +276,16 @@ async def _read_body(resp) -> bytes:
 class _DiscardOnError:
     """fsspec's buffered files *commit* on ``__exit__`` even after an exception; discard instead."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: Any) -> None:
         self._file = file
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str) -> Any:
         return getattr(self._file, attr)
 
-    def __enter__(self):
+    def __enter__(self) -> _DiscardOnError:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:
             self._file.discard()
         else:
@@ -301,8 +303,8 @@ class _UploadWriter:
         self._pending_bytes = 0
         self._size = 0
         self._upload_id: str | None = None
-        self._parts: list[Future] = []
-        self._window: deque[Future] = deque()
+        self._parts: list[Future[Any]] = []
+        self._window: deque[Future[Any]] = deque()
         self.closed = False
 
     # file-object surface
@@ -318,11 +320,11 @@ class _UploadWriter:
     def flush(self) -> None:
         """Parts go out as they fill; the object exists only once ``close`` completes it."""
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         return self._append(memoryview(bytes(view)) if len(view) else view)
 
-    def write_stable(self, data) -> int:
+    def write_stable(self, data: Any) -> int:
         return self._append(memoryview(data).cast("B"))
 
     def _append(self, view: memoryview) -> int:
@@ -405,7 +407,7 @@ class _UploadWriter:
     def __enter__(self) -> _UploadWriter:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:
             self.discard()
         else:
@@ -420,7 +422,7 @@ class _RangedReader(io.RawIOBase):
         super().__init__()
         self.storage, self.path, self.name, self._size = storage, path, path, size
         self._pos = 0
-        self._ahead: dict[int, Future] = {}  # chunk index -> bytes
+        self._ahead: dict[int, Future[bytes]] = {}  # chunk index -> bytes
         self._lock = threading.Lock()
 
     def readable(self) -> bool:
@@ -437,7 +439,7 @@ class _RangedReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
-    def _fetch(self, index: int) -> Future:
+    def _fetch(self, index: int) -> Future[bytes]:
         future = self._ahead.get(index)
         if future is None:
             start = index * READ_CHUNK
@@ -450,7 +452,7 @@ class _RangedReader(io.RawIOBase):
         storage = self.storage
         for attempt in range(SHORT_READ_RETRIES):
             try:
-                data = await storage.fs._cat_file(self.path, start=start, end=end)
+                data: bytes = await storage.fs._cat_file(self.path, start=start, end=end)
             except FileNotFoundError:
                 raise
             except Exception as exc:
@@ -471,7 +473,7 @@ class _RangedReader(io.RawIOBase):
             EOFError(f"the store kept returning {len(data)} bytes instead of {end - start}"),
         )
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         done = 0
         while done < len(view) and self._pos < self._size:
