@@ -92,10 +92,14 @@ def reserve(storage: Storage, path: str) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(_RESERVED + f"host {_HOST} pid {os.getpid()}\n".encode())
         return True
+    marker = _RESERVED + f"host {_HOST} pid {os.getpid()}\n".encode()
+    create_exclusive = getattr(storage, "create_exclusive", None)
+    if create_exclusive is not None:  # an object store: a conditional create (If-None-Match: *)
+        return bool(create_exclusive(path, marker))
     if storage.exists(path):
         return False
     with storage.open_write(path) as f:
-        f.write(_RESERVED + f"host {_HOST} pid {os.getpid()}\n".encode())
+        f.write(marker)
     return True
 
 
@@ -159,17 +163,20 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
                 "tree": json.dumps(tree, allow_nan=False, separators=(",", ":")),
                 "info": json.dumps({"wall_time": time.time(), "created_by": {"ckpt_plugins": __version__,
                                     "torch": torch.__version__}, **info}, allow_nan=False, separators=(",", ":"))}
-    temp = path if in_place else temp_path(storage, path)
+    # An object store has no rename, but needs none: one object appears whole at the end of its
+    # upload, and a failed upload is aborted, leaving the old object (ckpt_plugins.storage.object_store).
+    whole_object = not getattr(storage, "atomic_rename", True)
+    temp = path if in_place or whole_object else temp_path(storage, path)
     try:
         if write_tensors is not None:
             record = write_tensors(temp, tensors, metadata)
         else:
             record = write_tensor_file(storage, temp, tensors, metadata, direct_io=direct_io)
-        if not in_place:
+        if temp != path:
             _replace(storage, temp, path)
     except BaseException:
         try:
-            if storage.exists(temp):
+            if (temp != path or in_place) and storage.exists(temp):
                 storage.remove_file(temp)
         except OSError:
             pass

@@ -177,6 +177,13 @@ class ObjectStorage(FsspecStorage):
             self._s3("put_object", path, Body=data, IfNoneMatch="*")
         except (FileExistsError, _Conflict):
             return False
+        except OSError as exc:
+            if "IfNoneMatch" not in str(exc):  # botocore < 1.35.20 does not know the parameter
+                raise
+            log.warning("%s: this botocore cannot send If-None-Match; the lock is advisory (upgrade botocore to "
+                        ">= 1.35.20 for an atomic one)", self.url(path))
+            self.conditional_create = False
+            return self.create_exclusive(path, data)
         return True
 
     def read_tagged(self, path: str) -> tuple[bytes, str] | None:

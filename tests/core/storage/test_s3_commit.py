@@ -188,3 +188,33 @@ def test_one_object_appears_whole_or_not_at_all(s3_bucket, s3_server, s3_options
         out.write(data)
     with storage.open_read(path) as f:
         assert f.read() == data
+
+
+def test_single_file_checkpoints_on_s3_are_one_atomic_object(s3_bucket, s3_server, s3_options):
+    """The one-file format (Lightning's ``.ckpt`` paths) commits by rename locally; on S3 the
+    object itself is the commit: no temporary object, no copy, and a failed write leaves the old one."""
+    from ckpt_plugins.files.single_file import read_single_file, reserve, write_single_file
+    from ckpt_plugins.files.tensor_file import write_tensor_file
+    from ckpt_plugins.storage import open_storage
+    from ckpt_plugins.tree.codec import flatten_state
+
+    storage, root = open_storage(f"s3://{s3_bucket}/lit", s3_options)
+    path = storage.join(root, "last.ckpt")
+
+    def save(value: float, writer=None):
+        flat = flatten_state({"w": torch.full((1000,), value), "epoch": int(value)})
+        return write_single_file(storage, path, flat.tree, flat.tensors, {"step": int(value)}, write_tensors=writer)
+
+    assert reserve(storage, storage.join(root, "new.ckpt")) and not reserve(storage, storage.join(root, "new.ckpt"))
+    save(1.0)
+
+    def failing(p, tensors, metadata):
+        write_tensor_file(storage, p, tensors, metadata)
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        save(2.0, failing)  # written, then failed before returning: the commit point is the upload's end
+    save(3.0)
+    state, info = read_single_file(storage, path)
+    assert state["epoch"] == 3 and info["step"] == 3
+    assert _keys(s3_server, s3_bucket, "lit/") == ["lit/last.ckpt", "lit/new.ckpt"]  # no temporary objects
