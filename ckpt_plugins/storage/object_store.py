@@ -180,8 +180,11 @@ class ObjectStorage(FsspecStorage):
         except OSError as exc:
             if "IfNoneMatch" not in str(exc):  # botocore < 1.35.20 does not know the parameter
                 raise
-            log.warning("%s: this botocore cannot send If-None-Match; the lock is advisory (upgrade botocore to "
-                        ">= 1.35.20 for an atomic one)", self.url(path))
+            log.warning(
+                "%s: this botocore cannot send If-None-Match; the lock is advisory (upgrade botocore to "
+                ">= 1.35.20 for an atomic one)",
+                self.url(path),
+            )
             self.conditional_create = False
             return self.create_exclusive(path, data)
         return True
@@ -240,7 +243,7 @@ class ObjectStorage(FsspecStorage):
             if exc.errno == errno.EINVAL and "pre-conditions" in str(exc):
                 raise _Conflict(str(exc)) from exc
             if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
-                raise
+                raise self._named(exc, path) from exc
             raise self._failed(method, path, exc) from exc
         except Exception as exc:
             if "ConditionalRequestConflict" in str(exc) or "PreconditionFailed" in str(exc):
@@ -253,10 +256,20 @@ class ObjectStorage(FsspecStorage):
     def _call(self, what: str, path: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
+        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            raise self._named(exc, path) from exc
         except Exception as exc:
             raise self._failed(what, path, exc) from exc
+
+    def _named(self, exc: OSError, path: str) -> OSError:
+        """The same kind of error (callers tell "missing" from "refused" by its class), with the
+        object named and, for a refusal, what to check."""
+        if self.url(path) in str(exc):
+            return exc
+        hint = "; check the credentials and the bucket policy" if isinstance(exc, PermissionError) else ""
+        named = type(exc)(exc.errno or errno.EIO, f"{self.url(path)}: {exc.strerror or exc}{hint}")
+        named.filename = path
+        return named
 
     def _failed(self, what: str, path: str, exc: BaseException) -> OSError:
         err = OSError(

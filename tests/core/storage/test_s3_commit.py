@@ -218,3 +218,39 @@ def test_single_file_checkpoints_on_s3_are_one_atomic_object(s3_bucket, s3_serve
     state, info = read_single_file(storage, path)
     assert state["epoch"] == 3 and info["step"] == 3
     assert _keys(s3_server, s3_bucket, "lit/") == ["lit/last.ckpt", "lit/new.ckpt"]  # no temporary objects
+
+
+def test_quarantine_moves_only_the_manifest_aside_and_cleanup_keeps_the_files(s3_bucket, s3_server, s3_options):
+    url = f"s3://{s3_bucket}/run"
+    with CheckpointManager(url, storage_options=s3_options) as mgr:
+        mgr.save(1, _state(1))
+        mgr.save(2, _state(2))
+        target = mgr.quarantine(2, "bad bytes")
+        assert mgr.steps() == [1]
+    assert "step_2/manifest.damaged-" in target
+    with CheckpointManager(url, storage_options=s3_options) as mgr:  # start-up cleanup leaves it alone
+        assert mgr.steps() == [1]
+    keys = _keys(s3_server, s3_bucket, "run/step_2/")
+    assert "run/step_2/state.safetensors" in keys and any("manifest.damaged-" in k for k in keys)
+
+
+def test_storage_options_never_reach_a_checkpoint_or_a_log_line(s3_bucket, s3_server, caplog, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    secret = "sEcReT-do-not-leak-0123456789"
+    options = {**s3_server.storage_options(), "key": "key-id-do-not-leak", "secret": secret}
+    url = f"s3://{s3_bucket}/run"
+    with caplog.at_level(logging.DEBUG, logger="ckpt_plugins"):
+        with CheckpointManager(url, storage_options=options, keep_last=1) as mgr:
+            mgr.save(1, _state(1))
+            mgr.save(2, _state(2))
+            mgr.restore("latest")
+            assert secret not in repr(vars(mgr))
+        with pytest.raises(OSError) as failed:  # an error names the object, never the options
+            CheckpointManager(f"s3://no-such-bucket-{s3_bucket}/run", storage_options=options)
+    assert "no-such-bucket" in str(failed.value) and secret not in str(failed.value)
+    client = s3_server.client()
+    for key in _keys(s3_server, s3_bucket):
+        body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        assert secret.encode() not in body and b"do-not-leak" not in body, key
+    assert "do-not-leak" not in caplog.text and secret not in caplog.text
