@@ -8,7 +8,6 @@ replace them: ``ls --keep-last 2`` shows what ``prune --keep-last 2 --yes`` woul
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from typing import Any
 
@@ -21,6 +20,10 @@ from . import catalog
 from .render import emit_json, human_age, human_bytes, print_table, stdout
 
 __all__ = ["add_parsers", "run_ls", "run_prune"]
+
+
+# rule option names as the command line spells them (keep_best -> --keep-best), for errors
+FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in catalog.RULE_FLAGS}
 
 
 def _rule_args(p: argparse.ArgumentParser) -> None:
@@ -63,18 +66,8 @@ def _listing(args: argparse.Namespace) -> tuple[list[catalog.Entry], dict | None
     except ConfigError as exc:
         if source != "command line":
             raise ConfigError(f"the retention rules {source} are invalid ({exc}); pass rule flags instead") from None
-        raise ConfigError(_as_flags(str(exc))) from None
+        raise exc.renamed(FLAG_NAMES) from None
     return entries, rules, source, reasons
-
-
-def _as_flags(message: str) -> str:
-    """A rule error in the command line's words: ``keep_best=1 needs monitor`` -> ``--keep-best 1
-    needs --monitor``."""
-    for name in catalog.RULE_FLAGS:
-        flag = "--" + name.replace("_", "-")
-        message = re.sub(rf"\b{name}=(?=\S)", flag + " ", message)
-        message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
-    return message
 
 
 def _kept_by(entry: catalog.Entry, reasons: list[str] | None) -> str:

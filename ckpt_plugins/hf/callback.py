@@ -41,7 +41,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingReport
 from ckpt_plugins.distributed import broadcast_object, rank_and_world
-from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
 from ckpt_plugins.hf import gradient_checkpointing as gc_wiring
 from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
@@ -227,8 +227,10 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         self.manager.start_run(step, resumed=step > 0, hint=_RESUME_HINT)
         if step and step in self.manager.steps():
-            try:
-                saved = self.manager.restore(step).get("data_position")
+            try:  # only the data position: the Trainer has loaded the rest already
+                saved = self.manager.restore(step, include="data_position").get("data_position")
+            except ConfigError:  # a checkpoint of ours without a data position (older versions)
+                saved = None
             except CorruptCheckpointError as exc:
                 log.warning("resumed from step %d, whose checkpoint no longer matches its manifest (%s); the "
                             "Trainer loaded it, so training goes on, but the data position was not checked", step, exc)

@@ -15,7 +15,6 @@ Nothing here imports Lightning.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -30,7 +29,7 @@ from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["add_convert_parser", "load_from_checkpoint", "to_lightning_checkpoint"]
+__all__ = ["load_from_checkpoint", "to_lightning_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +112,3 @@ def load_from_checkpoint(cls: type[T], path: str | os.PathLike, **kwargs: Any) -
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     return cls.load_from_checkpoint(buffer, **kwargs)  # type: ignore[attr-defined]
-
-
-def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``convert SRC DST --to lightning [--step N]`` to the ``ckpt-plugins`` command line.
-
-    Args:
-        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
-
-    Returns:
-        The new sub-parser (its ``func`` default runs the conversion and returns an exit code).
-    """
-    parser = subparsers.add_parser("convert", help="convert a checkpoint to another framework's file format")
-    parser.add_argument("src", help="a checkpoint folder, or a run directory (its latest checkpoint)")
-    parser.add_argument("dst", help="the file to write, e.g. model.ckpt")
-    parser.add_argument("--to", required=True, choices=("lightning",), help="target format")
-    parser.add_argument("--step", type=int, help="with a run directory: which step (default: latest)")
-    parser.set_defaults(func=_cmd_convert)
-    return parser
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    source = to_lightning_checkpoint(args.src, args.dst, step=args.step)
-    print(f"wrote {args.dst} from {source}")
-    return 0

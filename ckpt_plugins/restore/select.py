@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.options.checks import check_bool
 from ckpt_plugins.tree.codec import leaf_paths, rename_tree, select_tree, tensor_refs, unflatten_state
 
 if TYPE_CHECKING:
@@ -128,9 +129,9 @@ def check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def check_strict(strict: Any) -> bool:
-    if not isinstance(strict, bool):
-        raise ConfigError(f"strict must be True or False, got {strict!r} ({type(strict).__name__})")
-    return strict
+    """``strict`` as given, checked by the options model's one bool check."""
+    check_bool("strict", strict)
+    return bool(strict)
 
 
 def materialize(tree: Any, read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]], *,

@@ -178,7 +178,7 @@ def test_progress_bar_on_a_terminal_leaves_piped_stdout_whole(tmp_path):
 def test_rule_flag_errors_name_the_command_line_flags(tmp_path, capsys):
     run = plain_run(tmp_path / "run")
     assert main(["ls", str(run), "--keep-best", "1"]) == 2
-    assert "--keep-best 1 needs --monitor" in capsys.readouterr().err
+    assert "--keep-best=1 needs --monitor" in capsys.readouterr().err
     assert main(["prune", str(run), "--keep-last", "0"]) == 2
     assert "--keep-last must be a positive integer" in capsys.readouterr().err
 

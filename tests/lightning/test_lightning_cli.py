@@ -3,7 +3,6 @@ the ways out to plain Lightning: ``load_from_checkpoint`` and ``convert --to lig
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from lightning.pytorch.cli import LightningCLI
 
 from ckpt_plugins.activation import activation_checkpointing_report
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin, load_from_checkpoint, to_lightning_checkpoint
-from ckpt_plugins.lightning.convert import add_convert_parser
 from conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "lightning"
@@ -94,11 +92,11 @@ def test_convert_command(tmp_path):
     with CheckpointManager(tmp_path / "run") as mgr:
         for step in (3, 6):
             mgr.save(step, {"state_dict": {"w": torch.full((2,), float(step))}, "global_step": step, "epoch": 0})
-    parser = argparse.ArgumentParser(prog="ckpt-plugins")
-    add_convert_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", str(tmp_path / "run"), str(tmp_path / "out.ckpt"), "--to", "lightning",
-                              "--step", "3"])
-    assert args.func(args) == 0
+    from ckpt_plugins.lightning.convert import to_lightning_checkpoint
+
+    to_lightning_checkpoint(str(tmp_path / "run"), str(tmp_path / "out.ckpt"), step=3)
     assert torch.equal(torch.load(tmp_path / "out.ckpt", weights_only=True)["state_dict"]["w"], torch.full((2,), 3.0))
+    from ckpt_plugins.cli import main
+
     with pytest.raises(SystemExit):
-        parser.parse_args(["convert", "a", "b", "--to", "onnx"])
+        main(["convert", "a", "b", "--to", "onnx"])
