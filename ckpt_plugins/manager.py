@@ -19,18 +19,17 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import Any, BinaryIO, Literal
 
 import torch
 
-from ckpt_plugins.distributed import agree_on_save, all_gather_object, rank_and_world
-from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError, SaveError
+from ckpt_plugins.distributed import rank_and_world
+from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.extra_files import StagedFile, TensorFile
-from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
-from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
@@ -45,12 +44,11 @@ from ckpt_plugins.options import (
 from ckpt_plugins.options.checks import check_directory
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
-from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
-from ckpt_plugins.persist.request import check_save_arguments, collect, flatten_parts, stage_now
-from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
-from ckpt_plugins.persist.stager import HostStager
-from ckpt_plugins.persist.writer_process import ProcessWriter
-from ckpt_plugins.restore.choose import first_usable
+from ckpt_plugins.persist.engine import SaveHandle
+from ckpt_plugins.persist.request import check_save_arguments, flatten_parts
+from ckpt_plugins.persist.save_job import SaveRequest
+from ckpt_plugins.persist.writer import Persister
+from ckpt_plugins.restore.choose import candidates
 from ckpt_plugins.restore.select import check_rename, check_strict, make_selector
 from ckpt_plugins.restore.targets import RestoreReport
 from ckpt_plugins.retention.policy import (
@@ -60,7 +58,6 @@ from ckpt_plugins.retention.policy import (
     RetentionPolicy,
     best_step,
     policy_flags,
-    ranked_steps,
 )
 from ckpt_plugins.storage import open_storage
 from ckpt_plugins.storage.direct_io import direct_io_enabled
@@ -149,27 +146,23 @@ class CheckpointManager:
         self.direct_io = opts.io.direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
         self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
+        self._state_lock = threading.Lock()
         try:
             if self.rank == 0 and not opts.io.read_only:
                 self.storage.makedirs(self.root)
                 self._lock.acquire()
                 self.layout.cleanup_leftovers()
-            self._stager = HostStager(opts.saving.max_pending, shared=opts.saving.writer == "process")
-            self._process_writer = ProcessWriter(self.direct_io, self._stager) \
-                if opts.saving.writer == "process" else None
-            self._engine = PersistEngine(async_save=opts.saving.async_save, writer_nice=opts.saving.writer_nice,
-                                         on_error=opts.saving.on_error)
+            # the writer side: stager, engine, writer process, saves in flight (persist/writer.py)
+            self._persister = Persister(opts.saving, storage=self.storage, layout=self.layout,
+                                        direct_io=self.direct_io, rank=self.rank, world_size=self.world_size,
+                                        rank_timeout=opts.distributed.rank_timeout,
+                                        overwrite=opts.retention.overwrite, directory=self.directory,
+                                        lock=self._state_lock, done=self._save_done)
         except BaseException:
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
-        self._destination = Destination(self.storage, self.layout, self._write_tensors, self.direct_io, self.rank,
-                                        self.world_size, opts.distributed.rank_timeout)
         self._records: dict[int, CheckpointRecord] = {}
-        self._state_lock = threading.Lock()
-        self._in_flight: set[int] = set()
         self._restored_step: int | None = None
-        self._replaceable: frozenset[int] = frozenset()  # start_run: an earlier run's later steps
-        self._last_handle: SaveHandle | None = None
         self.last_restore_report: RestoreReport | None = None
         self.last_save_stats: dict[str, float] = {}
         self._closed = False
@@ -277,7 +270,7 @@ class CheckpointManager:
                                 overwrite=self.options.retention.overwrite,
                                 hint=hint)
         with self._state_lock:
-            self._replaceable = frozenset(later)
+            self._persister.replaceable = frozenset(later)
         return later
 
     # --- save --------------------------------------------------------------------------------
@@ -312,69 +305,16 @@ class CheckpointManager:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
         metrics = check_save_arguments(step, metrics, extra_files, name)
         flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
-        token, ranks_with_state = self._agree(step, has_rank_state=rank_state is not None, unstorable=unstorable,
-                                              name=name)
-        saving = self.options.saving
-        slot = self._stager.acquire(block=saving.on_busy == "wait")
-        if slot is None:
-            log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
-                        step, self._stager.slots)
-            return None
-        t0 = time.perf_counter()
-        tensors, extra_specs = collect(flat, rank_flat, extra_files if self.rank == 0 else None)
-        staged = stage_now(self._stager, slot, tensors, snapshot=saving.snapshot, async_save=saving.async_save)
-        handle = SaveHandle(step, self.layout.path_for(step, name))
-        handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
-        self.last_save_stats = handle.stats
-        request = SaveRequest(step=step, token=token, name=name, ranks_with_state=ranks_with_state, flat=flat,
-                              rank_flat=rank_flat, tensors=tensors, staged=staged,
-                              stage_in_job=saving.snapshot == "overlap", slot=slot, metrics=metrics,
-                              user_metadata=dict(user_metadata or {}), extra_specs=extra_specs,
-                              callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
-                              retention=policy_flags(self.policy) if name is None else None)
-        if name is None:
-            with self._state_lock:
-                self._in_flight.add(step)
-        try:
-            self._last_handle = self._engine.submit(handle, SaveJob(request, self._destination, self._stager,
-                                                                    done=self._save_done))
-        except BaseException:
-            self._stager.release(slot)
-            self._save_done(request, None)
-            raise
-        handle.stats["stall_s"] = time.perf_counter() - t0
-        if not saving.async_save:
-            self._engine.report(handle, distributed=self.world_size > 1)
-            if self.world_size > 1:
-                self.wait()  # a synchronous save returns on every rank once rank 0 has committed
-        return handle
+        token, ranks_with_state = self._persister.agree(step, has_rank_state=rank_state is not None,
+                                                        unstorable=unstorable, name=name)
+        return self._persister.save(step, token=token, ranks_with_state=ranks_with_state, flat=flat,
+                                    rank_flat=rank_flat, extra_files=extra_files if self.rank == 0 else None,
+                                    name=name, metrics=metrics, user_metadata=user_metadata, on_commit=on_commit,
+                                    retention=policy_flags(self.policy) if name is None else None,
+                                    on_stats=self._set_save_stats)
 
-    def _agree(self, step: int, *, has_rank_state: bool, unstorable: str | None,
-               name: str | None) -> tuple[str, list[int]]:
-        """Check the step against what exists and (distributed) that every rank agrees (one all_gather)."""
-        own_error = self._engine.take_error(distributed=self.world_size > 1, refuse=True)
-        conflict = self._order_conflict(step) if self.rank == 0 and name is None else None
-        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable)
-        return agree_on_save(self._gather(view))
-
-    def _gather(self, obj: Any) -> list[Any]:
-        return all_gather_object(obj) if self.world_size > 1 else [obj]
-
-    def _order_conflict(self, step: int) -> str | None:
-        with self._state_lock:
-            later = sorted({s for s in self.steps() if s >= step and s not in self._replaceable}
-                           | {s for s in self._in_flight if s >= step})
-        if later and not self.options.retention.overwrite:
-            return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
-                    "already exist or are being saved, at or after it. Use a larger step, or "
-                    "overwrite=True to replace them (later checkpoints are then removed).")
-        return None
-
-    def _write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                       slot: int | None) -> FileRecord:
-        if self._process_writer is not None:
-            return self._process_writer.write(path, tensors, metadata, slot)
-        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
+    def _set_save_stats(self, stats: dict[str, float]) -> None:
+        self.last_save_stats = stats
 
     def _save_done(self, request: SaveRequest, manifest: Manifest | None) -> None:
         """A save job finished (the writer's completion callback): forget it as in flight; after a
@@ -383,15 +323,16 @@ class CheckpointManager:
         step = request.step
         with self._state_lock:
             if request.name is None:
-                self._in_flight.discard(step)
+                self._persister.in_flight.discard(step)
             if manifest is None or request.name is not None:
                 return
-            replaceable = self._replaceable
+            replaceable = self._persister.replaceable
         for later in [s for s in self.steps() if s > step or (s in replaceable and s != step)]:
             log.info("removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", later, step)
             self.layout.delete(later)
         with self._state_lock:
-            self._replaceable = frozenset()  # only now: a save checked meanwhile may pass the ones being removed
+            # only now: a save checked meanwhile may pass the ones being removed
+            self._persister.replaceable = frozenset()
             self._records[step] = CheckpointRecord(step, manifest.wall_time, manifest.metrics)
             if self._restored_step is not None and step > self._restored_step:
                 self._restored_step = None  # a newer checkpoint exists now: no longer protected
@@ -399,20 +340,12 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until every pending save is committed; raise the first error not yet seen."""
-        self._engine.flush()
-        own_error = self._engine.take_error(distributed=self.world_size > 1)
-        errors = [f"rank {r}: {e}" for r, e in enumerate(self._gather(own_error)) if e]
-        if errors:
-            raise SaveError("a save failed; " + "; ".join(errors))
+        self._persister.wait()
 
     def wait_for_snapshot(self) -> None:
         """Overlap mode: block until the last save has copied the state (call before
         ``optimizer.step()``). Returns at once in safe mode."""
-        if self._last_handle is not None and not self._last_handle._staged.done():
-            try:
-                self._last_handle.wait_staged()
-            except BaseException:
-                pass
+        self._persister.wait_for_snapshot()
 
     # --- restore -----------------------------------------------------------------------------
     def restore(self, which: Which = "latest", *, target: Any = None,
@@ -445,42 +378,16 @@ class CheckpointManager:
         strict = self.options.restore.strict if strict is None else strict
         check_rename(rename)
         check_strict(strict)
-        self._engine.flush()
-        options = dict(target=target, selector=selector, rename=rename, strict=strict,
-                       map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
-        if isinstance(which, str) and which in ("latest", "best"):
-            return first_usable(self._candidates(which),
-                                lambda step: self._restore_dir(self.layout.path_for(step), step=step, **options),
-                                what=which, directory=self.directory)
-        if isinstance(which, int) and not isinstance(which, bool):
-            path = self.layout.path_for(which)
-            if not self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
-                raise CheckpointNotFoundError(
-                    f"no committed checkpoint for step {which} in {self.directory}; "
-                    f"available steps: {self.steps()}")
-            return self._restore_dir(path, step=which, **options)
-        if isinstance(which, (str, os.PathLike)):
-            from ckpt_plugins.restore.read import restore_path
-            state, report = restore_path(os.fspath(which), **options, verify=self.options.restore.verify)
-            self.last_restore_report = report
-            return state
-        raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
-
-    def _candidates(self, which: str) -> list[int]:
-        if which == "latest":
-            return self.steps()[::-1]
-        if self.monitor is None:
-            raise ConfigError("restore('best') needs $monitor (and $mode) on the CheckpointManager",
-                              option="monitor", value=None, mentions=("mode",))
-        return ranked_steps(self.records(), self.monitor, self.mode)
-
-    def _restore_dir(self, path: str, *, step: int, **options: Any) -> Any:
-        from ckpt_plugins.restore.read import restore_ours
-        state, report = restore_ours(self.storage, self.layout, path, verify=self.options.restore.verify, **options)
-        report.step = step
+        self._persister.engine.flush()
+        from ckpt_plugins.restore.read import restore_which
+        ranked = partial(candidates, steps=self.steps, records=self.records, monitor=self.monitor, mode=self.mode)
+        state, report, step = restore_which(self.storage, self.layout, which, candidates=ranked,
+                                            directory=self.directory, verify=self.options.restore.verify,
+                                            target=target, selector=selector, rename=rename, strict=strict,
+                                            map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
         self.last_restore_report = report
-        self._restored_step = step
-        log.info(report.summary())
+        if step is not None:
+            self._restored_step = step
         return state
 
     def restore_rank_state(self, which: Which = "latest", rank: int | None = None,
@@ -490,13 +397,9 @@ class CheckpointManager:
         step = self.latest_step() if which == "latest" else (self.best_step() if which == "best" else which)
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
-        from ckpt_plugins.restore.read import restore_ours
-        state, _ = restore_ours(self.storage, self.layout, self.layout.path_for(step),
-                                verify=self.options.restore.verify,
-                                part=f"rank_{self.rank if rank is None else rank}", target=None,
-                                selector=None, rename=None, strict=True, map_location=map_location,
-                                allow_unsafe_pickle=False, missing_ok=True)
-        return state
+        from ckpt_plugins.restore.read import read_rank_state
+        return read_rank_state(self.storage, self.layout, step, self.rank if rank is None else rank,
+                               verify=self.options.restore.verify, map_location=map_location)
 
     def delete(self, which: int | str) -> SaveHandle:
         """Remove a checkpoint by step or by name, after every save submitted before this call
@@ -515,10 +418,7 @@ class CheckpointManager:
                 self.layout.delete_path(path)
             return path
 
-        self._engine.submit(handle, job)
-        if not self.async_save:
-            self._engine.report(handle, distributed=self.world_size > 1)
-        return handle
+        return self._persister.submit(handle, job)
 
     def retention(self) -> RetentionDecision:
         """What the retention policy keeps (with reasons) and deletes, for the committed steps."""
@@ -544,10 +444,7 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self._engine.shutdown()
-            if self._process_writer is not None:
-                self._process_writer.close()
-            self._engine.take_error(distributed=self.world_size > 1)
+            self._persister.close()
         finally:
             self._closed = True
             self._lock.release()

@@ -88,10 +88,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _flush_then_terminate(managers: list[Any]) -> None:
     global _terminating
-    pending = [m for m in managers if m._engine.pending()]  # waits for save() to let go of the lock
+    pending = [m for m in managers if m._persister.engine.pending()]  # waits for save() to let go of the lock
     if pending:
         log.warning("SIGTERM: waiting for %d manager(s) to commit pending saves", len(pending))
     for manager in pending:
-        manager._engine.flush()
+        manager._persister.engine.flush()
     _terminating = "flushed"
     os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread: default action now

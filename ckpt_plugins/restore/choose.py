@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.layout.naming import parse_step_dir
+from ckpt_plugins.retention.policy import CheckpointRecord, ranked_steps
 
-__all__ = ["Choice", "Damaged", "first_usable", "latest_usable"]
+__all__ = ["Choice", "Damaged", "candidates", "first_usable", "latest_usable"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,18 @@ def first_usable(steps: Sequence[int], attempt: Callable[[int], T], *, what: str
         f"no {'usable ' if steps else ''}checkpoint to restore as {what!r} in {directory}"
         + (f" (all {len(steps)} candidates are damaged)" if steps else "")
     )
+
+
+def candidates(which: str, *, steps: Callable[[], list[int]], records: Callable[[], list[CheckpointRecord]],
+               monitor: str | None, mode: str) -> list[int]:
+    """The steps ``restore(which)`` tries, best first: ``"latest"`` newest first, ``"best"`` by
+    ``monitor`` and ``mode``."""
+    if which == "latest":
+        return steps()[::-1]
+    if monitor is None:
+        raise ConfigError("restore('best') needs $monitor (and $mode) on the CheckpointManager",
+                          option="monitor", value=None, mentions=("mode",))
+    return ranked_steps(records(), monitor, mode)
 
 
 def _candidates(layout: Layout, with_foreign: bool) -> list[tuple[int, str, bool]]:

@@ -6,16 +6,18 @@ load into a target), so partial and tolerant restores behave the same for every 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.files.tensor_file import read_tensor_file
 from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.select import Selector, materialize
 from ckpt_plugins.restore.targets import RestoreReport, load_into
 from ckpt_plugins.storage import Storage, open_storage
@@ -23,7 +25,9 @@ from ckpt_plugins.tree.codec import flatten_state, leaf_paths
 from ckpt_plugins.tree.tags import TAG
 from ckpt_plugins.tree.walk import iter_leaves
 
-__all__ = ["is_our_checkpoint", "restore_ours", "restore_path"]
+__all__ = ["is_our_checkpoint", "read_rank_state", "restore_ours", "restore_path", "restore_which"]
+
+log = logging.getLogger(__name__)
 
 
 def is_our_checkpoint(storage: Storage, path: str) -> bool:
@@ -96,6 +100,42 @@ def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
         return {**own, **in_memory}
 
     return {**tree, **flat.tree}, read_both, seen
+
+
+def restore_which(storage: Storage, layout: Layout, which: Any, *, candidates: Callable[[str], list[int]],
+                  directory: str, verify: bool, **options: Any) -> tuple[Any, RestoreReport, int | None]:
+    """``CheckpointManager.restore``: ``"latest"``/``"best"`` (``candidates(which)``, best first,
+    falling back past damaged ones), a committed step, or a path (ours or foreign).
+
+    Returns the state, the report, and the committed step that was loaded (None for a path).
+    """
+    def attempt(step: int) -> tuple[Any, RestoreReport, int | None]:
+        state, report = restore_ours(storage, layout, layout.path_for(step), verify=verify, **options)
+        report.step = step
+        log.info(report.summary())
+        return state, report, step
+
+    if isinstance(which, str) and which in ("latest", "best"):
+        return first_usable(candidates(which), attempt, what=which, directory=directory)
+    if isinstance(which, int) and not isinstance(which, bool):
+        if not storage.exists(storage.join(layout.path_for(which), MANIFEST_NAME)):
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {which} in {directory}; "
+                f"available steps: {[c.step for c in layout.committed()]}")
+        return attempt(which)
+    if isinstance(which, (str, os.PathLike)):
+        state, report = restore_path(os.fspath(which), **options, verify=verify)
+        return state, report, None
+    raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
+
+
+def read_rank_state(storage: Storage, layout: Layout, step: int, rank: int, *, verify: bool,
+                    map_location: str | torch.device) -> Any:
+    """The ``rank_state`` of ``rank`` in committed ``step``; None when it has none for that rank."""
+    state, _ = restore_ours(storage, layout, layout.path_for(step), verify=verify, part=f"rank_{rank}", target=None,
+                            selector=None, rename=None, strict=True, map_location=map_location,
+                            allow_unsafe_pickle=False, missing_ok=True)
+    return state
 
 
 def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | None,

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +96,7 @@ def test_background_error_surfaces_on_next_save(tmp_path):
     with CheckpointManager(tmp_path, async_save=True) as mgr:
         failing_writes(mgr, [True])
         mgr.save(1, {"w": torch.ones(3)})
-        mgr._engine.flush()
+        mgr._persister.engine.flush()
         with pytest.raises(SaveError, match="saving step 1 failed"):
             mgr.save(2, {"w": torch.ones(3)})
         mgr.save(2, {"w": torch.ones(3)}).wait()
@@ -178,7 +177,8 @@ def test_retention_deletes_only_after_the_commit_that_triggered_it(tmp_path):
     events = []
     with CheckpointManager(tmp_path, async_save=True, keep_last=1, max_pending=3) as mgr:
         commit, delete = mgr.layout.commit, mgr.layout.delete
-        mgr.layout.commit = lambda temp, manifest, **kw: (events.append(("commit", manifest.step)), commit(temp, manifest, **kw))[1]
+        mgr.layout.commit = lambda temp, manifest, **kw: (
+            events.append(("commit", manifest.step)), commit(temp, manifest, **kw))[1]
         mgr.layout.delete = lambda step: (events.append(("delete", step)), delete(step))[1]
         for step in range(1, 6):
             mgr.save(step, {"w": torch.full((100,), float(step))})
@@ -189,18 +189,18 @@ def test_retention_deletes_only_after_the_commit_that_triggered_it(tmp_path):
 
 
 def test_staging_buffers_are_allocated_once_and_reused(tmp_path):
-    model, opt, sched = make_training_state()
+    model, _opt, _sched = make_training_state()
     with CheckpointManager(tmp_path, async_save=True) as mgr:
         mgr.save(1, {"model": model.state_dict()}).wait()
-        first = {k: v.data_ptr() for k, v in mgr._stager.arena(0).views.items()}
-        size = mgr._stager.staged_bytes()
+        first = {k: v.data_ptr() for k, v in mgr._persister.stager.arena(0).views.items()}
+        size = mgr._persister.stager.staged_bytes()
         for step in (2, 3):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
             mgr.save(step, {"model": model.state_dict()}).wait()
-        assert {k: v.data_ptr() for k, v in mgr._stager.arena(0).views.items()} == first
-        assert mgr._stager.staged_bytes() == size
+        assert {k: v.data_ptr() for k, v in mgr._persister.stager.arena(0).views.items()} == first
+        assert mgr._persister.stager.staged_bytes() == size
         restored = mgr.restore(3)["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(restored[key], value)
@@ -220,7 +220,7 @@ def test_staged_copy_is_isolated_from_later_updates(tmp_path):
 
 
 def test_overlap_mode_checkpoint_equals_state_before_next_optimizer_step(tmp_path):
-    model, opt, sched = make_training_state()
+    model, opt, _sched = make_training_state()
     batch = torch.randn(4, 8)
     with CheckpointManager(tmp_path, async_save=True, snapshot="overlap") as mgr:
         expected = {k: v.clone() for k, v in model.state_dict().items()}
@@ -266,27 +266,27 @@ def test_pending_save_is_flushed_at_exit_and_on_sigterm(tmp_path, mode):
 def test_writer_process_writes_the_same_checkpoints(tmp_path):
     model, opt, sched = make_training_state()
     with CheckpointManager(tmp_path, async_save=True, writer="process", keep_last=2) as mgr:
-        mgr._process_writer.wait_ready()  # until then the writer thread writes (a short run never waits)
+        mgr._persister.process_writer.wait_ready()  # until then the writer thread writes (a short run never waits)
         for step in (1, 2, 3):
             mgr.save(step, state_of(model, opt, sched), metrics={"loss": 1.0 / step})
         mgr.wait()
         assert mgr.steps() == [2, 3]
         restored = mgr.restore("latest")
-        assert all(block.is_shared() for block in mgr._stager.arena(0).memory.values())
+        assert all(block.is_shared() for block in mgr._persister.stager.arena(0).memory.values())
     for key, value in model.state_dict().items():
         assert torch.equal(restored["model"][key], value)
 
 
 def test_writer_process_gets_each_arena_once_and_follows_shape_changes(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
-        mgr._process_writer.wait_ready()
+        mgr._persister.process_writer.wait_ready()
         for step in (1, 2, 3):
             mgr.save(step, {"w": torch.full((64, 64), float(step)), "b": torch.arange(step, step + 3)}).wait()
-        writer = mgr._process_writer
-        assert writer._sent == {0: mgr._stager.arena(0).generation}
-        first = mgr._stager.arena(0).generation
+        writer = mgr._persister.process_writer
+        assert writer._sent == {0: mgr._persister.stager.arena(0).generation}
+        first = mgr._persister.stager.arena(0).generation
         mgr.save(4, {"w": torch.full((8, 8), 4.0), "b": torch.arange(5)}).wait()  # new shapes
-        assert writer._sent == {0: mgr._stager.arena(0).generation} != {0: first}
+        assert writer._sent == {0: mgr._persister.stager.arena(0).generation} != {0: first}
         for step in (1, 2, 3):
             assert torch.equal(mgr.restore(step)["w"], torch.full((64, 64), float(step)))
         assert torch.equal(mgr.restore(4)["w"], torch.full((8, 8), 4.0))
@@ -303,7 +303,7 @@ def test_writer_process_on_remote_storage_is_refused_without_holding_the_lock():
 
 def test_writer_process_errors_surface(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer="process") as mgr:
-        mgr._process_writer.wait_ready()
+        mgr._persister.process_writer.wait_ready()
         mgr.save(1, {"w": torch.ones(3)}).wait()
         temp = tmp_path / ".tmp-step_2-fixed"
         (temp / "state.safetensors").mkdir(parents=True)  # the child's open() will fail
@@ -322,7 +322,7 @@ from ckpt_plugins import CheckpointManager, SaveError
 # directory locked by its parent, and exits with an error before writing anything.
 try:
     with CheckpointManager(sys.argv[1], async_save=True, writer="process") as mgr:
-        mgr._process_writer.wait_ready()  # saves made before it is ready are written by the writer thread
+        mgr._persister.process_writer.wait_ready()  # saves made before it is ready are written by the writer thread
         mgr.save(1, {"w": torch.ones(3)}).wait()
 except SaveError as exc:
     print("SaveError:", exc)
@@ -360,9 +360,10 @@ def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):
 def test_writer_nice_lowers_the_writer_threads_priority(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, writer_nice=10) as mgr:
         mgr.save(1, {"w": torch.ones(4)}).wait()
-        tid = mgr._engine._thread.native_id
+        tid = mgr._persister.engine._thread.native_id
         # niceness tops out at 19: the suite itself may run under `nice`
         assert os.getpriority(os.PRIO_PROCESS, tid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
     with CheckpointManager(tmp_path / "b", async_save=True) as mgr:  # default: unchanged
         mgr.save(1, {"w": torch.ones(4)}).wait()
-        assert os.getpriority(os.PRIO_PROCESS, mgr._engine._thread.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+        tid = mgr._persister.engine._thread.native_id
+        assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0)

@@ -27,7 +27,7 @@ import sys, threading, torch
 from ckpt_plugins import CheckpointManager, SaveError
 
 mgr = CheckpointManager(sys.argv[1], async_save=True, max_pending=2)
-engine = type(mgr._engine)
+engine = type(mgr._persister.engine)
 both_queued = threading.Event()
 
 def broken_start(self):
@@ -86,9 +86,9 @@ def test_writer_process_death_fails_every_pending_handle_and_refuses_saves(tmp_p
     state = {"w": torch.randn(256, 256)}
     mgr = CheckpointManager(tmp_path, async_save=True, writer="process", max_pending=2)
     try:
-        mgr._process_writer.wait_ready()  # before that, the writer thread writes (start-up is not waited for)
+        mgr._persister.process_writer.wait_ready()  # before that, the writer thread writes (start-up is not waited for)
         mgr.save(1, state).wait()
-        pid = mgr._process_writer._proc.pid
+        pid = mgr._persister.process_writer._proc.pid
         os.kill(pid, signal.SIGSTOP)  # both saves below are queued while it cannot answer
         second = mgr.save(2, state)
         third = mgr.save(3, state)

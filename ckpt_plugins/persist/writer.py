@@ -1,0 +1,171 @@
+"""The writer side of a ``CheckpointManager``, in one object.
+
+A :class:`Persister` owns what a save needs after the state has been flattened: the host stager
+(reused staging buffers), the persist engine (the writer thread), the optional writer process,
+the set of steps in flight and the ordering check against them, and the error reporting of
+``wait()``. The manager keeps the directory, the records and retention, and calls this.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ckpt_plugins.distributed import agree_on_save, all_gather_object
+from ckpt_plugins.errors import SaveError
+from ckpt_plugins.files.manifest import Manifest
+from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.options import SaveOptions
+from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
+from ckpt_plugins.persist.request import collect, stage_now
+from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.persist.writer_process import ProcessWriter
+from ckpt_plugins.storage.base import Storage
+
+__all__ = ["Persister"]
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[SaveRequest, "Manifest | None"], None]
+
+
+class Persister:
+    """Stager, engine, writer process and the saves in flight of one manager.
+
+    ``lock`` is the manager's state lock: it guards ``in_flight`` and ``replaceable`` together with
+    the manager's records, so that the ordering check sees one consistent picture. ``done`` is the
+    manager's completion callback (``SaveJob(done=...)``).
+    """
+
+    def __init__(self, saving: SaveOptions, *, storage: Storage, layout: Layout, direct_io: bool, rank: int,
+                 world_size: int, rank_timeout: float, overwrite: bool, directory: str, lock: threading.Lock,
+                 done: Done) -> None:
+        self.saving = saving
+        self.layout = layout
+        self.storage = storage
+        self.direct_io = direct_io
+        self.rank, self.world_size = rank, world_size
+        self.overwrite, self.directory = overwrite, directory
+        self.lock = lock
+        self.done = done
+        self.stager = HostStager(saving.max_pending, shared=saving.writer == "process")
+        self.process_writer = ProcessWriter(direct_io, self.stager) if saving.writer == "process" else None
+        self.engine = PersistEngine(async_save=saving.async_save, writer_nice=saving.writer_nice,
+                                    on_error=saving.on_error)
+        self.destination = Destination(storage, layout, self.write_tensors, direct_io, rank, world_size, rank_timeout)
+        self.in_flight: set[int] = set()
+        self.replaceable: frozenset[int] = frozenset()  # start_run: an earlier run's later steps
+        self.last_handle: SaveHandle | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        return all_gather_object(obj) if self.world_size > 1 else [obj]
+
+    def agree(self, step: int, *, has_rank_state: bool, unstorable: str | None,
+              name: str | None) -> tuple[str, list[int]]:
+        """Check the step against what exists and (distributed) that every rank agrees (one all_gather)."""
+        own_error = self.engine.take_error(distributed=self.distributed, refuse=True)
+        conflict = self.order_conflict(step) if self.rank == 0 and name is None else None
+        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable)
+        return agree_on_save(self.gather(view))
+
+    def order_conflict(self, step: int) -> str | None:
+        with self.lock:
+            later = sorted({s for s in self._steps() if s >= step and s not in self.replaceable}
+                           | {s for s in self.in_flight if s >= step})
+        if later and not self.overwrite:
+            return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
+                    "already exist or are being saved, at or after it. Use a larger step, or "
+                    "overwrite=True to replace them (later checkpoints are then removed).")
+        return None
+
+    def _steps(self) -> list[int]:
+        return [c.step for c in self.layout.committed()]
+
+    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                      slot: int | None) -> FileRecord:
+        if self.process_writer is not None:
+            return self.process_writer.write(path, tensors, metadata, slot)
+        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
+
+    def save(self, step: int, *, token: str, ranks_with_state: list[int], flat: Any, rank_flat: Any,
+             extra_files: Mapping[str, Any] | None, name: str | None, metrics: dict[str, float],
+             user_metadata: Mapping[str, Any] | None, on_commit: Callable[[int, str], None] | None,
+             retention: dict[str, Any] | None, on_stats: Callable[[dict[str, float]], None]) -> SaveHandle | None:
+        """Stage and submit one agreed save; None when skipped (``on_busy="skip"``, every slot in flight).
+        ``on_stats`` gets the handle's stats as soon as they exist (``last_save_stats``)."""
+        saving = self.saving
+        slot = self.stager.acquire(block=saving.on_busy == "wait")
+        if slot is None:
+            log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
+                        step, self.stager.slots)
+            return None
+        t0 = time.perf_counter()
+        tensors, extra_specs = collect(flat, rank_flat, extra_files)
+        staged = stage_now(self.stager, slot, tensors, snapshot=saving.snapshot, async_save=saving.async_save)
+        handle = SaveHandle(step, self.layout.path_for(step, name))
+        handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
+        on_stats(handle.stats)
+        request = SaveRequest(step=step, token=token, name=name, ranks_with_state=ranks_with_state, flat=flat,
+                              rank_flat=rank_flat, tensors=tensors, staged=staged,
+                              stage_in_job=saving.snapshot == "overlap", slot=slot, metrics=metrics,
+                              user_metadata=dict(user_metadata or {}), extra_specs=extra_specs,
+                              callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
+                              retention=retention)
+        if name is None:
+            with self.lock:
+                self.in_flight.add(step)
+        try:
+            self.last_handle = self.engine.submit(handle, SaveJob(request, self.destination, self.stager,
+                                                                  done=self.done))
+        except BaseException:
+            self.stager.release(slot)
+            self.done(request, None)
+            raise
+        handle.stats["stall_s"] = time.perf_counter() - t0
+        if not saving.async_save:
+            self.engine.report(handle, distributed=self.distributed)
+            if self.distributed:
+                self.wait()  # a synchronous save returns on every rank once rank 0 has committed
+        return handle
+
+    def submit(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> SaveHandle:
+        """Queue ``job`` after every save submitted so far (a delete); report it at once when not async."""
+        self.engine.submit(handle, job)
+        if not self.saving.async_save:
+            self.engine.report(handle, distributed=self.distributed)
+        return handle
+
+    def wait(self) -> None:
+        """Block until every pending save is committed; raise the first error not yet seen."""
+        self.engine.flush()
+        own_error = self.engine.take_error(distributed=self.distributed)
+        errors = [f"rank {r}: {e}" for r, e in enumerate(self.gather(own_error)) if e]
+        if errors:
+            raise SaveError("a save failed; " + "; ".join(errors))
+
+    def wait_for_snapshot(self) -> None:
+        """Overlap mode: block until the last save has copied the state."""
+        if self.last_handle is not None and not self.last_handle._staged.done():
+            try:
+                self.last_handle.wait_staged()
+            except BaseException:
+                pass
+
+    def close(self) -> None:
+        """Flush pending saves, stop the writer (thread and process); raise a pending save error."""
+        self.engine.shutdown()
+        if self.process_writer is not None:
+            self.process_writer.close()
+        self.engine.take_error(distributed=self.distributed)
