@@ -410,15 +410,7 @@ class CheckpointManager:
         if isinstance(which, str):
             check_folder_name(which)
         path = self.layout.path_for(which) if isinstance(which, int) else self.storage.join(self.root, which)
-        handle = SaveHandle(which if isinstance(which, int) else -1, path)
-
-        def job(h: SaveHandle) -> str:
-            h._staged.set_result(None)
-            if self.rank == 0:
-                self.layout.delete_path(path)
-            return path
-
-        return self._persister.submit(handle, job)
+        return self._persister.delete(which if isinstance(which, int) else -1, path)
 
     def retention(self) -> RetentionDecision:
         """What the retention policy keeps (with reasons) and deletes, for the committed steps."""

@@ -140,8 +140,17 @@ class Persister:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
         return handle
 
-    def submit(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> SaveHandle:
-        """Queue ``job`` after every save submitted so far (a delete); report it at once when not async."""
+    def delete(self, step: int, path: str) -> SaveHandle:
+        """Queue the removal of ``path`` after every save submitted so far (rank 0 removes it);
+        reported at once when not async."""
+        handle = SaveHandle(step, path)
+
+        def job(h: SaveHandle) -> str:
+            h._staged.set_result(None)
+            if self.rank == 0:
+                self.layout.delete_path(path)
+            return path
+
         self.engine.submit(handle, job)
         if not self.saving.async_save:
             self.engine.report(handle, distributed=self.distributed)
