@@ -56,6 +56,11 @@ __all__ = ["CheckpointCallback", "SaveRecord"]
 
 log = logging.getLogger(__name__)
 
+# The manager a callback has open on each checkpoint directory, in this process. A train() that
+# raised never reaches on_train_end, so its manager (pending saves, writer, directory lock) stays
+# open; the next Trainer on that directory closes it (see CheckpointCallback._take_over_directory).
+_OPEN_ON: dict[str, CheckpointManager] = {}
+
 _RESUME_HINT = ("Resume from the newest with trainer.train(resume_from_checkpoint=True) (--resume_from_checkpoint "
                 "True), pass overwrite=True (--ckpt_overwrite) to replace them as this run's saves commit, or use "
                 "another output_dir / dirpath.")
@@ -171,7 +176,18 @@ class CheckpointCallback(TrainerCallback):
             log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
                      "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
                      self.settings.dirpath, self.settings.dirpath)
+        self._take_over_directory()
         self._check_latest(args)
+
+    def _take_over_directory(self) -> None:
+        """Close the manager an earlier, aborted train() left open on this directory: its pending
+        saves commit (so they can be resumed from) and the directory lock is released."""
+        assert self.settings is not None
+        earlier = _OPEN_ON.pop(_directory_key(self.settings.dirpath), None)
+        if earlier is not None and earlier is not self.manager:  # entries are removed at a normal close
+            log.warning("closing the checkpoint manager an earlier Trainer left open on %s (its train() "
+                        "raised before the end); its pending saves are committed first", self.settings.dirpath)
+            earlier.close()
 
     def _check_latest(self, args: TrainingArguments) -> None:
         """Warn about a damaged newest checkpoint (nothing is moved) and resolve
@@ -204,10 +220,13 @@ class CheckpointCallback(TrainerCallback):
             report = gc_wiring.apply_plan(self._activation_plan, model, args)
             self.activation_report = report or self.activation_report
         if self.manager is None:
+            self._take_over_directory()  # also here: a callback added after the Trainer was built
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
+            _OPEN_ON[_directory_key(self.settings.dirpath)] = self.manager
         try:
             self._check_existing(args, state, train_dataloader)
         except BaseException:
+            _OPEN_ON.pop(_directory_key(self.settings.dirpath), None)
             self.manager.close()
             self.manager = None
             raise
@@ -316,6 +335,9 @@ class CheckpointCallback(TrainerCallback):
                          "max %.1f ms; kept: %s", len(stalls), stalls[len(stalls) // 2] * 1e3,
                          stalls[-1] * 1e3, self.manager.retention().keep)
         finally:
+            assert self.settings is not None
+            if _OPEN_ON.get(_directory_key(self.settings.dirpath)) is self.manager:
+                del _OPEN_ON[_directory_key(self.settings.dirpath)]
             self.manager.close()
             self.manager = None
 
@@ -416,3 +438,7 @@ class CheckpointCallback(TrainerCallback):
 def _is_speed_metric(name: str) -> bool:
     """``eval_runtime``, ``eval_samples_per_second``, ``epoch``...: timing, not quality; not stored."""
     return name == "epoch" or name.endswith(("_runtime", "_per_second"))
+
+
+def _directory_key(dirpath: str) -> str:
+    return dirpath if "://" in dirpath else os.path.abspath(dirpath)

@@ -248,3 +248,26 @@ def test_rng_state_file_holds_the_trainer_keys_and_the_core_reads_it(tmp_path):
     torch.manual_seed(123)
     restore_rng(state)  # the core's restore reads the Trainer's key names too
     assert torch.equal(torch.get_rng_state(), state["cpu"])
+
+
+class RaiseAt(TrainerCallback):
+    """Raise out of ``train()`` after ``step`` (an error in the user's code: on_train_end never runs)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("user error in the training loop")
+
+
+def test_a_train_that_raised_leaves_nothing_open_for_the_next_trainer(tmp_path, caplog):
+    """A notebook: train() raises, the user fixes the bug and builds a new Trainer on the same
+    output_dir. The first callback's manager (and the directory lock) must not block the second."""
+    with pytest.raises(RuntimeError, match="user error"):
+        hf_train.make_trainer(tmp_path, STEPS, callback={}, extra_callbacks=[RaiseAt(5)]).train()
+    second = hf_train.make_trainer(tmp_path, STEPS, callback={})
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert checkpoints(tmp_path) == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    with CheckpointManager(tmp_path, dir_prefix="checkpoint-") as mgr:  # nothing holds the lock now
+        assert mgr.steps() == [4, 8, 12]
