@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_plugins.files.single_file import is_single_file
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.formats import detect_format
@@ -62,6 +63,7 @@ class Entry:
     metrics: dict[str, float] = field(default_factory=dict)
     damaged: str | None = None  # why the manifest cannot be read
     manifest: Manifest | None = None
+    single_file: bool = False  # our one-file .ckpt (files/single_file): no manifest, a data checksum
     kind: str = ""  # "lightning" / "hf" for our checkpoints written by an adapter
 
 
@@ -157,8 +159,10 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
         if fmt is None or fmt == "ckpt_plugins" or (is_file and not name.lower().endswith(_FILE_SUFFIXES)):
             continue
         step = step_from_name(name)
-        entry = Entry(name, path, fmt, step, step is not None, size=folder_size(storage, path),
-                      wall_time=os.path.getmtime(path))
+        ours = is_file and is_single_file(storage, path)  # a .ckpt the Lightning plugin wrote
+        entry = Entry(name, path, "ckpt_plugins" if ours else fmt, step, step is not None,
+                      size=folder_size(storage, path), wall_time=os.path.getmtime(path),
+                      kind="lightning" if ours else "", single_file=ours)
         if fmt == "hf":
             entry.metrics = _trainer_metrics(path)
         entries.append(entry)

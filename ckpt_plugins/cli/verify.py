@@ -44,7 +44,8 @@ def _targets(path: str) -> list[tuple[str, bool]]:
     fmt = detect_format(path)
     inner = catalog.run_folder_entries(path)
     own = [(path, False)] if fmt not in (None, "ckpt_plugins") else []  # e.g. a Trainer output_dir's final model
-    return own + [(e.path, e.format == "ckpt_plugins") for e in inner]
+    # our folders are verified against their manifest; our single-file .ckpt, like foreign files, by its reader
+    return own + [(e.path, e.format == "ckpt_plugins" and not e.single_file) for e in inner]
 
 
 def check(path: str, ours: bool, advance: Any = None) -> tuple[str, list[str]]:

@@ -72,3 +72,27 @@ def test_only_checkpoints_the_hf_callback_wrote_get_the_trainer_files(tmp_path):
     with CheckpointManager(tmp_path) as mgr:  # a plain run that happens to keep a model.safetensors beside
         mgr.save(1, {"step": 1}, extra_files={"model.safetensors": save(weights)})
         assert mgr.restore(1) == {"step": 1}
+
+
+def test_a_single_file_ckpt_restores_by_path_verified_and_without_pickle(tmp_path):
+    """The Lightning plugin's one-file .ckpt is ours: restore("x.ckpt") and read_foreign read it
+    (no torch.load), checking its data checksum; a flipped byte is a CorruptCheckpointError."""
+    from ckpt_plugins.files.single_file import write_single_file
+    from ckpt_plugins.formats import read_foreign
+    from ckpt_plugins.storage import LocalStorage
+    from ckpt_plugins.tree.codec import flatten_state
+
+    state = {"state_dict": {"w": torch.arange(6.0)}, "global_step": 7, "epoch": 0}
+    flat = flatten_state(state)
+    path = tmp_path / "epoch=0-step=7.ckpt"
+    write_single_file(LocalStorage(), str(path), flat.tree, flat.tensors, {"step": 7})
+    with CheckpointManager(tmp_path / "other", read_only=True) as mgr:
+        restored = mgr.restore(str(path))
+    assert restored["global_step"] == 7 and torch.equal(restored["state_dict"]["w"], torch.arange(6.0))
+    only = read_foreign(path, include=lambda key: key.startswith("state_dict."))
+    assert set(only) == {"state_dict"}
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="checksum"):
+        read_foreign(path)
