@@ -172,7 +172,7 @@ class CheckpointCallback(TrainerCallback):
         if model is not None:
             self._activation_plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
             self.activation_report = gc_wiring.apply_plan(self._activation_plan, model, args)
-        if os.path.abspath(self.settings.dirpath) != os.path.abspath(args.output_dir):
+        if os.path.abspath(self.settings.dirpath) != os.path.abspath(str(args.output_dir)):
             log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
                      "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
                      self.settings.dirpath, self.settings.dirpath)
@@ -380,6 +380,7 @@ class CheckpointCallback(TrainerCallback):
         then finds nothing new (equal is not better), which also keeps ``save_strategy="best"``
         from triggering a save of its own.
         """
+        assert self.settings is not None
         name = self.settings.metric_for_best_model
         if name is None or name not in metrics:
             return False
@@ -414,7 +415,7 @@ class CheckpointCallback(TrainerCallback):
         rng_states = gather_rng_states(distributed=world_size > 1)
         if state.best_global_step is not None and state.best_global_step in self._saved_steps | {step}:
             state.best_model_checkpoint = self.manager.path_for(state.best_global_step)
-        state.stateful_callbacks["TrainerControl"] = control.state()
+        state.stateful_callbacks["TrainerControl"] = control.state()  # type: ignore[index,call-overload]  # a dict at run time
         files = None
         if rank == 0:
             if self._tokenizer is None:

@@ -200,7 +200,8 @@ def _drop_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _peft_files(model: nn.Module) -> dict[str, FileContent]:
+def _peft_files(model: Any) -> dict[str, FileContent]:
+    """The adapter files of a PEFT model (typed ``Any``: peft ships no type information)."""
     from peft import get_peft_model_state_dict
 
     adapter = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"

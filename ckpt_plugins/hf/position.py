@@ -59,7 +59,7 @@ class DataPosition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]  # saved by to_dict
 
 
 def check_resume(saved: DataPosition, current: DataPosition, ignore_data_skip: bool) -> list[str]:

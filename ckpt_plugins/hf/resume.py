@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from ckpt_plugins.errors import CheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME
@@ -81,7 +82,7 @@ def last_usable_checkpoint(folder: str | os.PathLike) -> str | None:
     return choose(folder).path
 
 
-def resolve_flag(value: object, choice: Choice | None, output_dir: str) -> object:
+def resolve_flag(value: Any, choice: Choice | None, output_dir: str) -> Any:
     """``TrainingArguments.resume_from_checkpoint`` as a script passes it on to ``train()``.
 
     ``HfArgumentParser`` gives ``--resume_from_checkpoint True`` as the string ``"True"``, which
