@@ -8,20 +8,58 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ckpt_plugins.persist.engine import SaveHandle
-from ckpt_plugins.errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
-                     DistributedError, LockedError, NotWritableError, RestoreError, SaveError, StepExistsError,
-                     UnsafeCheckpointError, UnsupportedStateError, WriterError)
+from ckpt_plugins.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    DistributedError,
+    LockedError,
+    NotWritableError,
+    RestoreError,
+    SaveError,
+    StepExistsError,
+    UnsafeCheckpointError,
+    UnsupportedStateError,
+    WriterError,
+)
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.options import (DistributedOptions, IOOptions, ManagerOptions, RestoreOptions, RetentionOptions,
-                                  SaveOptions)
+from ckpt_plugins.options import (
+    DistributedOptions,
+    IOOptions,
+    ManagerOptions,
+    RestoreOptions,
+    RetentionOptions,
+    SaveOptions,
+)
+from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.restore.targets import RestoreReport
 from ckpt_plugins.rng import capture_rng, restore_rng
 
 __all__ = [
-    "CheckpointManager", "SaveHandle", "RestoreReport", "capture_rng", "restore_rng", "__version__",
-    "CheckpointError", "CheckpointNotFoundError", "ConfigError", "CorruptCheckpointError",
-    "DistributedError", "LockedError", "NotWritableError", "RestoreError", "SaveError", "StepExistsError",
-    "UnsafeCheckpointError", "UnsupportedStateError", "WriterError",
-    "ManagerOptions", "RetentionOptions", "SaveOptions", "IOOptions", "DistributedOptions", "RestoreOptions",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "DistributedError",
+    "DistributedOptions",
+    "IOOptions",
+    "LockedError",
+    "ManagerOptions",
+    "NotWritableError",
+    "RestoreError",
+    "RestoreOptions",
+    "RestoreReport",
+    "RetentionOptions",
+    "SaveError",
+    "SaveHandle",
+    "SaveOptions",
+    "StepExistsError",
+    "UnsafeCheckpointError",
+    "UnsupportedStateError",
+    "WriterError",
+    "__version__",
+    "capture_rng",
+    "restore_rng",
 ]

@@ -70,9 +70,11 @@ def agree_on_save(views: list[tuple[Any, ...]]) -> tuple[str, list[int]]:
     if unstorable:
         raise UnsupportedStateError("; ".join(unstorable))
     if len({v[0] for v in views}) > 1:
-        raise DistributedError("ranks called save() with different steps: " +
-                               ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views)) +
-                               "; every rank must save the same step")
+        raise DistributedError(
+            "ranks called save() with different steps: "
+            + ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views))
+            + "; every rank must save the same step"
+        )
     if views[0][2]:
         raise StepExistsError(views[0][2])
     return views[0][3], [r for r, v in enumerate(views) if v[4]]

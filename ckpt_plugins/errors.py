@@ -50,8 +50,15 @@ class ConfigError(CheckpointError, ValueError):
         ('keep_best=2 needs monitor', '--ckpt_keep_best=2 needs --ckpt_monitor')
     """
 
-    def __init__(self, message: str, *, option: str | None = None, value: Any = None,
-                 mentions: Iterable[str] = (), names: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        option: str | None = None,
+        value: Any = None,
+        mentions: Iterable[str] = (),
+        names: Mapping[str, str] | None = None,
+    ) -> None:
         self.template = message
         self.key = option
         self.mentions = tuple(dict.fromkeys([*([option] if option else []), *mentions]))
@@ -65,15 +72,22 @@ class ConfigError(CheckpointError, ValueError):
 
     def renamed(self, names: Mapping[str, str]) -> ConfigError:
         """The same error with option names spelled by ``names`` (plain name -> user-facing name)."""
-        return type(self)(self.template, option=self.key, value=self.value, mentions=self.mentions,
-                          names={**self.names, **names})
+        return type(self)(
+            self.template, option=self.key, value=self.value, mentions=self.mentions, names={**self.names, **names}
+        )
 
     def __reduce__(self) -> Any:  # picklable (errors cross to writer processes and ranks)
         return (_rebuild_config_error, (type(self), self.template, self.key, self.value, self.mentions, self.names))
 
 
-def _rebuild_config_error(cls: type[ConfigError], template: str, option: str | None, value: Any,
-                          mentions: tuple[str, ...], names: dict[str, str]) -> ConfigError:
+def _rebuild_config_error(
+    cls: type[ConfigError],
+    template: str,
+    option: str | None,
+    value: Any,
+    mentions: tuple[str, ...],
+    names: dict[str, str],
+) -> ConfigError:
     return cls(template, option=option, value=value, mentions=mentions, names=names)
 
 

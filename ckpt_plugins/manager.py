@@ -105,35 +105,75 @@ class CheckpointManager:
         ...     state = mgr.restore("latest")
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int | None = None,
-                 keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
-                 keep_every_n_steps: int | None = None,
-                 keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
-                 async_save: bool = False, max_pending: int = 1,
-                 on_busy: Literal["wait", "skip"] = "wait",
-                 snapshot: Literal["safe", "overlap"] = "safe",
-                 on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
-                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True,
-                 read_only: bool = False, rank_timeout: float = 600.0,
-                 writer: Literal["thread", "process"] = "thread", writer_nice: int = 0,
-                 direct_io: bool = True, distributed: bool = True,
-                 dir_prefix: str = "step_", strict: bool = True,
-                 options: ManagerOptions | None = None, retention_options: RetentionOptions | None = None,
-                 save_options: SaveOptions | None = None, io_options: IOOptions | None = None,
-                 distributed_options: DistributedOptions | None = None,
-                 restore_options: RestoreOptions | None = None, policy: RetentionPolicy | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        keep_every_n_steps: int | None = None,
+        keep_time_interval: float | timedelta | None = None,
+        overwrite: bool = False,
+        async_save: bool = False,
+        max_pending: int = 1,
+        on_busy: Literal["wait", "skip"] = "wait",
+        snapshot: Literal["safe", "overlap"] = "safe",
+        on_commit: Callable[[int, str], None] | Iterable[Callable[[int, str], None]] | None = None,
+        on_error: Literal["raise", "warn"] = "raise",
+        verify: bool = True,
+        read_only: bool = False,
+        rank_timeout: float = 600.0,
+        writer: Literal["thread", "process"] = "thread",
+        writer_nice: int = 0,
+        direct_io: bool = True,
+        distributed: bool = True,
+        dir_prefix: str = "step_",
+        strict: bool = True,
+        options: ManagerOptions | None = None,
+        retention_options: RetentionOptions | None = None,
+        save_options: SaveOptions | None = None,
+        io_options: IOOptions | None = None,
+        distributed_options: DistributedOptions | None = None,
+        restore_options: RestoreOptions | None = None,
+        policy: RetentionPolicy | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         check_directory("directory", directory)
         if isinstance(on_commit, Iterable) and not isinstance(on_commit, (list, tuple, str, bytes)):
             on_commit = tuple(on_commit)  # a generator of callables: read it once, here
-        flat = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
-                    keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
-                    overwrite=overwrite, async_save=async_save, max_pending=max_pending, on_busy=on_busy,
-                    snapshot=snapshot, on_commit=on_commit, on_error=on_error, verify=verify, strict=strict,
-                    read_only=read_only, rank_timeout=rank_timeout, writer=writer, writer_nice=writer_nice,
-                    direct_io=direct_io, distributed=distributed, dir_prefix=dir_prefix)
-        groups = dict(retention_options=retention_options, save_options=save_options, io_options=io_options,
-                      distributed_options=distributed_options, restore_options=restore_options)
+        flat = dict(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_time_interval=keep_time_interval,
+            overwrite=overwrite,
+            async_save=async_save,
+            max_pending=max_pending,
+            on_busy=on_busy,
+            snapshot=snapshot,
+            on_commit=on_commit,
+            on_error=on_error,
+            verify=verify,
+            strict=strict,
+            read_only=read_only,
+            rank_timeout=rank_timeout,
+            writer=writer,
+            writer_nice=writer_nice,
+            direct_io=direct_io,
+            distributed=distributed,
+            dir_prefix=dir_prefix,
+        )
+        groups = dict(
+            retention_options=retention_options,
+            save_options=save_options,
+            io_options=io_options,
+            distributed_options=distributed_options,
+            restore_options=restore_options,
+        )
         self.options = opts = assemble(options, groups, flat)
         self.policy = policy_of(policy, opts.retention)
         self.directory = os.fspath(directory)
@@ -141,8 +181,11 @@ class CheckpointManager:
         # storage_options (endpoint, credentials) go to fsspec only: never kept, logged or saved.
         self.storage, self.root = open_storage(self.directory, storage_options)
         if opts.saving.writer == "process" and self.storage.local_path(self.root) is None:
-            raise ConfigError(f"$writer='process' works with local directories only, not {self.directory}",
-                              option="writer", value="process")
+            raise ConfigError(
+                f"$writer='process' works with local directories only, not {self.directory}",
+                option="writer",
+                value="process",
+            )
         self.direct_io = opts.io.direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
         self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
@@ -153,11 +196,19 @@ class CheckpointManager:
                 self._lock.acquire()
                 self.layout.cleanup_leftovers()
             # the writer side: stager, engine, writer process, saves in flight (persist/writer.py)
-            self._persister = Persister(opts.saving, storage=self.storage, layout=self.layout,
-                                        direct_io=self.direct_io, rank=self.rank, world_size=self.world_size,
-                                        rank_timeout=opts.distributed.rank_timeout,
-                                        overwrite=opts.retention.overwrite, directory=self.directory,
-                                        lock=self._state_lock, done=self._save_done)
+            self._persister = Persister(
+                opts.saving,
+                storage=self.storage,
+                layout=self.layout,
+                direct_io=self.direct_io,
+                rank=self.rank,
+                world_size=self.world_size,
+                rank_timeout=opts.distributed.rank_timeout,
+                overwrite=opts.retention.overwrite,
+                directory=self.directory,
+                lock=self._state_lock,
+                done=self._save_done,
+            )
         except BaseException:
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
@@ -266,19 +317,26 @@ class CheckpointManager:
         Raises:
             StepExistsError: a fresh run before later checkpoints, without ``overwrite``.
         """
-        later = check_run_start(self.directory, self.steps(), step, resumed=resumed,
-                                overwrite=self.options.retention.overwrite,
-                                hint=hint)
+        later = check_run_start(
+            self.directory, self.steps(), step, resumed=resumed, overwrite=self.options.retention.overwrite, hint=hint
+        )
         with self._state_lock:
             self._persister.replaceable = frozenset(later)
         return later
 
     # --- save --------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None, *,
-             rank_state: Any = None, on_commit: Callable[[int, str], None] | None = None,
-             user_metadata: Mapping[str, Any] | None = None,
-             extra_files: Mapping[str, bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile] | None = None,
-             name: str | None = None) -> SaveHandle | None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        rank_state: Any = None,
+        on_commit: Callable[[int, str], None] | None = None,
+        user_metadata: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile] | None = None,
+        name: str | None = None,
+    ) -> SaveHandle | None:
         """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
 
         Returns a handle (already committed unless ``async_save``), or None when the save was
@@ -305,13 +363,23 @@ class CheckpointManager:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
         metrics = check_save_arguments(step, metrics, extra_files, name)
         flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
-        token, ranks_with_state = self._persister.agree(step, has_rank_state=rank_state is not None,
-                                                        unstorable=unstorable, name=name)
-        return self._persister.save(step, token=token, ranks_with_state=ranks_with_state, flat=flat,
-                                    rank_flat=rank_flat, extra_files=extra_files if self.rank == 0 else None,
-                                    name=name, metrics=metrics, user_metadata=user_metadata, on_commit=on_commit,
-                                    retention=policy_flags(self.policy) if name is None else None,
-                                    on_stats=self._set_save_stats)
+        token, ranks_with_state = self._persister.agree(
+            step, has_rank_state=rank_state is not None, unstorable=unstorable, name=name
+        )
+        return self._persister.save(
+            step,
+            token=token,
+            ranks_with_state=ranks_with_state,
+            flat=flat,
+            rank_flat=rank_flat,
+            extra_files=extra_files if self.rank == 0 else None,
+            name=name,
+            metrics=metrics,
+            user_metadata=user_metadata,
+            on_commit=on_commit,
+            retention=policy_flags(self.policy) if name is None else None,
+            on_stats=self._set_save_stats,
+        )
 
     def _set_save_stats(self, stats: dict[str, float]) -> None:
         self.last_save_stats = stats
@@ -348,10 +416,18 @@ class CheckpointManager:
         self._persister.wait_for_snapshot()
 
     # --- restore -----------------------------------------------------------------------------
-    def restore(self, which: Which = "latest", *, target: Any = None,
-                include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
-                rename: Mapping[str, str] | None = None, strict: bool | None = None,
-                map_location: str | torch.device = "cpu", allow_unsafe_pickle: bool = False) -> Any:
+    def restore(
+        self,
+        which: Which = "latest",
+        *,
+        target: Any = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        rename: Mapping[str, str] | None = None,
+        strict: bool | None = None,
+        map_location: str | torch.device = "cpu",
+        allow_unsafe_pickle: bool = False,
+    ) -> Any:
         """Load a checkpoint: ``"latest"``, ``"best"``, a step, or a path (ours or foreign).
 
         ``"latest"`` (and ``"best"``) skip damaged checkpoints with a warning that names the file;
@@ -380,26 +456,45 @@ class CheckpointManager:
         check_strict(strict)
         self._persister.engine.flush()
         from ckpt_plugins.restore.read import restore_which
+
         ranked = partial(candidates, steps=self.steps, records=self.records, monitor=self.monitor, mode=self.mode)
-        state, report, step = restore_which(self.storage, self.layout, which, candidates=ranked,
-                                            directory=self.directory, verify=self.options.restore.verify,
-                                            target=target, selector=selector, rename=rename, strict=strict,
-                                            map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle)
+        state, report, step = restore_which(
+            self.storage,
+            self.layout,
+            which,
+            candidates=ranked,
+            directory=self.directory,
+            verify=self.options.restore.verify,
+            target=target,
+            selector=selector,
+            rename=rename,
+            strict=strict,
+            map_location=map_location,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+        )
         self.last_restore_report = report
         if step is not None:
             self._restored_step = step
         return state
 
-    def restore_rank_state(self, which: Which = "latest", rank: int | None = None,
-                           map_location: str | torch.device = "cpu") -> Any:
+    def restore_rank_state(
+        self, which: Which = "latest", rank: int | None = None, map_location: str | torch.device = "cpu"
+    ) -> Any:
         """The per-rank state (``save(..., rank_state=...)``) of ``rank`` (default: this rank);
         None when that checkpoint has none for it."""
         step = self.latest_step() if which == "latest" else (self.best_step() if which == "best" else which)
         if not isinstance(step, int):
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from ckpt_plugins.restore.read import read_rank_state
-        return read_rank_state(self.storage, self.layout, step, self.rank if rank is None else rank,
-                               verify=self.options.restore.verify, map_location=map_location)
+
+        return read_rank_state(
+            self.storage,
+            self.layout,
+            step,
+            self.rank if rank is None else rank,
+            verify=self.options.restore.verify,
+            map_location=map_location,
+        )
 
     def delete(self, which: int | str) -> SaveHandle:
         """Remove a checkpoint by step or by name, after every save submitted before this call

@@ -65,6 +65,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            log.warning("the checkpoint holds CUDA RNG states for %d device(s) but %d are visible; "
-                        "the CUDA generators were not restored, so the resume is not bit-exact",
-                        len(cuda), torch.cuda.device_count())
+            log.warning(
+                "the checkpoint holds CUDA RNG states for %d device(s) but %d are visible; "
+                "the CUDA generators were not restored, so the resume is not bit-exact",
+                len(cuda),
+                torch.cuda.device_count(),
+            )

@@ -63,19 +63,47 @@ def plain() -> None:
     ckpt_dir = str(RUNS / "plain")
 
     print("== 1. reference run: 60 steps, no checkpoints, no interruption")
-    run(train, "--dir", ckpt_dir, "--steps", "60", "--no-checkpoints",
-        "--final-weights", str(RUNS / "reference.safetensors"))
+    run(
+        train,
+        "--dir",
+        ckpt_dir,
+        "--steps",
+        "60",
+        "--no-checkpoints",
+        "--final-weights",
+        str(RUNS / "reference.safetensors"),
+    )
 
     print("\n== 2. checkpointed run that crashes (SIGKILL) at step 37")
-    run(train, "--dir", ckpt_dir, "--steps", "60", "--die-at-step", "37",
-        "--stats", str(RUNS / "stats1.json"), expect_kill=True)
+    run(
+        train,
+        "--dir",
+        ckpt_dir,
+        "--steps",
+        "60",
+        "--die-at-step",
+        "37",
+        "--stats",
+        str(RUNS / "stats1.json"),
+        expect_kill=True,
+    )
 
     print("\n== 3. resume from the latest checkpoint and finish")
-    run(train, "--dir", ckpt_dir, "--steps", "60", "--final-weights", str(RUNS / "resumed.safetensors"),
-        "--stats", str(RUNS / "stats2.json"))
+    run(
+        train,
+        "--dir",
+        ckpt_dir,
+        "--steps",
+        "60",
+        "--final-weights",
+        str(RUNS / "resumed.safetensors"),
+        "--stats",
+        str(RUNS / "stats2.json"),
+    )
 
     print("\n== 4. what happened")
     from ckpt_plugins.cli import main as cli
+
     print(f"$ ckpt-plugins ls {ckpt_dir} --keep-last 3 --keep-best 1 --monitor loss")
     cli(["ls", ckpt_dir, "--keep-last", "3", "--keep-best", "1", "--monitor", "loss"])
     reference = load_file(str(RUNS / "reference.safetensors"))
@@ -84,8 +112,10 @@ def plain() -> None:
     stalls = json.loads((RUNS / "stats1.json").read_text())["stall_s"] if (RUNS / "stats1.json").exists() else []
     stalls += json.loads((RUNS / "stats2.json").read_text())["stall_s"]
     stalls.sort()
-    print(f"\nsaves: {len(stalls)}, training blocked per save: median {stalls[len(stalls) // 2] * 1e3:.1f} ms, "
-          f"max {stalls[-1] * 1e3:.1f} ms (the rest of each save ran in the background)")
+    print(
+        f"\nsaves: {len(stalls)}, training blocked per save: median {stalls[len(stalls) // 2] * 1e3:.1f} ms, "
+        f"max {stalls[-1] * 1e3:.1f} ms (the rest of each save ran in the background)"
+    )
     print(f"resumed run == uninterrupted run, bit for bit: {identical}")
     if not identical:
         sys.exit("the resumed run diverged from the reference")

@@ -78,8 +78,7 @@ def apply_activation_checkpointing(
     applied: _Applied | None = getattr(model, _STATE_ATTR, None)
     if applied is not None:
         if applied.config == cfg:
-            logger.info("activation checkpointing already applied to %s with this config",
-                        type(model).__name__)
+            logger.info("activation checkpointing already applied to %s with this config", type(model).__name__)
             return dataclasses.replace(applied.report, already_applied=True)
         raise ConfigError(
             f"activation checkpointing is already applied to {type(model).__name__} with "
@@ -104,7 +103,10 @@ def apply_activation_checkpointing(
         raise
 
     report = ActivationCheckpointingReport(
-        mode=cfg.mode, mechanism=mechanism, wrapped=tuple(wrapped), skipped=skipped,
+        mode=cfg.mode,
+        mechanism=mechanism,
+        wrapped=tuple(wrapped),
+        skipped=skipped,
         notes=tuple(notes),
     )
     setattr(model, _STATE_ATTR, _Applied(cfg, report, undo))
@@ -137,9 +139,15 @@ def activation_checkpointing_report(model: nn.Module) -> ActivationCheckpointing
     return None if applied is None else applied.report
 
 
-def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
-           hf_model: nn.Module | None, selected: list[Block], notes: list[str],
-           undo: list[Callable[[], None]]) -> tuple[Mechanism, list[WrappedModule]]:
+def _apply(
+    model: nn.Module,
+    cfg: ActivationCheckpointing,
+    mode: CheckpointMode,
+    hf_model: nn.Module | None,
+    selected: list[Block],
+    notes: list[str],
+    undo: list[Callable[[], None]],
+) -> tuple[Mechanism, list[WrappedModule]]:
     """Run the guards and one mechanism; append notes and undo steps as changes are made."""
     if mode.recomputes:
         notes += guards.check_batchnorm(selected)
@@ -151,18 +159,26 @@ def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
 
     hf_kwargs = mode.hf_kwargs()
     mechanism: Mechanism
-    if (hf_model is not None and cfg.target_patterns() is None and hf_kwargs is not None
-            and hf.can_enable(hf_model, hf_kwargs)):
+    if (
+        hf_model is not None
+        and cfg.target_patterns() is None
+        and hf_kwargs is not None
+        and hf.can_enable(hf_model, hf_kwargs)
+    ):
         wrapped = _enable_hf(model, hf_model, mode, hf_kwargs, undo)
         mechanism = "hf"
         if guards.has_frozen_inputs(model, hf_model, selected):
-            notes.append("the input embeddings are frozen (LoRA-style); transformers' own "
-                         "mechanism made their outputs require grad (enable_input_require_grads)")
+            notes.append(
+                "the input embeddings are frozen (LoRA-style); transformers' own "
+                "mechanism made their outputs require grad (enable_input_require_grads)"
+            )
     else:
         if hf_model is not None and hf.is_checkpointing(hf_model):
             hf.disable(hf_model)
-            notes.append("the model's own (transformers) activation checkpointing was on; turned "
-                         "it off so blocks are not checkpointed twice")
+            notes.append(
+                "the model's own (transformers) activation checkpointing was on; turned "
+                "it off so blocks are not checkpointed twice"
+            )
         if mode.recomputes:
             frozen_notes, frozen_undo = guards.handle_frozen_inputs(model, hf_model, selected)
             notes += frozen_notes
@@ -171,25 +187,32 @@ def _apply(model: nn.Module, cfg: ActivationCheckpointing, mode: CheckpointMode,
         mechanism = "wrap"
 
     if cfg.mode == "offload" and not _accelerator_in_use(model):
-        notes.append("offload on a CPU-only model: saved tensors already live in host memory, so "
-                     "this mode changes nothing (no memory saved, no time lost)")
+        notes.append(
+            "offload on a CPU-only model: saved tensors already live in host memory, so "
+            "this mode changes nothing (no memory saved, no time lost)"
+        )
     return mechanism, wrapped
 
 
-def _enable_hf(model: nn.Module, hf_model: nn.Module, mode: CheckpointMode,
-               hf_kwargs: dict[str, Any], undo: list[Callable[[], None]]) -> list[WrappedModule]:
+def _enable_hf(
+    model: nn.Module,
+    hf_model: nn.Module,
+    mode: CheckpointMode,
+    hf_kwargs: dict[str, Any],
+    undo: list[Callable[[], None]],
+) -> list[WrappedModule]:
     undo_hooks = guards.keep_input_grad_hooks_as_before(hf_model)
     hf.enable(hf_model, hf_kwargs)
     undo.append(lambda: hf.disable(hf_model))
     undo += undo_hooks
     paths = {id(m): p for p, m in model.named_modules()}
     how = f"transformers activation_checkpointing_enable: {mode.describe()}"
-    return [WrappedModule(paths[id(m)], type(m).__name__, how)
-            for m in hf.checkpointed_layers(hf_model)]
+    return [WrappedModule(paths[id(m)], type(m).__name__, how) for m in hf.checkpointed_layers(hf_model)]
 
 
-def _wrap_blocks(blocks: list[Block], mode: CheckpointMode, notes: list[str],
-                 undo: list[Callable[[], None]]) -> list[WrappedModule]:
+def _wrap_blocks(
+    blocks: list[Block], mode: CheckpointMode, notes: list[str], undo: list[Callable[[], None]]
+) -> list[WrappedModule]:
     wrapped = []
     for path, block in blocks:
         if wrapped_by(block) is not None:

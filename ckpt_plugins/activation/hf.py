@@ -35,7 +35,8 @@ class _PreTrainedModel(Protocol):
     def activation_checkpointing_enable(self, **kwargs: Any) -> None: ...  # transformers 5
 
     def gradient_checkpointing_enable(  # transformers 4
-            self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None: ...
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None: ...
 
 
 class _CheckpointingLayer(Protocol):  # transformers' GradientCheckpointingLayer
@@ -69,13 +70,15 @@ def _is_hf_model(module: nn.Module) -> bool:
 
 
 def _enable_fn(hf_model: nn.Module) -> Any:
-    return (getattr(hf_model, "activation_checkpointing_enable", None)
-            or getattr(hf_model, "gradient_checkpointing_enable", None))
+    return getattr(hf_model, "activation_checkpointing_enable", None) or getattr(
+        hf_model, "gradient_checkpointing_enable", None
+    )
 
 
 def _disable_fn(hf_model: nn.Module) -> Any:
-    return (getattr(hf_model, "activation_checkpointing_disable", None)
-            or getattr(hf_model, "gradient_checkpointing_disable", None))
+    return getattr(hf_model, "activation_checkpointing_disable", None) or getattr(
+        hf_model, "gradient_checkpointing_disable", None
+    )
 
 
 def is_checkpointing(hf_model: nn.Module) -> bool:
@@ -105,7 +108,8 @@ def enable(hf_model: nn.Module, hf_kwargs: dict[str, Any]) -> None:
         methods.activation_checkpointing_enable(**kwargs)
     else:
         methods.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=hf_kwargs["activation_checkpointing_kwargs"])
+            gradient_checkpointing_kwargs=hf_kwargs["activation_checkpointing_kwargs"]
+        )
 
 
 def disable(hf_model: nn.Module) -> None:
@@ -115,5 +119,6 @@ def disable(hf_model: nn.Module) -> None:
 
 def checkpointed_layers(hf_model: nn.Module) -> list[nn.Module]:
     """The layers the model's own mechanism checkpoints now, in module order."""
-    return [m for m in hf_model.modules()
-            if is_hf_layer(m) and cast(_CheckpointingLayer, m).gradient_checkpointing is True]
+    return [
+        m for m in hf_model.modules() if is_hf_layer(m) and cast(_CheckpointingLayer, m).gradient_checkpointing is True
+    ]

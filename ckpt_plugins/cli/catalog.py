@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_plugins.files.single_file import is_single_file
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
+from ckpt_plugins.files.single_file import is_single_file
 from ckpt_plugins.formats import detect_format
 from ckpt_plugins.formats.hf_folder import HF_WRITER
 from ckpt_plugins.layout.commit import DAMAGED_SUFFIX, Layout
@@ -30,8 +30,20 @@ from ckpt_plugins.layout.naming import natural_key
 from ckpt_plugins.retention import CheckpointRecord, RetentionContext, build_policy
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["RULE_FLAGS", "Entry", "choose_rules", "decide", "describe_rules", "folder_size", "kind_of", "layout_of",
-           "rule_flags", "run_folder_entries", "scan", "step_from_name"]
+__all__ = [
+    "RULE_FLAGS",
+    "Entry",
+    "choose_rules",
+    "decide",
+    "describe_rules",
+    "folder_size",
+    "kind_of",
+    "layout_of",
+    "rule_flags",
+    "run_folder_entries",
+    "scan",
+    "step_from_name",
+]
 
 RULE_FLAGS = ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps", "keep_time_interval")
 """The retention flags, as the manager takes them and as a manifest's ``retention`` stores them."""
@@ -103,16 +115,27 @@ def _trainer_metrics(folder: str) -> dict[str, float]:
         merged: dict[str, float] = {}
         for record in state.get("log_history") or []:
             if isinstance(record, dict) and record.get("step") == step:
-                merged.update({k: float(v) for k, v in record.items() if k not in ("step", "epoch")
-                               and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                merged.update(
+                    {
+                        k: float(v)
+                        for k, v in record.items()
+                        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    }
+                )
         return merged
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
 
 def _ours(storage: Any, root: str, name: str, path: str) -> Entry:
-    entry = Entry(name, path, "ckpt_plugins", step_from_name(name), step_from_name(name) is not None,
-                  size=folder_size(storage, path))
+    entry = Entry(
+        name,
+        path,
+        "ckpt_plugins",
+        step_from_name(name),
+        step_from_name(name) is not None,
+        size=folder_size(storage, path),
+    )
     try:
         manifest = Layout(storage, root).read_manifest(path)
     except CorruptCheckpointError as exc:
@@ -137,13 +160,19 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
     """
     storage, root = open_storage(directory)
     if not storage.isdir(root):
-        raise CheckpointNotFoundError(f"{directory}: no such directory; pass the folder that holds the "
-                                      "checkpoints (step_N, checkpoint-N, *.ckpt, ...)")
+        raise CheckpointNotFoundError(
+            f"{directory}: no such directory; pass the folder that holds the "
+            "checkpoints (step_N, checkpoint-N, *.ckpt, ...)"
+        )
     local = storage.local_path(root)
     entries = []
     for name in storage.listdir(root):
-        if name.startswith(".") or DAMAGED_SUFFIX in name or name in _NOT_CHECKPOINTS \
-                or (prefix and not name.startswith(prefix)):
+        if (
+            name.startswith(".")
+            or DAMAGED_SUFFIX in name
+            or name in _NOT_CHECKPOINTS
+            or (prefix and not name.startswith(prefix))
+        ):
             continue
         path = storage.join(root, name)
         if storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME)):
@@ -160,9 +189,17 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
             continue
         step = step_from_name(name)
         ours = is_file and is_single_file(storage, path)  # a .ckpt the Lightning plugin wrote
-        entry = Entry(name, path, "ckpt_plugins" if ours else fmt, step, step is not None,
-                      size=folder_size(storage, path), wall_time=os.path.getmtime(path),
-                      kind="lightning" if ours else "", single_file=ours)
+        entry = Entry(
+            name,
+            path,
+            "ckpt_plugins" if ours else fmt,
+            step,
+            step is not None,
+            size=folder_size(storage, path),
+            wall_time=os.path.getmtime(path),
+            kind="lightning" if ours else "",
+            single_file=ours,
+        )
         if fmt == "hf":
             entry.metrics = _trainer_metrics(path)
         entries.append(entry)
@@ -228,9 +265,12 @@ def decide(entries: list[Entry], rules: dict[str, Any], now: float | None = None
     for entry in entries:
         if entry.numbered and entry.step is not None:
             by_step.setdefault(entry.step, []).append(entry)
-    records = [CheckpointRecord(step, max(e.wall_time or 0.0 for e in group),
-                                next((e.metrics for e in group if e.metrics), {}))
-               for step, group in by_step.items()]
+    records = [
+        CheckpointRecord(
+            step, max(e.wall_time or 0.0 for e in group), next((e.metrics for e in group if e.metrics), {})
+        )
+        for step, group in by_step.items()
+    ]
     decision = policy.decide(records, RetentionContext(now=time.time() if now is None else now))
     out: dict[str, list[str] | None] = {}
     for entry in entries:

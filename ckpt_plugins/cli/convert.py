@@ -32,14 +32,20 @@ TARGETS = ("lightning", "safetensors")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("convert", help="write a checkpoint as another tool's file (.ckpt, .safetensors)",
-                       description="Convert one checkpoint, or a run folder's newest (or --step), to another "
-                                   "format.")
+    p = sub.add_parser(
+        "convert",
+        help="write a checkpoint as another tool's file (.ckpt, .safetensors)",
+        description="Convert one checkpoint, or a run folder's newest (or --step), to another format.",
+    )
     p.add_argument("src", help="a checkpoint (folder or file), or a run folder (its newest checkpoint)")
     p.add_argument("dst", help="the file to write, e.g. model.ckpt or weights.safetensors (replaced atomically)")
-    p.add_argument("--to", required=True, choices=TARGETS,
-                   help="lightning: a .ckpt for Lightning (from a Lightning checkpoint); safetensors: every "
-                        "tensor of any checkpoint, flat by key path")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=TARGETS,
+        help="lightning: a .ckpt for Lightning (from a Lightning checkpoint); safetensors: every "
+        "tensor of any checkpoint, flat by key path",
+    )
     p.add_argument("--step", type=int, metavar="N", help="with a run folder: convert step N (default: the newest)")
     p.set_defaults(func=run)
 
@@ -60,20 +66,31 @@ def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
         return src
     steps = sorted({e.step for e in numbered if e.step is not None})
     if not numbered:
-        raise CheckpointNotFoundError(f"{src} holds no numbered checkpoint to convert (our step_N/checkpoint-N "
-                                      "folders, .ckpt files, Trainer checkpoint-N folders); pass one checkpoint")
+        raise CheckpointNotFoundError(
+            f"{src} holds no numbered checkpoint to convert (our step_N/checkpoint-N "
+            "folders, .ckpt files, Trainer checkpoint-N folders); pass one checkpoint"
+        )
     chosen = steps[-1] if step is None else step
     if chosen not in steps:
-        raise CheckpointNotFoundError(f"{src} has no checkpoint at step {step}; steps there: "
-                                      f"{', '.join(map(str, steps))}")
+        raise CheckpointNotFoundError(
+            f"{src} has no checkpoint at step {step}; steps there: {', '.join(map(str, steps))}"
+        )
     return [e for e in numbered if e.step == chosen][-1]
 
 
 def _write_safetensors(path: str, dst: str) -> int:
     from safetensors.torch import save_file
 
-    state, _ = restore_path(path, target=None, selector=None, rename=None, strict=True, map_location="cpu",
-                            allow_unsafe_pickle=False, verify=True)
+    state, _ = restore_path(
+        path,
+        target=None,
+        selector=None,
+        rename=None,
+        strict=True,
+        map_location="cpu",
+        allow_unsafe_pickle=False,
+        verify=True,
+    )
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, Any]] = set()
     for key, value in iter_leaves(state):
@@ -101,12 +118,15 @@ def run(args: argparse.Namespace) -> int:
     path = source.path if isinstance(source, catalog.Entry) else source
     if args.to == "lightning" and catalog.kind_of(path) != "lightning":
         what = "a Hugging Face Trainer checkpoint" if catalog.kind_of(path) == "hf" else "not a Lightning checkpoint"
-        raise ConfigError(f"{path} is {what}; --to lightning converts checkpoints of Lightning runs (our Lightning "
-                          "callback or plugin, or a .ckpt) only. Write its tensors with --to safetensors instead")
+        raise ConfigError(
+            f"{path} is {what}; --to lightning converts checkpoints of Lightning runs (our Lightning "
+            "callback or plugin, or a .ckpt) only. Write its tensors with --to safetensors instead"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     with progress(f"converting {os.path.basename(path.rstrip('/'))}", None):
         if args.to == "lightning":
             from ckpt_plugins.lightning.convert import to_lightning_checkpoint  # imports no Lightning
+
             to_lightning_checkpoint(path, args.dst)
             print(f"wrote {args.dst} from {path}")
         else:

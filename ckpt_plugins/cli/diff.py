@@ -23,20 +23,33 @@ __all__ = ["add_parser", "compare", "run"]
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("diff", help="keys, shapes and values that differ between two checkpoints (any formats)",
-                       description="Compare two checkpoints leaf by leaf. Exit status 0 when identical, 1 when "
-                                   "they differ.")
+    p = sub.add_parser(
+        "diff",
+        help="keys, shapes and values that differ between two checkpoints (any formats)",
+        description="Compare two checkpoints leaf by leaf. Exit status 0 when identical, 1 when they differ.",
+    )
     p.add_argument("a", help="the first checkpoint (A)")
     p.add_argument("b", help="the second checkpoint (B)")
-    p.add_argument("--allow-unsafe-pickle", action="store_true",
-                   help="load pickles with full pickle (can run code: only for files you trust)")
+    p.add_argument(
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="load pickles with full pickle (can run code: only for files you trust)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     p.set_defaults(func=run)
 
 
 def _load(path: str, allow_unsafe_pickle: bool) -> dict[str, Any]:
-    state, _ = restore_path(path, target=None, selector=None, rename=None, strict=True, map_location="cpu",
-                            allow_unsafe_pickle=allow_unsafe_pickle, verify=True)
+    state, _ = restore_path(
+        path,
+        target=None,
+        selector=None,
+        rename=None,
+        strict=True,
+        map_location="cpu",
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        verify=True,
+    )
     return dict(iter_leaves(state))
 
 
@@ -49,8 +62,13 @@ def _short(value: Any) -> Any:
 
 def _plain_equal(x: Any, y: Any) -> bool:
     if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
-        return isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape \
-            and x.dtype == y.dtype and bool(np.array_equal(x, y))
+        return (
+            isinstance(x, np.ndarray)
+            and isinstance(y, np.ndarray)
+            and x.shape == y.shape
+            and x.dtype == y.dtype
+            and bool(np.array_equal(x, y))
+        )
     try:
         return bool(x == y) or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
     except (TypeError, ValueError, RuntimeError):
@@ -67,8 +85,14 @@ def compare(a: dict[str, Any], b: dict[str, Any], advance: Any = None) -> list[d
             if x.shape != y.shape:
                 out.append({"key": key, "change": "shape", "a": list(x.shape), "b": list(y.shape)})
             elif x.dtype != y.dtype:
-                out.append({"key": key, "change": "dtype", "a": str(x.dtype).removeprefix("torch."),
-                            "b": str(y.dtype).removeprefix("torch.")})
+                out.append(
+                    {
+                        "key": key,
+                        "change": "dtype",
+                        "a": str(x.dtype).removeprefix("torch."),
+                        "b": str(y.dtype).removeprefix("torch."),
+                    }
+                )
             elif not torch.equal(x, y):
                 delta = (x.double() - y.double()).abs().max().item() if x.is_floating_point() and x.numel() else None
                 out.append({"key": key, "change": "values", "max_abs_diff": delta})

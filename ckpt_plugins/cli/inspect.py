@@ -38,12 +38,18 @@ _COMPLEX = {torch.float16: "complex32", torch.float32: "complex64", torch.float6
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="keys, shapes, dtypes and bytes of one checkpoint (any format)",
-                       description="List every entry of one checkpoint: ours, a Lightning .ckpt, an HF "
-                                   "checkpoint-N folder, a torch .pt/.bin or a .safetensors file.")
+    p = sub.add_parser(
+        "inspect",
+        help="keys, shapes, dtypes and bytes of one checkpoint (any format)",
+        description="List every entry of one checkpoint: ours, a Lightning .ckpt, an HF "
+        "checkpoint-N folder, a torch .pt/.bin or a .safetensors file.",
+    )
     p.add_argument("path", help="one checkpoint: a folder (step_N, checkpoint-N) or a file (.ckpt, .pt, .safetensors)")
-    p.add_argument("--allow-unsafe-pickle", action="store_true",
-                   help="load pickles with full pickle (can run code: only for files you trust)")
+    p.add_argument(
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="load pickles with full pickle (can run code: only for files you trust)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run)
 
@@ -79,8 +85,14 @@ def _leaf_rows(state: Any, prefix: str = "") -> list[Row]:
     rows: list[Row] = []
     for key, value in iter_leaves(state):
         if isinstance(value, torch.Tensor):
-            rows.append((prefix + key, tuple(value.shape), str(value.dtype).removeprefix("torch."),
-                         value.numel() * value.element_size()))
+            rows.append(
+                (
+                    prefix + key,
+                    tuple(value.shape),
+                    str(value.dtype).removeprefix("torch."),
+                    value.numel() * value.element_size(),
+                )
+            )
         elif isinstance(value, np.ndarray):
             rows.append((prefix + key, tuple(value.shape), str(value.dtype), int(value.nbytes)))
         else:
@@ -126,8 +138,13 @@ def _collapse(rows: list[Row]) -> list[Row]:
         key, shape, dtype, _ = rows[i]
         parent, _, index = key.rpartition(".")
         j = i
-        while (j < len(rows) and rows[j][1] is None and rows[j][2] == dtype and index.isdigit()
-               and rows[j][0] == f"{parent}.{int(index) + j - i}"):
+        while (
+            j < len(rows)
+            and rows[j][1] is None
+            and rows[j][2] == dtype
+            and index.isdigit()
+            and rows[j][0] == f"{parent}.{int(index) + j - i}"
+        ):
             j += 1
         if shape is None and j - i > RUN_LIMIT:
             out.append((f"{parent}.[{index}..{int(index) + j - i - 1}]", None, f"{j - i} x {dtype}", 0))
@@ -142,12 +159,16 @@ def _refuse_run_folder(path: str) -> None:
     """``inspect`` takes one checkpoint; on a run folder say which ones it holds and point to ls."""
     entries = catalog.scan(path)
     if not entries:
-        raise ConfigError(f"{path} holds no checkpoint that ckpt-plugins can read (our folders, .ckpt, "
-                          "checkpoint-N, .pt/.bin, .safetensors); pass one checkpoint")
+        raise ConfigError(
+            f"{path} holds no checkpoint that ckpt-plugins can read (our folders, .ckpt, "
+            "checkpoint-N, .pt/.bin, .safetensors); pass one checkpoint"
+        )
     names = ", ".join(e.name for e in entries[-3:])
-    raise ConfigError(f"{path} is a run folder with {len(entries)} checkpoint(s) ({names}); inspect reads one "
-                      f"checkpoint, e.g. `ckpt-plugins inspect {os.path.join(path, entries[-1].name)}`; "
-                      f"list them with `ckpt-plugins ls {path}`")
+    raise ConfigError(
+        f"{path} is a run folder with {len(entries)} checkpoint(s) ({names}); inspect reads one "
+        f"checkpoint, e.g. `ckpt-plugins inspect {os.path.join(path, entries[-1].name)}`; "
+        f"list them with `ckpt-plugins ls {path}`"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,8 +177,13 @@ def run(args: argparse.Namespace) -> int:
     if is_our_checkpoint(storage, root):
         manifest = catalog.layout_of(storage, root).read_manifest(root)
         rows = describe_ours(storage, root, manifest)
-        info = {"format": "ckpt_plugins", "format_version": manifest.format_version, "step": manifest.step,
-                "world_size": manifest.world_size, "metrics": manifest.metrics}
+        info = {
+            "format": "ckpt_plugins",
+            "format_version": manifest.format_version,
+            "step": manifest.step,
+            "world_size": manifest.world_size,
+            "metrics": manifest.metrics,
+        }
     else:
         if not storage.exists(root):
             raise ConfigError(f"{args.path}: no such file or folder")
@@ -168,20 +194,35 @@ def run(args: argparse.Namespace) -> int:
         info = {"format": fmt, "step": None, "metrics": {}}
     total = sum(r[3] for r in rows)
     if args.json:
-        emit_json({"path": args.path, **info, "total_bytes": total,
-                   "entries": [{"key": k, "shape": list(s) if s is not None else None, "dtype": d, "bytes": b}
-                               for k, s, d, b in rows]})
+        emit_json(
+            {
+                "path": args.path,
+                **info,
+                "total_bytes": total,
+                "entries": [
+                    {"key": k, "shape": list(s) if s is not None else None, "dtype": d, "bytes": b}
+                    for k, s, d, b in rows
+                ],
+            }
+        )
         return 0
     console = stdout()
     if info["format"] == "ckpt_plugins":
         metrics = " ".join(f"{k}={v:.4g}" for k, v in info["metrics"].items()) or "-"
-        console.print(f"{args.path}: ckpt_plugins format {info['format_version']}, step {info['step']}, "
-                      f"world size {info['world_size']}, metrics {metrics}")
+        console.print(
+            f"{args.path}: ckpt_plugins format {info['format_version']}, step {info['step']}, "
+            f"world size {info['world_size']}, metrics {metrics}"
+        )
     else:
         console.print(f"{args.path}: {info['format']} format")
-    print_table(["KEY", "SHAPE", "DTYPE", "BYTES"],
-                [[k, str(s) if s is not None else "", d, human_bytes(b) if s is not None else ""]
-                 for k, s, d, b in _collapse(rows)],
-                fold=("KEY",), console=console)
+    print_table(
+        ["KEY", "SHAPE", "DTYPE", "BYTES"],
+        [
+            [k, str(s) if s is not None else "", d, human_bytes(b) if s is not None else ""]
+            for k, s, d, b in _collapse(rows)
+        ],
+        fold=("KEY",),
+        console=console,
+    )
     console.print(f"{len(rows)} entries, {human_bytes(total)} of tensors")
     return 0

@@ -33,23 +33,36 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--monitor", metavar="METRIC", help="the metric that ranks checkpoints (e.g. val_loss)")
     g.add_argument("--mode", choices=("min", "max"), help="min: lower --monitor is better (default); max: higher")
     g.add_argument("--keep-every-n-steps", type=int, metavar="N", help="keep steps divisible by N for good")
-    g.add_argument("--keep-time-interval", type=float, metavar="SECONDS",
-                   help="keep the first checkpoint of each interval of this many seconds")
-    p.add_argument("--dir-prefix", metavar="PREFIX",
-                   help="only checkpoints whose name starts with PREFIX (e.g. step_ or checkpoint-)")
+    g.add_argument(
+        "--keep-time-interval",
+        type=float,
+        metavar="SECONDS",
+        help="keep the first checkpoint of each interval of this many seconds",
+    )
+    p.add_argument(
+        "--dir-prefix",
+        metavar="PREFIX",
+        help="only checkpoints whose name starts with PREFIX (e.g. step_ or checkpoint-)",
+    )
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("ls", help="list the checkpoints of a run folder: step, metrics, size, age, which rule keeps it",
-                       description="List every checkpoint of a run folder (ours, Lightning .ckpt files, Trainer "
-                                   "checkpoint-N folders, torch and safetensors files).")
+    p = sub.add_parser(
+        "ls",
+        help="list the checkpoints of a run folder: step, metrics, size, age, which rule keeps it",
+        description="List every checkpoint of a run folder (ours, Lightning .ckpt files, Trainer "
+        "checkpoint-N folders, torch and safetensors files).",
+    )
     p.add_argument("directory", help="the run folder")
     _rule_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run_ls)
-    p = sub.add_parser("prune", help="apply retention rules to a run folder (a dry run unless --yes)",
-                       description="Delete the checkpoints the retention rules do not keep. Named checkpoints "
-                                   "(no step in the name, e.g. last.ckpt) are never deleted.")
+    p = sub.add_parser(
+        "prune",
+        help="apply retention rules to a run folder (a dry run unless --yes)",
+        description="Delete the checkpoints the retention rules do not keep. Named checkpoints "
+        "(no step in the name, e.g. last.ckpt) are never deleted.",
+    )
     p.add_argument("directory", help="the run folder")
     _rule_args(p)
     p.add_argument("--yes", action="store_true", help="really delete (takes the folder's write lock)")
@@ -79,11 +92,30 @@ def run_ls(args: argparse.Namespace) -> int:
     entries, rules, source, reasons = _listing(args)
     now = time.time()
     if args.json:
-        emit_json({"directory": args.directory, "rules": rules, "rules_source": source, "checkpoints": [
-            {"name": e.name, "path": e.path, "step": e.step, "format": e.format, "kind": e.kind or None,
-             "metrics": e.metrics, "size_bytes": e.size, "wall_time": e.wall_time,
-             "age_s": None if e.wall_time is None else now - e.wall_time, "kept_by": reasons[e.name],
-             "would_prune": reasons[e.name] == [], "damaged": e.damaged} for e in entries]})
+        emit_json(
+            {
+                "directory": args.directory,
+                "rules": rules,
+                "rules_source": source,
+                "checkpoints": [
+                    {
+                        "name": e.name,
+                        "path": e.path,
+                        "step": e.step,
+                        "format": e.format,
+                        "kind": e.kind or None,
+                        "metrics": e.metrics,
+                        "size_bytes": e.size,
+                        "wall_time": e.wall_time,
+                        "age_s": None if e.wall_time is None else now - e.wall_time,
+                        "kept_by": reasons[e.name],
+                        "would_prune": reasons[e.name] == [],
+                        "damaged": e.damaged,
+                    }
+                    for e in entries
+                ],
+            }
+        )
         return 0
     console = stdout()
     if not entries:
@@ -93,10 +125,20 @@ def run_ls(args: argparse.Namespace) -> int:
     for e in entries:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()) or "-"
         age = None if e.wall_time is None else now - e.wall_time
-        rows.append([str(e.step) if e.step is not None else "-", e.name, e.format, metrics, human_bytes(e.size),
-                     human_age(age), _kept_by(e, reasons[e.name])])
-    print_table(["STEP", "NAME", "FORMAT", "METRICS", "SIZE", "AGE", "KEPT BY"], rows, fold=("METRICS",),
-                console=console)
+        rows.append(
+            [
+                str(e.step) if e.step is not None else "-",
+                e.name,
+                e.format,
+                metrics,
+                human_bytes(e.size),
+                human_age(age),
+                _kept_by(e, reasons[e.name]),
+            ]
+        )
+    print_table(
+        ["STEP", "NAME", "FORMAT", "METRICS", "SIZE", "AGE", "KEPT BY"], rows, fold=("METRICS",), console=console
+    )
     if rules is None:
         print("rules unknown (no manifest stored them); pass --keep-last/--keep-best/... to see what prune would keep")
     else:
@@ -110,8 +152,10 @@ def run_ls(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     entries, rules, source, reasons = _listing(args)
     if rules is None:
-        raise ConfigError(f"{args.directory}: no retention rules stored in its manifests; pass them, e.g. "
-                          "--keep-last 3 (see ckpt-plugins prune --help)")
+        raise ConfigError(
+            f"{args.directory}: no retention rules stored in its manifests; pass them, e.g. "
+            "--keep-last 3 (see ckpt-plugins prune --help)"
+        )
     doomed = [e for e in entries if reasons[e.name] == []]
     storage, root = open_storage(args.directory)
     lock = DirectoryLock(storage, root) if args.yes and doomed else None

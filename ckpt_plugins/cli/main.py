@@ -28,9 +28,11 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer cut o
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ckpt-plugins`` argument parser (each sub-command's ``func`` returns an exit status)."""
-    parser = argparse.ArgumentParser(prog="ckpt-plugins", description=__doc__.splitlines()[0],
-                                     epilog="Exit status: 0 ok; 1 differences (diff) or damage (verify); "
-                                            "2 bad input or an unreadable checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="ckpt-plugins",
+        description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 ok; 1 differences (diff) or damage (verify); 2 bad input or an unreadable checkpoint.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the library's logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ls.add_parsers(sub)
@@ -53,8 +55,9 @@ def _quiet_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         code = args.func(args)
         sys.stdout.flush()

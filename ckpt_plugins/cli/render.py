@@ -34,8 +34,9 @@ def stdout() -> Console:
     return Console(file=sys.stdout, width=width, highlight=False, markup=False, emoji=False, soft_wrap=False)
 
 
-def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, fold: Sequence[str] = (),
-                console: Console | None = None) -> None:
+def print_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], *, fold: Sequence[str] = (), console: Console | None = None
+) -> None:
     """Print ``rows`` under ``columns``. Columns named in ``fold`` wrap long values onto more
     lines (a long key stays readable); the others stay on one line."""
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", expand=False)
@@ -80,8 +81,9 @@ def progress(description: str, total: float | None, *, enabled: bool = True) -> 
     # Lines printed meanwhile go above the bar when stdout is the same terminal; a piped stdout
     # is left alone (rich would otherwise route it to the terminal).
     shared = sys.stdout.isatty()
-    with Progress(*columns, console=Console(file=sys.stderr), transient=True, redirect_stdout=shared,
-                  redirect_stderr=False) as bar:
+    with Progress(
+        *columns, console=Console(file=sys.stderr), transient=True, redirect_stdout=shared, redirect_stderr=False
+    ) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(amount: float = 1) -> None:

@@ -26,9 +26,12 @@ __all__ = ["add_parser", "check", "run"]
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("verify", help="check the checksums (or readability) of a checkpoint or of a run folder's",
-                       description="Check one checkpoint, or every checkpoint of a run folder, in any format. "
-                                   "Exit status 0 when all are OK, 1 when one is DAMAGED or UNSAFE.")
+    p = sub.add_parser(
+        "verify",
+        help="check the checksums (or readability) of a checkpoint or of a run folder's",
+        description="Check one checkpoint, or every checkpoint of a run folder, in any format. "
+        "Exit status 0 when all are OK, 1 when one is DAMAGED or UNSAFE.",
+    )
     p.add_argument("path", help="a checkpoint (folder or file) or a run folder")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     p.set_defaults(func=run)
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         sizes.append(catalog.folder_size(storage, root))
     results = []
     with progress("verifying", sum(sizes), enabled=not args.json) as advance:
-        for (path, ours), size in zip(targets, sizes):
+        for (path, ours), size in zip(targets, sizes, strict=False):
             status, problems = check(path, ours, advance if ours else None)
             if not ours:
                 advance(size)
@@ -91,4 +94,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"path": args.path, "ok": ok, "results": results})
     return 0 if ok else 1
-

@@ -24,7 +24,7 @@ import torch
 
 from ckpt_plugins.tree.walk import map_leaves
 
-__all__ = ["TensorFile", "StagedFile", "collect_tensors", "fill_tensors", "fill"]
+__all__ = ["StagedFile", "TensorFile", "collect_tensors", "fill", "fill_tensors"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class _Slot:
 
 def _skeleton(node: Any, found: list[torch.Tensor]) -> Any:
     """A copy of ``node`` with every tensor replaced by a numbered slot (containers are copied)."""
+
     def slot(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             found.append(value)
@@ -78,8 +79,10 @@ def collect_tensors(extra_files: Mapping[str, Any]) -> tuple[dict[str, torch.Ten
         elif isinstance(value, (bytes, bytearray, memoryview)) or callable(value):
             specs[name] = ("plain", value)
         else:
-            raise TypeError(f"extra_files[{name!r}] must be bytes, a writer function, a TensorFile "
-                            f"or a StagedFile, got {type(value).__name__}")
+            raise TypeError(
+                f"extra_files[{name!r}] must be bytes, a writer function, a TensorFile "
+                f"or a StagedFile, got {type(value).__name__}"
+            )
     return tensors, specs
 
 

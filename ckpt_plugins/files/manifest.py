@@ -24,8 +24,16 @@ import torch
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.tensor_file import FileRecord
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MIGRATIONS", "Manifest", "Part", "dump_manifest",
-           "parse_manifest"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MIGRATIONS",
+    "Manifest",
+    "Part",
+    "dump_manifest",
+    "parse_manifest",
+]
 
 FORMAT_NAME = "ckpt_plugins"
 FORMAT_VERSION = 2
@@ -76,10 +84,8 @@ def dump_manifest(manifest: Manifest) -> bytes:
         "wall_time": manifest.wall_time,
         "metrics": {k: _encode_float(v) for k, v in manifest.metrics.items()},
         "world_size": manifest.world_size,
-        "created_by": manifest.created_by or {"ckpt_plugins": __version__,
-                                              "torch": torch.__version__},
-        "parts": {name: {"tree": p.tree, "tensor_file": p.tensor_file}
-                  for name, p in manifest.parts.items()},
+        "created_by": manifest.created_by or {"ckpt_plugins": __version__, "torch": torch.__version__},
+        "parts": {name: {"tree": p.tree, "tensor_file": p.tensor_file} for name, p in manifest.parts.items()},
         "files": {name: {"size": r.size, "xxh3_64": r.xxh3_64} for name, r in manifest.files.items()},
         "user_metadata": manifest.user_metadata,
     }
@@ -106,6 +112,7 @@ def _decode_float(where: str, value: Any) -> float:
 # Version 1 (the 0.0.x pre-releases) kept one unnamed state tree at the top level ("tree" and
 # "tensor_file") and listed files as [name, size, checksum] triples. Each migration takes the
 # document of version N and returns one of version N + 1.
+
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     doc = dict(doc)
@@ -142,7 +149,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     if version > FORMAT_VERSION:
         raise CorruptCheckpointError(
             f"{where}: format version {version} is newer than this ckpt_plugins understands "
-            f"({FORMAT_VERSION}); upgrade ckpt_plugins to read it")
+            f"({FORMAT_VERSION}); upgrade ckpt_plugins to read it"
+        )
     while version < FORMAT_VERSION:
         doc = MIGRATIONS[version](doc)
         version = doc["format_version"]
@@ -163,8 +171,8 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 def _check_name(where: str, name: Any) -> str:
     if not isinstance(name, str) or not (_SAFE_NAME.match(name) or _VERSIONED_NAME.match(name)) or ".." in name:
         raise CorruptCheckpointError(
-            f"{where}: file name {name!r:.80} is not a plain file name; refusing to read outside "
-            "the checkpoint folder")
+            f"{where}: file name {name!r:.80} is not a plain file name; refusing to read outside the checkpoint folder"
+        )
     return name
 
 
@@ -189,7 +197,8 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         tensor_file = part.get("tensor_file")
         if tensor_file is not None and _check_name(where, tensor_file) not in files:
             raise CorruptCheckpointError(
-                f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed")
+                f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed"
+            )
         parts[name] = Part(tree=part["tree"], tensor_file=tensor_file)
     metrics_doc = doc.get("metrics") or {}
     if not isinstance(metrics_doc, dict):
@@ -201,14 +210,27 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
     user_metadata = doc.get("user_metadata") or {}
     if not isinstance(created_by, dict) or not isinstance(user_metadata, dict):
         raise CorruptCheckpointError(f"{where}: 'created_by' and 'user_metadata' must be objects")
-    return Manifest(step=step, parts=parts, files=files, metrics=metrics, wall_time=float(wall_time),
-                    world_size=world_size, created_by=created_by, user_metadata=user_metadata,
-                    retention=_retention(where, doc.get("retention")))
+    return Manifest(
+        step=step,
+        parts=parts,
+        files=files,
+        metrics=metrics,
+        wall_time=float(wall_time),
+        world_size=world_size,
+        created_by=created_by,
+        user_metadata=user_metadata,
+        retention=_retention(where, doc.get("retention")),
+    )
 
 
 _RETENTION_TYPES: dict[str, tuple[type, ...]] = {
-    "keep_last": (int,), "keep_best": (int,), "monitor": (str,), "mode": (str,),
-    "keep_every_n_steps": (int,), "keep_time_interval": (int, float)}
+    "keep_last": (int,),
+    "keep_best": (int,),
+    "monitor": (str,),
+    "mode": (str,),
+    "keep_every_n_steps": (int,),
+    "keep_time_interval": (int, float),
+}
 
 
 def _retention(where: str, value: Any) -> dict[str, Any] | None:

@@ -133,10 +133,17 @@ def _data_checksum(tensors: Mapping[str, torch.Tensor], order: list[str]) -> str
     return hasher.hexdigest()
 
 
-def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[str, torch.Tensor],
-                      info: Mapping[str, Any], *, direct_io: bool = True, in_place: bool = False,
-                      write_tensors: TensorWriter | None = None
-                      ) -> FileRecord:
+def write_single_file(
+    storage: Storage,
+    path: str,
+    tree: Any,
+    tensors: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any],
+    *,
+    direct_io: bool = True,
+    in_place: bool = False,
+    write_tensors: TensorWriter | None = None,
+) -> FileRecord:
     """Write one checkpoint file atomically (hidden temporary name, fsync, rename, fsync dir).
 
     Args:
@@ -158,11 +165,17 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
     """
     from ckpt_plugins import __version__
 
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "data_xxh3_64": _data_checksum(tensors, file_order(tensors)),
-                "tree": json.dumps(tree, allow_nan=False, separators=(",", ":")),
-                "info": json.dumps({"wall_time": time.time(), "created_by": {"ckpt_plugins": __version__,
-                                    "torch": torch.__version__}, **info}, allow_nan=False, separators=(",", ":"))}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "data_xxh3_64": _data_checksum(tensors, file_order(tensors)),
+        "tree": json.dumps(tree, allow_nan=False, separators=(",", ":")),
+        "info": json.dumps(
+            {"wall_time": time.time(), "created_by": {"ckpt_plugins": __version__, "torch": torch.__version__}, **info},
+            allow_nan=False,
+            separators=(",", ":"),
+        ),
+    }
     # An object store has no rename, but needs none: one object appears whole at the end of its
     # upload, and a failed upload is aborted, leaving the old object (ckpt_plugins.storage.object_store).
     whole_object = not getattr(storage, "atomic_rename", True)
@@ -185,8 +198,9 @@ def write_single_file(storage: Storage, path: str, tree: Any, tensors: Mapping[s
     return record
 
 
-def read_single_file(storage: Storage, path: str, *, map_location: str | torch.device = "cpu",
-                     verify: bool = True) -> tuple[Any, dict[str, Any]]:
+def read_single_file(
+    storage: Storage, path: str, *, map_location: str | torch.device = "cpu", verify: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """Read a file written by :func:`write_single_file`: ``(state, info)``.
 
     Raises:
@@ -201,14 +215,16 @@ def read_single_file(storage: Storage, path: str, *, map_location: str | torch.d
     if is_reservation(storage, path):
         raise CheckpointNotFoundError(
             f"{path} holds only the name reservation of a save that never committed (the process saving it "
-            "ended first); delete it and load an earlier checkpoint")
+            "ended first); delete it and load an earlier checkpoint"
+        )
     size = storage.size(path)
     with storage.open_read(path) as f:
         try:
             entries, data_start = read_header(f, path, size)
         except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{exc}. If the process saving it ended while writing it, delete it and "
-                                         "load an earlier checkpoint") from exc
+            raise CorruptCheckpointError(
+                f"{exc}. If the process saving it ended while writing it, delete it and load an earlier checkpoint"
+            ) from exc
         f.seek(8)
         try:
             metadata = json.loads(f.read(data_start - 8)).get("__metadata__") or {}
@@ -217,14 +233,17 @@ def read_single_file(storage: Storage, path: str, *, map_location: str | torch.d
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{path}: the {FORMAT} header metadata is malformed ({exc!r})") from exc
     if metadata.get("format") != FORMAT or version > FORMAT_VERSION:
-        raise CorruptCheckpointError(f"{path}: format {metadata.get('format')!r} version {version} is not "
-                                     f"{FORMAT} <= {FORMAT_VERSION}; upgrade ckpt_plugins to read it")
+        raise CorruptCheckpointError(
+            f"{path}: format {metadata.get('format')!r} version {version} is not "
+            f"{FORMAT} <= {FORMAT_VERSION}; upgrade ckpt_plugins to read it"
+        )
     tensors = read_tensor_file(storage, path)
     if verify:
         digest = _data_checksum(tensors, sorted(entries, key=lambda k: entries[k][2]))
         if digest != expected:
-            raise CorruptCheckpointError(f"{path}: checksum mismatch (xxh3 {digest}, header says {expected}); "
-                                         "the file is damaged")
+            raise CorruptCheckpointError(
+                f"{path}: checksum mismatch (xxh3 {digest}, header says {expected}); the file is damaged"
+            )
     if torch.device(map_location) != torch.device("cpu"):
         tensors = {k: v.to(map_location) for k, v in tensors.items()}
     return unflatten_state(tree, tensors), info if isinstance(info, dict) else {}
@@ -275,4 +294,3 @@ def _replace(storage: Storage, src: str, dst: str) -> None:
     if storage.exists(dst):
         storage.remove_file(dst)
     storage.rename(src, dst)
-

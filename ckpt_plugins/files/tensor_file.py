@@ -17,33 +17,54 @@ import ctypes
 import json
 import math
 import struct
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO
 
 import torch
 import xxhash
 
-from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.storage import Storage
+from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
 
-__all__ = ["FileRecord", "HashingWriter", "write_tensor_file", "read_tensor_file", "read_header",
-           "tensor_bytes", "checksum_file"]
+__all__ = [
+    "FileRecord",
+    "HashingWriter",
+    "checksum_file",
+    "read_header",
+    "read_tensor_file",
+    "tensor_bytes",
+    "write_tensor_file",
+]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 WRITE_CHUNK = 64 << 20  # hash and write a contiguous run in slices, so the two overlap
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
 }
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")):
+for _name, _code in (
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+):
     if hasattr(torch, _name):
         _DTYPE_TO_CODE[getattr(torch, _name)] = _code
 _CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
@@ -108,8 +129,11 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
         if tensor.dtype not in _DTYPE_TO_CODE:
             raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPE_TO_CODE[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _DTYPE_TO_CODE[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     # Spaces up to a page boundary (the format allows trailing spaces in the header): the data
@@ -118,8 +142,14 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     return order, struct.pack("<Q", len(blob)) + blob, offset
 
 
-def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None, *, direct_io: bool = True) -> FileRecord:
+def write_tensor_file(
+    storage: Storage,
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    direct_io: bool = True,
+) -> FileRecord:
     """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum.
 
     With ``direct_io`` the bytes bypass the page cache where the file system allows it
@@ -135,7 +165,7 @@ def write_tensor_file(storage: Storage, path: str, tensors: Mapping[str, torch.T
         write(head)
         for run in _runs(tensors[key] for key in order):
             for start in range(0, len(run), WRITE_CHUNK):
-                chunk = run[start:start + WRITE_CHUNK]
+                chunk = run[start : start + WRITE_CHUNK]
                 hasher.update(chunk)
                 write(chunk)
         if direct is not None:
@@ -150,8 +180,7 @@ def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict, int]:
         raise CorruptCheckpointError(f"{path}: file is truncated (no safetensors header)")
     (header_len,) = struct.unpack("<Q", raw_len)
     if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-        raise CorruptCheckpointError(
-            f"{path}: header length {header_len} is impossible for a {file_size}-byte file")
+        raise CorruptCheckpointError(f"{path}: header length {header_len} is impossible for a {file_size}-byte file")
     try:
         header = json.loads(f.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -176,17 +205,22 @@ def _validate_entry(path: str, key: str, entry: object, data_len: int):
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"{path}: header entry {key!r} is malformed ({exc!r})") from exc
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len \
-            or (end - begin) != math.prod(shape) * itemsize:
+    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len or (end - begin) != math.prod(shape) * itemsize:
         raise CorruptCheckpointError(
             f"{path}: header entry {key!r} (shape {shape}, offsets {begin}..{end}) does not fit "
-            f"the file's {data_len} data bytes; the file is damaged or truncated")
+            f"the file's {data_len} data bytes; the file is damaged or truncated"
+        )
     return dtype, shape, begin, end
 
 
-def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None = None,
-                     expected: FileRecord | None = None,
-                     map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_tensor_file(
+    storage: Storage,
+    path: str,
+    *,
+    keys: Iterable[str] | None = None,
+    expected: FileRecord | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
     """Read tensors from ``path``: all of them (checksummed against ``expected``) or only ``keys``.
 
     A partial read seeks to the selected entries and leaves the rest on disk, so it checks the
@@ -199,7 +233,8 @@ def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None 
     if expected is not None and file_size != expected.size:
         raise CorruptCheckpointError(
             f"{path}: size is {file_size} bytes but the manifest says {expected.size}; "
-            "the file is truncated or was replaced")
+            "the file is truncated or was replaced"
+        )
     wanted = None if keys is None else set(keys)
     out: dict[str, torch.Tensor] = {}
     with storage.open_read(path) as f:
@@ -208,8 +243,8 @@ def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None 
             missing = wanted - entries.keys()
             if missing:
                 raise CorruptCheckpointError(
-                    f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not "
-                    "in the file")
+                    f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not in the file"
+                )
         full = wanted is None
         hasher = _OrderedHasher() if full and expected is not None else None
         if hasher is not None:
@@ -234,8 +269,8 @@ def read_tensor_file(storage: Storage, path: str, *, keys: Iterable[str] | None 
     digest = hasher.hexdigest() if hasher is not None else None
     if digest is not None and digest != expected.xxh3_64:  # type: ignore[union-attr]
         raise CorruptCheckpointError(
-            f"{path}: checksum mismatch (xxh3 {digest}, manifest "
-            f"{expected.xxh3_64}); the file is damaged")  # type: ignore[union-attr]
+            f"{path}: checksum mismatch (xxh3 {digest}, manifest {expected.xxh3_64}); the file is damaged"
+        )  # type: ignore[union-attr]
     if torch.device(map_location) != torch.device("cpu"):
         out = {k: v.to(map_location) for k, v in out.items()}
     return out

@@ -149,8 +149,8 @@ class _Reader:
         state_path = self.path("trainer_state.json")
         if os.path.isfile(state_path):
             state = _read_json(state_path)
-            out["trainer_state"] = state if self.include is None else select(
-                state, self.include, "trainer_state", empty={}
+            out["trainer_state"] = (
+                state if self.include is None else select(state, self.include, "trainer_state", empty={})
             )
         for name in _SKIPPED:
             if os.path.isfile(self.path(name)):
@@ -203,7 +203,8 @@ HF_WRITER = "ckpt_plugins.hf"
 def holds_native_files(manifest: Any) -> bool:
     """Whether one of our checkpoints was written by ``ckpt_plugins.hf`` with the Trainer's files in it."""
     return manifest.user_metadata.get("written_by") == HF_WRITER and any(
-        name in manifest.files for name in HF_MARKER_FILES)
+        name in manifest.files for name in HF_MARKER_FILES
+    )
 
 
 def read_native_files(
@@ -241,8 +242,9 @@ def read_native_files(
         return {}
     local = storage.local_path(folder)
     if local is None:
-        log.warning("%s: the Trainer's files are read from local folders only; returning the manifest's state alone",
-                    folder)
+        log.warning(
+            "%s: the Trainer's files are read from local folders only; returning the manifest's state alone", folder
+        )
         return {}
     if verify:
         for name, record in manifest.files.items():
@@ -253,6 +255,8 @@ def read_native_files(
                 raise CorruptCheckpointError(f"{path}: file listed in the manifest is missing")
             got = checksum_file(storage, path)
             if (got.size, got.xxh3_64) != (record.size, record.xxh3_64):
-                raise CorruptCheckpointError(f"{path}: size {got.size} / xxh3 {got.xxh3_64} do not match the "
-                                             f"manifest ({record.size} / {record.xxh3_64}); the file is damaged")
+                raise CorruptCheckpointError(
+                    f"{path}: size {got.size} / xxh3 {got.xxh3_64} do not match the "
+                    f"manifest ({record.size} / {record.xxh3_64}); the file is damaged"
+                )
     return _Reader(local, map_location, False, include).read()

@@ -45,9 +45,7 @@ def read_lightning_ckpt(
     if is_single_file(storage, os.fspath(path)):
         state, _ = read_single_file(storage, os.fspath(path), map_location=map_location)
         return state if include is None else select(state, include, empty={})
-    ckpt = load_pickle(
-        path, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, include=include
-    )
+    ckpt = load_pickle(path, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, include=include)
     if include is None and not (isinstance(ckpt, dict) and "state_dict" in ckpt):
         log.warning("%s has no 'state_dict' key; it may not be a Lightning checkpoint", path)
     return ckpt

@@ -71,16 +71,26 @@ def read_safetensors(
                 return {name: _meta_tensor(f.get_slice(name)) for name in names}
             return {name: f.get_tensor(name) for name in names}
     except SafetensorError as exc:
-        raise CorruptCheckpointError(
-            f"Cannot read {path}: it is truncated or not a safetensors file ({exc})."
-        ) from exc
+        raise CorruptCheckpointError(f"Cannot read {path}: it is truncated or not a safetensors file ({exc}).") from exc
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
-           "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8), "U16": getattr(torch, "uint16", torch.int16),
-           "U32": getattr(torch, "uint32", torch.int32), "U64": getattr(torch, "uint64", torch.int64)}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+    "U16": getattr(torch, "uint16", torch.int16),
+    "U32": getattr(torch, "uint32", torch.int32),
+    "U64": getattr(torch, "uint64", torch.int64),
+}
 
 
 def _meta_tensor(view: Any) -> torch.Tensor:
@@ -110,6 +120,4 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except SafetensorError as exc:
-        raise CorruptCheckpointError(
-            f"Cannot read {path}: it is truncated or not a safetensors file ({exc})."
-        ) from exc
+        raise CorruptCheckpointError(f"Cannot read {path}: it is truncated or not a safetensors file ({exc}).") from exc

@@ -24,6 +24,4 @@ def read_torch_file(
         UnsafeCheckpointError: the file needs full pickle and ``allow_unsafe_pickle`` is False.
         CorruptCheckpointError: the file is truncated or not a torch file.
     """
-    return load_pickle(
-        path, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, include=include
-    )
+    return load_pickle(path, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, include=include)

@@ -23,5 +23,11 @@ from ckpt_plugins.hf.callback import CheckpointCallback, SaveRecord
 from ckpt_plugins.hf.guard import GuardFinding, guard_latest  # deprecated
 from ckpt_plugins.hf.resume import last_usable_checkpoint
 
-__all__ = ["CheckpointArguments", "CheckpointCallback", "GuardFinding", "SaveRecord", "guard_latest",
-           "last_usable_checkpoint"]
+__all__ = [
+    "CheckpointArguments",
+    "CheckpointCallback",
+    "GuardFinding",
+    "SaveRecord",
+    "guard_latest",
+    "last_usable_checkpoint",
+]

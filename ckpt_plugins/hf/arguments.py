@@ -34,42 +34,80 @@ class CheckpointArguments:
     never rewritten; :meth:`to_options` converts them once.
     """
 
-    ckpt_dirpath: str | None = field(default=None, metadata={
-        "help": "Checkpoint directory (default: --output_dir, where resume_from_checkpoint=True looks)."})
-    ckpt_keep_last: int | None = field(default=None, metadata={
-        "help": "Keep the N most recent checkpoints (default: --save_total_limit; none: keep all)."})
-    ckpt_keep_best: int | None = field(default=None, metadata={
-        "help": "Keep the N best checkpoints by --ckpt_monitor (the best one is always kept)."})
-    ckpt_monitor: str | None = field(default=None, metadata={
-        "help": "Metric that ranks checkpoints, e.g. eval_loss (default: --metric_for_best_model)."})
-    ckpt_mode: Literal["min", "max"] | None = field(default=None, metadata={
-        "help": "Whether lower (min) or higher (max) --ckpt_monitor is better (default: --greater_is_better)."})
-    ckpt_keep_every_n_steps: int | None = field(default=None, metadata={
-        "help": "Also keep, for good, every checkpoint whose step is a multiple of N."})
-    ckpt_keep_time_interval: float | None = field(default=None, metadata={
-        "help": "Also keep, for good, the first checkpoint of every interval of this many seconds."})
-    ckpt_overwrite: bool = field(default=False, metadata={
-        "help": "Let a fresh run save into a directory with checkpoints (replaced as its saves commit)."})
-    ckpt_async_save: bool = field(default=True, metadata={
-        "help": "Write checkpoints in the background; training only waits for a copy of the state."})
-    ckpt_max_pending: int = field(default=1, metadata={
-        "help": "At most this many checkpoints being written at once (and copies held in memory)."})
-    ckpt_snapshot: Literal["safe", "overlap"] = field(default="safe", metadata={
-        "help": "safe: copy the state when saving; overlap: copy during the next forward/backward."})
-    ckpt_writer: Literal["thread", "process"] = field(default="thread", metadata={
-        "help": "Who writes the tensor files: a background thread, or a writer process (no GIL contention)."})
-    ckpt_every_n_train_steps: int | None = field(default=None, metadata={
-        "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."})
-    ckpt_on_error: Literal["raise", "warn"] = field(default="raise", metadata={
-        "help": "A failed background save: raise at the next save (stops training), or warn and go on."})
-    ckpt_verify_latest: bool = field(default=True, metadata={
-        "help": "Check the newest checkpoint-N when the Trainer is built; warn if damaged (nothing is moved)."})
-    ckpt_gradient_checkpointing: ActivationMode | None = field(default=None, metadata={
-        "help": "Activation checkpointing mode, extending --activation_checkpointing (any model)."})
-    ckpt_gradient_checkpointing_every_n: int | None = field(default=None, metadata={
-        "help": "Checkpoint blocks 0, n, 2n, ... (implies mode every_n when no mode is given)."})
-    ckpt_gradient_checkpointing_targets: str | None = field(default=None, metadata={
-        "help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."})
+    ckpt_dirpath: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint directory (default: --output_dir, where resume_from_checkpoint=True looks)."},
+    )
+    ckpt_keep_last: int | None = field(
+        default=None,
+        metadata={"help": "Keep the N most recent checkpoints (default: --save_total_limit; none: keep all)."},
+    )
+    ckpt_keep_best: int | None = field(
+        default=None, metadata={"help": "Keep the N best checkpoints by --ckpt_monitor (the best one is always kept)."}
+    )
+    ckpt_monitor: str | None = field(
+        default=None,
+        metadata={"help": "Metric that ranks checkpoints, e.g. eval_loss (default: --metric_for_best_model)."},
+    )
+    ckpt_mode: Literal["min", "max"] | None = field(
+        default=None,
+        metadata={
+            "help": "Whether lower (min) or higher (max) --ckpt_monitor is better (default: --greater_is_better)."
+        },
+    )
+    ckpt_keep_every_n_steps: int | None = field(
+        default=None, metadata={"help": "Also keep, for good, every checkpoint whose step is a multiple of N."}
+    )
+    ckpt_keep_time_interval: float | None = field(
+        default=None,
+        metadata={"help": "Also keep, for good, the first checkpoint of every interval of this many seconds."},
+    )
+    ckpt_overwrite: bool = field(
+        default=False,
+        metadata={"help": "Let a fresh run save into a directory with checkpoints (replaced as its saves commit)."},
+    )
+    ckpt_async_save: bool = field(
+        default=True,
+        metadata={"help": "Write checkpoints in the background; training only waits for a copy of the state."},
+    )
+    ckpt_max_pending: int = field(
+        default=1, metadata={"help": "At most this many checkpoints being written at once (and copies held in memory)."}
+    )
+    ckpt_snapshot: Literal["safe", "overlap"] = field(
+        default="safe",
+        metadata={"help": "safe: copy the state when saving; overlap: copy during the next forward/backward."},
+    )
+    ckpt_writer: Literal["thread", "process"] = field(
+        default="thread",
+        metadata={"help": "Who writes the tensor files: a background thread, or a writer process (no GIL contention)."},
+    )
+    ckpt_every_n_train_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."
+        },
+    )
+    ckpt_on_error: Literal["raise", "warn"] = field(
+        default="raise",
+        metadata={"help": "A failed background save: raise at the next save (stops training), or warn and go on."},
+    )
+    ckpt_verify_latest: bool = field(
+        default=True,
+        metadata={
+            "help": "Check the newest checkpoint-N when the Trainer is built; warn if damaged (nothing is moved)."
+        },
+    )
+    ckpt_gradient_checkpointing: ActivationMode | None = field(
+        default=None,
+        metadata={"help": "Activation checkpointing mode, extending --activation_checkpointing (any model)."},
+    )
+    ckpt_gradient_checkpointing_every_n: int | None = field(
+        default=None, metadata={"help": "Checkpoint blocks 0, n, 2n, ... (implies mode every_n when no mode is given)."}
+    )
+    ckpt_gradient_checkpointing_targets: str | None = field(
+        default=None,
+        metadata={"help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."},
+    )
 
     def __post_init__(self) -> None:
         self.to_options()  # fail at parse time, naming the flag
@@ -95,18 +133,27 @@ class CheckpointArguments:
         Raises:
             ConfigError: a value is invalid (the message and ``option`` name the flag).
         """
-        names = {f.name[len("ckpt_"):]: f"--{f.name}" for f in fields(self)}
+        names = {f.name[len("ckpt_") :]: f"--{f.name}" for f in fields(self)}
         names["gradient_checkpointing"] = "--ckpt_gradient_checkpointing"
         with renamed_options(names):
             return self._options(names)
 
     def _options(self, names: dict[str, str]) -> CallbackOptions:
         return CallbackOptions(
-            dirpath=self.ckpt_dirpath, keep_last=self.ckpt_keep_last, keep_best=self.ckpt_keep_best,
-            monitor=self.ckpt_monitor, mode=self.ckpt_mode, keep_every_n_steps=self.ckpt_keep_every_n_steps,
-            keep_time_interval=self.ckpt_keep_time_interval, overwrite=self.ckpt_overwrite,
-            async_save=self.ckpt_async_save, max_pending=self.ckpt_max_pending, snapshot=self.ckpt_snapshot,
+            dirpath=self.ckpt_dirpath,
+            keep_last=self.ckpt_keep_last,
+            keep_best=self.ckpt_keep_best,
+            monitor=self.ckpt_monitor,
+            mode=self.ckpt_mode,
+            keep_every_n_steps=self.ckpt_keep_every_n_steps,
+            keep_time_interval=self.ckpt_keep_time_interval,
+            overwrite=self.ckpt_overwrite,
+            async_save=self.ckpt_async_save,
+            max_pending=self.ckpt_max_pending,
+            snapshot=self.ckpt_snapshot,
             writer=self.ckpt_writer,
-            every_n_train_steps=self.ckpt_every_n_train_steps, verify_latest=self.ckpt_verify_latest,
+            every_n_train_steps=self.ckpt_every_n_train_steps,
+            verify_latest=self.ckpt_verify_latest,
             on_error=self.ckpt_on_error,
-            gradient_checkpointing=self.gradient_checkpointing()).spelled(names)
+            gradient_checkpointing=self.gradient_checkpointing(),
+        ).spelled(names)

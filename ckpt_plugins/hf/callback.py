@@ -61,9 +61,11 @@ log = logging.getLogger(__name__)
 # open; the next Trainer on that directory closes it (see CheckpointCallback._take_over_directory).
 _OPEN_ON: dict[str, CheckpointManager] = {}
 
-_RESUME_HINT = ("Resume from the newest with trainer.train(resume_from_checkpoint=True) (--resume_from_checkpoint "
-                "True), pass overwrite=True (--ckpt_overwrite) to replace them as this run's saves commit, or use "
-                "another output_dir / dirpath.")
+_RESUME_HINT = (
+    "Resume from the newest with trainer.train(resume_from_checkpoint=True) (--resume_from_checkpoint "
+    "True), pass overwrite=True (--ckpt_overwrite) to replace them as this run's saves commit, or use "
+    "another output_dir / dirpath."
+)
 
 
 @dataclass(frozen=True)
@@ -127,21 +129,44 @@ class CheckpointCallback(TrainerCallback):
         >>> trainer.train(resume_from_checkpoint=True)  # after a crash  # doctest: +SKIP
     """
 
-    def __init__(self, dirpath: str | os.PathLike | None = None, *, keep_last: int | None = None,
-                 keep_best: int | None = None, monitor: str | None = None,
-                 mode: Literal["min", "max"] | None = None, keep_every_n_steps: int | None = None,
-                 keep_time_interval: float | timedelta | None = None, overwrite: bool = False,
-                 async_save: bool = True, max_pending: int = 1,
-                 snapshot: Literal["safe", "overlap"] = "safe", writer: Literal["thread", "process"] = "thread",
-                 every_n_train_steps: int | None = None,
-                 gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
-                 on_error: Literal["raise", "warn"] = "raise", verify_latest: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        keep_every_n_steps: int | None = None,
+        keep_time_interval: float | timedelta | None = None,
+        overwrite: bool = False,
+        async_save: bool = True,
+        max_pending: int = 1,
+        snapshot: Literal["safe", "overlap"] = "safe",
+        writer: Literal["thread", "process"] = "thread",
+        every_n_train_steps: int | None = None,
+        gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
+        on_error: Literal["raise", "warn"] = "raise",
+        verify_latest: bool = True,
+    ) -> None:
         self.options = CallbackOptions(
-            dirpath=os.fspath(dirpath) if dirpath is not None else None, keep_last=keep_last,
-            keep_best=keep_best, monitor=monitor, mode=mode, keep_every_n_steps=keep_every_n_steps,
-            keep_time_interval=keep_time_interval, overwrite=overwrite, async_save=async_save,
-            max_pending=max_pending, snapshot=snapshot, writer=writer, every_n_train_steps=every_n_train_steps,
-            gradient_checkpointing=gradient_checkpointing, on_error=on_error, verify_latest=verify_latest)
+            dirpath=os.fspath(dirpath) if dirpath is not None else None,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_time_interval=keep_time_interval,
+            overwrite=overwrite,
+            async_save=async_save,
+            max_pending=max_pending,
+            snapshot=snapshot,
+            writer=writer,
+            every_n_train_steps=every_n_train_steps,
+            gradient_checkpointing=gradient_checkpointing,
+            on_error=on_error,
+            verify_latest=verify_latest,
+        )
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
         self.activation_report: ActivationCheckpointingReport | None = None
@@ -166,16 +191,20 @@ class CheckpointCallback(TrainerCallback):
         return callback
 
     # --- set-up ----------------------------------------------------------------------------------
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: Any = None, **kwargs: Any) -> None:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kwargs: Any
+    ) -> None:
         self.settings = resolve(self.options, args)
         if model is not None:
             self._activation_plan = gc_wiring.plan(self.options.gradient_checkpointing, args, model)
             self.activation_report = gc_wiring.apply_plan(self._activation_plan, model, args)
         if os.path.abspath(self.settings.dirpath) != os.path.abspath(str(args.output_dir)):
-            log.info("checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
-                     "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
-                     self.settings.dirpath, self.settings.dirpath)
+            log.info(
+                "checkpoints go to %s, not output_dir: resume with resume_from_checkpoint="
+                "get_last_checkpoint(%r) (resume_from_checkpoint=True looks in output_dir)",
+                self.settings.dirpath,
+                self.settings.dirpath,
+            )
         self._take_over_directory()
         self._check_latest(args)
 
@@ -185,8 +214,11 @@ class CheckpointCallback(TrainerCallback):
         assert self.settings is not None
         earlier = _OPEN_ON.pop(_directory_key(self.settings.dirpath), None)
         if earlier is not None and earlier is not self.manager:  # entries are removed at a normal close
-            log.warning("closing the checkpoint manager an earlier Trainer left open on %s (its train() "
-                        "raised before the end); its pending saves are committed first", self.settings.dirpath)
+            log.warning(
+                "closing the checkpoint manager an earlier Trainer left open on %s (its train() "
+                "raised before the end); its pending saves are committed first",
+                self.settings.dirpath,
+            )
             earlier.close()
 
     def _check_latest(self, args: TrainingArguments) -> None:
@@ -200,19 +232,31 @@ class CheckpointCallback(TrainerCallback):
         self.resume_check = choice = broadcast_object(choice)
         newest = choice.damaged[0] if choice.damaged else None
         if newest is not None and rank_and_world()[0] == 0:
-            log.warning("resume_from_checkpoint=True would still load %s (the Trainer does not check it); %s. "
-                        "--resume_from_checkpoint True (with CheckpointArguments) and ckpt_plugins.hf."
-                        "last_usable_checkpoint(%r) skip it. Nothing was moved: an explicit "
-                        "resume_from_checkpoint=<path> is loaded as given", newest.path,
-                        f"the newest usable one is {choice.path}" if choice.path else "no checkpoint is usable",
-                        self.settings.dirpath)
+            log.warning(
+                "resume_from_checkpoint=True would still load %s (the Trainer does not check it); %s. "
+                "--resume_from_checkpoint True (with CheckpointArguments) and ckpt_plugins.hf."
+                "last_usable_checkpoint(%r) skip it. Nothing was moved: an explicit "
+                "resume_from_checkpoint=<path> is loaded as given",
+                newest.path,
+                f"the newest usable one is {choice.path}" if choice.path else "no checkpoint is usable",
+                self.settings.dirpath,
+            )
         args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, choice, self.settings.dirpath)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Any = None, train_dataloader: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if self.settings is None:  # added with trainer.add_callback() after __init__
-            log.warning("CheckpointCallback was added after the Trainer was built: the newest "
-                        "checkpoint was not checked before resuming; pass it in callbacks=[...]")
+            log.warning(
+                "CheckpointCallback was added after the Trainer was built: the newest "
+                "checkpoint was not checked before resuming; pass it in callbacks=[...]"
+            )
             self.settings = resolve(self.options, args)
         if model is not None:  # again: a model_init Trainer builds a new model in train()
             if self._activation_plan is None:
@@ -233,10 +277,12 @@ class CheckpointCallback(TrainerCallback):
         if model is not None and rank_and_world()[0] == 0:
             native_files_warmup(model)  # one-time transformers set-up, kept out of the first save
         if args.save_total_limit == 1 and args.load_best_model_at_end:
-            log.warning("save_total_limit=1 with load_best_model_at_end: at the end of training the "
-                        "Trainer itself deletes every checkpoint but the best one, outside the "
-                        "crash-safe protocol; prefer keep_last=1 (--ckpt_keep_last 1) without "
-                        "save_total_limit")
+            log.warning(
+                "save_total_limit=1 with load_best_model_at_end: at the end of training the "
+                "Trainer itself deletes every checkpoint but the best one, outside the "
+                "crash-safe protocol; prefer keep_last=1 (--ckpt_keep_last 1) without "
+                "save_total_limit"
+            )
 
     def _check_existing(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
         """Where the run starts against the checkpoints there (the core's one check), and, on a
@@ -251,8 +297,12 @@ class CheckpointCallback(TrainerCallback):
             except ConfigError:  # a checkpoint of ours without a data position (older versions)
                 saved = None
             except CorruptCheckpointError as exc:
-                log.warning("resumed from step %d, whose checkpoint no longer matches its manifest (%s); the "
-                            "Trainer loaded it, so training goes on, but the data position was not checked", step, exc)
+                log.warning(
+                    "resumed from step %d, whose checkpoint no longer matches its manifest (%s); the "
+                    "Trainer loaded it, so training goes on, but the data position was not checked",
+                    step,
+                    exc,
+                )
                 saved = None
             if saved:
                 current = DataPosition.capture(args, state, train_dataloader)
@@ -261,8 +311,7 @@ class CheckpointCallback(TrainerCallback):
         self._saved_steps = set(self.manager.steps())
 
     # --- deciding and saving ---------------------------------------------------------------------
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         every_n = self.settings.every_n_train_steps if self.settings else None
         if every_n is not None:
             wanted = state.global_step % every_n == 0 or state.global_step >= state.max_steps
@@ -272,8 +321,9 @@ class CheckpointCallback(TrainerCallback):
         if wanted:
             self._schedule(args, state, control, kwargs)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush_pending(args, state, control, kwargs)
         wanted = control.should_save and self.settings is not None and self.settings.every_n_train_steps is None
         control.should_save = False
@@ -282,12 +332,19 @@ class CheckpointCallback(TrainerCallback):
         elif control.should_training_stop and self.manager is not None:
             self.manager.wait()  # load_best_model_at_end reads committed folders next
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush_pending(args, state, control, kwargs)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._seen_metrics.update(k for k, v in (logs or {}).items() if isinstance(v, (int, float)))
         if not logs or "loss" not in logs:
             return  # evaluation and end-of-training logs
@@ -299,8 +356,14 @@ class CheckpointCallback(TrainerCallback):
             if not pending.await_eval:
                 self._save_pending(args, state, control, kwargs)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self.manager is None or self.settings is None:
             return  # evaluate() outside train()
         metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
@@ -315,13 +378,15 @@ class CheckpointCallback(TrainerCallback):
             self._pending = _Pending(state.global_step, False, False, metrics)
             self._save_pending(args, state, control, kwargs)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              **kwargs: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.manager is not None and self.settings is not None and self.settings.snapshot == "overlap":
             self.manager.wait_for_snapshot()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush_pending(args, state, control, kwargs)
         if self.manager is None:
             return
@@ -331,9 +396,13 @@ class CheckpointCallback(TrainerCallback):
             self.manager.wait()
             if self.saves:
                 stalls = sorted(s.stall_s for s in self.saves)
-                log.info("CheckpointCallback: %d save(s), training blocked per save: median %.1f ms, "
-                         "max %.1f ms; kept: %s", len(stalls), stalls[len(stalls) // 2] * 1e3,
-                         stalls[-1] * 1e3, self.manager.retention().keep)
+                log.info(
+                    "CheckpointCallback: %d save(s), training blocked per save: median %.1f ms, max %.1f ms; kept: %s",
+                    len(stalls),
+                    stalls[len(stalls) // 2] * 1e3,
+                    stalls[-1] * 1e3,
+                    self.manager.retention().keep,
+                )
         finally:
             assert self.settings is not None
             if _OPEN_ON.get(_directory_key(self.settings.dirpath)) is self.manager:
@@ -341,19 +410,24 @@ class CheckpointCallback(TrainerCallback):
             self.manager.close()
             self.manager = None
 
-    def _schedule(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                  kwargs: dict[str, Any]) -> None:
+    def _schedule(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> None:
         await_log = bool(control.should_log) and state.global_step != self._last_log_step
         await_eval = bool(control.should_evaluate)
         self._pending = _Pending(state.global_step, await_log, await_eval)
         if not (await_log or await_eval):
             self._save_pending(args, state, control, kwargs)
 
-    def _flush_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       kwargs: dict[str, Any]) -> None:
+    def _flush_pending(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> None:
         if self._pending is not None:
-            log.warning("checkpoint of step %d taken late: the log/evaluation it waited for did not come "
-                        "(another callback changed control.should_log/should_evaluate?)", self._pending.step)
+            log.warning(
+                "checkpoint of step %d taken late: the log/evaluation it waited for did not come "
+                "(another callback changed control.should_log/should_evaluate?)",
+                self._pending.step,
+            )
             self._save_pending(args, state, control, kwargs)
 
     def _check_monitor(self, evaluated: bool) -> None:
@@ -368,9 +442,13 @@ class CheckpointCallback(TrainerCallback):
         self._monitor_warned = True
         logged = sorted(k for k in self._seen_metrics if not _is_speed_metric(k))
         close = difflib.get_close_matches(monitor, logged, n=1)
-        log.warning("--ckpt_monitor %r (monitor=) is not a metric this run logs (%s)%s; checkpoints are ranked "
-                    "by the metrics they hold, so keep_best and the best checkpoint cannot use it", monitor,
-                    ", ".join(logged), f"; did you mean {close[0]!r}?" if close else "")
+        log.warning(
+            "--ckpt_monitor %r (monitor=) is not a metric this run logs (%s)%s; checkpoints are ranked "
+            "by the metrics they hold, so keep_best and the best checkpoint cannot use it",
+            monitor,
+            ", ".join(logged),
+            f"; did you mean {close[0]!r}?" if close else "",
+        )
 
     def _track_best(self, state: TrainerState, metrics: dict[str, float]) -> bool:
         """The Trainer's best-model bookkeeping, done before the checkpoint is taken.
@@ -393,22 +471,30 @@ class CheckpointCallback(TrainerCallback):
             state.best_global_step = state.global_step
         return True
 
-    def _save_pending(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                      kwargs: dict[str, Any]) -> None:
+    def _save_pending(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> None:
         pending, self._pending = self._pending, None
         if pending is None or self.manager is None:
             return
         if pending.step != state.global_step:
-            log.warning("a save decided at step %d was not made before step %d; skipped",
-                        pending.step, state.global_step)
+            log.warning(
+                "a save decided at step %d was not made before step %d; skipped", pending.step, state.global_step
+            )
             return
         metrics = {k: v for k, v in pending.metrics.items() if not _is_speed_metric(k)}
         if self._last_log_step == pending.step and "loss" in self._last_logs:
             metrics.setdefault("loss", self._last_logs["loss"])  # the training loss logged at this step
         self._save(args, state, control, kwargs, metrics)
 
-    def _save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-              kwargs: dict[str, Any], metrics: dict[str, float]) -> None:
+    def _save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        kwargs: dict[str, Any],
+        metrics: dict[str, float],
+    ) -> None:
         assert self.manager is not None and self.settings is not None
         step = state.global_step
         rank, world_size = rank_and_world()
@@ -420,18 +506,34 @@ class CheckpointCallback(TrainerCallback):
         if rank == 0:
             if self._tokenizer is None:
                 self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
-            files = native_files(model=kwargs["model"], optimizer=kwargs.get("optimizer"),
-                                 lr_scheduler=kwargs.get("lr_scheduler"), trainer_state=state,
-                                 rng_states=rng_states, world_size=world_size, training_args=args,
-                                 model_only=self.settings.model_only, extra=self._tokenizer)
+            files = native_files(
+                model=kwargs["model"],
+                optimizer=kwargs.get("optimizer"),
+                lr_scheduler=kwargs.get("lr_scheduler"),
+                trainer_state=state,
+                rng_states=rng_states,
+                world_size=world_size,
+                training_args=args,
+                model_only=self.settings.model_only,
+                extra=self._tokenizer,
+            )
         position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
-        handle = self.manager.save(step, {"data_position": position.to_dict()}, metrics,
-                                   extra_files=files, user_metadata={"written_by": "ckpt_plugins.hf"})
+        handle = self.manager.save(
+            step,
+            {"data_position": position.to_dict()},
+            metrics,
+            extra_files=files,
+            user_metadata={"written_by": "ckpt_plugins.hf"},
+        )
         if handle is not None:
             self._saved_steps.add(step)
             self.saves.append(SaveRecord(step, handle.stats["stall_s"], metrics))
-            log.info("checkpoint step %d: training blocked %.1f ms (%s)", step, handle.stats["stall_s"] * 1e3,
-                     "written in the background" if self.manager.async_save else "written")
+            log.info(
+                "checkpoint step %d: training blocked %.1f ms (%s)",
+                step,
+                handle.stats["stall_s"] * 1e3,
+                "written in the background" if self.manager.async_save else "written",
+            )
         if control.should_training_stop or step >= state.max_steps:
             self.manager.wait()  # the Trainer may load the best checkpoint right after this
 

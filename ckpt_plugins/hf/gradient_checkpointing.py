@@ -30,11 +30,14 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ckpt_plugins.activation import (ActivationCheckpointing, ActivationCheckpointingReport,
-                                     apply_activation_checkpointing)
+from ckpt_plugins.activation import (
+    ActivationCheckpointing,
+    ActivationCheckpointingReport,
+    apply_activation_checkpointing,
+)
 from ckpt_plugins.activation import hf as hf_activation
 
-__all__ = ["ActivationPlan", "plan", "apply_plan"]
+__all__ = ["ActivationPlan", "apply_plan", "plan"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,9 @@ class ActivationPlan:
 
 def _trainer_flag(args: Any) -> tuple[bool, dict[str, Any]]:
     on = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
-    kwargs = (getattr(args, "activation_checkpointing_kwargs", None)
-              or getattr(args, "gradient_checkpointing_kwargs", None))
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None
+    )
     return on, dict(kwargs) if isinstance(kwargs, dict) else {}
 
 
@@ -76,15 +80,24 @@ def plan(option: bool | str | dict | ActivationCheckpointing | None, args: Any, 
     every_n = int(flag_kwargs.get("every_n_layers", 1) or 1)
     derived = ActivationCheckpointing(mode="every_n", every_n=every_n) if every_n > 1 else ActivationCheckpointing()
     hf_model = hf_activation.find_hf_model(model)
-    can_take = (hf_model is not None and hasattr(model, "activation_checkpointing_enable")
-                and getattr(type(hf_model), "supports_gradient_checkpointing", False))
+    can_take = (
+        hf_model is not None
+        and hasattr(model, "activation_checkpointing_enable")
+        and getattr(type(hf_model), "supports_gradient_checkpointing", False)
+    )
     if can_take:
         return ActivationPlan("trainer", derived, "the model supports transformers' own activation checkpointing")
     if flag_kwargs.get("offload"):
-        log.warning("activation_checkpointing_kwargs offload=True is ignored for %s (no transformers "
-                    "support); use --ckpt_gradient_checkpointing offload to offload instead", type(model).__name__)
-    return ActivationPlan("ours", derived, f"{type(model).__name__} has no transformers activation "
-                          "checkpointing support; applied by ckpt_plugins instead")
+        log.warning(
+            "activation_checkpointing_kwargs offload=True is ignored for %s (no transformers "
+            "support); use --ckpt_gradient_checkpointing offload to offload instead",
+            type(model).__name__,
+        )
+    return ActivationPlan(
+        "ours",
+        derived,
+        f"{type(model).__name__} has no transformers activation checkpointing support; applied by ckpt_plugins instead",
+    )
 
 
 def apply_plan(activation_plan: ActivationPlan, model: nn.Module, args: Any) -> ActivationCheckpointingReport | None:
@@ -97,9 +110,12 @@ def apply_plan(activation_plan: ActivationPlan, model: nn.Module, args: Any) -> 
         return None
     report = apply_activation_checkpointing(model, activation_plan.config)
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-        log.info("activation checkpointing is applied by ckpt_plugins (%s); TrainingArguments."
-                 "activation_checkpointing is set to False so that Trainer.train() does not apply "
-                 "its own on top", activation_plan.reason)
+        log.info(
+            "activation checkpointing is applied by ckpt_plugins (%s); TrainingArguments."
+            "activation_checkpointing is set to False so that Trainer.train() does not apply "
+            "its own on top",
+            activation_plan.reason,
+        )
         args.activation_checkpointing = False
         if hasattr(args, "gradient_checkpointing"):
             args.gradient_checkpointing = False

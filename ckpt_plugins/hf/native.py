@@ -53,7 +53,7 @@ from torch import nn
 from ckpt_plugins.files.extra_files import StagedFile, TensorFile
 from ckpt_plugins.hf.rng import rng_file_name, serialize_rng_state
 
-__all__ = ["native_files", "native_files_warmup", "is_peft_model", "tokenizer_files", "trainer_state_json"]
+__all__ = ["is_peft_model", "native_files", "native_files_warmup", "tokenizer_files", "trainer_state_json"]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,22 @@ def is_peft_model(model: nn.Module) -> bool:
     if "peft" not in sys.modules:  # a PEFT model cannot exist before peft is imported
         return False
     from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 
-def native_files(*, model: nn.Module, optimizer: Any, lr_scheduler: Any, trainer_state: Any,
-                 rng_states: list[dict[str, Any]], world_size: int, training_args: Any = None,
-                 model_only: bool = False, extra: Mapping[str, bytes] | None = None) -> dict[str, FileContent]:
+def native_files(
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    trainer_state: Any,
+    rng_states: list[dict[str, Any]],
+    world_size: int,
+    training_args: Any = None,
+    model_only: bool = False,
+    extra: Mapping[str, bytes] | None = None,
+) -> dict[str, FileContent]:
     """The files of one Trainer checkpoint, as ``extra_files`` for ``CheckpointManager.save``.
 
     Args:
@@ -136,9 +146,12 @@ def tokenizer_files(processing_class: Any) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="ckpt_plugins_tok_") as scratch:
         try:
             processing_class.save_pretrained(scratch)
-        except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot save must not stop training
-            log.warning("the processing_class (%s) could not be saved into checkpoints: %s",
-                        type(processing_class).__name__, exc)
+        except Exception as exc:
+            log.warning(
+                "the processing_class (%s) could not be saved into checkpoints: %s",
+                type(processing_class).__name__,
+                exc,
+            )
             return {}
         out = {}
         for name in sorted(os.listdir(scratch)):
@@ -190,8 +203,13 @@ def _drop_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     seen: set[tuple] = set()
     out = {}
     for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.stride(), tensor.dtype)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
         if key in seen:
             log.debug("not writing %s: it shares memory with a tensor already written (tied)", name)
             continue
@@ -206,8 +224,10 @@ def _peft_files(model: Any) -> dict[str, FileContent]:
 
     adapter = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"
     if len(getattr(model, "active_adapters", [adapter])) > 1:
-        log.warning("only the first active adapter (%r) is written into checkpoints, as the Trainer "
-                    "resumes only that one", adapter)
+        log.warning(
+            "only the first active adapter (%r) is written into checkpoints, as the Trainer resumes only that one",
+            adapter,
+        )
     weights = get_peft_model_state_dict(model, adapter_name=adapter)
     config = copy.deepcopy(model.peft_config[adapter])
     if config.base_model_name_or_path is None:
@@ -215,8 +235,10 @@ def _peft_files(model: Any) -> dict[str, FileContent]:
         config.base_model_name_or_path = base.__dict__.get("name_or_path", None) or None
     config.inference_mode = True
     doc = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    return {"adapter_model.safetensors": _tensor_file(weights),
-            "adapter_config.json": json.dumps(doc, indent=2, sort_keys=True).encode()}
+    return {
+        "adapter_model.safetensors": _tensor_file(weights),
+        "adapter_config.json": json.dumps(doc, indent=2, sort_keys=True).encode(),
+    }
 
 
 # --- serialization -------------------------------------------------------------------------------

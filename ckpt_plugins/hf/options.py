@@ -56,12 +56,23 @@ class CallbackOptions:
         if self.dirpath is not None:
             check_directory("dirpath", self.dirpath)
         check_choice("mode", self.mode, (None, "min", "max"), "None follows greater_is_better")
-        RetentionOptions(keep_last=self.keep_last, keep_best=None, monitor=self.monitor, mode=self.mode or "min",
-                         keep_every_n_steps=self.keep_every_n_steps, keep_time_interval=self.keep_time_interval,
-                         overwrite=self.overwrite)
+        RetentionOptions(
+            keep_last=self.keep_last,
+            keep_best=None,
+            monitor=self.monitor,
+            mode=self.mode or "min",
+            keep_every_n_steps=self.keep_every_n_steps,
+            keep_time_interval=self.keep_time_interval,
+            overwrite=self.overwrite,
+        )
         check_positive_int("keep_best", self.keep_best, optional=True)  # its monitor may come at resolve()
-        SaveOptions(async_save=self.async_save, max_pending=self.max_pending, snapshot=self.snapshot,
-                    writer=self.writer, on_error=self.on_error)
+        SaveOptions(
+            async_save=self.async_save,
+            max_pending=self.max_pending,
+            snapshot=self.snapshot,
+            writer=self.writer,
+            on_error=self.on_error,
+        )
         check_positive_int("every_n_train_steps", self.every_n_train_steps, optional=True)
         check_bool("verify_latest", self.verify_latest)
         if self.gradient_checkpointing is not None:
@@ -117,9 +128,11 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
 def _resolve(options: CallbackOptions, args: Any) -> Settings:
     for name in ("fsdp", "deepspeed"):
         if getattr(args, name, None):
-            raise ConfigError(f"CheckpointCallback does not write {name} (sharded) checkpoints yet, and "
-                              f"TrainingArguments.{name} is set; remove the callback to let the Trainer save "
-                              "its own checkpoints for this run")
+            raise ConfigError(
+                f"CheckpointCallback does not write {name} (sharded) checkpoints yet, and "
+                f"TrainingArguments.{name} is set; remove the callback to let the Trainer save "
+                "its own checkpoints for this run"
+            )
     dirpath = os.fspath(options.dirpath) if options.dirpath is not None else args.output_dir
     if dirpath is None:
         raise ConfigError("CheckpointCallback needs a directory: pass dirpath= or set TrainingArguments.output_dir")
@@ -135,19 +148,32 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
     same_metric = monitor is None or monitor == metric
     if mode is not None and args.greater_is_better is not None and same_metric and mode != args_mode:
         about = f" for metric_for_best_model={args.metric_for_best_model!r}" if metric is not None else ""
-        raise ConfigError(f"$mode={mode!r} contradicts greater_is_better={args.greater_is_better}{about}; drop "
-                          "$mode (it follows greater_is_better) or change one of them", option="mode", value=mode)
+        raise ConfigError(
+            f"$mode={mode!r} contradicts greater_is_better={args.greater_is_better}{about}; drop "
+            "$mode (it follows greater_is_better) or change one of them",
+            option="mode",
+            value=mode,
+        )
     if monitor is None and metric is not None:
         monitor = metric
         mode = args_mode
     if args.load_best_model_at_end and metric is not None and monitor != metric:
-        log.warning("monitor=%r differs from metric_for_best_model=%r: retention keeps the best by %r, "
-                    "so the checkpoint load_best_model_at_end wants may be deleted; drop monitor to follow "
-                    "metric_for_best_model", monitor, metric, monitor)
+        log.warning(
+            "monitor=%r differs from metric_for_best_model=%r: retention keeps the best by %r, "
+            "so the checkpoint load_best_model_at_end wants may be deleted; drop monitor to follow "
+            "metric_for_best_model",
+            monitor,
+            metric,
+            monitor,
+        )
     if options.keep_best is not None and monitor is None:
-        raise ConfigError(f"$keep_best={options.keep_best} needs a metric to rank checkpoints: set $monitor "
-                          "(e.g. eval_loss) or TrainingArguments.metric_for_best_model",
-                          option="keep_best", value=options.keep_best, mentions=("monitor",))
+        raise ConfigError(
+            f"$keep_best={options.keep_best} needs a metric to rank checkpoints: set $monitor "
+            "(e.g. eval_loss) or TrainingArguments.metric_for_best_model",
+            option="keep_best",
+            value=options.keep_best,
+            mentions=("monitor",),
+        )
     keep_last = options.keep_last
     if keep_last is None and args.save_total_limit:
         keep_last = int(args.save_total_limit)
@@ -155,14 +181,29 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
     strategy = _strategy(args.save_strategy)
     if options.every_n_train_steps is None and strategy == "no":
         log.warning("CheckpointCallback will not save: save_strategy='no' and every_n_train_steps is not set")
-    manager_kwargs = dict(keep_last=keep_last, keep_best=options.keep_best, monitor=monitor,
-                          mode=mode or "min", keep_every_n_steps=options.keep_every_n_steps,
-                          keep_time_interval=options.keep_time_interval, overwrite=options.overwrite,
-                          async_save=options.async_save, max_pending=options.max_pending,
-                          snapshot=options.snapshot, writer=options.writer, on_error=options.on_error,
-                          dir_prefix="checkpoint-")
-    return Settings(dirpath=dirpath, manager_kwargs=manager_kwargs,
-                    every_n_train_steps=options.every_n_train_steps, save_strategy=strategy,
-                    metric_for_best_model=metric, greater_is_better=greater,
-                    snapshot=options.snapshot, verify_latest=options.verify_latest,
-                    model_only=bool(getattr(args, "save_only_model", False)))
+    manager_kwargs = dict(
+        keep_last=keep_last,
+        keep_best=options.keep_best,
+        monitor=monitor,
+        mode=mode or "min",
+        keep_every_n_steps=options.keep_every_n_steps,
+        keep_time_interval=options.keep_time_interval,
+        overwrite=options.overwrite,
+        async_save=options.async_save,
+        max_pending=options.max_pending,
+        snapshot=options.snapshot,
+        writer=options.writer,
+        on_error=options.on_error,
+        dir_prefix="checkpoint-",
+    )
+    return Settings(
+        dirpath=dirpath,
+        manager_kwargs=manager_kwargs,
+        every_n_train_steps=options.every_n_train_steps,
+        save_strategy=strategy,
+        metric_for_best_model=metric,
+        greater_is_better=greater,
+        snapshot=options.snapshot,
+        verify_latest=options.verify_latest,
+        model_only=bool(getattr(args, "save_only_model", False)),
+    )

@@ -49,10 +49,17 @@ class DataPosition:
             batches = done * accumulation
         else:
             epoch, batches = int(state.epoch or 0), 0
-        return cls(global_step=int(state.global_step), epoch=int(epoch), batches_in_epoch=int(batches),
-                   batches_per_epoch=per_epoch, per_device_batch_size=int(args.per_device_train_batch_size),
-                   gradient_accumulation_steps=accumulation, world_size=int(args.world_size),
-                   seed=int(args.seed), data_seed=args.data_seed)
+        return cls(
+            global_step=int(state.global_step),
+            epoch=int(epoch),
+            batches_in_epoch=int(batches),
+            batches_per_epoch=per_epoch,
+            per_device_batch_size=int(args.per_device_train_batch_size),
+            gradient_accumulation_steps=accumulation,
+            world_size=int(args.world_size),
+            seed=int(args.seed),
+            data_seed=args.data_seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,10 +82,18 @@ def check_resume(saved: DataPosition, current: DataPosition, ignore_data_skip: b
     """
     problems = []
     if ignore_data_skip:
-        problems.append("ignore_data_skip=True: the Trainer restarts the epoch instead of skipping "
-                        f"the {saved.batches_in_epoch} batches already trained on")
-    for name in ("batches_per_epoch", "per_device_batch_size", "gradient_accumulation_steps",
-                 "world_size", "seed", "data_seed"):
+        problems.append(
+            "ignore_data_skip=True: the Trainer restarts the epoch instead of skipping "
+            f"the {saved.batches_in_epoch} batches already trained on"
+        )
+    for name in (
+        "batches_per_epoch",
+        "per_device_batch_size",
+        "gradient_accumulation_steps",
+        "world_size",
+        "seed",
+        "data_seed",
+    ):
         before, now = getattr(saved, name), getattr(current, name)
         if before != now:
             problems.append(f"{name} was {before} in the interrupted run and is {now} now")

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
+from ckpt_plugins.files.tensor_file import checksum_file
 from ckpt_plugins.layout.naming import STEP_PREFIX, parse_step_dir, step_dir_name
 from ckpt_plugins.layout.object_commit import ObjectCommit
 from ckpt_plugins.storage import Storage
-from ckpt_plugins.files.tensor_file import checksum_file
 
-__all__ = ["CheckpointDir", "Layout", "check_folder_name", "TMP_PREFIX", "TRASH_PREFIX", "REPLACED_PREFIX"]
+__all__ = ["REPLACED_PREFIX", "TMP_PREFIX", "TRASH_PREFIX", "CheckpointDir", "Layout", "check_folder_name"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,19 @@ class CheckpointDir:
 
 def check_folder_name(name: str) -> str:
     """A checkpoint folder name must be one plain, visible path component."""
-    if not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") \
-            or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
-        raise ConfigError(f"checkpoint name {name!r} must be a plain folder name (no '/', not hidden, "
-                          "at most 255 characters)")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name) > 255
+    ):
+        raise ConfigError(
+            f"checkpoint name {name!r} must be a plain folder name (no '/', not hidden, at most 255 characters)"
+        )
     return name
 
 
@@ -112,8 +121,7 @@ class Layout:
         return parse_manifest(raw, where)
 
     # --- commit ------------------------------------------------------------------------------
-    def commit(self, temp_dir: str, manifest: Manifest, *, replace: bool = False,
-               name: str | None = None) -> str:
+    def commit(self, temp_dir: str, manifest: Manifest, *, replace: bool = False, name: str | None = None) -> str:
         """Write the manifest into ``temp_dir`` and make it ``step_N`` (or ``name``) atomically;
         return the path."""
         if self._object is not None:
@@ -195,7 +203,9 @@ class Layout:
             if self.storage.exists(temp_dir):
                 self.storage.remove_tree(temp_dir)
         except OSError as exc:
-            log.warning("could not remove %s after a failed save (%s); it will be removed at the next start", temp_dir, exc)
+            log.warning(
+                "could not remove %s after a failed save (%s); it will be removed at the next start", temp_dir, exc
+            )
 
     def _remove(self, path: str) -> None:
         try:
@@ -214,10 +224,13 @@ class Layout:
         for name in sorted(names):
             path = self.storage.join(self.root, name)
             if name.startswith(REPLACED_PREFIX):
-                target_name = name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
+                target_name = name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
                 final = self.storage.join(self.root, target_name)
-                if target_name and not self.storage.exists(self.storage.join(final, MANIFEST_NAME)) \
-                        and self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
+                if (
+                    target_name
+                    and not self.storage.exists(self.storage.join(final, MANIFEST_NAME))
+                    and self.storage.exists(self.storage.join(path, MANIFEST_NAME))
+                ):
                     if self.storage.exists(final):  # an empty or partial folder without manifest
                         self.storage.remove_tree(final)
                     self.storage.rename(path, final)

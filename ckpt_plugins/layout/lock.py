@@ -64,8 +64,12 @@ class DirectoryLock:
         self.storage = storage
         self.path = storage.join(root, LOCK_NAME)
         self.held = False
-        self._owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "start_time": _process_start_time(os.getpid()), "since": time.time()}
+        self._owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_time": _process_start_time(os.getpid()),
+            "since": time.time(),
+        }
         self._conditional = hasattr(storage, "create_exclusive")  # object stores
         self._etag = ""
         self._holder_etag = ""
@@ -81,7 +85,8 @@ class DirectoryLock:
                     raise NotWritableError(
                         f"{self.path}: cannot create the lock file ({exc.strerror}); the directory "
                         "is not writable. Fix its permissions, or open the CheckpointManager with "
-                        "read_only=True to list and restore only.") from exc
+                        "read_only=True to list and restore only."
+                    ) from exc
                 raise
             if created:
                 self.held = True
@@ -90,8 +95,13 @@ class DirectoryLock:
             if holder is None:
                 continue  # removed or half-written in between; try again
             if self._is_stale(holder):
-                log.warning("taking over the lock %s left by process %s on %s, which is no longer running%s",
-                            self.path, holder.get("pid"), holder.get("host"), self._heartbeat_age(holder))
+                log.warning(
+                    "taking over the lock %s left by process %s on %s, which is no longer running%s",
+                    self.path,
+                    holder.get("pid"),
+                    holder.get("host"),
+                    self._heartbeat_age(holder),
+                )
                 if self._conditional:
                     if self._take_over():
                         return
@@ -104,7 +114,8 @@ class DirectoryLock:
             raise LockedError(
                 f"{self.path} is held by process {holder.get('pid')} on host {holder.get('host')}: "
                 "another CheckpointManager is writing this directory. Close it first, use another "
-                "directory, or, if that process is gone, delete the .lock file.")
+                "directory, or, if that process is gone, delete the .lock file."
+            )
         raise LockedError(f"could not acquire {self.path}: it kept changing; is another process starting up?")
 
     def release(self) -> None:
@@ -118,8 +129,7 @@ class DirectoryLock:
             self.storage.remove_if(self.path, self._etag)  # type: ignore[attr-defined]
             return
         holder = self._read_holder()
-        if holder is not None and holder.get("pid") == self._owner["pid"] \
-                and holder.get("host") == self._owner["host"]:
+        if holder is not None and holder.get("pid") == self._owner["pid"] and holder.get("host") == self._owner["host"]:
             try:
                 self.storage.remove_file(self.path)
             except FileNotFoundError:
@@ -169,9 +179,12 @@ class DirectoryLock:
             try:
                 payload = self._payload()
                 if not self.storage.replace_if(self.path, payload, self._etag):  # type: ignore[attr-defined]
-                    log.error("the lock %s was taken over by another process while this one held it (its "
-                              "heartbeat was missed for %.0f s?); two writers may now share the directory",
-                              self.path, STALE_AFTER_S)
+                    log.error(
+                        "the lock %s was taken over by another process while this one held it (its "
+                        "heartbeat was missed for %.0f s?); two writers may now share the directory",
+                        self.path,
+                        STALE_AFTER_S,
+                    )
                     return
                 tagged = self.storage.read_tagged(self.path)  # type: ignore[attr-defined]
                 self._etag = tagged[1] if tagged else self._etag

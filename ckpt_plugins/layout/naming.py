@@ -122,5 +122,5 @@ def parse_step_dir(name: str, prefix: str = STEP_PREFIX) -> int | None:
     """
     if not name.startswith(prefix) or name.startswith("."):
         return None
-    match = _STEP_NUMBER.fullmatch(name[len(prefix):])
+    match = _STEP_NUMBER.fullmatch(name[len(prefix) :])
     return int(match.group(0)) if match else None

@@ -27,8 +27,13 @@ if TYPE_CHECKING:
     from ckpt_plugins.lightning.callback import CheckpointCallback
     from ckpt_plugins.lightning.plugin import CheckpointIOPlugin
 
-__all__ = ["CheckpointCallback", "CheckpointIOPlugin", "load_from_checkpoint", "read_lightning_checkpoint",
-           "to_lightning_checkpoint"]
+__all__ = [
+    "CheckpointCallback",
+    "CheckpointIOPlugin",
+    "load_from_checkpoint",
+    "read_lightning_checkpoint",
+    "to_lightning_checkpoint",
+]
 
 _LAZY = {"CheckpointCallback": "ckpt_plugins.lightning.callback", "CheckpointIOPlugin": "ckpt_plugins.lightning.plugin"}
 

@@ -107,31 +107,63 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         >>> trainer.fit(model, ckpt_path="last")  # doctest: +SKIP
     """
 
-    def __init__(self, dirpath: str | os.PathLike | None = None, *, keep_last: int | None = None,
-                 keep_best: int | None = None, monitor: str | None = None, mode: Literal["min", "max"] = "min",
-                 keep_every_n_steps: int | None = None, keep_time_interval: float | timedelta | None = None,
-                 overwrite: bool = False, async_save: bool = True, max_pending: int = 1,
-                 snapshot: Literal["safe", "overlap"] = "safe", writer: Literal["thread", "process"] = "thread",
-                 every_n_train_steps: int | None = None,
-                 every_n_epochs: int | None = None, train_time_interval: float | timedelta | None = None,
-                 save_on_train_epoch_end: bool | None = None, save_weights_only: bool = False,
-                 save_on_exception: bool = False,
-                 gradient_checkpointing: bool | str | dict[str, Any] | ActivationCheckpointing | None = None,
-                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True, log_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        keep_every_n_steps: int | None = None,
+        keep_time_interval: float | timedelta | None = None,
+        overwrite: bool = False,
+        async_save: bool = True,
+        max_pending: int = 1,
+        snapshot: Literal["safe", "overlap"] = "safe",
+        writer: Literal["thread", "process"] = "thread",
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        train_time_interval: float | timedelta | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        save_weights_only: bool = False,
+        save_on_exception: bool = False,
+        gradient_checkpointing: bool | str | dict[str, Any] | ActivationCheckpointing | None = None,
+        on_error: Literal["raise", "warn"] = "raise",
+        verify: bool = True,
+        log_metrics: bool = True,
+    ) -> None:
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
         self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
         self.manager_options: dict[str, Any] = dict(
-                                    keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode,
-                                    keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval,
-                                    overwrite=overwrite, async_save=async_save, max_pending=max_pending,
-                                    snapshot=snapshot, writer=writer, on_error=on_error, verify=verify)
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_time_interval=keep_time_interval,
+            overwrite=overwrite,
+            async_save=async_save,
+            max_pending=max_pending,
+            snapshot=snapshot,
+            writer=writer,
+            on_error=on_error,
+            verify=verify,
+        )
         ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
-        super().__init__(dirpath=os.fspath(dirpath) if dirpath is not None else None, monitor=monitor, mode=mode,
-                         save_top_k=-1,
-                         save_weights_only=save_weights_only, save_on_exception=save_on_exception,
-                         every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
-                         train_time_interval=interval, save_on_train_epoch_end=save_on_train_epoch_end)
+        super().__init__(
+            dirpath=os.fspath(dirpath) if dirpath is not None else None,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=-1,
+            save_weights_only=save_weights_only,
+            save_on_exception=save_on_exception,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=every_n_epochs,
+            train_time_interval=interval,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+        )
         self.async_save, self.max_pending, self.snapshot, self.writer = async_save, max_pending, snapshot, writer
         self.log_metrics = log_metrics
         self.stats = SaveStats()
@@ -156,8 +188,11 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self.dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
         self._fs = get_filesystem(self.dirpath)
         fitting = stage == TrainerFn.FITTING
-        options = self.manager_options if fitting else dict(monitor=self.monitor, mode=self.mode,
-                                                               verify=self.manager_options["verify"])
+        options = (
+            self.manager_options
+            if fitting
+            else dict(monitor=self.monitor, mode=self.mode, verify=self.manager_options["verify"])
+        )
         self._drop_reader()
         self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options)
         register_manager(self.manager)  # loads of its folders (ckpt_path=...) go through it
@@ -186,8 +221,14 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             report = apply_activation_checkpointing(pl_module, self.gradient_checkpointing)
         wrapped = ", ".join(f"{w.path} ({w.class_name})" for w in report.wrapped) or "nothing"
         notes = "".join(f"; note: {n}" for n in report.notes)
-        log.warning("activation checkpointing (mode=%s, %s): wrapped %d module(s): %s%s", report.mode,
-                    report.mechanism, len(report.wrapped), wrapped, notes)
+        log.warning(
+            "activation checkpointing (mode=%s, %s): wrapped %d module(s): %s%s",
+            report.mode,
+            report.mechanism,
+            len(report.wrapped),
+            wrapped,
+            notes,
+        )
 
     # --- resume ------------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -202,8 +243,13 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         if trainer.ckpt_path is None:
             return
         if resume is None:
-            self._say("no-rank-state", logging.WARNING, "resuming from %s, which has no RNG state or data position "
-                      "for this rank: training continues, but not bit-exactly", trainer.ckpt_path)
+            self._say(
+                "no-rank-state",
+                logging.WARNING,
+                "resuming from %s, which has no RNG state or data position "
+                "for this rank: training continues, but not bit-exactly",
+                trainer.ckpt_path,
+            )
             return
         self._position.resume(trainer, resume["data"], (resume.get("rng") or {}).get("torch"))
         self._rng_to_restore = resume["rng"]
@@ -221,9 +267,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         """Before training, not at the first save: the core's start-of-run check (a fresh run
         before an earlier run's later checkpoints is refused; a resumed one may save past them)."""
         if self.manager is not None and not self.manager.read_only:
-            self.manager.start_run(trainer.global_step, resumed=trainer.ckpt_path is not None,
-                                   hint="Resume with fit(..., ckpt_path='last'), choose another dirpath, or pass "
-                                        "CheckpointCallback(overwrite=True).")
+            self.manager.start_run(
+                trainer.global_step,
+                resumed=trainer.ckpt_path is not None,
+                hint="Resume with fit(..., ckpt_path='last'), choose another dirpath, or pass "
+                "CheckpointCallback(overwrite=True).",
+            )
 
     # --- triggers ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -237,12 +286,23 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         if reason is None:
             return
         if self.monitor is not None and self.monitor not in self._metrics(trainer) and not self._validated:
-            self._defer(reason, "missing-monitor", logging.INFO,
-                        "monitored metric %r is not available at step %d; the save is deferred to the end of the "
-                        "next validation, as ModelCheckpoint does (logged once)", self.monitor, trainer.global_step)
+            self._defer(
+                reason,
+                "missing-monitor",
+                logging.INFO,
+                "monitored metric %r is not available at step %d; the save is deferred to the end of the "
+                "next validation, as ModelCheckpoint does (logged once)",
+                self.monitor,
+                trainer.global_step,
+            )
         elif validation_follows(trainer):
-            self._defer(reason, "validation-follows", logging.DEBUG,
-                        "step %d: validation runs next; the save is taken at its end", trainer.global_step)
+            self._defer(
+                reason,
+                "validation-follows",
+                logging.DEBUG,
+                "step %d: validation runs next; the save is taken at its end",
+                trainer.global_step,
+            )
         else:
             self._save(trainer, reason)
 
@@ -272,8 +332,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         try:
             if self.save_on_exception and self.manager is not None and not self._skip(trainer):
                 if trainer.world_size > 1:
-                    log.warning("save_on_exception is skipped under DDP: the other ranks may not be able to join "
-                                "a save")
+                    log.warning(
+                        "save_on_exception is skipped under DDP: the other ranks may not be able to join a save"
+                    )
                 elif trainer.global_step != self._step_saved:
                     self._save(trainer, "exception")
                     self.manager.wait()
@@ -283,10 +344,15 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._deferred and not self._skip(trainer) and trainer.global_step != self._step_saved:
-            self._say("deferred-at-end", logging.WARNING,
-                      "a save (%s) was waiting for %r, which was not logged before training ended; saving step %d "
-                      "now without it (it ranks last for keep_best)", self._deferred, self.monitor,
-                      trainer.global_step)
+            self._say(
+                "deferred-at-end",
+                logging.WARNING,
+                "a save (%s) was waiting for %r, which was not logged before training ended; saving step %d "
+                "now without it (it ranks last for keep_best)",
+                self._deferred,
+                self.monitor,
+                trainer.global_step,
+            )
             self._save(trainer, self._deferred)
         self._deferred = None
         if self.manager is not None:
@@ -295,22 +361,35 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
 
     # --- state of the callback itself ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": self.dirpath, "monitor": self.monitor, "deferred": self._deferred,
-                "metrics": dict(self._seen_metrics), "best_model_path": self.best_model_path,
-                "last_model_path": self.last_model_path}
+        return {
+            "dirpath": self.dirpath,
+            "monitor": self.monitor,
+            "deferred": self._deferred,
+            "metrics": dict(self._seen_metrics),
+            "best_model_path": self.best_model_path,
+            "last_model_path": self.last_model_path,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("dirpath") not in (None, self.dirpath):
-            log.warning("this checkpoint was written to %s, the callback now saves to %s; retention "
-                        "applies to the new directory only", state_dict["dirpath"], self.dirpath)
+            log.warning(
+                "this checkpoint was written to %s, the callback now saves to %s; retention "
+                "applies to the new directory only",
+                state_dict["dirpath"],
+                self.dirpath,
+            )
             return
         self._deferred = state_dict.get("deferred")
         self._seen_metrics = dict(state_dict.get("metrics") or {})
 
     # --- saving ------------------------------------------------------------------------------
     def _skip(self, trainer: Any) -> bool:
-        return (self.manager is None or bool(trainer.fast_dev_run) or trainer.sanity_checking
-                or trainer.state.fn != TrainerFn.FITTING)
+        return (
+            self.manager is None
+            or bool(trainer.fast_dev_run)
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+        )
 
     def _defer(self, reason: str, key: str, level: int, message: str, *args: Any) -> None:
         self._deferred = reason
@@ -327,14 +406,30 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         state, converted = to_storable(checkpoint, self._warned_hparams)
         rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
         if self.monitor is not None and self.monitor not in metrics:
-            self._say("monitor-absent", logging.WARNING, "monitored metric %r was not logged by step %d; the "
-                      "metrics logged so far are %s. Check the name (self.log(%r, ...)); this checkpoint ranks "
-                      "last for keep_best (logged once)", self.monitor, step, sorted(metrics) or "none",
-                      self.monitor)
+            self._say(
+                "monitor-absent",
+                logging.WARNING,
+                "monitored metric %r was not logged by step %d; the "
+                "metrics logged so far are %s. Check the name (self.log(%r, ...)); this checkpoint ranks "
+                "last for keep_best (logged once)",
+                self.monitor,
+                step,
+                sorted(metrics) or "none",
+                self.monitor,
+            )
         try:
-            handle = self.manager.save(step, state, metrics, rank_state=rank_state, user_metadata={
-                "kind": "lightning", "reason": reason, "epoch": trainer.current_epoch,
-                "hyper_parameters_converted": converted})
+            handle = self.manager.save(
+                step,
+                state,
+                metrics,
+                rank_state=rank_state,
+                user_metadata={
+                    "kind": "lightning",
+                    "reason": reason,
+                    "epoch": trainer.current_epoch,
+                    "hyper_parameters_converted": converted,
+                },
+            )
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
         self._step_saved = step
@@ -380,4 +475,3 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
 
     def __repr__(self) -> str:
         return f"CheckpointCallback(dirpath={self.dirpath!r}, {self.manager_options})"
-

@@ -52,8 +52,10 @@ def _checkpoint_dict(src: str | os.PathLike, step: int | str | None) -> tuple[di
     checkpoint = read_lightning_checkpoint(src)
     checkpoint.pop(RANK_STATE_KEY, None)
     if "state_dict" not in checkpoint:
-        raise CheckpointNotFoundError(f"{src} is not a Lightning checkpoint (it has no 'state_dict'); "
-                                      "only checkpoints written by the Lightning integration convert")
+        raise CheckpointNotFoundError(
+            f"{src} is not a Lightning checkpoint (it has no 'state_dict'); "
+            "only checkpoints written by the Lightning integration convert"
+        )
     return checkpoint, src
 
 

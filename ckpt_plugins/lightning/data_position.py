@@ -165,8 +165,11 @@ class DataPosition:
         self._epoch_ended = state["batches"] >= num_batches
         generators = state["epoch_start"] if mid_epoch else state["now"]
         if len(generators) != len(loaders):
-            log.warning("the checkpoint recorded %d training loader(s), this run has %d; the data "
-                        "position is not restored", len(generators), len(loaders))
+            log.warning(
+                "the checkpoint recorded %d training loader(s), this run has %d; the data position is not restored",
+                len(generators),
+                len(loaders),
+            )
             return
         self._global_draws = 0
         for loader, saved, start in zip(loaders, generators, state["epoch_start"], strict=True):
@@ -189,8 +192,12 @@ class DataPosition:
             elif self._epoch_ended and loader.generator is not None:
                 _draw_base_seed(loader)  # the next epoch's iterator drew it before its pass began
         if mid_epoch:
-            log.info("resuming epoch %d at batch %d: the first %d batch(es) of the epoch's order are skipped",
-                     state["epoch"], state["batches"], state["batches"])
+            log.info(
+                "resuming epoch %d at batch %d: the first %d batch(es) of the epoch's order are skipped",
+                state["epoch"],
+                state["batches"],
+                state["batches"],
+            )
 
     def replay_draws_after_save(self, trainer: Any) -> None:
         """Make the global-RNG draws the uninterrupted run made between the checkpoint and its
@@ -225,9 +232,13 @@ class DataPosition:
                 reason = "it uses worker processes, whose random state is not recorded"
             if reason:
                 self._warned = True
-                log.warning("a mid-epoch resume of the training DataLoader %r may not be exact: %s. "
-                            "Use torchdata's StatefulDataLoader (Lightning saves its position) for "
-                            "an exact resume.", type(loader).__name__, reason)
+                log.warning(
+                    "a mid-epoch resume of the training DataLoader %r may not be exact: %s. "
+                    "Use torchdata's StatefulDataLoader (Lightning saves its position) for "
+                    "an exact resume.",
+                    type(loader).__name__,
+                    reason,
+                )
                 return
 
 

@@ -68,4 +68,3 @@ def install() -> None:
     for module in (saving, torch_io):
         setattr(module, "pl_load", pl_load)  # noqa: B010 - the name both modules call
     _installed = True
-

@@ -55,8 +55,9 @@ class CommittedPaths:
         cached = self.__dict__.get("_read_only")
         if cached is None or cached.directory != directory:
             self._drop_reader()
-            cached = self.__dict__["_read_only"] = CheckpointManager(directory, read_only=True, monitor=self.monitor,
-                                                                    mode=self.mode)  # type: ignore[arg-type]
+            cached = self.__dict__["_read_only"] = CheckpointManager(
+                directory, read_only=True, monitor=self.monitor, mode=self.mode
+            )  # type: ignore[arg-type]
         return cached
 
     def _drop_reader(self) -> None:
@@ -107,8 +108,11 @@ class CommittedPaths:
         reader = self._reader()
         if reader is None or self.monitor is None:
             return {}
-        return {reader.path_for(r.step): torch.tensor(r.metrics[self.monitor]) for r in reader.records()
-                if self.monitor in r.metrics}
+        return {
+            reader.path_for(r.step): torch.tensor(r.metrics[self.monitor])
+            for r in reader.records()
+            if self.monitor in r.metrics
+        }
 
     @best_k_models.setter
     def best_k_models(self, value: dict[str, torch.Tensor]) -> None:

@@ -65,8 +65,14 @@ class CheckpointIOPlugin(CheckpointIO):
         >>> trainer = Trainer(plugins=[CheckpointIOPlugin()])  # doctest: +SKIP
     """
 
-    def __init__(self, async_save: bool = True, max_pending: int = 1, writer: Literal["thread", "process"] = "thread",
-                 on_error: Literal["raise", "warn"] = "raise", verify: bool = True) -> None:
+    def __init__(
+        self,
+        async_save: bool = True,
+        max_pending: int = 1,
+        writer: Literal["thread", "process"] = "thread",
+        on_error: Literal["raise", "warn"] = "raise",
+        verify: bool = True,
+    ) -> None:
         # the core's checks
         SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         RestoreOptions(verify=verify)
@@ -86,8 +92,9 @@ class CheckpointIOPlugin(CheckpointIO):
             SaveError: an earlier background save failed (``on_error="raise"``).
         """
         if storage_options is not None:
-            raise ConfigError("CheckpointIOPlugin takes no storage_options; call "
-                              "trainer.save_checkpoint(path) without them")
+            raise ConfigError(
+                "CheckpointIOPlugin takes no storage_options; call trainer.save_checkpoint(path) without them"
+            )
         path = os.fspath(path)
         if os.path.basename(path.rstrip("/")).startswith("."):  # Lightning's .temp.ckpt: its own format
             TorchCheckpointIO().save_checkpoint(checkpoint, path)
@@ -101,8 +108,9 @@ class CheckpointIOPlugin(CheckpointIO):
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Load ``path``: one of our files or folders, or a Lightning ``.ckpt`` file.
 
         Args:
@@ -116,8 +124,9 @@ class CheckpointIOPlugin(CheckpointIO):
             UnsafeCheckpointError: a ``.ckpt`` needs full pickle and ``weights_only`` is not False.
         """
         wait_for(path)  # a save of this path may still be in flight (in any plugin of this process)
-        return read_lightning_checkpoint(path, map_location=map_location, allow_unsafe_pickle=weights_only is False,
-                                         verify=self.verify)
+        return read_lightning_checkpoint(
+            path, map_location=map_location, allow_unsafe_pickle=weights_only is False, verify=self.verify
+        )
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
@@ -128,5 +137,7 @@ class CheckpointIOPlugin(CheckpointIO):
         self._saves.close()
 
     def __repr__(self) -> str:
-        return (f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, "
-                f"writer={self.writer!r}, on_error={self.on_error!r})")
+        return (
+            f"CheckpointIOPlugin(async_save={self.async_save}, max_pending={self.max_pending}, "
+            f"writer={self.writer!r}, on_error={self.on_error!r})"
+        )

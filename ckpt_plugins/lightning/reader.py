@@ -50,9 +50,15 @@ def unregister_manager(manager: CheckpointManager) -> None:
     _LIVE.discard(manager)
 
 
-def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
-                              allow_unsafe_pickle: bool = False, verify: bool = True, rank: int | None = None,
-                              managers: list[CheckpointManager] | None = None) -> dict[str, Any]:
+def read_lightning_checkpoint(
+    path: str | os.PathLike,
+    *,
+    map_location: Any = "cpu",
+    allow_unsafe_pickle: bool = False,
+    verify: bool = True,
+    rank: int | None = None,
+    managers: list[CheckpointManager] | None = None,
+) -> dict[str, Any]:
     """The Lightning checkpoint dict stored at ``path``.
 
     Args:
@@ -91,15 +97,33 @@ def read_lightning_checkpoint(path: str | os.PathLike, *, map_location: Any = "c
         checkpoint = dict(manager.restore(step, map_location=location))
         rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
     else:
-        state, report = restore_path(path, target=None, selector=None, rename=None, strict=True,
-                                     map_location=location, allow_unsafe_pickle=False, verify=verify)
+        state, report = restore_path(
+            path,
+            target=None,
+            selector=None,
+            rename=None,
+            strict=True,
+            map_location=location,
+            allow_unsafe_pickle=False,
+            verify=verify,
+        )
         log.info(report.summary())
         checkpoint = dict(state)
         parent = os.path.dirname(root.rstrip("/")) or root
-        rank_state, _ = restore_ours(storage, Layout(storage, parent), root, target=None, selector=None,
-                                     rename=None, strict=True, map_location=location,
-                                     allow_unsafe_pickle=False, verify=verify, part=f"rank_{rank}",
-                                     missing_ok=True)
+        rank_state, _ = restore_ours(
+            storage,
+            Layout(storage, parent),
+            root,
+            target=None,
+            selector=None,
+            rename=None,
+            strict=True,
+            map_location=location,
+            allow_unsafe_pickle=False,
+            verify=verify,
+            part=f"rank_{rank}",
+            missing_ok=True,
+        )
     if rank_state is not None:
         checkpoint[RANK_STATE_KEY] = rank_state
     return checkpoint

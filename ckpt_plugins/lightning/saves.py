@@ -77,8 +77,9 @@ class PathSaves:
         on_error: ``"raise"``: a failed background save raises at the next call; ``"warn"``: logged.
     """
 
-    def __init__(self, *, async_save: bool = True, max_pending: int = 1, writer: str = "thread",
-                 on_error: str = "raise") -> None:
+    def __init__(
+        self, *, async_save: bool = True, max_pending: int = 1, writer: str = "thread", on_error: str = "raise"
+    ) -> None:
         self.async_save, self.max_pending, self.writer, self.on_error = async_save, max_pending, writer, on_error
         self._engine: PersistEngine | None = None
         self._stager: HostStager | None = None
@@ -97,8 +98,12 @@ class PathSaves:
                 self._stager = HostStager(self.max_pending, shared=self.writer == "process")
                 if self.writer == "process":
                     self._process = ProcessWriter(direct_io_enabled(), self._stager)
-                self._engine = PersistEngine(async_save=self.async_save, name="ckpt-lightning-writer",
-                                             on_error=self.on_error, stop_when_idle=True)
+                self._engine = PersistEngine(
+                    async_save=self.async_save,
+                    name="ckpt-lightning-writer",
+                    on_error=self.on_error,
+                    stop_when_idle=True,
+                )
                 exit_hooks.register(self)
             return self._engine, self._stager  # type: ignore[return-value]
 
@@ -137,7 +142,7 @@ class PathSaves:
         with _IN_FLIGHT_LOCK:
             _IN_FLIGHT[_key(path)] = handle
         info = {"step": step, "user_metadata": user_metadata}
-        tensors = {k[len("state/"):]: v for k, v in staged.tensors.items()}
+        tensors = {k[len("state/") :]: v for k, v in staged.tensors.items()}
 
         def job(h: SaveHandle) -> str:
             h._staged.set_result(None)
@@ -146,8 +151,16 @@ class PathSaves:
                 write = None
                 if self._process is not None:
                     write = lambda p, t, m: self._process.write(p, t, m, slot)  # noqa: E731
-                write_single_file(storage, path, flat.tree, tensors, info, direct_io=direct_io_enabled(),
-                                  in_place=reserved, write_tensors=write)
+                write_single_file(
+                    storage,
+                    path,
+                    flat.tree,
+                    tensors,
+                    info,
+                    direct_io=direct_io_enabled(),
+                    in_place=reserved,
+                    write_tensors=write,
+                )
                 h.stats["persist_s"] = time.perf_counter() - start
                 return path
             except BaseException:

@@ -66,8 +66,20 @@ RANK_STATE_KEY = "ckpt_plugins_rank_state"
 state (RNG, data position) to :class:`~ckpt_plugins.lightning.CheckpointCallback` when Lightning
 loads a checkpoint. It is never written into the stored state."""
 
-_PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, np.ndarray, np.generic,
-          torch.dtype, torch.device, torch.Size)
+_PLAIN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    torch.Tensor,
+    np.ndarray,
+    np.generic,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
 
 _ORIGINS = {
     "state_dict": "the LightningModule's state_dict()",
@@ -78,8 +90,7 @@ _ORIGINS = {
 }
 
 
-def to_storable(checkpoint: Mapping[str, Any], warned: set[str] | None = None
-                ) -> tuple[dict[str, Any], dict[str, str]]:
+def to_storable(checkpoint: Mapping[str, Any], warned: set[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Convert the hyper-parameters of a Lightning checkpoint dict (see the module docstring).
 
     Args:
@@ -116,9 +127,15 @@ def _plain(value: Any, path: str, converted: dict[str, str], warned: set[str]) -
     text = repr(value)
     if path not in warned:
         warned.add(path)
-        log.warning("hyper-parameter %r is a %s, which is not plain data; it is stored as the string "
-                    "%.80r. Pass the object itself to load_from_checkpoint(..., %s=...) when you load "
-                    "this checkpoint.", path, type_name, text, path.rsplit(".", 1)[-1])
+        log.warning(
+            "hyper-parameter %r is a %s, which is not plain data; it is stored as the string "
+            "%.80r. Pass the object itself to load_from_checkpoint(..., %s=...) when you load "
+            "this checkpoint.",
+            path,
+            type_name,
+            text,
+            path.rsplit(".", 1)[-1],
+        )
     return text
 
 
@@ -139,6 +156,7 @@ def _convert(value: Any) -> Any:
         return dict(value._asdict())
     if type(value).__module__.startswith("omegaconf"):
         from omegaconf import OmegaConf
+
         return OmegaConf.to_container(value, resolve=True)
     return _UNCONVERTED
 
@@ -148,8 +166,14 @@ def explain_unsupported(exc: UnsupportedStateError) -> UnsupportedStateError:
     key_path = getattr(exc, "key_path", None)
     top = key_path.split(".", 1)[0] if key_path else None
     origin = _ORIGINS.get(top) if top else None
-    hint = (f" In a Lightning checkpoint this key comes from {origin}." if origin else
-            " In a Lightning checkpoint a top-level key like this one is added by an "
-            "on_save_checkpoint() hook (LightningModule, DataModule or callback).")
-    return UnsupportedStateError(str(exc) + hint + " Store plain values there (tensors, numbers, strings, lists, "
-                                 "dicts), e.g. a dict of the object's fields.", key_path=key_path)
+    hint = (
+        f" In a Lightning checkpoint this key comes from {origin}."
+        if origin
+        else " In a Lightning checkpoint a top-level key like this one is added by an "
+        "on_save_checkpoint() hook (LightningModule, DataModule or callback)."
+    )
+    return UnsupportedStateError(
+        str(exc) + hint + " Store plain values there (tensors, numbers, strings, lists, "
+        "dicts), e.g. a dict of the object's fields.",
+        key_path=key_path,
+    )

@@ -37,12 +37,19 @@ class SaveStats:
 
     def saved(self, handle: SaveHandle) -> dict[str, float]:
         """A save returned to the training loop; its commit is picked up by :meth:`drain`."""
-        record = {"step": float(handle.step), "stall_ms": float(handle.stats.get("stall_s", 0.0)) * 1e3,
-                  "bytes": float(handle.stats.get("bytes", 0.0))}
+        record = {
+            "step": float(handle.step),
+            "stall_ms": float(handle.stats.get("stall_s", 0.0)) * 1e3,
+            "bytes": float(handle.stats.get("bytes", 0.0)),
+        }
         with self._lock:
             self.records.append(record)
-        log.info("checkpoint step %d: training blocked %.1f ms for %.1f MiB", handle.step, record["stall_ms"],
-                 record["bytes"] / 2**20)
+        log.info(
+            "checkpoint step %d: training blocked %.1f ms for %.1f MiB",
+            handle.step,
+            record["stall_ms"],
+            record["bytes"] / 2**20,
+        )
         handle.add_done_callback(lambda h: self._done(h, record))  # at once if already committed
         return record
 

@@ -38,12 +38,14 @@ class Triggers:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name} must be a non-negative integer or None, got {value!r}")
         if self.train_time_interval is not None and self.interval_s <= 0:
-            raise ConfigError(f"train_time_interval must be positive (seconds or a timedelta), "
-                              f"got {self.train_time_interval!r}")
+            raise ConfigError(
+                f"train_time_interval must be positive (seconds or a timedelta), got {self.train_time_interval!r}"
+            )
         chosen = [n for n in ("every_n_train_steps", "every_n_epochs", "train_time_interval") if getattr(self, n)]
         if len(chosen) > 1:
-            raise ConfigError(f"{' and '.join(chosen)} are both set; choose one trigger (as with "
-                              "Lightning's ModelCheckpoint)")
+            raise ConfigError(
+                f"{' and '.join(chosen)} are both set; choose one trigger (as with Lightning's ModelCheckpoint)"
+            )
         self._last_time: float | None = None
 
     @property

@@ -10,5 +10,13 @@ from ckpt_plugins.errors import ConfigError, renamed_options
 from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOptions, RetentionOptions, SaveOptions
 from ckpt_plugins.options.model import ManagerOptions
 
-__all__ = ["ConfigError", "DistributedOptions", "IOOptions", "ManagerOptions", "RestoreOptions", "RetentionOptions",
-           "SaveOptions", "renamed_options"]
+__all__ = [
+    "ConfigError",
+    "DistributedOptions",
+    "IOOptions",
+    "ManagerOptions",
+    "RestoreOptions",
+    "RetentionOptions",
+    "SaveOptions",
+    "renamed_options",
+]

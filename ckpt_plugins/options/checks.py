@@ -36,8 +36,12 @@ def _name(option: str) -> str:
 
 def check_bool(option: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"{_name(option)} must be True or False, got {value!r} ({type(value).__name__}); "
-                          "pass a bool (YAML: true/false)", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be True or False, got {value!r} ({type(value).__name__}); "
+            "pass a bool (YAML: true/false)",
+            option=option,
+            value=value,
+        )
 
 
 def check_positive_int(option: str, value: Any, *, optional: bool = False) -> None:
@@ -45,21 +49,31 @@ def check_positive_int(option: str, value: Any, *, optional: bool = False) -> No
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{_name(option)} must be a positive integer{' or None' if optional else ''}, got {value!r}; "
-                          "use an int >= 1", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be a positive integer{' or None' if optional else ''}, got {value!r}; "
+            "use an int >= 1",
+            option=option,
+            value=value,
+        )
 
 
 def check_int_range(option: str, value: Any, low: int, high: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{_name(option)} must be an integer from {low} to {high} ({what}), got {value!r}",
-                          option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be an integer from {low} to {high} ({what}), got {value!r}",
+            option=option,
+            value=value,
+        )
 
 
 def check_choice(option: str, value: Any, choices: Sequence[Any], hint: str = "") -> None:
     if not any(value == c and type(value) is type(c) for c in choices):
         listed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{_name(option)} must be one of {listed}, got {value!r}{'; ' + hint if hint else ''}",
-                          option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be one of {listed}, got {value!r}{'; ' + hint if hint else ''}",
+            option=option,
+            value=value,
+        )
 
 
 def check_seconds(option: str, value: Any, *, optional: bool = False, timedelta_ok: bool = False) -> None:
@@ -67,25 +81,38 @@ def check_seconds(option: str, value: Any, *, optional: bool = False, timedelta_
     if optional and value is None:
         return
     seconds = value.total_seconds() if timedelta_ok and isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (math.isfinite(seconds)
-                                                                                   and seconds > 0):
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not (math.isfinite(seconds) and seconds > 0)
+    ):
         kind = "number of seconds or a timedelta" if timedelta_ok else "number of seconds"
-        raise ConfigError(f"{_name(option)} must be a positive, finite {kind}, got {value!r}; "
-                          "for example 3600 for an hour", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be a positive, finite {kind}, got {value!r}; for example 3600 for an hour",
+            option=option,
+            value=value,
+        )
 
 
 def check_metric(option: str, value: Any, *, optional: bool = False) -> None:
     if optional and value is None:
         return
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{_name(option)} must be a metric name (non-empty str), got {value!r}; for example "
-                          "'val_loss'", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be a metric name (non-empty str), got {value!r}; for example 'val_loss'",
+            option=option,
+            value=value,
+        )
 
 
 def check_mode(option: str, value: Any) -> None:
     if value not in ("min", "max") or not isinstance(value, str):
-        raise ConfigError(f"{_name(option)} must be 'min' or 'max', got {value!r}; use 'min' when lower is better "
-                          "(a loss) or 'max' when higher is better (an accuracy)", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be 'min' or 'max', got {value!r}; use 'min' when lower is better "
+            "(a loss) or 'max' when higher is better (an accuracy)",
+            option=option,
+            value=value,
+        )
 
 
 def check_callbacks(option: str, value: Any) -> None:
@@ -94,8 +121,11 @@ def check_callbacks(option: str, value: Any) -> None:
         return
     if isinstance(value, (list, tuple)) and all(callable(fn) for fn in value):
         return
-    raise ConfigError(f"{_name(option)} must be a callable fn(step, path) or a list of them, got {value!r}",
-                      option=option, value=value)
+    raise ConfigError(
+        f"{_name(option)} must be a callable fn(step, path) or a list of them, got {value!r}",
+        option=option,
+        value=value,
+    )
 
 
 def as_callbacks(value: Callable[..., Any] | Sequence[Callable[..., Any]] | None) -> tuple[Callable[..., Any], ...]:
@@ -107,13 +137,20 @@ def as_callbacks(value: Callable[..., Any] | Sequence[Callable[..., Any]] | None
 
 def check_dir_prefix(option: str, value: Any) -> None:
     if not isinstance(value, str) or not value or "/" in value or "\\" in value or value.startswith("."):
-        raise ConfigError(f"{_name(option)} must be a non-empty folder-name prefix (no '/', not starting with '.'), "
-                          f"got {value!r}; for example 'step_' or 'checkpoint-'", option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be a non-empty folder-name prefix (no '/', not starting with '.'), "
+            f"got {value!r}; for example 'step_' or 'checkpoint-'",
+            option=option,
+            value=value,
+        )
 
 
 def check_directory(option: str, value: Any) -> None:
     """A non-empty local path or fsspec URL, as str or ``os.PathLike`` of str."""
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"{_name(option)} must be a non-empty path or fsspec URL (str or os.PathLike), got {value!r}",
-                          option=option, value=value)
+        raise ConfigError(
+            f"{_name(option)} must be a non-empty path or fsspec URL (str or os.PathLike), got {value!r}",
+            option=option,
+            value=value,
+        )

@@ -62,9 +62,13 @@ class RetentionOptions:
         check_seconds("keep_time_interval", self.keep_time_interval, optional=True, timedelta_ok=True)
         check_bool("overwrite", self.overwrite)
         if self.keep_best is not None and self.monitor is None:
-            raise ConfigError(f"$keep_best={self.keep_best!r} needs $monitor, the metric that ranks checkpoints; "
-                              "set it to a logged metric's name (for example val_loss)",
-                              option="keep_best", value=self.keep_best, mentions=("monitor",))
+            raise ConfigError(
+                f"$keep_best={self.keep_best!r} needs $monitor, the metric that ranks checkpoints; "
+                "set it to a logged metric's name (for example val_loss)",
+                option="keep_best",
+                value=self.keep_best,
+                mentions=("monitor",),
+            )
 
     @property
     def interval_s(self) -> float | None:
@@ -75,8 +79,9 @@ class RetentionOptions:
     @property
     def has_rules(self) -> bool:
         """Whether any ``keep_*`` rule is set (without one, every checkpoint is kept)."""
-        return any(v is not None for v in (self.keep_last, self.keep_best, self.keep_every_n_steps,
-                                           self.keep_time_interval))
+        return any(
+            v is not None for v in (self.keep_last, self.keep_best, self.keep_every_n_steps, self.keep_time_interval)
+        )
 
     def policy(self) -> RetentionPolicy:
         """The retention policy these options stand for (see :func:`~ckpt_plugins.retention.build_policy`)."""
@@ -118,11 +123,19 @@ class SaveOptions:
         check_choice("writer", self.writer, ("thread", "process"))
         check_int_range("writer_nice", self.writer_nice, 0, 19, "a nice increment; 0 keeps the priority")
         if self.writer == "process" and not self.async_save:
-            raise ConfigError("$writer='process' needs $async_save=True (it writes the staged copies)",
-                              option="writer", value=self.writer, mentions=("async_save",))
+            raise ConfigError(
+                "$writer='process' needs $async_save=True (it writes the staged copies)",
+                option="writer",
+                value=self.writer,
+                mentions=("async_save",),
+            )
         if self.snapshot == "overlap" and not self.async_save:
-            raise ConfigError("$snapshot='overlap' needs $async_save=True (a synchronous save has nothing to "
-                              "overlap with)", option="snapshot", value=self.snapshot, mentions=("async_save",))
+            raise ConfigError(
+                "$snapshot='overlap' needs $async_save=True (a synchronous save has nothing to overlap with)",
+                option="snapshot",
+                value=self.snapshot,
+                mentions=("async_save",),
+            )
 
     @property
     def callbacks(self) -> tuple[Callable[[int, str], None], ...]:

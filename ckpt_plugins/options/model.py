@@ -54,8 +54,9 @@ class ManagerOptions:
         for name, (_, cls) in GROUP_KEYWORDS.items():
             value = getattr(self, name)
             if not isinstance(value, cls):
-                raise ConfigError(f"ManagerOptions.{name} must be a {cls.__name__}, got {value!r}",
-                                  option=name, value=value)
+                raise ConfigError(
+                    f"ManagerOptions.{name} must be a {cls.__name__}, got {value!r}", option=name, value=value
+                )
 
     @classmethod
     def from_flat(cls, **flat: Any) -> ManagerOptions:
@@ -73,8 +74,11 @@ class ManagerOptions:
 
     def flat(self) -> dict[str, Any]:
         """Every option by its flat name (the inverse of :meth:`from_flat`)."""
-        return {f.name: getattr(getattr(self, group), f.name)
-                for group, (_, cls) in GROUP_KEYWORDS.items() for f in fields(cls)}
+        return {
+            f.name: getattr(getattr(self, group), f.name)
+            for group, (_, cls) in GROUP_KEYWORDS.items()
+            for f in fields(cls)
+        }
 
 
 def _check_known(flat: Mapping[str, Any]) -> None:
@@ -112,8 +116,11 @@ def assemble(options: ManagerOptions | None, groups: Mapping[str, Any], flat: Ma
             raise ConfigError(f"$options must be a ManagerOptions, got {options!r}", option="options", value=options)
         extra = given_groups + given_flat
         if extra:
-            raise ConfigError(f"$options holds every option group; pass either options= or {', '.join(extra)}, "
-                              "not both", option="options", value=options)
+            raise ConfigError(
+                f"$options holds every option group; pass either options= or {', '.join(extra)}, not both",
+                option="options",
+                value=options,
+            )
         return options
     built = {}
     for name, (keyword, cls) in GROUP_KEYWORDS.items():
@@ -126,9 +133,13 @@ def assemble(options: ManagerOptions | None, groups: Mapping[str, Any], flat: Ma
             raise ConfigError(f"${keyword} must be a {cls.__name__}, got {group!r}", option=keyword, value=group)
         clash = [k for k in mine if k in given_flat]
         if clash:
-            raise ConfigError(f"${clash[0]}={mine[clash[0]]!r} and ${keyword} are both given; set {clash[0]} "
-                              f"inside {keyword} ({cls.__name__}) or drop {keyword}",
-                              option=clash[0], value=mine[clash[0]], mentions=(keyword,))
+            raise ConfigError(
+                f"${clash[0]}={mine[clash[0]]!r} and ${keyword} are both given; set {clash[0]} "
+                f"inside {keyword} ({cls.__name__}) or drop {keyword}",
+                option=clash[0],
+                value=mine[clash[0]],
+                mentions=(keyword,),
+            )
         built[name] = group
     return ManagerOptions(**built)
 
@@ -140,11 +151,19 @@ def policy_of(policy: Any, retention: RetentionOptions) -> RetentionPolicy:
     if policy is None:
         return retention.policy()
     if not isinstance(policy, RetentionPolicy):
-        raise ConfigError(f"$policy must be a RetentionPolicy (ckpt_plugins.retention), got {policy!r}",
-                          option="policy", value=policy)
+        raise ConfigError(
+            f"$policy must be a RetentionPolicy (ckpt_plugins.retention), got {policy!r}", option="policy", value=policy
+        )
     if retention.has_rules:
-        rules = [f"{n}={getattr(retention, n)!r}" for n in ("keep_last", "keep_best", "keep_every_n_steps",
-                                                           "keep_time_interval") if getattr(retention, n) is not None]
-        raise ConfigError(f"$policy replaces the keep_* rules, and {', '.join(rules)} is set too; put that rule "
-                          "in the policy or drop policy=", option="policy", value=policy)
+        rules = [
+            f"{n}={getattr(retention, n)!r}"
+            for n in ("keep_last", "keep_best", "keep_every_n_steps", "keep_time_interval")
+            if getattr(retention, n) is not None
+        ]
+        raise ConfigError(
+            f"$policy replaces the keep_* rules, and {', '.join(rules)} is set too; put that rule "
+            "in the policy or drop policy=",
+            option="policy",
+            value=policy,
+        )
     return policy

@@ -96,8 +96,15 @@ class PersistEngine:
     ``CheckpointIO``, which is not told when the user's work is over).
     """
 
-    def __init__(self, *, async_save: bool, name: str = "ckpt-writer", writer_nice: int = 0,
-                 on_error: str = "raise", stop_when_idle: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        async_save: bool,
+        name: str = "ckpt-writer",
+        writer_nice: int = 0,
+        on_error: str = "raise",
+        stop_when_idle: bool = False,
+    ) -> None:
         self.async_save = async_save
         self.stop_when_idle = stop_when_idle
         self.on_error = on_error
@@ -227,9 +234,14 @@ class PersistEngine:
 
     def _fail(self, exc: BaseException) -> None:
         """The writer cannot go on: fail every pending handle with one WriterError, refuse new jobs."""
-        failure = exc if isinstance(exc, WriterError) else WriterError(
-            f"the checkpoint writer failed ({type(exc).__name__}: {exc}); saves still pending failed with "
-            "it, and this manager accepts no more saves: close it and open a new one")
+        failure = (
+            exc
+            if isinstance(exc, WriterError)
+            else WriterError(
+                f"the checkpoint writer failed ({type(exc).__name__}: {exc}); saves still pending failed with "
+                "it, and this manager accepts no more saves: close it and open a new one"
+            )
+        )
         if failure is not exc:
             failure.__cause__ = exc
         with self._lock:

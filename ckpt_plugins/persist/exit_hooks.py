@@ -82,8 +82,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     if _terminating:
         return  # a flush is already under way
     _terminating = "flushing"
-    threading.Thread(target=_flush_then_terminate, args=(list(_managers),), name="ckpt-sigterm",
-                     daemon=True).start()
+    threading.Thread(target=_flush_then_terminate, args=(list(_managers),), name="ckpt-sigterm", daemon=True).start()
 
 
 def _flush_then_terminate(managers: list[Any]) -> None:

@@ -26,19 +26,27 @@ __all__ = ["check_save_arguments", "clean_metrics", "collect", "flatten_parts", 
 log = logging.getLogger(__name__)
 
 
-def check_save_arguments(step: Any, metrics: Mapping[str, Any] | None, extra_files: Mapping[str, Any] | None,
-                         name: str | None) -> dict[str, float]:
+def check_save_arguments(
+    step: Any, metrics: Mapping[str, Any] | None, extra_files: Mapping[str, Any] | None, name: str | None
+) -> dict[str, float]:
     """Refuse a bad ``step``, metric, extra-file name or checkpoint name; return the metrics as floats."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"step must be a non-negative integer, got {step!r}", option="step", value=step)
     cleaned = clean_metrics(metrics)
     for file_name in extra_files or {}:
-        if not isinstance(file_name, str) or not _SAFE_NAME.match(file_name) or ".." in file_name \
-                or file_name == MANIFEST_NAME or (file_name.endswith(".safetensors") \
-                and file_name.startswith(("state", "rank_"))):
-            raise ConfigError(f"extra_files name {file_name!r} is not a plain file name, or is reserved "
-                              "(manifest.json, state*.safetensors, rank_*.safetensors)",
-                              option="extra_files", value=file_name)
+        if (
+            not isinstance(file_name, str)
+            or not _SAFE_NAME.match(file_name)
+            or ".." in file_name
+            or file_name == MANIFEST_NAME
+            or (file_name.endswith(".safetensors") and file_name.startswith(("state", "rank_")))
+        ):
+            raise ConfigError(
+                f"extra_files name {file_name!r} is not a plain file name, or is reserved "
+                "(manifest.json, state*.safetensors, rank_*.safetensors)",
+                option="extra_files",
+                value=file_name,
+            )
     if name is not None:
         check_folder_name(name)
     return cleaned
@@ -50,15 +58,19 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     for name, value in (metrics or {}).items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise ConfigError(f"metric {name!r} is a tensor with {value.numel()} elements; pass a scalar",
-                                  option="metrics", value=value)
+                raise ConfigError(
+                    f"metric {name!r} is a tensor with {value.numel()} elements; pass a scalar",
+                    option="metrics",
+                    value=value,
+                )
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:
                 value = float(value)  # numpy scalars and similar
             except (TypeError, ValueError):
-                raise ConfigError(f"metric {name!r} must be a number, got {value!r}", option="metrics",
-                                  value=value) from None
+                raise ConfigError(
+                    f"metric {name!r} must be a number, got {value!r}", option="metrics", value=value
+                ) from None
         out[str(name)] = float(value)
         if math.isnan(out[str(name)]):
             log.debug("metric %r is NaN at this save; it ranks worst", name)
@@ -82,8 +94,9 @@ def flatten_parts(state: Any, rank_state: Any, *, rank: int, world_size: int) ->
     return flat, rank_flat, None
 
 
-def collect(flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor],
-                                                                                       dict[str, Any]]:
+def collect(
+    flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every tensor a save writes, keyed ``state/...``, ``rank/...`` or by extra file; and the
     extra files' specs (what the job does with each)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -96,8 +109,9 @@ def collect(flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None) ->
     return tensors, extra_specs
 
 
-def stage_now(stager: HostStager, slot: int, tensors: Mapping[str, torch.Tensor], *, snapshot: str,
-              async_save: bool) -> Any:
+def stage_now(
+    stager: HostStager, slot: int, tensors: Mapping[str, torch.Tensor], *, snapshot: str, async_save: bool
+) -> Any:
     """Copy ``tensors`` into ``slot``'s buffers now, when the job must not read the live ones: safe
     mode with an async save, or CUDA tensors. None otherwise (the job reads them, or stages them
     itself in overlap mode). On failure the slot is released."""

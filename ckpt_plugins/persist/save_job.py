@@ -95,8 +95,14 @@ class SaveJob:
             (rank 0), or None (failed, or another rank). Its error fails the save.
     """
 
-    def __init__(self, request: SaveRequest, dest: Destination, stager: HostStager, *,
-                 done: Callable[[SaveRequest, Manifest | None], None]) -> None:
+    def __init__(
+        self,
+        request: SaveRequest,
+        dest: Destination,
+        stager: HostStager,
+        *,
+        done: Callable[[SaveRequest, Manifest | None], None],
+    ) -> None:
         self.request, self.dest, self.stager, self.done = request, dest, stager, done
         self.step, self.name = request.step, request.name
         self._rank_trees: dict[int, Any] = {}
@@ -139,9 +145,15 @@ class SaveJob:
             for r in req.ranks_with_state:
                 file = f"rank_{r}.safetensors"
                 parts[f"rank_{r}"] = Part(self._rank_trees[r], file if file in files else None)
-            committing = Manifest(step=req.step, parts=parts, files=files, metrics=req.metrics,
-                                  world_size=dest.world_size, user_metadata=req.user_metadata,
-                                  retention=req.retention)
+            committing = Manifest(
+                step=req.step,
+                parts=parts,
+                files=files,
+                metrics=req.metrics,
+                world_size=dest.world_size,
+                user_metadata=req.user_metadata,
+                retention=req.retention,
+            )
             replace = dest.storage.exists(dest.layout.path_for(req.step, req.name))
             path = dest.layout.commit(temp, committing, replace=replace, name=req.name)
             manifest = committing
@@ -155,8 +167,9 @@ class SaveJob:
                 # Name the step and what survived (not the removed temporary folder); OSError(errno,
                 # ...) keeps the subclass (ENOSPC, EACCES, ...).
                 writing = f" (writing {os.path.basename(exc.filename)})" if isinstance(exc.filename, str) else ""
-                raise OSError(exc.errno, f"{exc.strerror or exc}: step {self.step} was not saved{writing}; "
-                              f"{self._survivors()}") from exc
+                raise OSError(
+                    exc.errno, f"{exc.strerror or exc}: step {self.step} was not saved{writing}; {self._survivors()}"
+                ) from exc
             raise
         finally:
             self.done(req, manifest)
@@ -179,16 +192,16 @@ class SaveJob:
         state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
         if state_tensors:
-            files["state.safetensors"] = dest.write_tensors(join(temp, "state.safetensors"), state_tensors, None,
-                                                            req.slot)
+            files["state.safetensors"] = dest.write_tensors(
+                join(temp, "state.safetensors"), state_tensors, None, req.slot
+            )
         if req.rank_flat is not None:
             name = f"rank_{dest.rank}.safetensors"
             if rank_tensors:
                 files[name] = dest.write_tensors(join(temp, name), rank_tensors, None, req.slot)
             self._rank_trees[dest.rank] = req.rank_flat.tree
             if dest.rank != 0:
-                part = {"tree": req.rank_flat.tree,
-                        "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
+                part = {"tree": req.rank_flat.tree, "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
                 # Written under another name and renamed: rank 0 polls for the final name and
                 # must never read a half-written part (a race the crash soak found).
                 final = join(temp, f"rank_{dest.rank}.part.json")
@@ -254,11 +267,15 @@ class SaveJob:
             while not storage.exists(part_path):
                 if storage.exists(error_path):
                     with storage.open_read(error_path) as f:
-                        raise SaveError(f"rank {r} failed to write its part of step {self.step}: "
-                                        f"{f.read().decode(errors='replace')}")
+                        raise SaveError(
+                            f"rank {r} failed to write its part of step {self.step}: "
+                            f"{f.read().decode(errors='replace')}"
+                        )
                 if time.monotonic() > deadline:
-                    raise SaveError(f"rank {r} did not write its part of step {self.step} within "
-                                    f"{timeout:.0f} s (rank_timeout); is it still alive?")
+                    raise SaveError(
+                        f"rank {r} did not write its part of step {self.step} within "
+                        f"{timeout:.0f} s (rank_timeout); is it still alive?"
+                    )
                 time.sleep(0.01)
             with storage.open_read(part_path) as f:
                 part = json.loads(f.read())

@@ -106,7 +106,7 @@ def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
     if shared:
         raw.share_memory_()  # type: ignore[no-untyped-call]
     start = -raw.data_ptr() % ALIGN
-    return raw[start:start + nbytes]
+    return raw[start : start + nbytes]
 
 
 class HostStager:
@@ -179,12 +179,16 @@ class HostStager:
             for key, offset in placed:
                 src = tensors[key]
                 nbytes = src.numel() * src.element_size()
-                views[key] = block[offset:offset + nbytes].view(src.dtype).view(src.shape)
+                views[key] = block[offset : offset + nbytes].view(src.dtype).view(src.shape)
         self._generation += 1
         arena = Arena(memory, views, signature, self._generation)
         self._arenas[slot] = arena
-        log.info("allocated %.1f MiB of staging memory (slot %d); %.1f MiB staged in all",
-                 total / 2**20, slot, self.staged_bytes() / 2**20)
+        log.info(
+            "allocated %.1f MiB of staging memory (slot %d); %.1f MiB staged in all",
+            total / 2**20,
+            slot,
+            self.staged_bytes() / 2**20,
+        )
         return arena
 
     def _side_stream(self) -> torch.cuda.Stream:

@@ -45,9 +45,21 @@ class Persister:
     manager's completion callback (``SaveJob(done=...)``).
     """
 
-    def __init__(self, saving: SaveOptions, *, storage: Storage, layout: Layout, direct_io: bool, rank: int,
-                 world_size: int, rank_timeout: float, overwrite: bool, directory: str, lock: threading.Lock,
-                 done: Done) -> None:
+    def __init__(
+        self,
+        saving: SaveOptions,
+        *,
+        storage: Storage,
+        layout: Layout,
+        direct_io: bool,
+        rank: int,
+        world_size: int,
+        rank_timeout: float,
+        overwrite: bool,
+        directory: str,
+        lock: threading.Lock,
+        done: Done,
+    ) -> None:
         self.saving = saving
         self.layout = layout
         self.storage = storage
@@ -58,8 +70,9 @@ class Persister:
         self.done = done
         self.stager = HostStager(saving.max_pending, shared=saving.writer == "process")
         self.process_writer = ProcessWriter(direct_io, self.stager) if saving.writer == "process" else None
-        self.engine = PersistEngine(async_save=saving.async_save, writer_nice=saving.writer_nice,
-                                    on_error=saving.on_error)
+        self.engine = PersistEngine(
+            async_save=saving.async_save, writer_nice=saving.writer_nice, on_error=saving.on_error
+        )
         self.destination = Destination(storage, layout, self.write_tensors, direct_io, rank, world_size, rank_timeout)
         self.in_flight: set[int] = set()
         self.replaceable: frozenset[int] = frozenset()  # start_run: an earlier run's later steps
@@ -72,8 +85,9 @@ class Persister:
     def gather(self, obj: Any) -> list[Any]:
         return all_gather_object(obj) if self.world_size > 1 else [obj]
 
-    def agree(self, step: int, *, has_rank_state: bool, unstorable: str | None,
-              name: str | None) -> tuple[str, list[int]]:
+    def agree(
+        self, step: int, *, has_rank_state: bool, unstorable: str | None, name: str | None
+    ) -> tuple[str, list[int]]:
         """Check the step against what exists and (distributed) that every rank agrees (one all_gather)."""
         own_error = self.engine.take_error(distributed=self.distributed, refuse=True)
         conflict = self.order_conflict(step) if self.rank == 0 and name is None else None
@@ -82,34 +96,52 @@ class Persister:
 
     def order_conflict(self, step: int) -> str | None:
         with self.lock:
-            later = sorted({s for s in self._steps() if s >= step and s not in self.replaceable}
-                           | {s for s in self.in_flight if s >= step})
+            later = sorted(
+                {s for s in self._steps() if s >= step and s not in self.replaceable}
+                | {s for s in self.in_flight if s >= step}
+            )
         if later and not self.overwrite:
-            return (f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
-                    "already exist or are being saved, at or after it. Use a larger step, or "
-                    "overwrite=True to replace them (later checkpoints are then removed).")
+            return (
+                f"cannot save step {step} in {self.directory}: checkpoint(s) at step(s) {later} "
+                "already exist or are being saved, at or after it. Use a larger step, or "
+                "overwrite=True to replace them (later checkpoints are then removed)."
+            )
         return None
 
     def _steps(self) -> list[int]:
         return [c.step for c in self.layout.committed()]
 
-    def write_tensors(self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                      slot: int | None) -> FileRecord:
+    def write_tensors(
+        self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, slot: int | None
+    ) -> FileRecord:
         if self.process_writer is not None:
             return self.process_writer.write(path, tensors, metadata, slot)
         return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
 
-    def save(self, step: int, *, token: str, ranks_with_state: list[int], flat: Any, rank_flat: Any,
-             extra_files: Mapping[str, Any] | None, name: str | None, metrics: dict[str, float],
-             user_metadata: Mapping[str, Any] | None, on_commit: Callable[[int, str], None] | None,
-             retention: dict[str, Any] | None, on_stats: Callable[[dict[str, float]], None]) -> SaveHandle | None:
+    def save(
+        self,
+        step: int,
+        *,
+        token: str,
+        ranks_with_state: list[int],
+        flat: Any,
+        rank_flat: Any,
+        extra_files: Mapping[str, Any] | None,
+        name: str | None,
+        metrics: dict[str, float],
+        user_metadata: Mapping[str, Any] | None,
+        on_commit: Callable[[int, str], None] | None,
+        retention: dict[str, Any] | None,
+        on_stats: Callable[[dict[str, float]], None],
+    ) -> SaveHandle | None:
         """Stage and submit one agreed save; None when skipped (``on_busy="skip"``, every slot in flight).
         ``on_stats`` gets the handle's stats as soon as they exist (``last_save_stats``)."""
         saving = self.saving
         slot = self.stager.acquire(block=saving.on_busy == "wait")
         if slot is None:
-            log.warning("skipping the save of step %d: %d save(s) still in flight (on_busy='skip')",
-                        step, self.stager.slots)
+            log.warning(
+                "skipping the save of step %d: %d save(s) still in flight (on_busy='skip')", step, self.stager.slots
+            )
             return None
         t0 = time.perf_counter()
         tensors, extra_specs = collect(flat, rank_flat, extra_files)
@@ -117,18 +149,30 @@ class Persister:
         handle = SaveHandle(step, self.layout.path_for(step, name))
         handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
         on_stats(handle.stats)
-        request = SaveRequest(step=step, token=token, name=name, ranks_with_state=ranks_with_state, flat=flat,
-                              rank_flat=rank_flat, tensors=tensors, staged=staged,
-                              stage_in_job=saving.snapshot == "overlap", slot=slot, metrics=metrics,
-                              user_metadata=dict(user_metadata or {}), extra_specs=extra_specs,
-                              callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
-                              retention=retention)
+        request = SaveRequest(
+            step=step,
+            token=token,
+            name=name,
+            ranks_with_state=ranks_with_state,
+            flat=flat,
+            rank_flat=rank_flat,
+            tensors=tensors,
+            staged=staged,
+            stage_in_job=saving.snapshot == "overlap",
+            slot=slot,
+            metrics=metrics,
+            user_metadata=dict(user_metadata or {}),
+            extra_specs=extra_specs,
+            callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
+            retention=retention,
+        )
         if name is None:
             with self.lock:
                 self.in_flight.add(step)
         try:
-            self.last_handle = self.engine.submit(handle, SaveJob(request, self.destination, self.stager,
-                                                                  done=self.done))
+            self.last_handle = self.engine.submit(
+                handle, SaveJob(request, self.destination, self.stager, done=self.done)
+            )
         except BaseException:
             self.stager.release(slot)
             self.done(request, None)

@@ -63,8 +63,10 @@ def _serve(requests: Any, results: Any, direct_io: bool) -> None:
             if item[0] == "views":
                 slot, entries = payload
                 blocks = arenas[slot]
-                tensors = {key: blocks[group][offset:offset + nbytes].view(dtype).view(shape)
-                           for key, dtype, shape, group, offset, nbytes in entries}
+                tensors = {
+                    key: blocks[group][offset : offset + nbytes].view(dtype).view(shape)
+                    for key, dtype, shape, group, offset, nbytes in entries
+                }
             else:
                 tensors = payload
             record = write_tensor_file(storage, path, tensors, metadata, direct_io=direct_io)
@@ -95,14 +97,19 @@ class ProcessWriter:
         ctx = mp.get_context("spawn")
         self._requests = ctx.Queue()
         self._results = ctx.Queue()
-        self._proc = ctx.Process(target=_serve, args=(self._requests, self._results, self._direct_io),
-                                 name="ckpt-writer-process", daemon=True)
+        self._proc = ctx.Process(
+            target=_serve,
+            args=(self._requests, self._results, self._direct_io),
+            name="ckpt-writer-process",
+            daemon=True,
+        )
         self._proc.start()
         self._answered = 0
         self._sent = {}
         self._ready = False
-        log.info("starting writer process (pid %d); files are written by the writer thread until it is ready",
-                 self._proc.pid)
+        log.info(
+            "starting writer process (pid %d); files are written by the writer thread until it is ready", self._proc.pid
+        )
 
     def _check_ready(self, path: str | None, timeout: float | None = 0) -> bool:
         """Whether the child has finished its start-up, waiting up to ``timeout`` seconds (None:
@@ -129,8 +136,13 @@ class ProcessWriter:
                 raise self._died
             self._check_ready(None, None)
 
-    def write(self, path: str, tensors: Mapping[str, torch.Tensor],
-              metadata: Mapping[str, str] | None = None, slot: int | None = None) -> FileRecord:
+    def write(
+        self,
+        path: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+        slot: int | None = None,
+    ) -> FileRecord:
         """Write ``tensors`` (in shared memory) to ``path`` in the child; raise its error here.
 
         Tensors staged in ``slot``'s arena travel as offsets into it (the arena itself is sent
@@ -177,12 +189,16 @@ class ProcessWriter:
         self._results.cancel_join_thread()
         hint = ""
         if not self._answered:
-            hint = ("; it died before writing anything: with writer='process' the main "
-                    "script must be import-safe (training code under `if __name__ == "
-                    "'__main__':`), because the writer is started with spawn and imports it")
+            hint = (
+                "; it died before writing anything: with writer='process' the main "
+                "script must be import-safe (training code under `if __name__ == "
+                "'__main__':`), because the writer is started with spawn and imports it"
+            )
         where = f"while writing {path}" if path else "while starting"
-        self._died = WriterError(f"the writer process died (exit code {code}) {where}{hint}; "
-                                 "saves still pending failed with it, and this manager accepts no more saves")
+        self._died = WriterError(
+            f"the writer process died (exit code {code}) {where}{hint}; "
+            "saves still pending failed with it, and this manager accepts no more saves"
+        )
         return self._died
 
     def _arena_entries(self, slot: int | None, tensors: Mapping[str, torch.Tensor]) -> list[tuple[Any, ...]] | None:

@@ -127,15 +127,25 @@ def first_usable(steps: Sequence[int], attempt: Callable[[int], T], *, what: str
     )
 
 
-def candidates(which: str, *, steps: Callable[[], list[int]], records: Callable[[], list[CheckpointRecord]],
-               monitor: str | None, mode: str) -> list[int]:
+def candidates(
+    which: str,
+    *,
+    steps: Callable[[], list[int]],
+    records: Callable[[], list[CheckpointRecord]],
+    monitor: str | None,
+    mode: str,
+) -> list[int]:
     """The steps ``restore(which)`` tries, best first: ``"latest"`` newest first, ``"best"`` by
     ``monitor`` and ``mode``."""
     if which == "latest":
         return steps()[::-1]
     if monitor is None:
-        raise ConfigError("restore('best') needs $monitor (and $mode) on the CheckpointManager",
-                          option="monitor", value=None, mentions=("mode",))
+        raise ConfigError(
+            "restore('best') needs $monitor (and $mode) on the CheckpointManager",
+            option="monitor",
+            value=None,
+            mentions=("mode",),
+        )
     return ranked_steps(records(), monitor, mode)
 
 

@@ -34,10 +34,21 @@ def is_our_checkpoint(storage: Storage, path: str) -> bool:
     return storage.isdir(path) and storage.exists(storage.join(path, MANIFEST_NAME))
 
 
-def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
-                 selector: Callable[[str], bool] | None, rename: Mapping[str, str] | None,
-                 strict: bool, map_location: str | torch.device, allow_unsafe_pickle: bool,
-                 verify: bool, part: str = "state", missing_ok: bool = False) -> tuple[Any, RestoreReport]:
+def restore_ours(
+    storage: Storage,
+    layout: Layout,
+    path: str,
+    *,
+    target: Any,
+    selector: Callable[[str], bool] | None,
+    rename: Mapping[str, str] | None,
+    strict: bool,
+    map_location: str | torch.device,
+    allow_unsafe_pickle: bool,
+    verify: bool,
+    part: str = "state",
+    missing_ok: bool = False,
+) -> tuple[Any, RestoreReport]:
     """Restore one part of one of our checkpoint folders (raises CorruptCheckpointError)."""
     manifest = layout.read_manifest(path)
     report = RestoreReport(source=path, step=manifest.step)
@@ -61,8 +72,9 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
     reader: Callable[[set[str] | None], Mapping[str, torch.Tensor]] = read_tensors
     native_paths: list[str] = []
     if part == "state":
-        tree, reader, native_paths = _with_native_files(storage, path, manifest, tree, read_tensors, selector,
-                                                        map_location, verify)
+        tree, reader, native_paths = _with_native_files(
+            storage, path, manifest, tree, read_tensors, selector, map_location, verify
+        )
     if isinstance(selector, Selector):
         selector.check(leaf_paths(entry.tree) + native_paths)
     state = materialize(tree, reader, selector=selector, rename=rename, report=report)
@@ -70,10 +82,16 @@ def restore_ours(storage: Storage, layout: Layout, path: str, *, target: Any,
     return state, report
 
 
-def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
-                       read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]],
-                       selector: Callable[[str], bool] | None, map_location: str | torch.device,
-                       verify: bool) -> tuple[Any, Callable[[set[str] | None], Mapping[str, torch.Tensor]], list[str]]:
+def _with_native_files(
+    storage: Storage,
+    path: str,
+    manifest: Any,
+    tree: Any,
+    read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]],
+    selector: Callable[[str], bool] | None,
+    map_location: str | torch.device,
+    verify: bool,
+) -> tuple[Any, Callable[[set[str] | None], Mapping[str, torch.Tensor]], list[str]]:
     """Our HF checkpoints also hold the Trainer's own files (weights, optimizer, scheduler, RNG,
     trainer_state.json): add them to the state tree beside the manifest's own keys, so that
     selection, renames and strict checks treat both alike. Also returns every key path of those files
@@ -86,8 +104,9 @@ def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
         seen.append(key_path)
         return selector(key_path)  # type: ignore[misc]
 
-    native = read_native_files(storage, path, manifest, map_location=map_location,
-                               include=None if selector is None else probe, verify=verify)
+    native = read_native_files(
+        storage, path, manifest, map_location=map_location, include=None if selector is None else probe, verify=verify
+    )
     if not native or type(tree) is not dict or TAG in tree:
         return tree, read_tensors, seen
     flat = flatten_state(native)
@@ -102,13 +121,22 @@ def _with_native_files(storage: Storage, path: str, manifest: Any, tree: Any,
     return {**tree, **flat.tree}, read_both, seen
 
 
-def restore_which(storage: Storage, layout: Layout, which: Any, *, candidates: Callable[[str], list[int]],
-                  directory: str, verify: bool, **options: Any) -> tuple[Any, RestoreReport, int | None]:
+def restore_which(
+    storage: Storage,
+    layout: Layout,
+    which: Any,
+    *,
+    candidates: Callable[[str], list[int]],
+    directory: str,
+    verify: bool,
+    **options: Any,
+) -> tuple[Any, RestoreReport, int | None]:
     """``CheckpointManager.restore``: ``"latest"``/``"best"`` (``candidates(which)``, best first,
     falling back past damaged ones), a committed step, or a path (ours or foreign).
 
     Returns the state, the report, and the committed step that was loaded (None for a path).
     """
+
     def attempt(step: int) -> tuple[Any, RestoreReport, int | None]:
         state, report = restore_ours(storage, layout, layout.path_for(step), verify=verify, **options)
         report.step = step
@@ -121,7 +149,8 @@ def restore_which(storage: Storage, layout: Layout, which: Any, *, candidates: C
         if not storage.exists(storage.join(layout.path_for(which), MANIFEST_NAME)):
             raise CheckpointNotFoundError(
                 f"no committed checkpoint for step {which} in {directory}; "
-                f"available steps: {[c.step for c in layout.committed()]}")
+                f"available steps: {[c.step for c in layout.committed()]}"
+            )
         return attempt(which)
     if isinstance(which, (str, os.PathLike)):
         state, report = restore_path(os.fspath(which), **options, verify=verify)
@@ -129,28 +158,58 @@ def restore_which(storage: Storage, layout: Layout, which: Any, *, candidates: C
     raise ConfigError(f"restore() takes 'latest', 'best', a step (int) or a path, got {which!r}")
 
 
-def read_rank_state(storage: Storage, layout: Layout, step: int, rank: int, *, verify: bool,
-                    map_location: str | torch.device) -> Any:
+def read_rank_state(
+    storage: Storage, layout: Layout, step: int, rank: int, *, verify: bool, map_location: str | torch.device
+) -> Any:
     """The ``rank_state`` of ``rank`` in committed ``step``; None when it has none for that rank."""
-    state, _ = restore_ours(storage, layout, layout.path_for(step), verify=verify, part=f"rank_{rank}", target=None,
-                            selector=None, rename=None, strict=True, map_location=map_location,
-                            allow_unsafe_pickle=False, missing_ok=True)
+    state, _ = restore_ours(
+        storage,
+        layout,
+        layout.path_for(step),
+        verify=verify,
+        part=f"rank_{rank}",
+        target=None,
+        selector=None,
+        rename=None,
+        strict=True,
+        map_location=map_location,
+        allow_unsafe_pickle=False,
+        missing_ok=True,
+    )
     return state
 
 
-def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | None,
-                 rename: Mapping[str, str] | None, strict: bool, map_location: str | torch.device,
-                 allow_unsafe_pickle: bool, verify: bool) -> tuple[Any, RestoreReport]:
+def restore_path(
+    path: str,
+    *,
+    target: Any,
+    selector: Callable[[str], bool] | None,
+    rename: Mapping[str, str] | None,
+    strict: bool,
+    map_location: str | torch.device,
+    allow_unsafe_pickle: bool,
+    verify: bool,
+) -> tuple[Any, RestoreReport]:
     """Restore from an explicit path: one of our folders, or a foreign file/folder."""
     storage, root = open_storage(path)
     if is_our_checkpoint(storage, root):
         parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
-        return restore_ours(storage, Layout(storage, parent), root, target=target, selector=selector,
-                            rename=rename, strict=strict, map_location=map_location,
-                            allow_unsafe_pickle=allow_unsafe_pickle, verify=verify)
+        return restore_ours(
+            storage,
+            Layout(storage, parent),
+            root,
+            target=target,
+            selector=selector,
+            rename=rename,
+            strict=strict,
+            map_location=map_location,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+            verify=verify,
+        )
     if storage.local_path(root) is None:
-        raise CheckpointNotFoundError(f"{path}: no {MANIFEST_NAME} there; foreign formats are read "
-                                      "from local paths only")
+        raise CheckpointNotFoundError(
+            f"{path}: no {MANIFEST_NAME} there; foreign formats are read from local paths only"
+        )
     from ckpt_plugins.formats import detect_format, read_foreign
 
     seen: list[str] = []  # every key path the reader asked about: what the checkpoint holds
@@ -159,8 +218,12 @@ def restore_path(path: str, *, target: Any, selector: Callable[[str], bool] | No
         seen.append(key_path)
         return selector is None or selector(key_path)
 
-    obj = read_foreign(root, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle,
-                       include=None if selector is None else probe)
+    obj = read_foreign(
+        root,
+        map_location=map_location,
+        allow_unsafe_pickle=allow_unsafe_pickle,
+        include=None if selector is None else probe,
+    )
     if isinstance(selector, Selector):
         selector.check(seen)
     report = RestoreReport(source=os.fspath(path), format=detect_format(root) or "unknown")

@@ -44,17 +44,22 @@ def _patterns(option: str, value: str | Iterable[str] | None) -> tuple[str, ...]
     if isinstance(value, str):
         items: list[Any] = [value]
     elif isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{option} must be a glob pattern on key paths (a str such as 'model.*') or a list "
-                          f"of them, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{option} must be a glob pattern on key paths (a str such as 'model.*') or a list "
+            f"of them, got {value!r} ({type(value).__name__})"
+        )
     else:
         items = list(value)
     for item in items:
         if not isinstance(item, str) or not item:
-            raise ConfigError(f"{option} patterns must be non-empty strings such as 'model.*', got {item!r} "
-                              f"in {option}={value!r}")
+            raise ConfigError(
+                f"{option} patterns must be non-empty strings such as 'model.*', got {item!r} in {option}={value!r}"
+            )
     if not items:
-        raise ConfigError(f"{option}=[] has no pattern; pass None (the default) to "
-                          f"{'restore everything' if option == 'include' else 'exclude nothing'}")
+        raise ConfigError(
+            f"{option}=[] has no pattern; pass None (the default) to "
+            f"{'restore everything' if option == 'include' else 'exclude nothing'}"
+        )
     return tuple(items)
 
 
@@ -86,12 +91,13 @@ class Selector:
             for pattern in patterns:
                 match = _pattern_matcher(pattern)
                 if not any(match(p) for p in paths):
-                    raise ConfigError(f"{option} {pattern!r} matches nothing in the checkpoint; "
-                                      f"{_existing_keys(paths, pattern)}")
+                    raise ConfigError(
+                        f"{option} {pattern!r} matches nothing in the checkpoint; {_existing_keys(paths, pattern)}"
+                    )
 
 
 def _existing_keys(paths: Iterable[str], wanted: str) -> str:
-    """"its top-level keys are: a, b (did you mean 'model'?)" for a message about ``wanted``."""
+    """ "its top-level keys are: a, b (did you mean 'model'?)" for a message about ``wanted``."""
     tops = list(dict.fromkeys(p.split(".", 1)[0] for p in paths))
     if not tops:
         return "the checkpoint holds no keys at all"
@@ -101,8 +107,7 @@ def _existing_keys(paths: Iterable[str], wanted: str) -> str:
     return f"its top-level keys are: {shown}{hint}. Key paths join keys and indices with '.' (model.fc.weight)."
 
 
-def make_selector(include: str | Iterable[str] | None,
-                  exclude: str | Iterable[str] | None) -> Selector | None:
+def make_selector(include: str | Iterable[str] | None, exclude: str | Iterable[str] | None) -> Selector | None:
     """A :class:`Selector`, or None when everything is selected.
 
     Raises:
@@ -117,8 +122,10 @@ def check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
     if rename is None:
         return {}
     if not isinstance(rename, Mapping):
-        raise ConfigError(f"rename must map old key-path prefixes to new ones, such as {{'model.': 'net.'}}, "
-                          f"got {rename!r} ({type(rename).__name__})")
+        raise ConfigError(
+            f"rename must map old key-path prefixes to new ones, such as {{'model.': 'net.'}}, "
+            f"got {rename!r} ({type(rename).__name__})"
+        )
     for old, new in rename.items():
         if not isinstance(old, str) or not old or not isinstance(new, str):
             raise ConfigError(f"rename must map non-empty str prefixes to str prefixes, got {old!r}: {new!r}")
@@ -134,9 +141,14 @@ def check_strict(strict: Any) -> bool:
     return bool(strict)
 
 
-def materialize(tree: Any, read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]], *,
-                selector: Callable[[str], bool] | None, rename: Mapping[str, str] | None,
-                report: RestoreReport) -> Any:
+def materialize(
+    tree: Any,
+    read_tensors: Callable[[set[str] | None], Mapping[str, torch.Tensor]],
+    *,
+    selector: Callable[[str], bool] | None,
+    rename: Mapping[str, str] | None,
+    report: RestoreReport,
+) -> Any:
     """Select, rename and rebuild the nested state; ``read_tensors(keys)`` reads tensor keys
     (``None`` meaning all of them, which allows one sequential, checksummed read).
 
@@ -150,9 +162,11 @@ def materialize(tree: Any, read_tensors: Callable[[set[str] | None], Mapping[str
         paths = leaf_paths(tree)
         for old in rules:
             if not any(p.startswith(old) for p in paths):
-                raise ConfigError(f"rename {old!r} matches nothing in the checkpoint"
-                                  f"{' (after include/exclude)' if selector is not None else ''}; "
-                                  f"{_existing_keys(paths, old)}")
+                raise ConfigError(
+                    f"rename {old!r} matches nothing in the checkpoint"
+                    f"{' (after include/exclude)' if selector is not None else ''}; "
+                    f"{_existing_keys(paths, old)}"
+                )
     renames = {old: new for old, new in rules.items() if new != ""}
     hoists = [old for old, new in rules.items() if new == ""]
     if renames:
@@ -176,12 +190,13 @@ def hoist(state: Any, prefix: str) -> Any:
     node = state
     while rest:
         if isinstance(node, Mapping):
-            child = next((k for k in node if rest.startswith(f"{k}.") and
-                          isinstance(node[k], (Mapping, list, tuple))), None)
+            child = next(
+                (k for k in node if rest.startswith(f"{k}.") and isinstance(node[k], (Mapping, list, tuple))), None
+            )
             if child is not None:
-                node, rest = node[child], rest[len(f"{child}."):]
+                node, rest = node[child], rest[len(f"{child}.") :]
                 continue
-            flat = {k[len(rest):]: v for k, v in node.items() if isinstance(k, str) and k.startswith(rest)}
+            flat = {k[len(rest) :]: v for k, v in node.items() if isinstance(k, str) and k.startswith(rest)}
             if flat:
                 return flat
         elif isinstance(node, (list, tuple)):

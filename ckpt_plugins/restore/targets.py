@@ -63,10 +63,12 @@ class RestoreReport:
         return not (self.missing or self.mismatched)
 
     def summary(self) -> str:
-        return (f"restored {self.source} ({self.format}, step {self.step}): {len(self.loaded)} keys "
-                f"loaded, {len(self.missing)} missing, {len(self.mismatched)} mismatched, "
-                f"{len(self.unexpected)} not asked for; {self.tensors_read} tensors / "
-                f"{self.bytes_read / 2**20:.1f} MiB read")
+        return (
+            f"restored {self.source} ({self.format}, step {self.step}): {len(self.loaded)} keys "
+            f"loaded, {len(self.missing)} missing, {len(self.mismatched)} mismatched, "
+            f"{len(self.unexpected)} not asked for; {self.tensors_read} tensors / "
+            f"{self.bytes_read / 2**20:.1f} MiB read"
+        )
 
     def _mismatch(self, path: str, why: str) -> None:
         key = path or "<root>"
@@ -92,8 +94,7 @@ def load_into(target: Any, loaded: Any, *, strict: bool, report: RestoreReport) 
     _fill(target, loaded, "", report, apply=False)
     if strict and not report.ok:
         faults = report.missing + report.mismatched
-        raise RestoreError(_strict_message(report), key_path=faults[0] if len(faults) == 1 else None,
-                           report=report)
+        raise RestoreError(_strict_message(report), key_path=faults[0] if len(faults) == 1 else None, report=report)
     for found in (report.loaded, report.missing, report.unexpected, report.mismatched):
         found.clear()
     report.details.clear()
@@ -101,8 +102,7 @@ def load_into(target: Any, loaded: Any, *, strict: bool, report: RestoreReport) 
     if not report.ok:
         log.warning("tolerant restore: %s", report.summary())
     elif report.unexpected:
-        log.info("restore from %s: not loaded (no target asks for them): %s", report.source,
-                 _shown(report.unexpected))
+        log.info("restore from %s: not loaded (no target asks for them): %s", report.source, _shown(report.unexpected))
 
 
 def _shown(keys: list[str], limit: int = 8) -> str:
@@ -119,8 +119,10 @@ def _strict_message(report: RestoreReport) -> str:
     if report.missing and report.unexpected:  # often the same keys under other names
         lines.append(f"  (in the checkpoint but asked for by no target, not a failure: {_shown(report.unexpected)})")
     if report.missing and not report.loaded and report.unexpected:
-        lines.append("Nothing matched: to load what lies under one key of the checkpoint into this target, "
-                     "pass rename={'<key>.': ''} (for example rename={'model.': ''}).")
+        lines.append(
+            "Nothing matched: to load what lies under one key of the checkpoint into this target, "
+            "pass rename={'<key>.': ''} (for example rename={'model.': ''})."
+        )
     lines.append("Pass strict=False to load what matches, or include/exclude/rename to select keys.")
     return "\n".join(lines)
 
@@ -146,12 +148,14 @@ def _fill(target: Any, loaded: Any, path: str, report: RestoreReport, apply: boo
     elif isinstance(target, (dict, list)):
         _load_container(target, loaded, path, report, apply)
     else:
-        report._mismatch(path, f"cannot load into a {type(target).__name__}; pass a dict, list, tensor, "
-                         "module or optimizer")
+        report._mismatch(
+            path, f"cannot load into a {type(target).__name__}; pass a dict, list, tensor, module or optimizer"
+        )
 
 
-def _load_container(target: dict[Any, Any] | list[Any], loaded: Any, path: str, report: RestoreReport,
-                    apply: bool) -> None:
+def _load_container(
+    target: dict[Any, Any] | list[Any], loaded: Any, path: str, report: RestoreReport, apply: bool
+) -> None:
     kind = (Mapping, "a mapping") if isinstance(target, dict) else ((list, tuple), "a sequence")
     if not isinstance(loaded, kind[0]):
         report._mismatch(path, f"expected {kind[1]}, got {type(loaded).__name__}")
@@ -213,8 +217,11 @@ def _load_module(module: torch.nn.Module, loaded: Any, path: str, report: Restor
     report.unexpected.extend(extra)
     if apply:
         if extra:
-            log.warning("restore into the module at %r: the checkpoint has keys the module does not; they "
-                        "were not loaded: %s", path or "<root>", _shown(extra))
+            log.warning(
+                "restore into the module at %r: the checkpoint has keys the module does not; they were not loaded: %s",
+                path or "<root>",
+                _shown(extra),
+            )
         module.load_state_dict(usable, strict=False)
 
 
@@ -224,8 +231,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: 
     optimizer already holds state, the shape) it would be cast to. torch casts floating-point
     state to its parameter's dtype silently; here a different dtype is a mismatch."""
     label = path or "<root>"
-    if not isinstance(loaded, Mapping) or not isinstance(loaded.get("param_groups"), (list, tuple)) \
-            or not isinstance(loaded.get("state"), Mapping):
+    if (
+        not isinstance(loaded, Mapping)
+        or not isinstance(loaded.get("param_groups"), (list, tuple))
+        or not isinstance(loaded.get("state"), Mapping)
+    ):
         report._mismatch(path, "expected an optimizer state dict with 'state' and 'param_groups'")
         return
     own = opt.state_dict()
@@ -235,8 +245,10 @@ def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: 
         report._mismatch(path, f"checkpoint has parameter groups of sizes {sizes}, the optimizer {own_sizes}")
         return
     params = {}  # checkpoint param id -> (own param id, parameter)
-    for group, own_group, live in zip(loaded["param_groups"], own["param_groups"], opt.param_groups):
-        params.update({pid: (oid, p) for pid, oid, p in zip(group["params"], own_group["params"], live["params"])})
+    for group, own_group, live in zip(loaded["param_groups"], own["param_groups"], opt.param_groups, strict=False):
+        params.update(
+            {pid: (oid, p) for pid, oid, p in zip(group["params"], own_group["params"], live["params"], strict=False)}
+        )
     ok = True
     for pid, entry in loaded["state"].items():
         if pid not in params:
@@ -245,7 +257,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: 
             continue
         oid, param = params[pid]
         own_entry = own["state"].get(oid, {})
-        for name, value in (entry.items() if isinstance(entry, Mapping) else ()):
+        for name, value in entry.items() if isinstance(entry, Mapping) else ():
             full = join(join(join(path, "state"), pid), name)
             if not isinstance(value, torch.Tensor):
                 continue

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,11 +36,26 @@ if TYPE_CHECKING:
     from ckpt_plugins.options.groups import RetentionOptions
 
 __all__ = [
-    "CheckpointRecord", "KeepAll", "KeepBest", "KeepBestOne", "KeepEveryNSteps", "KeepLast",
-    "KeepLatest", "KeepProtected", "KeepTimeInterval", "RetentionContext", "RetentionDecision",
-    "RetentionPolicy", "RetentionRule", "best_step", "build_policy", "policy_flags", "policy_for",
+    "CheckpointRecord",
+    "KeepAll",
+    "KeepBest",
+    "KeepBestOne",
+    "KeepEveryNSteps",
+    "KeepLast",
+    "KeepLatest",
+    "KeepProtected",
+    "KeepTimeInterval",
+    "RetentionContext",
+    "RetentionDecision",
+    "RetentionPolicy",
+    "RetentionRule",
+    "best_step",
+    "build_policy",
+    "policy_flags",
+    "policy_for",
     "ranked_steps",
 ]
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
@@ -268,9 +284,7 @@ class RetentionPolicy:
         present = {type(rule) for rule in self.rules}
         return self.rules + tuple(r for r in _SAFETY_RULES if type(r) not in present)
 
-    def decide(
-        self, records: Sequence[CheckpointRecord], ctx: RetentionContext
-    ) -> RetentionDecision:
+    def decide(self, records: Sequence[CheckpointRecord], ctx: RetentionContext) -> RetentionDecision:
         """Split ``records`` (any order) into kept steps, with reasons in rule order, and deletes.
 
         A step that some rule keeps is kept; steps a rule names that are not in ``records`` are
@@ -280,7 +294,7 @@ class RetentionPolicy:
             ValueError: two records share a step (a bug in the caller).
         """
         steps = sorted(r.step for r in records)
-        duplicates = sorted({a for a, b in zip(steps, steps[1:]) if a == b})
+        duplicates = sorted({a for a, b in itertools.pairwise(steps) if a == b})
         if duplicates:
             raise ValueError(f"records must have unique steps; duplicated steps: {duplicates}")
         reasons: dict[int, list[str]] = {}
@@ -308,9 +322,16 @@ def build_policy(
     """
     from ckpt_plugins.options.groups import RetentionOptions
 
-    return policy_for(RetentionOptions(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                                       mode=mode,  # type: ignore[arg-type] # checked there
-                                       keep_every_n_steps=keep_every_n_steps, keep_time_interval=keep_time_interval))
+    return policy_for(
+        RetentionOptions(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,  # type: ignore[arg-type] # checked there
+            keep_every_n_steps=keep_every_n_steps,
+            keep_time_interval=keep_time_interval,
+        )
+    )
 
 
 def policy_for(options: RetentionOptions) -> RetentionPolicy:
@@ -349,8 +370,14 @@ def policy_flags(policy: RetentionPolicy) -> dict[str, Any] | None:
         >>> policy_flags(build_policy(keep_last=2, monitor="loss"))
         {'keep_last': 2, 'keep_best': None, 'monitor': 'loss', 'mode': 'min', 'keep_every_n_steps': None, 'keep_time_interval': None}
     """
-    flags: dict[str, Any] = {"keep_last": None, "keep_best": None, "monitor": None, "mode": "min",
-                             "keep_every_n_steps": None, "keep_time_interval": None}
+    flags: dict[str, Any] = {
+        "keep_last": None,
+        "keep_best": None,
+        "monitor": None,
+        "mode": "min",
+        "keep_every_n_steps": None,
+        "keep_time_interval": None,
+    }
     for rule in policy.rules:
         if isinstance(rule, KeepLast):
             flags["keep_last"] = rule.n

@@ -33,8 +33,9 @@ __all__ = ["FsspecStorage", "LocalStorage", "ObjectStorage", "Storage", "open_st
 S3_RETRIES = {"max_attempts": 4, "mode": "standard"}
 
 
-def open_storage(directory: str | os.PathLike[str],
-                 storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
+def open_storage(
+    directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Storage, str]:
     """Return the storage for ``directory`` (a local path or an fsspec URL) and its root path.
 
     ``storage_options`` go to the fsspec file system as they are (endpoint, credentials, ...);
@@ -42,7 +43,7 @@ def open_storage(directory: str | os.PathLike[str],
     """
     text = os.fspath(directory)
     if "://" not in text or text.startswith("file://"):
-        local = text[len("file://"):] if text.startswith("file://") else text
+        local = text[len("file://") :] if text.startswith("file://") else text
         return LocalStorage(), os.path.abspath(os.path.expanduser(local))
     options = dict(storage_options or {})
     if text.split("://", 1)[0] in ("s3", "s3a"):

@@ -50,13 +50,23 @@ def direct_io_enabled() -> bool:
     if value not in _SWITCH:
         from ckpt_plugins.errors import ConfigError
 
-        raise ConfigError(f"CKPT_PLUGINS_DIRECT_IO={value!r} is not understood; use 1 or 0 "
-                          "(also true/false, yes/no, on/off)")
+        raise ConfigError(
+            f"CKPT_PLUGINS_DIRECT_IO={value!r} is not understood; use 1 or 0 (also true/false, yes/no, on/off)"
+        )
     return bool(_O_DIRECT) and _SWITCH[value]
 
 
-_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "": True,
-           "0": False, "false": False, "no": False, "off": False}
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 class _BufferPool:
@@ -170,7 +180,7 @@ class DirectWriter:
             if source is not None:
                 ctypes.memmove(self._addresses[self._current] + self._fill, source + done, n)
             else:
-                buffer[self._fill:self._fill + n] = view[done:done + n]
+                buffer[self._fill : self._fill + n] = view[done : done + n]
             self._fill += n
             done += n
             if self._fill == BUFFER_BYTES:
@@ -193,8 +203,7 @@ class DirectWriter:
 
     def _submit(self, length: int) -> None:
         """Hand the current buffer to the I/O thread and switch to the other one."""
-        self._pending[self._current] = self._run(
-            self._write_view, memoryview(self._buffers[self._current])[:length])
+        self._pending[self._current] = self._run(self._write_view, memoryview(self._buffers[self._current])[:length])
         self._current ^= 1
         self._fill = 0
         previous = self._pending[self._current]

@@ -36,7 +36,7 @@ class _SyncedFile:
         finally:
             self._file.close()
 
-    def __enter__(self) -> "_SyncedFile":
+    def __enter__(self) -> _SyncedFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -70,7 +70,7 @@ class LocalStorage:
         return _SyncedFile(path)  # type: ignore[return-value]
 
     def open_read(self, path: str) -> BinaryIO:
-        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(path, "rb")
 
     def size(self, path: str) -> int:
         return os.path.getsize(path)

@@ -85,8 +85,7 @@ from ckpt_plugins.tree.tags import (
 )
 from ckpt_plugins.tree.walk import MAX_DEPTH, MISSING, TreeFail, dotted, iter_leaves, segment, select
 
-__all__ = ["FlatState", "flatten_state", "leaf_paths", "rename_tree", "select_tree", "tensor_refs",
-           "unflatten_state"]
+__all__ = ["FlatState", "flatten_state", "leaf_paths", "rename_tree", "select_tree", "tensor_refs", "unflatten_state"]
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _P = ParamSpec("_P")
@@ -138,8 +137,10 @@ class _Flattener:
     def child(self, seg: str, path: str, depth: int) -> str:
         cpath = seg if depth == 0 else f"{path}.{seg}"
         if cpath in self.paths:
-            raise TreeFail("has the same key path as another entry (for example int key 0 and str key "
-                           "'0' in one dict, or a key containing '.'); rename one of them")
+            raise TreeFail(
+                "has the same key path as another entry (for example int key 0 and str key "
+                "'0' in one dict, or a key containing '.'); rename one of them"
+            )
         self.paths.add(cpath)
         return cpath
 
@@ -176,8 +177,10 @@ class _Flattener:
     def tensor(self, obj: torch.Tensor, path: str) -> dict[str, Any]:
         if obj.layout is not torch.strided or obj.is_quantized or obj.is_nested or obj.is_meta:
             kind = "meta" if obj.is_meta else "quantized" if obj.is_quantized else str(obj.layout)
-            raise TreeFail(f"is a {kind} tensor, which cannot be stored; convert it to a dense tensor "
-                           "with data (for example .to_dense() or .dequantize()) or remove it")
+            raise TreeFail(
+                f"is a {kind} tensor, which cannot be stored; convert it to a dense tensor "
+                "with data (for example .to_dense() or .dequantize()) or remove it"
+            )
         t = obj.detach() if obj.requires_grad or type(obj) is not torch.Tensor else obj
         if t.is_neg():  # a lazily negated view (complex.conj().imag): store the values it shows
             t = t.resolve_neg()
@@ -189,8 +192,10 @@ class _Flattener:
     def ndarray(self, arr: np.ndarray, path: str) -> dict[str, Any]:
         dt = arr.dtype
         if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
-            raise TreeFail(f"is a numpy array of dtype {dt}, which cannot be stored without pickle; "
-                           "remove it from the state or convert it to plain dtypes")
+            raise TreeFail(
+                f"is a numpy array of dtype {dt}, which cannot be stored without pickle; "
+                "remove it from the state or convert it to plain dtypes"
+            )
         a = arr if arr.flags.c_contiguous and arr.flags.writeable else np.array(arr, order="C")
         raw = a.reshape(-1).view(np.uint8) if a.nbytes else np.empty(0, np.uint8)
         key = self.add(torch.from_numpy(raw), arr, path)
@@ -253,8 +258,9 @@ def flatten_state(state: Any) -> FlatState:
         where = f"{subscript(e.keys)} (key path {dotted(e.keys)!r})" if e.keys else "state"
         raise UnsupportedStateError(f"{where} {e.what}", key_path=dotted(e.keys) if e.keys else None) from None
     except RecursionError:
-        raise UnsupportedStateError("state is nested too deeply to store (beyond Python's recursion limit; "
-                                    "is there a reference cycle?)") from None
+        raise UnsupportedStateError(
+            "state is nested too deeply to store (beyond Python's recursion limit; is there a reference cycle?)"
+        ) from None
     flat.unshare()
     return FlatState(tree, flat.tensors)
 
@@ -281,8 +287,9 @@ def _checked(fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
         return fn(*args, **kwargs)
     except TreeFail as e:
         where = f"at key path {dotted(e.keys)!r}" if e.keys else "at the root"
-        raise CorruptCheckpointError(f"invalid checkpoint state tree {where}: {e.what}",
-                                     key_path=dotted(e.keys) if e.keys else None) from None
+        raise CorruptCheckpointError(
+            f"invalid checkpoint state tree {where}: {e.what}", key_path=dotted(e.keys) if e.keys else None
+        ) from None
     except RecursionError:
         raise CorruptCheckpointError("invalid checkpoint state tree: nested too deeply") from None
 
@@ -404,20 +411,26 @@ def _rename(node: Any, path: str, depth: int, rules: list[tuple[str, str]]) -> A
     return rebuild(node, kept)
 
 
-def _renamed_key(key: Any, full: str, probe: str, prefix: str, old: str, new: str,
-                 is_container: bool, plain: bool) -> tuple[Any, str]:
+def _renamed_key(
+    key: Any, full: str, probe: str, prefix: str, old: str, new: str, is_container: bool, plain: bool
+) -> tuple[Any, str]:
     rule = f"rename {old!r} -> {new!r}"
     if type(key) is not str:
-        raise ConfigError(f"{rule} would rename {full!r}, which is a list index or a non-str dict key; "
-                          "only str keys can be renamed")
+        raise ConfigError(
+            f"{rule} would rename {full!r}, which is a list index or a non-str dict key; only str keys can be renamed"
+        )
     if not new.startswith(prefix):
-        raise ConfigError(f"{rule} would move {full!r} out of its container {prefix[:-1]!r}; renames "
-                          f"change keys in place, so the new prefix must start with {prefix!r} too")
-    seg = new[len(prefix):] + probe[len(old):]
+        raise ConfigError(
+            f"{rule} would move {full!r} out of its container {prefix[:-1]!r}; renames "
+            f"change keys in place, so the new prefix must start with {prefix!r} too"
+        )
+    seg = new[len(prefix) :] + probe[len(old) :]
     if is_container:
         if not seg.endswith("."):
-            raise ConfigError(f"{rule} would merge the container {full!r} into its parent; end the new "
-                              "prefix with '.' like the old one (moving entries between levels is not "
-                              "supported)")
+            raise ConfigError(
+                f"{rule} would merge the container {full!r} into its parent; end the new "
+                "prefix with '.' like the old one (moving entries between levels is not "
+                "supported)"
+            )
         seg = seg[:-1]
     return (escape(seg) if plain else seg), seg

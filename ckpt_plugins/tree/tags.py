@@ -32,11 +32,25 @@ NO_PICKLE = "which cannot be stored without pickle; remove it from the state or 
 _COMPLEX_PARTS = (torch.float16, torch.float32, torch.float64)
 _FLOAT_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    str(d).split(".", 1)[1]: d for d in vars(torch).values() if isinstance(d, torch.dtype)}
-_FIELDS = {"tensor": ("key",), "ctensor": ("key",), "ndarray": ("key", "dtype", "shape"),
-           "tuple": ("v",), "set": ("v",), "frozenset": ("v",), "dict": ("items",), "int": ("v",),
-           "float": ("v",), "complex": ("v",), "bytes": ("v",), "bytearray": ("v",), "dtype": ("v",),
-           "device": ("v",), "size": ("v",)}
+    str(d).split(".", 1)[1]: d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+_FIELDS = {
+    "tensor": ("key",),
+    "ctensor": ("key",),
+    "ndarray": ("key", "dtype", "shape"),
+    "tuple": ("v",),
+    "set": ("v",),
+    "frozenset": ("v",),
+    "dict": ("items",),
+    "int": ("v",),
+    "float": ("v",),
+    "complex": ("v",),
+    "bytes": ("v",),
+    "bytearray": ("v",),
+    "dtype": ("v",),
+    "device": ("v",),
+    "size": ("v",),
+}
 
 
 def subscript(keys: list[Any]) -> str:
@@ -49,7 +63,7 @@ def short(v: Any, limit: int = 80) -> str:
         text = repr(v)
     except Exception:  # a message must not fail on a value's own repr
         text = f"<{type(v).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def escape(key: str) -> str:
@@ -87,8 +101,10 @@ def enc_key(k: Any, depth: int = 0) -> Any:
         return enc_float(k)
     if tp is tuple and depth < 16:
         return {TAG: "tuple", "v": [enc_key(x, depth + 1) for x in k]}
-    raise TreeFail(f"has the key or set element {short(k)} of type {tp.__qualname__}; keys must be str, int, "
-                   "float, bool, None or tuples of these")
+    raise TreeFail(
+        f"has the key or set element {short(k)} of type {tp.__qualname__}; keys must be str, int, "
+        "float, bool, None or tuples of these"
+    )
 
 
 def check_fields(node: dict[str, Any], tag: str) -> None:
@@ -363,8 +379,10 @@ class Unflattener:
             raise TreeFail(f"tensor {key!r} is a {type(t).__name__}, not a tensor")
         if tag == "ctensor":
             if t.dtype not in _COMPLEX_PARTS or t.dim() == 0 or t.shape[-1] != 2:
-                raise TreeFail(f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the real view of a "
-                               "complex tensor (float16/32/64 with a last dimension of 2)")
+                raise TreeFail(
+                    f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the real view of a "
+                    "complex tensor (float16/32/64 with a last dimension of 2)"
+                )
             try:
                 t = torch.view_as_complex(t)
             except RuntimeError:
@@ -379,15 +397,18 @@ class Unflattener:
     def ndarray(t: torch.Tensor, key: str, dt: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = math.prod(shape) * dt.itemsize
         if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != nbytes:
-            raise TreeFail(f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the {nbytes} raw bytes of "
-                           f"a numpy array of dtype {dt.str} and shape {list(shape)}")
+            raise TreeFail(
+                f"tensor {key!r} ({t.dtype}, {tuple(t.shape)}) is not the {nbytes} raw bytes of "
+                f"a numpy array of dtype {dt.str} and shape {list(shape)}"
+            )
         try:
             if nbytes == 0:
                 return np.empty(shape, dt)
             return t.detach().cpu().contiguous().numpy().view(dt).reshape(shape)
         except (OverflowError, TypeError, ValueError) as e:
-            raise TreeFail(f"tensor {key!r} cannot be viewed as a numpy array of dtype {dt.str} and shape "
-                           f"{list(shape)} ({e})") from None
+            raise TreeFail(
+                f"tensor {key!r} cannot be viewed as a numpy array of dtype {dt.str} and shape {list(shape)} ({e})"
+            ) from None
 
 
 def children(node: Any) -> list[tuple[Any, str, Any]] | None:

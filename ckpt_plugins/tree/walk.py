@@ -21,8 +21,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MISSING", "Children", "TreeFail", "dotted", "iter_leaves", "join", "map_leaves",
-           "rebuild_state", "segment", "select", "state_children"]
+__all__ = [
+    "MAX_DEPTH",
+    "MISSING",
+    "Children",
+    "TreeFail",
+    "dotted",
+    "iter_leaves",
+    "join",
+    "map_leaves",
+    "rebuild_state",
+    "segment",
+    "select",
+    "state_children",
+]
 
 MAX_DEPTH = 256  # deeper nesting is refused: real training state is rarely 10 levels deep, and
 # this keeps the recursion (up to two frames a level) well inside Python's default limit of 1000
@@ -114,8 +126,9 @@ def _descend(node: Any, path: str, depth: int, children: Children) -> list[tuple
     return children(node)
 
 
-def iter_leaves(node: Any, prefix: str = "", *, children: Children = state_children,
-                _depth: int = 0) -> Iterator[tuple[str, Any]]:
+def iter_leaves(
+    node: Any, prefix: str = "", *, children: Children = state_children, _depth: int = 0
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(key path, leaf)`` for every leaf under ``node``, in order; an empty container is a leaf.
 
     Raises:
@@ -132,15 +145,20 @@ def iter_leaves(node: Any, prefix: str = "", *, children: Children = state_child
         return
     for _key, seg, child in kids:
         try:
-            yield from iter_leaves(child, _child(prefix, seg, _depth), children=children,
-                                   _depth=_depth + 1)
+            yield from iter_leaves(child, _child(prefix, seg, _depth), children=children, _depth=_depth + 1)
         except TreeFail as e:
             e.keys.append(seg)
             raise
 
 
-def map_leaves(node: Any, fn: Callable[[Any], Any], *, children: Children = state_children,
-               rebuild: Callable[[Any, list[tuple[Any, Any]]], Any] = rebuild_state, _depth: int = 0) -> Any:
+def map_leaves(
+    node: Any,
+    fn: Callable[[Any], Any],
+    *,
+    children: Children = state_children,
+    rebuild: Callable[[Any, list[tuple[Any, Any]]], Any] = rebuild_state,
+    _depth: int = 0,
+) -> Any:
     """A copy of ``node`` with ``fn`` applied to every leaf (containers are rebuilt, leaves are not copied).
 
     Example:
@@ -160,8 +178,15 @@ def map_leaves(node: Any, fn: Callable[[Any], Any], *, children: Children = stat
     return rebuild(node, out)
 
 
-def select(node: Any, keep: Callable[[str], bool], prefix: str = "", *, children: Children = state_children,
-           rebuild: Callable[[Any, list[tuple[Any, Any]]], Any] = rebuild_state, empty: Any = MISSING) -> Any:
+def select(
+    node: Any,
+    keep: Callable[[str], bool],
+    prefix: str = "",
+    *,
+    children: Children = state_children,
+    rebuild: Callable[[Any, list[tuple[Any, Any]]], Any] = rebuild_state,
+    empty: Any = MISSING,
+) -> Any:
     """``node`` with only the leaves whose key path passes ``keep``, or ``empty`` if none does.
 
     Containers left empty are dropped; list and tuple items keep their order (later indices shift
@@ -176,8 +201,14 @@ def select(node: Any, keep: Callable[[str], bool], prefix: str = "", *, children
     return empty if out is MISSING else out
 
 
-def _select(node: Any, keep: Callable[[str], bool], prefix: str, children: Children,
-            rebuild: Callable[[Any, list[tuple[Any, Any]]], Any], depth: int) -> Any:
+def _select(
+    node: Any,
+    keep: Callable[[str], bool],
+    prefix: str,
+    children: Children,
+    rebuild: Callable[[Any, list[tuple[Any, Any]]], Any],
+    depth: int,
+) -> Any:
     kids = _descend(node, prefix, depth, children)
     if kids is None:
         return node if keep(prefix) else MISSING

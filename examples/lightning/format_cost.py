@@ -32,11 +32,18 @@ def lightning_like_state(megabytes: int) -> dict:
     per_tensor = 1 << 20  # 4 MiB of float32 each
     count = max(1, megabytes * (1 << 20) // (4 * per_tensor) // 3)
     weights = {f"layer{i}.weight": torch.randn(per_tensor) for i in range(count)}
-    moments = {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per_tensor),
-                   "exp_avg_sq": torch.rand(per_tensor)} for i in range(count)}
-    return {"epoch": 1, "global_step": 10, "state_dict": weights,
-            "optimizer_states": [{"state": moments, "param_groups": [{"lr": 1e-3, "params": list(range(count))}]}],
-            "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 2}}}}, "hyper_parameters": {"lr": 1e-3}}
+    moments = {
+        i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(per_tensor), "exp_avg_sq": torch.rand(per_tensor)}
+        for i in range(count)
+    }
+    return {
+        "epoch": 1,
+        "global_step": 10,
+        "state_dict": weights,
+        "optimizer_states": [{"state": moments, "param_groups": [{"lr": 1e-3, "params": list(range(count))}]}],
+        "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 2}}}},
+        "hyper_parameters": {"lr": 1e-3},
+    }
 
 
 def timed(fn, repeats: int) -> float:

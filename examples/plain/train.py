@@ -46,8 +46,12 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = nn.MultiheadAttention(cfg.n_embd, cfg.n_head, dropout=cfg.dropout, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.size(1)
@@ -82,7 +86,7 @@ def dataset(block_size: int) -> torch.utils.data.TensorDataset:
     ids = torch.tensor([index.get(c, 0) for c in text])
     n = (len(ids) - 1) // block_size
     x = ids[: n * block_size].view(n, block_size)
-    y = ids[1: n * block_size + 1].view(n, block_size)
+    y = ids[1 : n * block_size + 1].view(n, block_size)
     return torch.utils.data.TensorDataset(x, y)
 
 
@@ -108,9 +112,13 @@ def main() -> None:
     data = dataset(cfg.block_size)
     position = {"epoch": 0, "batch": 0, "step": 0}
 
-    mgr = None if args.no_checkpoints else CheckpointManager(
-        args.dir, keep_last=args.keep_last, keep_best=1, monitor="loss", mode="min",
-        async_save=True)
+    mgr = (
+        None
+        if args.no_checkpoints
+        else CheckpointManager(
+            args.dir, keep_last=args.keep_last, keep_best=1, monitor="loss", mode="min", async_save=True
+        )
+    )
     if mgr is not None and mgr.steps():
         # The newest checkpoint that verifies, loaded in place (strict: every key of the model,
         # optimizer and scheduler, in the right shape and dtype). A damaged newest one is skipped,
@@ -123,8 +131,8 @@ def main() -> None:
     stalls = []
     while position["step"] < args.steps:
         loader = torch.utils.data.DataLoader(
-            data, batch_size=8, shuffle=True,
-            generator=torch.Generator().manual_seed(1000 + position["epoch"]))
+            data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1000 + position["epoch"])
+        )
         for batch_index, (x, y) in enumerate(loader):
             if batch_index < position["batch"]:
                 continue  # already trained on before the interruption
@@ -138,12 +146,22 @@ def main() -> None:
             step = position["step"]
             if mgr is not None and step % args.save_every == 0:
                 t0 = time.perf_counter()
-                mgr.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "rng": capture_rng(), "position": position},
-                         metrics={"loss": loss.item()})
+                mgr.save(
+                    step,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": capture_rng(),
+                        "position": position,
+                    },
+                    metrics={"loss": loss.item()},
+                )
                 stalls.append(time.perf_counter() - t0)
-                print(f"step {step:3d}  loss {loss.item():.3f}  saved (training blocked "
-                      f"{stalls[-1] * 1e3:.1f} ms)", flush=True)
+                print(
+                    f"step {step:3d}  loss {loss.item():.3f}  saved (training blocked {stalls[-1] * 1e3:.1f} ms)",
+                    flush=True,
+                )
             if step == args.die_at_step:
                 print(f"step {step:3d}  simulating a crash: SIGKILL now", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -155,6 +173,7 @@ def main() -> None:
         mgr.close()
     if args.final_weights:
         from safetensors.torch import save_file
+
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, args.final_weights)
     if args.stats:
         Path(args.stats).write_text(json.dumps({"stall_s": stalls}))

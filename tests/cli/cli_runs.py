@@ -40,8 +40,11 @@ def plain_run(directory: Path, **rules) -> Path:
     torch.manual_seed(0)
     with CheckpointManager(directory, **rules) as mgr:
         for step, loss in ((1, 0.9), (2, 0.4), (3, 0.6), (4, 0.7)):
-            mgr.save(step, {"model": {"w": torch.randn(4, 4), "b": torch.zeros(4)}, "rng": capture_rng(),
-                            "step": step}, metrics={"loss": loss})
+            mgr.save(
+                step,
+                {"model": {"w": torch.randn(4, 4), "b": torch.zeros(4)}, "rng": capture_rng(), "step": step},
+                metrics={"loss": loss},
+            )
     return directory
 
 
@@ -49,12 +52,12 @@ def lightning_runs(root: Path) -> dict[str, Path]:
     """Three 12-step Lightning runs, a checkpoint every 4 steps: ``callback`` (our
     CheckpointCallback, step_N folders), ``plugin`` (ModelCheckpoint + CheckpointIOPlugin: our
     folders under Lightning's names) and ``native`` (ModelCheckpoint alone: ``.ckpt`` files)."""
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning_train import Net, data
     from torch.utils.data import DataLoader
 
+    import lightning as L
     from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
+    from lightning_train import Net, data
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -67,8 +70,16 @@ def lightning_runs(root: Path) -> dict[str, Path]:
                 callback = CheckpointCallback(directory, every_n_train_steps=4, keep_last=2, async_save=False)
             else:
                 callback = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_train_steps=4)
-            trainer = L.Trainer(max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                callbacks=[callback], plugins=plugins, limit_val_batches=0, accelerator="cpu")
+            trainer = L.Trainer(
+                max_steps=12,
+                logger=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[callback],
+                plugins=plugins,
+                limit_val_batches=0,
+                accelerator="cpu",
+            )
             trainer.fit(Net(), DataLoader(data(96), batch_size=8))
     finally:
         torch.set_num_threads(threads)
@@ -87,8 +98,9 @@ def hf_runs(root: Path) -> dict[str, Path]:
     try:
         for kind, directory in runs.items():
             callback = None if kind == "native" else {"async_save": False}
-            trainer = hf_train.make_trainer(directory, 4, model_kind="lora" if kind == "lora" else "gpt2",
-                                            callback=callback, save_steps=2)
+            trainer = hf_train.make_trainer(
+                directory, 4, model_kind="lora" if kind == "lora" else "gpt2", callback=callback, save_steps=2
+            )
             trainer.train()
     finally:
         torch.set_num_threads(threads)

@@ -19,8 +19,11 @@ from ckpt_plugins.cli import main
 def run_dir(tmp_path):
     with CheckpointManager(tmp_path / "run") as mgr:
         for step, loss in ((9, 0.9), (10, 0.5), (11, 0.7)):
-            mgr.save(step, {"model": {"w": torch.full((4, 4), float(step)), "b": torch.zeros(4)},
-                            "step": step}, metrics={"loss": loss})
+            mgr.save(
+                step,
+                {"model": {"w": torch.full((4, 4), float(step)), "b": torch.zeros(4)}, "step": step},
+                metrics={"loss": loss},
+            )
     return tmp_path / "run"
 
 

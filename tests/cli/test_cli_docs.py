@@ -17,15 +17,18 @@ PAGE = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
 def documented(command: str) -> list[str]:
     """The output lines shown under ``$ ckpt-plugins COMMAND`` on the page."""
     start = PAGE.index(f"$ ckpt-plugins {command}\n") + len(f"$ ckpt-plugins {command}\n")
-    return PAGE[start:PAGE.index("```", start)].rstrip("\n").splitlines()
+    return PAGE[start : PAGE.index("```", start)].rstrip("\n").splitlines()
 
 
 def normal(lines: list[str], listing: bool) -> list[str]:
     """Ages, and in a listing folder sizes (the manifest's length varies by a few bytes), as words."""
     ages = re.compile(r"(?<=\s)\d+(\.\d)?[smhd](?=\s)")
     sizes = re.compile(r"\d+\.\d KiB")
-    return [sizes.sub("SIZE", ages.sub("AGE", line)) if listing else line
-            for line in lines if not line.startswith("DAMAGED ")]
+    return [
+        sizes.sub("SIZE", ages.sub("AGE", line)) if listing else line
+        for line in lines
+        if not line.startswith("DAMAGED ")
+    ]
 
 
 @pytest.mark.parametrize("command", ["ls runs/demo", "inspect runs/demo/step_4"])

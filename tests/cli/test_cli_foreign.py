@@ -81,8 +81,9 @@ def test_restore_of_our_hf_checkpoint_path_returns_the_weights(hf):
     assert set(state["model"]) == set(expected)
     assert all(torch.equal(state["model"][k], v) for k, v in expected.items())
     assert state["trainer_state"]["global_step"] == 4
-    assert set(by_step) == {"model"} and torch.equal(by_step["model"]["transformer.wte.weight"],
-                                                      expected["transformer.wte.weight"])
+    assert set(by_step) == {"model"} and torch.equal(
+        by_step["model"]["transformer.wte.weight"], expected["transformer.wte.weight"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["plugin", "native"])
@@ -131,12 +132,15 @@ def test_convert_reads_an_hf_run_folder(hf, tmp_path, capsys):
 
 
 def test_convert_of_a_missing_step_lists_the_steps_there(lightning, tmp_path, capsys):
-    assert main(["convert", str(lightning["callback"]), str(tmp_path / "m.ckpt"), "--to", "lightning",
-                 "--step", "99"]) == 2
+    assert (
+        main(["convert", str(lightning["callback"]), str(tmp_path / "m.ckpt"), "--to", "lightning", "--step", "99"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "step 99" in err and "8, 12" in err
-    assert main(["convert", str(lightning["callback"]), str(tmp_path / "m.ckpt"), "--to", "lightning",
-                 "--step", "8"]) == 0
+    assert (
+        main(["convert", str(lightning["callback"]), str(tmp_path / "m.ckpt"), "--to", "lightning", "--step", "8"]) == 0
+    )
     assert torch.load(tmp_path / "m.ckpt", weights_only=True)["global_step"] == 8
 
 
@@ -144,7 +148,11 @@ def test_json_of_inspect_on_a_lightning_file(lightning):
     doc = json_of("inspect", lightning["native"] / "epoch=0-step=8.ckpt")
     entries = {e["key"]: e for e in doc["entries"]}
     assert doc["format"] == "lightning"
-    assert entries["state_dict.body.0.weight"] == {"key": "state_dict.body.0.weight", "shape": [32, 8],
-                                                   "dtype": "float32", "bytes": 1024}
+    assert entries["state_dict.body.0.weight"] == {
+        "key": "state_dict.body.0.weight",
+        "shape": [32, 8],
+        "dtype": "float32",
+        "bytes": 1024,
+    }
     assert entries["global_step"]["shape"] is None and entries["global_step"]["dtype"] == "int"
     json.dumps(doc)

@@ -37,8 +37,14 @@ def test_ls_labels_come_from_the_rules_the_run_stored(tmp_path, capsys):
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
     assert "keep_best" in rows["2"] and "best" in rows["2"] and "keep_last" in rows["4"]
     doc = json_of("ls", run)
-    assert doc["rules"] == {"keep_last": 1, "keep_best": 1, "monitor": "loss", "mode": "min",
-                            "keep_every_n_steps": None, "keep_time_interval": None}
+    assert doc["rules"] == {
+        "keep_last": 1,
+        "keep_best": 1,
+        "monitor": "loss",
+        "mode": "min",
+        "keep_every_n_steps": None,
+        "keep_time_interval": None,
+    }
     assert [c["kept_by"] for c in doc["checkpoints"]] == [["keep_best", "best"], ["keep_last", "latest"]]
     # flags on the command line are a what-if: they replace the stored rules
     doc = json_of("ls", run, "--keep-last", "2")
@@ -81,8 +87,13 @@ def test_inspect_on_a_run_folder_points_to_ls(tmp_path, capsys):
 
 def test_inspect_piped_into_head_ends_quietly(tmp_path):
     torch.save({f"layer.{i}.weight": torch.zeros(1) for i in range(4000)}, tmp_path / "many.pt")
-    result = subprocess.run(f"{' '.join(CLI)} inspect {tmp_path / 'many.pt'} | head -3", shell=True,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        f"{' '.join(CLI)} inspect {tmp_path / 'many.pt'} | head -3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0
     assert len(result.stdout.splitlines()) == 3
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
@@ -94,8 +105,12 @@ def test_every_subcommand_option_has_help_text():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert {"ls", "inspect", "verify", "prune", "diff", "convert"} <= set(commands)
-    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items()
-               for action in sub._actions if action.dest != "help" and not action.help]
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        if action.dest != "help" and not action.help
+    ]
     assert not missing, f"options without help: {missing}"
 
 
@@ -119,7 +134,7 @@ def test_a_hostile_pickle_is_unsafe_and_the_global_is_named(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "evil.pt")]) == 1
     out = capsys.readouterr().out
     assert out.startswith("UNSAFE") and "DAMAGED" not in out
-    assert "posix.system" in out and "allow-list\"" not in out
+    assert "posix.system" in out and 'allow-list"' not in out
     assert main(["inspect", str(tmp_path / "evil.pt")]) == 2
     assert "posix.system" in capsys.readouterr().err
     doc = json_of("verify", tmp_path / "evil.pt")
@@ -152,8 +167,9 @@ def _run_with_terminal_stderr(*args: str) -> tuple[int, str, str]:
     import select
 
     leader, follower = pty.openpty()
-    result = subprocess.run([*CLI, *map(str, args)], stdin=follower, stdout=subprocess.PIPE, stderr=follower,
-                            timeout=240)
+    result = subprocess.run(
+        [*CLI, *map(str, args)], stdin=follower, stdout=subprocess.PIPE, stderr=follower, timeout=240
+    )
     os.close(follower)
     seen = b""
     while select.select([leader], [], [], 0.5)[0]:
@@ -207,4 +223,5 @@ def test_convert_to_lightning_refuses_a_plain_run_and_names_the_alternative(tmp_
     assert not (tmp_path / "m.ckpt").exists()
     assert main(["convert", str(run), str(tmp_path / "w.safetensors"), "--to", "safetensors"]) == 0
     from safetensors.torch import load_file
+
     assert set(load_file(tmp_path / "w.safetensors")) == {"model.w", "model.b", "rng.torch"}

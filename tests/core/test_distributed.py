@@ -33,7 +33,7 @@ def _entry(rank, fn, directory, port, errors, args):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         fn(rank, directory, *args)
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         errors[rank] = traceback.format_exc()
     finally:
         dist.destroy_process_group()
@@ -111,7 +111,7 @@ def _unstorable_on_rank_0(rank, directory):
         state = {"w": torch.ones(2), "fn": (lambda: 0) if rank == 0 else 0}
         try:
             mgr.save(1, state)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             assert type(exc).__name__ == "UnsupportedStateError" and "rank 0" in str(exc), exc
         else:
             raise AssertionError("rank 1 did not hear that rank 0's state cannot be stored")

@@ -9,8 +9,15 @@ import os
 import pytest
 import torch
 
-from ckpt_plugins import (CheckpointManager, CheckpointNotFoundError, ConfigError,
-                          CorruptCheckpointError, LockedError, RestoreError, StepExistsError)
+from ckpt_plugins import (
+    CheckpointManager,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    LockedError,
+    RestoreError,
+    StepExistsError,
+)
 from ckpt_plugins.files.tensor_file import write_tensor_file
 from ckpt_plugins.storage import LocalStorage
 from conftest import TinyNet, make_training_state, state_of
@@ -26,7 +33,7 @@ def assert_same(a, b):
             assert_same(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             assert_same(x, y)
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b)
@@ -66,7 +73,7 @@ def test_restored_state_resumes_training_exactly(tmp_path):
         opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
         mgr.restore("latest", target={"model": model2, "optimizer": opt2}, include=["model", "optimizer"])
         step(model2, opt2)
-    for p, q in zip(model.parameters(), model2.parameters()):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=False):
         assert torch.equal(p, q)
 
 
@@ -158,15 +165,18 @@ def test_overwrite_replaces_and_removes_later(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".") and n != ".lock"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(keep_last=0), "keep_last"),
-    (dict(keep_best=2), "monitor"),
-    (dict(mode="lowest", monitor="loss"), "mode"),
-    (dict(max_pending=0), "max_pending"),
-    (dict(on_busy="drop"), "on_busy"),
-    (dict(snapshot="overlap"), "async_save=True"),
-    (dict(on_error="ignore"), "on_error"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep_last=0), "keep_last"),
+        (dict(keep_best=2), "monitor"),
+        (dict(mode="lowest", monitor="loss"), "mode"),
+        (dict(max_pending=0), "max_pending"),
+        (dict(on_busy="drop"), "on_busy"),
+        (dict(snapshot="overlap"), "async_save=True"),
+        (dict(on_error="ignore"), "on_error"),
+    ],
+)
 def test_bad_options_name_the_option(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         CheckpointManager(tmp_path, **kwargs)
@@ -214,9 +224,12 @@ def test_second_manager_on_same_directory_is_refused(tmp_path):
 def test_stale_lock_of_dead_process_is_taken_over(tmp_path, caplog):
     import subprocess
     import sys
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     import socket
+
     (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(1, {"a": 1})
@@ -225,6 +238,7 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path, caplog):
 
 def test_memory_filesystem(tmp_path):
     import fsspec
+
     url = "memory://ckpt-test-run"
     with CheckpointManager(url, keep_last=2) as mgr:
         for step in range(4):
@@ -236,18 +250,22 @@ def test_memory_filesystem(tmp_path):
 
 # --- damage and fallback ---------------------------------------------------------------------
 
+
 def _three_checkpoints(path):
     with CheckpointManager(path) as mgr:
         for step in (1, 2, 3):
             mgr.save(step, {"w": torch.full((64,), float(step)), "step": step})
 
 
-@pytest.mark.parametrize("damage, named", [
-    ("flip", "checksum mismatch"),
-    ("truncate", "size is"),
-    ("remove_tensors", "missing"),
-    ("garble_manifest", "manifest is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("flip", "checksum mismatch"),
+        ("truncate", "size is"),
+        ("remove_tensors", "missing"),
+        ("garble_manifest", "manifest is not valid JSON"),
+    ],
+)
 def test_latest_falls_back_explicit_raises(tmp_path, caplog, damage, named):
     _three_checkpoints(tmp_path)
     newest = tmp_path / "step_3"
@@ -271,6 +289,7 @@ def test_latest_falls_back_explicit_raises(tmp_path, caplog, damage, named):
 
 
 # --- partial restore ---------------------------------------------------------------------------
+
 
 def test_include_exclude_rename_and_report(tmp_path, training_state):
     state = state_of(*training_state)
@@ -320,17 +339,29 @@ def test_map_location_meta_free_cpu(tmp_path):
 
 # --- format versions -------------------------------------------------------------------------
 
+
 def test_version_1_checkpoint_is_migrated(tmp_path):
     """A hand-made checkpoint in the pre-release format 1 (one top-level tree, file triples)."""
     from ckpt_plugins.tree.codec import flatten_state
+
     folder = tmp_path / "step_7"
     folder.mkdir()
     flat = flatten_state({"w": torch.arange(3.0), "note": "old"})
     record = write_tensor_file(LocalStorage(), str(folder / "state.safetensors"), flat.tensors)
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "ckpt_plugins", "format_version": 1, "step": 7, "wall_time": 1.0,
-        "metrics": {"loss": 0.1}, "tree": flat.tree, "tensor_file": "state.safetensors",
-        "files": [["state.safetensors", record.size, record.xxh3_64]]}))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "ckpt_plugins",
+                "format_version": 1,
+                "step": 7,
+                "wall_time": 1.0,
+                "metrics": {"loss": 0.1},
+                "tree": flat.tree,
+                "tensor_file": "state.safetensors",
+                "files": [["state.safetensors", record.size, record.xxh3_64]],
+            }
+        )
+    )
     with CheckpointManager(tmp_path, monitor="loss") as mgr:
         assert mgr.steps() == [7] and mgr.best_step() == 7
         state = mgr.restore("latest")
@@ -348,10 +379,15 @@ def test_newer_format_version_is_refused_clearly(tmp_path):
             mgr.restore(3)
 
 
-@pytest.mark.parametrize("files", [{"../escape": {"size": 1, "xxh3_64": "0"}},
-                                   {"/etc/passwd": {"size": 1, "xxh3_64": "0"}},
-                                   {"a": {"size": 10**20, "xxh3_64": "0"}},
-                                   {"a": {"size": "1", "xxh3_64": "0"}}])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"../escape": {"size": 1, "xxh3_64": "0"}},
+        {"/etc/passwd": {"size": 1, "xxh3_64": "0"}},
+        {"a": {"size": 10**20, "xxh3_64": "0"}},
+        {"a": {"size": "1", "xxh3_64": "0"}},
+    ],
+)
 def test_hostile_manifest_file_entries(tmp_path, files):
     _three_checkpoints(tmp_path)
     manifest = tmp_path / "step_3" / "manifest.json"
@@ -365,6 +401,7 @@ def test_hostile_manifest_file_entries(tmp_path, files):
 
 def test_unstorable_object_fails_at_save_time_with_key_path(tmp_path):
     from ckpt_plugins import UnsupportedStateError
+
     with CheckpointManager(tmp_path) as mgr:
         with pytest.raises(UnsupportedStateError, match="fn"):
             mgr.save(1, {"sched": {"fn": lambda x: x}})
@@ -389,6 +426,7 @@ def test_dir_prefix_and_extra_files_commit_together(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10"]
     assert (tmp_path / "checkpoint-10" / "optimizer.pt").read_bytes() == b"native bytes" and written
     from ckpt_plugins.cli import main as cli
+
     assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 0
     (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"native bytez")
     assert cli(["verify", str(tmp_path / "checkpoint-10")]) == 1
@@ -396,16 +434,23 @@ def test_dir_prefix_and_extra_files_commit_together(tmp_path):
 
 def test_staged_extra_files_hold_the_values_at_save_time(tmp_path):
     from safetensors.torch import load_file
+
     from ckpt_plugins.files.extra_files import StagedFile, TensorFile
+
     weights = {"w": torch.zeros(8)}
     opt_state = {"state": {0: {"exp_avg": torch.zeros(8)}}, "param_groups": [{"lr": 0.1}]}
     gate = __import__("threading").Event()
     with CheckpointManager(tmp_path, async_save=True, dir_prefix="checkpoint-") as mgr:
         original = mgr.storage.open_write
         mgr.storage.open_write = lambda path: (gate.wait(10), original(path))[1]
-        mgr.save(1, {"step": 1}, extra_files={
-            "model.safetensors": TensorFile(weights, metadata={"format": "pt"}),
-            "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f))})
+        mgr.save(
+            1,
+            {"step": 1},
+            extra_files={
+                "model.safetensors": TensorFile(weights, metadata={"format": "pt"}),
+                "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f)),
+            },
+        )
         weights["w"].add_(1.0)  # training goes on while the writer waits
         opt_state["state"][0]["exp_avg"].add_(1.0)
         gate.set()
@@ -421,12 +466,18 @@ def test_staged_extra_files_hold_the_values_at_save_time(tmp_path):
 def test_a_pickled_extra_file_holds_only_its_own_tensors(tmp_path):
     """torch.save stores whole storages: staged tensors of different files must not share one."""
     from ckpt_plugins.files.extra_files import StagedFile, TensorFile
+
     big = {"w": torch.randn(256, 1024)}  # 1 MiB
     opt_state = {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": [{"lr": 0.1}]}
     with CheckpointManager(tmp_path, async_save=True) as mgr:
-        mgr.save(1, {"model": big}, extra_files={
-            "model.safetensors": TensorFile(big),
-            "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f))}).wait()
+        mgr.save(
+            1,
+            {"model": big},
+            extra_files={
+                "model.safetensors": TensorFile(big),
+                "optimizer.pt": StagedFile(opt_state, lambda f, sd: torch.save(sd, f)),
+            },
+        ).wait()
     assert (tmp_path / "step_1" / "optimizer.pt").stat().st_size < 16_000  # 4 KB of tensor data
 
 
@@ -445,6 +496,7 @@ def test_verify_and_quarantine(tmp_path):
 
 def test_restore_foreign_files_through_the_same_pipeline(tmp_path):
     from safetensors.torch import save_file
+
     net = TinyNet()
     torch.save({"model": net.state_dict(), "epoch": 4}, tmp_path / "plain.pt")
     save_file(net.state_dict(), tmp_path / "weights.safetensors")
@@ -453,7 +505,9 @@ def test_restore_foreign_files_through_the_same_pipeline(tmp_path):
         assert state["epoch"] == 4 and mgr.last_restore_report.format == "torch"
         fresh = TinyNet()
         mgr.restore(tmp_path / "plain.pt", include="model.*", rename={"model.": ""}, target=fresh)
-        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values(), strict=False)
+        )
         only_fc1 = mgr.restore(tmp_path / "weights.safetensors", include="fc1.*")
         assert set(only_fc1) == {"fc1.weight", "fc1.bias"}
         mgr.save(1, {"a": 1})
@@ -469,7 +523,9 @@ def test_rename_to_empty_prefix_hoists(tmp_path):
         mgr.save(1, lightning_like)
         fresh = TinyNet()
         mgr.restore(1, include="state_dict.*", rename={"state_dict.model.": ""}, target=fresh)
-        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values(), strict=False)
+        )
         with pytest.raises(ConfigError, match="rename 'encoder.' matches nothing.*keys are: state_dict, epoch"):
             mgr.restore(1, rename={"encoder.": ""})
 
@@ -479,13 +535,13 @@ def test_named_checkpoints_are_addressed_by_path(tmp_path):
     with CheckpointManager(tmp_path, keep_last=1, async_save=True) as mgr:
         mgr.save(10, {"v": 1}, name=name)
         mgr.save(10, {"v": 2}, name=name)  # same name: replaced atomically, no StepExistsError
-        mgr.save(10, {"v": 3})              # the step folder is independent of named ones
+        mgr.save(10, {"v": 3})  # the step folder is independent of named ones
         mgr.save(11, {"v": 4})
         mgr.wait()
-        assert mgr.steps() == [11]          # retention ignores named checkpoints
+        assert mgr.steps() == [11]  # retention ignores named checkpoints
         assert mgr.restore(tmp_path / name)["v"] == 2
         handle = mgr.save(12, {"v": 5}, name="last.ckpt")
-        mgr.delete("last.ckpt")             # queued after the save it follows
+        mgr.delete("last.ckpt")  # queued after the save it follows
         mgr.delete(name)
         mgr.wait()
         assert handle.done() and not (tmp_path / "last.ckpt").exists() and not (tmp_path / name).exists()
@@ -509,10 +565,16 @@ def test_handle_stats_and_done_callbacks(tmp_path):
 def test_writer_function_files_are_hashed_while_written(tmp_path):
     from ckpt_plugins.files.tensor_file import checksum_file
     from ckpt_plugins.storage import LocalStorage
+
     with CheckpointManager(tmp_path) as mgr:
-        mgr.save(1, {"a": 1}, extra_files={
-            "opt.pt": lambda f: torch.save({"x": torch.arange(100)}, f),
-            "seeky.bin": lambda f: (f.write(b"abcdef"), f.seek(0), f.write(b"X"))})
+        mgr.save(
+            1,
+            {"a": 1},
+            extra_files={
+                "opt.pt": lambda f: torch.save({"x": torch.arange(100)}, f),
+                "seeky.bin": lambda f: (f.write(b"abcdef"), f.seek(0), f.write(b"X")),
+            },
+        )
         manifest = mgr.layout.read_manifest(mgr.path_for(1))
     for name in ("opt.pt", "seeky.bin"):
         assert manifest.files[name] == checksum_file(LocalStorage(), str(tmp_path / "step_1" / name))
@@ -521,6 +583,7 @@ def test_writer_function_files_are_hashed_while_written(tmp_path):
 
 def test_cli_reads_hf_layout(tmp_path, capsys):
     from ckpt_plugins.cli import main as cli
+
     with CheckpointManager(tmp_path, dir_prefix="checkpoint-") as mgr:
         mgr.save(5, {"a": 1}, metrics={"loss": 1.0})
     assert cli(["ls", str(tmp_path)]) == 0

@@ -117,11 +117,14 @@ def test_writer_nice_string_from_yaml_is_refused_before_a_writer_starts(tmp_path
     assert proc.stdout.startswith("refused:") and "writer_nice" in proc.stdout and "'5'" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(writer="process"), "writer='process' needs async_save=True"),
-    (dict(snapshot="overlap"), "snapshot='overlap' needs async_save=True"),
-    (dict(keep_best=2), "keep_best=2 needs monitor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(writer="process"), "writer='process' needs async_save=True"),
+        (dict(snapshot="overlap"), "snapshot='overlap' needs async_save=True"),
+        (dict(keep_best=2), "keep_best=2 needs monitor"),
+    ],
+)
 def test_combinations_are_checked_in_the_group(kwargs, match):
     group = RetentionOptions if "keep_best" in kwargs else SaveOptions
     with pytest.raises(ConfigError, match=match):
@@ -142,11 +145,25 @@ def test_groups_are_frozen_and_never_rewrite_what_they_were_given():
 
 def test_defaults_are_the_documented_flat_defaults(tmp_path):
     defaults = ManagerOptions()
-    assert defaults.retention == RetentionOptions(keep_last=None, keep_best=None, monitor=None, mode="min",
-                                                  keep_every_n_steps=None, keep_time_interval=None,
-                                                  overwrite=False)
-    assert defaults.saving == SaveOptions(async_save=False, max_pending=1, on_busy="wait", snapshot="safe",
-                                          on_commit=None, on_error="raise", writer="thread", writer_nice=0)
+    assert defaults.retention == RetentionOptions(
+        keep_last=None,
+        keep_best=None,
+        monitor=None,
+        mode="min",
+        keep_every_n_steps=None,
+        keep_time_interval=None,
+        overwrite=False,
+    )
+    assert defaults.saving == SaveOptions(
+        async_save=False,
+        max_pending=1,
+        on_busy="wait",
+        snapshot="safe",
+        on_commit=None,
+        on_error="raise",
+        writer="thread",
+        writer_nice=0,
+    )
     assert defaults.io == IOOptions(direct_io=True, dir_prefix="step_", read_only=False)
     assert defaults.distributed == DistributedOptions(distributed=True, rank_timeout=600.0)
     assert defaults.restore == RestoreOptions(verify=True)
@@ -155,20 +172,33 @@ def test_defaults_are_the_documented_flat_defaults(tmp_path):
 
 
 def test_flat_keywords_and_option_objects_build_the_same_manager(tmp_path):
-    flat = dict(keep_last=2, monitor="loss", mode="max", async_save=True, max_pending=2, verify=False,
-                rank_timeout=30.0, dir_prefix="ckpt-")
+    flat = dict(
+        keep_last=2,
+        monitor="loss",
+        mode="max",
+        async_save=True,
+        max_pending=2,
+        verify=False,
+        rank_timeout=30.0,
+        dir_prefix="ckpt-",
+    )
     with CheckpointManager(tmp_path / "a", **flat) as a:
         expected = a.options
-    options = ManagerOptions(retention=RetentionOptions(keep_last=2, monitor="loss", mode="max"),
-                             saving=SaveOptions(async_save=True, max_pending=2), io=IOOptions(dir_prefix="ckpt-"),
-                             distributed=DistributedOptions(rank_timeout=30.0), restore=RestoreOptions(verify=False))
+    options = ManagerOptions(
+        retention=RetentionOptions(keep_last=2, monitor="loss", mode="max"),
+        saving=SaveOptions(async_save=True, max_pending=2),
+        io=IOOptions(dir_prefix="ckpt-"),
+        distributed=DistributedOptions(rank_timeout=30.0),
+        restore=RestoreOptions(verify=False),
+    )
     assert ManagerOptions.from_flat(**flat) == options == expected
     with CheckpointManager(tmp_path / "b", options=options) as b:
         assert b.options == options
         b.save(1, {"x": torch.ones(1)}, metrics={"loss": 1.0}).wait()
         assert b.steps() == [1] and (tmp_path / "b" / "ckpt-1").is_dir()
-    with CheckpointManager(tmp_path / "c", retention_options=RetentionOptions(keep_last=1),
-                           save_options=SaveOptions(async_save=True)) as c:
+    with CheckpointManager(
+        tmp_path / "c", retention_options=RetentionOptions(keep_last=1), save_options=SaveOptions(async_save=True)
+    ) as c:
         for step in (1, 2, 3):
             c.save(step, {"x": torch.full((1,), float(step))})
         c.wait()

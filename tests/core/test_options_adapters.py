@@ -31,43 +31,53 @@ one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 
 def parse(*argv: str) -> tuple[TrainingArguments, CheckpointArguments]:
     return HfArgumentParser((TrainingArguments, CheckpointArguments)).parse_args_into_dataclasses(
-        ["--output_dir", "out", "--use_cpu", "--report_to", "none", *argv])
+        ["--output_dir", "out", "--use_cpu", "--report_to", "none", *argv]
+    )
 
 
 # --- the same checks as the core, at construction --------------------------------------------
-@pytest.mark.parametrize("kwargs, option", [
-    (dict(async_save="yes"), "async_save"),
-    (dict(verify="no"), "verify"),
-    (dict(overwrite="no"), "overwrite"),
-    (dict(max_pending=0), "max_pending"),
-    (dict(snapshot="fast"), "snapshot"),
-    (dict(keep_time_interval="1h"), "keep_time_interval"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(async_save="yes"), "async_save"),
+        (dict(verify="no"), "verify"),
+        (dict(overwrite="no"), "overwrite"),
+        (dict(max_pending=0), "max_pending"),
+        (dict(snapshot="fast"), "snapshot"),
+        (dict(keep_time_interval="1h"), "keep_time_interval"),
+    ],
+)
 def test_lightning_callback_checks_every_manager_option_at_construction(kwargs, option):
     with pytest.raises(ConfigError) as info:
         CheckpointCallback("ckpts", **kwargs)
     assert info.value.option == option and repr(next(iter(kwargs.values()))) in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    (dict(async_save="yes"), "async_save"),
-    (dict(verify="no"), "verify"),
-    (dict(max_pending=0), "max_pending"),
-    (dict(on_error="ignore"), "on_error"),
-    (dict(writer="process", async_save=False), "writer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(async_save="yes"), "async_save"),
+        (dict(verify="no"), "verify"),
+        (dict(max_pending=0), "max_pending"),
+        (dict(on_error="ignore"), "on_error"),
+        (dict(writer="process", async_save=False), "writer"),
+    ],
+)
 def test_lightning_plugin_checks_its_options_with_the_core(kwargs, option):
     with pytest.raises(ConfigError) as info:
         CheckpointIOPlugin(**kwargs)
     assert info.value.option == option
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--ckpt_max_pending", "0"], "--ckpt_max_pending"),
-    (["--ckpt_keep_last", "0"], "--ckpt_keep_last"),
-    (["--ckpt_keep_time_interval", "-5"], "--ckpt_keep_time_interval"),
-    (["--ckpt_snapshot", "overlap", "--ckpt_async_save", "false"], "--ckpt_snapshot"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--ckpt_max_pending", "0"], "--ckpt_max_pending"),
+        (["--ckpt_keep_last", "0"], "--ckpt_keep_last"),
+        (["--ckpt_keep_time_interval", "-5"], "--ckpt_keep_time_interval"),
+        (["--ckpt_snapshot", "overlap", "--ckpt_async_save", "false"], "--ckpt_snapshot"),
+    ],
+)
 def test_hf_flags_fail_at_parse_time_naming_the_flag(argv, flag):
     with pytest.raises(ConfigError) as info:
         parse(*argv)
@@ -97,14 +107,20 @@ def _core_defaults() -> dict[str, object]:
 
 def _adapter_defaults() -> dict[str, dict[str, object]]:
     def signature(fn) -> dict[str, object]:
-        return {n: p.default for n, p in inspect.signature(fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+        return {
+            n: p.default
+            for n, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
 
     hf = {f.name: f.default for f in fields(CallbackOptions) if f.default is not MISSING}
     flags = {f.name.removeprefix("ckpt_"): f.default for f in fields(CheckpointArguments) if f.default is not MISSING}
-    return {"lightning.CheckpointCallback": signature(CheckpointCallback.__init__),
-            "lightning.CheckpointIOPlugin": signature(CheckpointIOPlugin.__init__),
-            "hf.CheckpointCallback": hf, "hf.CheckpointArguments": flags}
+    return {
+        "lightning.CheckpointCallback": signature(CheckpointCallback.__init__),
+        "lightning.CheckpointIOPlugin": signature(CheckpointIOPlugin.__init__),
+        "hf.CheckpointCallback": hf,
+        "hf.CheckpointArguments": flags,
+    }
 
 
 def _documented_differences() -> set[tuple[str, str]]:
@@ -122,8 +138,12 @@ def _documented_differences() -> set[tuple[str, str]]:
 
 def test_a_shared_option_has_the_core_default_unless_documented():
     core = _core_defaults()
-    differing = {(name, adapter) for adapter, defaults in _adapter_defaults().items()
-                 for name, default in defaults.items() if name in core and default != core[name]}
+    differing = {
+        (name, adapter)
+        for adapter, defaults in _adapter_defaults().items()
+        for name, default in defaults.items()
+        if name in core and default != core[name]
+    }
     assert differing == _documented_differences()
 
 
@@ -152,8 +172,14 @@ class _Net(L.LightningModule):
 
 def _fit(tmp_path, max_steps, **fit_kwargs):
     callback = CheckpointCallback(tmp_path / "ckpts", every_n_train_steps=2)
-    L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=[callback], logger=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(_Net(), **fit_kwargs)
+    L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(_Net(), **fit_kwargs)
     return callback
 
 

@@ -179,12 +179,8 @@ def pretrained_dirs(tmp_path_factory, hf_offline) -> dict:
     for shard, keys in shards.items():
         torch.save({k: state[k] for k in keys}, bin_dir / shard)
         weight_map.update({k: shard for k in keys})
-    (bin_dir / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    peft_model = peft.get_peft_model(
-        _tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
-    )
+    (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    peft_model = peft.get_peft_model(_tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     peft_model.save_pretrained(root / "lora")
     return {
         "single": root / "single",
@@ -210,8 +206,7 @@ def dcp_dir(tmp_path) -> Path:
 # --------------------------------------------------------------------------- detect_format
 
 
-def test_detect_format_names_each_layout(tmp_path, lightning_ckpt, hf_checkpoint, dcp_dir,
-                                         pretrained_dirs):
+def test_detect_format_names_each_layout(tmp_path, lightning_ckpt, hf_checkpoint, dcp_dir, pretrained_dirs):
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours" / "manifest.json").write_text("{}")
     (tmp_path / "empty").mkdir()
@@ -241,8 +236,16 @@ def test_detect_format_names_each_layout(tmp_path, lightning_ckpt, hf_checkpoint
 
 def test_lightning_ckpt_loads_safely_with_everything_lightning_saved(lightning_ckpt):
     ckpt = read_foreign(lightning_ckpt)
-    for key in ("state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step",
-                "loops", "callbacks", "hyper_parameters"):
+    for key in (
+        "state_dict",
+        "optimizer_states",
+        "lr_schedulers",
+        "epoch",
+        "global_step",
+        "loops",
+        "callbacks",
+        "hyper_parameters",
+    ):
         assert key in ckpt
     assert ckpt["global_step"] == 2
     assert sorted(ckpt["state_dict"]) == ["layer.bias", "layer.weight"]
@@ -256,10 +259,8 @@ def test_lightning_ckpt_loads_safely_with_everything_lightning_saved(lightning_c
 
 
 def test_lightning_include_keeps_only_selected_leaves(lightning_ckpt):
-    ckpt = read_foreign(lightning_ckpt, include=lambda k: k == "state_dict.layer.weight"
-                        or k == "global_step")
-    assert ckpt == {"state_dict": {"layer.weight": ckpt["state_dict"]["layer.weight"]},
-                    "global_step": 2}
+    ckpt = read_foreign(lightning_ckpt, include=lambda k: k == "state_dict.layer.weight" or k == "global_step")
+    assert ckpt == {"state_dict": {"layer.weight": ckpt["state_dict"]["layer.weight"]}, "global_step": 2}
 
 
 # --------------------------------------------------------------------------- hf
@@ -282,8 +283,7 @@ def test_hf_trainer_checkpoint(hf_checkpoint):
 def test_hf_include_reads_only_selected_parts(hf_checkpoint):
     state = read_foreign(
         hf_checkpoint,
-        include=lambda k: k.startswith("model.transformer.h.0.")
-        or k == "trainer_state.global_step",
+        include=lambda k: k.startswith("model.transformer.h.0.") or k == "trainer_state.global_step",
     )
     assert sorted(state) == ["model", "trainer_state"]
     assert state["trainer_state"] == {"global_step": 2}
@@ -348,8 +348,7 @@ def test_torch_file_returns_the_saved_object(tmp_path):
 
 
 def test_torch_file_include(tmp_path):
-    torch.save({"a": {"w": torch.ones(2), "b": torch.zeros(2)}, "c": [torch.ones(1)]},
-               tmp_path / "x.pt")
+    torch.save({"a": {"w": torch.ones(2), "b": torch.zeros(2)}, "c": [torch.ones(1)]}, tmp_path / "x.pt")
     loaded = read_foreign(tmp_path / "x.pt", include=lambda k: k in ("a.w", "c.0"))
     assert sorted(loaded) == ["a", "c"]
     assert sorted(loaded["a"]) == ["w"] and len(loaded["c"]) == 1
@@ -368,8 +367,7 @@ def test_safetensors_file_and_metadata(tmp_path):
 
 def test_safetensors_include_reads_only_selected_tensors(tmp_path, monkeypatch):
     names = [f"layer.{i}.weight" for i in range(6)]
-    save_file({n: torch.full((2,), float(i)) for i, n in enumerate(names)},
-              tmp_path / "w.safetensors")
+    save_file({n: torch.full((2,), float(i)) for i, n in enumerate(names)}, tmp_path / "w.safetensors")
     read_names: list[str] = []
     real_safe_open = safetensors_module.safe_open
 
@@ -455,8 +453,7 @@ def _truncated_copy(tmp_path: Path, source: Path, name: str) -> Path:
 
 def test_truncated_files_are_corrupt(tmp_path, lightning_ckpt, hf_checkpoint):
     torch.save({"w": torch.zeros(100, 100)}, tmp_path / "src.pt")
-    torch.save({"w": torch.zeros(100, 100)}, tmp_path / "src.pth",
-               _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.zeros(100, 100)}, tmp_path / "src.pth", _use_new_zipfile_serialization=False)
     save_file({"w": torch.zeros(100, 100)}, tmp_path / "src.safetensors")
     victims = [
         _truncated_copy(tmp_path, tmp_path / "src.pt", "cut.pt"),
@@ -547,15 +544,27 @@ def test_list_foreign_checkpoints_in_natural_order(tmp_path, hf_checkpoint):
     for step in (10, 9, 100):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    for name in ("epoch=10-step=5.ckpt", "epoch=2-step=100.ckpt", "model_10.pt",
-                 "model_9.pt", "w.safetensors", "notes.txt", ".hidden.ckpt"):
+    for name in (
+        "epoch=10-step=5.ckpt",
+        "epoch=2-step=100.ckpt",
+        "model_10.pt",
+        "model_9.pt",
+        "w.safetensors",
+        "notes.txt",
+        ".hidden.ckpt",
+    ):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "logs").mkdir()
     names = [os.path.basename(p) for p in list_foreign_checkpoints(tmp_path)]
     assert names == [
-        "checkpoint-9", "checkpoint-10", "checkpoint-100",
-        "epoch=2-step=100.ckpt", "epoch=10-step=5.ckpt",
-        "model_9.pt", "model_10.pt", "w.safetensors",
+        "checkpoint-9",
+        "checkpoint-10",
+        "checkpoint-100",
+        "epoch=2-step=100.ckpt",
+        "epoch=10-step=5.ckpt",
+        "model_9.pt",
+        "model_10.pt",
+        "w.safetensors",
     ]
     assert list_foreign_checkpoints(hf_checkpoint.parent) == [str(hf_checkpoint)]
     with pytest.raises(CheckpointNotFoundError, match="missing"):

@@ -19,9 +19,15 @@ def _hf_like_run(directory):
     """A checkpoint-N folder the way ckpt_plugins.hf commits one: our state beside Trainer files."""
     weights = {"wte.weight": torch.randn(8, 4), "ln.bias": torch.zeros(4)}
     with CheckpointManager(directory, dir_prefix="checkpoint-") as mgr:
-        mgr.save(3, {"data_position": {"global_step": 3}}, extra_files={
-            "model.safetensors": save(weights), "trainer_state.json": b'{"global_step": 3, "log_history": []}'},
-            user_metadata={"written_by": "ckpt_plugins.hf"})
+        mgr.save(
+            3,
+            {"data_position": {"global_step": 3}},
+            extra_files={
+                "model.safetensors": save(weights),
+                "trainer_state.json": b'{"global_step": 3, "log_history": []}',
+            },
+            user_metadata={"written_by": "ckpt_plugins.hf"},
+        )
     return weights
 
 
@@ -52,7 +58,9 @@ def test_read_safetensors_meta_gives_shapes_and_dtypes_without_data(tmp_path):
     save_file({"a": torch.ones(2, 3, dtype=torch.bfloat16), "b": torch.arange(5)}, tmp_path / "w.safetensors")
     got = read_safetensors(tmp_path / "w.safetensors", meta=True)
     assert {k: (v.device.type, tuple(v.shape), v.dtype) for k, v in got.items()} == {
-        "a": ("meta", (2, 3), torch.bfloat16), "b": ("meta", (5,), torch.int64)}
+        "a": ("meta", (2, 3), torch.bfloat16),
+        "b": ("meta", (5,), torch.int64),
+    }
 
 
 class _RunsCode:

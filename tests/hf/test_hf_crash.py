@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
-import hf_train  # noqa: E402
+import hf_train
 from conftest import HELPERS
 
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
@@ -46,8 +46,13 @@ def assert_only_committed(out: Path) -> None:
 def test_sigkill_at_random_step_then_resume_is_bit_exact(tmp_path):
     steps, (kill_at, seed) = 16, kill_step(5, 15)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--steps", str(steps), "--kill-at", str(kill_at)],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--steps", str(steps), "--kill-at", str(kill_at)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, f"seed {seed}: the run was not SIGKILLed:\n{proc.stderr[-3000:]}"
     assert_only_committed(out)
     newest = get_last_checkpoint(str(out))
@@ -66,8 +71,18 @@ def test_sigkill_at_random_step_then_resume_is_bit_exact(tmp_path):
 def test_torchrun_two_ranks_sigkill_then_resume_is_bit_exact(tmp_path):
     steps, (kill_at, seed) = 12, kill_step(5, 11)
     out, reference = tmp_path / "run", tmp_path / "reference"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-              str(out), "--steps", str(steps)]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        str(out),
+        "--steps",
+        str(steps),
+    ]
     killed = subprocess.run([*launch, "--kill-at", str(kill_at)], env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0, f"seed {seed}: the ranks were not killed:\n{killed.stderr[-3000:]}"
     assert "Signals.SIGKILL" in killed.stderr or "-9" in killed.stderr, killed.stderr[-3000:]
@@ -75,8 +90,13 @@ def test_torchrun_two_ranks_sigkill_then_resume_is_bit_exact(tmp_path):
     newest = Path(get_last_checkpoint(str(out)))
     assert {"rng_state_0.pth", "rng_state_1.pth", "manifest.json"} <= set(os.listdir(newest))
 
-    resumed = subprocess.run([*launch, "--resume", "--final", str(tmp_path / "resumed.safetensors"),
-                              "--reference", str(reference)], env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*launch, "--resume", "--final", str(tmp_path / "resumed.safetensors"), "--reference", str(reference)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     expected, got = load_file(reference / "final.safetensors"), load_file(tmp_path / "resumed.safetensors")
     different = [k for k in expected if not torch.equal(expected[k], got[k])]

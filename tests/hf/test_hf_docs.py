@@ -4,12 +4,10 @@ is pasted from that file; ``tests/test_readme.py`` runs them again there)."""
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-import hf_train  # noqa: E402
+import hf_train
 from conftest import ROOT
 
 DOC = ROOT / "docs" / "hf.md"

@@ -4,19 +4,14 @@ extensions (mode, every_n, targets), on a model with transformers support (GPT-2
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+import hf_train
 from ckpt_plugins.activation import activation_checkpointing_report
 from ckpt_plugins.activation.hf import checkpointed_layers
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
-
-import hf_train  # noqa: E402
-
 
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 
@@ -36,10 +31,15 @@ def test_hf_flag_alone_on_a_supported_model_is_left_to_the_trainer(tmp_path):
 def test_every_n_extends_the_hf_flag_through_the_models_own_mechanism(tmp_path):
     parser = HfArgumentParser((TrainingArguments, CheckpointArguments))
     args, ckpt = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--gradient_checkpointing", "--ckpt_gradient_checkpointing_every_n", "2"])
+        ["--output_dir", str(tmp_path), "--gradient_checkpointing", "--ckpt_gradient_checkpointing_every_n", "2"]
+    )
     assert ckpt.gradient_checkpointing() == {"mode": "every_n", "every_n": 2}
-    trainer = trainer_for(tmp_path, "gpt2", {"gradient_checkpointing": ckpt.gradient_checkpointing()},
-                          activation_checkpointing=args.activation_checkpointing)
+    trainer = trainer_for(
+        tmp_path,
+        "gpt2",
+        {"gradient_checkpointing": ckpt.gradient_checkpointing()},
+        activation_checkpointing=args.activation_checkpointing,
+    )
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
     report = callback.activation_report
     assert report.mechanism == "hf" and [w.path for w in report.wrapped] == ["transformer.h.0"]
@@ -66,7 +66,8 @@ def test_hf_flag_on_a_model_without_support(tmp_path):
 def test_selective_mode_and_targets_from_flags_on_a_plain_model(tmp_path):
     parser = HfArgumentParser(CheckpointArguments)
     (ckpt,) = parser.parse_args_into_dataclasses(
-        ["--ckpt_gradient_checkpointing", "selective", "--ckpt_gradient_checkpointing_targets", "blocks.1,blocks.2"])
+        ["--ckpt_gradient_checkpointing", "selective", "--ckpt_gradient_checkpointing_targets", "blocks.1,blocks.2"]
+    )
     trainer = trainer_for(tmp_path, "plain", {"gradient_checkpointing": ckpt.gradient_checkpointing()})
     trainer.train()
     report = activation_checkpointing_report(trainer.model)

@@ -16,16 +16,23 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+import hf_train
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.hf import CheckpointCallback, last_usable_checkpoint
 
-import hf_train
-
-
 STEPS = 12
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
-NATIVE_FILES = {"config.json", "generation_config.json", "manifest.json", "model.safetensors",
-                "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin"}
+NATIVE_FILES = {
+    "config.json",
+    "generation_config.json",
+    "manifest.json",
+    "model.safetensors",
+    "optimizer.pt",
+    "rng_state.pth",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+}
 
 
 class StopAt(TrainerCallback):
@@ -46,11 +53,13 @@ def reference(tmp_path_factory):
 
     def get(kind: str = "gpt2") -> dict[str, torch.Tensor]:
         if kind not in cache:
-            trainer = hf_train.make_trainer(tmp_path_factory.mktemp(f"ref-{kind}"), STEPS, model_kind=kind,
-                                            save_strategy="no")
+            trainer = hf_train.make_trainer(
+                tmp_path_factory.mktemp(f"ref-{kind}"), STEPS, model_kind=kind, save_strategy="no"
+            )
             trainer.train()
             cache[kind] = hf_train.trainable_state(trainer)
         return cache[kind]
+
     return get
 
 
@@ -60,8 +69,9 @@ def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.mark.parametrize("options", [{}, {"snapshot": "overlap"}, {"async_save": False}],
-                         ids=["async", "overlap", "sync"])
+@pytest.mark.parametrize(
+    "options", [{}, {"snapshot": "overlap"}, {"async_save": False}], ids=["async", "overlap", "sync"]
+)
 def test_plain_trainer_resumes_natively_from_our_checkpoints(tmp_path, reference, options):
     interrupted = hf_train.make_trainer(tmp_path, STEPS, callback=options, extra_callbacks=[StopAt(7)])
     interrupted.train()
@@ -108,6 +118,7 @@ def test_lora_adapter_and_optimizer_state_save_and_resume(tmp_path, reference):
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= files
     assert "model.safetensors" not in files
     from safetensors.torch import load_file
+
     adapter = load_file(folder / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
@@ -156,4 +167,8 @@ def test_half_written_foreign_checkpoint_is_reported_and_skipped(tmp_path, caplo
 
 def test_save_only_model_writes_weights_and_state_only(tmp_path):
     hf_train.make_trainer(tmp_path, 4, callback={}, save_only_model=True).train()
-    assert set(os.listdir(tmp_path / "checkpoint-4")) == NATIVE_FILES - {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert set(os.listdir(tmp_path / "checkpoint-4")) == NATIVE_FILES - {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+    }

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import hf_train
 from ckpt_plugins import CheckpointManager
-
-import hf_train  # noqa: E402
-
 
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 
@@ -34,10 +31,16 @@ def scripted_metrics():
 def run(out: Path, steps: int = 8, callback: dict | None = None, evaluate: bool = False, **overrides):
     extra = {}
     if evaluate:
-        extra = dict(eval_dataset=hf_train.TokenDataset(4, seed=9), compute_metrics=scripted_metrics(),
-                     eval_strategy="steps", eval_steps=2, metric_for_best_model="score")
-    trainer = hf_train.make_trainer(out, steps, callback=callback if callback is not None else {},
-                                    save_steps=2, **extra, **overrides)
+        extra = dict(
+            eval_dataset=hf_train.TokenDataset(4, seed=9),
+            compute_metrics=scripted_metrics(),
+            eval_strategy="steps",
+            eval_steps=2,
+            metric_for_best_model="score",
+        )
+    trainer = hf_train.make_trainer(
+        out, steps, callback=callback if callback is not None else {}, save_steps=2, **extra, **overrides
+    )
     trainer.train()
     return trainer
 
@@ -50,8 +53,9 @@ def checkpoints(out: Path) -> list[int]:
 
 @pytest.mark.parametrize("greater, best", [(False, 4), (True, 6)])
 def test_best_checkpoint_is_kept_and_loaded_at_end(tmp_path, greater, best):
-    trainer = run(tmp_path, callback={"keep_last": 1}, evaluate=True, greater_is_better=greater,
-                  load_best_model_at_end=True)
+    trainer = run(
+        tmp_path, callback={"keep_last": 1}, evaluate=True, greater_is_better=greater, load_best_model_at_end=True
+    )
     assert checkpoints(tmp_path) == [best, 8]
     assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best}")
     assert trainer.state.best_metric == SCORES[best // 2 - 1] and trainer.state.best_global_step == best
@@ -60,18 +64,23 @@ def test_best_checkpoint_is_kept_and_loaded_at_end(tmp_path, greater, best):
     best_weights = load_file(tmp_path / f"checkpoint-{best}" / "model.safetensors")
     model = trainer.model.state_dict()
     assert all(torch.equal(model[k], v) for k, v in best_weights.items())  # load_best_model_at_end
-    with CheckpointManager(tmp_path, read_only=True, dir_prefix="checkpoint-", monitor="eval_score",
-                           mode="max" if greater else "min") as mgr:
+    with CheckpointManager(
+        tmp_path, read_only=True, dir_prefix="checkpoint-", monitor="eval_score", mode="max" if greater else "min"
+    ) as mgr:
         assert "best" in mgr.retention().keep[best]
         assert mgr.records()[0].metrics["eval_score"] == SCORES[best // 2 - 1]
 
 
-@pytest.mark.parametrize("callback, overrides, expected", [
-    ({}, {"save_total_limit": 2}, [6, 8]),                                  # follows save_total_limit
-    ({"keep_last": 1, "keep_every_n_steps": 4}, {}, [4, 8]),
-    ({"every_n_train_steps": 3}, {}, [3, 6, 8]),                           # own interval + last step
-    ({}, {"save_strategy": "epoch", "max_steps": -1, "num_train_epochs": 2, "train_size": 16}, [4, 8]),
-], ids=["save_total_limit", "keep_every_n_steps", "every_n_train_steps", "epoch"])
+@pytest.mark.parametrize(
+    "callback, overrides, expected",
+    [
+        ({}, {"save_total_limit": 2}, [6, 8]),  # follows save_total_limit
+        ({"keep_last": 1, "keep_every_n_steps": 4}, {}, [4, 8]),
+        ({"every_n_train_steps": 3}, {}, [3, 6, 8]),  # own interval + last step
+        ({}, {"save_strategy": "epoch", "max_steps": -1, "num_train_epochs": 2, "train_size": 16}, [4, 8]),
+    ],
+    ids=["save_total_limit", "keep_every_n_steps", "every_n_train_steps", "epoch"],
+)
 def test_schedule_and_retention(tmp_path, callback, overrides, expected):
     run(tmp_path, callback=callback, **overrides)
     assert checkpoints(tmp_path) == expected

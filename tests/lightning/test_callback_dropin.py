@@ -32,11 +32,23 @@ def _one_thread():
 
 def fit(callbacks, steps=12, val=True, ckpt_path=None, model=None, **kwargs):
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=steps, logger=kwargs.pop("logger", False), enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-                        val_check_interval=6 if val else None, limit_val_batches=None if val else 0, **kwargs)
-    trainer.fit(model or Net(), DataLoader(data(96), batch_size=8, shuffle=True),
-                DataLoader(data(32), batch_size=16) if val else None, ckpt_path=ckpt_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=kwargs.pop("logger", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        val_check_interval=6 if val else None,
+        limit_val_batches=None if val else 0,
+        **kwargs,
+    )
+    trainer.fit(
+        model or Net(),
+        DataLoader(data(96), batch_size=8, shuffle=True),
+        DataLoader(data(32), batch_size=16) if val else None,
+        ckpt_path=ckpt_path,
+    )
     return trainer
 
 
@@ -82,8 +94,9 @@ def test_ckpt_path_last_falls_back_past_a_damaged_newest_checkpoint(tmp_path, ca
     raw = bytearray(tensors.read_bytes())
     raw[-64:] = bytes(64)  # flip the tail of the data: the checksum no longer matches
     tensors.write_bytes(bytes(raw))
-    trainer = fit([CheckpointCallback(tmp_path, every_n_train_steps=4, overwrite=True)], steps=10, val=False,
-                  ckpt_path="last")
+    trainer = fit(
+        [CheckpointCallback(tmp_path, every_n_train_steps=4, overwrite=True)], steps=10, val=False, ckpt_path="last"
+    )
     assert trainer.global_step == 10
     assert any(r.levelno == logging.WARNING and "step 8" in r.getMessage() for r in caplog.records)
 
@@ -104,8 +117,10 @@ class Batches(L.Callback):
 
 def test_data_order_is_the_same_as_with_model_checkpoint(tmp_path):
     orders = []
-    for checkpoint in (ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=4),
-                       CheckpointCallback(tmp_path / "ours", every_n_train_steps=4)):
+    for checkpoint in (
+        ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=4),
+        CheckpointCallback(tmp_path / "ours", every_n_train_steps=4),
+    ):
         batches = Batches()
         fit([checkpoint, batches], steps=30, val=False)
         orders.append(torch.stack(batches.seen))
@@ -124,7 +139,10 @@ def test_per_save_figures_reach_the_loggers_and_one_flag_turns_them_off(tmp_path
     for key in ("checkpoint/stall_ms", "checkpoint/durable_s", "checkpoint/bytes"):
         assert sorted(int(r["step"]) for r in rows if r.get(key)) == [4, 8, 12], key
     assert all(float(r["checkpoint/bytes"]) > 0 for r in rows if r.get("checkpoint/bytes"))
-    fit([CheckpointCallback(tmp_path / "ckpt2", every_n_train_steps=4, log_metrics=False)], val=False,
-        logger=CSVLogger(tmp_path, name="off", version=0))
+    fit(
+        [CheckpointCallback(tmp_path / "ckpt2", every_n_train_steps=4, log_metrics=False)],
+        val=False,
+        logger=CSVLogger(tmp_path, name="off", version=0),
+    )
     off = tmp_path / "off" / "version_0" / "metrics.csv"
     assert not off.exists() or not any(k.startswith("checkpoint/") for r in _logged(off) for k in r)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import logging
-import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch.utils.data import DataLoader
 
+import lightning as L
 from ckpt_plugins import CheckpointManager, StepExistsError, UnsupportedStateError
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin, read_lightning_checkpoint
 from ckpt_plugins.retention.policy import RetentionContext, build_policy
-
-from lightning_train import Net, data  # noqa: E402
-
+from lightning_train import Net, data
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +29,23 @@ def _one_thread():
 def fit(callbacks, steps=24, val=True, model=None, ckpt_path=None, **trainer_kwargs):
     L.seed_everything(0)
     model = model or Net()
-    trainer = L.Trainer(max_steps=steps, logger=trainer_kwargs.pop("logger", False), enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-                        val_check_interval=6 if val else None, limit_val_batches=None if val else 0, **trainer_kwargs)
-    trainer.fit(model, DataLoader(data(96), batch_size=8, shuffle=True),
-                DataLoader(data(32), batch_size=16) if val else None, ckpt_path=ckpt_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=trainer_kwargs.pop("logger", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        val_check_interval=6 if val else None,
+        limit_val_batches=None if val else 0,
+        **trainer_kwargs,
+    )
+    trainer.fit(
+        model,
+        DataLoader(data(96), batch_size=8, shuffle=True),
+        DataLoader(data(32), batch_size=16) if val else None,
+        ckpt_path=ckpt_path,
+    )
     return trainer, model
 
 
@@ -48,7 +56,9 @@ def test_retention_with_a_validation_metric_keeps_the_right_set_and_best_loads_t
     assert [r.step for r in records] == [6, 9, 12, 15, 18, 21, 24]
     expected = build_policy(keep_last=1, keep_best=2, monitor="val_loss").decide(records, RetentionContext(now=1e18))
 
-    callback = CheckpointCallback(tmp_path / "kept", keep_last=1, keep_best=2, monitor="val_loss", every_n_train_steps=3)
+    callback = CheckpointCallback(
+        tmp_path / "kept", keep_last=1, keep_best=2, monitor="val_loss", every_n_train_steps=3
+    )
     trainer, model = fit([callback])
     assert trainer.checkpoint_callback is callback
     kept = sorted(int(p.name[5:]) for p in (tmp_path / "kept").glob("step_*"))
@@ -107,8 +117,13 @@ def test_the_trainers_io_is_kept_and_reads_the_callbacks_folders(tmp_path):
     trainer, _ = fit([CheckpointCallback(tmp_path / "b", every_n_train_steps=4)], steps=4, val=False, plugins=[mine])
     assert trainer.strategy.checkpoint_io is mine
     other = AsyncCheckpointIO()
-    trainer, _ = fit([CheckpointCallback(tmp_path / "a", every_n_train_steps=4)], steps=8, val=False, plugins=[other],
-                     ckpt_path="last")
+    trainer, _ = fit(
+        [CheckpointCallback(tmp_path / "a", every_n_train_steps=4)],
+        steps=8,
+        val=False,
+        plugins=[other],
+        ckpt_path="last",
+    )
     assert trainer.strategy.checkpoint_io is other and trainer.global_step == 8
 
 
@@ -119,7 +134,9 @@ def test_overlap_snapshot_saves_the_same_state_as_safe(tmp_path):
         a = read_lightning_checkpoint(tmp_path / "safe" / f"step_{step}")
         b = read_lightning_checkpoint(tmp_path / "overlap" / f"step_{step}")
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-        assert torch.equal(a["optimizer_states"][0]["state"][0]["exp_avg"], b["optimizer_states"][0]["state"][0]["exp_avg"])
+        assert torch.equal(
+            a["optimizer_states"][0]["state"][0]["exp_avg"], b["optimizer_states"][0]["state"][0]["exp_avg"]
+        )
 
 
 class HoldsAnObject(L.Callback):
@@ -146,7 +163,9 @@ def test_hyper_parameters_objects_are_stored_as_plain_values_and_reported_once(t
     assert checkpoint["hyper_parameters"]["loss_fn"].startswith("<function mse_loss")
     manifest = CheckpointManager(tmp_path, read_only=True).layout.read_manifest(str(tmp_path / "step_6"))
     assert manifest.user_metadata["hyper_parameters_converted"] == {
-        "hyper_parameters.data_dir": "pathlib.PosixPath", "hyper_parameters.loss_fn": "builtins.function"}
+        "hyper_parameters.data_dir": "pathlib.PosixPath",
+        "hyper_parameters.loss_fn": "builtins.function",
+    }
     warnings = [r for r in caplog.records if "hyper-parameter 'hyper_parameters.loss_fn'" in r.getMessage()]
     assert len(warnings) == 1  # three saves, one warning
 
@@ -160,8 +179,12 @@ class FailsAtStep5(Net):
 
 def test_save_on_exception_commits_the_current_step(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        fit([CheckpointCallback(tmp_path, every_n_train_steps=4, save_on_exception=True)], steps=12, val=False,
-            model=FailsAtStep5())
+        fit(
+            [CheckpointCallback(tmp_path, every_n_train_steps=4, save_on_exception=True)],
+            steps=12,
+            val=False,
+            model=FailsAtStep5(),
+        )
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_4", "step_5"]
 
 
@@ -174,11 +197,14 @@ def test_options_fail_fast_naming_the_option():
         CheckpointCallback(gradient_checkpointing="sometimes")
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({}, [12, 24]),                                     # no trigger: every epoch (12 batches)
-    ({"every_n_epochs": 2}, [24]),
-    ({"train_time_interval": 1e-6, "keep_last": 2}, [23, 24]),  # due after every batch
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, [12, 24]),  # no trigger: every epoch (12 batches)
+        ({"every_n_epochs": 2}, [24]),
+        ({"train_time_interval": 1e-6, "keep_last": 2}, [23, 24]),  # due after every batch
+    ],
+)
 def test_lightning_triggers(tmp_path, options, expected):
     callback = CheckpointCallback(tmp_path, **options)
     fit([callback], steps=24, val=False)

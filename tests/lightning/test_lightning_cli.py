@@ -33,9 +33,18 @@ def example():
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(EXAMPLE / "config.yaml"), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.max_steps=6",
-            "--trainer.val_check_interval=3", *extra]
+    return [
+        "fit",
+        "--config",
+        str(EXAMPLE / "config.yaml"),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+        *extra,
+    ]
 
 
 def test_the_example_trains_checkpoints_and_resumes_from_yaml(example, tmp_path):
@@ -58,9 +67,11 @@ def test_the_example_trains_checkpoints_and_resumes_from_yaml(example, tmp_path)
     to_lightning_checkpoint(ckpt_dir, converted)  # the run directory: its latest checkpoint
     assert torch.load(converted, weights_only=True)["global_step"] == 10
     expected = cli.model.state_dict()
-    for loaded in (tiny_gpt.TinyGPT.load_from_checkpoint(converted),
-                   tiny_gpt.TinyGPT.load_from_checkpoint(ckpt_dir / "step_10"),
-                   load_from_checkpoint(tiny_gpt.TinyGPT, ckpt_dir / "step_10")):
+    for loaded in (
+        tiny_gpt.TinyGPT.load_from_checkpoint(converted),
+        tiny_gpt.TinyGPT.load_from_checkpoint(ckpt_dir / "step_10"),
+        load_from_checkpoint(tiny_gpt.TinyGPT, ckpt_dir / "step_10"),
+    ):
         assert loaded.hparams.n_embd == 64
         assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
 
@@ -76,7 +87,8 @@ def test_the_plugin_and_the_callback_are_configurable_from_yaml(example, tmp_pat
         "  callbacks:\n"
         "    - class_path: ckpt_plugins.lightning.CheckpointCallback\n"
         f"      init_args: {{dirpath: {tmp_path}, keep_last: 3, keep_time_interval: 3600,\n"
-        "                  gradient_checkpointing: {mode: every_n, every_n: 2}}\n")
+        "                  gradient_checkpointing: {mode: every_n, every_n: 2}}\n"
+    )
     tiny_gpt = _load("tiny_gpt")
     cli = LightningCLI(tiny_gpt.TinyGPT, tiny_gpt.TextData, args=["--config", str(config)], run=False)
     io = cli.trainer.strategy.checkpoint_io

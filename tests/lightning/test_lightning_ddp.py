@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+
 from conftest import HELPERS
 
 SCRIPT = HELPERS / "lightning_train.py"
@@ -22,9 +22,28 @@ def test_a_rank_failing_to_write_stops_every_rank_with_the_cause(tmp_path):
     """Rank 1 cannot write its file at the second save (injected ENOSPC). Lightning's subprocess
     launcher runs each rank as its own process, so each one must find out by itself."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dir", str(tmp_path), "--steps", "20", "--every", "4",
-                             "--ddp", "--strategy", "ddp", "--fail-rank", "1"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dir",
+            str(tmp_path),
+            "--steps",
+            "20",
+            "--every",
+            "4",
+            "--ddp",
+            "--strategy",
+            "ddp",
+            "--fail-rank",
+            "1",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output, _ = proc.communicate(timeout=150)
         deadline = time.monotonic() + 30  # rank 1 is not rank 0's child to wait for; it writes its own file

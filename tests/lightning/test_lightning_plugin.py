@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+import lightning as L
 from ckpt_plugins import UnsafeCheckpointError
 from ckpt_plugins.files.single_file import is_single_file
-from ckpt_plugins.storage import LocalStorage
 from ckpt_plugins.lightning import CheckpointIOPlugin
-
-from lightning_train import Net, data  # noqa: E402
-
+from ckpt_plugins.storage import LocalStorage
+from lightning_train import Net, data
 
 
 def _fit(dirpath, plugins, steps, ckpt_path=None):
     L.seed_everything(0)
     model = Net()
     callback = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=2, save_last=True, every_n_train_steps=4)
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback], plugins=plugins, val_check_interval=6, num_sanity_val_steps=0)
-    trainer.fit(model, DataLoader(data(96), batch_size=8, shuffle=True), DataLoader(data(32), batch_size=16),
-                ckpt_path=ckpt_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        plugins=plugins,
+        val_check_interval=6,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        model,
+        DataLoader(data(96), batch_size=8, shuffle=True),
+        DataLoader(data(32), batch_size=16),
+        ckpt_path=ckpt_path,
+    )
     return trainer, callback, model
 
 
@@ -40,7 +49,10 @@ def test_under_model_checkpoint_same_files_our_format_and_resume(tmp_path):
     assert os.path.basename(ours_cb.best_model_path) == os.path.basename(default_cb.best_model_path)
     for name in names:  # every checkpoint is one committed file in our format
         assert is_single_file(LocalStorage(), str(tmp_path / "ours" / name))
-    assert all(torch.equal(a, b) for a, b in zip(default_model.state_dict().values(), ours_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(default_model.state_dict().values(), ours_model.state_dict().values(), strict=False)
+    )
 
     loaded = trainer.strategy.checkpoint_io.load_checkpoint(tmp_path / "ours" / "last.ckpt")
     reference = torch.load(tmp_path / "default" / "last.ckpt", weights_only=True)
@@ -51,7 +63,10 @@ def test_under_model_checkpoint_same_files_our_format_and_resume(tmp_path):
     trainer, _, resumed_ours = _fit(tmp_path / "ours", [CheckpointIOPlugin()], 30, ckpt_path="last")
     assert trainer.global_step == 30
     assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "default"))
-    assert all(torch.equal(a, b) for a, b in zip(resumed_default.state_dict().values(), resumed_ours.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(resumed_default.state_dict().values(), resumed_ours.state_dict().values(), strict=False)
+    )
 
 
 class Opaque:  # a class torch's weights_only loader does not allow
@@ -82,8 +97,9 @@ def test_remove_runs_after_pending_saves_and_teardown_flushes(tmp_path):
     assert (tmp_path / "old.ckpt").is_file() and (tmp_path / "new.ckpt").is_file()  # new.ckpt: reserved
     plugin.teardown()
     assert sorted(os.listdir(tmp_path)) == ["new.ckpt"]  # the hidden temporary file is gone too
-    assert torch.equal(CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"],
-                       torch.ones(20_000_000))
+    assert torch.equal(
+        CheckpointIOPlugin().load_checkpoint(tmp_path / "new.ckpt")["state_dict"]["w"], torch.ones(20_000_000)
+    )
 
 
 def test_hidden_names_are_lightning_files_removed_as_files(tmp_path):

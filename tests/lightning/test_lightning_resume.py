@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lightning_train  # noqa: E402
+import lightning_train
 from conftest import HELPERS
 from faults import kill_rng
 
@@ -27,9 +27,17 @@ SCRIPT = HELPERS / "lightning_train.py"
 
 def _killed_run(args: list[str], timeout: float = 180) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
-    assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    assert proc.returncode == -9, (
+        f"expected SIGKILL, got {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 def _assert_same(reference: Path, resumed: Path, context: str) -> None:
@@ -50,10 +58,14 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)])
     committed = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
-    summary = lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--resume",
-                                   "--out", str(tmp_path / "resumed.safetensors")])
-    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors",
-                 f"{loader} loader, seed {seed}, killed at step {die_at} with {committed} committed")
+    summary = lightning_train.run(
+        ["--dir", str(tmp_path / "run"), *common, "--resume", "--out", str(tmp_path / "resumed.safetensors")]
+    )
+    _assert_same(
+        tmp_path / "ref.safetensors",
+        tmp_path / "resumed.safetensors",
+        f"{loader} loader, seed {seed}, killed at step {die_at} with {committed} committed",
+    )
     assert summary["last"].endswith("step_28")
     assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_24", "step_28"]  # keep_last=2
 
@@ -65,11 +77,16 @@ def test_resume_with_validation_and_monitor_is_bit_exact(tmp_path):
     rng, seed = kill_rng("lightning run")
     die_at = rng.randrange(8, 26)
     common = ["--steps", "30", "--every", "4", "--val"]
-    reference = lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
+    reference = lightning_train.run(
+        ["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")]
+    )
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)])
-    resumed = lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--resume",
-                                   "--out", str(tmp_path / "resumed.safetensors")])
-    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"seed {seed}, killed at step {die_at}")
+    resumed = lightning_train.run(
+        ["--dir", str(tmp_path / "run"), *common, "--resume", "--out", str(tmp_path / "resumed.safetensors")]
+    )
+    _assert_same(
+        tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"seed {seed}, killed at step {die_at}"
+    )
     assert reference["saved"][0] == 6  # due at 4, deferred to the first validation
     assert [s for s in reference["saved"] if s > min(resumed["saved"]) - 1] == resumed["saved"]
 
@@ -80,13 +97,30 @@ def test_ddp_two_processes_sigkill_and_resume_is_bit_exact(tmp_path):
     rng, seed = kill_rng("lightning run")
     die_at = rng.randrange(5, 18)
     common = ["--steps", "20", "--every", "4", "--ddp"]
-    lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--strategy", "ddp_fork",
-                         "--out", str(tmp_path / "ref.safetensors")])
+    lightning_train.run(
+        ["--dir", str(tmp_path / "ref"), *common, "--strategy", "ddp_fork", "--out", str(tmp_path / "ref.safetensors")]
+    )
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--strategy", "ddp", "--die-at", str(die_at)])
-    lightning_train.run(["--dir", str(tmp_path / "run"), *common, "--strategy", "ddp_fork", "--resume",
-                         "--out", str(tmp_path / "resumed.safetensors")])
-    _assert_same(tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"DDP, seed {seed}, killed at step {die_at}")
+    lightning_train.run(
+        [
+            "--dir",
+            str(tmp_path / "run"),
+            *common,
+            "--strategy",
+            "ddp_fork",
+            "--resume",
+            "--out",
+            str(tmp_path / "resumed.safetensors"),
+        ]
+    )
+    _assert_same(
+        tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"DDP, seed {seed}, killed at step {die_at}"
+    )
     kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_16", "step_20"]
     assert sorted(os.listdir(tmp_path / "run" / "step_20")) == [
-        "manifest.json", "rank_0.safetensors", "rank_1.safetensors", "state.safetensors"]
+        "manifest.json",
+        "rank_0.safetensors",
+        "rank_1.safetensors",
+        "state.safetensors",
+    ]

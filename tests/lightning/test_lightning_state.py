@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from ckpt_plugins import CheckpointManager, UnsupportedStateError
+from ckpt_plugins import CheckpointManager, UnsupportedStateError, capture_rng, restore_rng
 from ckpt_plugins.lightning.data_position import _Tracked
-from ckpt_plugins import capture_rng, restore_rng
 from ckpt_plugins.lightning.state import explain_unsupported, to_storable
 from ckpt_plugins.lightning.triggers import Triggers
 from ckpt_plugins.tree.codec import flatten_state
@@ -35,34 +34,61 @@ class Opt:
 
 
 def test_hyper_parameters_are_converted_by_the_documented_table(caplog):
-    checkpoint = {"state_dict": {"w": torch.ones(2)}, "epoch": 1,
-                  "hyper_parameters": {"lr": 0.1, "dir": Path("/data"), "ns": argparse.Namespace(a=1),
-                                       "opt": Opt(), "color": Color.RED, "sizes": (1, 2), "fn": len,
-                                       "nested": {"p": [Path("/a"), 3]}}}
+    checkpoint = {
+        "state_dict": {"w": torch.ones(2)},
+        "epoch": 1,
+        "hyper_parameters": {
+            "lr": 0.1,
+            "dir": Path("/data"),
+            "ns": argparse.Namespace(a=1),
+            "opt": Opt(),
+            "color": Color.RED,
+            "sizes": (1, 2),
+            "fn": len,
+            "nested": {"p": [Path("/a"), 3]},
+        },
+    }
     warned: set[str] = set()
     state, converted = to_storable(checkpoint, warned)
     hp = state["hyper_parameters"]
-    assert hp == {"lr": 0.1, "dir": "/data", "ns": {"a": 1}, "opt": {"width": 4, "path": "/w"}, "color": "red",
-                  "sizes": (1, 2), "fn": "<built-in function len>", "nested": {"p": ["/a", 3]}}
-    assert converted == {"hyper_parameters.dir": "pathlib.PosixPath", "hyper_parameters.ns": "argparse.Namespace",
-                         "hyper_parameters.opt": f"{__name__}.Opt", "hyper_parameters.opt.path": "pathlib.PosixPath",
-                         "hyper_parameters.color": f"{__name__}.Color", "hyper_parameters.fn": "builtins.builtin_function_or_method",
-                         "hyper_parameters.nested.p.0": "pathlib.PosixPath"}
+    assert hp == {
+        "lr": 0.1,
+        "dir": "/data",
+        "ns": {"a": 1},
+        "opt": {"width": 4, "path": "/w"},
+        "color": "red",
+        "sizes": (1, 2),
+        "fn": "<built-in function len>",
+        "nested": {"p": ["/a", 3]},
+    }
+    assert converted == {
+        "hyper_parameters.dir": "pathlib.PosixPath",
+        "hyper_parameters.ns": "argparse.Namespace",
+        "hyper_parameters.opt": f"{__name__}.Opt",
+        "hyper_parameters.opt.path": "pathlib.PosixPath",
+        "hyper_parameters.color": f"{__name__}.Color",
+        "hyper_parameters.fn": "builtins.builtin_function_or_method",
+        "hyper_parameters.nested.p.0": "pathlib.PosixPath",
+    }
     assert state["state_dict"] is checkpoint["state_dict"] and checkpoint["hyper_parameters"]["dir"] == Path("/data")
     flatten_state(state)  # storable now
     assert [r.getMessage() for r in caplog.records if "hyper-parameter" in r.getMessage()] == [
         "hyper-parameter 'hyper_parameters.fn' is a builtins.builtin_function_or_method, which is not plain data; "
         "it is stored as the string '<built-in function len>'. Pass the object itself to "
-        "load_from_checkpoint(..., fn=...) when you load this checkpoint."]
+        "load_from_checkpoint(..., fn=...) when you load this checkpoint."
+    ]
     to_storable(checkpoint, warned)
     assert len([r for r in caplog.records if "hyper-parameter" in r.getMessage()]) == 1  # once per key
 
 
-@pytest.mark.parametrize("key, origin", [
-    ("callbacks", "a callback's state_dict() or on_save_checkpoint()"),
-    ("optimizer_states", "an optimizer's state_dict()"),
-    ("my_extra", "on_save_checkpoint() hook"),
-])
+@pytest.mark.parametrize(
+    "key, origin",
+    [
+        ("callbacks", "a callback's state_dict() or on_save_checkpoint()"),
+        ("optimizer_states", "an optimizer's state_dict()"),
+        ("my_extra", "on_save_checkpoint() hook"),
+    ],
+)
 def test_unstorable_state_is_refused_naming_the_key_and_where_it_comes_from(key, origin):
     with pytest.raises(UnsupportedStateError) as raised:
         flatten_state({key: {"x": object()}})
@@ -108,7 +134,9 @@ def test_triggers_are_checked_like_model_checkpoint():
 
 
 def test_import_ckpt_plugins_and_the_converters_do_not_import_lightning():
-    code = ("import sys, ckpt_plugins, ckpt_plugins.lightning, ckpt_plugins.lightning.convert; "
-            "assert not any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules), 'lightning imported'; "
-            "ckpt_plugins.lightning.CheckpointCallback; assert 'lightning.pytorch' in sys.modules")
+    code = (
+        "import sys, ckpt_plugins, ckpt_plugins.lightning, ckpt_plugins.lightning.convert; "
+        "assert not any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules), 'lightning imported'; "
+        "ckpt_plugins.lightning.CheckpointCallback; assert 'lightning.pytorch' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -33,8 +33,15 @@ class BigNet(Net):
 
 
 def trainer(tmp_path, plugin=None, **kwargs) -> L.Trainer:
-    defaults = dict(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    defaults = dict(
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(**{**defaults, **kwargs}, plugins=[plugin or CheckpointIOPlugin()])
 
 
@@ -62,10 +69,18 @@ def test_r2_versioned_names_of_saves_in_flight_are_not_reused(tmp_path):
     def names(plugins):
         L.seed_everything(0)
         directory = tmp_path / ("ours" if plugins else "default")
-        callback = ModelCheckpoint(dirpath=directory, filename="{epoch}", every_n_train_steps=2, save_top_k=-1,
-                                   monitor="step", mode="max")
-        L.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  limit_val_batches=0, callbacks=[callback], plugins=plugins).fit(BigNet(), train_loader())
+        callback = ModelCheckpoint(
+            dirpath=directory, filename="{epoch}", every_n_train_steps=2, save_top_k=-1, monitor="step", mode="max"
+        )
+        L.Trainer(
+            max_steps=8,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[callback],
+            plugins=plugins,
+        ).fit(BigNet(), train_loader())
         return sorted(os.listdir(directory))
 
     expected = names(None)
@@ -130,8 +145,14 @@ def test_r5_save_outside_fit_leaves_nothing_open_for_the_next_trainer(tmp_path):
     first.fit(Net(), train_loader())
     first.save_checkpoint(tmp_path / "run" / "model.ckpt")  # outside fit: no teardown follows
     callback = CheckpointCallback(tmp_path / "run", every_n_train_steps=2)
-    second = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                       limit_val_batches=0, callbacks=[callback])  # the same folder, the same process
+    second = L.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )  # the same folder, the same process
     second.fit(Net(), train_loader())
     assert callback.last_model_path.endswith("step_4")
 
@@ -145,8 +166,14 @@ def test_load_from_checkpoint_reads_what_the_plugin_and_the_callback_write(tmp_p
         fitted = trainer(tmp_path, callbacks=[callback])
     else:
         callback = CheckpointCallback(tmp_path / "ckpt", every_n_train_steps=4)
-        fitted = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                           limit_val_batches=0, callbacks=[callback])
+        fitted = L.Trainer(
+            max_steps=4,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[callback],
+        )
     fitted.fit(model, train_loader())
     path = callback.last_model_path or callback.best_model_path
     loaded = Net.load_from_checkpoint(path)

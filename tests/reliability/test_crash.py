@@ -75,6 +75,7 @@ def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode,
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from ckpt_plugins import CheckpointManager, SaveError
-from faults import FaultyMemoryFileSystem, reset_faulty
 from conftest import HELPERS, ROOT
+from faults import FaultyMemoryFileSystem, reset_faulty
 
 CHILD = HELPERS / "fault_child.py"
 
@@ -75,8 +75,12 @@ def test_injected_write_fault_at_every_write(async_save, fault):
 def _small_filesystem(path: Path, size: str = "2m"):
     """A real tiny tmpfs when mounting is permitted; otherwise None (caller uses RLIMIT_FSIZE)."""
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     try:
         yield mounted
     finally:
@@ -91,8 +95,13 @@ def _limit_file_size():
 def test_real_disk_full_keeps_existing_checkpoints(tmp_path):
     target = tmp_path / "small"
     with _small_filesystem(target) as mounted:
-        proc = subprocess.run([sys.executable, str(CHILD), str(target), "fill"], capture_output=True,
-                              text=True, timeout=120, preexec_fn=None if mounted else _limit_file_size)
+        proc = subprocess.run(
+            [sys.executable, str(CHILD), str(target), "fill"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=None if mounted else _limit_file_size,
+        )
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout.splitlines()[-1])
     expected = "No space left on device" if mounted else "File too large"
@@ -106,8 +115,9 @@ def _private_checkout(tmp_path: Path) -> Path:
     in root's 0700 home is."""
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    shutil.copytree(ROOT / "ckpt_plugins", private / "checkout" / "ckpt_plugins",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "ckpt_plugins", private / "checkout" / "ckpt_plugins", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(CHILD, private / "checkout" / CHILD.name)
     return private / "checkout"
 
@@ -123,8 +133,9 @@ def test_directory_that_is_not_writable(tmp_path, checkout):
         copy = _private_checkout(tmp_path)
         child, env["PYTHONPATH"] = copy / CHILD.name, str(copy)
     try:
-        proc = subprocess.run([sys.executable, str(child), str(base), "readonly"], capture_output=True,
-                              text=True, timeout=120, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(child), str(base), "readonly"], capture_output=True, text=True, timeout=120, env=env
+        )
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout.splitlines()[-1])
     finally:

@@ -12,33 +12,45 @@ import json
 import os
 import struct
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_plugins import CheckpointManager, CorruptCheckpointError
 from ckpt_plugins.files.manifest import parse_manifest
-from ckpt_plugins.tree.codec import flatten_state, unflatten_state
 from ckpt_plugins.files.tensor_file import read_header
+from ckpt_plugins.tree.codec import flatten_state, unflatten_state
 
 EXAMPLES = 3000 if os.environ.get("CKPT_SOAK") else 300
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 COUNTS: dict[str, int] = {}
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
-    max_leaves=30)
+    max_leaves=30,
+)
 
 
 def _valid_manifest_doc() -> dict:
     flat = flatten_state({"model": {"w": torch.ones(2)}, "step": 3, "opt": {0: (1, 2.5)}})
-    return {"format": "ckpt_plugins", "format_version": 2, "step": 3, "wall_time": 1.0,
-            "metrics": {"loss": 0.5}, "world_size": 1, "created_by": {},
-            "parts": {"state": {"tree": flat.tree, "tensor_file": "state.safetensors"}},
-            "files": {"state.safetensors": {"size": 100, "xxh3_64": "00ff"}}, "user_metadata": {}}
+    return {
+        "format": "ckpt_plugins",
+        "format_version": 2,
+        "step": 3,
+        "wall_time": 1.0,
+        "metrics": {"loss": 0.5},
+        "world_size": 1,
+        "created_by": {},
+        "parts": {"state": {"tree": flat.tree, "tensor_file": "state.safetensors"}},
+        "files": {"state.safetensors": {"size": 100, "xxh3_64": "00ff"}},
+        "user_metadata": {},
+    }
 
 
 def _count(name: str) -> None:
@@ -56,8 +68,23 @@ def test_manifest_parser_random_bytes(raw):
 
 
 @FUZZ
-@given(st.sampled_from(["format", "format_version", "step", "wall_time", "metrics", "world_size",
-                        "parts", "files", "created_by", "user_metadata"]), json_values)
+@given(
+    st.sampled_from(
+        [
+            "format",
+            "format_version",
+            "step",
+            "wall_time",
+            "metrics",
+            "world_size",
+            "parts",
+            "files",
+            "created_by",
+            "user_metadata",
+        ]
+    ),
+    json_values,
+)
 def test_manifest_parser_mutated_fields(field, value):
     _count("manifest fields")
     doc = _valid_manifest_doc()
@@ -93,8 +120,12 @@ def test_tensor_file_header_reader(header, declared_len):
             assert "fuzz.safetensors" in str(exc)
 
 
-@settings(max_examples=max(50, EXAMPLES // 10), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=max(50, EXAMPLES // 10),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 10_000))
 def test_restore_of_a_corrupted_tensor_file(tmp_path, garbage, offset):
     """Overwrite bytes of a real checkpoint's tensor file: restore falls back or raises clearly."""
@@ -106,7 +137,7 @@ def test_restore_of_a_corrupted_tensor_file(tmp_path, garbage, offset):
         path = directory / "step_2" / "state.safetensors"
         data = bytearray(path.read_bytes())
         start = offset % len(data)
-        data[start:start + len(garbage)] = garbage
+        data[start : start + len(garbage)] = garbage
         path.write_bytes(bytes(data))
         state = mgr.restore("latest")
         assert torch.equal(state["w"], torch.arange(64.0) * (2 if mgr.last_restore_report.step == 2 else 1))

@@ -120,9 +120,25 @@ def test_step_dir_name_rejects(step: object, error: type[Exception], match: str)
 @pytest.mark.parametrize(
     "name",
     [
-        "step_", "step_-1", "step_+1", "step_007", "step_00", "step_1.5", "step_7.tmp",
-        "step_7/", " step_7", "step_7 ", ".step_7", "Step_7", "step7", "step_1e3",
-        "step_1_000", "step_\u0665", "ckpt_7", "", ".hidden",
+        "step_",
+        "step_-1",
+        "step_+1",
+        "step_007",
+        "step_00",
+        "step_1.5",
+        "step_7.tmp",
+        "step_7/",
+        " step_7",
+        "step_7 ",
+        ".step_7",
+        "Step_7",
+        "step7",
+        "step_1e3",
+        "step_1_000",
+        "step_\u0665",
+        "ckpt_7",
+        "",
+        ".hidden",
     ],
 )
 def test_parse_step_dir_rejects(name: str) -> None:

@@ -178,14 +178,25 @@ def test_retention_deletes_only_after_the_commit_that_triggered_it(tmp_path):
     with CheckpointManager(tmp_path, async_save=True, keep_last=1, max_pending=3) as mgr:
         commit, delete = mgr.layout.commit, mgr.layout.delete
         mgr.layout.commit = lambda temp, manifest, **kw: (
-            events.append(("commit", manifest.step)), commit(temp, manifest, **kw))[1]
+            events.append(("commit", manifest.step)),
+            commit(temp, manifest, **kw),
+        )[1]
         mgr.layout.delete = lambda step: (events.append(("delete", step)), delete(step))[1]
         for step in range(1, 6):
             mgr.save(step, {"w": torch.full((100,), float(step))})
         mgr.wait()
         assert mgr.steps() == [5]
-    assert events == [("commit", 1), ("commit", 2), ("delete", 1), ("commit", 3), ("delete", 2),
-                      ("commit", 4), ("delete", 3), ("commit", 5), ("delete", 4)]
+    assert events == [
+        ("commit", 1),
+        ("commit", 2),
+        ("delete", 1),
+        ("commit", 3),
+        ("delete", 2),
+        ("commit", 4),
+        ("delete", 3),
+        ("commit", 5),
+        ("delete", 4),
+    ]
 
 
 def test_staging_buffers_are_allocated_once_and_reused(tmp_path):
@@ -241,8 +252,9 @@ def test_overlap_mode_checkpoint_equals_state_before_next_optimizer_step(tmp_pat
 
 
 def _run_helper(tmp_path, mode: str, send_sigterm: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(tmp_path), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPER), str(tmp_path), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "save submitted"
     if send_sigterm:
         proc.send_signal(signal.SIGTERM)
@@ -332,8 +344,9 @@ except SaveError as exc:
 def test_writer_process_dying_at_start_up_is_an_error_not_a_hang(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(UNGUARDED_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "writer process died" in proc.stdout and "import-safe" in proc.stdout, proc.stdout
     with CheckpointManager(tmp_path / "ckpt") as mgr:
@@ -341,8 +354,9 @@ def test_writer_process_dying_at_start_up_is_an_error_not_a_hang(tmp_path):
 
 
 def test_repeated_sigterm_while_saving_terminates_cleanly(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(tmp_path), "loop"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPER), str(tmp_path), "loop"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "save submitted"
     time.sleep(0.5)
     for _ in range(20):  # each one lands somewhere inside save(), queue locks included

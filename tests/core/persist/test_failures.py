@@ -55,8 +55,9 @@ print("closed", flush=True)
 
 
 def test_writer_thread_failure_fails_every_pending_handle_and_refuses_saves(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", WRITER_THREAD_DIES, str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITER_THREAD_DIES, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     kinds = [line.split(":")[0] for line in lines]

@@ -52,6 +52,7 @@ def _flip_last_byte(path) -> None:
 
 # --- 1. the step a restore loaded ------------------------------------------------------------------
 
+
 def test_resume_continues_from_the_step_restore_loaded_not_the_damaged_newest(tmp_path, caplog):
     """The README quick start: the newest checkpoint (40) is damaged, restore('latest') loads 35;
     the loop must continue at 36 on step-35 weights, not at 41."""
@@ -93,6 +94,7 @@ def test_restored_step_of_an_explicit_step_and_path(tmp_path):
 
 # --- 2. strict restore names what to fill -----------------------------------------------------------
 
+
 def test_readme_resume_pattern_restores_strictly_into_model_and_optimizer(tmp_path):
     """Saving capture_rng() and the step beside model and optimizer (the README's exact-resume
     advice), then a strict restore into {"model", "optimizer"}: the other keys are not a failure."""
@@ -129,11 +131,13 @@ def test_strict_still_fails_on_a_key_the_target_asks_for(tmp_path):
 
 # --- 3. dtype is checked with shape, for every kind of target -------------------------------------
 
+
 def _float64_checkpoint(tmp_path):
     model, opt = _trained(torch.float64)
     with CheckpointManager(tmp_path) as mgr:
-        mgr.save(1, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "w": torch.ones(3, dtype=torch.float64)})
+        mgr.save(
+            1, {"model": model.state_dict(), "optimizer": opt.state_dict(), "w": torch.ones(3, dtype=torch.float64)}
+        )
     return model, opt
 
 
@@ -198,6 +202,7 @@ def test_optimizer_with_other_param_groups_fails_strict_before_changing_anything
 
 # --- 4. selectors and renames that match nothing, options of the wrong type -----------------------
 
+
 @pytest.fixture
 def saved_run(tmp_path):
     model, opt = _trained()
@@ -206,12 +211,15 @@ def saved_run(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    ({"include": "modle.*"}, "include 'modle.*'"),
-    ({"include": ["model.*", "optimzer"]}, "include 'optimzer'"),
-    ({"exclude": "optimzer"}, "exclude 'optimzer'"),
-    ({"rename": {"modle.": "net."}}, "rename 'modle.'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"include": "modle.*"}, "include 'modle.*'"),
+        ({"include": ["model.*", "optimzer"]}, "include 'optimzer'"),
+        ({"exclude": "optimzer"}, "exclude 'optimzer'"),
+        ({"rename": {"modle.": "net."}}, "rename 'modle.'"),
+    ],
+)
 def test_selector_or_rename_matching_nothing_lists_the_top_level_keys(saved_run, kwargs, option):
     with CheckpointManager(saved_run) as mgr:
         with pytest.raises(ConfigError, match="matches nothing") as info:
@@ -221,14 +229,17 @@ def test_selector_or_rename_matching_nothing_lists_the_top_level_keys(saved_run,
     assert "model, optimizer, step" in message
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    ({"include": 5}, "include"),
-    ({"include": [5]}, "include"),
-    ({"exclude": b"model"}, "exclude"),
-    ({"rename": "model."}, "rename"),
-    ({"rename": {"model.": 3}}, "rename"),
-    ({"strict": "yes"}, "strict"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"include": 5}, "include"),
+        ({"include": [5]}, "include"),
+        ({"exclude": b"model"}, "exclude"),
+        ({"rename": "model."}, "rename"),
+        ({"rename": {"model.": 3}}, "rename"),
+        ({"strict": "yes"}, "strict"),
+    ],
+)
 def test_restore_options_of_the_wrong_type_are_config_errors(saved_run, kwargs, option):
     with CheckpointManager(saved_run) as mgr:
         with pytest.raises(ConfigError, match=f"^{option} ") as info:
@@ -253,6 +264,7 @@ def test_selectors_that_match_still_work(saved_run):
 
 
 # --- 6. errors about state carry key_path --------------------------------------------------------
+
 
 def test_a_root_module_target_against_a_nested_checkpoint_says_how_to_hoist(tmp_path):
     model, _ = _trained()

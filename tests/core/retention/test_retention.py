@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_plugins.retention import policy as retention
 from ckpt_plugins.errors import ConfigError
+from ckpt_plugins.retention import policy as retention
 from ckpt_plugins.retention.policy import (
     CheckpointRecord,
     KeepAll,
@@ -41,7 +41,7 @@ def rec(step: int, wall_time: float | None = None, **metrics: float) -> Checkpoi
 
 
 # Steps 1..5 committed at 10..50 s; loss 0.5 0.3 0.4 0.6 0.7 (best min: 2, best max: 5).
-FIVE = [rec(s, loss=v) for s, v in zip(range(1, 6), [0.5, 0.3, 0.4, 0.6, 0.7])]
+FIVE = [rec(s, loss=v) for s, v in zip(range(1, 6), [0.5, 0.3, 0.4, 0.6, 0.7], strict=False)]
 ALL_KEEP = {1: ["keep_all"], 2: ["keep_all"], 3: ["keep_all"], 4: ["keep_all"]}
 
 
@@ -56,76 +56,103 @@ def orders(records: list[CheckpointRecord]) -> list[list[CheckpointRecord]]:
     [
         pytest.param({}, (), {**ALL_KEEP, 5: ["keep_all", "latest"]}, [], id="no-rules-keep-all"),
         pytest.param(
-            {"monitor": "loss"}, (),
-            {**ALL_KEEP, 2: ["keep_all", "best"], 5: ["keep_all", "latest"]}, [],
+            {"monitor": "loss"},
+            (),
+            {**ALL_KEEP, 2: ["keep_all", "best"], 5: ["keep_all", "latest"]},
+            [],
             id="monitor-alone-keeps-all-and-tags-best",
         ),
         pytest.param(
-            {"keep_last": 2}, (), {4: ["keep_last"], 5: ["keep_last", "latest"]}, [1, 2, 3],
+            {"keep_last": 2},
+            (),
+            {4: ["keep_last"], 5: ["keep_last", "latest"]},
+            [1, 2, 3],
             id="keep_last",
         ),
         pytest.param(
-            {"keep_last": 9}, (),
-            {1: ["keep_last"], 2: ["keep_last"], 3: ["keep_last"], 4: ["keep_last"],
-             5: ["keep_last", "latest"]}, [],
+            {"keep_last": 9},
+            (),
+            {1: ["keep_last"], 2: ["keep_last"], 3: ["keep_last"], 4: ["keep_last"], 5: ["keep_last", "latest"]},
+            [],
             id="keep_last-more-than-records",
         ),
         pytest.param(
-            {"keep_best": 2, "monitor": "loss"}, (),
-            {2: ["keep_best", "best"], 3: ["keep_best"], 5: ["latest"]}, [1, 4],
+            {"keep_best": 2, "monitor": "loss"},
+            (),
+            {2: ["keep_best", "best"], 3: ["keep_best"], 5: ["latest"]},
+            [1, 4],
             id="keep_best-min",
         ),
         pytest.param(
-            {"keep_best": 2, "monitor": "loss", "mode": "max"}, (),
-            {4: ["keep_best"], 5: ["keep_best", "latest", "best"]}, [1, 2, 3],
+            {"keep_best": 2, "monitor": "loss", "mode": "max"},
+            (),
+            {4: ["keep_best"], 5: ["keep_best", "latest", "best"]},
+            [1, 2, 3],
             id="keep_best-max",
         ),
         pytest.param(
-            {"keep_every_n_steps": 2}, (),
-            {2: ["keep_every_n_steps"], 4: ["keep_every_n_steps"], 5: ["latest"]}, [1, 3],
+            {"keep_every_n_steps": 2},
+            (),
+            {2: ["keep_every_n_steps"], 4: ["keep_every_n_steps"], 5: ["latest"]},
+            [1, 3],
             id="keep_every_n_steps",
         ),
         # t0 = 10 s; buckets of 25 s: {10, 20, 30} -> 0, {40, 50} -> 1.
         pytest.param(
-            {"keep_time_interval": 25}, (),
-            {1: ["keep_time_interval"], 4: ["keep_time_interval"], 5: ["latest"]}, [2, 3],
+            {"keep_time_interval": 25},
+            (),
+            {1: ["keep_time_interval"], 4: ["keep_time_interval"], 5: ["latest"]},
+            [2, 3],
             id="keep_time_interval-seconds",
         ),
         pytest.param(
-            {"keep_time_interval": timedelta(seconds=25)}, (),
-            {1: ["keep_time_interval"], 4: ["keep_time_interval"], 5: ["latest"]}, [2, 3],
+            {"keep_time_interval": timedelta(seconds=25)},
+            (),
+            {1: ["keep_time_interval"], 4: ["keep_time_interval"], 5: ["latest"]},
+            [2, 3],
             id="keep_time_interval-timedelta",
         ),
         pytest.param(
-            {"keep_time_interval": 10.0}, (),
-            {s: ["keep_time_interval"] for s in range(1, 5)}
-            | {5: ["keep_time_interval", "latest"]}, [],
+            {"keep_time_interval": 10.0},
+            (),
+            {s: ["keep_time_interval"] for s in range(1, 5)} | {5: ["keep_time_interval", "latest"]},
+            [],
             id="keep_time_interval-boundary-starts-new-bucket",
         ),
         pytest.param(
-            {"keep_last": 1, "keep_best": 1, "monitor": "loss", "keep_every_n_steps": 4}, (),
+            {"keep_last": 1, "keep_best": 1, "monitor": "loss", "keep_every_n_steps": 4},
+            (),
             {2: ["keep_best", "best"], 4: ["keep_every_n_steps"], 5: ["keep_last", "latest"]},
             [1, 3],
             id="combination",
         ),
         pytest.param(
-            {"keep_last": 1, "keep_time_interval": 1e9}, (),
-            {1: ["keep_time_interval"], 5: ["keep_last", "latest"]}, [2, 3, 4],
+            {"keep_last": 1, "keep_time_interval": 1e9},
+            (),
+            {1: ["keep_time_interval"], 5: ["keep_last", "latest"]},
+            [2, 3, 4],
             id="keep_last-and-interval",
         ),
         pytest.param(
-            {"keep_last": 1}, (1, 3, 99),
-            {1: ["protected"], 3: ["protected"], 5: ["keep_last", "latest"]}, [2, 4],
+            {"keep_last": 1},
+            (1, 3, 99),
+            {1: ["protected"], 3: ["protected"], 5: ["keep_last", "latest"]},
+            [2, 4],
             id="protected-and-absent-protected-step-ignored",
         ),
         pytest.param(
-            {"keep_last": 1}, (5,), {5: ["keep_last", "latest", "protected"]}, [1, 2, 3, 4],
+            {"keep_last": 1},
+            (5,),
+            {5: ["keep_last", "latest", "protected"]},
+            [1, 2, 3, 4],
             id="protected-latest-has-all-reasons",
         ),
     ],
 )
 def test_decide_table(
-    options: dict[str, Any], protected: tuple[int, ...], keep: dict[int, list[str]],
+    options: dict[str, Any],
+    protected: tuple[int, ...],
+    keep: dict[int, list[str]],
     delete: list[int],
 ) -> None:
     policy = build_policy(**options)
@@ -150,17 +177,13 @@ WITH_NAN = [rec(1, loss=NAN), rec(2, loss=1.0), rec(3, loss=2.0), rec(4), rec(5,
         pytest.param(TIES, "loss", "max", 4, id="tie-max-later-step-wins"),
         pytest.param(WITH_NAN, "loss", "min", 2, id="nan-worst-in-min"),
         pytest.param(WITH_NAN, "loss", "max", 3, id="nan-worst-in-max"),
-        pytest.param([rec(1, loss=NAN), rec(2, loss=NAN), rec(3)], "loss", "min", 2,
-                     id="only-nan-later-step"),
-        pytest.param([rec(1, loss=math.inf), rec(2, loss=-math.inf)], "loss", "max", 1,
-                     id="infinities-are-values"),
+        pytest.param([rec(1, loss=NAN), rec(2, loss=NAN), rec(3)], "loss", "min", 2, id="only-nan-later-step"),
+        pytest.param([rec(1, loss=math.inf), rec(2, loss=-math.inf)], "loss", "max", 1, id="infinities-are-values"),
         pytest.param(WITH_NAN, "missing", "min", None, id="no-record-has-metric"),
         pytest.param([], "loss", "min", None, id="empty"),
     ],
 )
-def test_best_step(
-    records: list[CheckpointRecord], monitor: str, mode: str, expected: int | None
-) -> None:
+def test_best_step(records: list[CheckpointRecord], monitor: str, mode: str, expected: int | None) -> None:
     for ordered in orders(records):
         assert best_step(ordered, monitor, mode) == expected
 
@@ -189,9 +212,7 @@ def test_best_step(
         (KeepProtected(), FIVE, set()),
     ],
 )
-def test_rule_keep_table(
-    rule: retention.RetentionRule, records: list[CheckpointRecord], expected: set[int]
-) -> None:
+def test_rule_keep_table(rule: retention.RetentionRule, records: list[CheckpointRecord], expected: set[int]) -> None:
     for ordered in orders(records):
         assert rule.keep(ordered, CTX) == expected
 
@@ -203,15 +224,17 @@ def test_protected_rule_reads_only_the_context() -> None:
 
 def test_time_interval_ignores_now() -> None:
     records = [rec(1, 0), rec(2, 50), rec(3, 130)]
-    results = {frozenset(KeepTimeInterval(60).keep(records, RetentionContext(now=n)))
-               for n in (0.0, 1e9, -5.0)}
+    results = {frozenset(KeepTimeInterval(60).keep(records, RetentionContext(now=n))) for n in (0.0, 1e9, -5.0)}
     assert results == {frozenset({1, 3})}
 
 
 @pytest.mark.parametrize(
     "policy",
-    [build_policy(), build_policy(keep_last=1, keep_best=2, monitor="loss", keep_time_interval=9),
-     RetentionPolicy((KeepEveryNSteps(10),))],
+    [
+        build_policy(),
+        build_policy(keep_last=1, keep_best=2, monitor="loss", keep_time_interval=9),
+        RetentionPolicy((KeepEveryNSteps(10),)),
+    ],
 )
 def test_empty_input(policy: RetentionPolicy) -> None:
     decision = policy.decide([], CTX)
@@ -228,11 +251,22 @@ def test_custom_policy_still_keeps_latest_and_protected() -> None:
 
 
 def test_build_policy_rule_order_and_no_rewrite() -> None:
-    policy = build_policy(keep_last=2, keep_best=3, monitor="acc", mode="max",
-                          keep_every_n_steps=100, keep_time_interval=timedelta(hours=1))
+    policy = build_policy(
+        keep_last=2,
+        keep_best=3,
+        monitor="acc",
+        mode="max",
+        keep_every_n_steps=100,
+        keep_time_interval=timedelta(hours=1),
+    )
     assert policy.rules == (
-        KeepLast(2), KeepBest(3, "acc", "max"), KeepEveryNSteps(100), KeepTimeInterval(3600.0),
-        KeepLatest(), KeepBestOne("acc", "max"), KeepProtected(),
+        KeepLast(2),
+        KeepBest(3, "acc", "max"),
+        KeepEveryNSteps(100),
+        KeepTimeInterval(3600.0),
+        KeepLatest(),
+        KeepBestOne("acc", "max"),
+        KeepProtected(),
     )
     assert policy.effective_rules == policy.rules
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -240,11 +274,16 @@ def test_build_policy_rule_order_and_no_rewrite() -> None:
 
 
 def test_reason_strings_are_stable() -> None:
-    rules = [KeepAll, KeepLatest, KeepProtected, KeepLast, KeepBest, KeepBestOne,
-             KeepEveryNSteps, KeepTimeInterval]
+    rules = [KeepAll, KeepLatest, KeepProtected, KeepLast, KeepBest, KeepBestOne, KeepEveryNSteps, KeepTimeInterval]
     assert {r.reason for r in rules} == {
-        "keep_all", "latest", "protected", "keep_last", "keep_best", "best",
-        "keep_every_n_steps", "keep_time_interval",
+        "keep_all",
+        "latest",
+        "protected",
+        "keep_last",
+        "keep_best",
+        "best",
+        "keep_every_n_steps",
+        "keep_time_interval",
     }
 
 
@@ -265,7 +304,10 @@ def test_duplicate_steps_raise(records: list[CheckpointRecord]) -> None:
         ({"keep_last": -3}, r"keep_last must be a positive integer or None, got -3"),
         ({"keep_last": True}, r"keep_last must be a positive integer or None, got True"),
         ({"keep_last": 2.0}, r"keep_last must be a positive integer or None, got 2\.0"),
-        ({"keep_best": 2}, r"keep_best=2 needs monitor, the metric that ranks checkpoints; set it to a logged metric's name"),
+        (
+            {"keep_best": 2},
+            r"keep_best=2 needs monitor, the metric that ranks checkpoints; set it to a logged metric's name",
+        ),
         ({"keep_best": 0, "monitor": "loss"}, r"keep_best must be a positive integer or None, got 0"),
         ({"keep_best": False, "monitor": "loss"}, r"keep_best must be a positive integer or None, got False"),
         ({"monitor": ""}, r"monitor must be a metric name \(non-empty str\), got ''"),
@@ -280,7 +322,10 @@ def test_duplicate_steps_raise(records: list[CheckpointRecord]) -> None:
         ({"keep_time_interval": True}, r"keep_time_interval .* got True"),
         ({"keep_time_interval": "60"}, r"keep_time_interval .* got '60'"),
         ({"keep_time_interval": timedelta(0)}, r"keep_time_interval .* got datetime\.timedelta\(0\)"),
-        ({"keep_time_interval": timedelta(seconds=-1)}, r"keep_time_interval .* got datetime\.timedelta\(days=-1, seconds=86399\)"),
+        (
+            {"keep_time_interval": timedelta(seconds=-1)},
+            r"keep_time_interval .* got datetime\.timedelta\(days=-1, seconds=86399\)",
+        ),
     ],
 )
 def test_build_policy_validation(options: dict[str, Any], match: str) -> None:
@@ -348,18 +393,22 @@ def policies(draw: st.DrawFn) -> RetentionPolicy:
 
 
 custom_rules = st.sampled_from(
-    [KeepLast(1), KeepLast(3), KeepBest(2, "loss"), KeepBestOne("loss", "max"),
-     KeepEveryNSteps(7), KeepTimeInterval(1000.0), KeepAll()]
+    [
+        KeepLast(1),
+        KeepLast(3),
+        KeepBest(2, "loss"),
+        KeepBestOne("loss", "max"),
+        KeepEveryNSteps(7),
+        KeepTimeInterval(1000.0),
+        KeepAll(),
+    ]
 )
-custom_policies = st.lists(custom_rules, min_size=1, max_size=3).map(
-    lambda rules: RetentionPolicy(tuple(rules)))
+custom_policies = st.lists(custom_rules, min_size=1, max_size=3).map(lambda rules: RetentionPolicy(tuple(rules)))
 
 
 @settings(max_examples=150, deadline=None)
 @given(records=record_lists(), policy=policies() | custom_policies, data=st.data())
-def test_decide_properties(
-    records: list[CheckpointRecord], policy: RetentionPolicy, data: st.DataObject
-) -> None:
+def test_decide_properties(records: list[CheckpointRecord], policy: RetentionPolicy, data: st.DataObject) -> None:
     steps = {r.step for r in records}
     protected = data.draw(st.frozensets(st.integers(0, 250), max_size=5))
     ctx = RetentionContext(now=2e5, protected_steps=protected)

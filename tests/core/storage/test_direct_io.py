@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from ckpt_plugins import CheckpointManager
-from ckpt_plugins.storage import direct_io
-from ckpt_plugins.storage.direct_io import ALIGN, BUFFER_BYTES, DirectWriter
-from ckpt_plugins.storage import LocalStorage
 from ckpt_plugins.files.tensor_file import read_tensor_file, write_tensor_file
+from ckpt_plugins.storage import LocalStorage, direct_io
+from ckpt_plugins.storage.direct_io import ALIGN, BUFFER_BYTES, DirectWriter
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
@@ -33,8 +32,11 @@ EDGE_SIZES = [0, 1, ALIGN - 9, ALIGN, ALIGN + 1, BUFFER_BYTES - 1, BUFFER_BYTES 
 
 def _tensors(total_bytes: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(total_bytes)
-    return {"big": torch.randint(0, 256, (total_bytes,), dtype=torch.uint8, generator=gen),
-            "f32": torch.randn(3, 5, generator=gen), "i16": torch.arange(7, dtype=torch.int16)}
+    return {
+        "big": torch.randint(0, 256, (total_bytes,), dtype=torch.uint8, generator=gen),
+        "f32": torch.randn(3, 5, generator=gen),
+        "i16": torch.arange(7, dtype=torch.int16),
+    }
 
 
 def _supports_direct(directory: Path) -> bool:
@@ -164,8 +166,7 @@ with CheckpointManager(sys.argv[1], keep_last=2) as mgr:
 
 
 def test_a_write_failing_half_way_raises_and_keeps_the_previous_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["error"] and "File too large" in result["error"] and "step 2" in result["error"]
@@ -176,17 +177,22 @@ def test_a_write_failing_half_way_raises_and_keeps_the_previous_checkpoint(tmp_p
 def test_staged_tensors_of_one_file_are_one_aligned_run():
     """The stager lays each file's tensors out contiguously, page-aligned, in the writer's order,
     so the writer hands one run of memory to the disk (no copy)."""
-    from ckpt_plugins.persist.stager import HostStager
     from ckpt_plugins.files.tensor_file import _layout, _runs
+    from ckpt_plugins.persist.stager import HostStager
 
-    tensors = {"state/a": torch.randn(1000), "state/b": torch.arange(5, dtype=torch.int16),
-               "state/c": torch.randn(3, 3, dtype=torch.float64), "rank/r": torch.ones(7),
-               "extra/f.safetensors/0": torch.zeros(2, dtype=torch.bool), "state/e": torch.empty(0)}
+    tensors = {
+        "state/a": torch.randn(1000),
+        "state/b": torch.arange(5, dtype=torch.int16),
+        "state/c": torch.randn(3, 3, dtype=torch.float64),
+        "rank/r": torch.ones(7),
+        "extra/f.safetensors/0": torch.zeros(2, dtype=torch.bool),
+        "state/e": torch.empty(0),
+    }
     stager = HostStager(1)
     staged = stager.stage(0, tensors).tensors
     assert all(torch.equal(staged[k], v) for k, v in tensors.items())
     for prefix in ("state/", "rank/", "extra/f.safetensors/"):
-        group = {k[len(prefix):]: v for k, v in staged.items() if k.startswith(prefix)}
+        group = {k[len(prefix) :]: v for k, v in staged.items() if k.startswith(prefix)}
         order, head, _ = _layout(group, None)
         runs = list(_runs(group[k] for k in order))
         assert len(runs) == 1 and direct_io._address(runs[0]) % ALIGN == 0
@@ -208,7 +214,7 @@ def test_aligned_memory_is_written_in_place(tmp_path, monkeypatch, refused):
     with LocalStorage().open_write(str(tmp_path / "x")) as out:
         writer = DirectWriter.wrap(out)
         writer.write(b"h" * ALIGN)  # a page of header, then the aligned run
-        writer.write(memoryview(memory.numpy())[:3 << 20])  # not promised stable: copied
+        writer.write(memoryview(memory.numpy())[: 3 << 20])  # not promised stable: copied
         assert writer._in_place == []
         writer.write(memoryview(memory.numpy()), stable=True)
         assert len(writer._in_place) == 1  # 3 MiB straight from `memory`; the last 100 bytes copied
@@ -216,7 +222,7 @@ def test_aligned_memory_is_written_in_place(tmp_path, monkeypatch, refused):
         # Unaligned: with O_DIRECT it must go through the buffers; plain writes take any address.
         assert len(writer._in_place) == (1 if writer._direct else 2)
         writer.finish()
-    assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw[:3 << 20] + raw + raw[1:]
+    assert (tmp_path / "x").read_bytes() == b"h" * ALIGN + raw[: 3 << 20] + raw + raw[1:]
 
 
 def test_staged_extra_files_go_through_direct_io_and_seeking_writers_still_work(tmp_path):
@@ -229,8 +235,14 @@ def test_staged_extra_files_go_through_direct_io_and_seeking_writers_still_work(
 
     opt = {"state": {0: {"exp_avg": torch.randn(600_000)}}, "param_groups": [{"lr": 0.1}]}
     with CheckpointManager(tmp_path, async_save=True) as mgr:
-        mgr.save(1, {"step": 1}, extra_files={"optimizer.pt": StagedFile(opt, lambda f, v: torch.save(v, f)),
-                                              "patched.pt": StagedFile(opt, seeking_save)}).wait()
+        mgr.save(
+            1,
+            {"step": 1},
+            extra_files={
+                "optimizer.pt": StagedFile(opt, lambda f, v: torch.save(v, f)),
+                "patched.pt": StagedFile(opt, seeking_save),
+            },
+        ).wait()
         assert mgr.verify(1) == []
     for name in ("optimizer.pt", "patched.pt"):
         back = torch.load(tmp_path / "step_1" / name, weights_only=True)

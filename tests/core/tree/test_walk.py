@@ -17,8 +17,10 @@ Pair = collections.namedtuple("Pair", "a b")
 
 STATE = {
     "model": OrderedDict([("fc.weight", torch.ones(2, 2)), ("fc.bias", torch.zeros(2))]),
-    "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
-                  "param_groups": [{"lr": 0.1, "params": [0]}]},
+    "optimizer": {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    },
     "sizes": (1, (2, 3)),
     "empty": {},
     "nothing": [],
