@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import BinaryIO
+from concurrent.futures import Future
+from typing import Any, BinaryIO, cast
 
 import torch
 import xxhash
@@ -29,6 +30,8 @@ import xxhash
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.storage import Storage
 from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
+
+_Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (offsets in the data)
 
 __all__ = [
     "FileRecord",
@@ -83,27 +86,28 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(b"")
     flat = tensor.reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(cast(Any, flat.view(torch.uint8).numpy())).cast("B")  # ndarray: a buffer
 
 
 def _runs(tensors: Iterable[torch.Tensor]) -> Iterator[memoryview]:
     """The tensors' bytes, in order, with neighbours that are adjacent in memory merged into one
     view (staged tensors of one file are: see :mod:`.snapshot`)."""
-    start = end = None  # the run being merged; the caller keeps its tensors alive
+    start: int | None = None  # the run being merged; the caller keeps its tensors alive
+    end: int | None = None
     for tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if not nbytes:
             continue
         ptr = tensor.data_ptr() if tensor.is_contiguous() and not tensor.is_cuda else None
-        if ptr is not None and ptr == end:
+        if ptr is not None and end is not None and ptr == end:
             end += nbytes
             continue
-        if start is not None:
+        if start is not None and end is not None:
             yield _memory(start, end - start)
         start, end = (ptr, ptr + nbytes) if ptr is not None else (None, None)
         if ptr is None:
             yield tensor_bytes(tensor)
-    if start is not None:
+    if start is not None and end is not None:
         yield _memory(start, end - start)
 
 
@@ -118,7 +122,9 @@ def file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(tensors, key=lambda k: -tensors[k].element_size())
 
 
-def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None):
+def _layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> tuple[list[str], bytes, int]:
     order = file_order(tensors)
     header: dict[str, object] = {}
     if metadata:
@@ -173,7 +179,7 @@ def write_tensor_file(
     return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
 
 
-def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict, int]:
+def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict[str, _Entry], int]:
     """Read and validate a safetensors header; return (entries, offset where data starts)."""
     raw_len = f.read(8)
     if len(raw_len) != 8:
@@ -197,7 +203,7 @@ def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict, int]:
     return entries, data_start
 
 
-def _validate_entry(path: str, key: str, entry: object, data_len: int):
+def _validate_entry(path: str, key: str, entry: object, data_len: int) -> _Entry:
     try:
         dtype = _CODE_TO_DTYPE[entry["dtype"]]  # type: ignore[index]
         shape = [int(d) for d in entry["shape"]]  # type: ignore[index]
@@ -259,7 +265,7 @@ def read_tensor_file(
                 if position != data_start + begin:  # partial reads, or a gap in a foreign file
                     f.seek(data_start + begin)
                 view = tensor_bytes(tensor)
-                got = f.readinto(view)
+                got = cast(Any, f).readinto(view)  # every binary file we open has readinto
                 if got != end - begin:
                     raise CorruptCheckpointError(f"{path}: file ends inside tensor {key!r}")
                 position = data_start + end
@@ -267,10 +273,10 @@ def read_tensor_file(
                     hasher.update(view)
             out[key] = tensor
     digest = hasher.hexdigest() if hasher is not None else None
-    if digest is not None and digest != expected.xxh3_64:  # type: ignore[union-attr]
+    if digest is not None and expected is not None and digest != expected.xxh3_64:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch (xxh3 {digest}, manifest {expected.xxh3_64}); the file is damaged"
-        )  # type: ignore[union-attr]
+        )
     if torch.device(map_location) != torch.device("cpu"):
         out = {k: v.to(map_location) for k, v in out.items()}
     return out
@@ -284,9 +290,9 @@ class _OrderedHasher:
     def __init__(self) -> None:
         self._hasher = xxhash.xxh3_64()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
-        self._last = None
+        self._last: Future[None] | None = None
 
-    def update(self, data) -> None:
+    def update(self, data: Any) -> None:
         self._last = self._pool.submit(self._hasher.update, data)  # one worker: runs in order
 
     def hexdigest(self) -> str:
@@ -317,31 +323,31 @@ class HashingWriter:
     then returns None and the caller checksums the finished file instead.
     """
 
-    def __init__(self, file) -> None:
+    def __init__(self, file: Any) -> None:
         self._file = file
         self._hasher = xxhash.xxh3_64()
         self._size = 0
         self._sequential = True
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         written = self._file.write(view)
         self._hasher.update(view)
         self._size += len(view)
-        return written if written is not None else len(view)
+        return int(written) if written is not None else len(view)
 
-    def seek(self, *args):
+    def seek(self, *args: Any) -> int:
         self._sequential = False
-        return self._file.seek(*args)
+        return int(self._file.seek(*args))
 
-    def truncate(self, *args):
+    def truncate(self, *args: Any) -> int:
         self._sequential = False
-        return self._file.truncate(*args)
+        return int(self._file.truncate(*args))
 
     def tell(self) -> int:
-        return self._file.tell()
+        return int(self._file.tell())
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str) -> Any:
         return getattr(self._file, attr)
 
     def record(self) -> FileRecord | None:

@@ -65,7 +65,7 @@ def read_safetensors(
     device = safetensors_device(map_location)
     try:
         with safe_open(path, framework="pt", device=device) as f:
-            names = [n for n in f.keys() if include is None or include(join(prefix, n))]
+            names = [n for n in f.keys() if include is None or include(join(prefix, n))]  # noqa: SIM118 - safe_open has no __iter__
             log.debug("Reading %d tensors from %s", len(names), path)
             if meta:
                 return {name: _meta_tensor(f.get_slice(name)) for name in names}

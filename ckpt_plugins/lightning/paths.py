@@ -56,8 +56,11 @@ class CommittedPaths:
         if cached is None or cached.directory != directory:
             self._drop_reader()
             cached = self.__dict__["_read_only"] = CheckpointManager(
-                directory, read_only=True, monitor=self.monitor, mode=self.mode
-            )  # type: ignore[arg-type]
+                directory,
+                read_only=True,
+                monitor=self.monitor,
+                mode=self.mode,  # type: ignore[arg-type]  # checked by the options model
+            )
         return cached
 
     def _drop_reader(self) -> None:

@@ -367,8 +367,9 @@ def policy_flags(policy: RetentionPolicy) -> dict[str, Any] | None:
     a rule that no flag makes (a hand-built :class:`RetentionPolicy`).
 
     Example:
-        >>> policy_flags(build_policy(keep_last=2, monitor="loss"))
-        {'keep_last': 2, 'keep_best': None, 'monitor': 'loss', 'mode': 'min', 'keep_every_n_steps': None, 'keep_time_interval': None}
+        >>> flags = policy_flags(build_policy(keep_last=2, monitor="loss"))
+        >>> flags["keep_last"], flags["monitor"], flags["mode"], flags["keep_best"]
+        (2, 'loss', 'min', None)
     """
     flags: dict[str, Any] = {
         "keep_last": None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["LocalStorage"]
 
@@ -24,7 +24,7 @@ class _SyncedFile:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.name = path
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str) -> Any:
         return getattr(self._file, attr)
 
     def close(self) -> None:
@@ -39,7 +39,7 @@ class _SyncedFile:
     def __enter__(self) -> _SyncedFile:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -7,7 +7,7 @@ last, is what makes a checkpoint visible (a folder without one is never listed).
 from __future__ import annotations
 
 import errno
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import fsspec
 
@@ -26,10 +26,10 @@ class FsspecStorage:
         return "/".join(p.rstrip("/") for p in parts)
 
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        return bool(self.fs.exists(path))
 
     def isdir(self, path: str) -> bool:
-        return self.fs.isdir(path)
+        return bool(self.fs.isdir(path))
 
     def listdir(self, path: str) -> list[str]:
         try:
@@ -42,10 +42,10 @@ class FsspecStorage:
         self.fs.makedirs(path, exist_ok=True)
 
     def open_write(self, path: str) -> BinaryIO:
-        return self.fs.open(path, "wb")
+        return cast(BinaryIO, self.fs.open(path, "wb"))  # fsspec is untyped
 
     def open_read(self, path: str) -> BinaryIO:
-        return self.fs.open(path, "rb")
+        return cast(BinaryIO, self.fs.open(path, "rb"))
 
     def size(self, path: str) -> int:
         return int(self.fs.size(path))
