@@ -28,7 +28,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q tests
 
 $(VENV_MIN)/.ready: pyproject.toml Makefile .ci/min-versions.txt

@@ -18,10 +18,9 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from concurrent.futures import Future
 from typing import Any, BinaryIO, cast
 
 import torch
@@ -122,9 +121,7 @@ def file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(tensors, key=lambda k: -tensors[k].element_size())
 
 
-def _layout(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> tuple[list[str], bytes, int]:
+def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[list[str], bytes, int]:
     order = file_order(tensors)
     header: dict[str, object] = {}
     if metadata:
