@@ -490,7 +490,7 @@ class CheckpointManager:
         return read_rank_state(
             self.storage,
             self.layout,
-            step,
+            self.layout.path_for(step),
             self.rank if rank is None else rank,
             verify=self.options.restore.verify,
             map_location=map_location,

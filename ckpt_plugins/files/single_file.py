@@ -48,6 +48,7 @@ from ckpt_plugins.files.tensor_file import (
     tensor_bytes,
     write_tensor_file,
 )
+from ckpt_plugins.layout.lock import process_alive
 from ckpt_plugins.storage.base import Storage
 
 __all__ = [
@@ -257,7 +258,7 @@ def remove_stale_temp_files(storage: Storage, directory: str) -> list[str]:
         if match is None:
             continue
         host, pid = match.group(1), int(match.group(2), 16)
-        if host != _HOST or _alive(pid):
+        if host != _HOST or process_alive(pid):
             continue
         try:
             storage.remove_file(storage.join(directory, name))
@@ -267,16 +268,6 @@ def remove_stale_temp_files(storage: Storage, directory: str) -> list[str]:
     if removed:
         log.info("removed %d leftover temporary file(s) of ended processes in %s", len(removed), directory)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _parent(path: str) -> str:

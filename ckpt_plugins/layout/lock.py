@@ -46,7 +46,8 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start_time: str | None) -> bool:
+def process_alive(pid: int, start_time: str | None = None) -> bool:
+    """Whether process ``pid`` of this host still runs (and, given ``start_time``, is the same process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -228,7 +229,7 @@ class DirectoryLock:
             return True  # any host: its holder stopped refreshing it
         if holder.get("host") != self._owner["host"] or not isinstance(holder.get("pid"), int):
             return False
-        return not _alive(holder["pid"], holder.get("start_time"))
+        return not process_alive(holder["pid"], holder.get("start_time"))
 
     def __enter__(self) -> DirectoryLock:
         self.acquire()

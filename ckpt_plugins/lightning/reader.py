@@ -31,7 +31,7 @@ from ckpt_plugins.layout.naming import parse_step_dir
 from ckpt_plugins.lightning.saves import wait_for
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
 from ckpt_plugins.manager import CheckpointManager
-from ckpt_plugins.restore.read import is_our_checkpoint, restore_ours, restore_path
+from ckpt_plugins.restore.read import is_our_checkpoint, read_rank_state, restore_path
 from ckpt_plugins.storage import open_storage
 
 __all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager"]
@@ -110,20 +110,7 @@ def read_lightning_checkpoint(
         log.info(report.summary())
         checkpoint = dict(state)
         parent = os.path.dirname(root.rstrip("/")) or root
-        rank_state, _ = restore_ours(
-            storage,
-            Layout(storage, parent),
-            root,
-            target=None,
-            selector=None,
-            rename=None,
-            strict=True,
-            map_location=location,
-            allow_unsafe_pickle=False,
-            verify=verify,
-            part=f"rank_{rank}",
-            missing_ok=True,
-        )
+        rank_state = read_rank_state(storage, Layout(storage, parent), root, rank, verify=verify, map_location=location)
     if rank_state is not None:
         checkpoint[RANK_STATE_KEY] = rank_state
     return checkpoint

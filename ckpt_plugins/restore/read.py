@@ -159,13 +159,13 @@ def restore_which(
 
 
 def read_rank_state(
-    storage: Storage, layout: Layout, step: int, rank: int, *, verify: bool, map_location: str | torch.device
+    storage: Storage, layout: Layout, path: str, rank: int, *, verify: bool, map_location: str | torch.device
 ) -> Any:
-    """The ``rank_state`` of ``rank`` in committed ``step``; None when it has none for that rank."""
+    """The ``rank_state`` of ``rank`` in our checkpoint at ``path``; None when it has none for that rank."""
     state, _ = restore_ours(
         storage,
         layout,
-        layout.path_for(step),
+        path,
         verify=verify,
         part=f"rank_{rank}",
         target=None,
