@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (
+    E2E_COLUMNS,
     OtherLoad,
     file_bytes,
     fsync_tree,
@@ -222,17 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{load.other_cores:.1f} cores on average while this ran.",
             "",
             md_table(
-                [
-                    "config",
-                    "wall s (median)",
-                    "overhead vs none",
-                    "overhead, until checkpoints are on disk",
-                    "CPU s of the process",
-                    "saves per run",
-                    "blocked per save, median ms",
-                    "max ms",
-                    "checkpoint MB",
-                ],
+                E2E_COLUMNS,
                 rows,
             ),
             "",

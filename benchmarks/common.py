@@ -416,6 +416,20 @@ def machine_info(directory: str | os.PathLike = REPO) -> dict[str, Any]:
 
 
 # --- output ------------------------------------------------------------------------------------
+# the columns of both end-to-end tables (Lightning and HF), in the order the rows are built
+E2E_COLUMNS = (
+    "config",
+    "wall s (median)",
+    "overhead vs none",
+    "overhead, until checkpoints are on disk",
+    "CPU s of the process",
+    "saves per run",
+    "blocked per save, median ms",
+    "max ms",
+    "checkpoint MB",
+)
+
+
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one letter per column (l/r/c), default l then r."""
     headers = list(headers)
