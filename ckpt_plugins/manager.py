@@ -37,6 +37,7 @@ from ckpt_plugins.options import (
     DistributedOptions,
     IOOptions,
     ManagerOptions,
+    MirrorOptions,
     RestoreOptions,
     RetentionOptions,
     SaveOptions,
@@ -45,6 +46,7 @@ from ckpt_plugins.options.checks import check_directory
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
 from ckpt_plugins.persist.engine import SaveHandle
+from ckpt_plugins.persist.mirror import open_mirror
 from ckpt_plugins.persist.request import check_save_arguments, flatten_parts
 from ckpt_plugins.persist.save_job import SaveRequest
 from ckpt_plugins.persist.writer import Persister
@@ -94,6 +96,10 @@ class CheckpointManager:
         storage_options: passed to the fsspec file system of a URL ``directory`` (for ``s3://``:
             ``client_kwargs={"endpoint_url": ...}``, ``key``/``secret``, ``profile``, ...); never
             stored, logged or written into a checkpoint. See docs/storage.md.
+        mirror, keep_local: the local-first tier (:class:`~ckpt_plugins.options.MirrorOptions`,
+            or ``mirror_options=``): saves commit to the local directory ``mirror``, are uploaded
+            to ``directory`` in the background, and the newest ``keep_local`` stay local too
+            (``self.mirror``: :class:`~ckpt_plugins.persist.mirror.Mirror`). See docs/storage.md.
 
     Each option is documented on its group and in docs/options.md. Every option is checked here,
     before the directory is touched: a bad value is a :class:`~ckpt_plugins.errors.ConfigError`
@@ -131,12 +137,15 @@ class CheckpointManager:
         distributed: bool = True,
         dir_prefix: str = "step_",
         strict: bool = True,
+        mirror: str | os.PathLike[str] | None = None,
+        keep_local: int = 1,
         options: ManagerOptions | None = None,
         retention_options: RetentionOptions | None = None,
         save_options: SaveOptions | None = None,
         io_options: IOOptions | None = None,
         distributed_options: DistributedOptions | None = None,
         restore_options: RestoreOptions | None = None,
+        mirror_options: MirrorOptions | None = None,
         policy: RetentionPolicy | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -166,6 +175,8 @@ class CheckpointManager:
             direct_io=direct_io,
             distributed=distributed,
             dir_prefix=dir_prefix,
+            mirror=mirror,
+            keep_local=keep_local,
         )
         groups = dict(
             retention_options=retention_options,
@@ -173,13 +184,20 @@ class CheckpointManager:
             io_options=io_options,
             distributed_options=distributed_options,
             restore_options=restore_options,
+            mirror_options=mirror_options,
         )
         self.options = opts = assemble(options, groups, flat)
         self.policy = policy_of(policy, opts.retention)
         self.directory = os.fspath(directory)
         self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
         # storage_options (endpoint, credentials) go to fsspec only: never kept, logged or saved.
-        self.storage, self.root = open_storage(self.directory, storage_options)
+        self.mirror = open_mirror(self.directory, opts, storage_options, self.world_size)
+        self.layout: Layout
+        if self.mirror is not None:  # local-first: write and commit locally, upload in the background
+            self.storage, self.root, self.layout = self.mirror.local_storage, self.mirror.local_root, self.mirror.layout
+        else:
+            self.storage, self.root = open_storage(self.directory, storage_options)
+            self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
         if opts.saving.writer == "process" and self.storage.local_path(self.root) is None:
             raise ConfigError(
                 f"$writer='process' works with local directories only, not {self.directory}",
@@ -187,7 +205,6 @@ class CheckpointManager:
                 value="process",
             )
         self.direct_io = opts.io.direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
-        self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
         self._lock = DirectoryLock(self.storage, self.root)
         self._state_lock = threading.Lock()
         try:
@@ -195,6 +212,8 @@ class CheckpointManager:
                 self.storage.makedirs(self.root)
                 self._lock.acquire()
                 self.layout.cleanup_leftovers()
+                if self.mirror is not None:
+                    self.mirror.start()
             # the writer side: stager, engine, writer process, saves in flight (persist/writer.py)
             self._persister = Persister(
                 opts.saving,
@@ -210,6 +229,8 @@ class CheckpointManager:
                 done=self._save_done,
             )
         except BaseException:
+            if self.mirror is not None:
+                self.mirror.close()
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
         self._records: dict[int, CheckpointRecord] = {}
@@ -286,7 +307,8 @@ class CheckpointManager:
 
     def verify(self, step: int) -> list[str]:
         """Check every file of a committed step (present, size, xxh3); the problems, or []."""
-        return self.layout.verify(self.layout.path_for(step))
+        layout, path = self.layout.copies(step)[0]
+        return layout.verify(path)
 
     def quarantine(self, step: int, reason: str) -> str:
         """Move a damaged committed checkpoint out of the listing, keeping its files for
@@ -487,10 +509,11 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from ckpt_plugins.restore.read import read_rank_state
 
+        layout, path = self.layout.copies(step)[0]
         return read_rank_state(
-            self.storage,
-            self.layout,
-            self.layout.path_for(step),
+            layout.storage,
+            layout,
+            path,
             self.rank if rank is None else rank,
             verify=self.options.restore.verify,
             map_location=map_location,
@@ -534,7 +557,11 @@ class CheckpointManager:
             self._persister.close()
         finally:
             self._closed = True
-            self._lock.release()
+            try:
+                if self.mirror is not None:
+                    self.mirror.close()  # uploads what the saves committed, releases the remote lock
+            finally:
+                self._lock.release()
             exit_hooks.unregister(self)
 
     def _check_open(self) -> None:

@@ -89,6 +89,11 @@ class Layout:
         """Where step ``step`` is committed: ``<prefix><step>``, or ``name`` when given."""
         return self.storage.join(self.root, name if name is not None else step_dir_name(step, self.prefix))
 
+    def copies(self, step: int) -> list[tuple[Layout, str]]:
+        """Where ``step`` can be read from, preferred first: here, one place (a mirror has two:
+        :class:`~ckpt_plugins.layout.mirror.MirrorLayout`)."""
+        return [(self, self.path_for(step))]
+
     def new_temp_dir(self, step: int, token: str | None = None, name: str | None = None) -> str:
         """The hidden folder a save of ``step`` (or of ``name``) writes into before it commits."""
         token = token or uuid.uuid4().hex[:12]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOptions, RetentionOptions, SaveOptions
+from ckpt_plugins.options.mirror import MirrorOptions
 
 if TYPE_CHECKING:
     from ckpt_plugins.retention.policy import RetentionPolicy
@@ -29,6 +30,7 @@ GROUP_KEYWORDS: dict[str, tuple[str, type]] = {
     "io": ("io_options", IOOptions),
     "distributed": ("distributed_options", DistributedOptions),
     "restore": ("restore_options", RestoreOptions),
+    "mirror": ("mirror_options", MirrorOptions),
 }
 _GROUP_OF: dict[str, str] = {f.name: group for group, (_, cls) in GROUP_KEYWORDS.items() for f in fields(cls)}
 FLAT_DEFAULTS: dict[str, Any] = {f.name: f.default for _, cls in GROUP_KEYWORDS.values() for f in fields(cls)}
@@ -49,6 +51,7 @@ class ManagerOptions:
     io: IOOptions = field(default_factory=IOOptions)
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     restore: RestoreOptions = field(default_factory=RestoreOptions)
+    mirror: MirrorOptions = field(default_factory=MirrorOptions)
 
     def __post_init__(self) -> None:
         for name, (_, cls) in GROUP_KEYWORDS.items():

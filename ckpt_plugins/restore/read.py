@@ -138,15 +138,25 @@ def restore_which(
     """
 
     def attempt(step: int) -> tuple[Any, RestoreReport, int | None]:
-        state, report = restore_ours(storage, layout, layout.path_for(step), verify=verify, **options)
-        report.step = step
-        log.info(report.summary())
-        return state, report, step
+        copies = layout.copies(step)  # a mirror: the local copy first, then the remote one
+        for i, (where, path) in enumerate(copies):
+            try:
+                state, report = restore_ours(where.storage, where, path, verify=verify, **options)
+            except CorruptCheckpointError as exc:
+                if i + 1 == len(copies):
+                    raise
+                log.warning("%s; reading step %d from %s instead", exc, step, copies[i + 1][1])
+                continue
+            report.step = step
+            log.info(report.summary())
+            return state, report, step
+        raise AssertionError("unreachable: copies() is never empty")
 
     if isinstance(which, str) and which in ("latest", "best"):
         return first_usable(candidates(which), attempt, what=which, directory=directory)
     if isinstance(which, int) and not isinstance(which, bool):
-        if not storage.exists(storage.join(layout.path_for(which), MANIFEST_NAME)):
+        where, path = layout.copies(which)[0]
+        if not where.storage.exists(where.storage.join(path, MANIFEST_NAME)):
             raise CheckpointNotFoundError(
                 f"no committed checkpoint for step {which} in {directory}; "
                 f"available steps: {[c.step for c in layout.committed()]}"
