@@ -1,8 +1,8 @@
 """``ckpt-plugins inspect PATH``: keys, shapes, dtypes and sizes of one checkpoint, in any format.
 
 Nothing but headers is read where the format allows it: our manifests and tensor-file headers,
-safetensors headers (our HF checkpoints' ``model.safetensors`` too); pickles are memory-mapped,
-so their tensors are not read either.
+safetensors headers (our HF checkpoints' ``model.safetensors`` too), a DCP folder's ``.metadata``;
+pickles are memory-mapped, so their tensors are not read either.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.files.tensor_file import read_header
 from ckpt_plugins.formats import detect_format, read_foreign
+from ckpt_plugins.formats.dcp import read_dcp
 from ckpt_plugins.formats.hf_folder import holds_native_files, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.restore.read import is_our_checkpoint
@@ -42,7 +43,7 @@ def add_parser(sub: Any) -> None:
         "inspect",
         help="keys, shapes, dtypes and bytes of one checkpoint (any format)",
         description="List every entry of one checkpoint: ours, a Lightning .ckpt, an HF "
-        "checkpoint-N folder, a torch .pt/.bin or a .safetensors file.",
+        "checkpoint-N folder, a torch .pt/.bin, a .safetensors file or a torch.distributed.checkpoint folder.",
     )
     p.add_argument("path", help="one checkpoint: a folder (step_N, checkpoint-N) or a file (.ckpt, .pt, .safetensors)")
     p.add_argument(
@@ -123,6 +124,8 @@ def _foreign_state(path: str, fmt: str | None, allow_unsafe_pickle: bool) -> Any
         return read_safetensors(path, meta=True)
     if fmt == "hf":
         return read_hf_folder(path, meta=True, allow_unsafe_pickle=allow_unsafe_pickle)
+    if fmt == "dcp":
+        return read_dcp(path, meta=True, allow_unsafe_pickle=allow_unsafe_pickle)
     return read_foreign(path, allow_unsafe_pickle=allow_unsafe_pickle)
 
 

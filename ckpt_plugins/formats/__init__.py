@@ -29,8 +29,11 @@ What :func:`read_foreign` returns, per format:
 - ``"safetensors"`` (a ``.safetensors`` file): a flat ``{name: tensor}`` dict and nothing else;
   the header's string metadata comes from :func:`read_safetensors_metadata`.
 - ``"dcp"`` (a ``torch.distributed.checkpoint`` folder, recognised by its ``.metadata`` file):
-  its metadata is a pickle, so it is read only with ``allow_unsafe_pickle=True`` (converted with
-  ``dcp_to_torch_save`` and loaded); otherwise :class:`~ckpt_plugins.errors.ConfigError`.
+  the nested state DCP was given, tensors assembled from their chunks into full plain tensors
+  (dict keys come back as strings, as DCP stores them). The ``.metadata`` pickle is read by an
+  unpickler that knows only DCP's metadata classes, ``torch.Size`` and torch dtypes
+  (:mod:`~ckpt_plugins.formats.dcp_metadata`); anything else raises
+  :class:`~ckpt_plugins.errors.UnsafeCheckpointError` before it runs.
 
 ``include=`` selects leaves by key path: dict keys and list indices joined with ``"."``
 (``"state_dict.layer.0.weight"``, ``"model.transformer.wte.weight"``,

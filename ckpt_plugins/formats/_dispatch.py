@@ -24,7 +24,7 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _LISTED_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
 
 SUPPORTED_FORMATS = ("lightning", "hf", "torch", "safetensors", "dcp")
-"""The formats :func:`read_foreign` reads (``"dcp"`` only with ``allow_unsafe_pickle=True``)."""
+"""The formats :func:`read_foreign` reads (``"dcp"``: its metadata pickle through an allow-list)."""
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
@@ -96,9 +96,9 @@ def read_foreign(
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
-        ConfigError: the format is unknown, is a ckpt_plugins checkpoint, or is a DCP folder
-            without ``allow_unsafe_pickle=True``.
-        UnsafeCheckpointError: a pickle needs a global outside the allow-list (named).
+        ConfigError: the format is unknown, or is a ckpt_plugins checkpoint.
+        UnsafeCheckpointError: a pickle (a DCP folder's ``.metadata`` included) needs a global
+            outside the allow-list (named).
         CorruptCheckpointError: a file is truncated or unreadable (named).
 
     Example:

@@ -22,7 +22,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch
 from ckpt_plugins.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_plugins.tree.walk import select
 
-__all__ = ["DATA_ONLY_GLOBALS", "MapLocation", "load_pickle"]
+__all__ = ["DATA_ONLY_GLOBALS", "MapLocation", "load_pickle", "load_pickle_stream"]
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +126,41 @@ def load_pickle(
     use_mmap = mmap and zipfile.is_zipfile(path)
     if mmap and not use_mmap:
         log.debug("%s is not in torch's zip format; loading it without mmap", path)
+    obj = _torch_load(path, path, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, mmap=use_mmap)
+    return obj if include is None else select(obj, include, prefix, empty={})
+
+
+def load_pickle_stream(
+    stream: IO[bytes], name: str, *, map_location: MapLocation = "cpu", allow_unsafe_pickle: bool = False
+) -> Any:
+    """Load one ``torch.save`` pickle from an open, seekable stream, as :func:`load_pickle` does.
+
+    ``name`` says what the stream is in errors (``"dcp/__0_0.distcp, item 'step'"``). Used for
+    the items inside DCP data files, which are ``torch.save`` pickles at an offset.
+
+    Raises:
+        UnsafeCheckpointError: the pickle needs a global outside the allow-list (named).
+        CorruptCheckpointError: the bytes are not a readable ``torch.save`` pickle.
+    """
+    return _torch_load(stream, name, map_location=map_location, allow_unsafe_pickle=allow_unsafe_pickle, mmap=False)
+
+
+def _torch_load(
+    source: str | IO[bytes], name: str, *, map_location: MapLocation, allow_unsafe_pickle: bool, mmap: bool
+) -> Any:
     if allow_unsafe_pickle:
-        log.info("Loading %s with full pickle (allow_unsafe_pickle=True)", path)
+        log.info("Loading %s with full pickle (allow_unsafe_pickle=True)", name)
     try:
         if allow_unsafe_pickle:
-            obj = torch.load(path, map_location=map_location, weights_only=False, mmap=use_mmap)
-        else:
-            with _data_only_globals_allowed():
-                obj = torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
+            return torch.load(source, map_location=map_location, weights_only=False, mmap=mmap)
+        with _data_only_globals_allowed():
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not allow_unsafe_pickle and "weights only load failed" in str(exc).lower():
-            raise _unsafe_error(path, str(exc)) from exc
-        raise CorruptCheckpointError(f"Cannot read {path}: {exc}") from exc
+            raise _unsafe_error(name, str(exc)) from exc
+        raise CorruptCheckpointError(f"Cannot read {name}: {exc}") from exc
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
         raise CorruptCheckpointError(
-            f"Cannot read {path}: it is truncated or not a torch.save file ({exc!r}). "
+            f"Cannot read {name}: it is truncated or not a torch.save file ({exc!r}). "
             f"Check the file, or re-download / re-save it."
         ) from exc
-    return obj if include is None else select(obj, include, prefix, empty={})
