@@ -33,6 +33,7 @@ from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.layout.commit import Layout, check_folder_name
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.run_start import check_run_start
+from ckpt_plugins.memory.hooks import open_tier
 from ckpt_plugins.options import (
     DistributedOptions,
     IOOptions,
@@ -43,6 +44,7 @@ from ckpt_plugins.options import (
     SaveOptions,
 )
 from ckpt_plugins.options.checks import check_directory
+from ckpt_plugins.options.memory import MemoryTierOptions, memory_options_of
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
 from ckpt_plugins.persist.engine import SaveHandle
@@ -100,6 +102,12 @@ class CheckpointManager:
             or ``mirror_options=``): saves commit to the local directory ``mirror``, are uploaded
             to ``directory`` in the background, and the newest ``keep_local`` stay local too
             (``self.mirror``: :class:`~ckpt_plugins.persist.mirror.Mirror`). See docs/storage.md.
+        memory_tier: ``True`` or a :class:`~ckpt_plugins.options.MemoryTierOptions`: every save
+            also writes a snapshot into host shared memory that outlives the process;
+            ``latest_step()``/``restore("latest")`` pick the newest of memory and disk
+            (docs/memory_tier.md).
+        persist_every_n_steps: with ``memory_tier``, only saves of steps divisible by this are
+            written to ``directory`` (default 1: every save is).
 
     Each option is documented on its group and in docs/options.md. Every option is checked here,
     before the directory is touched: a bad value is a :class:`~ckpt_plugins.errors.ConfigError`
@@ -148,8 +156,11 @@ class CheckpointManager:
         mirror_options: MirrorOptions | None = None,
         policy: RetentionPolicy | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        memory_tier: bool | MemoryTierOptions = False,
+        persist_every_n_steps: int | None = None,
     ) -> None:
         check_directory("directory", directory)
+        self.memory_options, persist_every = memory_options_of(memory_tier, persist_every_n_steps)
         if isinstance(on_commit, Iterable) and not isinstance(on_commit, (list, tuple, str, bytes)):
             on_commit = tuple(on_commit)  # a generator of callables: read it once, here
         flat = dict(
@@ -228,6 +239,15 @@ class CheckpointManager:
                 lock=self._state_lock,
                 done=self._save_done,
             )
+            # the in-memory tier (ckpt_plugins.memory): None unless memory_tier
+            self._memory = open_tier(
+                self.memory_options,
+                persist_every,
+                directory=self.directory,
+                rank=self.rank,
+                world_size=self.world_size,
+                prefix=opts.io.dir_prefix,
+            )
         except BaseException:
             if self.mirror is not None:
                 self.mirror.close()
@@ -264,9 +284,11 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step, damaged or not (a restore finds out); None when there is none.
-        To resume, use :attr:`restored_step` after ``restore("latest")``."""
+        To resume, use :attr:`restored_step` after ``restore("latest")``. With ``memory_tier``, the
+        newest of the directory and this rank's snapshots that verify."""
         steps = self.steps()
-        return steps[-1] if steps else None
+        memory = self._memory.newest() if self._memory is not None else None
+        return max([s for s in (steps[-1] if steps else None, memory) if s is not None], default=None)
 
     @property
     def restored_step(self) -> int | None:
@@ -385,8 +407,38 @@ class CheckpointManager:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
         metrics = check_save_arguments(step, metrics, extra_files, name)
         flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
+        if self._memory is not None and name is None:  # a snapshot every save; the disk every K steps
+            snapshot = self._memory.save(
+                step,
+                state,
+                flat=flat,
+                rank_flat=rank_flat,
+                unstorable=unstorable,
+                extra_files=extra_files,
+                metrics=metrics,
+                user_metadata=user_metadata,
+                retention=policy_flags(self.policy),
+            )
+            if not self._memory.persists(step):
+                self.last_save_stats = snapshot.stats
+                return snapshot
+        return self._persist(step, flat, rank_flat, unstorable, extra_files, name, metrics, user_metadata, on_commit)
+
+    def _persist(
+        self,
+        step: int,
+        flat: Any,
+        rank_flat: Any,
+        unstorable: str | None,
+        extra_files: Mapping[str, Any] | None,
+        name: str | None,
+        metrics: dict[str, float],
+        user_metadata: Mapping[str, Any] | None,
+        on_commit: Callable[[int, str], None] | None,
+    ) -> SaveHandle | None:
+        """The directory's part of a save: agree (distributed), stage, submit to the writer."""
         token, ranks_with_state = self._persister.agree(
-            step, has_rank_state=rank_state is not None, unstorable=unstorable, name=name
+            step, has_rank_state=rank_flat is not None, unstorable=unstorable, name=name
         )
         return self._persister.save(
             step,
@@ -402,6 +454,15 @@ class CheckpointManager:
             retention=policy_flags(self.policy) if name is None else None,
             on_stats=self._set_save_stats,
         )
+
+    def _persist_snapshot(self, step: int, snapshot: Any) -> None:
+        """Write a memory snapshot (``memory.tier.Snapshot``) to the directory, and wait for it."""
+        flat, rank_flat, unstorable = flatten_parts(
+            snapshot.state, snapshot.rank_state, rank=self.rank, world_size=self.world_size
+        )
+        m = snapshot.manifest
+        self._persist(step, flat, rank_flat, unstorable, snapshot.extra_files, None, m.metrics, m.user_metadata, None)
+        self.wait()
 
     def _set_save_stats(self, stats: dict[str, float]) -> None:
         self.last_save_stats = stats
@@ -477,8 +538,27 @@ class CheckpointManager:
         check_rename(rename)
         check_strict(strict)
         self._persister.engine.flush()
-        from ckpt_plugins.restore.read import restore_which
+        from ckpt_plugins.restore.read import restore_ours, restore_which
 
+        memory = self._memory_path(which)
+        if memory is not None:  # the in-memory tier: the same reader on the snapshot's storage
+            tier = self._memory.tier  # type: ignore[union-attr]
+            state, report = restore_ours(
+                tier.storage,
+                tier.layout,
+                memory,
+                verify=self.options.restore.verify,
+                target=target,
+                selector=selector,
+                rename=rename,
+                strict=strict,
+                map_location=map_location,
+                allow_unsafe_pickle=allow_unsafe_pickle,
+            )
+            log.info("restored from memory: %s", report.summary())
+            self.last_restore_report = report
+            self._restored_step = report.step
+            return state
         ranked = partial(candidates, steps=self.steps, records=self.records, monitor=self.monitor, mode=self.mode)
         state, report, step = restore_which(
             self.storage,
@@ -499,6 +579,19 @@ class CheckpointManager:
             self._restored_step = step
         return state
 
+    def _memory_path(self, which: Which) -> str | None:
+        """The snapshot a restore of ``which`` reads (``"latest"``: agreed across the ranks, not
+        older than the directory's newest; a step: this rank's snapshot of it), or None."""
+        if self._memory is None:
+            return None
+        if isinstance(which, str) and which == "latest":
+            steps = self.steps()
+            step = self._memory.agree(steps[-1] if steps else None)
+            return None if step is None else self._memory.tier.path_for(step)
+        if isinstance(which, int) and not isinstance(which, bool):
+            return self._memory.path_if_held(which)
+        return None
+
     def restore_rank_state(
         self, which: Which = "latest", rank: int | None = None, map_location: str | torch.device = "cpu"
     ) -> Any:
@@ -509,6 +602,12 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.directory}")
         from ckpt_plugins.restore.read import read_rank_state
 
+        memory = self._memory.path_if_held(step) if self._memory is not None and rank in (None, self.rank) else None
+        if memory is not None:  # a snapshot holds this rank's state as its part rank_0
+            tier = self._memory.tier  # type: ignore[union-attr]
+            return read_rank_state(
+                tier.storage, tier.layout, memory, 0, verify=self.options.restore.verify, map_location=map_location
+            )
         layout, path = self.layout.copies(step)[0]
         return read_rank_state(
             layout.storage,
@@ -554,7 +653,11 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self._persister.close()
+            try:
+                if self._memory is not None:
+                    self._memory.finish(self)  # persist a newer snapshot, then free the memory
+            finally:
+                self._persister.close()
         finally:
             self._closed = True
             try:

@@ -14,7 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 HELPERS = ROOT / "tests" / "helpers"  # scripts the tests run as real subprocesses
 
-pytest_plugins = ["s3_fixtures"]  # the moto S3 server, buckets and the fault proxy (tests/helpers)
+pytest_plugins = [
+    "s3_fixtures",
+    "memory_shm",
+]  # the moto S3 server, buckets and the fault proxy; shm_of (tests/helpers)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,256 @@
+"""The in-memory tier: one snapshot per ``save()`` in host shared memory, outliving the process.
+
+A snapshot is one of our committed checkpoints, on a :class:`~ckpt_plugins.storage.local.LocalStorage`
+rooted in a tmpfs (:mod:`.place`): the same tensor files, the same manifest with checksums, the same
+commit by rename. Writing, verifying and reading it is therefore the code every checkpoint uses
+(``persist.save_job``, ``layout.commit``, ``restore.read``), and a snapshot cut short by a SIGKILL is
+a hidden temporary folder that is never listed. Because the files belong to the file system, not to
+the process, they survive the process's death (not a reboot, nor the loss of the host).
+
+Each rank's snapshot is a complete one-rank checkpoint of what that rank needs to resume: the
+shared ``state`` (every rank keeps it, so a rank can resume without another host's memory) and its
+``rank_state``, stored as the part ``rank_0``; ``manifest.user_metadata["memory_tier"]`` says which
+rank of how many wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.manifest import Manifest
+from ckpt_plugins.files.tensor_file import FileRecord, read_tensor_file, write_tensor_file
+from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.memory.place import check_budget, check_root, folder_bytes, snapshot_root
+from ckpt_plugins.options.memory import MemoryTierOptions
+from ckpt_plugins.persist.engine import SaveHandle
+from ckpt_plugins.persist.request import collect
+from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
+from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.restore.select import materialize
+from ckpt_plugins.restore.targets import RestoreReport
+from ckpt_plugins.storage.local import LocalStorage
+
+__all__ = ["MARK", "MemoryTier", "Snapshot"]
+
+log = logging.getLogger(__name__)
+
+MARK = "memory_tier"
+"""The ``user_metadata`` key of a snapshot's manifest: ``{"rank": r, "world_size": w}``."""
+
+
+class Snapshot:
+    """What a snapshot holds, read back: the state, the rank state, extra files (bytes), the manifest."""
+
+    def __init__(self, state: Any, rank_state: Any, extra_files: dict[str, bytes], manifest: Manifest) -> None:
+        self.state, self.rank_state, self.extra_files, self.manifest = state, rank_state, extra_files, manifest
+
+
+class _NoSlot:
+    """The stager a snapshot job releases its slot to: the tier stages (when it must) itself."""
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+class MemoryTier:
+    """This rank's snapshots of one checkpoint directory (and, with peers, its ring peer's copies).
+
+    Args:
+        options: the tier's options.
+        directory: the checkpoint directory (names the shared-memory folder).
+        rank, world_size: this process under torch.distributed (0, 1 otherwise).
+        prefix: folder names, as the directory's (``step_``; ``checkpoint-`` for the HF Trainer,
+            whose loader can then read a snapshot folder as it reads its own).
+    """
+
+    def __init__(self, options: MemoryTierOptions, *, directory: str, rank: int, world_size: int, prefix: str) -> None:
+        check_root(options.root, options.budget_bytes)
+        self.options = options
+        self.rank, self.world_size = rank, world_size
+        self.storage = LocalStorage()
+        self.base = snapshot_root(options.root, directory)
+        self.folder = os.path.join(self.base, f"rank{rank}")
+        self.layout = Layout(self.storage, self.folder, prefix)
+        self.peer_layout = Layout(self.storage, os.path.join(self.folder, "peer"), prefix)
+        for layout in (self.layout, self.peer_layout):
+            os.makedirs(layout.root, exist_ok=True)
+            layout.cleanup_leftovers()  # a snapshot a SIGKILL cut short
+        self.lock = threading.Lock()  # snapshots written/pruned vs read by the peer sender
+        self._stager: HostStager | None = None
+        self._budget_checked = False
+        self._verified: set[str] = set()
+        self.peers: Any = None  # memory.peers.RingPeers, attached by the manager under torch.distributed
+        existing = self.layout.committed()
+        if existing:  # a restart: the last run's snapshot size is the best estimate of this one's
+            self._check_budget(folder_bytes(existing[-1].path))
+
+    @property
+    def copies(self) -> int:
+        return 2 if self.options.peers and self.world_size > 1 else 1
+
+    def _check_budget(self, state_bytes: int) -> None:
+        check_budget(
+            self.options.root,
+            state_bytes,
+            keep=self.options.keep,
+            copies=self.copies,
+            budget_bytes=self.options.budget_bytes,
+            held_bytes=folder_bytes(self.folder),
+        )
+
+    # --- listing -----------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed snapshot steps of this rank, ascending (not verified)."""
+        return [c.step for c in self.layout.committed()]
+
+    def path_for(self, step: int) -> str:
+        return self.layout.path_for(step)
+
+    def usable(self, layout: Layout | None = None) -> list[int]:
+        """Steps whose snapshot verifies (manifest, sizes, checksums), newest first; a damaged one
+        is skipped with a WARNING naming the file. Snapshots this process wrote count as verified."""
+        layout = layout or self.layout
+        good = []
+        for ckpt in reversed(layout.committed()):
+            if ckpt.path in self._verified:
+                good.append(ckpt.step)
+                continue
+            problems = layout.verify(ckpt.path)
+            if problems:
+                log.warning(
+                    "memory snapshot step %d (%s) is damaged, skipped: %s", ckpt.step, ckpt.path, "; ".join(problems)
+                )
+                continue
+            self._verified.add(ckpt.path)
+            good.append(ckpt.step)
+        return good
+
+    # --- writing -----------------------------------------------------------------------------
+    def snapshot(
+        self,
+        step: int,
+        *,
+        flat: Any,
+        rank_flat: Any,
+        extra_files: Mapping[str, Any] | None,
+        metrics: dict[str, float],
+        user_metadata: Mapping[str, Any] | None,
+        retention: dict[str, Any] | None,
+    ) -> SaveHandle:
+        """Write and commit the snapshot of ``step`` (on the caller's thread: it is the one memory
+        copy of the state); keep the newest ``keep``; hand it to the peer sender. Returns a handle
+        that is already committed (its path is the snapshot)."""
+        tensors, extra_specs = collect(flat, rank_flat, extra_files)
+        if not self._budget_checked:
+            self._check_budget(sum(t.numel() * t.element_size() for t in tensors.values()))
+            self._budget_checked = True
+        slot = None
+        if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
+            self._stager = self._stager or HostStager(1)
+            slot = self._stager.acquire()
+            assert slot is not None  # a blocking acquire
+            staged = self._stager.stage(slot, tensors)  # pinned, reused host buffers
+            staged.wait()
+            tensors = staged.tensors
+        meta = {**(user_metadata or {}), MARK: {"rank": self.rank, "world_size": self.world_size}}
+        request = SaveRequest(
+            step=step,
+            token=uuid.uuid4().hex[:12],
+            name=None,
+            ranks_with_state=[0] if rank_flat is not None else [],
+            flat=flat,
+            rank_flat=rank_flat,
+            tensors=tensors,
+            staged=None,
+            stage_in_job=False,
+            slot=0,
+            metrics=metrics,
+            user_metadata=meta,
+            extra_specs=extra_specs,
+            callbacks=(),
+            retention=retention,
+        )
+        dest = Destination(self.storage, self.layout, self._write, False, 0, 1, 60.0)
+        handle = SaveHandle(step, self.layout.path_for(step))
+        try:
+            with self.lock:
+                for later in [s for s in self.steps() if s > step]:
+                    log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
+                    self.layout.delete(later)
+                path = SaveJob(request, dest, _NoSlot(), done=lambda *_: None)(handle)  # type: ignore[arg-type]
+                self._verified.add(path)
+                for old in self.steps()[: -self.options.keep]:
+                    self.layout.delete(old)
+                self._verified &= {c.path for c in self.layout.committed()}
+        finally:
+            if slot is not None and self._stager is not None:
+                self._stager.release(slot)
+        handle._durable.set_result(path)
+        if self.peers is not None:
+            self.peers.offer(step, path)
+        return handle
+
+    def _write(
+        self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, slot: int | None
+    ) -> FileRecord:
+        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=False)
+
+    # --- reading -----------------------------------------------------------------------------
+    def read(self, step: int, *, map_location: str | torch.device = "cpu", verify: bool = True) -> Snapshot:
+        """The whole snapshot of ``step`` as it was saved (for persisting it to the directory)."""
+        path = self.layout.path_for(step)
+        manifest = self.layout.read_manifest(path)
+
+        def part(name: str) -> Any:
+            entry = manifest.parts.get(name)
+            if entry is None:
+                return None
+
+            def tensors(keys: set[str] | None) -> Mapping[str, torch.Tensor]:
+                if entry.tensor_file is None or keys == set():
+                    return {}
+                file = os.path.join(path, entry.tensor_file)
+                expected = manifest.files[entry.tensor_file] if verify else None
+                return read_tensor_file(self.storage, file, keys=keys, expected=expected, map_location=map_location)
+
+            return materialize(entry.tree, tensors, selector=None, rename=None, report=RestoreReport(source=path))
+
+        own = {p.tensor_file for p in manifest.parts.values() if p.tensor_file}
+        extra = {}
+        for name in manifest.files:
+            if name not in own:
+                with open(os.path.join(path, name), "rb") as f:
+                    extra[name] = f.read()
+        if verify:
+            problems = self.layout.verify(path)
+            if problems:
+                raise CorruptCheckpointError("; ".join(problems))
+        manifest = dataclasses.replace(
+            manifest, user_metadata={k: v for k, v in manifest.user_metadata.items() if k != MARK}
+        )
+        return Snapshot(part("state"), part("rank_0"), extra, manifest)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the peer transfer (after the last snapshot has been sent)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
+
+    def discard(self) -> None:
+        """Free the memory: remove this rank's snapshots and peer copies (and the directory's folder
+        once no rank has one left)."""
+        self.storage.remove_tree(self.folder) if os.path.exists(self.folder) else None
+        try:
+            os.rmdir(self.base)
+        except OSError:
+            pass  # another rank's folder is still there

@@ -1,0 +1,95 @@
+"""The in-memory tier in one process: options, budget errors, damaged snapshots, no leaked memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions
+from conftest import HELPERS
+
+
+def _state(step: int) -> dict:
+    return {"w": torch.full((256, 256), float(step)), "step": step}
+
+
+def test_every_save_snapshots_and_every_kth_persists(tmp_path, shm_of):
+    shm = shm_of(tmp_path)
+    with CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(keep=2), persist_every_n_steps=3) as mgr:
+        for step in range(1, 8):
+            handle = mgr.save(step, _state(step), rank_state={"r": step})
+            assert handle.wait().startswith(shm) == (step % 3 != 0)
+        assert mgr.steps() == [3, 6]
+        assert mgr._memory.tier.steps() == [6, 7]  # keep=2
+        assert mgr.latest_step() == 7
+        assert mgr.restore("latest")["step"] == 7 and mgr.restored_step == 7
+        assert mgr.restore(6)["step"] == 6 and mgr.last_restore_report.source.startswith(shm)
+        assert mgr.restore_rank_state(7) == {"r": 7}
+    # close(): the newer snapshot went to disk, the memory is freed
+    assert not os.path.exists(shm)
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [3, 6, 7]
+        assert torch.equal(mgr.restore("latest")["w"], _state(7)["w"])
+
+
+def test_a_damaged_snapshot_is_skipped_with_a_warning(tmp_path, shm_of, caplog):
+    shm_of(tmp_path)
+    mgr = CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(keep=2), persist_every_n_steps=5)
+    for step in range(1, 8):
+        mgr.save(step, _state(step))
+    tier = mgr._memory.tier
+    mgr._memory = None  # leave the memory as a crash would
+    mgr.close()
+    path = os.path.join(tier.path_for(7), "state.safetensors")
+    with open(path, "r+b") as f:  # flip a byte of the data
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.WARNING, logger="ckpt_plugins")
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5) as mgr:
+        assert mgr.latest_step() == 6
+        assert mgr.restore("latest")["step"] == 6
+    assert "memory snapshot step 7" in caplog.text and "damaged" in caplog.text
+
+
+def test_budget_and_option_errors_name_the_option(tmp_path, shm_of):
+    shm_of(tmp_path)
+    with pytest.raises(ConfigError) as exc:
+        CheckpointManager(tmp_path, persist_every_n_steps=5)
+    assert exc.value.option == "persist_every_n_steps"
+    with pytest.raises(ConfigError) as exc:
+        CheckpointManager(tmp_path, memory_tier="yes")
+    assert exc.value.option == "memory_tier"
+    with pytest.raises(ConfigError) as exc:
+        MemoryTierOptions(keep=0)
+    assert exc.value.option == "keep"
+    with pytest.raises(ConfigError) as exc:  # more than /dev/shm can hold: at construction
+        CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(budget_bytes=1 << 60))
+    assert exc.value.option == "budget_bytes" and "/dev/shm" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(root=str(tmp_path / "nowhere")))
+    assert exc.value.option == "root"
+    # the state's size is known at the first save: 256 KiB x (keep 1 + 1) does not fit 300 KiB
+    with CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(budget_bytes=300 << 10)) as mgr:
+        with pytest.raises(ConfigError) as exc:
+            mgr.save(1, _state(1))
+        assert exc.value.option == "budget_bytes" and "keep" in str(exc.value)
+        assert mgr.steps() == [] and mgr._memory.tier.steps() == []
+
+
+def test_no_memory_is_left_after_a_normal_exit_without_close(tmp_path, shm_of):
+    shm = shm_of(tmp_path)
+    subprocess.run(
+        [sys.executable, str(HELPERS / "memory_train.py"), str(tmp_path), "--persist", "5", "--until", "7"],
+        check=True,
+        capture_output=True,
+    )
+    assert not os.path.exists(shm)  # the exit hook closed the manager: persisted step 7, freed the memory
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.steps() == [5, 7]
