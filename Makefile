@@ -45,7 +45,7 @@ bench: venv
 	$(PY) benchmarks/run_all.py
 
 soak: venv
-	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/reliability
+	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/reliability tests/lightning/test_lightning_preemption.py tests/hf/test_hf_preemption.py
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any, BinaryIO, Literal
@@ -39,6 +39,7 @@ from ckpt_plugins.options import (
     IOOptions,
     ManagerOptions,
     MirrorOptions,
+    PreemptionOptions,
     RestoreOptions,
     RetentionOptions,
     SaveOptions,
@@ -49,6 +50,7 @@ from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.persist.mirror import open_mirror
+from ckpt_plugins.persist.preemption import PreemptionWatch
 from ckpt_plugins.persist.request import check_save_arguments, flatten_parts
 from ckpt_plugins.persist.save_job import SaveRequest
 from ckpt_plugins.persist.writer import Persister
@@ -90,6 +92,9 @@ class CheckpointManager:
             (:class:`~ckpt_plugins.options.DistributedOptions`); ``distributed=False`` makes a
             world of one, for code that saves on one rank only (Lightning's CheckpointIO).
         verify, strict: restore defaults (:class:`~ckpt_plugins.options.RestoreOptions`).
+        save_on_preemption, preemption_signals, preemption_sync_every: what a preemption signal
+            does while a loop polls :meth:`preemption_requested`
+            (:class:`~ckpt_plugins.options.PreemptionOptions`, docs/preemption.md).
         options: every option at once, a :class:`~ckpt_plugins.options.ManagerOptions`.
         retention_options, save_options, io_options, distributed_options, restore_options: one
             group as an object instead of its keywords.
@@ -147,6 +152,9 @@ class CheckpointManager:
         strict: bool = True,
         mirror: str | os.PathLike[str] | None = None,
         keep_local: int = 1,
+        save_on_preemption: bool = True,
+        preemption_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
+        preemption_sync_every: int = 10,
         options: ManagerOptions | None = None,
         retention_options: RetentionOptions | None = None,
         save_options: SaveOptions | None = None,
@@ -154,6 +162,7 @@ class CheckpointManager:
         distributed_options: DistributedOptions | None = None,
         restore_options: RestoreOptions | None = None,
         mirror_options: MirrorOptions | None = None,
+        preemption_options: PreemptionOptions | None = None,
         policy: RetentionPolicy | None = None,
         storage_options: Mapping[str, Any] | None = None,
         memory_tier: bool | MemoryTierOptions = False,
@@ -188,6 +197,9 @@ class CheckpointManager:
             dir_prefix=dir_prefix,
             mirror=mirror,
             keep_local=keep_local,
+            save_on_preemption=save_on_preemption,
+            preemption_signals=preemption_signals,
+            preemption_sync_every=preemption_sync_every,
         )
         groups = dict(
             retention_options=retention_options,
@@ -196,6 +208,7 @@ class CheckpointManager:
             distributed_options=distributed_options,
             restore_options=restore_options,
             mirror_options=mirror_options,
+            preemption_options=preemption_options,
         )
         self.options = opts = assemble(options, groups, flat)
         self.policy = policy_of(policy, opts.retention)
@@ -258,6 +271,7 @@ class CheckpointManager:
         self.last_restore_report: RestoreReport | None = None
         self.last_save_stats: dict[str, float] = {}
         self._closed = False
+        self._preemption = PreemptionWatch(opts.preemption, distributed=opts.distributed.distributed)
         exit_hooks.register(self)
 
     # --- options, as read-only attributes -------------------------------------------------------
@@ -647,11 +661,36 @@ class CheckpointManager:
             self.layout.delete(step)
         return decision
 
+    # --- preemption (ckpt_plugins.persist.preemption) ------------------------------------------
+    def preemption_requested(self, step: int | None = None) -> bool:
+        """Call at every step boundary, on every rank: True once a preemption signal arrived
+        (``preemption_signals``) and all ranks agree to stop here; then save this step,
+        :meth:`wait`, and leave the loop. The first call installs the signal handlers; from then
+        on a signal only sets a flag. At exit the process ends with that signal (status 143 for
+        SIGTERM). Under ``torch.distributed`` every ``preemption_sync_every``-th call is one
+        all_reduce of one element. Always False with ``save_on_preemption=False``.
+
+        Example:
+            >>> for step in range(start, steps):  # doctest: +SKIP
+            ...     train_step()
+            ...     if mgr.preemption_requested(step):
+            ...         mgr.save(step, state)
+            ...         mgr.wait()
+            ...         break
+        """
+        return self._preemption.requested(step)
+
+    def watch_preemption(self, chain: Iterable[int] = ()) -> None:
+        """Install the preemption handlers now (adapters, at the start of training), not at the
+        first :meth:`preemption_requested`; ``chain``: signals whose previous handler runs too."""
+        self._preemption.start(chain)
+
     # --- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Flush pending saves, stop the writer, release the lock. Raises a pending save error."""
         if self._closed:
             return
+        self._preemption.stop()
         try:
             try:
                 if self._memory is not None:

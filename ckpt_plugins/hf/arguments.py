@@ -97,6 +97,20 @@ class CheckpointArguments:
             "help": "Check the newest checkpoint-N when the Trainer is built; warn if damaged (nothing is moved)."
         },
     )
+    ckpt_save_on_preemption: bool = field(
+        default=True,
+        metadata={
+            "help": "On a preemption signal: save at the next step all ranks agree on, wait until durable, stop "
+            "training; the process then ends with the signal (docs/preemption.md)."
+        },
+    )
+    ckpt_preemption_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        metadata={"help": "Signals that announce a preemption (names, space separated)."},
+    )
+    ckpt_preemption_sync_every: int = field(
+        default=10, metadata={"help": "Under torch.distributed: exchange the preemption flag every N steps."}
+    )
     ckpt_gradient_checkpointing: ActivationMode | None = field(
         default=None,
         metadata={"help": "Activation checkpointing mode, extending --activation_checkpointing (any model)."},
@@ -155,5 +169,8 @@ class CheckpointArguments:
             every_n_train_steps=self.ckpt_every_n_train_steps,
             verify_latest=self.ckpt_verify_latest,
             on_error=self.ckpt_on_error,
+            save_on_preemption=self.ckpt_save_on_preemption,
+            preemption_signals=tuple(self.ckpt_preemption_signals),
+            preemption_sync_every=self.ckpt_preemption_sync_every,
             gradient_checkpointing=self.gradient_checkpointing(),
         ).spelled(names)

@@ -122,6 +122,11 @@ class CheckpointCallback(TrainerCallback):
             stops); ``"warn"``: it is logged and training goes on.
         verify_latest: when the Trainer is built, check the newest ``checkpoint-N`` and warn
             when it is damaged; nothing is moved (see :mod:`ckpt_plugins.hf.resume`).
+        save_on_preemption: on one of ``preemption_signals``, save at the next step all ranks
+            agree on, wait until it is durable, and stop (``control.should_training_stop``);
+            ``train()`` returns and the process ends with the signal at exit (docs/preemption.md).
+        preemption_signals: signal names, default ``["SIGTERM", "SIGUSR1"]``.
+        preemption_sync_every: under ``torch.distributed``, exchange the flag every N steps.
 
     Example:
         >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=100),
@@ -148,6 +153,9 @@ class CheckpointCallback(TrainerCallback):
         gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None,
         on_error: Literal["raise", "warn"] = "raise",
         verify_latest: bool = True,
+        save_on_preemption: bool = True,
+        preemption_signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        preemption_sync_every: int = 10,
     ) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None,
@@ -166,6 +174,9 @@ class CheckpointCallback(TrainerCallback):
             gradient_checkpointing=gradient_checkpointing,
             on_error=on_error,
             verify_latest=verify_latest,
+            save_on_preemption=save_on_preemption,
+            preemption_signals=preemption_signals,
+            preemption_sync_every=preemption_sync_every,
         )
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
@@ -181,6 +192,8 @@ class CheckpointCallback(TrainerCallback):
         self._activation_plan: gc_wiring.ActivationPlan | None = None
         self._seen_metrics: set[str] = set()
         self._monitor_warned = False
+        self.preempted_at: int | None = None
+        """The step saved and stopped at after a preemption signal (None: not preempted)."""
 
     @classmethod
     def from_args(cls, args: CheckpointArguments) -> CheckpointCallback:
@@ -267,6 +280,7 @@ class CheckpointCallback(TrainerCallback):
             self._take_over_directory()  # also here: a callback added after the Trainer was built
             self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
             _OPEN_ON[_directory_key(self.settings.dirpath)] = self.manager
+        self.manager.watch_preemption()
         try:
             self._check_existing(args, state, train_dataloader)
         except BaseException:
@@ -318,6 +332,9 @@ class CheckpointCallback(TrainerCallback):
         else:
             wanted = control.should_save
         control.should_save = False  # the Trainer's own (synchronous, non-atomic) save is replaced
+        if self.manager is not None and self.manager.preemption_requested(state.global_step):
+            self.preempted_at = state.global_step  # save this step, wait until durable, stop
+            control.should_training_stop = wanted = True
         if wanted:
             self._schedule(args, state, control, kwargs)
 
@@ -501,7 +518,10 @@ class CheckpointCallback(TrainerCallback):
         rng_states = gather_rng_states(distributed=world_size > 1)
         if state.best_global_step is not None and state.best_global_step in self._saved_steps | {step}:
             state.best_model_checkpoint = self.manager.path_for(state.best_global_step)
-        state.stateful_callbacks["TrainerControl"] = control.state()  # type: ignore[index,call-overload]  # a dict at run time
+        control_state = control.state()
+        if self.preempted_at == step:  # the resumed run must not stop where this one was preempted
+            control_state["args"]["should_training_stop"] = False
+        state.stateful_callbacks["TrainerControl"] = control_state  # type: ignore[index,call-overload]  # a dict at run time
         files = None
         if rank == 0:
             if self._tokenizer is None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ckpt_plugins.activation import ActivationCheckpointing
 from ckpt_plugins.errors import ConfigError, renamed_options
-from ckpt_plugins.options import RetentionOptions, SaveOptions
+from ckpt_plugins.options import PreemptionOptions, RetentionOptions, SaveOptions
 from ckpt_plugins.options.checks import check_bool, check_choice, check_directory, check_positive_int
 
 __all__ = ["CallbackOptions", "Settings", "resolve"]
@@ -50,6 +50,9 @@ class CallbackOptions:
     gradient_checkpointing: bool | str | dict | ActivationCheckpointing | None = None
     on_error: Literal["raise", "warn"] = "raise"
     verify_latest: bool = True
+    save_on_preemption: bool = True
+    preemption_signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1")
+    preemption_sync_every: int = 10
 
     def __post_init__(self) -> None:
         """The core's groups check the options they share (same checks, same messages)."""
@@ -75,6 +78,11 @@ class CallbackOptions:
         )
         check_positive_int("every_n_train_steps", self.every_n_train_steps, optional=True)
         check_bool("verify_latest", self.verify_latest)
+        PreemptionOptions(
+            save_on_preemption=self.save_on_preemption,
+            preemption_signals=self.preemption_signals,
+            preemption_sync_every=self.preemption_sync_every,
+        )
         if self.gradient_checkpointing is not None:
             ActivationCheckpointing.from_value(self.gradient_checkpointing)  # raises ConfigError
 
@@ -195,6 +203,9 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
         writer=options.writer,
         on_error=options.on_error,
         dir_prefix="checkpoint-",
+        save_on_preemption=options.save_on_preemption,
+        preemption_signals=options.preemption_signals,
+        preemption_sync_every=options.preemption_sync_every,
     )
     return Settings(
         dirpath=dirpath,

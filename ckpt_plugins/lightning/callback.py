@@ -35,7 +35,7 @@ from ckpt_plugins.activation import (
     apply_activation_checkpointing,
 )
 from ckpt_plugins.errors import UnsupportedStateError
-from ckpt_plugins.lightning import load_hook
+from ckpt_plugins.lightning import load_hook, preemption
 from ckpt_plugins.lightning.data_position import DataPosition
 from ckpt_plugins.lightning.paths import CommittedPaths
 from ckpt_plugins.lightning.reader import register_manager, unregister_manager
@@ -93,6 +93,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         on_error: ``"raise"`` surfaces a failed background save at the next save; ``"warn"``
             logs it and training goes on.
         verify: check checksums when loading.
+        save_on_preemption: on one of ``preemption_signals`` (SLURM, Kubernetes, spot
+            instances), save at the next step boundary all ranks agree on, wait until it is
+            durable, and stop training (``trainer.should_stop``); the process then ends with the
+            signal (docs/preemption.md). ``False``: Lightning's own SIGTERM handling.
+        preemption_signals: signal names, default ``["SIGTERM", "SIGUSR1"]``.
+        preemption_sync_every: under DDP, the ranks exchange their preemption flag every N steps.
         log_metrics: send each save's figures to the trainer's loggers as ``checkpoint/stall_ms``
             (training blocked), ``checkpoint/durable_s`` (until committed) and
             ``checkpoint/bytes``.
@@ -131,6 +137,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         gradient_checkpointing: bool | str | dict[str, Any] | ActivationCheckpointing | None = None,
         on_error: Literal["raise", "warn"] = "raise",
         verify: bool = True,
+        save_on_preemption: bool = True,
+        preemption_signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        preemption_sync_every: int = 10,
         log_metrics: bool = True,
     ) -> None:
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
@@ -149,6 +158,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             writer=writer,
             on_error=on_error,
             verify=verify,
+            save_on_preemption=save_on_preemption,
+            preemption_signals=preemption_signals,
+            preemption_sync_every=preemption_sync_every,
         )
         ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
@@ -177,11 +189,16 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._step_saved = -1
         self._seen_metrics: dict[str, float] = {}
         self._validated = False
+        self._unforward: Any = None
+        self._boundary = -1
+        self.preempted_at: int | None = None
+        """The step saved and stopped at after a preemption signal (None: not preempted)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled and deep-copied without the live manager (``ddp_spawn`` sends callbacks to its
         workers; each builds its own at ``setup``)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("manager", "_read_only")} | {"manager": None}
+        skip = ("manager", "_read_only", "_unforward")
+        return {k: v for k, v in self.__dict__.items() if k not in skip} | {"manager": None, "_unforward": None}
 
     # --- set-up and tear-down ----------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -201,6 +218,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._close(trainer)
 
     def _close(self, trainer: Any) -> None:
+        self._stop_watch()
         manager, self.manager = self.manager, None
         self._drop_reader()
         if manager is None:
@@ -239,6 +257,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._step_saved = trainer.global_step
         self._check_no_later_checkpoints(trainer)
         self._position.track(trainer)
+        if self.manager is not None and not self.manager.read_only:
+            self._unforward = preemption.start_watch(trainer, self.manager)
         resume, self._resume = self._resume, None
         if trainer.ckpt_path is None:
             return
@@ -280,7 +300,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._deliver(trainer)
-        if self._skip(trainer):
+        if self._skip(trainer) or self._preempted(trainer):
             return
         reason = self.triggers.due_after_batch(trainer)
         if reason is None:
@@ -305,6 +325,28 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             )
         else:
             self._save(trainer, reason)
+
+    def _preempted(self, trainer: Any) -> bool:
+        """At each optimizer-step boundary: after a preemption signal (agreed by all ranks) save
+        this step, wait until it is durable, and stop training."""
+        step = trainer.global_step
+        if step == self._boundary or self.manager is None:
+            return self.preempted_at is not None
+        self._boundary = step
+        if not self.manager.preemption_requested(step):
+            return False
+        self.preempted_at = step
+        self._save(trainer, "preemption")  # a no-op when a periodic save took this step already
+        self.manager.wait()
+        trainer.should_stop = True
+        trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = 0, None  # stop now, whatever the minimum
+        log.warning("preemption: step %d is durable; training stops", step)
+        return True
+
+    def _stop_watch(self) -> None:
+        unforward, self._unforward = self._unforward, None
+        if unforward is not None:
+            unforward()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.manager is not None and self.snapshot == "overlap":
@@ -355,6 +397,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             )
             self._save(trainer, self._deferred)
         self._deferred = None
+        self._stop_watch()
         if self.manager is not None:
             self.manager.wait()  # every save committed (or its error raised) before fit() returns
         self._deliver(trainer)

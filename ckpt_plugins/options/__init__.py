@@ -7,7 +7,14 @@ The groups check every value when built (:mod:`.checks`) and never rewrite one.
 """
 
 from ckpt_plugins.errors import ConfigError, renamed_options
-from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOptions, RetentionOptions, SaveOptions
+from ckpt_plugins.options.groups import (
+    DistributedOptions,
+    IOOptions,
+    PreemptionOptions,
+    RestoreOptions,
+    RetentionOptions,
+    SaveOptions,
+)
 from ckpt_plugins.options.memory import MemoryTierOptions
 from ckpt_plugins.options.mirror import MirrorOptions
 from ckpt_plugins.options.model import ManagerOptions
@@ -19,6 +26,7 @@ __all__ = [
     "ManagerOptions",
     "MemoryTierOptions",
     "MirrorOptions",
+    "PreemptionOptions",
     "RestoreOptions",
     "RetentionOptions",
     "SaveOptions",

@@ -26,6 +26,7 @@ __all__ = [
     "check_mode",
     "check_positive_int",
     "check_seconds",
+    "check_signal_names",
 ]
 
 
@@ -151,6 +152,23 @@ def check_directory(option: str, value: Any) -> None:
     if not isinstance(path, str) or not path:
         raise ConfigError(
             f"{_name(option)} must be a non-empty path or fsspec URL (str or os.PathLike), got {value!r}",
+            option=option,
+            value=value,
+        )
+
+
+def check_signal_names(option: str, value: Any) -> None:
+    """A non-empty list or tuple of catchable signal names (``"SIGTERM"``, ``"SIGUSR1"``, ...)."""
+    import signal
+
+    def catchable(name: Any) -> bool:
+        signum = getattr(signal, name, None) if isinstance(name, str) and name.startswith("SIG") else None
+        return isinstance(signum, signal.Signals) and name not in ("SIGKILL", "SIGSTOP")
+
+    if not isinstance(value, (list, tuple)) or not value or not all(catchable(n) for n in value):
+        raise ConfigError(
+            f"{_name(option)} must be a non-empty list of signal names this platform can catch, got {value!r}; "
+            "for example ['SIGTERM', 'SIGUSR1'] (SIGKILL and SIGSTOP cannot be caught)",
             option=option,
             value=value,
         )

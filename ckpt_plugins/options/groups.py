@@ -25,12 +25,20 @@ from ckpt_plugins.options.checks import (
     check_mode,
     check_positive_int,
     check_seconds,
+    check_signal_names,
 )
 
 if TYPE_CHECKING:
     from ckpt_plugins.retention.policy import RetentionPolicy
 
-__all__ = ["DistributedOptions", "IOOptions", "RestoreOptions", "RetentionOptions", "SaveOptions"]
+__all__ = [
+    "DistributedOptions",
+    "IOOptions",
+    "PreemptionOptions",
+    "RestoreOptions",
+    "RetentionOptions",
+    "SaveOptions",
+]
 
 OnCommit = Callable[[int, str], None] | Sequence[Callable[[int, str], None]] | None
 
@@ -190,3 +198,34 @@ class RestoreOptions:
     def __post_init__(self) -> None:
         check_bool("verify", self.verify)
         check_bool("strict", self.strict)
+
+
+@dataclass(frozen=True)
+class PreemptionOptions:
+    """Saving when the scheduler announces the end (SLURM, Kubernetes, spot instances): on one of
+    ``preemption_signals`` the training loop saves at the next step boundary all ranks agree on,
+    waits until that checkpoint is durable, stops, and the process then ends with the signal's
+    default action (exit status 128 + signal number). See docs/preemption.md."""
+
+    save_on_preemption: bool = True
+    """Turn a preemption signal into a save at the next step boundary and a clean stop (adapters;
+    a plain loop polls ``CheckpointManager.preemption_requested()``). ``False``: a signal flushes
+    pending saves and ends the process, as without this option."""
+    preemption_signals: Sequence[str] = ("SIGTERM", "SIGUSR1")
+    """The signals that announce a preemption (a list or tuple of names)."""
+    preemption_sync_every: int = 10
+    """Under ``torch.distributed``: the ranks exchange their preemption flag (one all_reduce of a
+    one-element tensor) every this many steps; a signal is acted on at the next such step. One
+    process never exchanges anything: the flag is read at every step."""
+
+    def __post_init__(self) -> None:
+        check_bool("save_on_preemption", self.save_on_preemption)
+        check_signal_names("preemption_signals", self.preemption_signals)
+        check_positive_int("preemption_sync_every", self.preemption_sync_every)
+
+    @property
+    def signal_numbers(self) -> tuple[int, ...]:
+        """``preemption_signals`` as signal numbers, in order, without repeats."""
+        import signal
+
+        return tuple(dict.fromkeys(int(getattr(signal, name)) for name in self.preemption_signals))

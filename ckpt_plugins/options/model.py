@@ -15,7 +15,14 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ckpt_plugins.errors import ConfigError
-from ckpt_plugins.options.groups import DistributedOptions, IOOptions, RestoreOptions, RetentionOptions, SaveOptions
+from ckpt_plugins.options.groups import (
+    DistributedOptions,
+    IOOptions,
+    PreemptionOptions,
+    RestoreOptions,
+    RetentionOptions,
+    SaveOptions,
+)
 from ckpt_plugins.options.mirror import MirrorOptions
 
 if TYPE_CHECKING:
@@ -31,6 +38,7 @@ GROUP_KEYWORDS: dict[str, tuple[str, type]] = {
     "distributed": ("distributed_options", DistributedOptions),
     "restore": ("restore_options", RestoreOptions),
     "mirror": ("mirror_options", MirrorOptions),
+    "preemption": ("preemption_options", PreemptionOptions),
 }
 _GROUP_OF: dict[str, str] = {f.name: group for group, (_, cls) in GROUP_KEYWORDS.items() for f in fields(cls)}
 FLAT_DEFAULTS: dict[str, Any] = {f.name: f.default for _, cls in GROUP_KEYWORDS.values() for f in fields(cls)}
@@ -52,6 +60,7 @@ class ManagerOptions:
     distributed: DistributedOptions = field(default_factory=DistributedOptions)
     restore: RestoreOptions = field(default_factory=RestoreOptions)
     mirror: MirrorOptions = field(default_factory=MirrorOptions)
+    preemption: PreemptionOptions = field(default_factory=PreemptionOptions)
 
     def __post_init__(self) -> None:
         for name, (_, cls) in GROUP_KEYWORDS.items():

@@ -130,6 +130,26 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class AwaitSignal(TrainerCallback):
+    """When step ``at`` has ended: print ``READY <at>`` and wait (up to 120 s) until this process
+    has received a preemption signal, so the signal lands inside the next step on every rank."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step != self.at:
+            return
+        import time
+
+        from ckpt_plugins.persist.preemption import pending_signal
+
+        print(f"READY {self.at}", flush=True)
+        deadline = time.monotonic() + 120
+        while not pending_signal() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def make_trainer(
     out: str | os.PathLike,
     steps: int,
@@ -173,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--model", default="gpt2")
     parser.add_argument("--reference")
+    parser.add_argument("--await-signal-at", type=int, help="wait after this step until a preemption signal came")
+    parser.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
     opts = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("CKPT_HF_THREADS", "1")))
     from safetensors.torch import save_file
@@ -183,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         if ref.args.process_index == 0:
             save_file(trainable_state(ref), os.path.join(opts.reference, "final.safetensors"))
     extra = [KillAt(opts.kill_at)] if opts.kill_at else []
-    callback = None if opts.no_callback else {"async_save": not opts.sync}
+    if opts.await_signal_at is not None:
+        extra.append(AwaitSignal(opts.await_signal_at))
+    callback = None if opts.no_callback else {"async_save": not opts.sync, "preemption_sync_every": opts.sync_every}
     trainer = make_trainer(
         opts.out,
         opts.steps,
@@ -195,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=True if opts.resume else None)
     if opts.final and trainer.args.process_index == 0:
         save_file(trainable_state(trainer), opts.final)
+    if trainer.args.process_index == 0 and callback is not None:
+        ckpt = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
+        print(f"PREEMPTED_AT {ckpt.preempted_at} STEP {trainer.state.global_step}", flush=True)
 
 
 if __name__ == "__main__":

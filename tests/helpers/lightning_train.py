@@ -101,6 +101,26 @@ class FailRankWrites(L.Callback):
             f.write(f"{type(exception).__name__}: {exception}")
 
 
+class AwaitSignal(L.Callback):
+    """At the start of step ``at``: print ``READY <at>`` and wait (up to 120 s) until this process
+    has received a preemption signal, so the signal lands inside that step on every rank."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.at:
+            return
+        import time
+
+        from ckpt_plugins.persist.preemption import pending_signal
+
+        print(f"READY {self.at}", flush=True)
+        deadline = time.monotonic() + 120
+        while not pending_signal() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -121,6 +141,8 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--val", action="store_true", help="validate every 6 batches, keep the best by val_loss")
     p.add_argument("--sync", action="store_true", help="async_save=False")
     p.add_argument("--fail-rank", type=int, help="inject write failures on this rank (second save on)")
+    p.add_argument("--await-signal-at", type=int, help="wait at this step until a preemption signal came")
+    p.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and results do not depend on it
@@ -145,9 +167,12 @@ def _fit(args: argparse.Namespace) -> dict:
         keep_last=args.keep_last,
         every_n_train_steps=args.every,
         async_save=not args.sync,
+        preemption_sync_every=args.sync_every,
         **({"monitor": "val_loss", "keep_best": 1} if args.val else {}),
     )
     callbacks = [ckpt] + ([Die(args.die_at)] if args.die_at is not None else [])
+    if args.await_signal_at is not None:
+        callbacks.append(AwaitSignal(args.await_signal_at))
     if args.fail_rank is not None:
         callbacks.append(FailRankWrites(args.fail_rank, after=2))
     trainer = L.Trainer(
@@ -173,6 +198,7 @@ def _fit(args: argparse.Namespace) -> dict:
         "last": ckpt.last_model_path,
         "stats": ckpt.stats.records,
         "saved": [int(r["step"]) for r in ckpt.stats.records],
+        "preempted_at": ckpt.preempted_at,
     }
 
 
