@@ -5,6 +5,11 @@
   ``.ckpt``); see :func:`ckpt_plugins.lightning.convert.to_lightning_checkpoint`.
 - ``--to safetensors``: every tensor of any checkpoint, flat, under its key path
   (``model.transformer.wte.weight``); numbers, strings and numpy arrays are left out.
+- ``--to ours``: any checkpoint (a ``torch.distributed.checkpoint`` folder, a ``.pt``, ...) as one
+  of our checkpoint folders (safetensors + manifest, no pickle), committed at DST.
+- ``--to dcp``: any checkpoint as a ``torch.distributed.checkpoint`` folder, written by DCP's own
+  ``dcp.save`` from full tensors. DCP's format is pickles (``.metadata`` and every item): that is
+  the user's explicit choice here (:mod:`ckpt_plugins.formats.dcp_write`).
 
 SRC is one checkpoint or a run folder (its newest numbered checkpoint, or ``--step``).
 """
@@ -28,25 +33,38 @@ from .render import progress
 
 __all__ = ["add_parser", "resolve_source", "run"]
 
-TARGETS = ("lightning", "safetensors")
+TARGETS = ("lightning", "safetensors", "ours", "dcp")
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="write a checkpoint as another tool's file (.ckpt, .safetensors)",
+        help="write a checkpoint as another tool's file (.ckpt, .safetensors, a DCP folder) or as ours",
         description="Convert one checkpoint, or a run folder's newest (or --step), to another format.",
     )
     p.add_argument("src", help="a checkpoint (folder or file), or a run folder (its newest checkpoint)")
-    p.add_argument("dst", help="the file to write, e.g. model.ckpt or weights.safetensors (replaced atomically)")
+    p.add_argument(
+        "dst",
+        help="the file or folder to write, e.g. model.ckpt, weights.safetensors, a folder for --to ours "
+        "or --to dcp (replaced atomically)",
+    )
     p.add_argument(
         "--to",
         required=True,
         choices=TARGETS,
         help="lightning: a .ckpt for Lightning (from a Lightning checkpoint); safetensors: every "
-        "tensor of any checkpoint, flat by key path",
+        "tensor of any checkpoint, flat by key path; ours: a checkpoint folder of ours (no pickle) "
+        "from any checkpoint, DCP folders included; dcp: a torch.distributed.checkpoint folder "
+        "written by dcp.save from full tensors (DCP's format is pickles: .metadata and every item)",
     )
     p.add_argument("--step", type=int, metavar="N", help="with a run folder: convert step N (default: the newest)")
+    p.add_argument(
+        "--as-step",
+        type=int,
+        metavar="N",
+        help="--to ours: the step recorded in the manifest (default: the state's top-level int "
+        "'step' or 'global_step', else 0)",
+    )
     p.set_defaults(func=run)
 
 
@@ -78,9 +96,8 @@ def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
     return [e for e in numbered if e.step == chosen][-1]
 
 
-def _write_safetensors(path: str, dst: str) -> int:
-    from safetensors.torch import save_file
-
+def _full_state(path: str) -> Any:
+    """The checkpoint's whole state as plain objects, full tensors (a foreign one: no pickle code)."""
     state, _ = restore_path(
         path,
         target=None,
@@ -91,6 +108,13 @@ def _write_safetensors(path: str, dst: str) -> int:
         allow_unsafe_pickle=False,
         verify=True,
     )
+    return state
+
+
+def _write_safetensors(path: str, dst: str) -> int:
+    from safetensors.torch import save_file
+
+    state = _full_state(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, Any]] = set()
     for key, value in iter_leaves(state):
@@ -113,6 +137,31 @@ def _write_safetensors(path: str, dst: str) -> int:
     return len(tensors)
 
 
+def _write_ours(path: str, dst: str, as_step: int | None) -> int:
+    """Commit ``path``'s state as our checkpoint folder ``dst`` (a named checkpoint of its parent)."""
+    from ckpt_plugins.manager import CheckpointManager
+
+    state = _full_state(path)
+    if as_step is None:
+        found = [state.get(k) for k in ("step", "global_step")] if isinstance(state, dict) else []
+        as_step = next((v for v in found if type(v) is int and v >= 0), 0)
+    parent, name = os.path.split(os.path.abspath(dst))
+    if os.path.lexists(dst) and not is_our_checkpoint(*open_storage(dst)):
+        raise ConfigError(f"{dst} exists and is not a checkpoint of ours; pass a new path (nothing was written)")
+    with CheckpointManager(parent) as mgr:
+        mgr.save(as_step, state, name=name)
+    return as_step
+
+
+def _write_dcp(path: str, dst: str) -> None:
+    from ckpt_plugins.formats.dcp_write import write_dcp
+
+    state = _full_state(path)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a dict; DCP checkpoints hold a dict")
+    write_dcp(state, dst)
+
+
 def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.src, args.step)
     path = source.path if isinstance(source, catalog.Entry) else source
@@ -122,6 +171,14 @@ def run(args: argparse.Namespace) -> int:
             f"{path} is {what}; --to lightning converts checkpoints of Lightning runs (our Lightning "
             "callback or plugin, or a .ckpt) only. Write its tensors with --to safetensors instead"
         )
+    if args.as_step is not None and args.to != "ours":
+        raise ConfigError(
+            f"--as-step applies to --to ours only, not --to {args.to}", option="--as-step", value=args.as_step
+        )
+    if args.as_step is not None and args.as_step < 0:
+        raise ConfigError(
+            f"--as-step must be a step (an int >= 0), got {args.as_step}", option="--as-step", value=args.as_step
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     with progress(f"converting {os.path.basename(path.rstrip('/'))}", None):
         if args.to == "lightning":
@@ -129,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
 
             to_lightning_checkpoint(path, args.dst)
             print(f"wrote {args.dst} from {path}")
+        elif args.to == "ours":
+            step = _write_ours(path, args.dst, args.as_step)
+            print(f"wrote {args.dst} (step {step}) from {path}")
+        elif args.to == "dcp":
+            _write_dcp(path, args.dst)
+            print(f"wrote {args.dst} (a torch.distributed.checkpoint folder) from {path}")
         else:
             count = _write_safetensors(path, args.dst)
             print(f"wrote {args.dst} ({count} tensors) from {path}")

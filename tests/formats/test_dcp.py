@@ -20,38 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from ckpt_plugins.formats import read_foreign
 from ckpt_plugins.formats.dcp import iter_dcp, read_dcp
 from ckpt_plugins.formats.dcp_metadata import ALLOWED_GLOBALS, read_dcp_metadata
-from ckpt_plugins.tree.walk import iter_leaves
 from conftest import TinyNet, make_training_state
-
-
-def dcp_save(state, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=path, no_dist=True)
-    return path
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)  # NaN and -0.0 compare by bits
-
-
-def assert_same(a, b) -> None:
-    """The same key paths, bit-identical tensors (dtype included) and equal plain values."""
-    left, right = list(iter_leaves(a)), list(iter_leaves(b))
-    assert [k for k, _ in left] == [k for k, _ in right]
-    for (key, x), (_, y) in zip(left, right, strict=True):
-        if isinstance(x, torch.Tensor):
-            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape, key
-            assert torch.equal(_bits(x), _bits(y)), key
-        else:
-            assert x == y and type(x) is type(y), key
+from dcp_states import assert_same, dcp_save
 
 
 def dcp_own_read(path: Path, tmp_path: Path):
