@@ -148,6 +148,30 @@ def _ours(storage: Any, root: str, name: str, path: str) -> Entry:
     return entry
 
 
+def memory_snapshots(directory: str, shm: str = "/dev/shm") -> list[Entry]:
+    """The in-memory tier's snapshots of ``directory`` (``ckpt_plugins.memory``): each rank's own,
+    then the peer copies, by step; ``kind`` is ``"memory rank R"`` (``"memory rank R, copy"``).
+    Listed beside the directory's by ``ls``; never touched by ``prune``."""
+    from ckpt_plugins.memory.place import snapshot_root
+    from ckpt_plugins.storage.local import LocalStorage
+
+    base, storage, found = snapshot_root(shm, directory), LocalStorage(), []
+    for folder in sorted(storage.listdir(base)):
+        if not folder.startswith("rank") or not folder[4:].isdigit():
+            continue
+        for sub, what in ((folder, ""), (f"{folder}/peer", ", copy")):
+            root = os.path.join(base, sub)
+            for name in sorted(storage.listdir(root), key=lambda n: step_from_name(n) or -1):
+                path = os.path.join(root, name)
+                if name.startswith(".") or not storage.exists(os.path.join(path, MANIFEST_NAME)):
+                    continue
+                entry = _ours(storage, root, name, path)
+                entry.kind = f"memory rank {folder[4:]}{what}"
+                entry.numbered = False  # no retention rule applies: the tier keeps its newest
+                found.append(entry)
+    return found
+
+
 def scan(directory: str, prefix: str | None = None) -> list[Entry]:
     """Every checkpoint in ``directory`` (numbered ones by step, then named ones by name).
 

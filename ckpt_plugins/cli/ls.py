@@ -90,6 +90,7 @@ def _kept_by(entry: catalog.Entry, reasons: list[str] | None) -> str:
 
 def run_ls(args: argparse.Namespace) -> int:
     entries, rules, source, reasons = _listing(args)
+    memory = catalog.memory_snapshots(args.directory) if "://" not in args.directory else []
     now = time.time()
     if args.json:
         emit_json(
@@ -114,11 +115,23 @@ def run_ls(args: argparse.Namespace) -> int:
                     }
                     for e in entries
                 ],
+                "memory": [
+                    {
+                        "name": e.name,
+                        "path": e.path,
+                        "step": e.step,
+                        "kind": e.kind,
+                        "size_bytes": e.size,
+                        "wall_time": e.wall_time,
+                        "damaged": e.damaged,
+                    }
+                    for e in memory
+                ],
             }
         )
         return 0
     console = stdout()
-    if not entries:
+    if not entries and not memory:
         console.print(f"no checkpoints in {args.directory}")
         return 0
     rows = []
@@ -136,6 +149,9 @@ def run_ls(args: argparse.Namespace) -> int:
                 _kept_by(e, reasons[e.name]),
             ]
         )
+    for e in memory:  # the in-memory tier's snapshots (docs/memory_tier.md)
+        age = None if e.wall_time is None else now - e.wall_time
+        rows.append([str(e.step), e.name, e.kind, "-", human_bytes(e.size), human_age(age), "memory (newest kept)"])
     print_table(
         ["STEP", "NAME", "FORMAT", "METRICS", "SIZE", "AGE", "KEPT BY"], rows, fold=("METRICS",), console=console
     )

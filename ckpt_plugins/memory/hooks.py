@@ -25,7 +25,7 @@ from ckpt_plugins.options.memory import MemoryTierOptions
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.tree.codec import flatten_state
 
-__all__ = ["TierHooks", "copy_to", "open_tier"]
+__all__ = ["TierHooks", "complete_step", "copy_to", "open_tier"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,28 @@ def copy_to(tier: MemoryTier, step: int, layout: Layout, chunk: int = 8 << 20) -
     except BaseException:
         layout.discard(temp)
         raise
+
+
+def complete_step(views: list[tuple[list[int], list[int]]]) -> tuple[int | None, dict[int, int]]:
+    """The newest step complete in memory across the ranks, and who sends whom a lost snapshot.
+
+    ``views[q]`` is rank q's ``(own steps, steps of its copy of rank q-1)``. A step is complete when
+    every rank q has its own snapshot of it, or rank q+1 holds q's copy; ``holders`` maps each rank
+    that lacks its own to the rank that holds it. ``(None, {})`` when no step is complete.
+    """
+    world = len(views)
+    for step in sorted({s for v in views for s in v[0]} | {s for v in views for s in v[1]}, reverse=True):
+        holders: dict[int, int] = {}
+        for q in range(world):
+            if step in views[q][0]:
+                continue
+            if world > 1 and step in views[(q + 1) % world][1]:
+                holders[q] = (q + 1) % world
+            else:
+                break
+        else:
+            return step, holders
+    return None, {}
 
 
 class TierHooks:
@@ -134,21 +156,7 @@ class TierHooks:
         own = tier.usable()
         peer = tier.usable(tier.peer_layout) if tier.peers is not None else []
         views = all_gather_object((own, peer)) if tier.world_size > 1 and is_distributed() else [(own, peer)]
-        world = len(views)
-        chosen: int | None = None
-        holders: dict[int, int] = {}
-        for step in sorted({s for v in views for s in v[0]} | {s for v in views for s in v[1]}, reverse=True):
-            holders = {}
-            for q in range(world):
-                if step in views[q][0]:
-                    continue
-                if world > 1 and step in views[(q + 1) % world][1]:
-                    holders[q] = (q + 1) % world
-                else:
-                    break
-            else:
-                chosen = step
-                break
+        chosen, holders = complete_step(views)
         if chosen is None or (disk_latest is not None and chosen < disk_latest):
             if any(v[0] or v[1] for v in views):
                 log.warning(
@@ -178,8 +186,9 @@ class TierHooks:
         if manager.read_only:  # reads only: the snapshots stay for the run that writes
             tier.close()
             return
-        step = self.newest()
         steps = manager.steps()
+        # under torch.distributed: the step every rank holds (a collective)
+        step = self.agree(None) if tier.world_size > 1 and is_distributed() else self.newest()
         if step is not None and (not steps or step > steps[-1]):
             if tier.world_size > 1 and not is_distributed():
                 log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions
+from ckpt_plugins.cli import main as cli_main
 from conftest import HELPERS
 
 
@@ -18,7 +20,7 @@ def _state(step: int) -> dict:
     return {"w": torch.full((256, 256), float(step)), "step": step}
 
 
-def test_every_save_snapshots_and_every_kth_persists(tmp_path, shm_of):
+def test_every_save_snapshots_and_every_kth_persists(tmp_path, shm_of, capsys):
     shm = shm_of(tmp_path)
     with CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(keep=2), persist_every_n_steps=3) as mgr:
         for step in range(1, 8):
@@ -30,6 +32,12 @@ def test_every_save_snapshots_and_every_kth_persists(tmp_path, shm_of):
         assert mgr.restore("latest")["step"] == 7 and mgr.restored_step == 7
         assert mgr.restore(6)["step"] == 6 and mgr.last_restore_report.source.startswith(shm)
         assert mgr.restore_rank_state(7) == {"r": 7}
+        assert cli_main(["ls", str(tmp_path), "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [c["step"] for c in listed["checkpoints"]] == [3, 6]
+        assert [(m["step"], m["kind"]) for m in listed["memory"]] == [(6, "memory rank 0"), (7, "memory rank 0")]
+        assert cli_main(["ls", str(tmp_path)]) == 0
+        assert "memory rank 0" in capsys.readouterr().out
     # close(): the newer snapshot went to disk, the memory is freed
     assert not os.path.exists(shm)
     with CheckpointManager(tmp_path) as mgr:
