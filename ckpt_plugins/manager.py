@@ -260,6 +260,7 @@ class CheckpointManager:
                 rank=self.rank,
                 world_size=self.world_size,
                 prefix=opts.io.dir_prefix,
+                read_only=opts.io.read_only,
             )
         except BaseException:
             if self.mirror is not None:
@@ -592,6 +593,23 @@ class CheckpointManager:
         if step is not None:
             self._restored_step = step
         return state
+
+    def memory_snapshot(self, step: int | None = None) -> tuple[int, str] | None:
+        """``(step, path)`` of this rank's in-memory snapshot of ``step`` (default: the newest that
+        verifies), or None (none, or no ``memory_tier``). No collective: adapters use it to point
+        a framework's loader at a snapshot, and read it through :meth:`restore`."""
+        if self._memory is None:
+            return None
+        step = self._memory.newest() if step is None else step
+        path = None if step is None else self._memory.path_if_held(step)
+        return None if step is None or path is None else (step, path)
+
+    def is_memory_snapshot(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` lies in this directory's in-memory snapshots (any rank's)."""
+        if self._memory is None:
+            return False
+        base = os.path.realpath(self._memory.tier.base)
+        return os.path.realpath(os.fspath(path)).startswith(base + os.sep)
 
     def _memory_path(self, which: Which) -> str | None:
         """The snapshot a restore of ``which`` reads (``"latest"``: agreed across the ranks, not

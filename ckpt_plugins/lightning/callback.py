@@ -44,6 +44,7 @@ from ckpt_plugins.lightning.stats import SaveStats
 from ckpt_plugins.lightning.triggers import Triggers, validation_follows
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.options import ManagerOptions
+from ckpt_plugins.options.memory_steps import memory_kwargs
 from ckpt_plugins.rng import capture_rng, restore_rng
 
 __all__ = ["CheckpointCallback"]
@@ -102,6 +103,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         log_metrics: send each save's figures to the trainer's loggers as ``checkpoint/stall_ms``
             (training blocked), ``checkpoint/durable_s`` (until committed) and
             ``checkpoint/bytes``.
+        memory_every_n_steps: the in-memory tier (docs/memory_tier.md): save every N optimizer
+            steps as a snapshot in host shared memory that outlives the process; the step
+            trigger (instead of ``every_n_train_steps``). ``ckpt_path="last"`` resumes from the
+            newest of memory and disk.
+        persist_every_n_steps: with ``memory_every_n_steps``, the saves of steps divisible by K
+            also go to ``dirpath`` (a multiple of ``memory_every_n_steps``; default: every save).
 
     Raises:
         ConfigError: an option is invalid (the message names it); every option is checked here,
@@ -141,7 +148,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         preemption_signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
         preemption_sync_every: int = 10,
         log_metrics: bool = True,
+        memory_every_n_steps: int | None = None,
+        persist_every_n_steps: int | None = None,
     ) -> None:
+        self.memory_options = memory_kwargs(memory_every_n_steps, persist_every_n_steps, every_n_train_steps)
+        if memory_every_n_steps is not None:
+            every_n_train_steps = memory_every_n_steps  # the step trigger; persist_every_n_steps picks the durable ones
         self.triggers = Triggers(every_n_train_steps, every_n_epochs, train_time_interval, save_on_train_epoch_end)
         self.gradient_checkpointing = ActivationCheckpointing.from_value(gradient_checkpointing)
         self.manager_options: dict[str, Any] = dict(
@@ -211,7 +223,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             else dict(monitor=self.monitor, mode=self.mode, verify=self.manager_options["verify"])
         )
         self._drop_reader()
-        self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options)
+        memory = self.memory_options if fitting else {}
+        self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options, **memory)
         register_manager(self.manager)  # loads of its folders (ckpt_path=...) go through it
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -60,6 +60,7 @@ class CommittedPaths:
                 read_only=True,
                 monitor=self.monitor,
                 mode=self.mode,  # type: ignore[arg-type]  # checked by the options model
+                memory_tier=bool(getattr(self, "memory_options", {}).get("memory_tier")),  # to see the snapshots
             )
         return cached
 
@@ -128,4 +129,7 @@ class CommittedPaths:
         if reader is None:
             return set()
         choice = latest_usable(reader.layout)
+        snapshot = reader.memory_snapshot()  # the in-memory tier: its newest, if not older
+        if snapshot is not None and (choice.step is None or snapshot[0] >= choice.step):
+            return {snapshot[1]}
         return {choice.path} if choice.path is not None else set()

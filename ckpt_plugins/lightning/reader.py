@@ -93,7 +93,13 @@ def read_lightning_checkpoint(
             raise CheckpointNotFoundError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
         return checkpoint
     manager, step = _owner(root, managers or list(_LIVE))
-    if manager is not None and step is not None:
+    if manager is not None and step is None:  # an in-memory snapshot: every rank agrees on the step
+        checkpoint = dict(manager.restore("latest", map_location=location))
+        restored = manager.restored_step
+        rank_state = (
+            None if restored is None else manager.restore_rank_state(restored, rank=rank, map_location=location)
+        )
+    elif manager is not None and step is not None:
         checkpoint = dict(manager.restore(step, map_location=location))
         rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
     else:
@@ -119,6 +125,8 @@ def read_lightning_checkpoint(
 def _owner(root: str, managers: list[CheckpointManager]) -> tuple[CheckpointManager | None, int | None]:
     parent, name = os.path.split(os.path.abspath(root.rstrip("/")))
     for manager in managers:
+        if manager.is_memory_snapshot(root):  # restored through the manager's tier: (manager, None)
+            return manager, None
         if os.path.abspath(manager.directory) == parent:
             step = parse_step_dir(name, manager.layout.prefix)
             if step is not None:

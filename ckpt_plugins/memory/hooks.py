@@ -38,13 +38,16 @@ def open_tier(
     rank: int,
     world_size: int,
     prefix: str,
+    read_only: bool = False,
 ) -> TierHooks | None:
     """The tier of one manager (None when ``memory_tier`` is off). Under torch.distributed with
     ``peers`` every rank makes the peers' gloo group here, together."""
     if options is None:
         return None
-    tier = MemoryTier(options, directory=directory, rank=rank, world_size=world_size, prefix=prefix)
-    if options.peers and world_size > 1 and is_distributed():
+    tier = MemoryTier(
+        options, directory=directory, rank=rank, world_size=world_size, prefix=prefix, read_only=read_only
+    )
+    if options.peers and world_size > 1 and is_distributed() and not read_only:
         import torch.distributed as dist
 
         from ckpt_plugins.memory.peers import RingPeers

@@ -70,9 +70,19 @@ class MemoryTier:
         rank, world_size: this process under torch.distributed (0, 1 otherwise).
         prefix: folder names, as the directory's (``step_``; ``checkpoint-`` for the HF Trainer,
             whose loader can then read a snapshot folder as it reads its own).
+        read_only: list and read only (no clean-up of leftovers: a live run may be writing).
     """
 
-    def __init__(self, options: MemoryTierOptions, *, directory: str, rank: int, world_size: int, prefix: str) -> None:
+    def __init__(
+        self,
+        options: MemoryTierOptions,
+        *,
+        directory: str,
+        rank: int,
+        world_size: int,
+        prefix: str,
+        read_only: bool = False,
+    ) -> None:
         check_root(options.root, options.budget_bytes)
         self.options = options
         self.rank, self.world_size = rank, world_size
@@ -81,9 +91,9 @@ class MemoryTier:
         self.folder = os.path.join(self.base, f"rank{rank}")
         self.layout = Layout(self.storage, self.folder, prefix)
         self.peer_layout = Layout(self.storage, os.path.join(self.folder, "peer"), prefix)
-        for layout in (self.layout, self.peer_layout):
+        for layout in (self.layout, self.peer_layout) if not read_only else ():
             os.makedirs(layout.root, exist_ok=True)
-            layout.cleanup_leftovers()  # a snapshot a SIGKILL cut short
+            layout.cleanup_leftovers()  # a snapshot a SIGKILL cut short (never while another process writes)
         self.lock = threading.Lock()  # snapshots written/pruned vs read by the peer sender
         self._stager: HostStager | None = None
         self._budget_checked = False

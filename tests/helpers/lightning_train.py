@@ -143,6 +143,8 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--fail-rank", type=int, help="inject write failures on this rank (second save on)")
     p.add_argument("--await-signal-at", type=int, help="wait at this step until a preemption signal came")
     p.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
+    p.add_argument("--memory", type=int, help="memory_every_n_steps (the in-memory tier), instead of --every")
+    p.add_argument("--persist", type=int, help="persist_every_n_steps, with --memory")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and results do not depend on it
@@ -165,7 +167,9 @@ def _fit(args: argparse.Namespace) -> dict:
     ckpt = CheckpointCallback(
         args.dir,
         keep_last=args.keep_last,
-        every_n_train_steps=args.every,
+        every_n_train_steps=None if args.memory else args.every,
+        memory_every_n_steps=args.memory,
+        persist_every_n_steps=args.persist,
         async_save=not args.sync,
         preemption_sync_every=args.sync_every,
         **({"monitor": "val_loss", "keep_best": 1} if args.val else {}),
