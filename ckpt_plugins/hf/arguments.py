@@ -87,6 +87,20 @@ class CheckpointArguments:
             "help": "Save every N optimizer steps and at the end (default: follow --save_strategy/--save_steps)."
         },
     )
+    ckpt_memory_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "The in-memory tier: save every N steps as a snapshot in host shared memory that outlives "
+            "the process (instead of --ckpt_every_n_train_steps); see docs/memory_tier.md."
+        },
+    )
+    ckpt_persist_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --ckpt_memory_every_n_steps: the saves of steps divisible by K also go to the "
+            "directory (a multiple of it; default: every save)."
+        },
+    )
     ckpt_on_error: Literal["raise", "warn"] = field(
         default="raise",
         metadata={"help": "A failed background save: raise at the next save (stops training), or warn and go on."},
@@ -167,6 +181,8 @@ class CheckpointArguments:
             snapshot=self.ckpt_snapshot,
             writer=self.ckpt_writer,
             every_n_train_steps=self.ckpt_every_n_train_steps,
+            memory_every_n_steps=self.ckpt_memory_every_n_steps,
+            persist_every_n_steps=self.ckpt_persist_every_n_steps,
             verify_latest=self.ckpt_verify_latest,
             on_error=self.ckpt_on_error,
             save_on_preemption=self.ckpt_save_on_preemption,

@@ -47,7 +47,7 @@ from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
 from ckpt_plugins.hf.options import CallbackOptions, Settings, resolve
 from ckpt_plugins.hf.position import DataPosition, check_resume
-from ckpt_plugins.hf.resume import choose, resolve_flag
+from ckpt_plugins.hf.resume import choose, resolve_flag, with_memory
 from ckpt_plugins.hf.rng import gather_rng_states
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.restore.choose import Choice
@@ -127,6 +127,12 @@ class CheckpointCallback(TrainerCallback):
             ``train()`` returns and the process ends with the signal at exit (docs/preemption.md).
         preemption_signals: signal names, default ``["SIGTERM", "SIGUSR1"]``.
         preemption_sync_every: under ``torch.distributed``, exchange the flag every N steps.
+        memory_every_n_steps: the in-memory tier (docs/memory_tier.md): save every N steps as a
+            snapshot in host shared memory that outlives the process (the step trigger, instead
+            of ``every_n_train_steps``); ``--resume_from_checkpoint True`` and
+            ``last_usable_checkpoint(dir, memory_tier=True)`` pick the newest of memory and disk.
+        persist_every_n_steps: with ``memory_every_n_steps``, steps divisible by K also go to the
+            directory (a multiple of it; default: every save).
 
     Example:
         >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=100),
@@ -156,6 +162,8 @@ class CheckpointCallback(TrainerCallback):
         save_on_preemption: bool = True,
         preemption_signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
         preemption_sync_every: int = 10,
+        memory_every_n_steps: int | None = None,
+        persist_every_n_steps: int | None = None,
     ) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None,
@@ -177,6 +185,8 @@ class CheckpointCallback(TrainerCallback):
             save_on_preemption=save_on_preemption,
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
+            memory_every_n_steps=memory_every_n_steps,
+            persist_every_n_steps=persist_every_n_steps,
         )
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
@@ -242,6 +252,8 @@ class CheckpointCallback(TrainerCallback):
             args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, None, self.settings.dirpath)
             return
         choice = choose(self.settings.dirpath) if rank_and_world()[0] == 0 else None
+        if choice is not None and self.options.memory_every_n_steps is not None:
+            choice = with_memory(choice, self.settings.dirpath)  # the in-memory tier's newest, if newer
         self.resume_check = choice = broadcast_object(choice)
         newest = choice.damaged[0] if choice.damaged else None
         if newest is not None and rank_and_world()[0] == 0:
@@ -305,7 +317,7 @@ class CheckpointCallback(TrainerCallback):
         assert self.manager is not None and self.settings is not None
         step = state.global_step
         self.manager.start_run(step, resumed=step > 0, hint=_RESUME_HINT)
-        if step and step in self.manager.steps():
+        if step and (step in self.manager.steps() or self.manager.memory_snapshot(step) is not None):
             try:  # only the data position: the Trainer has loaded the rest already
                 saved = self.manager.restore(step, include="data_position").get("data_position")
             except ConfigError:  # a checkpoint of ours without a data position (older versions)

@@ -24,6 +24,7 @@ from ckpt_plugins.activation import ActivationCheckpointing
 from ckpt_plugins.errors import ConfigError, renamed_options
 from ckpt_plugins.options import PreemptionOptions, RetentionOptions, SaveOptions
 from ckpt_plugins.options.checks import check_bool, check_choice, check_directory, check_positive_int
+from ckpt_plugins.options.memory_steps import memory_kwargs
 
 __all__ = ["CallbackOptions", "Settings", "resolve"]
 
@@ -53,6 +54,8 @@ class CallbackOptions:
     save_on_preemption: bool = True
     preemption_signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1")
     preemption_sync_every: int = 10
+    memory_every_n_steps: int | None = None
+    persist_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         """The core's groups check the options they share (same checks, same messages)."""
@@ -78,6 +81,7 @@ class CallbackOptions:
         )
         check_positive_int("every_n_train_steps", self.every_n_train_steps, optional=True)
         check_bool("verify_latest", self.verify_latest)
+        memory_kwargs(self.memory_every_n_steps, self.persist_every_n_steps, self.every_n_train_steps)
         PreemptionOptions(
             save_on_preemption=self.save_on_preemption,
             preemption_signals=self.preemption_signals,
@@ -206,11 +210,12 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
         save_on_preemption=options.save_on_preemption,
         preemption_signals=options.preemption_signals,
         preemption_sync_every=options.preemption_sync_every,
+        **memory_kwargs(options.memory_every_n_steps, options.persist_every_n_steps, options.every_n_train_steps),
     )
     return Settings(
         dirpath=dirpath,
         manager_kwargs=manager_kwargs,
-        every_n_train_steps=options.every_n_train_steps,
+        every_n_train_steps=options.memory_every_n_steps or options.every_n_train_steps,
         save_strategy=strategy,
         metric_for_best_model=metric,
         greater_is_better=greater,

@@ -32,7 +32,7 @@ from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.choose import Choice, latest_usable
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["choose", "last_usable_checkpoint", "resolve_flag", "trainer_folder_problems"]
+__all__ = ["choose", "last_usable_checkpoint", "resolve_flag", "trainer_folder_problems", "with_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,33 @@ def choose(directory: str | os.PathLike) -> Choice:
     return latest_usable(Layout(storage, root, PREFIX), foreign=trainer_folder_problems)
 
 
-def last_usable_checkpoint(folder: str | os.PathLike) -> str | None:
-    """Like ``get_last_checkpoint(folder)``, but damaged checkpoints are skipped (with a warning).
+def with_memory(choice: Choice, directory: str | os.PathLike) -> Choice:
+    """``choice``, or the in-memory tier's newest snapshot of ``directory`` when it verifies and is
+    not older (docs/memory_tier.md): a ``checkpoint-N`` folder in shared memory holding the
+    Trainer's own files, which the Trainer loads as it loads any. Rank 0's (it holds the files of
+    every rank, as a ``checkpoint-N`` on disk does)."""
+    from ckpt_plugins.memory.tier import MemoryTier
+    from ckpt_plugins.options.memory import MemoryTierOptions
+
+    tier = MemoryTier(
+        MemoryTierOptions(), directory=os.fspath(directory), rank=0, world_size=1, prefix=PREFIX, read_only=True
+    )
+    usable = tier.usable() if os.path.isdir(tier.folder) else []
+    if usable and (choice.step is None or usable[0] >= choice.step):
+        log.info("the newest checkpoint is the in-memory snapshot of step %d (%s)", usable[0], tier.path_for(usable[0]))
+        return Choice(usable[0], tier.path_for(usable[0]), choice.damaged)
+    return choice
+
+
+def last_usable_checkpoint(folder: str | os.PathLike, *, memory_tier: bool = False) -> str | None:
+    """Like ``get_last_checkpoint(folder)``, but damaged checkpoints are skipped (with a warning);
+    with ``memory_tier``, the in-memory tier's newest snapshot counts too (:func:`with_memory`).
 
     Example:
         >>> trainer.train(resume_from_checkpoint=last_usable_checkpoint(args.output_dir))  # doctest: +SKIP
     """
-    return choose(folder).path
+    choice = choose(folder)
+    return (with_memory(choice, folder) if memory_tier else choice).path
 
 
 def resolve_flag(value: Any, choice: Choice | None, output_dir: str) -> Any:

@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference")
     parser.add_argument("--await-signal-at", type=int, help="wait after this step until a preemption signal came")
     parser.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
+    parser.add_argument("--memory", type=int, help="memory_every_n_steps (the in-memory tier)")
+    parser.add_argument("--persist", type=int, help="persist_every_n_steps, with --memory")
     opts = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("CKPT_HF_THREADS", "1")))
     from safetensors.torch import save_file
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.await_signal_at is not None:
         extra.append(AwaitSignal(opts.await_signal_at))
     callback = None if opts.no_callback else {"async_save": not opts.sync, "preemption_sync_every": opts.sync_every}
+    if callback is not None and opts.memory:
+        callback.update(memory_every_n_steps=opts.memory, persist_every_n_steps=opts.persist)
     trainer = make_trainer(
         opts.out,
         opts.steps,
