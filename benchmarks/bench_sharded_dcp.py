@@ -270,6 +270,12 @@ def worker(args: argparse.Namespace) -> None:
             print(f"round {r}: " + ", ".join(f"{k} {v['durable']:.3f}s" for k, v in row.items()), flush=True)
     for mgr in managers.values():
         mgr.close()
+    import ckpt_plugins
+
+    package = Path(ckpt_plugins.__file__).resolve().parent
+    commit = subprocess.run(
+        ["git", "-C", str(package), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
     local = [floor.nbytes, 0]
     dist.all_gather_object(local, floor.nbytes)
     if rank == 0:
@@ -281,6 +287,8 @@ def worker(args: argparse.Namespace) -> None:
                     "ours_sharded": "ours sharded sync" in runs,
                     "local_bytes": local,
                     "params_mb": args.params_mb,
+                    "package": str(package),
+                    "commit": commit.stdout.strip() or "?",
                 }
             )
         )
@@ -303,7 +311,8 @@ def _launch(args: argparse.Namespace, workdir: Path, out: Path) -> None:
         "WORLD_SIZE": "2",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        # a PYTHONPATH already set comes first: the package under test can be another checkout
+        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p),
     }
     cmd = [sys.executable, __file__, "--worker", "--workdir", str(workdir), "--out", str(out)]
     cmd += ["--params-mb", str(args.params_mb), "--reps", str(args.reps)]
@@ -393,7 +402,7 @@ def render(raw: dict[str, Any], table: dict[str, Any], machine: dict[str, Any], 
         "fsynced sequential write of that many bytes (both ranks at once).",
         "",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('filesystem', '?')}, "
-        f"torch {machine.get('torch', '?')}; "
+        f"torch {machine.get('torch', '?')}; ckpt_plugins at commit {raw.get('commit', '?')}; "
         f"other processes used {load['other_processes_cores']:.1f} cores on average "
         f"(load average {load['loadavg_1m_start']:.1f} -> {load['loadavg_1m_end']:.1f}).",
         "",
