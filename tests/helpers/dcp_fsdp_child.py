@@ -1,7 +1,8 @@
 """Child for the DCP interop tests: one rank of a 2-rank gloo group that trains an FSDP2 model one
 step and writes the sharded state with ``torch.distributed.checkpoint.save`` to ``DIR/dcp``; rank 0
 also writes the full state gathered by ``get_model_state_dict(..., full_state_dict=True)`` to
-``DIR/full.pt`` (the reference). The layers have 5 and 3 output rows: uneven shards over 2 ranks.
+``DIR/full.pt`` (the reference), and every rank saves the same sharded state with ours into
+``DIR/ours`` when ``CheckpointManager`` takes DTensors. The layers have 5 and 3 output rows: uneven shards over 2 ranks.
 
 Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT. Argument: DIR.
 """
@@ -16,6 +17,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+
+from ckpt_plugins import CheckpointManager
+from ckpt_plugins.errors import UnsupportedStateError
 
 directory = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -42,5 +46,10 @@ full = {
 }
 if rank == 0:
     torch.save(full, directory / "full.pt")
+try:  # the same sharded state saved by ours too, where CheckpointManager takes DTensors (issue 15)
+    with CheckpointManager(directory / "ours") as mgr:
+        mgr.save(1, sharded)
+except UnsupportedStateError:
+    pass
 dist.barrier()
 dist.destroy_process_group()
