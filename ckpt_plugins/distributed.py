@@ -50,12 +50,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def agree_on_save(views: list[tuple[Any, ...]]) -> tuple[str, list[int]]:
-    """Check what every rank said before a save; return rank 0's token and the ranks with state.
+def agree_on_save(views: list[tuple[Any, ...]]) -> tuple[str, list[int], list[int]]:
+    """Check what every rank said before a save; return rank 0's token, the ranks with
+    ``rank_state`` and the ranks that write chunks of sharded tensors.
 
-    Each view is ``(step, earlier_error, conflict, token, has_rank_state, unstorable)`` as one rank
-    sent it (one all_gather on the training thread, so every rank reaches the same verdict and
-    raises the same error instead of leaving the others waiting).
+    Each view is ``(step, earlier_error, conflict, token, has_rank_state, unstorable, shards)`` as
+    one rank sent it (one all_gather on the training thread, so every rank reaches the same verdict
+    and raises the same error instead of leaving the others waiting); ``shards`` is the fixed-size
+    summary of the rank's DTensors (``sharded.save.summary``: count, digest of keys/shapes/dtypes,
+    chunks it writes), which must agree on every rank.
 
     Raises:
         SaveError: an earlier save failed on some rank.
@@ -75,6 +78,13 @@ def agree_on_save(views: list[tuple[Any, ...]]) -> tuple[str, list[int]]:
             + ", ".join(f"rank {r}: {v[0]}" for r, v in enumerate(views))
             + "; every rank must save the same step"
         )
+    shards = [v[6] if len(v) > 6 else (0, "", 0) for v in views]
+    if len({s[:2] for s in shards}) > 1:
+        raise DistributedError(
+            "ranks hold different sharded tensors (DTensors: keys, global shapes or dtypes) at this save: "
+            + ", ".join(f"rank {r}: {s[0]} tensors" for r, s in enumerate(shards))
+            + "; every rank must save the same state"
+        )
     if views[0][2]:
         raise StepExistsError(views[0][2])
-    return views[0][3], [r for r, v in enumerate(views) if v[4]]
+    return views[0][3], [r for r, v in enumerate(views) if v[4]], [r for r, s in enumerate(shards) if s[2]]

@@ -65,6 +65,7 @@ from ckpt_plugins.retention.policy import (
     best_step,
     policy_flags,
 )
+from ckpt_plugins.sharded.save import summary as shard_summary
 from ckpt_plugins.storage import open_storage
 from ckpt_plugins.storage.direct_io import direct_io_enabled
 
@@ -452,13 +453,18 @@ class CheckpointManager:
         on_commit: Callable[[int, str], None] | None,
     ) -> SaveHandle | None:
         """The directory's part of a save: agree (distributed), stage, submit to the writer."""
-        token, ranks_with_state = self._persister.agree(
-            step, has_rank_state=rank_flat is not None, unstorable=unstorable, name=name
+        token, ranks_with_state, ranks_with_shards = self._persister.agree(
+            step,
+            has_rank_state=rank_flat is not None,
+            unstorable=unstorable,
+            name=name,
+            shards=shard_summary(flat.shards if flat is not None else {}),
         )
         return self._persister.save(
             step,
             token=token,
             ranks_with_state=ranks_with_state,
+            ranks_with_shards=ranks_with_shards,
             flat=flat,
             rank_flat=rank_flat,
             extra_files=extra_files if self.rank == 0 else None,

@@ -4,7 +4,11 @@
   ``Trainer.fit(ckpt_path=...)`` read (from a checkpoint of our Lightning integration, or a
   ``.ckpt``); see :func:`ckpt_plugins.lightning.convert.to_lightning_checkpoint`.
 - ``--to safetensors``: every tensor of any checkpoint, flat, under its key path
-  (``model.transformer.wte.weight``); numbers, strings and numpy arrays are left out.
+  (``model.transformer.wte.weight``); numbers, strings and numpy arrays are left out. A sharded
+  checkpoint (FSDP2, tensor parallel) is consolidated tensor by tensor, streamed: memory stays
+  bounded by the largest tensor (:mod:`ckpt_plugins.sharded.consolidate`).
+- ``--to hf``: a folder with ``model.safetensors``, the tensors under the state's ``model`` key
+  (``model.state_dict()`` as saved), names as ``from_pretrained`` expects them.
 - ``--to ours``: any checkpoint (a ``torch.distributed.checkpoint`` folder, a ``.pt``, ...) as one
   of our checkpoint folders (safetensors + manifest, no pickle), committed at DST.
 - ``--to dcp``: any checkpoint as a ``torch.distributed.checkpoint`` folder, written by DCP's own
@@ -33,7 +37,7 @@ from .render import progress
 
 __all__ = ["add_parser", "resolve_source", "run"]
 
-TARGETS = ("lightning", "safetensors", "ours", "dcp")
+TARGETS = ("lightning", "safetensors", "hf", "ours", "dcp")
 
 
 def add_parser(sub: Any) -> None:
@@ -53,7 +57,8 @@ def add_parser(sub: Any) -> None:
         required=True,
         choices=TARGETS,
         help="lightning: a .ckpt for Lightning (from a Lightning checkpoint); safetensors: every "
-        "tensor of any checkpoint, flat by key path; ours: a checkpoint folder of ours (no pickle) "
+        "tensor of any checkpoint, flat by key path (sharded checkpoints streamed); hf: a folder with "
+        "model.safetensors, the tensors under the state's 'model' key; ours: a checkpoint folder of ours (no pickle) "
         "from any checkpoint, DCP folders included; dcp: a torch.distributed.checkpoint folder "
         "written by dcp.save from full tensors (DCP's format is pickles: .metadata and every item)",
     )
@@ -111,23 +116,31 @@ def _full_state(path: str) -> Any:
     return state
 
 
-def _write_safetensors(path: str, dst: str) -> int:
+def _write_safetensors(path: str, dst: str, prefix: str = "") -> int:
     from safetensors.torch import save_file
 
+    from ckpt_plugins.sharded.consolidate import consolidate, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        return consolidate(path, dst, prefix=prefix, metadata={"format": "pt", "source": os.path.abspath(path)})
     state = _full_state(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, Any]] = set()
     for key, value in iter_leaves(state):
+        if not key.startswith(prefix):
+            continue
+        key = key[len(prefix) :]
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous()
             ident = (t.untyped_storage().data_ptr(), t.storage_offset())
             tensors[key] = t.clone() if ident in seen and t.numel() else t  # safetensors refuses shared memory
             seen.add(ident)
     if not tensors:
-        raise ConfigError(f"{path} holds no tensors; there is nothing to write to {dst}")
+        where = f" under {prefix[:-1]!r}" if prefix else ""
+        raise ConfigError(f"{path} holds no tensors{where}; there is nothing to write to {dst}")
     tmp = f"{dst}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata={"source": os.path.abspath(path)})
+        save_file(tensors, tmp, metadata={"format": "pt", "source": os.path.abspath(path)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
@@ -186,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
 
             to_lightning_checkpoint(path, args.dst)
             print(f"wrote {args.dst} from {path}")
+        elif args.to == "hf":
+            os.makedirs(args.dst, exist_ok=True)
+            count = _write_safetensors(path, os.path.join(args.dst, "model.safetensors"), prefix="model.")
+            print(f"wrote {os.path.join(args.dst, 'model.safetensors')} ({count} tensors) from {path}")
         elif args.to == "ours":
             step = _write_ours(path, args.dst, args.as_step)
             print(f"wrote {args.dst} (step {step}) from {path}")

@@ -23,6 +23,7 @@ import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.tensor_file import FileRecord
+from ckpt_plugins.sharded.format import parse_sharded
 
 __all__ = [
     "FORMAT_NAME",
@@ -36,7 +37,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ckpt_plugins"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""Version 3 adds the optional ``sharded`` section (docs/sharded.md); a manifest without one is
+written as version 2, which older readers understand."""
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 50
@@ -71,6 +74,8 @@ class Manifest:
     """The run's retention flags when it saved (``keep_last``, ``keep_best``, ``monitor``, ``mode``,
     ``keep_every_n_steps``, ``keep_time_interval``); ``None`` in manifests written before they were
     stored, or for a policy no flags describe. Optional: older readers ignore it."""
+    sharded: Any = None
+    """The sharded tensors (a :class:`~ckpt_plugins.sharded.format.ShardedIndex`), or None."""
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
@@ -79,7 +84,7 @@ def dump_manifest(manifest: Manifest) -> bytes:
 
     doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if manifest.sharded is not None else 2,
         "step": manifest.step,
         "wall_time": manifest.wall_time,
         "metrics": {k: _encode_float(v) for k, v in manifest.metrics.items()},
@@ -91,6 +96,8 @@ def dump_manifest(manifest: Manifest) -> bytes:
     }
     if manifest.retention is not None:
         doc["retention"] = manifest.retention
+    if manifest.sharded is not None:
+        doc["sharded"] = manifest.sharded.to_json()
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -130,7 +137,11 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "format_version": 3}  # version 3 only adds the optional "sharded" section
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -210,6 +221,7 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
     user_metadata = doc.get("user_metadata") or {}
     if not isinstance(created_by, dict) or not isinstance(user_metadata, dict):
         raise CorruptCheckpointError(f"{where}: 'created_by' and 'user_metadata' must be objects")
+    sharded = parse_sharded(where, doc.get("sharded"), files)
     return Manifest(
         step=step,
         parts=parts,
@@ -220,6 +232,8 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         created_by=created_by,
         user_metadata=user_metadata,
         retention=_retention(where, doc.get("retention")),
+        sharded=sharded,
+        format_version=FORMAT_VERSION if sharded is not None else 2,
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "FileRecord",
     "HashingWriter",
     "checksum_file",
+    "data_offsets",
     "read_header",
     "read_tensor_file",
     "tensor_bytes",
@@ -143,6 +144,20 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     # then starts page-aligned in the file, so aligned memory can go to disk with O_DIRECT as is.
     blob += b" " * (-(8 + len(blob)) % ALIGN)
     return order, struct.pack("<Q", len(blob)) + blob, offset
+
+
+def data_offsets(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Where :func:`write_tensor_file` puts each tensor's bytes: ``[begin, end)`` from the start of
+    the file (header included), known before the file is written."""
+    order, head, _ = _layout(tensors, metadata)
+    out, offset = {}, len(head)
+    for key in order:
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        out[key] = (offset, offset + nbytes)
+        offset += nbytes
+    return out
 
 
 def write_tensor_file(

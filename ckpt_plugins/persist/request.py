@@ -19,6 +19,7 @@ from ckpt_plugins.files.extra_files import collect_tensors
 from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
 from ckpt_plugins.layout.commit import check_folder_name
 from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.sharded.save import shard_tensors
 from ckpt_plugins.tree.codec import flatten_state
 
 __all__ = ["check_save_arguments", "clean_metrics", "collect", "flatten_parts", "stage_now"]
@@ -39,11 +40,11 @@ def check_save_arguments(
             or not _SAFE_NAME.match(file_name)
             or ".." in file_name
             or file_name == MANIFEST_NAME
-            or (file_name.endswith(".safetensors") and file_name.startswith(("state", "rank_")))
+            or (file_name.endswith(".safetensors") and file_name.startswith(("state", "rank_", "shard_")))
         ):
             raise ConfigError(
                 f"extra_files name {file_name!r} is not a plain file name, or is reserved "
-                "(manifest.json, state*.safetensors, rank_*.safetensors)",
+                "(manifest.json, state*.safetensors, rank_*.safetensors, shard_*.safetensors)",
                 option="extra_files",
                 value=file_name,
             )
@@ -78,15 +79,24 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def flatten_parts(state: Any, rank_state: Any, *, rank: int, world_size: int) -> tuple[Any, Any, str | None]:
-    """Flatten the shared state (rank 0) and this rank's ``rank_state``.
+    """Flatten the shared state and this rank's ``rank_state``.
+
+    Rank 0 keeps the whole state; the other ranks walk it too but keep only its DTensors (the
+    chunks of them they write, :mod:`ckpt_plugins.sharded.save`): plain tensors are replicated
+    and rank 0 writes them.
 
     Returns ``(flat, rank_flat, error)``: in a distributed run an unstorable state is not raised
     here but returned as ``error``, so that every rank hears of it in the agreement (a rank that
     raised alone would leave the others waiting in the collective).
     """
     try:
-        flat = flatten_state(state) if rank == 0 else None
+        flat = flatten_state(state, plain_tensors=rank == 0)
         rank_flat = flatten_state(rank_state) if rank_state is not None else None
+        if rank_flat is not None and rank_flat.shards:
+            raise UnsupportedStateError(
+                f"rank_state holds DTensors ({next(iter(rank_flat.shards))!r}, ...); sharded tensors "
+                "belong in the state, which every rank saves its shards of"
+            )
     except UnsupportedStateError as exc:
         if world_size == 1:
             raise
@@ -97,11 +107,12 @@ def flatten_parts(state: Any, rank_state: Any, *, rank: int, world_size: int) ->
 def collect(
     flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every tensor a save writes, keyed ``state/...``, ``rank/...`` or by extra file; and the
+    """Every tensor a save writes, keyed ``state/...``, ``shard/...``, ``rank/...`` or by extra file; and the
     extra files' specs (what the job does with each)."""
     tensors: dict[str, torch.Tensor] = {}
     if flat is not None:
         tensors.update({f"state/{k}": v for k, v in flat.tensors.items()})
+        tensors.update({f"shard/{k}": v for k, v in shard_tensors(flat.shards).items()})
     if rank_flat is not None:
         tensors.update({f"rank/{k}": v for k, v in rank_flat.tensors.items()})
     extra_tensors, extra_specs = collect_tensors(extra_files or {})

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from ckpt_plugins.files.tensor_file import FileRecord, HashingWriter, checksum_f
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.sharded.save import build_index, chunk_records, shard_file_name
 from ckpt_plugins.storage.base import Storage
 from ckpt_plugins.storage.direct_io import direct_writer
 
@@ -81,6 +82,8 @@ class SaveRequest:
     """``on_commit`` callables, run after the commit (errors logged, never raised)."""
     retention: dict[str, Any] | None = None
     """The retention flags recorded in the manifest (``retention.policy_flags``)."""
+    ranks_with_shards: list[int] = field(default_factory=list)
+    """The ranks that write chunks of sharded tensors (``shard_<r>.safetensors``)."""
 
 
 class SaveJob:
@@ -106,6 +109,7 @@ class SaveJob:
         self.request, self.dest, self.stager, self.done = request, dest, stager, done
         self.step, self.name = request.step, request.name
         self._rank_trees: dict[int, Any] = {}
+        self._chunks: dict[int, dict[str, list[dict[str, Any]]]] = {}  # rank -> its chunk entries
 
     def __call__(self, handle: SaveHandle) -> str:
         try:
@@ -145,6 +149,9 @@ class SaveJob:
             for r in req.ranks_with_state:
                 file = f"rank_{r}.safetensors"
                 parts[f"rank_{r}"] = Part(self._rank_trees[r], file if file in files else None)
+            sharded = None
+            if req.flat is not None and req.flat.shards:
+                sharded = build_index(req.flat.shards, self._chunks.values(), dest.world_size)
             committing = Manifest(
                 step=req.step,
                 parts=parts,
@@ -153,6 +160,7 @@ class SaveJob:
                 world_size=dest.world_size,
                 user_metadata=req.user_metadata,
                 retention=req.retention,
+                sharded=sharded,
             )
             replace = dest.storage.exists(dest.layout.path_for(req.step, req.name))
             path = dest.layout.commit(temp, committing, replace=replace, name=req.name)
@@ -191,23 +199,32 @@ class SaveJob:
         join = dest.storage.join
         state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
+        shard_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("shard/")}
         if state_tensors:
             files["state.safetensors"] = dest.write_tensors(
                 join(temp, "state.safetensors"), state_tensors, None, req.slot
             )
+        if shard_tensors:
+            name = shard_file_name(dest.rank)
+            files[name] = dest.write_tensors(join(temp, name), shard_tensors, None, req.slot)
+            self._chunks[dest.rank] = chunk_records(req.flat.shards, shard_tensors, name)
         if req.rank_flat is not None:
             name = f"rank_{dest.rank}.safetensors"
             if rank_tensors:
                 files[name] = dest.write_tensors(join(temp, name), rank_tensors, None, req.slot)
             self._rank_trees[dest.rank] = req.rank_flat.tree
-            if dest.rank != 0:
-                part = {"tree": req.rank_flat.tree, "files": {n: [r.size, r.xxh3_64] for n, r in files.items()}}
-                # Written under another name and renamed: rank 0 polls for the final name and
-                # must never read a half-written part (a race the crash soak found).
-                final = join(temp, f"rank_{dest.rank}.part.json")
-                with dest.storage.open_write(final + ".partial") as out:
-                    out.write(json.dumps(part, allow_nan=False).encode())
-                dest.storage.rename(final + ".partial", final)
+        if dest.rank != 0 and (req.rank_flat is not None or shard_tensors):
+            part = {
+                "tree": None if req.rank_flat is None else req.rank_flat.tree,
+                "files": {n: [r.size, r.xxh3_64] for n, r in files.items()},
+                "shards": self._chunks.get(dest.rank, {}),
+            }
+            # Written under another name and renamed: rank 0 polls for the final name and
+            # must never read a half-written part (a race the crash soak found).
+            final = join(temp, f"rank_{dest.rank}.part.json")
+            with dest.storage.open_write(final + ".partial") as out:
+                out.write(json.dumps(part, allow_nan=False).encode())
+            dest.storage.rename(final + ".partial", final)
         return files
 
     def _write_extra_files(self, temp: str, staged: Mapping[str, torch.Tensor]) -> dict[str, FileRecord]:
@@ -259,7 +276,7 @@ class SaveJob:
         storage, timeout = self.dest.storage, self.dest.rank_timeout
         files: dict[str, FileRecord] = {}
         deadline = time.monotonic() + timeout
-        for r in self.request.ranks_with_state:
+        for r in sorted(set(self.request.ranks_with_state) | set(self.request.ranks_with_shards)):
             if r == 0:
                 continue
             part_path = storage.join(temp, f"rank_{r}.part.json")
@@ -279,7 +296,10 @@ class SaveJob:
                 time.sleep(0.01)
             with storage.open_read(part_path) as f:
                 part = json.loads(f.read())
-            self._rank_trees[r] = part["tree"]
+            if r in self.request.ranks_with_state:
+                self._rank_trees[r] = part["tree"]
+            if part.get("shards"):
+                self._chunks[r] = part["shards"]
             for name, (size, digest) in part["files"].items():
                 files[name] = FileRecord(size=size, xxh3_64=digest)
             storage.remove_file(part_path)

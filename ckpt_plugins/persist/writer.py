@@ -86,12 +86,20 @@ class Persister:
         return all_gather_object(obj) if self.world_size > 1 else [obj]
 
     def agree(
-        self, step: int, *, has_rank_state: bool, unstorable: str | None, name: str | None
-    ) -> tuple[str, list[int]]:
-        """Check the step against what exists and (distributed) that every rank agrees (one all_gather)."""
+        self,
+        step: int,
+        *,
+        has_rank_state: bool,
+        unstorable: str | None,
+        name: str | None,
+        shards: tuple[int, str, int] = (0, "", 0),
+    ) -> tuple[str, list[int], list[int]]:
+        """Check the step against what exists and (distributed) that every rank agrees (one
+        all_gather of a small fixed-size view per rank); return the token, the ranks with
+        ``rank_state`` and the ranks writing sharded chunks."""
         own_error = self.engine.take_error(distributed=self.distributed, refuse=True)
         conflict = self.order_conflict(step) if self.rank == 0 and name is None else None
-        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable)
+        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable, shards)
         return agree_on_save(self.gather(view))
 
     def order_conflict(self, step: int) -> str | None:
@@ -124,6 +132,7 @@ class Persister:
         *,
         token: str,
         ranks_with_state: list[int],
+        ranks_with_shards: list[int] | None = None,
         flat: Any,
         rank_flat: Any,
         extra_files: Mapping[str, Any] | None,
@@ -154,6 +163,7 @@ class Persister:
             token=token,
             name=name,
             ranks_with_state=ranks_with_state,
+            ranks_with_shards=ranks_with_shards or [],
             flat=flat,
             rank_flat=rank_flat,
             tensors=tensors,

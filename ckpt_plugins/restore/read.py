@@ -20,6 +20,7 @@ from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.restore.choose import first_usable
 from ckpt_plugins.restore.select import Selector, materialize
 from ckpt_plugins.restore.targets import RestoreReport, load_into
+from ckpt_plugins.sharded.read import ChunkReader, resolve_all
 from ckpt_plugins.storage import Storage, open_storage
 from ckpt_plugins.tree.codec import flatten_state, leaf_paths
 from ckpt_plugins.tree.tags import TAG
@@ -61,12 +62,18 @@ def restore_ours(
         if not storage.exists(storage.join(path, name)):
             raise CorruptCheckpointError(f"{storage.join(path, name)}: file listed in the manifest is missing")
 
+    chunks = ChunkReader(storage, path, manifest.sharded, verify=verify) if manifest.sharded is not None else None
+
     def read_tensors(keys: set[str] | None) -> Mapping[str, torch.Tensor]:
+        refs: dict[str, Any] = chunks.refs(keys) if chunks is not None and part == "state" else {}
+        if keys is not None:
+            keys = keys - refs.keys()
         if entry.tensor_file is None or keys == set():
-            return {}
+            return refs
         file_path = storage.join(path, entry.tensor_file)
         expected = manifest.files[entry.tensor_file] if verify else None
-        return read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
+        plain = read_tensor_file(storage, file_path, keys=keys, expected=expected, map_location=map_location)
+        return {**plain, **refs}
 
     tree = entry.tree
     reader: Callable[[set[str] | None], Mapping[str, torch.Tensor]] = read_tensors
@@ -79,6 +86,9 @@ def restore_ours(
         selector.check(leaf_paths(entry.tree) + native_paths)
     state = materialize(tree, reader, selector=selector, rename=rename, report=report)
     _finish(state, target, strict, report)
+    if chunks is not None:
+        state = resolve_all(state)  # sharded tensors no target claimed: read in full
+        report.bytes_read += chunks.bytes_read
     return state, report
 
 

@@ -174,7 +174,9 @@ def materialize(
     needed = set(tensor_refs(tree).values())
     tensors = read_tensors(None if selector is None else needed)
     report.tensors_read = len(needed)
-    report.bytes_read = sum(tensors[k].numel() * tensors[k].element_size() for k in needed if k in tensors)
+    report.bytes_read = sum(  # sharded refs count what they read, later (sharded.read)
+        t.numel() * t.element_size() for k in needed if isinstance(t := tensors.get(k), torch.Tensor)
+    )
     state = unflatten_state(tree, tensors)
     return hoist(state, hoists[0]) if hoists else state
 

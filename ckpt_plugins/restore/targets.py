@@ -22,6 +22,7 @@ import torch
 
 from ckpt_plugins.errors import RestoreError
 from ckpt_plugins.restore.select import check_strict
+from ckpt_plugins.sharded.read import ShardedRef, resolve_like
 from ckpt_plugins.tree.walk import join, state_children
 
 __all__ = ["RestoreReport", "load_into"]
@@ -169,7 +170,7 @@ def _load_container(
             _fill(value, loaded[key], full, report, apply)
         else:
             if apply:
-                target[key] = loaded[key]
+                target[key] = _keep(loaded, key, resolve_like(loaded[key], value))
             report.loaded.append(full)
     if isinstance(target, dict):
         report.unexpected.extend(join(path, k) for k in loaded if k not in target)
@@ -177,8 +178,16 @@ def _load_container(
         report.unexpected.extend(join(path, i) for i in range(len(target), len(loaded)))
 
 
+def _keep(loaded: Any, key: Any, value: Any) -> Any:
+    """Put a value read for a target back into the state restore returns (a sharded tensor is
+    then not read again in full)."""
+    if isinstance(loaded, (dict, list)):
+        loaded[key] = value
+    return value
+
+
 def _tensor_mismatch(loaded: Any, own: torch.Tensor) -> str | None:
-    if not isinstance(loaded, torch.Tensor):
+    if not isinstance(loaded, (torch.Tensor, ShardedRef)):
         return f"checkpoint holds a {type(loaded).__name__}, target a tensor"
     if loaded.shape != own.shape or loaded.dtype != own.dtype:
         return f"checkpoint {tuple(loaded.shape)} {loaded.dtype}, target {tuple(own.shape)} {own.dtype}"
@@ -192,7 +201,7 @@ def _load_tensor(target: torch.Tensor, loaded: Any, path: str, report: RestoreRe
         return
     if apply:
         with torch.no_grad():
-            target.copy_(loaded)
+            target.copy_(resolve_like(loaded, target))
     report.loaded.append(path)
 
 
@@ -216,6 +225,10 @@ def _load_module(module: torch.nn.Module, loaded: Any, path: str, report: Restor
     report.missing.extend(join(path, k) for k in own if k not in loaded)
     report.unexpected.extend(extra)
     if apply:
+        for key, value in usable.items():  # sharded: read (or sliced) in the module's own layout
+            resolved = resolve_like(value, own[key])
+            if resolved is not value:
+                usable[key] = _keep(loaded, key, resolved)
         if extra:
             log.warning(
                 "restore into the module at %r: the checkpoint has keys the module does not; they were not loaded: %s",
@@ -259,11 +272,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: 
         own_entry = own["state"].get(oid, {})
         for name, value in entry.items() if isinstance(entry, Mapping) else ():
             full = join(join(join(path, "state"), pid), name)
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, (torch.Tensor, ShardedRef)):
                 continue
             if isinstance(own_entry.get(name), torch.Tensor):
                 why = _tensor_mismatch(value, own_entry[name])
-            elif name != "step" and value.is_floating_point() and value.dtype != param.dtype:
+            elif name != "step" and value.dtype.is_floating_point and value.dtype != param.dtype:
                 why = f"checkpoint {value.dtype}, parameter {param.dtype} (torch would cast it silently)"
             else:
                 why = None
@@ -273,5 +286,26 @@ def _load_optimizer(opt: torch.optim.Optimizer, loaded: Any, path: str, report: 
     if not ok:
         return
     if apply:
+        _resolve_optimizer_state(loaded, params, own["state"])
         opt.load_state_dict(dict(loaded))
     report.loaded.append(label)
+
+
+def _resolve_optimizer_state(loaded: Any, params: Mapping[Any, tuple[Any, Any]], own_state: Mapping[Any, Any]) -> None:
+    """Put the state tensors of an optimizer in the layout of what they will live beside: the
+    optimizer's own state tensor when it has one, else its parameter when the shapes agree (a
+    fresh optimizer with no step taken has no state yet), else the whole tensor. Sharded ones are
+    read so; full plain ones are sliced so when the parameter is a DTensor."""
+    for pid, entry in loaded["state"].items():
+        if not isinstance(entry, dict):
+            continue
+        oid, param = params[pid]
+        for name, value in entry.items():
+            if not isinstance(value, (torch.Tensor, ShardedRef)):
+                continue
+            own = own_state.get(oid, {}).get(name)
+            template = own if isinstance(own, torch.Tensor) else param
+            if tuple(template.shape) == tuple(value.shape):
+                entry[name] = resolve_like(value, template)
+            elif isinstance(value, ShardedRef):
+                entry[name] = value.full()

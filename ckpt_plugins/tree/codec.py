@@ -36,6 +36,9 @@ Tree format (part of the on-disk format; its version lives in the manifest, not 
   npscalar             dtype, and v (bool/int/float64-or-narrower)   numpy scalar
                        or b64 (raw bytes, every other kind)
   dtype, device, size  v: "float32" / "cuda:0" / [2, 3]              torch.dtype/.device/.Size
+  dtensor              key                                           a sharded tensor (DTensor):
+                                                                     the manifest's ``sharded``
+                                                                     entry ``key`` (docs/sharded.md)
   ===================  ============================================  ==============================
 
   Dict keys (``items``) and set elements are str, int, float, bool, None or tuples of these.
@@ -55,20 +58,21 @@ Behaviour worth knowing:
   (``state_dict()._metadata`` is dropped; ``load_state_dict`` does not need it).
 * A non-tensor object reached twice (the same list in two places) comes back as two copies.
 * Refused with :class:`UnsupportedStateError` naming the key path: functions, classes, arbitrary
-  objects, namedtuples, tensor subclasses, sparse/quantized/meta tensors, numpy object or
+  objects, namedtuples, tensor subclasses (DTensor excepted), sparse/quantized/meta tensors, numpy object or
   structured dtypes, and nesting deeper than 256 levels (also refused when reading a tree).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
+from ckpt_plugins.sharded.layout import is_dtensor
 from ckpt_plugins.tree.tags import (
     TAG,
     TENSOR_TAGS,
@@ -99,14 +103,19 @@ class FlatState:
     Attributes:
         tree: strict JSON value describing the state (``json.dumps(tree, allow_nan=False)`` works).
         tensors: key path -> tensor, in tree order; contiguous, and no two entries share memory.
+        shards: key path -> :class:`~ckpt_plugins.sharded.save.ShardLeaf` of each DTensor (its
+            global shape and dtype, and the chunks of it this rank writes).
     """
 
     tree: Any
     tensors: dict[str, torch.Tensor]
+    shards: dict[str, Any] = field(default_factory=dict)
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, plain_tensors: bool = True) -> None:
+        self.plain_tensors = plain_tensors
+        self.shards: dict[str, Any] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.idents: dict[Any, str] = {}  # storage identity of a view -> the key it is stored under
         self.paths: set[str] = set()
@@ -132,7 +141,23 @@ class _Flattener:
             return self.mapping(obj, path, depth)
         if tp is np.ndarray:
             return self.ndarray(obj, path)
+        if isinstance(obj, torch.Tensor) and is_dtensor(obj):
+            return self.dtensor(obj, path)
         return enc_leaf(obj)
+
+    def dtensor(self, obj: Any, path: str) -> dict[str, Any]:
+        """A DTensor: its chunks go to ``shards`` (the same object twice, tied weights, once)."""
+        from ckpt_plugins.sharded.save import shard_leaf
+
+        ident = ("dtensor", id(obj))
+        key = self.idents.get(ident)
+        if key is None:
+            try:
+                self.shards[path] = shard_leaf(obj, path)
+            except UnsupportedStateError as exc:
+                raise TreeFail(str(exc)) from None
+            self.idents[ident] = key = path
+        return {TAG: "dtensor", "key": key}
 
     def child(self, seg: str, path: str, depth: int) -> str:
         cpath = seg if depth == 0 else f"{path}.{seg}"
@@ -213,6 +238,8 @@ class _Flattener:
         key = self.idents.get(ident)
         if key is None:
             self.idents[ident] = key = path
+            if not self.plain_tensors:
+                return key  # another rank's copy of a replicated tensor: rank 0 writes it
             if not t.is_contiguous():
                 t = t.contiguous()  # a fresh storage: shares memory with nothing
             elif nbytes:
@@ -231,12 +258,14 @@ class _Flattener:
                 end, device = ptr + nbytes, dev
 
 
-def flatten_state(state: Any) -> FlatState:
+def flatten_state(state: Any, *, plain_tensors: bool = True) -> FlatState:
     """Split ``state`` into a strict-JSON tree and a flat dict of tensors, without copying data.
 
     Args:
         state: nested dicts/lists/tuples of tensors, numpy values and plain Python values
             (see the module docstring for the full list).
+        plain_tensors: collect plain tensors (False on ranks other than 0, which write only
+            their DTensor chunks: plain tensors are replicated and rank 0 writes them).
 
     Returns:
         A :class:`FlatState`; ``tensors`` keys are key paths and reference the caller's tensors
@@ -251,7 +280,7 @@ def flatten_state(state: Any) -> FlatState:
         >>> flat.tree, list(flat.tensors)
         ({'w': {'$t': 'tensor', 'key': 'w'}, 'step': 3}, ['w'])
     """
-    flat = _Flattener()
+    flat = _Flattener(plain_tensors)
     try:
         tree = flat.enc(state, "", 0)
     except TreeFail as e:
@@ -262,7 +291,7 @@ def flatten_state(state: Any) -> FlatState:
             "state is nested too deeply to store (beyond Python's recursion limit; is there a reference cycle?)"
         ) from None
     flat.unshare()
-    return FlatState(tree, flat.tensors)
+    return FlatState(tree, flat.tensors, flat.shards)
 
 
 def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:

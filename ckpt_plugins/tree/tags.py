@@ -26,7 +26,7 @@ from ckpt_plugins.tree.walk import MAX_DEPTH, TreeFail, segment
 TAG = "$t"  # the reserved key of a tagged object; user keys starting with "$" get one more "$"
 INT_MIN, INT_MAX = -(2**63), 2**64  # ints outside [INT_MIN, INT_MAX) are tagged as hex strings
 DIM_LIMIT = 2**63  # array and Size dimensions must be below this
-TENSOR_TAGS = frozenset({"tensor", "ctensor", "ndarray"})
+TENSOR_TAGS = frozenset({"tensor", "ctensor", "ndarray", "dtensor"})
 NO_PICKLE = "which cannot be stored without pickle; remove it from the state or convert it to plain values"
 
 _COMPLEX_PARTS = (torch.float16, torch.float32, torch.float64)
@@ -37,6 +37,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 _FIELDS = {
     "tensor": ("key",),
     "ctensor": ("key",),
+    "dtensor": ("key",),
     "ndarray": ("key", "dtype", "shape"),
     "tuple": ("v",),
     "set": ("v",),
@@ -375,6 +376,9 @@ class Unflattener:
             t = self.tensors[key]
         except KeyError:
             raise TreeFail(f"tensor {key!r} is missing from the checkpoint's tensors") from None
+        if tag == "dtensor" and getattr(t, "is_sharded_ref", False):
+            self.cache[ident] = t  # read later, in the layout the target asks for (sharded.read)
+            return t
         if not isinstance(t, torch.Tensor):
             raise TreeFail(f"tensor {key!r} is a {type(t).__name__}, not a tensor")
         if tag == "ctensor":

@@ -87,7 +87,7 @@ def _run_two_ranks_and_kill(directory: Path, mode: str, rng: random.Random) -> i
     return _start_and_kill([(argv, {**env, "RANK": str(rank)}) for rank in (0, 1)], 1.0, rng)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "sharded"])
 def test_sigkill_of_a_two_rank_job_never_loses_a_committed_checkpoint(tmp_path, mode, capsys):
     rng, seed = kill_rng(f"two ranks, {mode} save")
     newest_reported = 0
@@ -101,5 +101,7 @@ def test_sigkill_of_a_two_rank_job_never_loses_a_committed_checkpoint(tmp_path, 
                 assert mgr.verify(step) == [], f"seed {seed}, trial {trial}"
                 assert mgr.restore(step)["step"] == step
                 assert mgr.restore_rank_state(step, rank=1)["rank"] == 1
+                if mode == "sharded":  # each rank's rows, from its own shard file
+                    assert torch.equal(mgr.restore(step)["model"]["w"], torch.full((512, 1024), float(step)))
     capsys.readouterr()
     assert newest_reported > 0, f"seed {seed}"
