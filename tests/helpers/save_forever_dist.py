@@ -30,6 +30,7 @@ def model(step: int):
         return {"w": torch.full((256, 1024), float(step))}
     return {"w": DTensor.from_local(torch.full((256, 1024), float(step)), mesh, [Shard(0)], run_check=False)}
 
+
 with CheckpointManager(directory, keep_last=2, async_save=async_save, rank_timeout=60) as mgr:
     step = (mgr.latest_step() or 0) + 1
     print("ready", flush=True)
