@@ -33,6 +33,7 @@ def model(step: int):
 
 with CheckpointManager(directory, keep_last=2, async_save=async_save, rank_timeout=60) as mgr:
     step = (mgr.latest_step() or 0) + 1
+    model(0)  # the first DTensor sets up torch's dispatch machinery (seconds): before "ready"
     print("ready", flush=True)
     while True:
         state = {"model": model(step), "step": step}
