@@ -277,14 +277,17 @@ def read_dcp(
         UnsafeCheckpointError: the metadata needs a global outside DCP's metadata classes, or a
             value needs full pickle (named), and ``allow_unsafe_pickle`` is False.
         CorruptCheckpointError: a file is missing, truncated or does not match the metadata.
+        ConfigError: ``map_location`` is not a device, or an item is stored through DCP storage
+            extensions (compression) and ``allow_unsafe_pickle`` is False.
 
     Example:
         >>> state = read_dcp("dcp_ckpt", include=lambda k: k.startswith("model."))
     """
     root = os.fspath(path)
+    safetensors_device(map_location)  # a bad map_location is a ConfigError before anything is read
     try:
         dcp_meta, reader = _open(root, map_location, allow_unsafe_pickle)
-    except (UnsafeCheckpointError, ConfigError):
+    except UnsafeCheckpointError:
         if not allow_unsafe_pickle:
             raise
         return _read_with_full_pickle(root, map_location=map_location, include=include)
