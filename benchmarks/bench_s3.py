@@ -10,7 +10,11 @@ interleaved:
 * **DCP FsspecWriter** - ``torch.distributed.checkpoint.save`` of the same state with
   ``FsspecWriter`` to the same server;
 * **ours, restore** - ``mgr.restore(step)`` with checksums verified, against **s3fs get**
-  (``cat_file`` of the same object into memory).
+  (``cat_file`` of the same object into memory);
+* **ours + mirror** - ``CheckpointManager("s3://...", mirror=<local dir>)``: the time until
+  ``save()`` returns (committed in the local directory: what training waits for) and until the
+  background upload has committed it in the store (``mgr.mirror.wait()``), beside the same save
+  to a local directory without a mirror (the floor of the local commit) and the raw put.
 
 The server is a Python process on the same (small, shared) machine, so absolute throughput says
 more about moto than about S3; the ratios are the point. Run:
@@ -75,7 +79,16 @@ def _run(server, args) -> int:
     fs = s3fs.S3FileSystem(**options)
     state = _state(args.mib)
     nbytes = sum(t.numel() * t.element_size() for t in state["model"].values())
-    samples: dict[str, list[float]] = {"ours_save": [], "put_file": [], "dcp_save": [], "ours_restore": [], "get": []}
+    samples: dict[str, list[float]] = {
+        "ours_save": [],
+        "put_file": [],
+        "dcp_save": [],
+        "ours_restore": [],
+        "get": [],
+        "mirror_local": [],
+        "mirror_uploaded": [],
+        "local_save": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         with CheckpointManager(Path(tmp) / "local") as local:  # the same bytes as a local file, for put_file
             local.save(1, state)
@@ -105,8 +118,25 @@ def _run(server, args) -> int:
             t8 = time.perf_counter()
             dcp.save(state, storage_writer=FsspecWriter(f"s3://{bucket}/dcp-{r}", **options))
             t9 = time.perf_counter()
+            with CheckpointManager(
+                f"s3://{bucket}/mirror-{r}", storage_options=options, mirror=Path(tmp) / f"mirror-{r}"
+            ) as mgr:
+                t10 = time.perf_counter()
+                mgr.save(1, state)
+                t11 = time.perf_counter()
+                mgr.mirror.wait()
+                t12 = time.perf_counter()
+            with CheckpointManager(Path(tmp) / f"plain-{r}") as plain:
+                t13 = time.perf_counter()
+                plain.save(1, state)
+                t14 = time.perf_counter()
+            for prefix in ("ours", "raw", "dcp", "mirror"):  # keep the server's memory bounded
+                fs.rm(f"{bucket}/{prefix}-{r}", recursive=True)
             if r == 0:
                 continue
+            samples["mirror_local"].append(t11 - t10)
+            samples["mirror_uploaded"].append(t12 - t10)
+            samples["local_save"].append(t14 - t13)
             samples["ours_save"].append(t2 - t1)
             samples["ours_restore"].append(t3 - t2)
             samples["put_file"].append(t5 - t4)
@@ -114,7 +144,8 @@ def _run(server, args) -> int:
             samples["dcp_save"].append(t9 - t8)
             print(
                 f"round {r}: ours save {t2 - t1:.2f} s (open {t1 - t0:.2f} s), put_file {t5 - t4:.2f} s, "
-                f"dcp {t9 - t8:.2f} s, ours restore {t3 - t2:.2f} s, get {t7 - t6:.2f} s",
+                f"dcp {t9 - t8:.2f} s, ours restore {t3 - t2:.2f} s, get {t7 - t6:.2f} s, mirror: local commit "
+                f"{t11 - t10:.2f} s, uploaded {t12 - t10:.2f} s, local save {t14 - t13:.2f} s",
                 flush=True,
             )
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -124,6 +155,11 @@ def _run(server, args) -> int:
     save_ratio = statistics.median(o / r for o, r in zip(samples["ours_save"], samples["put_file"], strict=True))
     restore_ratio = statistics.median(o / r for o, r in zip(samples["ours_restore"], samples["get"], strict=True))
     dcp_ratio = statistics.median(o / r for o, r in zip(samples["dcp_save"], samples["put_file"], strict=True))
+
+    def vs_put(key: str) -> float:
+        return statistics.median(o / r for o, r in zip(samples[key], samples["put_file"], strict=True))
+
+    local_ratio = statistics.median(o / r for o, r in zip(samples["mirror_local"], samples["local_save"], strict=True))
     rows = [
         ("ours: save (durable)", f"{med['ours_save']:.2f} s", f"{mbps['ours_save']:.0f}", f"{save_ratio:.2f}x"),
         ("s3fs.put_file (raw)", f"{med['put_file']:.2f} s", f"{mbps['put_file']:.0f}", "1.00x"),
@@ -135,6 +171,19 @@ def _run(server, args) -> int:
             f"{restore_ratio:.2f}x of get",
         ),
         ("s3fs get (cat_file)", f"{med['get']:.2f} s", f"{mbps['get']:.0f}", "1.00x"),
+        (
+            "ours + mirror: save() returns (local commit)",
+            f"{med['mirror_local']:.2f} s",
+            f"{mbps['mirror_local']:.0f}",
+            f"{vs_put('mirror_local'):.2f}x ({local_ratio:.2f}x of a local save)",
+        ),
+        (
+            "ours + mirror: uploaded (in the store)",
+            f"{med['mirror_uploaded']:.2f} s",
+            f"{mbps['mirror_uploaded']:.0f}",
+            f"{vs_put('mirror_uploaded'):.2f}x",
+        ),
+        ("ours: local save, no mirror (floor)", f"{med['local_save']:.2f} s", f"{mbps['local_save']:.0f}", ""),
     ]
     headline = [
         {

@@ -44,7 +44,7 @@ from ckpt_plugins.options import (
     RetentionOptions,
     SaveOptions,
 )
-from ckpt_plugins.options.checks import check_directory
+from ckpt_plugins.options.checks import check_directory, check_storage_options
 from ckpt_plugins.options.memory import MemoryTierOptions, memory_options_of
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
@@ -171,6 +171,7 @@ class CheckpointManager:
     ) -> None:
         check_directory("directory", directory)
         self.memory_options, persist_every = memory_options_of(memory_tier, persist_every_n_steps)
+        check_storage_options("storage_options", storage_options)
         if isinstance(on_commit, Iterable) and not isinstance(on_commit, (list, tuple, str, bytes)):
             on_commit = tuple(on_commit)  # a generator of callables: read it once, here
         flat = dict(

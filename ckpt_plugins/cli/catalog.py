@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_plugins.cli.storage import open_path
 from ckpt_plugins.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.files.single_file import is_single_file
@@ -28,7 +29,6 @@ from ckpt_plugins.formats.hf_folder import HF_WRITER
 from ckpt_plugins.layout.commit import DAMAGED_SUFFIX, Layout
 from ckpt_plugins.layout.naming import natural_key
 from ckpt_plugins.retention import CheckpointRecord, RetentionContext, build_policy
-from ckpt_plugins.storage import open_storage
 
 __all__ = [
     "RULE_FLAGS",
@@ -66,7 +66,7 @@ class Entry:
     """One checkpoint found in a folder."""
 
     name: str
-    path: str  # what open_storage() opens: an absolute local path, or the URL of a remote one
+    path: str  # what open_path() opens: an absolute local path, or the URL of a remote one
     format: str  # "ckpt_plugins" or a foreign format name (see ckpt_plugins.formats)
     step: int | None  # the manifest's step, else the name's; None when neither has one
     numbered: bool  # the name carries a step: retention applies to it
@@ -87,7 +87,7 @@ def layout_of(storage: Any, checkpoint: str) -> Layout:
 
 def kind_of(path: str) -> str:
     """``"lightning"``, ``"hf"`` or ``"other"``: which framework wrote the checkpoint at ``path``."""
-    storage, root = open_storage(path)
+    storage, root = open_path(path)
     if storage.exists(storage.join(root, MANIFEST_NAME)):
         try:
             meta = layout_of(storage, root).read_manifest(root).user_metadata
@@ -182,7 +182,7 @@ def scan(directory: str, prefix: str | None = None) -> list[Entry]:
     Raises:
         CheckpointNotFoundError: ``directory`` is not a folder.
     """
-    storage, root = open_storage(directory)
+    storage, root = open_path(directory)
     if not storage.isdir(root):
         raise CheckpointNotFoundError(
             f"{directory}: no such directory; pass the folder that holds the "
@@ -237,7 +237,7 @@ def run_folder_entries(directory: str) -> list[Entry]:
     ``model.safetensors``) is a run folder too when it holds checkpoint folders; its own files
     (``model.safetensors``, ``optimizer.pt``) are then not listed one by one.
     """
-    storage, root = open_storage(directory)
+    storage, root = open_path(directory)
     if not storage.isdir(root) or storage.exists(storage.join(root, MANIFEST_NAME)):
         return []
     entries = scan(directory)

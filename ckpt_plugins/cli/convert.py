@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from ckpt_plugins.cli.storage import open_path, options
 from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError
 from ckpt_plugins.formats import detect_format
 from ckpt_plugins.restore.read import is_our_checkpoint, restore_path
-from ckpt_plugins.storage import open_storage
 from ckpt_plugins.tree.walk import iter_leaves
 
 from . import catalog
@@ -81,7 +81,7 @@ def resolve_source(src: str, step: int | None) -> catalog.Entry | str:
             (the message lists the steps there).
         ConfigError: ``step`` was given with a single checkpoint.
     """
-    storage, root = open_storage(src)
+    storage, root = open_path(src)
     numbered = [e for e in catalog.run_folder_entries(src) if e.numbered and e.step is not None]
     if not numbered and (is_our_checkpoint(storage, root) or detect_format(src) not in (None, "ckpt_plugins")):
         if step is not None:
@@ -112,6 +112,7 @@ def _full_state(path: str) -> Any:
         map_location="cpu",
         allow_unsafe_pickle=False,
         verify=True,
+        storage_options=options(),
     )
     return state
 
@@ -159,7 +160,7 @@ def _write_ours(path: str, dst: str, as_step: int | None) -> int:
         found = [state.get(k) for k in ("step", "global_step")] if isinstance(state, dict) else []
         as_step = next((v for v in found if type(v) is int and v >= 0), 0)
     parent, name = os.path.split(os.path.abspath(dst))
-    if os.path.lexists(dst) and not is_our_checkpoint(*open_storage(dst)):
+    if os.path.lexists(dst) and not is_our_checkpoint(*open_path(dst)):
         raise ConfigError(f"{dst} exists and is not a checkpoint of ours; pass a new path (nothing was written)")
     with CheckpointManager(parent) as mgr:
         mgr.save(as_step, state, name=name)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpt_plugins.cli.storage import options
 from ckpt_plugins.restore.read import restore_path
 from ckpt_plugins.tree.walk import iter_leaves
 
@@ -49,6 +50,7 @@ def _load(path: str, allow_unsafe_pickle: bool) -> dict[str, Any]:
         map_location="cpu",
         allow_unsafe_pickle=allow_unsafe_pickle,
         verify=True,
+        storage_options=options(),
     )
     return dict(iter_leaves(state))
 

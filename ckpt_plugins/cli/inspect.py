@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpt_plugins.cli.storage import open_path
 from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.files.tensor_file import read_header
@@ -23,7 +24,6 @@ from ckpt_plugins.formats.dcp import read_dcp
 from ckpt_plugins.formats.hf_folder import holds_native_files, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
 from ckpt_plugins.restore.read import is_our_checkpoint
-from ckpt_plugins.storage import open_storage
 from ckpt_plugins.tree.codec import unflatten_state
 from ckpt_plugins.tree.tags import TAG, TENSOR_TAGS, children, np_dtype
 from ckpt_plugins.tree.walk import iter_leaves
@@ -175,7 +175,7 @@ def _refuse_run_folder(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    storage, root = open_storage(args.path)
+    storage, root = open_path(args.path)
     info: dict[str, Any]
     if is_our_checkpoint(storage, root):
         manifest = catalog.layout_of(storage, root).read_manifest(root)

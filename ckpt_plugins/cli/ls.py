@@ -11,10 +11,10 @@ import argparse
 import time
 from typing import Any
 
+from ckpt_plugins.cli.storage import open_path
 from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.layout.lock import DirectoryLock
-from ckpt_plugins.storage import open_storage
 
 from . import catalog
 from .render import emit_json, human_age, human_bytes, print_table, stdout
@@ -173,7 +173,7 @@ def run_prune(args: argparse.Namespace) -> int:
             "--keep-last 3 (see ckpt-plugins prune --help)"
         )
     doomed = [e for e in entries if reasons[e.name] == []]
-    storage, root = open_storage(args.directory)
+    storage, root = open_path(args.directory)
     lock = DirectoryLock(storage, root) if args.yes and doomed else None
     if lock is not None:
         lock.acquire()  # a training job writing here holds it: prune refuses instead of racing it

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from ckpt_plugins.errors import CheckpointError
 
 from . import convert, diff, inspect, ls, verify
+from .storage import ENV_NAME, set_options
 
 __all__ = ["build_parser", "main"]
 
@@ -34,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok; 1 differences (diff) or damage (verify); 2 bad input or an unreadable checkpoint.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the library's logs")
+    storage_help = (
+        "fsspec options for URL paths (s3://...), a JSON object: endpoint, credentials, ... "
+        f"(default: ${ENV_NAME}, else the standard environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)"
+    )
+    parser.add_argument("--storage-options", metavar="JSON", help=storage_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ls.add_parsers(sub)
     inspect.add_parser(sub)
     verify.add_parser(sub)
     diff.add_parser(sub)
     convert.add_parser(sub)
+    for command in sub.choices.values():  # also after the command: ckpt-plugins ls URL --storage-options ...
+        command.add_argument("--storage-options", metavar="JSON", help=storage_help, default=argparse.SUPPRESS)
     return parser
 
 
@@ -59,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        set_options(args.storage_options)
         code = args.func(args)
         sys.stdout.flush()
         return code

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ckpt_plugins.cli.storage import open_path
 from ckpt_plugins.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ckpt_plugins.formats import detect_format, read_foreign
 from ckpt_plugins.restore.read import is_our_checkpoint
-from ckpt_plugins.storage import open_storage
 
 from . import catalog
 from .render import emit_json, progress
@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
 
 def _targets(path: str) -> list[tuple[str, bool]]:
     """(checkpoint path, is ours) for a checkpoint or for every checkpoint of a run folder."""
-    storage, root = open_storage(path)
+    storage, root = open_path(path)
     if is_our_checkpoint(storage, root):
         return [(path, True)]
     if not storage.exists(root):
@@ -54,7 +54,7 @@ def _targets(path: str) -> list[tuple[str, bool]]:
 def check(path: str, ours: bool, advance: Any = None) -> tuple[str, list[str]]:
     """Status (``OK``, ``DAMAGED``, ``UNSAFE``) and problems of one checkpoint."""
     if ours:
-        storage, root = open_storage(path)
+        storage, root = open_path(path)
         problems = catalog.layout_of(storage, root).verify(root, progress=advance)
         return ("DAMAGED" if problems else "OK"), problems
     try:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     sizes = []
     for path, _ in targets:
-        storage, root = open_storage(path)
+        storage, root = open_path(path)
         sizes.append(catalog.folder_size(storage, root))
     results = []
     with progress("verifying", sum(sizes), enabled=not args.json) as advance:

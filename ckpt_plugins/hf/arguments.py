@@ -15,10 +15,11 @@ them next to ``TrainingArguments`` and builds the callback in one line::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ckpt_plugins.errors import renamed_options
+from ckpt_plugins.errors import ConfigError, renamed_options
 from ckpt_plugins.hf.options import CallbackOptions
 
 __all__ = ["CheckpointArguments"]
@@ -137,6 +138,15 @@ class CheckpointArguments:
         metadata={"help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."},
     )
 
+    ckpt_storage_options: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "fsspec options of an s3:// (or other URL) --ckpt_dirpath, as a JSON object: endpoint, "
+            "credentials (prefer the environment for secrets: AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_ENDPOINT_URL)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.to_options()  # fail at parse time, naming the flag
 
@@ -189,4 +199,18 @@ class CheckpointArguments:
             preemption_signals=tuple(self.ckpt_preemption_signals),
             preemption_sync_every=self.ckpt_preemption_sync_every,
             gradient_checkpointing=self.gradient_checkpointing(),
+            storage_options=_json_object("--ckpt_storage_options", self.ckpt_storage_options),
         ).spelled(names)
+
+
+def _json_object(flag: str, text: str | None) -> dict[str, Any] | None:
+    """A flag's JSON object (the message never shows the value: it may hold a secret)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} must be a JSON object ({exc.msg} at character {exc.pos})", option=flag) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got a JSON {type(value).__name__}", option=flag)
+    return value

@@ -47,7 +47,7 @@ from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
 from ckpt_plugins.hf.options import CallbackOptions, Settings, resolve
 from ckpt_plugins.hf.position import DataPosition, check_resume
-from ckpt_plugins.hf.resume import choose, resolve_flag, with_memory
+from ckpt_plugins.hf.resume import choose, localize, resolve_flag, with_memory
 from ckpt_plugins.hf.rng import gather_rng_states
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.restore.choose import Choice
@@ -164,6 +164,7 @@ class CheckpointCallback(TrainerCallback):
         preemption_sync_every: int = 10,
         memory_every_n_steps: int | None = None,
         persist_every_n_steps: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None,
@@ -187,6 +188,7 @@ class CheckpointCallback(TrainerCallback):
             preemption_sync_every=preemption_sync_every,
             memory_every_n_steps=memory_every_n_steps,
             persist_every_n_steps=persist_every_n_steps,
+            storage_options=storage_options,
         )
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
@@ -251,7 +253,7 @@ class CheckpointCallback(TrainerCallback):
         if not self.settings.verify_latest:
             args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, None, self.settings.dirpath)
             return
-        choice = choose(self.settings.dirpath) if rank_and_world()[0] == 0 else None
+        choice = choose(self.settings.dirpath, self.settings.storage_options) if rank_and_world()[0] == 0 else None
         if choice is not None and self.options.memory_every_n_steps is not None:
             choice = with_memory(choice, self.settings.dirpath)  # the in-memory tier's newest, if newer
         self.resume_check = choice = broadcast_object(choice)
@@ -266,7 +268,12 @@ class CheckpointCallback(TrainerCallback):
                 f"the newest usable one is {choice.path}" if choice.path else "no checkpoint is usable",
                 self.settings.dirpath,
             )
-        args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, choice, self.settings.dirpath)
+        args.resume_from_checkpoint = localize(  # an object store: a local copy the Trainer can read
+            resolve_flag(args.resume_from_checkpoint, choice, self.settings.dirpath),
+            self.settings.dirpath,
+            str(args.output_dir),
+            self.settings.storage_options,
+        )
 
     def on_train_begin(
         self,
@@ -290,7 +297,9 @@ class CheckpointCallback(TrainerCallback):
             self.activation_report = report or self.activation_report
         if self.manager is None:
             self._take_over_directory()  # also here: a callback added after the Trainer was built
-            self.manager = CheckpointManager(self.settings.dirpath, **self.settings.manager_kwargs)
+            self.manager = CheckpointManager(
+                self.settings.dirpath, storage_options=self.settings.storage_options, **self.settings.manager_kwargs
+            )
             _OPEN_ON[_directory_key(self.settings.dirpath)] = self.manager
         self.manager.watch_preemption()
         try:

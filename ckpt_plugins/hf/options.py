@@ -16,14 +16,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
 from ckpt_plugins.activation import ActivationCheckpointing
 from ckpt_plugins.errors import ConfigError, renamed_options
 from ckpt_plugins.options import PreemptionOptions, RetentionOptions, SaveOptions
-from ckpt_plugins.options.checks import check_bool, check_choice, check_directory, check_positive_int
+from ckpt_plugins.options.checks import (
+    check_bool,
+    check_choice,
+    check_directory,
+    check_positive_int,
+    check_storage_options,
+)
 from ckpt_plugins.options.memory_steps import memory_kwargs
 
 __all__ = ["CallbackOptions", "Settings", "resolve"]
@@ -56,11 +62,14 @@ class CallbackOptions:
     preemption_sync_every: int = 10
     memory_every_n_steps: int | None = None
     persist_every_n_steps: int | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """fsspec options of a URL ``dirpath`` (never shown, saved or logged)."""
 
     def __post_init__(self) -> None:
         """The core's groups check the options they share (same checks, same messages)."""
         if self.dirpath is not None:
             check_directory("dirpath", self.dirpath)
+        check_storage_options("storage_options", self.storage_options)
         check_choice("mode", self.mode, (None, "min", "max"), "None follows greater_is_better")
         RetentionOptions(
             keep_last=self.keep_last,
@@ -119,6 +128,8 @@ class Settings:
     verify_latest: bool
     model_only: bool
     """``save_only_model``: weights and ``trainer_state.json`` only (no optimizer, scheduler, RNG)."""
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """fsspec options of a URL ``dirpath``, for the manager only."""
 
 
 def _strategy(value: Any) -> str:
@@ -222,4 +233,5 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
         snapshot=options.snapshot,
         verify_latest=options.verify_latest,
         model_only=bool(getattr(args, "save_only_model", False)),
+        storage_options=options.storage_options,
     )

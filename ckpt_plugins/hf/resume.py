@@ -18,21 +18,27 @@ resume the Trainer can do. What skips a damaged newest checkpoint:
   ``"True"`` as a path; the callback resolves it, when the Trainer is built, to the newest usable
   checkpoint (:func:`resolve_flag`);
 * :func:`last_usable_checkpoint`, a drop-in for ``transformers.trainer_utils.get_last_checkpoint``.
+
+With an object-store ``dirpath`` (``s3://...``) the Trainer cannot read the checkpoint where it is:
+the one ``--resume_from_checkpoint`` resolves to (``True``, or its URL) is downloaded first, with
+its checksums verified, into ``<output_dir>/.ckpt-plugins-resume/`` (:func:`localize`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ckpt_plugins.errors import CheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.layout.naming import parse_step_dir
 from ckpt_plugins.restore.choose import Choice, latest_usable
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["choose", "last_usable_checkpoint", "resolve_flag", "trainer_folder_problems", "with_memory"]
+__all__ = ["choose", "last_usable_checkpoint", "localize", "resolve_flag", "trainer_folder_problems", "with_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +73,9 @@ def trainer_folder_problems(path: str) -> list[str]:
     return problems
 
 
-def choose(directory: str | os.PathLike) -> Choice:
+def choose(directory: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Choice:
     """The newest usable ``checkpoint-N`` of ``directory`` (nothing is moved)."""
-    storage, root = open_storage(os.fspath(directory))
+    storage, root = open_storage(os.fspath(directory), storage_options)
     return latest_usable(Layout(storage, root, PREFIX), foreign=trainer_folder_problems)
 
 
@@ -128,3 +134,26 @@ def resolve_flag(value: Any, choice: Choice | None, output_dir: str) -> Any:
         return None
     log.info("--resume_from_checkpoint %s: resuming from %s, the newest usable checkpoint", value, choice.path)
     return choice.path
+
+
+SCRATCH = ".ckpt-plugins-resume"  # in output_dir: local copies of remote checkpoints to resume from
+
+
+def localize(value: Any, dirpath: str, output_dir: str, storage_options: Mapping[str, Any] | None) -> Any:
+    """A ``resume_from_checkpoint`` in a URL ``dirpath`` (``s3://...``) as a local folder the Trainer
+    can read: the checkpoint is downloaded (checksums verified) to ``<output_dir>/.ckpt-plugins-resume/
+    checkpoint-N``. Anything else is returned unchanged."""
+    if "://" not in dirpath or not isinstance(value, str) or os.path.exists(value):
+        return value
+    storage, root = open_storage(dirpath, storage_options)
+    name = value.rstrip("/").rsplit("/", 1)[-1]
+    path = storage.join(root, name)
+    inside = value.rstrip("/") in (path, f"{dirpath.rstrip('/')}/{name}")
+    if not inside or parse_step_dir(name, PREFIX) is None:
+        return value
+    from ckpt_plugins.persist.mirror import download
+
+    target = os.path.join(output_dir, SCRATCH, name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    log.info("resuming from %s/%s: downloading it to %s (checksums verified)", dirpath.rstrip("/"), name, target)
+    return download(storage, path, target)

@@ -44,6 +44,7 @@ from ckpt_plugins.lightning.stats import SaveStats
 from ckpt_plugins.lightning.triggers import Triggers, validation_follows
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.options import ManagerOptions
+from ckpt_plugins.options.checks import check_storage_options
 from ckpt_plugins.options.memory_steps import memory_kwargs
 from ckpt_plugins.rng import capture_rng, restore_rng
 
@@ -109,6 +110,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             newest of memory and disk.
         persist_every_n_steps: with ``memory_every_n_steps``, the saves of steps divisible by K
             also go to ``dirpath`` (a multiple of ``memory_every_n_steps``; default: every save).
+        storage_options: for a URL ``dirpath`` (``s3://...``): passed to its fsspec file system
+            (endpoint, credentials), as ``CheckpointManager(storage_options=...)``; never saved
+            or logged. Lightning's own checks of ``ckpt_path`` use the environment.
 
     Raises:
         ConfigError: an option is invalid (the message names it); every option is checked here,
@@ -150,7 +154,10 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         log_metrics: bool = True,
         memory_every_n_steps: int | None = None,
         persist_every_n_steps: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
+        check_storage_options("storage_options", storage_options)
+        self._storage_options = storage_options  # to fsspec only; not in state_dict() or repr
         self.memory_options = memory_kwargs(memory_every_n_steps, persist_every_n_steps, every_n_train_steps)
         if memory_every_n_steps is not None:
             every_n_train_steps = memory_every_n_steps  # the step trigger; persist_every_n_steps picks the durable ones
@@ -224,7 +231,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         )
         self._drop_reader()
         memory = self.memory_options if fitting else {}
-        self.manager = CheckpointManager(self.dirpath, read_only=not fitting, **options, **memory)
+        self.manager = CheckpointManager(
+            self.dirpath, read_only=not fitting, storage_options=self._storage_options, **options, **memory
+        )
         register_manager(self.manager)  # loads of its folders (ckpt_path=...) go through it
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_plugins.files.single_file import is_reservation, is_single_file
-from ckpt_plugins.lightning.reader import read_lightning_checkpoint
+from ckpt_plugins.lightning.reader import folder_of_manifest, read_lightning_checkpoint
 from ckpt_plugins.lightning.saves import in_flight
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.storage import open_storage
@@ -37,7 +37,7 @@ _installed = False
 
 def is_ours(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds (or is being written as) one of our checkpoints."""
-    path = os.fspath(path)
+    path = folder_of_manifest(os.fspath(path))
     if path.startswith(("http://", "https://")):
         return False
     if in_flight(path) is not None:

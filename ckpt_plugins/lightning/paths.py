@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.lightning.reader import unregister_manager
 from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.restore.choose import latest_usable
@@ -32,6 +33,7 @@ class CommittedPaths:
     monitor: str | None
     mode: str
     manager: CheckpointManager | None
+    _storage_options: dict[str, Any] | None
 
     def _resolve_dirpath(self, trainer: Any) -> str:
         """``dirpath``, else Lightning's rule for ``ModelCheckpoint`` (logger dir or root dir)."""
@@ -50,7 +52,7 @@ class CommittedPaths:
         if self.manager is not None and directory in (None, self.manager.directory):
             return self.manager
         directory = directory if directory is not None else (os.fspath(self.dirpath) if self.dirpath else None)
-        if directory is None or not os.path.isdir(directory):
+        if directory is None or ("://" not in directory and not os.path.isdir(directory)):
             return None
         cached = self.__dict__.get("_read_only")
         if cached is None or cached.directory != directory:
@@ -61,6 +63,7 @@ class CommittedPaths:
                 monitor=self.monitor,
                 mode=self.mode,  # type: ignore[arg-type]  # checked by the options model
                 memory_tier=bool(getattr(self, "memory_options", {}).get("memory_tier")),  # to see the snapshots
+                storage_options=self._storage_options,
             )
         return cached
 
@@ -132,4 +135,10 @@ class CommittedPaths:
         snapshot = reader.memory_snapshot()  # the in-memory tier: its newest, if not older
         if snapshot is not None and (choice.step is None or snapshot[0] >= choice.step):
             return {snapshot[1]}
-        return {choice.path} if choice.path is not None else set()
+        if choice.path is None:
+            return set()
+        if "://" not in reader.directory:
+            return {choice.path}
+        # An object store: Lightning compares candidates by fs.modified(), which a prefix does not
+        # have; its manifest object does, and loading that path loads the folder (lightning.reader).
+        return {f"{reader.directory.rstrip('/')}/{choice.path.rstrip('/').rsplit('/', 1)[-1]}/{MANIFEST_NAME}"}

@@ -34,12 +34,13 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from ckpt_plugins.errors import ConfigError, UnsupportedStateError
+from ckpt_plugins.errors import UnsupportedStateError
 from ckpt_plugins.lightning import load_hook
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
 from ckpt_plugins.lightning.saves import PathSaves, wait_for
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
 from ckpt_plugins.options import RestoreOptions, SaveOptions
+from ckpt_plugins.options.checks import check_storage_options
 
 __all__ = ["CheckpointIOPlugin"]
 
@@ -60,6 +61,9 @@ class CheckpointIOPlugin(CheckpointIO):
         on_error: ``"raise"``: a failed background save raises at the next save, removal or
             teardown; ``"warn"``: it is logged and training goes on.
         verify: check checksums when loading.
+        storage_options: for URL paths (``s3://...``): passed to their fsspec file system
+            (endpoint, credentials); ``trainer.save_checkpoint(path, storage_options=...)`` adds
+            to them for that save. Never saved or logged.
 
     Example:
         >>> trainer = Trainer(plugins=[CheckpointIOPlugin()])  # doctest: +SKIP
@@ -72,29 +76,33 @@ class CheckpointIOPlugin(CheckpointIO):
         writer: Literal["thread", "process"] = "thread",
         on_error: Literal["raise", "warn"] = "raise",
         verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         # the core's checks
         SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         RestoreOptions(verify=verify)
+        check_storage_options("storage_options", storage_options)
         self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
         self.on_error, self.verify = on_error, verify
         self._saves = PathSaves(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         self._warned: set[str] = set()
+        self._storage_options = storage_options  # to fsspec only; not in repr
 
     # --- CheckpointIO ------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Save Lightning's checkpoint dict as the file ``path`` (single-file format, atomic).
 
+        ``storage_options`` (what ``trainer.save_checkpoint(..., storage_options=)`` passes) go to
+        the fsspec file system of a URL ``path``, over the plugin's own.
+
         Raises:
-            ConfigError: ``storage_options`` was given (this plugin has none).
+            ConfigError: ``storage_options`` is not a dict.
             UnsupportedStateError: the dict holds an object that cannot be stored without pickle
                 (the message names the key and where it comes from).
             SaveError: an earlier background save failed (``on_error="raise"``).
         """
-        if storage_options is not None:
-            raise ConfigError(
-                "CheckpointIOPlugin takes no storage_options; call trainer.save_checkpoint(path) without them"
-            )
+        check_storage_options("storage_options", storage_options)
+        options = {**(self._storage_options or {}), **(storage_options or {})} or None
         path = os.fspath(path)
         if os.path.basename(path.rstrip("/")).startswith("."):  # Lightning's .temp.ckpt: its own format
             TorchCheckpointIO().save_checkpoint(checkpoint, path)
@@ -104,7 +112,7 @@ class CheckpointIOPlugin(CheckpointIO):
         step = checkpoint.get("global_step", 0)
         step = step if isinstance(step, int) and step >= 0 else 0
         try:
-            self._saves.save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted})
+            self._saves.save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted}, options)
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
 
@@ -125,12 +133,16 @@ class CheckpointIOPlugin(CheckpointIO):
         """
         wait_for(path)  # a save of this path may still be in flight (in any plugin of this process)
         return read_lightning_checkpoint(
-            path, map_location=map_location, allow_unsafe_pickle=weights_only is False, verify=self.verify
+            path,
+            map_location=map_location,
+            allow_unsafe_pickle=weights_only is False,
+            verify=self.verify,
+            storage_options=self._storage_options,
         )
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
-        self._saves.remove(os.fspath(path))
+        self._saves.remove(os.fspath(path), self._storage_options)
 
     def teardown(self) -> None:
         """Wait for every save to commit, run queued removals, stop the writer."""

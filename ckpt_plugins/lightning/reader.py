@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ckpt_plugins.distributed import rank_and_world
 from ckpt_plugins.errors import CheckpointNotFoundError
+from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.files.single_file import is_reservation, is_single_file, read_single_file
 from ckpt_plugins.formats import read_foreign
 from ckpt_plugins.layout.commit import Layout
@@ -34,7 +36,7 @@ from ckpt_plugins.manager import CheckpointManager
 from ckpt_plugins.restore.read import is_our_checkpoint, read_rank_state, restore_path
 from ckpt_plugins.storage import open_storage
 
-__all__ = ["read_lightning_checkpoint", "register_manager", "unregister_manager"]
+__all__ = ["folder_of_manifest", "read_lightning_checkpoint", "register_manager", "unregister_manager"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ def read_lightning_checkpoint(
     verify: bool = True,
     rank: int | None = None,
     managers: list[CheckpointManager] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Lightning checkpoint dict stored at ``path``.
 
@@ -69,6 +72,7 @@ def read_lightning_checkpoint(
         rank: whose rank part to add (default: this process's rank).
         managers: live managers whose folders are restored through them (default: those
             registered with :func:`register_manager`).
+        storage_options: for a URL ``path`` not under a live manager: its fsspec options.
 
     Returns:
         The checkpoint dict, with :data:`RANK_STATE_KEY` when the folder has this rank's part.
@@ -77,11 +81,14 @@ def read_lightning_checkpoint(
         CheckpointNotFoundError: nothing at ``path``.
         UnsafeCheckpointError: a foreign file needs full pickle and it was not allowed.
     """
-    path = os.fspath(path)
+    path = folder_of_manifest(os.fspath(path))
     location = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     rank = rank_and_world()[0] if rank is None else rank
     wait_for(path)
-    storage, root = open_storage(path)
+    manager, step = _owner(path, managers or list(_LIVE))
+    if manager is not None and (step is None or step in manager.steps()):  # its tiers and storage options
+        return _through(manager, step, rank, location)
+    storage, root = open_storage(path, storage_options)
     if not storage.exists(root):
         raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
     if is_single_file(storage, root) or is_reservation(storage, root):
@@ -92,42 +99,64 @@ def read_lightning_checkpoint(
         if not isinstance(checkpoint, dict):
             raise CheckpointNotFoundError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
         return checkpoint
-    manager, step = _owner(root, managers or list(_LIVE))
-    if manager is not None and step is None:  # an in-memory snapshot: every rank agrees on the step
-        checkpoint = dict(manager.restore("latest", map_location=location))
-        restored = manager.restored_step
-        rank_state = (
-            None if restored is None else manager.restore_rank_state(restored, rank=rank, map_location=location)
-        )
-    elif manager is not None and step is not None:
-        checkpoint = dict(manager.restore(step, map_location=location))
-        rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
-    else:
-        state, report = restore_path(
-            path,
-            target=None,
-            selector=None,
-            rename=None,
-            strict=True,
-            map_location=location,
-            allow_unsafe_pickle=False,
-            verify=verify,
-        )
-        log.info(report.summary())
-        checkpoint = dict(state)
-        parent = os.path.dirname(root.rstrip("/")) or root
-        rank_state = read_rank_state(storage, Layout(storage, parent), root, rank, verify=verify, map_location=location)
+    state, report = restore_path(
+        path,
+        target=None,
+        selector=None,
+        rename=None,
+        strict=True,
+        map_location=location,
+        allow_unsafe_pickle=False,
+        verify=verify,
+        storage_options=storage_options,
+    )
+    log.info(report.summary())
+    checkpoint = dict(state)
+    parent = os.path.dirname(root.rstrip("/")) or root
+    rank_state = read_rank_state(storage, Layout(storage, parent), root, rank, verify=verify, map_location=location)
     if rank_state is not None:
         checkpoint[RANK_STATE_KEY] = rank_state
     return checkpoint
 
 
-def _owner(root: str, managers: list[CheckpointManager]) -> tuple[CheckpointManager | None, int | None]:
-    parent, name = os.path.split(os.path.abspath(root.rstrip("/")))
+def _through(manager: CheckpointManager, step: int | None, rank: int, location: Any) -> dict[str, Any]:
+    """Restore through a live manager: a committed step, or (None) its in-memory snapshot, whose
+    step every rank agrees on."""
+    if step is None:
+        checkpoint = dict(manager.restore("latest", map_location=location))
+        restored = manager.restored_step
+        rank_state = (
+            None if restored is None else manager.restore_rank_state(restored, rank=rank, map_location=location)
+        )
+    else:
+        checkpoint = dict(manager.restore(step, map_location=location))
+        rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
+    if rank_state is not None:
+        checkpoint[RANK_STATE_KEY] = rank_state
+    return checkpoint
+
+
+def folder_of_manifest(path: str) -> str:
+    """``<url>/step_N/manifest.json`` -> ``<url>/step_N``: what ``ckpt_path="last"`` resolves to on an
+    object store (Lightning needs an object with a modification time; a prefix has none)."""
+    suffix = "/" + MANIFEST_NAME
+    return path[: -len(suffix)] if "://" in path and path.endswith(suffix) else path
+
+
+def _owner(path: str, managers: list[CheckpointManager]) -> tuple[CheckpointManager | None, int | None]:
+    """The live manager whose directory (or in-memory tier: step None) holds the checkpoint ``path``."""
+    url = "://" in path
+    if url:
+        root = path.rstrip("/")
+        parent, _, name = root.rpartition("/")
+    else:
+        root = os.path.abspath(path.rstrip("/"))
+        parent, name = os.path.split(root)
     for manager in managers:
-        if manager.is_memory_snapshot(root):  # restored through the manager's tier: (manager, None)
+        if not url and manager.is_memory_snapshot(root):  # restored through the manager's tier: (manager, None)
             return manager, None
-        if os.path.abspath(manager.directory) == parent:
+        mine = manager.directory.rstrip("/") if url else os.path.abspath(manager.directory)
+        if mine == parent:
             step = parse_step_dir(name, manager.layout.prefix)
             if step is not None:
                 return manager, step

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ckpt_plugins.files.single_file import remove_stale_temp_files, reserve, write_single_file
@@ -62,9 +63,9 @@ def wait_for(path: str | os.PathLike) -> None:
         handle.wait()
 
 
-def _storage(path: str) -> Storage:
+def _storage(path: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
     parent = path.rstrip("/").rsplit("/", 1)[0] if "://" in path else os.path.dirname(os.path.abspath(path))
-    return open_storage(parent)[0]
+    return open_storage(parent, storage_options)[0]
 
 
 class PathSaves:
@@ -107,8 +108,16 @@ class PathSaves:
                 exit_hooks.register(self)
             return self._engine, self._stager  # type: ignore[return-value]
 
-    def save(self, path: str, step: int, state: Any, user_metadata: dict[str, Any]) -> SaveHandle:
-        """Save ``state`` as the file ``path`` (replacing what is there once committed).
+    def save(
+        self,
+        path: str,
+        step: int,
+        state: Any,
+        user_metadata: dict[str, Any],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> SaveHandle:
+        """Save ``state`` as the file ``path`` (replacing what is there once committed);
+        ``storage_options`` for a URL ``path`` go to its fsspec file system only.
 
         Raises:
             UnsupportedStateError: ``state`` holds something that cannot be stored without pickle.
@@ -117,7 +126,7 @@ class PathSaves:
         if self._engine is not None:
             self._engine.take_error(refuse=True)  # the core's on_error rule
         flat = flatten_state(state)
-        storage = _storage(path)
+        storage = _storage(path, storage_options)
         engine, stager = self._parts()
         earlier = in_flight(path)
         if earlier is not None and earlier not in engine.pending():
@@ -179,12 +188,12 @@ class PathSaves:
             engine.report(handle)
         return handle
 
-    def remove(self, path: str) -> None:
+    def remove(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
         """Remove the checkpoint at ``path`` after every save submitted before (queued, no wait)."""
         other = in_flight(path)
         if other is not None and (self._engine is None or other not in self._engine.pending()):
             other.wait()  # another plugin's save of this path
-        storage = _storage(path)
+        storage = _storage(path, storage_options)
 
         def job(h: SaveHandle) -> str:
             h._staged.set_result(None)

@@ -27,6 +27,7 @@ __all__ = [
     "check_positive_int",
     "check_seconds",
     "check_signal_names",
+    "check_storage_options",
 ]
 
 
@@ -172,3 +173,17 @@ def check_signal_names(option: str, value: Any) -> None:
             option=option,
             value=value,
         )
+
+
+def check_storage_options(option: str, value: Any) -> None:
+    """None or a mapping of fsspec options with string keys (``{"key": ..., "client_kwargs":
+    {"endpoint_url": ...}}``). The message never shows the value: it may hold a secret."""
+    from collections.abc import Mapping
+
+    if value is None or (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        return
+    raise ConfigError(
+        f"{_name(option)} must be a dict of fsspec options (for s3://: key, secret, "
+        f"client_kwargs={{'endpoint_url': ...}}), got a {type(value).__name__}; the CLI takes it as JSON",
+        option=option,
+    )

@@ -51,7 +51,7 @@ from ckpt_plugins.options.mirror import MirrorOptions
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.storage import LocalStorage, Storage, open_storage
 
-__all__ = ["MARKER_NAME", "Mirror", "open_mirror"]
+__all__ = ["MARKER_NAME", "Mirror", "download", "open_mirror"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ class Mirror:
                 job()
             except Exception:  # a job never fails the engine: errors are logged and kept in _failed
                 log.exception("the mirror's upload writer failed on %s", what)
+            handle._reported = True  # nothing to report through the handle: the engine may forget it
             return what
 
         self.engine.submit(SaveHandle(-1, what), run)
@@ -223,11 +224,15 @@ class Mirror:
         with self._lock:
             remote = set(self._remote or ())
             names = sorted(self._names)
-        for ckpt in self.layout.local_committed():
+        local = self.layout.local_committed()
+        for ckpt in local:
             if ckpt.step not in remote:
                 self._upload(ckpt.step, None)
         for name in names:
             self._upload(None, name)
+        with self._lock:  # a failed upload of a step retention removed since is no longer missing
+            present = {f"step {c.step}" for c in local} | self._names
+            self._failed = {label: why for label, why in self._failed.items() if label in present}
         self._trim()
 
     def _upload(self, step: int | None, name: str | None) -> None:
@@ -331,6 +336,34 @@ class Mirror:
             return
         with storage.open_write(path) as out:
             out.write(json.dumps(mine).encode())
+
+
+def download(storage: Storage, path: str, target: str) -> str:
+    """Copy the committed checkpoint folder ``path`` of ``storage`` to the local folder ``target``
+    (every file checked against the manifest's size and xxh3 while it is read; the folder appears
+    by one rename when complete, replacing an older copy). For tools that need local files (the HF
+    Trainer resuming from an object store). Returns ``target``."""
+    import shutil
+
+    manifest = Layout(storage, path.rstrip("/").rpartition("/")[0] or path).read_manifest(path)
+    local = LocalStorage()
+    temp = f"{target.rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        for file, record in manifest.files.items():
+            os.makedirs(os.path.dirname(os.path.join(temp, file)), exist_ok=True)
+            _copy_checked(storage, storage.join(path, file), local, os.path.join(temp, file), record)
+        with (
+            storage.open_read(storage.join(path, MANIFEST_NAME)) as f,
+            open(os.path.join(temp, MANIFEST_NAME), "wb") as out,
+        ):
+            out.write(f.read())
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return target
 
 
 def _url(layout: Layout) -> str:

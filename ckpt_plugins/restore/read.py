@@ -209,9 +209,11 @@ def restore_path(
     map_location: str | torch.device,
     allow_unsafe_pickle: bool,
     verify: bool,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, RestoreReport]:
-    """Restore from an explicit path: one of our folders, or a foreign file/folder."""
-    storage, root = open_storage(path)
+    """Restore from an explicit path: one of our folders, or a foreign file/folder
+    (``storage_options``: for a URL, its fsspec options)."""
+    storage, root = open_storage(path, storage_options)
     if is_our_checkpoint(storage, root):
         parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
         return restore_ours(

@@ -121,4 +121,6 @@ def test_options_are_checked_with_the_option_named():
     with pytest.raises(ValueError, match="on_error"):
         CheckpointIOPlugin(on_error="ignore")
     with pytest.raises(ValueError, match="storage_options"):
-        CheckpointIOPlugin().save_checkpoint({}, "x.ckpt", storage_options={"a": 1})
+        CheckpointIOPlugin().save_checkpoint({}, "x.ckpt", storage_options="endpoint=http://x")
+    with pytest.raises(ValueError, match="storage_options"):
+        CheckpointIOPlugin(storage_options=["key"])

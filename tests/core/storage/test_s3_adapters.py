@@ -1,18 +1,21 @@
 """The adapters on s3:// directories: a real Lightning Trainer saving to, and resuming from, the
-moto server, the endpoint from the environment (the adapters pass the URL to the core unchanged)."""
+moto server (``ckpt_path="last"``, the endpoint from the environment as Lightning's own checks
+need; and ``storage_options`` alone through the callback and the plugin)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.utils.data import DataLoader
 
 import lightning as L
 from ckpt_plugins import CheckpointManager
-from ckpt_plugins.lightning import CheckpointCallback
+from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
 from lightning_train import Net, data
 
 
-def _fit(callback, steps: int, ckpt_path=None):
+def _fit(callback, steps: int, ckpt_path=None, plugins=None):
     L.seed_everything(0)
     model = Net()
     trainer = L.Trainer(
@@ -24,6 +27,7 @@ def _fit(callback, steps: int, ckpt_path=None):
         num_sanity_val_steps=0,
         limit_val_batches=0,
         enable_checkpointing=True,
+        plugins=plugins,
     )
     trainer.fit(model, DataLoader(data(96), batch_size=8, shuffle=True), ckpt_path=ckpt_path)
     return trainer, model
@@ -38,7 +42,44 @@ def test_lightning_callback_saves_to_and_resumes_from_s3(s3_bucket, s3_server, m
         saved = reader.restore("latest")
     for key, value in model.state_dict().items():
         assert torch.equal(saved["state_dict"][key], value), key
-    trainer, _ = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=2), steps=16, ckpt_path=f"{url}/step_12")
+    # ckpt_path="last": the callback offers the newest checkpoint's manifest object (Lightning picks
+    # candidates by fs.modified(), which a prefix lacks); loading that path loads the folder
+    trainer, _ = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=2), steps=16, ckpt_path="last")
+    assert trainer.ckpt_path == f"{url}/step_12/manifest.json"
     assert trainer.global_step == 16
     with CheckpointManager(url, read_only=True) as reader:
         assert reader.steps() == [12, 16]
+
+
+def test_lightning_callback_and_plugin_take_storage_options_and_never_write_them(
+    s3_bucket, s3_server, monkeypatch, caplog
+):
+    """Endpoint and credentials only in ``storage_options`` (none in the environment): the
+    callback saves to s3 and resumes from an explicit URL through the plugin, which takes them
+    too; the secret is in no object and no log line."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    secret = "lightning-secret-91d2e7"
+    options = {**s3_server.storage_options(), "key": "testing-key", "secret": secret}
+    url = f"s3://{s3_bucket}/lightning"
+    caplog.set_level(logging.DEBUG, logger="ckpt_plugins")
+    _, model = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=1, storage_options=options), steps=8)
+    with CheckpointManager(url, read_only=True, storage_options=options) as reader:
+        assert reader.steps() == [8]
+        saved = reader.restore("latest")
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value), key
+    callback = CheckpointCallback(url, every_n_train_steps=4, keep_last=1, storage_options=options)
+    trainer, _ = _fit(
+        callback, steps=12, ckpt_path=f"{url}/step_8", plugins=[CheckpointIOPlugin(storage_options=options)]
+    )
+    assert trainer.global_step == 12
+    trainer.save_checkpoint(f"{url}/manual.ckpt", storage_options=options)
+    trainer.strategy.checkpoint_io.teardown()
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert "lightning/step_12/manifest.json" in keys and "lightning/manual.ckpt" in keys, keys
+    for key in keys:
+        assert secret.encode() not in client.get_object(Bucket=s3_bucket, Key=key)["Body"].read(), key
+    assert secret not in caplog.text
+    assert secret not in repr(callback) and secret not in repr(trainer.strategy.checkpoint_io)

@@ -42,10 +42,11 @@ def _local_steps(local) -> list[int]:
 def test_saves_commit_locally_upload_in_the_background_and_keep_the_last_k(s3_bucket, s3_server, s3_options, tmp_path):
     local = tmp_path / "local"
     url = f"s3://{s3_bucket}/run"
-    with CheckpointManager(url, storage_options=s3_options, mirror=local, keep_local=2, keep_last=3) as mgr:
+    options = dict(mirror=local, keep_local=2, keep_last=3, async_save=True)
+    with CheckpointManager(url, storage_options=s3_options, **options) as mgr:
         for step in (1, 2, 3, 4):
             handle = mgr.save(step, _state(step))
-            assert handle.path == str(local / f"step_{step}")  # committed locally when save() returns
+            assert handle.wait() == str(local / f"step_{step}")  # committed locally
             assert (local / f"step_{step}" / "manifest.json").exists()
         mgr.mirror.wait()
         assert mgr.mirror.pending() == []
