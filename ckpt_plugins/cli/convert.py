@@ -155,21 +155,22 @@ def _write_ours(path: str, dst: str, as_step: int | None) -> int:
     """Commit ``path``'s state as our checkpoint folder ``dst`` (a named checkpoint of its parent)."""
     from ckpt_plugins.manager import CheckpointManager
 
+    if os.path.lexists(dst) and not is_our_checkpoint(*open_path(dst)):
+        raise ConfigError(f"{dst} exists and is not a checkpoint of ours; pass a new path (nothing was written)")
     state = _full_state(path)
     if as_step is None:
         found = [state.get(k) for k in ("step", "global_step")] if isinstance(state, dict) else []
         as_step = next((v for v in found if type(v) is int and v >= 0), 0)
     parent, name = os.path.split(os.path.abspath(dst))
-    if os.path.lexists(dst) and not is_our_checkpoint(*open_path(dst)):
-        raise ConfigError(f"{dst} exists and is not a checkpoint of ours; pass a new path (nothing was written)")
     with CheckpointManager(parent) as mgr:
         mgr.save(as_step, state, name=name)
     return as_step
 
 
 def _write_dcp(path: str, dst: str) -> None:
-    from ckpt_plugins.formats.dcp_write import write_dcp
+    from ckpt_plugins.formats.dcp_write import check_destination, write_dcp
 
+    check_destination(dst)  # before reading the source, which may be large
     state = _full_state(path)
     if not isinstance(state, dict):
         raise ConfigError(f"{path} holds a {type(state).__name__}, not a dict; DCP checkpoints hold a dict")

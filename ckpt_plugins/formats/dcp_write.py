@@ -20,9 +20,20 @@ from ckpt_plugins.errors import ConfigError
 from ckpt_plugins.formats.dcp_metadata import METADATA_NAME
 from ckpt_plugins.storage.local import LocalStorage
 
-__all__ = ["write_dcp"]
+__all__ = ["check_destination", "write_dcp"]
 
 log = logging.getLogger(__name__)
+
+
+def check_destination(dst: str | os.PathLike) -> None:
+    """Refuse ``dst`` unless it is free or a DCP folder (which a write replaces).
+
+    Raises:
+        ConfigError: something else is at ``dst``.
+    """
+    dst = os.fspath(dst)
+    if os.path.lexists(dst) and not os.path.isfile(os.path.join(dst, METADATA_NAME)):
+        raise ConfigError(f"{dst} exists and is not a DCP folder; pass a new path (nothing was written)")
 
 
 def write_dcp(state: Mapping[str, Any], dst: str | os.PathLike) -> str:
@@ -43,8 +54,7 @@ def write_dcp(state: Mapping[str, Any], dst: str | os.PathLike) -> str:
         raise ConfigError(
             f"a DCP checkpoint holds a dict with string keys at the top; {dst} would get {type(state).__name__}"
         )
-    if os.path.lexists(dst) and not os.path.isfile(os.path.join(dst, METADATA_NAME)):
-        raise ConfigError(f"{dst} exists and is not a DCP folder; pass a new path (nothing was written)")
+    check_destination(dst)
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     parent, name = os.path.split(dst)
