@@ -378,8 +378,11 @@ class CheckpointManager:
         Raises:
             StepExistsError: a fresh run before later checkpoints, without ``overwrite``.
         """
+        steps = self.steps()
+        if self._memory is not None:  # a crashed run's snapshots count: a fresh run must not drop them unasked
+            steps = sorted(set(steps) | set(self._memory.tier.steps()))
         later = check_run_start(
-            self.directory, self.steps(), step, resumed=resumed, overwrite=self.options.retention.overwrite, hint=hint
+            self.directory, steps, step, resumed=resumed, overwrite=self.options.retention.overwrite, hint=hint
         )
         with self._state_lock:
             self._persister.replaceable = frozenset(later)
@@ -565,18 +568,31 @@ class CheckpointManager:
         memory = self._memory_path(which)
         if memory is not None:  # the in-memory tier: the same reader on the snapshot's storage
             tier = self._memory.tier  # type: ignore[union-attr]
-            state, report = restore_ours(
-                tier.storage,
-                tier.layout,
-                memory,
-                verify=self.options.restore.verify,
-                target=target,
-                selector=selector,
-                rename=rename,
-                strict=strict,
-                map_location=map_location,
-                allow_unsafe_pickle=allow_unsafe_pickle,
-            )
+            try:
+                state, report = restore_ours(
+                    tier.storage,
+                    tier.layout,
+                    memory,
+                    verify=self.options.restore.verify and memory not in tier.verified,  # checked just now
+                    target=target,
+                    selector=selector,
+                    rename=rename,
+                    strict=strict,
+                    map_location=map_location,
+                    allow_unsafe_pickle=allow_unsafe_pickle,
+                )
+            except CorruptCheckpointError as exc:  # found while reading: skip it, choose again
+                tier.mark_damaged(memory, str(exc))
+                return self.restore(
+                    which,
+                    target=target,
+                    include=include,
+                    exclude=exclude,
+                    rename=rename,
+                    strict=strict,
+                    map_location=map_location,
+                    allow_unsafe_pickle=allow_unsafe_pickle,
+                )
             log.info("restored from memory: %s", report.summary())
             self.last_restore_report = report
             self._restored_step = report.step

@@ -156,9 +156,10 @@ class TierHooks:
         than ``disk_latest``. A rank whose own snapshot is gone gets it back from its peer here.
         A collective under torch.distributed: every rank calls it."""
         tier = self.tier
-        own = tier.usable()
+        alone = not (tier.world_size > 1 and is_distributed())
+        own = tier.usable(full=not alone)  # alone: the read checks the checksums (one pass, not two)
         peer = tier.usable(tier.peer_layout) if tier.peers is not None else []
-        views = all_gather_object((own, peer)) if tier.world_size > 1 and is_distributed() else [(own, peer)]
+        views = [(own, peer)] if alone else all_gather_object((own, peer))
         chosen, holders = complete_step(views)
         if chosen is None or (disk_latest is not None and chosen < disk_latest):
             if any(v[0] or v[1] for v in views):

@@ -54,6 +54,21 @@ class Snapshot:
         self.state, self.rank_state, self.extra_files, self.manifest = state, rank_state, extra_files, manifest
 
 
+def _quick_problems(layout: Layout, path: str) -> list[str]:
+    """The manifest parses, and every file it lists is there with its size (no checksums)."""
+    try:
+        manifest = layout.read_manifest(path)
+    except CorruptCheckpointError as exc:
+        return [str(exc)]
+    problems = []
+    for name, record in manifest.files.items():
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.exists(file) else None
+        if size != record.size:
+            problems.append(f"{file}: {'missing' if size is None else f'size {size}, manifest says {record.size}'}")
+    return problems
+
+
 class _NoSlot:
     """The stager a snapshot job releases its slot to: the tier stages (when it must) itself."""
 
@@ -97,7 +112,9 @@ class MemoryTier:
         self.lock = threading.Lock()  # snapshots written/pruned vs read by the peer sender
         self._stager: HostStager | None = None
         self._budget_checked = False
-        self._verified: set[str] = set()
+        self.damaged: set[str] = set()
+        self.verified: set[str] = set()
+        """Snapshot paths this process wrote or checked in full (manifest, sizes, checksums)."""
         self.peers: Any = None  # memory.peers.RingPeers, attached by the manager under torch.distributed
         existing = self.layout.committed()
         if existing:  # a restart: the last run's snapshot size is the best estimate of this one's
@@ -125,24 +142,35 @@ class MemoryTier:
     def path_for(self, step: int) -> str:
         return self.layout.path_for(step)
 
-    def usable(self, layout: Layout | None = None) -> list[int]:
-        """Steps whose snapshot verifies (manifest, sizes, checksums), newest first; a damaged one
-        is skipped with a WARNING naming the file. Snapshots this process wrote count as verified."""
+    def usable(self, layout: Layout | None = None, *, full: bool = True) -> list[int]:
+        """Steps whose snapshot verifies (manifest, sizes, and with ``full`` the checksums), newest
+        first; a damaged one is skipped with a WARNING naming the file. Snapshots this process
+        wrote count as verified. ``full=False`` leaves the checksums to the read (one pass over
+        the bytes instead of two; a read that finds damage calls :meth:`mark_damaged`)."""
         layout = layout or self.layout
         good = []
         for ckpt in reversed(layout.committed()):
-            if ckpt.path in self._verified:
+            if ckpt.path in self.damaged:
+                continue
+            if ckpt.path in self.verified:
                 good.append(ckpt.step)
                 continue
-            problems = layout.verify(ckpt.path)
+            problems = layout.verify(ckpt.path) if full else _quick_problems(layout, ckpt.path)
             if problems:
                 log.warning(
                     "memory snapshot step %d (%s) is damaged, skipped: %s", ckpt.step, ckpt.path, "; ".join(problems)
                 )
                 continue
-            self._verified.add(ckpt.path)
+            if full:
+                self.verified.add(ckpt.path)
             good.append(ckpt.step)
         return good
+
+    def mark_damaged(self, path: str, problem: str) -> None:
+        """A read found ``path`` damaged: skip it from now on (the files stay, for inspection)."""
+        log.warning("memory snapshot %s is damaged, skipped: %s", path, problem)
+        self.damaged.add(path)
+        self.verified.discard(path)
 
     # --- writing -----------------------------------------------------------------------------
     def snapshot(
@@ -197,10 +225,10 @@ class MemoryTier:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
                     self.layout.delete(later)
                 path = SaveJob(request, dest, _NoSlot(), done=lambda *_: None)(handle)  # type: ignore[arg-type]
-                self._verified.add(path)
+                self.verified.add(path)
                 for old in self.steps()[: -self.options.keep]:
                     self.layout.delete(old)
-                self._verified &= {c.path for c in self.layout.committed()}
+                self.verified &= {c.path for c in self.layout.committed()}
         finally:
             if slot is not None and self._stager is not None:
                 self._stager.release(slot)
