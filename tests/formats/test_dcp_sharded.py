@@ -63,6 +63,12 @@ def test_fsdp2_shards_read_back_as_the_full_state_bit_exact(fsdp_dcp):
     assert got["step"] == 1
 
 
+def test_restore_of_the_dcp_folder_into_a_fresh_fsdp2_model_at_2_ranks(fsdp_dcp):
+    full = torch.load(fsdp_dcp / "full.pt", weights_only=True)["model"]
+    restored = torch.load(fsdp_dcp / "restored_model.pt", weights_only=True)
+    assert_same(restored, full)
+
+
 def test_chunks_that_do_not_tile_a_tensor_are_refused(fsdp_dcp, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(fsdp_dcp / "dcp", broken)

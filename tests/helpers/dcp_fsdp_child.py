@@ -2,7 +2,9 @@
 step and writes the sharded state with ``torch.distributed.checkpoint.save`` to ``DIR/dcp``; rank 0
 also writes the full state gathered by ``get_model_state_dict(..., full_state_dict=True)`` to
 ``DIR/full.pt`` (the reference), and every rank saves the same sharded state with ours into
-``DIR/ours`` when ``CheckpointManager`` takes DTensors. The layers have 5 and 3 output rows: uneven shards over 2 ranks.
+``DIR/ours`` when ``CheckpointManager`` takes DTensors; then a fresh FSDP2 model is restored from
+the DCP folder with ``CheckpointManager.restore(path, target=...)`` and rank 0 writes its full
+state to ``DIR/restored_model.pt``. The layers have 5 and 3 output rows: uneven shards over 2 ranks.
 
 Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT. Argument: DIR.
 """
@@ -51,5 +53,16 @@ try:  # the same sharded state saved by ours too, where CheckpointManager takes 
         mgr.save(1, sharded)
 except UnsupportedStateError:
     pass
+# a fresh FSDP2 model (other initial weights) restored from the DCP folder by ours, on every rank
+torch.manual_seed(5)
+fresh = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+for layer in (fresh[0], fresh[2]):
+    fully_shard(layer, mesh=mesh)
+fully_shard(fresh, mesh=mesh)
+with CheckpointManager(directory / "restore_run") as mgr:
+    mgr.restore(str(directory / "dcp"), target={"model": fresh}, include="model.*")
+restored = get_model_state_dict(fresh, options=full_opts)
+if rank == 0:
+    torch.save(restored, directory / "restored_model.pt")
 dist.barrier()
 dist.destroy_process_group()
