@@ -154,6 +154,12 @@ class _Reader:
                     f"{os.path.join(self.root, METADATA_NAME)}: the chunks of {fqn!r} hold {covered} of its "
                     f"{numel} elements (shape {list(entry.shape)}); the DCP folder is incomplete"
                 )
+            stored = sum(self._view(fqn, c.storage)[0].seek(0, io.SEEK_END) for c in entry.chunks)  # bounds checked
+            if stored < numel * entry.dtype.itemsize:  # before allocating what the metadata claims
+                raise CorruptCheckpointError(
+                    f"{os.path.join(self.root, METADATA_NAME)}: {fqn!r} claims {numel * entry.dtype.itemsize} "
+                    f"bytes (shape {list(entry.shape)}) but its chunks are stored in {stored}; the metadata is damaged"
+                )
             out = torch.empty(entry.shape, dtype=entry.dtype)
             seen = torch.zeros(entry.shape, dtype=torch.bool)
             for chunk in entry.chunks:

@@ -118,3 +118,22 @@ def test_a_sharded_checkpoint_of_ours_converts_to_dcp_bit_exact(fsdp_dcp, tmp_pa
     got = read_foreign(tmp_path / "dcp")
     assert_same(got["model"], full["model"])
     assert_same(got["optim"], full["optim"])
+
+
+def test_a_tensor_claiming_more_bytes_than_stored_is_refused_before_allocating(fsdp_dcp, tmp_path):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    broken = tmp_path / "inflated"
+    shutil.copytree(fsdp_dcp / "dcp", broken)
+    meta = pickle.loads((broken / ".metadata").read_bytes())  # our own folder: trusted
+    entry, n = meta.state_dict_metadata["model.0.weight"], 10**6
+    entry.size = torch.Size([2 * n, 8])
+    entry.chunks = [
+        ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([n, 8])),
+        ChunkStorageMetadata(torch.Size([n, 0]), torch.Size([n, 8])),
+    ]
+    info = meta.storage_data[MetadataIndex("model.0.weight", [0, 0])]
+    meta.storage_data[MetadataIndex("model.0.weight", [n, 0])] = info
+    (broken / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match=r"'model.0.weight' claims 64000000 bytes .* stored in \d+"):
+        read_foreign(broken)
