@@ -122,8 +122,11 @@ def _write_safetensors(path: str, dst: str, prefix: str = "") -> int:
 
     from ckpt_plugins.sharded.consolidate import consolidate, is_sharded_checkpoint
 
-    if is_sharded_checkpoint(path):
-        return consolidate(path, dst, prefix=prefix, metadata={"format": "pt", "source": os.path.abspath(path)})
+    if is_sharded_checkpoint(path, options()):
+        source = path if "://" in path else os.path.abspath(path)
+        return consolidate(
+            path, dst, prefix=prefix, metadata={"format": "pt", "source": source}, storage_options=options()
+        )
     state = _full_state(path)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, Any]] = set()

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,18 +37,20 @@ __all__ = ["consolidate", "is_sharded_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-def is_sharded_checkpoint(path: str) -> bool:
-    """``path`` is one of our checkpoint folders with sharded tensors."""
-    storage, root = open_storage(path)
+def is_sharded_checkpoint(path: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """``path`` is one of our checkpoint folders with sharded tensors (``storage_options``: for a URL)."""
+    storage, root = open_storage(path, storage_options)
     if not storage.exists(storage.join(root, "manifest.json")):
         return False
     parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
     return Layout(storage, parent).read_manifest(root).sharded is not None
 
 
-def _plan(path: str, prefix: str) -> tuple[list[tuple[str, torch.dtype, list[int], Callable[[], torch.Tensor]]], int]:
+def _plan(
+    path: str, prefix: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[tuple[str, torch.dtype, list[int], Callable[[], torch.Tensor]]], int]:
     """(name, dtype, shape, read) of every tensor under ``prefix``, in tree order; and the largest size."""
-    storage, root = open_storage(path)
+    storage, root = open_storage(path, storage_options)
     parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.rstrip("/") else root
     manifest = Layout(storage, parent).read_manifest(root)
     part = manifest.parts.get("state")
@@ -89,11 +91,18 @@ def _plan(path: str, prefix: str) -> tuple[list[tuple[str, torch.dtype, list[int
     return plan, largest
 
 
-def consolidate(path: str, dst: str, *, prefix: str = "", metadata: dict[str, str] | None = None) -> int:
+def consolidate(
+    path: str,
+    dst: str,
+    *,
+    prefix: str = "",
+    metadata: dict[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> int:
     """Write every tensor of the sharded checkpoint ``path`` under ``prefix`` (stripped) into the
     safetensors file ``dst`` (replaced atomically), one tensor in memory at a time. Plain values
     (numbers, strings) are left out. Returns the number of tensors written."""
-    plan, largest = _plan(path, prefix)
+    plan, largest = _plan(path, prefix, storage_options)
     header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
     offset = 0
     for name, dtype, shape, _ in plan:
