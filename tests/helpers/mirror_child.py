@@ -1,7 +1,12 @@
-"""Child process for the mirror crash test: saves steps 1..N through a local mirror, printing
-"committed <step>" after each save returns (committed locally), then sleeps until it is killed.
-The endpoint comes from ``AWS_ENDPOINT_URL``, as in a job."""
+"""Child process for the mirror crash tests: saves through a local mirror, printing "committed <step>"
+after each save returns (committed locally); with COUNT > 0 it saves steps 1..COUNT then sleeps
+until it is killed, with COUNT 0 it saves until it is killed (continuing after the newest step).
+The endpoint comes from ``AWS_ENDPOINT_URL``, as in a job.
 
+    python mirror_child.py URL LOCAL COUNT [sync|async]
+"""
+
+import itertools
 import sys
 import time
 
@@ -10,8 +15,13 @@ import torch
 from ckpt_plugins import CheckpointManager
 
 url, local, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-mgr = CheckpointManager(url, mirror=local, keep_local=1)
-for step in range(1, count + 1):
-    mgr.save(step, {"model": {"w": torch.full((64, 32), float(step))}, "step": step})
+async_save = len(sys.argv) > 4 and sys.argv[4] == "async"
+mgr = CheckpointManager(url, mirror=local, keep_local=1, keep_last=3, async_save=async_save)
+first = (mgr.latest_step() or 0) + 1
+print("ready", flush=True)
+steps = range(first, first + count) if count else itertools.count(first)
+for step in steps:
+    handle = mgr.save(step, {"model": {"w": torch.full((256, 256), float(step))}, "step": step})
+    handle.wait()
     print(f"committed {step}", flush=True)
 time.sleep(600)

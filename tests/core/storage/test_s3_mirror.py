@@ -130,6 +130,7 @@ def test_sigkill_between_local_commit_and_upload_then_the_next_manager_uploads(
         text=True,
         env=env,
     )
+    assert child.stdout.readline().strip() == "ready"
     lines = [child.stdout.readline().strip() for _ in range(2)]
     assert lines == ["committed 1", "committed 2"], lines
     child.send_signal(signal.SIGKILL)
