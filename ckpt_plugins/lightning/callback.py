@@ -35,7 +35,7 @@ from ckpt_plugins.activation import (
     apply_activation_checkpointing,
 )
 from ckpt_plugins.errors import UnsupportedStateError
-from ckpt_plugins.lightning import load_hook, preemption
+from ckpt_plugins.lightning import load_hook, model_parallel, preemption
 from ckpt_plugins.lightning.data_position import DataPosition
 from ckpt_plugins.lightning.paths import CommittedPaths
 from ckpt_plugins.lightning.reader import register_manager, unregister_manager
@@ -235,6 +235,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self.dirpath, read_only=not fitting, storage_options=self._storage_options, **options, **memory
         )
         register_manager(self.manager)  # loads of its folders (ckpt_path=...) go through it
+        if model_parallel.needs_install(trainer.strategy):  # FSDP2/TP: sharded resume (model_parallel.py)
+            model_parallel.install(trainer.strategy)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._close(trainer)

@@ -61,6 +61,8 @@ def read_lightning_checkpoint(
     rank: int | None = None,
     managers: list[CheckpointManager] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    target: Any = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """The Lightning checkpoint dict stored at ``path``.
 
@@ -73,6 +75,8 @@ def read_lightning_checkpoint(
         managers: live managers whose folders are restored through them (default: those
             registered with :func:`register_manager`).
         storage_options: for a URL ``path`` not under a live manager: its fsspec options.
+        target, strict: of our folders, what to restore into in place (``restore(target=...)``:
+            a sharded module and its optimizers are read in their own layout).
 
     Returns:
         The checkpoint dict, with :data:`RANK_STATE_KEY` when the folder has this rank's part.
@@ -87,7 +91,7 @@ def read_lightning_checkpoint(
     wait_for(path)
     manager, step = _owner(path, managers or list(_LIVE))
     if manager is not None and (step is None or step in manager.steps()):  # its tiers and storage options
-        return _through(manager, step, rank, location)
+        return _through(manager, step, rank, location, target, strict)
     storage, root = open_storage(path, storage_options)
     if not storage.exists(root):
         raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
@@ -101,10 +105,10 @@ def read_lightning_checkpoint(
         return checkpoint
     state, report = restore_path(
         path,
-        target=None,
+        target=target,
         selector=None,
         rename=None,
-        strict=True,
+        strict=strict,
         map_location=location,
         allow_unsafe_pickle=False,
         verify=verify,
@@ -119,17 +123,19 @@ def read_lightning_checkpoint(
     return checkpoint
 
 
-def _through(manager: CheckpointManager, step: int | None, rank: int, location: Any) -> dict[str, Any]:
+def _through(
+    manager: CheckpointManager, step: int | None, rank: int, location: Any, target: Any = None, strict: bool = True
+) -> dict[str, Any]:
     """Restore through a live manager: a committed step, or (None) its in-memory snapshot, whose
     step every rank agrees on."""
     if step is None:
-        checkpoint = dict(manager.restore("latest", map_location=location))
+        checkpoint = dict(manager.restore("latest", map_location=location, target=target, strict=strict))
         restored = manager.restored_step
         rank_state = (
             None if restored is None else manager.restore_rank_state(restored, rank=rank, map_location=location)
         )
     else:
-        checkpoint = dict(manager.restore(step, map_location=location))
+        checkpoint = dict(manager.restore(step, map_location=location, target=target, strict=strict))
         rank_state = manager.restore_rank_state(step, rank=rank, map_location=location)
     if rank_state is not None:
         checkpoint[RANK_STATE_KEY] = rank_state

@@ -129,7 +129,7 @@ class TierHooks:
         t0 = time.perf_counter()
         if unstorable:
             raise UnsupportedStateError(unstorable)
-        if flat is None:  # other ranks: their snapshot holds the shared state too
+        if flat is None or not flat.plain:  # other ranks: their snapshot holds the shared state too
             flat = flatten_state(state)
         handle = self.tier.snapshot(
             step,

@@ -110,6 +110,8 @@ class FlatState:
     tree: Any
     tensors: dict[str, torch.Tensor]
     shards: dict[str, Any] = field(default_factory=dict)
+    plain: bool = True
+    """False when plain tensors were left out (``flatten_state(plain_tensors=False)``)."""
 
 
 class _Flattener:
@@ -291,7 +293,7 @@ def flatten_state(state: Any, *, plain_tensors: bool = True) -> FlatState:
             "state is nested too deeply to store (beyond Python's recursion limit; is there a reference cycle?)"
         ) from None
     flat.unshare()
-    return FlatState(tree, flat.tensors, flat.shards)
+    return FlatState(tree, flat.tensors, flat.shards, plain_tensors)
 
 
 def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:

@@ -35,6 +35,17 @@ class Net(L.LightningModule):
         self.save_hyperparameters()
         self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
 
+    def configure_model(self):
+        """Under ModelParallelStrategy (``--strategy model_parallel``): FSDP2 over the data-parallel mesh."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.body[0], self.body[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.body, mesh=mesh)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.body(x), y)
@@ -137,7 +148,11 @@ def run(argv: list[str]) -> dict:
         help="DataLoader(shuffle=True), the same with its own generator, or a StatefulDataLoader",
     )
     p.add_argument("--ddp", action="store_true")
-    p.add_argument("--strategy", default="ddp", help="with --ddp: ddp (subprocesses) or ddp_fork")
+    p.add_argument(
+        "--strategy",
+        default="ddp",
+        help="with --ddp: ddp (subprocesses), ddp_fork, or model_parallel (ModelParallelStrategy, FSDP2)",
+    )
     p.add_argument("--val", action="store_true", help="validate every 6 batches, keep the best by val_loss")
     p.add_argument("--sync", action="store_true", help="async_save=False")
     p.add_argument("--fail-rank", type=int, help="inject write failures on this rank (second save on)")
@@ -152,6 +167,14 @@ def run(argv: list[str]) -> dict:
         return _fit(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def _strategy(name: str):
+    if name != "model_parallel":
+        return name
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 
 def _fit(args: argparse.Namespace) -> dict:
@@ -183,7 +206,7 @@ def _fit(args: argparse.Namespace) -> dict:
         max_steps=args.steps,
         accelerator="cpu",
         devices=2 if args.ddp else 1,
-        strategy=args.strategy if args.ddp else "auto",
+        strategy=_strategy(args.strategy) if args.ddp else "auto",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -193,10 +216,15 @@ def _fit(args: argparse.Namespace) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(model, train, val, ckpt_path="last" if args.resume else None)
+    weights = model.state_dict()
+    if args.strategy == "model_parallel" and args.ddp:  # gathered by torch, on every rank
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if trainer.is_global_zero and args.out:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args.out)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, args.out)
     return {
         "best": ckpt.best_model_path,
         "last": ckpt.last_model_path,
