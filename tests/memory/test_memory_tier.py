@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions
+from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions, StepExistsError
 from ckpt_plugins.cli import main as cli_main
 from conftest import HELPERS
 
@@ -101,3 +101,18 @@ def test_no_memory_is_left_after_a_normal_exit_without_close(tmp_path, shm_of):
     assert not os.path.exists(shm)  # the exit hook closed the manager: persisted step 7, freed the memory
     with CheckpointManager(tmp_path) as mgr:
         assert mgr.steps() == [5, 7]
+
+
+def test_a_fresh_run_does_not_drop_a_crashed_runs_newer_snapshots(tmp_path, shm_of):
+    shm = shm_of(tmp_path)
+    mgr = CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5)
+    for step in range(1, 8):
+        mgr.save(step, _state(step))
+    mgr._memory = None  # the memory as a crash leaves it
+    mgr.close()
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5) as mgr:
+        with pytest.raises(StepExistsError) as exc:
+            mgr.start_run(0)  # a fresh run: steps 5 (disk) and 7 (memory) are later
+        assert "[5, 7]" in str(exc.value)
+        assert mgr.start_run(7, resumed=True) == []
+    assert not os.path.exists(shm)
