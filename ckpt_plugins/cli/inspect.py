@@ -112,6 +112,8 @@ def describe_ours(storage: Any, root: str, manifest: Manifest) -> list[Row]:
             with storage.open_read(file_path) as f:
                 entries, _ = read_header(f, file_path, storage.size(file_path))
             headers = {key: (dtype, list(shape)) for key, (dtype, shape, _b, _e) in entries.items()}
+        if manifest.sharded is not None and part_name == "state":  # sharded tensors: global shapes
+            headers.update({key: (e.dtype, list(e.shape)) for key, e in manifest.sharded.tensors.items()})
         rows += _tree_rows(part.tree, headers, "" if part_name == "state" else f"[{part_name}] ")
     local = storage.local_path(root)
     if local is not None and holds_native_files(manifest):

@@ -125,3 +125,16 @@ def test_convert_writes_the_full_model_streamed(root, tmp_path, capsys):
     model = cases.build("plain")
     model.load_state_dict(weights)  # what from_pretrained reads
     capsys.readouterr()
+
+
+def test_inspect_and_verify_show_sharded_tensors_with_their_global_shapes(root, capsys):
+    from ckpt_plugins.cli import main as cli_main
+
+    step = next((root / "fsdp").glob("step_*"))
+    assert cli_main(["inspect", str(step), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    entries = {e["key"]: e for e in info["entries"]}
+    assert info["format_version"] == 3 and info["world_size"] == 2
+    assert entries["model.0.weight"]["shape"] == [8, 5] and entries["model.0.weight"]["bytes"] == 160
+    assert cli_main(["verify", str(root / "fsdp")]) == 0
+    capsys.readouterr()
