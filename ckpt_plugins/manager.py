@@ -88,7 +88,10 @@ class CheckpointManager:
             saving (:class:`~ckpt_plugins.options.SaveOptions`): background saves, how many at
             once, who writes. ``snapshot="overlap"`` needs :meth:`wait_for_snapshot` before the
             next ``optimizer.step()``.
-        direct_io, dir_prefix, read_only: the directory (:class:`~ckpt_plugins.options.IOOptions`).
+        direct_io, dir_prefix, name_template, read_only: the directory
+            (:class:`~ckpt_plugins.options.IOOptions`); ``name_template`` names checkpoints from
+            their step and metrics (``"epoch={epoch}-step={step}{version}.ckpt"``) instead of
+            ``<dir_prefix><step>``.
         distributed, rank_timeout: under ``torch.distributed``
             (:class:`~ckpt_plugins.options.DistributedOptions`); ``distributed=False`` makes a
             world of one, for code that saves on one rank only (Lightning's CheckpointIO).
@@ -150,6 +153,7 @@ class CheckpointManager:
         direct_io: bool = True,
         distributed: bool = True,
         dir_prefix: str = "step_",
+        name_template: str | None = None,
         strict: bool = True,
         mirror: str | os.PathLike[str] | None = None,
         keep_local: int = 1,
@@ -202,6 +206,7 @@ class CheckpointManager:
             save_on_preemption=save_on_preemption,
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
+            name_template=name_template,
         )
         groups = dict(
             retention_options=retention_options,
@@ -217,13 +222,21 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
         # storage_options (endpoint, credentials) go to fsspec only: never kept, logged or saved.
+        if opts.io.name_template is not None and opts.mirror.mirror is not None:
+            raise ConfigError(
+                "$name_template is not supported with $mirror yet (the mirror lists checkpoints by step "
+                "folder names); use one of them",
+                option="name_template",
+                value=opts.io.name_template,
+                mentions=("mirror",),
+            )
         self.mirror = open_mirror(self.directory, opts, storage_options, self.world_size)
         self.layout: Layout
         if self.mirror is not None:  # local-first: write and commit locally, upload in the background
             self.storage, self.root, self.layout = self.mirror.local_storage, self.mirror.local_root, self.mirror.layout
         else:
             self.storage, self.root = open_storage(self.directory, storage_options)
-            self.layout = Layout(self.storage, self.root, opts.io.dir_prefix)
+            self.layout = Layout(self.storage, self.root, opts.io.dir_prefix, opts.io.name_template)
         if opts.saving.writer == "process" and self.storage.local_path(self.root) is None:
             raise ConfigError(
                 f"$writer='process' works with local directories only, not {self.directory}",
@@ -269,6 +282,7 @@ class CheckpointManager:
                 self.mirror.close()
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
+        self._snapshot_names: dict[int, str] = {}  # memory tier: step -> the name it persists under
         self._records: dict[int, CheckpointRecord] = {}
         self._restored_step: int | None = None
         self.last_restore_report: RestoreReport | None = None
@@ -420,14 +434,20 @@ class CheckpointManager:
         ``name`` commits the checkpoint as ``<directory>/<name>`` instead of ``<dir_prefix><step>``
         (replacing a folder of that name atomically). Named checkpoints are addressed by path, as
         Lightning's CheckpointIO does: they are not listed by ``steps()``, not ordered against
-        steps and not touched by retention; remove them with :meth:`delete`.
+        steps and not touched by retention; remove them with :meth:`delete`. With a
+        ``name_template``, the name is made from the template (the first free version: see
+        :meth:`name_taken`), and a ``name`` the template could have produced is a step checkpoint
+        like the others (listed, ordered, retained).
         """
         self._check_open()
         if self.read_only:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
         metrics = check_save_arguments(step, metrics, extra_files, name)
+        listed = name is None or self.layout.is_listed(name)
         flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
-        if self._memory is not None and name is None:  # a snapshot every save; the disk every K steps
+        if self._memory is not None and listed:  # a snapshot every save; the disk every K steps
+            if name is not None:
+                self._snapshot_names[step] = name  # the name it is persisted under (a template's)
             snapshot = self._memory.save(
                 step,
                 state,
@@ -457,11 +477,15 @@ class CheckpointManager:
         on_commit: Callable[[int, str], None] | None,
     ) -> SaveHandle | None:
         """The directory's part of a save: agree (distributed), stage, submit to the writer."""
-        token, ranks_with_state, ranks_with_shards = self._persister.agree(
+        if name is None and self.layout.template is not None:
+            name = self._free_name(step, metrics)
+        listed = name is None or self.layout.is_listed(name)
+        token, ranks_with_state, ranks_with_shards, name = self._persister.agree(
             step,
             has_rank_state=rank_flat is not None,
             unstorable=unstorable,
             name=name,
+            listed=listed,
             shards=shard_summary(flat.shards if flat is not None else {}),
         )
         return self._persister.save(
@@ -473,10 +497,11 @@ class CheckpointManager:
             rank_flat=rank_flat,
             extra_files=extra_files if self.rank == 0 else None,
             name=name,
+            listed=listed,
             metrics=metrics,
             user_metadata=user_metadata,
             on_commit=on_commit,
-            retention=policy_flags(self.policy) if name is None else None,
+            retention=policy_flags(self.policy) if listed else None,
             on_stats=self._set_save_stats,
         )
 
@@ -486,8 +511,25 @@ class CheckpointManager:
             snapshot.state, snapshot.rank_state, rank=self.rank, world_size=self.world_size
         )
         m = snapshot.manifest
-        self._persist(step, flat, rank_flat, unstorable, snapshot.extra_files, None, m.metrics, m.user_metadata, None)
+        name = self._snapshot_names.pop(step, None)
+        self._persist(step, flat, rank_flat, unstorable, snapshot.extra_files, name, m.metrics, m.user_metadata, None)
         self.wait()
+
+    def name_taken(self, name: str) -> bool:
+        """Whether ``name`` exists in the directory or a save to it is in flight (the ``-vN``
+        rule: a save in flight does not exist yet, but its name is no longer free)."""
+        return self._persister.name_in_flight(name) or self.storage.exists(self.storage.join(self.root, name))
+
+    def _free_name(self, step: int, metrics: Mapping[str, float]) -> str:
+        template = self.layout.template
+        assert template is not None
+        versioned = "version" in template.fields  # without it, a taken name is replaced (atomically)
+        version = 0
+        while True:
+            name = check_folder_name(template.format(step, metrics, version))
+            if not versioned or not self.name_taken(name):
+                return name
+            version += 1
 
     def _set_save_stats(self, stats: dict[str, float]) -> None:
         self.last_save_stats = stats
@@ -498,14 +540,25 @@ class CheckpointManager:
         after a resume: :meth:`start_run`), record it, and apply retention."""
         step = request.step
         with self._state_lock:
-            if request.name is None:
+            if request.listed:
                 self._persister.in_flight.discard(step)
-            if manifest is None or request.name is not None:
+            if request.name is not None:
+                self._persister.in_flight_names[request.name] -= 1
+                if self._persister.in_flight_names[request.name] <= 0:
+                    del self._persister.in_flight_names[request.name]
+            if manifest is None or not request.listed:
                 return
             replaceable = self._persister.replaceable
-        for later in [s for s in self.steps() if s > step or (s in replaceable and s != step)]:
-            log.info("removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", later, step)
-            self.layout.delete(later)
+        committed = self.layout.path_for(step, request.name)
+        for old in self.layout.committed():
+            if old.step > step or (old.step in replaceable and old.step != step):
+                log.info(
+                    "removing step %d: a checkpoint of an earlier run, superseded by this run's step %d", old.step, step
+                )
+                self.layout.delete(old.step)
+            elif old.step == step and old.path != committed:  # the same step under another name
+                log.info("removing %s: replaced by %s (step %d)", old.path, committed, step)
+                self.layout.delete_path(old.path)
         with self._state_lock:
             # only now: a save checked meanwhile may pass the ones being removed
             self._persister.replaceable = frozenset()

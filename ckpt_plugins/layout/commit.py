@@ -1,8 +1,10 @@
 """Layout and the commit protocol: what is on disk, and how a checkpoint becomes visible.
 
 A checkpoint for step N lives in ``<root>/step_N/`` (the prefix is configurable: the HF adapter
-uses ``checkpoint-N``, the Trainer's own layout). It is written like this, and each step is
-there for a reason:
+uses ``checkpoint-N``, the Trainer's own layout), or under a name made by a name template
+(:class:`~ckpt_plugins.layout.naming.NameTemplate`, ``epoch=0-step=5.ckpt``): then every visible
+name the template can produce is a checkpoint, and its step comes from the name's ``{step}`` field
+or, without one, from its manifest. It is written like this, and each step is there for a reason:
 
 1. Everything goes into a hidden temporary folder *beside* the target
    (``.tmp-step_N-<token>``), never into $TMPDIR, because a rename is only atomic within one
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest, parse_manifest
 from ckpt_plugins.files.tensor_file import checksum_file
-from ckpt_plugins.layout.naming import STEP_PREFIX, parse_step_dir, step_dir_name
+from ckpt_plugins.layout.naming import STEP_PREFIX, NameTemplate, natural_key, parse_step_dir, step_dir_name
 from ckpt_plugins.layout.object_commit import ObjectCommit
 from ckpt_plugins.storage import Storage
 
@@ -78,21 +80,60 @@ def check_folder_name(name: str) -> str:
 class Layout:
     """Naming, listing, committing and deleting checkpoint folders under one root."""
 
-    def __init__(self, storage: Storage, root: str, prefix: str = STEP_PREFIX) -> None:
+    def __init__(
+        self, storage: Storage, root: str, prefix: str = STEP_PREFIX, template: str | NameTemplate | None = None
+    ) -> None:
         self.storage = storage
         self.root = root
         self.prefix = prefix
+        self.template = NameTemplate(template) if isinstance(template, str) else template
+        self._manifest_steps: dict[str, int] = {}  # template without {step}: name -> step, from manifests
         self._object = None if getattr(storage, "atomic_rename", True) else ObjectCommit(self)
 
     # --- names -------------------------------------------------------------------------------
     def path_for(self, step: int, name: str | None = None) -> str:
-        """Where step ``step`` is committed: ``<prefix><step>``, or ``name`` when given."""
+        """Where step ``step`` is committed: ``<prefix><step>``, or ``name`` when given. With a
+        name template, the committed checkpoint of that step (its name depends on its metrics;
+        ``<prefix><step>``, which does not exist, when there is none)."""
+        if name is None and self.template is not None:
+            found = [c.path for c in self.committed() if c.step == step]
+            if found:
+                return found[-1]
         return self.storage.join(self.root, name if name is not None else step_dir_name(step, self.prefix))
 
     def copies(self, step: int) -> list[tuple[Layout, str]]:
         """Where ``step`` can be read from, preferred first: here, one place (a mirror has two:
         :class:`~ckpt_plugins.layout.mirror.MirrorLayout`)."""
         return [(self, self.path_for(step))]
+
+    def is_listed(self, name: str) -> bool:
+        """Whether a checkpoint named ``name`` is one of the step checkpoints (listed, ordered,
+        retained) rather than a named one addressed by path (``last.ckpt``)."""
+        if self.template is None:
+            return parse_step_dir(name, self.prefix) is not None
+        return DAMAGED_SUFFIX not in name and self.template.match(name)[0]
+
+    def step_of(self, name: str) -> int | None:
+        """The step of the entry ``name`` if it is a step checkpoint's name, else None. With a
+        template that has no ``{step}`` field, the step is read from its manifest (None when it
+        has none: not committed)."""
+        if self.template is None:
+            return parse_step_dir(name, self.prefix)
+        if DAMAGED_SUFFIX in name:
+            return None
+        matches, step = self.template.match(name)
+        if not matches or step is not None:
+            return step
+        if name not in self._manifest_steps:
+            path = self.storage.join(self.root, name)
+            if not self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
+                return None
+            try:
+                self._manifest_steps[name] = self.read_manifest(path).step
+            except CorruptCheckpointError as exc:
+                log.warning("%s; it is not listed", exc)
+                return None
+        return self._manifest_steps[name]
 
     def new_temp_dir(self, step: int, token: str | None = None, name: str | None = None) -> str:
         """The hidden folder a save of ``step`` (or of ``name``) writes into before it commits."""
@@ -107,13 +148,13 @@ class Layout:
         """Committed checkpoints (a ``step_N`` folder holding a manifest), by ascending step."""
         found = []
         for name in self.storage.listdir(self.root):
-            step = parse_step_dir(name, self.prefix)
+            step = self.step_of(name)
             if step is None:
                 continue
             path = self.storage.join(self.root, name)
             if self.storage.exists(self.storage.join(path, MANIFEST_NAME)):
-                found.append(CheckpointDir(step, path))
-        return sorted(found, key=lambda c: c.step)
+                found.append((step, natural_key(name), CheckpointDir(step, path)))
+        return [c for _, _, c in sorted(found, key=lambda f: f[:2])]
 
     def read_manifest(self, path: str) -> Manifest:
         """Read and validate ``path``/manifest.json, naming the file in any error."""
@@ -136,6 +177,8 @@ class Layout:
             out.write(dump_manifest(manifest))
         self.storage.fsync_dir(temp_dir)
         final = self.path_for(manifest.step, name)
+        if name is not None:
+            self._manifest_steps.pop(name, None)
         replaced = None
         if self.storage.exists(final):
             if not replace:
@@ -160,6 +203,7 @@ class Layout:
         if not self.storage.exists(path):
             return
         name = path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+        self._manifest_steps.pop(name, None)
         trash = self.storage.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
         self.storage.rename(path, trash)
         self.storage.fsync_dir(self.root)

@@ -1,19 +1,34 @@
-"""Natural sorting of checkpoint names, and the ``step_<N>`` folder naming scheme.
+"""Natural sorting of checkpoint names, the ``step_<N>`` folder naming scheme, and name templates.
 
 Checkpoint names carry numbers (``step_10``, ``epoch=2-step=100.ckpt``, ``ckpt_1e5``), and a plain
 string sort puts ``step_10`` before ``step_9``. :func:`natural_key` compares the numbers in a name
 as numbers, so listings read in training order. The step folder helpers are a strict pair:
 ``parse_step_dir(step_dir_name(n)) == n`` for every ``n >= 0``, and every other name parses to
 ``None``, so one step can never be stored under two folder names.
+
+A :class:`NameTemplate` (``IOOptions.name_template``) names checkpoints from fields instead
+(``"epoch={epoch}-step={step}{version}.ckpt"``, Lightning's ``ModelCheckpoint`` names): it formats
+a name from the step and the save's metrics, and recognises the names it can produce, recovering
+the step from the name when the template has a ``{step}`` field (else the manifest holds it).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import string
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
+from typing import Any
 
-__all__ = ["STEP_PREFIX", "natural_key", "natural_sorted", "parse_step_dir", "step_dir_name"]
+__all__ = [
+    "STEP_PREFIX",
+    "VERSION_PREFIX",
+    "NameTemplate",
+    "natural_key",
+    "natural_sorted",
+    "parse_step_dir",
+    "step_dir_name",
+]
 
 STEP_PREFIX = "step_"
 """Prefix of a committed step folder: step 42 lives in ``step_42``."""
@@ -124,3 +139,97 @@ def parse_step_dir(name: str, prefix: str = STEP_PREFIX) -> int | None:
         return None
     match = _STEP_NUMBER.fullmatch(name[len(prefix) :])
     return int(match.group(0)) if match else None
+
+
+VERSION_PREFIX = "-v"
+"""What a template's ``{version}`` field becomes for version N >= 1 (``-v1``); empty for version 0."""
+
+
+class _WholeNames(string.Formatter):
+    """A field name is one key (``{val.acc}`` is the metric ``val.acc``, not an attribute)."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, str]:
+        return kwargs[field_name], field_name
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_./\\-]*")
+
+
+class NameTemplate:
+    """Checkpoint names made from a template in ``str.format`` syntax, and recognised again.
+
+    Fields are the save's metrics and ``step`` (``{step}``, ``{val_loss:.2f}``); ``{version}`` is
+    the optional ``-vN`` a save adds when its name is already taken (empty for the first). A name
+    *matches* when the template could have produced it: literal text as written, ``{step}`` a
+    run of ASCII digits (the step, recovered from the name), ``{version}`` empty or ``-v<N>``,
+    any other field any text without ``/``. Hidden names never match.
+
+    Args:
+        template: for example ``"epoch={epoch}-step={step}{version}.ckpt"``.
+
+    Raises:
+        ValueError: the template is not valid ``str.format`` syntax, has a positional or
+            attribute/index field, contains ``/``, or starts with ``.``.
+
+    Example:
+        >>> t = NameTemplate("epoch={epoch}-step={step}{version}.ckpt")
+        >>> t.format(12, {"epoch": 1}), t.format(12, {"epoch": 1}, version=2)
+        ('epoch=1-step=12.ckpt', 'epoch=1-step=12-v2.ckpt')
+        >>> t.match("epoch=1-step=12-v2.ckpt"), t.match("last.ckpt")
+        ((True, 12), (False, None))
+    """
+
+    def __init__(self, template: str) -> None:
+        if not isinstance(template, str) or not template or template.startswith(".") or "/" in template:
+            raise ValueError(f"a name template must be a non-empty name without '/', not hidden; got {template!r}")
+        pattern, fields, step_seen = [], [], False
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"name template {template!r} is not valid str.format syntax: {exc}") from None
+        for literal, name, spec, _conversion in parsed:
+            pattern.append(re.escape(literal))
+            if name is None:
+                continue
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(
+                    f"name template {template!r}: field {{{name}}} must be a plain name ({{step}}, {{epoch}}, "
+                    "{val_loss:.2f}); positional fields are not supported"
+                )
+            if "{" in (spec or ""):
+                raise ValueError(f"name template {template!r}: nested fields in a format spec are not supported")
+            fields.append(name)
+            if name == "step" and not step_seen:
+                pattern.append(r"(?P<step>[0-9]+)")
+                step_seen = True
+            elif name == "version":
+                pattern.append("(?:" + re.escape(VERSION_PREFIX) + r"[0-9]+)?")
+            else:
+                pattern.append(r"[^/]+?")
+        self.template = template
+        self.fields = tuple(fields)
+        self.has_step = step_seen
+        self._regex = re.compile("".join(pattern), re.DOTALL)
+
+    def format(self, step: int, fields: Mapping[str, Any], version: int = 0) -> str:
+        """The name for a save of ``step`` with ``fields`` (its metrics); a missing field is 0,
+        as in Lightning's names, and a whole-number float is formatted as an int."""
+        values: dict[str, Any] = {name: 0 for name in self.fields}
+        for key, value in fields.items():  # 3.0 as 3: metrics arrive as floats, {epoch:02d} needs an int
+            values[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+        values["step"] = step
+        values["version"] = f"{VERSION_PREFIX}{version}" if version else ""
+        return _WholeNames().vformat(self.template, (), values)
+
+    def match(self, name: str) -> tuple[bool, int | None]:
+        """``(matches, step)``: whether ``name`` is one of this template's names, and the step
+        its ``{step}`` field holds (None without one: read it from the manifest)."""
+        if name.startswith("."):
+            return False, None
+        found = self._regex.fullmatch(name)
+        if found is None:
+            return False, None
+        return True, (int(found.group("step")) if self.has_step else None)
+
+    def __repr__(self) -> str:
+        return f"NameTemplate({self.template!r})"

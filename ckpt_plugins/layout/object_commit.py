@@ -34,7 +34,6 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, Part, dump_manifest
-from ckpt_plugins.layout.naming import parse_step_dir
 
 if TYPE_CHECKING:
     from ckpt_plugins.layout.commit import Layout
@@ -114,7 +113,7 @@ class ObjectCommit:
                 self.storage.remove_file(path)
             return
         tail = path.rstrip("/").rsplit("/", 1)[-1]
-        if parse_step_dir(tail, self.layout.prefix) is None:
+        if not self.layout.is_listed(tail):
             self.storage.put_bytes(join(path, INCOMPLETE_MARKER), b"")
         if self.storage.exists(join(path, MANIFEST_NAME)):
             self.storage.remove_file(join(path, MANIFEST_NAME))  # no longer listed from here on
@@ -149,7 +148,7 @@ class ObjectCommit:
             if name.startswith(".") or not self.storage.isdir(path):
                 continue
             entries = set(self.storage.listdir(path))
-            ours = parse_step_dir(name, self.layout.prefix) is not None or INCOMPLETE_MARKER in entries
+            ours = self.layout.is_listed(name) or INCOMPLETE_MARKER in entries
             if not ours or any(e.startswith(DAMAGED_MANIFEST_PREFIX) for e in entries):
                 continue
             if MANIFEST_NAME not in entries:

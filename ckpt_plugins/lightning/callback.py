@@ -37,6 +37,7 @@ from ckpt_plugins.activation import (
 from ckpt_plugins.errors import UnsupportedStateError
 from ckpt_plugins.lightning import load_hook, model_parallel, preemption
 from ckpt_plugins.lightning.data_position import DataPosition
+from ckpt_plugins.lightning.naming import build_checkpoint, checkpoint_name_template
 from ckpt_plugins.lightning.paths import CommittedPaths
 from ckpt_plugins.lightning.reader import register_manager, unregister_manager
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
@@ -58,13 +59,23 @@ load_hook.install()
 class CheckpointCallback(CommittedPaths, ModelCheckpoint):
     """Crash-safe, asynchronous, retention-aware checkpoints with exact resume for Lightning.
 
-    Checkpoints are folders ``<dirpath>/step_<global_step>/``. Resume with
-    ``trainer.fit(model, ckpt_path="last")`` (or ``"best"``, or a folder path).
+    Checkpoints are folders named as ``ModelCheckpoint`` names its files
+    (``<dirpath>/epoch=0-step=5.ckpt/``; ``filename=`` templates, ``-vN`` when a name is taken,
+    ``last.ckpt`` with ``save_last``). Resume with ``trainer.fit(model, ckpt_path="last")`` (or
+    ``"best"``, or a folder path).
 
     Args:
         dirpath: where checkpoints go; default as ``ModelCheckpoint``: ``<logger dir>/checkpoints``
             or ``<default_root_dir>/checkpoints``. Pass it to resume with ``ckpt_path="last"``
             from a new process.
+        filename: ``ModelCheckpoint``'s name template (``"{epoch}-{step}"``, the default;
+            ``"{epoch:02d}-{val_loss:.2f}"``), formatted by ``ModelCheckpoint`` itself, with
+            ``auto_insert_metric_name``, ``CHECKPOINT_EQUALS_CHAR`` and ``FILE_EXTENSION``.
+        auto_insert_metric_name: as ``ModelCheckpoint`` (``{epoch}`` becomes ``epoch=0``).
+        enable_version_counter: a name that is taken (on disk or by a save in flight) gets
+            ``-v1``, ``-v2``, ...; ``False``: the new checkpoint replaces it.
+        save_last: also keep a copy of the latest checkpoint as ``last.ckpt``
+            (``CHECKPOINT_NAME_LAST``); ``"link"`` is taken as ``True`` (a copy, not a link).
         keep_last: keep the N most recent checkpoints.
         keep_best: keep the N best by ``monitor`` (needs ``monitor``).
         monitor: metric (as logged with ``self.log``) that ranks checkpoints.
@@ -127,7 +138,11 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
     def __init__(
         self,
         dirpath: str | os.PathLike | None = None,
+        filename: str | None = None,
         *,
+        auto_insert_metric_name: bool = True,
+        enable_version_counter: bool = True,
+        save_last: bool | Literal["link"] | None = None,
         keep_last: int | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
@@ -181,10 +196,13 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
         )
-        ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
         super().__init__(
             dirpath=os.fspath(dirpath) if dirpath is not None else None,
+            filename=filename,
+            auto_insert_metric_name=auto_insert_metric_name,
+            enable_version_counter=enable_version_counter,
+            save_last=save_last,
             monitor=monitor,
             mode=mode,
             save_top_k=-1,
@@ -195,6 +213,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             train_time_interval=interval,
             save_on_train_epoch_end=save_on_train_epoch_end,
         )
+        self.manager_options["name_template"] = self.name_template()
+        ManagerOptions.from_flat(**self.manager_options)  # every option checked now, by the core's model
         self.async_save, self.max_pending, self.snapshot, self.writer = async_save, max_pending, snapshot, writer
         self.log_metrics = log_metrics
         self.stats = SaveStats()
@@ -206,12 +226,19 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         self._said: set[str] = set()
         self._warned_hparams: set[str] = set()
         self._step_saved = -1
+        self._saved_path: str | None = None  # the name of this run's latest save
         self._seen_metrics: dict[str, float] = {}
         self._validated = False
         self._unforward: Any = None
         self._boundary = -1
         self.preempted_at: int | None = None
         """The step saved and stopped at after a preemption signal (None: not preempted)."""
+
+    def name_template(self) -> str:
+        """The core's template for this callback's names (``epoch={epoch}-step={step}{version}.ckpt``),
+        made by ``ModelCheckpoint.format_checkpoint_name`` itself with placeholders for the fields,
+        so the names it lists are exactly those Lightning's formatting gives."""
+        return checkpoint_name_template(self)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled and deep-copied without the live manager (``ddp_spawn`` sends callbacks to its
@@ -228,7 +255,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self.manager_options
             if fitting
             else dict(monitor=self.monitor, mode=self.mode, verify=self.manager_options["verify"])
-        )
+        ) | {"name_template": self.name_template()}
         self._drop_reader()
         memory = self.memory_options if fitting else {}
         self.manager = CheckpointManager(
@@ -448,6 +475,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             return
         self._deferred = state_dict.get("deferred")
         self._seen_metrics = dict(state_dict.get("metrics") or {})
+        self._last_model_path = state_dict.get("last_model_path") or ""  # save_last reuses its name
 
     # --- saving ------------------------------------------------------------------------------
     def _skip(self, trainer: Any) -> bool:
@@ -469,8 +497,15 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         metrics = self._metrics(trainer)  # before the dict is built: the callback's state holds them
         if self._deferred == reason:
             self._deferred = None
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-        state, converted = to_storable(checkpoint, self._warned_hparams)
+        fields = {k: torch.tensor(v) for k, v in metrics.items()} | self._monitor_candidates(trainer)
+        # Lightning's names and -vN; without a monitor the previous save's name may be reused (replaced), as there
+        replaced = self._saved_path if self.monitor is None else None
+        filepath = self._get_metric_interpolated_filepath_name(fields, trainer, replaced)
+        last = self._last_name(fields, trainer) if self.save_last else None
+        if last is not None:
+            self._last_model_path = last  # before the dict is built, as ModelCheckpoint does
+        checkpoint = build_checkpoint(trainer, filepath, self.save_weights_only)
+        state, converted = to_storable(checkpoint, self._warned_hparams) if checkpoint is not None else (None, [])
         rank_state = {"rng": capture_rng(), "data": self._position.state(trainer)}
         if self.monitor is not None and self.monitor not in metrics:
             self._say(
@@ -485,21 +520,34 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
                 self.monitor,
             )
         try:
+            user_metadata = {
+                "kind": "lightning",
+                "reason": reason,
+                "epoch": trainer.current_epoch,
+                "hyper_parameters_converted": converted,
+            }
             handle = self.manager.save(
                 step,
                 state,
                 metrics,
                 rank_state=rank_state,
-                user_metadata={
-                    "kind": "lightning",
-                    "reason": reason,
-                    "epoch": trainer.current_epoch,
-                    "hyper_parameters_converted": converted,
-                },
+                user_metadata=user_metadata,
+                name=os.path.basename(filepath),
             )
+            if last is not None:  # save_last: the state again, under the name Lightning gives it, as ModelCheckpoint
+                again = build_checkpoint(trainer, last, self.save_weights_only)
+                self.manager.save(
+                    step,
+                    to_storable(again, self._warned_hparams)[0] if again is not None else None,
+                    metrics,
+                    rank_state=rank_state,
+                    user_metadata=user_metadata,
+                    name=os.path.basename(last),
+                )
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
         self._step_saved = step
+        self._saved_path = filepath
         if handle is None:
             return
         record = self.stats.saved(handle)
@@ -507,6 +555,24 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             self.stats.log_to(trainer, record, ("stall_ms", "bytes"))
         if handle.done():  # synchronous: durable_s is known now
             self._deliver(trainer)
+
+    def file_exists(self, filepath: str | os.PathLike, trainer: Any) -> bool:
+        """Whether a checkpoint name is taken, for Lightning's ``-vN`` rule: on disk, or by a save
+        still in flight (rank 0's answer is the one used: the manager agrees on its name)."""
+        if self.manager is not None:
+            return self.manager.name_taken(os.path.basename(os.fspath(filepath)))
+        return bool(self._fs.exists(filepath))
+
+    def _last_name(self, fields: dict[str, Any], trainer: Any) -> str:
+        """``last.ckpt`` (``CHECKPOINT_NAME_LAST``), or ``-vN`` if another run's file has the name."""
+        filepath = self.format_checkpoint_name(dict(fields), self.CHECKPOINT_NAME_LAST)
+        version = self.STARTING_VERSION
+        while (
+            self._enable_version_counter and self.file_exists(filepath, trainer) and filepath != self._last_model_path
+        ):
+            filepath = self.format_checkpoint_name(dict(fields), self.CHECKPOINT_NAME_LAST, ver=version)
+            version += 1
+        return filepath
 
     def _metrics(self, trainer: Any) -> dict[str, float]:
         """The latest value of every scalar metric logged so far, this run or before a resume.

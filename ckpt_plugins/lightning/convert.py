@@ -35,18 +35,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CALLBACK_NAMES = "epoch={epoch}-step={step}{version}.ckpt"
+"""``CheckpointCallback``'s default names (``ModelCheckpoint``'s), as a core name template."""
+
 
 def _checkpoint_dict(src: str | os.PathLike, step: int | str | None) -> tuple[dict[str, Any], str]:
     """Read ``src`` (a checkpoint folder, a run directory, or a ``.ckpt``) as a Lightning dict."""
     src = os.fspath(src)
     storage, root = open_storage(src)
     if storage.isdir(root) and not is_our_checkpoint(storage, root):
-        with CheckpointManager(src, read_only=True) as mgr:
-            which = step if step is not None else "latest"
-            chosen = mgr.latest_step() if which == "latest" else int(which)
-            if chosen is None:
-                raise CheckpointNotFoundError(f"{src} has no committed checkpoint to convert")
-            src = mgr.path_for(chosen)
+        chosen_path = None
+        for template in (None, CALLBACK_NAMES):  # step_<N> folders, or the callback's default names
+            with CheckpointManager(src, read_only=True, name_template=template) as mgr:
+                which = step if step is not None else "latest"
+                chosen = mgr.latest_step() if which == "latest" else int(which)
+                if chosen is not None and mgr.steps():
+                    chosen_path = mgr.path_for(chosen)
+                    break
+        if chosen_path is None:
+            raise CheckpointNotFoundError(f"{src} has no committed checkpoint to convert")
+        src = chosen_path
     elif step is not None:
         raise CheckpointNotFoundError(f"--step applies to a run directory; {src} is one checkpoint")
     checkpoint = read_lightning_checkpoint(src)

@@ -35,6 +35,10 @@ class CommittedPaths:
     manager: CheckpointManager | None
     _storage_options: dict[str, Any] | None
 
+    def name_template(self) -> str | None:
+        """The core's name template of the checkpoints (None: ``step_<N>`` folders)."""
+        return None
+
     def _resolve_dirpath(self, trainer: Any) -> str:
         """``dirpath``, else Lightning's rule for ``ModelCheckpoint`` (logger dir or root dir)."""
         if self.dirpath is not None:
@@ -64,6 +68,7 @@ class CommittedPaths:
                 mode=self.mode,  # type: ignore[arg-type]  # checked by the options model
                 memory_tier=bool(getattr(self, "memory_options", {}).get("memory_tier")),  # to see the snapshots
                 storage_options=self._storage_options,
+                name_template=self.name_template(),
             )
         return cached
 
@@ -79,21 +84,37 @@ class CommittedPaths:
         step = pick(reader) if reader is not None else None
         return reader.path_for(step) if step is not None else fallback  # type: ignore[union-attr]
 
+    def _latest_path(self) -> str:
+        return self._committed_path(CheckpointManager.latest_step, self._last_model_path)
+
     @property
     def last_model_path(self) -> str:
-        """The newest committed checkpoint folder ("" when there is none)."""
-        return self._committed_path(CheckpointManager.latest_step, self._last_model_path)
+        """The newest committed checkpoint folder ("" when there is none); with ``save_last``,
+        the committed ``last.ckpt`` (``CHECKPOINT_NAME_LAST``) once there is one."""
+        if getattr(self, "save_last", None):
+            last = self._last_model_path or self._default_last_path()
+            if last and os.path.isdir(last):
+                return last
+        return self._latest_path()
 
     @last_model_path.setter
     def last_model_path(self, value: str) -> None:
         self._last_model_path = value
+
+    def _default_last_path(self) -> str:
+        if self.dirpath is None:
+            return ""
+        return os.path.join(
+            os.fspath(self.dirpath),
+            os.path.basename(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)),  # type: ignore[attr-defined]
+        )
 
     @property
     def best_model_path(self) -> str:
         """The best committed checkpoint folder by ``monitor``; without a monitor the latest, as
         Lightning reports it ("" when there is none)."""
         if self.monitor is None:
-            return self.last_model_path
+            return self._latest_path()
         return self._committed_path(CheckpointManager.best_step, self._best_model_path)
 
     @best_model_path.setter
@@ -115,14 +136,29 @@ class CommittedPaths:
         reader = self._reader()
         if reader is None or self.monitor is None:
             return {}
+        paths = {c.step: c.path for c in reader.layout.committed()}
         return {
-            reader.path_for(r.step): torch.tensor(r.metrics[self.monitor])
+            paths[r.step]: torch.tensor(r.metrics[self.monitor])
             for r in reader.records()
-            if self.monitor in r.metrics
+            if self.monitor in r.metrics and r.step in paths
         }
 
     @best_k_models.setter
     def best_k_models(self, value: dict[str, torch.Tensor]) -> None:
+        pass  # derived from the checkpoints on disk
+
+    @property
+    def kth_best_model_path(self) -> str:
+        """The worst of the kept checkpoints that have ``monitor`` (the next one a better save
+        would push out of ``keep_best``), as ``ModelCheckpoint`` reports it; "" without one."""
+        scored = self.best_k_models
+        if not scored:
+            return ""
+        pick = max if self.mode == "min" else min
+        return pick(scored, key=lambda path: float(scored[path]))
+
+    @kth_best_model_path.setter
+    def kth_best_model_path(self, value: str) -> None:
         pass  # derived from the checkpoints on disk
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:

@@ -29,7 +29,6 @@ from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.files.single_file import is_reservation, is_single_file, read_single_file
 from ckpt_plugins.formats import read_foreign
 from ckpt_plugins.layout.commit import Layout
-from ckpt_plugins.layout.naming import parse_step_dir
 from ckpt_plugins.lightning.saves import wait_for
 from ckpt_plugins.lightning.state import RANK_STATE_KEY
 from ckpt_plugins.manager import CheckpointManager
@@ -163,7 +162,7 @@ def _owner(path: str, managers: list[CheckpointManager]) -> tuple[CheckpointMana
             return manager, None
         mine = manager.directory.rstrip("/") if url else os.path.abspath(manager.directory)
         if mine == parent:
-            step = parse_step_dir(name, manager.layout.prefix)
+            step = manager.layout.step_of(name)
             if step is not None:
                 return manager, step
     return None, None

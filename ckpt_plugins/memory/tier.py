@@ -204,6 +204,7 @@ class MemoryTier:
             step=step,
             token=uuid.uuid4().hex[:12],
             name=None,
+            listed=True,
             ranks_with_state=[0] if rank_flat is not None else [],
             flat=flat,
             rank_flat=rank_flat,

@@ -24,6 +24,7 @@ __all__ = [
     "check_int_range",
     "check_metric",
     "check_mode",
+    "check_name_template",
     "check_positive_int",
     "check_seconds",
     "check_signal_names",
@@ -145,6 +146,22 @@ def check_dir_prefix(option: str, value: Any) -> None:
             option=option,
             value=value,
         )
+
+
+def check_name_template(option: str, value: Any) -> None:
+    """None, or a template :class:`~ckpt_plugins.layout.naming.NameTemplate` accepts."""
+    if value is None:
+        return
+    from ckpt_plugins.layout.naming import NameTemplate
+
+    try:
+        NameTemplate(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{_name(option)}: {exc}; for example 'epoch={{epoch}}-step={{step}}{{version}}.ckpt'",
+            option=option,
+            value=value,
+        ) from None
 
 
 def check_directory(option: str, value: Any) -> None:

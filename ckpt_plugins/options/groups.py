@@ -23,6 +23,7 @@ from ckpt_plugins.options.checks import (
     check_int_range,
     check_metric,
     check_mode,
+    check_name_template,
     check_positive_int,
     check_seconds,
     check_signal_names,
@@ -161,6 +162,12 @@ class IOOptions:
     ``False``, or ``CKPT_PLUGINS_DIRECT_IO=0`` in the environment, writes through the page cache."""
     dir_prefix: str = "step_"
     """Checkpoint folders are ``<dir_prefix><step>`` (``checkpoint-`` is the HF Trainer's layout)."""
+    name_template: str | None = None
+    """Name checkpoints from a template instead of ``<dir_prefix><step>``:
+    ``"epoch={epoch}-step={step}{version}.ckpt"`` (``str.format`` fields: ``step``, the save's
+    metrics, ``version``: empty, or ``-vN`` when the name is taken). Every name the template can
+    produce is listed, ordered, retained and restored by its step (from the name's ``{step}``, else
+    from the manifest). See :class:`~ckpt_plugins.layout.naming.NameTemplate`."""
     read_only: bool = False
     """Only list and restore: no lock, no clean-up, ``save`` refused (evaluation jobs, tools that
     read a directory another process is writing)."""
@@ -168,6 +175,7 @@ class IOOptions:
     def __post_init__(self) -> None:
         check_bool("direct_io", self.direct_io)
         check_dir_prefix("dir_prefix", self.dir_prefix)
+        check_name_template("name_template", self.name_template)
         check_bool("read_only", self.read_only)
 
 

@@ -64,6 +64,8 @@ class SaveRequest:
     step: int
     token: str
     name: str | None
+    listed: bool
+    """A step checkpoint (listed, ordered, retained); False for a named one addressed by path."""
     ranks_with_state: list[int]
     flat: Any
     """This rank's flattened shared state (rank 0), or None."""

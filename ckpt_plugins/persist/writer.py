@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,6 +76,7 @@ class Persister:
         )
         self.destination = Destination(storage, layout, self.write_tensors, direct_io, rank, world_size, rank_timeout)
         self.in_flight: set[int] = set()
+        self.in_flight_names: Counter[str] = Counter()  # a name may be saved again while in flight
         self.replaceable: frozenset[int] = frozenset()  # start_run: an earlier run's later steps
         self.last_handle: SaveHandle | None = None
 
@@ -92,15 +94,24 @@ class Persister:
         has_rank_state: bool,
         unstorable: str | None,
         name: str | None,
+        listed: bool = True,
         shards: tuple[int, str, int] = (0, "", 0),
-    ) -> tuple[str, list[int], list[int]]:
+    ) -> tuple[str, list[int], list[int], str | None]:
         """Check the step against what exists and (distributed) that every rank agrees (one
         all_gather of a small fixed-size view per rank); return the token, the ranks with
-        ``rank_state`` and the ranks writing sharded chunks."""
+        ``rank_state``, the ranks writing sharded chunks and rank 0's name (a name made from
+        metrics may differ between ranks; every rank writes into rank 0's folder)."""
         own_error = self.engine.take_error(distributed=self.distributed, refuse=True)
-        conflict = self.order_conflict(step) if self.rank == 0 and name is None else None
-        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable, shards)
-        return agree_on_save(self.gather(view))
+        conflict = self.order_conflict(step) if self.rank == 0 and listed else None
+        view = (step, own_error, conflict, uuid.uuid4().hex[:12], has_rank_state, unstorable, shards, name)
+        views = self.gather(view)
+        token, ranks_with_state, ranks_with_shards = agree_on_save(views)
+        return token, ranks_with_state, ranks_with_shards, views[0][7]
+
+    def name_in_flight(self, name: str) -> bool:
+        """A save to ``name`` was submitted and has not finished (its name is taken)."""
+        with self.lock:
+            return self.in_flight_names[name] > 0
 
     def order_conflict(self, step: int) -> str | None:
         with self.lock:
@@ -137,6 +148,7 @@ class Persister:
         rank_flat: Any,
         extra_files: Mapping[str, Any] | None,
         name: str | None,
+        listed: bool,
         metrics: dict[str, float],
         user_metadata: Mapping[str, Any] | None,
         on_commit: Callable[[int, str], None] | None,
@@ -162,6 +174,7 @@ class Persister:
             step=step,
             token=token,
             name=name,
+            listed=listed,
             ranks_with_state=ranks_with_state,
             ranks_with_shards=ranks_with_shards or [],
             flat=flat,
@@ -176,9 +189,11 @@ class Persister:
             callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
             retention=retention,
         )
-        if name is None:
-            with self.lock:
+        with self.lock:
+            if listed:
                 self.in_flight.add(step)
+            if name is not None:
+                self.in_flight_names[name] += 1
         try:
             self.last_handle = self.engine.submit(
                 handle, SaveJob(request, self.destination, self.stager, done=self.done)

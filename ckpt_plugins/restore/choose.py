@@ -30,7 +30,6 @@ from typing import TypeVar
 from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME
 from ckpt_plugins.layout.commit import Layout
-from ckpt_plugins.layout.naming import parse_step_dir
 from ckpt_plugins.retention.policy import CheckpointRecord, ranked_steps
 
 __all__ = ["Choice", "Damaged", "candidates", "first_usable", "latest_usable"]
@@ -154,7 +153,7 @@ def _candidates(layout: Layout, with_foreign: bool) -> list[tuple[int, str, bool
     storage = layout.storage
     found = []
     for name in storage.listdir(layout.root):
-        step = parse_step_dir(name, layout.prefix)
+        step = layout.step_of(name)
         if step is None:
             continue
         path = storage.join(layout.root, name)

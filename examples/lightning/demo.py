@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from ckpt_plugins.layout.naming import natural_key
+
 HERE = Path(__file__).resolve().parent
 RUNS = HERE.parents[1] / "demo_runs" / "lightning"
 CONFIG = HERE / "config.yaml"
@@ -92,6 +94,7 @@ def _compare(a: Path, b: Path) -> tuple[bool, int]:
 
 def _retention_table(ckpt_dir: Path) -> str:
     from ckpt_plugins import CheckpointManager
+    from ckpt_plugins.lightning.convert import CALLBACK_NAMES  # the callback names as ModelCheckpoint does
 
     options = next(
         cb["init_args"]
@@ -99,7 +102,7 @@ def _retention_table(ckpt_dir: Path) -> str:
         if cb["class_path"].endswith("CheckpointCallback")
     )
     rules = {k: options.get(k) for k in ("keep_last", "keep_best", "monitor", "mode", "keep_every_n_steps")}
-    with CheckpointManager(ckpt_dir, read_only=True, **rules) as mgr:
+    with CheckpointManager(ckpt_dir, read_only=True, name_template=CALLBACK_NAMES, **rules) as mgr:
         decision = mgr.retention()
         lines = [f"{'step':>6}  {'val_loss':>9}  kept because"]
         for record in mgr.records():
@@ -136,7 +139,7 @@ def main() -> None:
         proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
         if proc.returncode != -9:
             sys.exit(f"expected the run to die from SIGKILL, got exit code {proc.returncode}")
-        survived = sorted(p.name for p in _checkpoint_dir(crashed).glob("step_*"))
+        survived = sorted(p.name for p in _checkpoint_dir(crashed).glob("*step=*.ckpt"))
         print(f"(died from SIGKILL; committed checkpoints: {', '.join(survived) or 'none'})", flush=True)
         metrics = crashed / "logs" / "main" / "metrics.csv"
         if metrics.exists():  # the resumed run's CSVLogger starts a new file in the same place
@@ -159,8 +162,9 @@ def main() -> None:
             f"training blocked per save, {name}: "
             + (", ".join(f"step {s}: {t * 1e3:.1f} ms" for s, t in stalls) or "(no save logged)")
         )
-    final = max(int(p.name.split("_")[1]) for p in _checkpoint_dir(reference).glob("step_*"))
-    same, count = _compare(_checkpoint_dir(reference) / f"step_{final}", _checkpoint_dir(crashed) / f"step_{final}")
+    final_name = max((p.name for p in _checkpoint_dir(reference).glob("*step=*.ckpt")), key=natural_key)
+    final = int(final_name.rsplit("step=", 1)[1].split(".")[0])
+    same, count = _compare(_checkpoint_dir(reference) / final_name, _checkpoint_dir(crashed) / final_name)
     print(
         f"step {final}: resumed run == uninterrupted run, {count} tensors (weights, Adam moments, "
         f"schedule) bit for bit: {same}"

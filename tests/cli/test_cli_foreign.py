@@ -29,14 +29,14 @@ def visible(directory) -> list[str]:
 
 
 def test_inspect_lists_the_numpy_arrays_of_a_lightning_callback_checkpoint(lightning, capsys):
-    assert main(["inspect", str(lightning["callback"] / "step_12")]) == 0
+    assert main(["inspect", str(lightning["callback"] / "epoch=0-step=12.ckpt")]) == 0
     out = capsys.readouterr().out
     assert "state_dict.body.0.weight" in out and "(32, 8)" in out
     assert "uint32" in out and "(624,)" in out  # numpy's RNG state, from the capture of every RNG
 
 
 def test_inspect_key_column_of_a_lightning_checkpoint_fits_a_terminal(lightning):
-    for path in (lightning["native"] / "epoch=0-step=12.ckpt", lightning["callback"] / "step_12"):
+    for path in (lightning["native"] / "epoch=0-step=12.ckpt", lightning["callback"] / "epoch=0-step=12.ckpt"):
         result = run_cli("inspect", path)
         assert result.returncode == 0, result.stderr
         widest = max(len(line) for line in result.stdout.splitlines())

@@ -201,5 +201,5 @@ def test_lightning_adapter_closes_every_manager_it_opens(tmp_path, monkeypatch):
     assert [m.directory for m in opened if not m._closed] == []
     before = len(opened)
     paths = {callback.last_model_path for _ in range(5)}
-    assert paths == {str(tmp_path / "ckpts" / "step_6")}
+    assert len(paths) == 1 and paths.pop().endswith("step=6.ckpt")
     assert len(opened) - before <= 1

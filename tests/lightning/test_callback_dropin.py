@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import lightning as L
 from ckpt_plugins.lightning import CheckpointCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from lightning_names import path_of, steps_in
 from lightning_train import Net, data
 
 
@@ -55,7 +55,7 @@ def fit(callbacks, steps=12, val=True, ckpt_path=None, model=None, **kwargs):
 def test_without_monitor_best_is_the_latest_checkpoint_as_in_lightning(tmp_path):
     callback = CheckpointCallback(tmp_path, every_n_train_steps=4)
     trainer = fit([callback], steps=8, val=False)
-    assert callback.best_model_path == callback.last_model_path == str(tmp_path / "step_8")
+    assert callback.best_model_path == callback.last_model_path == str(path_of(tmp_path, 8))
     trainer.test(Net(), DataLoader(data(16), batch_size=8), ckpt_path="best")
 
 
@@ -76,7 +76,7 @@ def test_after_a_resume_from_a_validation_save_the_next_periodic_save_happens(tm
     assert [int(r["step"]) for r in first.stats.records] == [6]
     resumed = CheckpointCallback(tmp_path, monitor="val_loss", every_n_train_steps=3, keep_last=10)
     fit([resumed], steps=9, ckpt_path="last")
-    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("step_")) == ["step_6", "step_9"]
+    assert steps_in(tmp_path) == [6, 9]
 
 
 def test_a_save_that_cannot_happen_is_a_warning(tmp_path, caplog):
@@ -84,13 +84,13 @@ def test_a_save_that_cannot_happen_is_a_warning(tmp_path, caplog):
     the end of training, and a WARNING says so."""
     callback = CheckpointCallback(tmp_path, monitor="val_loss", every_n_train_steps=3)
     fit([callback], steps=4, val=False)
-    assert "step_3" in os.listdir(tmp_path) or "step_4" in os.listdir(tmp_path)
+    assert set(steps_in(tmp_path)) & {3, 4}
     assert any(r.levelno >= logging.WARNING and "val_loss" in r.getMessage() for r in caplog.records)
 
 
 def test_ckpt_path_last_falls_back_past_a_damaged_newest_checkpoint(tmp_path, caplog):
     fit([CheckpointCallback(tmp_path, every_n_train_steps=4)], steps=8, val=False)
-    tensors = tmp_path / "step_8" / "state.safetensors"
+    tensors = path_of(tmp_path, 8) / "state.safetensors"
     raw = bytearray(tensors.read_bytes())
     raw[-64:] = bytes(64)  # flip the tail of the data: the checksum no longer matches
     tensors.write_bytes(bytes(raw))

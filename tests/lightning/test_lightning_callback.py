@@ -15,6 +15,7 @@ import lightning as L
 from ckpt_plugins import CheckpointManager, StepExistsError, UnsupportedStateError
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin, read_lightning_checkpoint
 from ckpt_plugins.retention.policy import RetentionContext, build_policy
+from lightning_names import path_of, steps_in
 from lightning_train import Net, data
 
 
@@ -52,7 +53,7 @@ def fit(callbacks, steps=24, val=True, model=None, ckpt_path=None, **trainer_kwa
 def test_retention_with_a_validation_metric_keeps_the_right_set_and_best_loads_the_best(tmp_path):
     every = CheckpointCallback(tmp_path / "all", monitor="val_loss", every_n_train_steps=3)
     fit([every])
-    records = CheckpointManager(tmp_path / "all", read_only=True).records()  # the same run, nothing deleted
+    records = CheckpointManager(tmp_path / "all", read_only=True, name_template=every.name_template()).records()
     assert [r.step for r in records] == [6, 9, 12, 15, 18, 21, 24]
     expected = build_policy(keep_last=1, keep_best=2, monitor="val_loss").decide(records, RetentionContext(now=1e18))
 
@@ -61,12 +62,12 @@ def test_retention_with_a_validation_metric_keeps_the_right_set_and_best_loads_t
     )
     trainer, model = fit([callback])
     assert trainer.checkpoint_callback is callback
-    kept = sorted(int(p.name[5:]) for p in (tmp_path / "kept").glob("step_*"))
+    kept = steps_in(tmp_path / "kept")
     assert kept == sorted(expected.keep)
     best = min((r for r in records if "val_loss" in r.metrics), key=lambda r: r.metrics["val_loss"])
-    assert callback.best_model_path == str(tmp_path / "kept" / f"step_{best.step}")
+    assert callback.best_model_path == str(path_of(tmp_path / "kept", best.step))
     assert callback.best_model_score.item() == pytest.approx(best.metrics["val_loss"])
-    assert callback.last_model_path == str(tmp_path / "kept" / "step_24")
+    assert callback.last_model_path == str(path_of(tmp_path / "kept", 24))
 
     trainer.test(model, DataLoader(data(32), batch_size=16), ckpt_path="best", verbose=False)
     assert trainer.ckpt_path == callback.best_model_path
@@ -78,12 +79,12 @@ def test_a_new_process_resumes_from_best_and_replaces_the_later_steps_with_a_war
     options = dict(keep_best=1, monitor="val_loss", mode="max", every_n_train_steps=6)  # "best" = an early step
     fit([CheckpointCallback(tmp_path, **options)])
     best = CheckpointCallback(tmp_path, **options).best_model_path  # from disk, before any setup
-    step = int(Path(best).name[5:])
+    step = int(Path(best).name.split("step=")[1].split(".")[0])
     assert Path(best).parent == tmp_path and step < 24
     trainer, _ = fit([CheckpointCallback(tmp_path, **options)], steps=step + 6, ckpt_path="best")
     assert trainer.ckpt_path == best and trainer.global_step == step + 6
     assert any(r.levelno == logging.WARNING and "24" in r.getMessage() for r in caplog.records)  # names the later
-    assert max(int(p.name[5:]) for p in tmp_path.glob("step_*")) == step + 6  # the later ones were replaced
+    assert max(steps_in(tmp_path)) == step + 6  # the later ones were replaced
 
 
 def test_a_fresh_run_into_a_directory_with_later_checkpoints_fails_before_training(tmp_path):
@@ -131,8 +132,8 @@ def test_overlap_snapshot_saves_the_same_state_as_safe(tmp_path):
     fit([CheckpointCallback(tmp_path / "safe", every_n_train_steps=4, snapshot="safe")], steps=12, val=False)
     fit([CheckpointCallback(tmp_path / "overlap", every_n_train_steps=4, snapshot="overlap")], steps=12, val=False)
     for step in (4, 8, 12):
-        a = read_lightning_checkpoint(tmp_path / "safe" / f"step_{step}")
-        b = read_lightning_checkpoint(tmp_path / "overlap" / f"step_{step}")
+        a = read_lightning_checkpoint(path_of(tmp_path / "safe", step))
+        b = read_lightning_checkpoint(path_of(tmp_path / "overlap", step))
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
         assert torch.equal(
             a["optimizer_states"][0]["state"][0]["exp_avg"], b["optimizer_states"][0]["state"][0]["exp_avg"]
@@ -158,10 +159,10 @@ class WithObjects(Net):
 
 def test_hyper_parameters_objects_are_stored_as_plain_values_and_reported_once(tmp_path, caplog):
     fit([CheckpointCallback(tmp_path, every_n_train_steps=2)], steps=6, val=False, model=WithObjects())
-    checkpoint = read_lightning_checkpoint(tmp_path / "step_6")
+    checkpoint = read_lightning_checkpoint(path_of(tmp_path, 6))
     assert checkpoint["hyper_parameters"]["data_dir"] == "/data"
     assert checkpoint["hyper_parameters"]["loss_fn"].startswith("<function mse_loss")
-    manifest = CheckpointManager(tmp_path, read_only=True).layout.read_manifest(str(tmp_path / "step_6"))
+    manifest = CheckpointManager(tmp_path, read_only=True).layout.read_manifest(str(path_of(tmp_path, 6)))
     assert manifest.user_metadata["hyper_parameters_converted"] == {
         "hyper_parameters.data_dir": "pathlib.PosixPath",
         "hyper_parameters.loss_fn": "builtins.function",
@@ -185,7 +186,7 @@ def test_save_on_exception_commits_the_current_step(tmp_path):
             val=False,
             model=FailsAtStep5(),
         )
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_4", "step_5"]
+    assert steps_in(tmp_path) == [4, 5]
 
 
 def test_options_fail_fast_naming_the_option():
@@ -208,4 +209,4 @@ def test_options_fail_fast_naming_the_option():
 def test_lightning_triggers(tmp_path, options, expected):
     callback = CheckpointCallback(tmp_path, **options)
     fit([callback], steps=24, val=False)
-    assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == expected
+    assert steps_in(tmp_path) == expected

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from ckpt_plugins.activation import activation_checkpointing_report
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin, load_from_checkpoint, to_lightning_checkpoint
 from conftest import ROOT
+from lightning_names import path_of, steps_in
 
 EXAMPLE = ROOT / "examples" / "lightning"
 
@@ -56,11 +57,11 @@ def test_the_example_trains_checkpoints_and_resumes_from_yaml(example, tmp_path)
     assert report.mode == "selective" and [w.class_name for w in report.wrapped] == ["GPT2Block", "GPT2Block"]
     assert not isinstance(cli.trainer.strategy.checkpoint_io, CheckpointIOPlugin)  # the callback keeps the IO
     ckpt_dir = tmp_path / "logs" / "main" / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.glob("step_*")) == ["step_5"]
+    assert steps_in(ckpt_dir) == [5]
 
     cli = example.main(_args(tmp_path, "--ckpt_path", "last", "--trainer.max_steps=10"))
-    assert cli.trainer.ckpt_path == str(ckpt_dir / "step_5") and cli.trainer.global_step == 10
-    assert sorted(p.name for p in ckpt_dir.glob("step_*")) == ["step_10", "step_5"]
+    assert cli.trainer.ckpt_path == str(path_of(ckpt_dir, 5)) and cli.trainer.global_step == 10
+    assert steps_in(ckpt_dir) == [5, 10]
 
     tiny_gpt = _load("tiny_gpt")
     converted = tmp_path / "model.ckpt"
@@ -69,8 +70,8 @@ def test_the_example_trains_checkpoints_and_resumes_from_yaml(example, tmp_path)
     expected = cli.model.state_dict()
     for loaded in (
         tiny_gpt.TinyGPT.load_from_checkpoint(converted),
-        tiny_gpt.TinyGPT.load_from_checkpoint(ckpt_dir / "step_10"),
-        load_from_checkpoint(tiny_gpt.TinyGPT, ckpt_dir / "step_10"),
+        tiny_gpt.TinyGPT.load_from_checkpoint(path_of(ckpt_dir, 10)),
+        load_from_checkpoint(tiny_gpt.TinyGPT, path_of(ckpt_dir, 10)),
     ):
         assert loaded.hparams.n_embd == 64
         assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import lightning_train
 from conftest import HELPERS
 from faults import kill_rng
+from lightning_names import path_of, steps_in
 
 SCRIPT = HELPERS / "lightning_train.py"
 
@@ -57,7 +58,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
     common = ["--steps", "30", "--every", "4", "--loader", loader]
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")])
     _killed_run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)])
-    committed = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    committed = steps_in(tmp_path / "run")
     summary = lightning_train.run(
         ["--dir", str(tmp_path / "run"), *common, "--resume", "--out", str(tmp_path / "resumed.safetensors")]
     )
@@ -66,8 +67,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, loader):
         tmp_path / "resumed.safetensors",
         f"{loader} loader, seed {seed}, killed at step {die_at} with {committed} committed",
     )
-    assert summary["last"].endswith("step_28")
-    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_24", "step_28"]  # keep_last=2
+    assert summary["last"].endswith("step=28.ckpt")
+    assert steps_in(tmp_path / "run") == [24, 28]  # keep_last=2
 
 
 def test_resume_with_validation_and_monitor_is_bit_exact(tmp_path):
@@ -116,9 +117,9 @@ def test_ddp_two_processes_sigkill_and_resume_is_bit_exact(tmp_path):
     _assert_same(
         tmp_path / "ref.safetensors", tmp_path / "resumed.safetensors", f"DDP, seed {seed}, killed at step {die_at}"
     )
-    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step_"))
-    assert kept == ["step_16", "step_20"]
-    assert sorted(os.listdir(tmp_path / "run" / "step_20")) == [
+    kept = steps_in(tmp_path / "run")
+    assert kept == [16, 20]
+    assert sorted(os.listdir(path_of(tmp_path / "run", 20))) == [
         "manifest.json",
         "rank_0.safetensors",
         "rank_1.safetensors",

@@ -154,7 +154,7 @@ def test_r5_save_outside_fit_leaves_nothing_open_for_the_next_trainer(tmp_path):
         callbacks=[callback],
     )  # the same folder, the same process
     second.fit(Net(), train_loader())
-    assert callback.last_model_path.endswith("step_4")
+    assert callback.last_model_path.endswith("step=4.ckpt")
 
 
 @pytest.mark.parametrize("writer", ["plugin", "callback"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import os
 import random
 
 import pytest
@@ -152,3 +153,64 @@ def test_step_dir_round_trip_property(step: int) -> None:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(naming).failed == 0
+
+
+# --- name templates (IOOptions.name_template) ---------------------------------------------------
+
+
+def test_a_template_formats_versions_and_recognises_only_its_own_names():
+    from ckpt_plugins.layout.naming import NameTemplate
+
+    t = NameTemplate("epoch={epoch:02d}-step={step}{version}.ckpt")
+    assert t.format(40, {"epoch": 3.0}) == "epoch=03-step=40.ckpt"  # a whole float formats as an int
+    assert t.format(40, {"epoch": 3}, version=2) == "epoch=03-step=40-v2.ckpt"
+    assert t.match("epoch=03-step=40-v2.ckpt") == (True, 40)
+    for other in ("last.ckpt", ".tmp-epoch=03-step=40.ckpt-abc", "epoch=03-step=40.ckpt.damaged-x", "step_40"):
+        assert t.match(other)[0] is False, other
+    assert NameTemplate("{epoch}{version}.ckpt").match("0-v1.ckpt") == (True, None)  # no {step}: the manifest has it
+    assert NameTemplate("acc={val.acc:.1f}-{step}").format(3, {"val.acc": 0.25}) == "acc=0.2-3"  # a dotted metric name
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden{step}", "a/{step}", "{0}", "{}-{step}", "{step"])
+def test_a_bad_template_is_a_config_error_naming_the_option(bad, tmp_path):
+    from ckpt_plugins import CheckpointManager
+    from ckpt_plugins.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        CheckpointManager(tmp_path / "run", name_template=bad)
+    assert info.value.option == "name_template" and not (tmp_path / "run").exists()  # before the directory
+
+
+def test_the_manager_lists_sorts_retains_and_restores_templated_names(tmp_path):
+    """Names from a template are step checkpoints: listed by step (from the name, or the manifest
+    without {step}), versioned when taken (also by a save still in flight), retained, restored;
+    a name the template cannot produce (last.ckpt) stays a named checkpoint outside retention."""
+    import torch
+
+    from ckpt_plugins import CheckpointManager
+
+    for template in ("epoch={epoch}-step={step}{version}.ckpt", "epoch={epoch}{version}.ckpt"):
+        root = tmp_path / template.split("{")[1].strip("}")
+        with CheckpointManager(root, name_template=template, keep_last=3, async_save=True) as mgr:
+            for step in range(1, 12):
+                mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"epoch": step // 4})
+            mgr.save(11, {"w": torch.zeros(2)}, name="last.ckpt")
+            mgr.wait()
+            assert mgr.steps() == [9, 10, 11]
+            assert mgr.restore("latest")["w"][0] == 11 and mgr.restored_step == 11
+            assert mgr.restore(9)["w"][0] == 9
+        names = sorted(os.listdir(root))
+        assert "last.ckpt" in names and len([n for n in names if not n.startswith(".")]) == 4
+        with CheckpointManager(root, name_template=template, read_only=True) as again:  # a new process
+            assert again.steps() == [9, 10, 11] and again.path_for(10).endswith(
+                ("epoch=2-step=10.ckpt", "epoch=2-v2.ckpt")
+            )
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == [
+        "epoch=2-v1.ckpt",
+        "epoch=2-v2.ckpt",
+        "epoch=2-v3.ckpt",
+        "last.ckpt",
+    ]
+    with CheckpointManager(tmp_path / "plain") as plain:  # the core default is unchanged
+        plain.save(3, {"w": torch.ones(1)})
+    assert os.listdir(tmp_path / "plain") == ["step_3"]
