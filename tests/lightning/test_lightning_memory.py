@@ -14,6 +14,7 @@ import lightning_train
 from ckpt_plugins import ConfigError
 from ckpt_plugins.lightning import CheckpointCallback
 from faults import kill_rng
+from lightning_names import steps_in
 
 
 def test_sigkill_and_resume_from_memory_is_bit_exact(tmp_path, shm_of):
@@ -30,7 +31,7 @@ def test_sigkill_and_resume_from_memory_is_bit_exact(tmp_path, shm_of):
     assert summary["saved"][0] == die_at + 1, (seed, die_at, summary["saved"][:3])  # resumed at die_at: from memory
     _assert_same(tmp_path / "ref.safetensors", resumed, f"seed {seed}, killed at {die_at}")
     assert not os.path.exists(shm)  # teardown closed the manager: step 24 persisted, memory freed
-    assert sorted(int(p.name[5:]) for p in run.glob("step_*"))[-1] == 24
+    assert steps_in(run)[-1] == 24
 
 
 def test_callback_memory_options_are_checked():

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 import lightning as L
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
+from ckpt_plugins.lightning.convert import CALLBACK_NAMES
 from lightning_train import Net, data
 
 
@@ -37,17 +38,18 @@ def test_lightning_callback_saves_to_and_resumes_from_s3(s3_bucket, s3_server, m
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     url = f"s3://{s3_bucket}/lightning"
     _, model = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=2), steps=12)
-    with CheckpointManager(url, read_only=True) as reader:
+    with CheckpointManager(url, read_only=True, name_template=CALLBACK_NAMES) as reader:
         assert reader.steps() == [8, 12]
         saved = reader.restore("latest")
+        step_12 = f"{url}/{reader.path_for(12).rsplit('/', 1)[-1]}"
     for key, value in model.state_dict().items():
         assert torch.equal(saved["state_dict"][key], value), key
     # ckpt_path="last": the callback offers the newest checkpoint's manifest object (Lightning picks
     # candidates by fs.modified(), which a prefix lacks); loading that path loads the folder
     trainer, _ = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=2), steps=16, ckpt_path="last")
-    assert trainer.ckpt_path == f"{url}/step_12/manifest.json"
+    assert trainer.ckpt_path == f"{step_12}/manifest.json"
     assert trainer.global_step == 16
-    with CheckpointManager(url, read_only=True) as reader:
+    with CheckpointManager(url, read_only=True, name_template=CALLBACK_NAMES) as reader:
         assert reader.steps() == [12, 16]
 
 
@@ -64,21 +66,21 @@ def test_lightning_callback_and_plugin_take_storage_options_and_never_write_them
     url = f"s3://{s3_bucket}/lightning"
     caplog.set_level(logging.DEBUG, logger="ckpt_plugins")
     _, model = _fit(CheckpointCallback(url, every_n_train_steps=4, keep_last=1, storage_options=options), steps=8)
-    with CheckpointManager(url, read_only=True, storage_options=options) as reader:
+    with CheckpointManager(url, read_only=True, storage_options=options, name_template=CALLBACK_NAMES) as reader:
         assert reader.steps() == [8]
         saved = reader.restore("latest")
+        step_8 = f"{url}/{reader.path_for(8).rsplit('/', 1)[-1]}"
     for key, value in model.state_dict().items():
         assert torch.equal(saved["state_dict"][key], value), key
     callback = CheckpointCallback(url, every_n_train_steps=4, keep_last=1, storage_options=options)
-    trainer, _ = _fit(
-        callback, steps=12, ckpt_path=f"{url}/step_8", plugins=[CheckpointIOPlugin(storage_options=options)]
-    )
+    trainer, _ = _fit(callback, steps=12, ckpt_path=step_8, plugins=[CheckpointIOPlugin(storage_options=options)])
     assert trainer.global_step == 12
     trainer.save_checkpoint(f"{url}/manual.ckpt", storage_options=options)
     trainer.strategy.checkpoint_io.teardown()
     client = s3_server.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
-    assert "lightning/step_12/manifest.json" in keys and "lightning/manual.ckpt" in keys, keys
+    assert any(k.startswith("lightning/") and k.endswith("step=12.ckpt/manifest.json") for k in keys), keys
+    assert "lightning/manual.ckpt" in keys, keys
     for key in keys:
         assert secret.encode() not in client.get_object(Bucket=s3_bucket, Key=key)["Body"].read(), key
     assert secret not in caplog.text
