@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import HELPERS
 from faults import kill_rng
+from lightning_names import path_of, steps_in
 
 SCRIPT = HELPERS / "lightning_train.py"
 
@@ -40,9 +41,9 @@ def test_model_parallel_fsdp2_sigkill_and_resume_is_bit_exact(tmp_path: Path):
     common = ["--steps", "12", "--every", "4", "--ddp", "--strategy", "model_parallel"]
     _run(["--dir", str(tmp_path / "ref"), *common, "--out", str(tmp_path / "ref.safetensors")], 0)
     _run(["--dir", str(tmp_path / "run"), *common, "--die-at", str(die_at)], -9)
-    committed = sorted(p.name for p in (tmp_path / "run").glob("step_*"))
+    committed = steps_in(tmp_path / "run")
     assert committed, f"seed {seed}: nothing committed before the kill at step {die_at}"
-    manifest = json.loads((tmp_path / "run" / committed[-1] / "manifest.json").read_text())
+    manifest = json.loads((path_of(tmp_path / "run", committed[-1]) / "manifest.json").read_text())
     assert {"shard_0.safetensors", "shard_1.safetensors"} <= manifest["files"].keys()  # each rank its own shards
     assert "state_dict.body.0.weight" in manifest["sharded"]["tensors"]
     _run(["--dir", str(tmp_path / "run"), *common, "--resume", "--out", str(tmp_path / "resumed.safetensors")], 0)
