@@ -25,9 +25,10 @@ import io
 import logging
 import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -103,6 +104,54 @@ def _buffer_address(buffer: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
+class _IOThread(threading.Thread):
+    """The one thread a :class:`DirectWriter` writes its buffers on, in submission order.
+
+    A daemon with ``stop()``, like the save writer it serves (``persist.engine``): code that tidies
+    up stray threads (Lightning's test harness) may stop it while a save is still being written;
+    the queued writes finish first and later ones run on the caller's thread (``submit`` then
+    raises ``RuntimeError``, as a shut-down executor does). It ends when its file is finished.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="ckpt-direct-io", daemon=True)
+        self._jobs: queue.SimpleQueue[tuple[Callable[[memoryview], None], memoryview, Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        self._lock = threading.Lock()
+        self.start()
+
+    def run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, view, done = job
+            try:
+                fn(view)
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def submit(self, fn: Callable[[memoryview], None], view: memoryview) -> Future[None]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the direct-I/O thread is stopped")
+            done: Future[None] = Future()
+            self._jobs.put((fn, view, done))
+            return done
+
+    def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._jobs.put(None)
+        if wait and self is not threading.current_thread():
+            self.join()
+
+    def stop(self) -> None:
+        """Finish the queued writes and end (later writes run on the caller's thread)."""
+        self.shutdown(wait=True)
+
+
 class DirectWriter:
     """A sequential, write-only view of an open file that writes it with ``O_DIRECT``.
 
@@ -121,7 +170,7 @@ class DirectWriter:
         self._size = 0
         self._pending: list[Future[None] | None] = [None, None]
         self._in_place: list[Future[None]] = []
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-direct-io")
+        self._io = _IOThread()
         self._finished = False
 
     @classmethod
@@ -190,7 +239,7 @@ class DirectWriter:
         """Run ``fn`` on the I/O thread (in submission order), or here at interpreter shutdown."""
         try:
             return self._io.submit(fn, view)
-        except RuntimeError:  # interpreter shutdown (a save flushed at exit): write it here
+        except RuntimeError:  # the thread was stopped (a harness tidying up threads): write it here
             done: Future[None] = Future()
             fn(view)
             done.set_result(None)

@@ -149,6 +149,26 @@ def test_buffers_are_reused_and_no_thread_is_left_behind(tmp_path):
     assert threading.active_count() == threads
 
 
+def test_the_io_thread_can_be_stopped_mid_file_and_the_file_is_still_complete(tmp_path):
+    """Lightning's test harness stops stray daemon threads that have ``stop()`` (and fails on any
+    other): the direct-I/O thread is one, and stopping it while a file is being written finishes
+    the queued writes; the rest of the file is written on the caller's thread (issue 12: a zombie
+    ckpt-direct-io thread at teardown while the last async save was written)."""
+    data = os.urandom(BUFFER_BYTES * 3 + 12345)
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as out:
+        writer = DirectWriter.wrap(out)
+        assert writer is not None
+        thread = writer._io
+        assert thread.daemon and callable(thread.stop) and thread.name == "ckpt-direct-io"
+        writer.write(data[: BUFFER_BYTES * 2])
+        thread.stop()  # what the harness does, in the middle of the file
+        assert not thread.is_alive()
+        writer.write(data[BUFFER_BYTES * 2 :])
+        assert writer.finish() == len(data)
+    assert path.read_bytes() == data
+
+
 CHILD = """
 import json, signal, resource, sys, torch
 from ckpt_plugins import CheckpointManager
