@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
+from ckpt_plugins.dedup.index import open_index
 from ckpt_plugins.distributed import rank_and_world
 from ckpt_plugins.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from ckpt_plugins.files.extra_files import StagedFile, TensorFile
@@ -88,10 +89,11 @@ class CheckpointManager:
             saving (:class:`~ckpt_plugins.options.SaveOptions`): background saves, how many at
             once, who writes. ``snapshot="overlap"`` needs :meth:`wait_for_snapshot` before the
             next ``optimizer.step()``.
-        direct_io, dir_prefix, name_template, read_only: the directory
+        direct_io, dir_prefix, name_template, read_only, dedup: the directory
             (:class:`~ckpt_plugins.options.IOOptions`); ``name_template`` names checkpoints from
             their step and metrics (``"epoch={epoch}-step={step}{version}.ckpt"``) instead of
-            ``<dir_prefix><step>``.
+            ``<dir_prefix><step>``; ``dedup=True`` stores tensors unchanged since the previous
+            checkpoint once (docs/dedup.md).
         distributed, rank_timeout: under ``torch.distributed``
             (:class:`~ckpt_plugins.options.DistributedOptions`); ``distributed=False`` makes a
             world of one, for code that saves on one rank only (Lightning's CheckpointIO).
@@ -157,6 +159,7 @@ class CheckpointManager:
         strict: bool = True,
         mirror: str | os.PathLike[str] | None = None,
         keep_local: int = 1,
+        dedup: bool = False,
         save_on_preemption: bool = True,
         preemption_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
         preemption_sync_every: int = 10,
@@ -203,6 +206,7 @@ class CheckpointManager:
             dir_prefix=dir_prefix,
             mirror=mirror,
             keep_local=keep_local,
+            dedup=dedup,
             save_on_preemption=save_on_preemption,
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
@@ -244,6 +248,7 @@ class CheckpointManager:
                 value="process",
             )
         self.direct_io = opts.io.direct_io and direct_io_enabled()  # also checks CKPT_PLUGINS_DIRECT_IO now
+        self._dedup = open_index(opts, self.layout, self.directory) if self.rank == 0 else None
         self._lock = DirectoryLock(self.storage, self.root)
         self._state_lock = threading.Lock()
         try:
@@ -488,6 +493,9 @@ class CheckpointManager:
             listed=listed,
             shards=shard_summary(flat.shards if flat is not None else {}),
         )
+        plan = None
+        if self._dedup is not None and name is None and flat is not None:
+            flat, plan = self._dedup.plan(step, token, flat)  # unchanged tensors: references (docs/dedup.md)
         return self._persister.save(
             step,
             token=token,
@@ -503,6 +511,7 @@ class CheckpointManager:
             on_commit=on_commit,
             retention=policy_flags(self.policy) if listed else None,
             on_stats=self._set_save_stats,
+            dedup=plan,
         )
 
     def _persist_snapshot(self, step: int, snapshot: Any) -> None:
@@ -539,6 +548,8 @@ class CheckpointManager:
         commit on rank 0, drop the checkpoints it supersedes (``overwrite``, or an earlier run's
         after a resume: :meth:`start_run`), record it, and apply retention."""
         step = request.step
+        if request.dedup is not None and self._dedup is not None:
+            self._dedup.finished(request.dedup, manifest)  # before retention: its files stay pinned
         with self._state_lock:
             if request.listed:
                 self._persister.in_flight.discard(step)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ckpt_plugins.errors import CheckpointError
 
-from . import convert, diff, inspect, ls, verify
+from . import convert, diff, export, inspect, ls, verify
 from .storage import ENV_NAME, set_options
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_parser(sub)
     diff.add_parser(sub)
     convert.add_parser(sub)
+    export.add_parser(sub)
     for command in sub.choices.values():  # also after the command: ckpt-plugins ls URL --storage-options ...
         command.add_argument("--storage-options", metavar="JSON", help=storage_help, default=argparse.SUPPRESS)
     return parser

@@ -38,8 +38,9 @@ __all__ = [
 
 FORMAT_NAME = "ckpt_plugins"
 FORMAT_VERSION = 3
-"""Version 3 adds the optional ``sharded`` section (docs/sharded.md); a manifest without one is
-written as version 2, which older readers understand."""
+"""Version 3 adds optional sections: ``sharded`` (docs/sharded.md) and the dedup fields
+(``shared_files``, a part's ``shared``: docs/format.md). A manifest without any is written as
+version 2, which older readers understand."""
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 50
@@ -55,6 +56,9 @@ class Part:
 
     tree: Any
     tensor_file: str | None
+    shared: dict[str, tuple[str, str]] | None = None
+    """Dedup (format version 3): tensor key -> (file in the directory's ``.shared/`` pool that
+    holds it, the tensor's xxh3 digest). Keys listed here are not in ``tensor_file``."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Manifest:
     stored, or for a policy no flags describe. Optional: older readers ignore it."""
     sharded: Any = None
     """The sharded tensors (a :class:`~ckpt_plugins.sharded.format.ShardedIndex`), or None."""
+    shared_files: dict[str, FileRecord] = field(default_factory=dict)
+    """Dedup: the ``.shared/`` pool files this checkpoint reads (size and xxh3, as ``files``)."""
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
@@ -84,13 +90,13 @@ def dump_manifest(manifest: Manifest) -> bytes:
 
     doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION if manifest.sharded is not None else 2,
+        "format_version": FORMAT_VERSION if manifest.sharded is not None or manifest.shared_files else 2,
         "step": manifest.step,
         "wall_time": manifest.wall_time,
         "metrics": {k: _encode_float(v) for k, v in manifest.metrics.items()},
         "world_size": manifest.world_size,
         "created_by": manifest.created_by or {"ckpt_plugins": __version__, "torch": torch.__version__},
-        "parts": {name: {"tree": p.tree, "tensor_file": p.tensor_file} for name, p in manifest.parts.items()},
+        "parts": {name: _dump_part(p) for name, p in manifest.parts.items()},
         "files": {name: {"size": r.size, "xxh3_64": r.xxh3_64} for name, r in manifest.files.items()},
         "user_metadata": manifest.user_metadata,
     }
@@ -98,7 +104,19 @@ def dump_manifest(manifest: Manifest) -> bytes:
         doc["retention"] = manifest.retention
     if manifest.sharded is not None:
         doc["sharded"] = manifest.sharded.to_json()
+    if manifest.shared_files:
+        doc["shared_files"] = {n: {"size": r.size, "xxh3_64": r.xxh3_64} for n, r in manifest.shared_files.items()}
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _dump_part(part: Part) -> dict[str, Any]:
+    doc: dict[str, Any] = {"tree": part.tree, "tensor_file": part.tensor_file}
+    if part.shared:  # grouped by pool file: {file: {key: digest}}
+        grouped: dict[str, dict[str, str]] = {}
+        for key, (name, digest) in part.shared.items():
+            grouped.setdefault(name, {})[key] = digest
+        doc["shared"] = grouped
+    return doc
 
 
 def _encode_float(value: float) -> float | str:
@@ -138,7 +156,7 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
-    return {**doc, "format_version": 3}  # version 3 only adds the optional "sharded" section
+    return {**doc, "format_version": 3}  # version 3 only adds optional sections
 
 
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
@@ -191,16 +209,8 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
     step = _expect(where, doc, "step", int)
     if step < 0:
         raise CorruptCheckpointError(f"{where}: step {step} is negative")
-    files: dict[str, FileRecord] = {}
-    for name, rec in _expect(where, doc, "files", dict).items():
-        _check_name(where, name)
-        if not isinstance(rec, dict):
-            raise CorruptCheckpointError(f"{where}: entry for file {name!r} is not an object")
-        size = _expect(f"{where} [{name}]", rec, "size", int)
-        digest = _expect(f"{where} [{name}]", rec, "xxh3_64", str)
-        if not 0 <= size <= MAX_FILE_BYTES or not re.fullmatch(r"[0-9a-f]{1,32}", digest):
-            raise CorruptCheckpointError(f"{where}: file {name!r} has an absurd size or checksum")
-        files[name] = FileRecord(size=size, xxh3_64=digest)
+    files = _file_records(where, _expect(where, doc, "files", dict))
+    shared_files = _file_records(where, doc.get("shared_files") or {}, pool=True)
     parts: dict[str, Part] = {}
     for name, part in _expect(where, doc, "parts", dict).items():
         if not isinstance(part, dict) or "tree" not in part:
@@ -210,7 +220,7 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
             raise CorruptCheckpointError(
                 f"{where}: part {name!r} names tensor file {tensor_file!r}, which is not listed"
             )
-        parts[name] = Part(tree=part["tree"], tensor_file=tensor_file)
+        parts[name] = Part(tree=part["tree"], tensor_file=tensor_file, shared=_shared(where, part, shared_files))
     metrics_doc = doc.get("metrics") or {}
     if not isinstance(metrics_doc, dict):
         raise CorruptCheckpointError(f"{where}: manifest field 'metrics' is not an object")
@@ -233,8 +243,46 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         user_metadata=user_metadata,
         retention=_retention(where, doc.get("retention")),
         sharded=sharded,
-        format_version=FORMAT_VERSION if sharded is not None else 2,
+        shared_files=shared_files,
+        format_version=FORMAT_VERSION if sharded is not None or shared_files else 2,
     )
+
+
+def _file_records(where: str, doc: Any, pool: bool = False) -> dict[str, FileRecord]:
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: manifest field 'shared_files' is not an object")
+    files: dict[str, FileRecord] = {}
+    for name, rec in doc.items():
+        if pool and not (isinstance(name, str) and _SAFE_NAME.match(name)):
+            raise CorruptCheckpointError(f"{where}: shared file name {name!r:.80} is not a plain file name")
+        _check_name(where, name)
+        if not isinstance(rec, dict):
+            raise CorruptCheckpointError(f"{where}: entry for file {name!r} is not an object")
+        size = _expect(f"{where} [{name}]", rec, "size", int)
+        digest = _expect(f"{where} [{name}]", rec, "xxh3_64", str)
+        if not 0 <= size <= MAX_FILE_BYTES or not re.fullmatch(r"[0-9a-f]{1,32}", digest):
+            raise CorruptCheckpointError(f"{where}: file {name!r} has an absurd size or checksum")
+        files[name] = FileRecord(size=size, xxh3_64=digest)
+    return files
+
+
+def _shared(where: str, part: dict[str, Any], shared_files: dict[str, FileRecord]) -> dict[str, tuple[str, str]] | None:
+    """A part's ``shared`` map, ``{pool file listed in shared_files: {key: hex digest}}``, as
+    key -> (pool file, digest)."""
+    doc = part.get("shared")
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: a part's 'shared' field is not an object")
+    out: dict[str, tuple[str, str]] = {}
+    for name, keys in doc.items():
+        if name not in shared_files or not isinstance(keys, dict):
+            raise CorruptCheckpointError(f"{where}: a part refers to shared file {name!r:.80}, which is not listed")
+        for key, digest in keys.items():
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{1,32}", digest):
+                raise CorruptCheckpointError(f"{where}: shared tensor {key!r:.80} has no valid digest ({digest!r:.40})")
+            out[str(key)] = (name, digest)
+    return out
 
 
 _RETENTION_TYPES: dict[str, tuple[type, ...]] = {

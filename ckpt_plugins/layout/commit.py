@@ -39,6 +39,7 @@ from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest, 
 from ckpt_plugins.files.tensor_file import checksum_file
 from ckpt_plugins.layout.naming import STEP_PREFIX, NameTemplate, natural_key, parse_step_dir, step_dir_name
 from ckpt_plugins.layout.object_commit import ObjectCommit
+from ckpt_plugins.layout.shared import SHARED_DIR, SharedPool
 from ckpt_plugins.storage import Storage
 
 __all__ = ["REPLACED_PREFIX", "TMP_PREFIX", "TRASH_PREFIX", "CheckpointDir", "Layout", "check_folder_name"]
@@ -89,6 +90,7 @@ class Layout:
         self.template = NameTemplate(template) if isinstance(template, str) else template
         self._manifest_steps: dict[str, int] = {}  # template without {step}: name -> step, from manifests
         self._object = None if getattr(storage, "atomic_rename", True) else ObjectCommit(self)
+        self.shared = SharedPool(self)  # dedup's .shared/ pool (layout.shared)
 
     # --- names -------------------------------------------------------------------------------
     def path_for(self, step: int, name: str | None = None) -> str:
@@ -197,7 +199,12 @@ class Layout:
         self.delete_path(self.path_for(step))
 
     def delete_path(self, path: str) -> None:
-        """Remove the checkpoint folder (or plain file) at ``path`` under the root, the same way."""
+        """Remove the checkpoint folder (or plain file) at ``path`` under the root, the same way;
+        then the shared (dedup) files no remaining checkpoint refers to."""
+        self._delete_path(path)
+        self.shared.collect()
+
+    def _delete_path(self, path: str) -> None:
         if self._object is not None:
             return self._object.delete_path(path)
         if not self.storage.exists(path):
@@ -230,8 +237,9 @@ class Layout:
         except CorruptCheckpointError as exc:
             return [str(exc)]
         problems = []
-        for name, expected in manifest.files.items():
-            file_path = self.storage.join(path, name)
+        listed = [(self.storage.join(path, n), r) for n, r in manifest.files.items()]
+        listed += [(self.shared.path(n), r) for n, r in manifest.shared_files.items()]  # dedup's shared files
+        for file_path, expected in listed:
             if not self.storage.exists(file_path):
                 problems.append(f"{file_path}: missing")
                 continue
@@ -265,7 +273,13 @@ class Layout:
     # --- crash recovery ----------------------------------------------------------------------
     def cleanup_leftovers(self) -> list[str]:
         """Remove what an interrupted run left behind; restore an overwritten checkpoint whose
-        replacement never committed. Only hidden names with our prefixes are ever touched."""
+        replacement never committed. Only hidden names with our prefixes are ever touched; then
+        shared (dedup) files no checkpoint refers to (a save cut short wrote them)."""
+        removed = self._cleanup_leftovers()
+        removed += [f"{SHARED_DIR}/{n}" for n in self.shared.collect()]
+        return removed
+
+    def _cleanup_leftovers(self) -> list[str]:
         if self._object is not None:
             return self._object.cleanup_leftovers()
         removed = []

@@ -181,6 +181,7 @@ def _versioned(manifest: Manifest, version: str) -> Manifest:
 
     files = {f"{version}/{n}": r for n, r in manifest.files.items()}
     parts = {
-        k: Part(p.tree, f"{version}/{p.tensor_file}" if p.tensor_file else None) for k, p in manifest.parts.items()
+        k: Part(p.tree, f"{version}/{p.tensor_file}" if p.tensor_file else None, p.shared)
+        for k, p in manifest.parts.items()
     }
     return replace(manifest, files=files, parts=parts)

@@ -112,6 +112,9 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             signal (docs/preemption.md). ``False``: Lightning's own SIGTERM handling.
         preemption_signals: signal names, default ``["SIGTERM", "SIGUSR1"]``.
         preemption_sync_every: under DDP, the ranks exchange their preemption flag every N steps.
+        dedup: store tensors unchanged since the previous checkpoint (a frozen backbone, the base
+            of a LoRA model, whose weights the checkpoint dict holds in full) as references to
+            the shared file that already holds them (docs/dedup.md).
         log_metrics: send each save's figures to the trainer's loggers as ``checkpoint/stall_ms``
             (training blocked), ``checkpoint/durable_s`` (until committed) and
             ``checkpoint/bytes``.
@@ -166,6 +169,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         save_on_preemption: bool = True,
         preemption_signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
         preemption_sync_every: int = 10,
+        dedup: bool = False,
         log_metrics: bool = True,
         memory_every_n_steps: int | None = None,
         persist_every_n_steps: int | None = None,
@@ -195,6 +199,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             save_on_preemption=save_on_preemption,
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
+            dedup=dedup,
         )
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
         super().__init__(

@@ -171,12 +171,17 @@ class IOOptions:
     read_only: bool = False
     """Only list and restore: no lock, no clean-up, ``save`` refused (evaluation jobs, tools that
     read a directory another process is writing)."""
+    dedup: bool = False
+    """Store a state tensor whose bytes equal the same key's in the previous committed checkpoint
+    as a reference to the shared file that holds it instead of a copy (frozen layers, a LoRA
+    base); retention keeps a shared file while a kept checkpoint refers to it. See docs/dedup.md."""
 
     def __post_init__(self) -> None:
         check_bool("direct_io", self.direct_io)
         check_dir_prefix("dir_prefix", self.dir_prefix)
         check_name_template("name_template", self.name_template)
         check_bool("read_only", self.read_only)
+        check_bool("dedup", self.dedup)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ class SaveRequest:
     """The retention flags recorded in the manifest (``retention.policy_flags``)."""
     ranks_with_shards: list[int] = field(default_factory=list)
     """The ranks that write chunks of sharded tensors (``shard_<r>.safetensors``)."""
+    dedup: Any = None
+    """A :class:`~ckpt_plugins.dedup.index.DedupPlan` (``dedup=True``, rank 0): the state's
+    tensors go to the shared pool, unchanged ones as references."""
 
 
 class SaveJob:
@@ -112,6 +115,7 @@ class SaveJob:
         self.step, self.name = request.step, request.name
         self._rank_trees: dict[int, Any] = {}
         self._chunks: dict[int, dict[str, list[dict[str, Any]]]] = {}  # rank -> its chunk entries
+        self._shared: tuple[dict[str, tuple[str, str]], dict[str, FileRecord]] | None = None
 
     def __call__(self, handle: SaveHandle) -> str:
         try:
@@ -146,7 +150,9 @@ class SaveJob:
             files.update(self._write_extra_files(temp, tensors))
             files.update(self._collect_other_ranks(temp))
             parts = {}
-            if req.flat is not None:
+            if self._shared is not None:
+                parts["state"] = Part(req.flat.tree, None, self._shared[0])
+            elif req.flat is not None:
                 parts["state"] = Part(req.flat.tree, "state.safetensors" if req.flat.tensors else None)
             for r in req.ranks_with_state:
                 file = f"rank_{r}.safetensors"
@@ -163,6 +169,7 @@ class SaveJob:
                 user_metadata=req.user_metadata,
                 retention=req.retention,
                 sharded=sharded,
+                shared_files=self._shared[1] if self._shared is not None else {},
             )
             replace = dest.storage.exists(dest.layout.path_for(req.step, req.name))
             path = dest.layout.commit(temp, committing, replace=replace, name=req.name)
@@ -202,7 +209,9 @@ class SaveJob:
         state_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
         rank_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rank/")}
         shard_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("shard/")}
-        if state_tensors:
+        if req.dedup is not None and req.flat is not None:
+            self._shared = req.dedup.write(dest, state_tensors, req.slot)
+        elif state_tensors:
             files["state.safetensors"] = dest.write_tensors(
                 join(temp, "state.safetensors"), state_tensors, None, req.slot
             )

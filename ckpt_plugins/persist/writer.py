@@ -154,6 +154,7 @@ class Persister:
         on_commit: Callable[[int, str], None] | None,
         retention: dict[str, Any] | None,
         on_stats: Callable[[dict[str, float]], None],
+        dedup: Any = None,
     ) -> SaveHandle | None:
         """Stage and submit one agreed save; None when skipped (``on_busy="skip"``, every slot in flight).
         ``on_stats`` gets the handle's stats as soon as they exist (``last_save_stats``)."""
@@ -188,6 +189,7 @@ class Persister:
             extra_specs=extra_specs,
             callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
             retention=retention,
+            dedup=dedup,
         )
         with self.lock:
             if listed:

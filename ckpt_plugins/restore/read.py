@@ -58,9 +58,11 @@ def restore_ours(
             return None, report
         raise CorruptCheckpointError(f"{storage.join(path, MANIFEST_NAME)}: has no part {part!r}")
     entry = manifest.parts[part]
-    for name in manifest.files:  # a missing file is damage even when this part does not need it
-        if not storage.exists(storage.join(path, name)):
-            raise CorruptCheckpointError(f"{storage.join(path, name)}: file listed in the manifest is missing")
+    listed = [storage.join(path, name) for name in manifest.files]
+    listed += [layout.shared.path(name) for name in manifest.shared_files]  # dedup (docs/dedup.md)
+    for file_path in listed:  # a missing file is damage even when this part does not need it
+        if not storage.exists(file_path):
+            raise CorruptCheckpointError(f"{file_path}: file listed in the manifest is missing")
 
     chunks = ChunkReader(storage, path, manifest.sharded, verify=verify) if manifest.sharded is not None else None
 
@@ -68,6 +70,11 @@ def restore_ours(
         refs: dict[str, Any] = chunks.refs(keys) if chunks is not None and part == "state" else {}
         if keys is not None:
             keys = keys - refs.keys()
+        if entry.shared and keys != set():  # dedup: the shared pool (docs/dedup.md)
+            from ckpt_plugins.dedup.read import read_shared
+
+            shared = read_shared(layout.shared, manifest, entry, keys, verify=verify, map_location=map_location)
+            return {**shared, **refs}
         if entry.tensor_file is None or keys == set():
             return refs
         file_path = storage.join(path, entry.tensor_file)

@@ -160,6 +160,7 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
     p.add_argument("--memory", type=int, help="memory_every_n_steps (the in-memory tier), instead of --every")
     p.add_argument("--persist", type=int, help="persist_every_n_steps, with --memory")
+    p.add_argument("--dedup", action="store_true")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and results do not depend on it
@@ -195,6 +196,7 @@ def _fit(args: argparse.Namespace) -> dict:
         persist_every_n_steps=args.persist,
         async_save=not args.sync,
         preemption_sync_every=args.sync_every,
+        dedup=args.dedup,
         **({"monitor": "val_loss", "keep_best": 1} if args.val else {}),
     )
     callbacks = [ckpt] + ([Die(args.die_at)] if args.die_at is not None else [])
