@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from ckpt_plugins.formats import detect_format, read_foreign
 from ckpt_plugins.formats.dcp import read_dcp
 from ckpt_plugins.formats.hf_folder import holds_native_files, read_hf_folder
 from ckpt_plugins.formats.safetensors_file import read_safetensors
+from ckpt_plugins.layout.shared import SHARED_DIR
 from ckpt_plugins.restore.read import is_our_checkpoint
 from ckpt_plugins.tree.codec import unflatten_state
 from ckpt_plugins.tree.tags import TAG, TENSOR_TAGS, children, np_dtype
@@ -114,6 +116,14 @@ def describe_ours(storage: Any, root: str, manifest: Manifest) -> list[Row]:
             headers = {key: (dtype, list(shape)) for key, (dtype, shape, _b, _e) in entries.items()}
         if manifest.sharded is not None and part_name == "state":  # sharded tensors: global shapes
             headers.update({key: (e.dtype, list(e.shape)) for key, e in manifest.sharded.tensors.items()})
+        shared = part.shared or {}
+        for name in sorted({n for n, _ in shared.values()}):  # dedup: headers of the pool files
+            file_path = storage.join(storage.join(posixpath.dirname(root.rstrip("/")), SHARED_DIR), name)
+            with storage.open_read(file_path) as f:
+                entries, _ = read_header(f, file_path, storage.size(file_path))
+            headers.update(
+                {k: (d, list(sh)) for k, (d, sh, _b, _e) in entries.items() if shared.get(k, ("",))[0] == name}
+            )
         rows += _tree_rows(part.tree, headers, "" if part_name == "state" else f"[{part_name}] ")
     local = storage.local_path(root)
     if local is not None and holds_native_files(manifest):

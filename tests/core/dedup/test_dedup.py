@@ -105,7 +105,8 @@ def test_export_and_convert_write_self_contained_copies(tmp_path, capsys):
             mgr.save(step, _model_state(step, frozen))
     assert cli_main(["export", str(run), str(tmp_path / "alone")]) == 0
     assert cli_main(["convert", str(run / "step_2"), str(tmp_path / "w.safetensors"), "--to", "safetensors"]) == 0
-    capsys.readouterr()
+    assert cli_main(["inspect", str(run / "step_2")]) == 0  # shapes from the pool files' headers
+    assert "model.backbone  (128, 128)  float32" in capsys.readouterr().out
     shutil.rmtree(run)  # the pool is gone: the copies must not need it
     assert sorted(os.listdir(tmp_path / "alone")) == ["manifest.json", "state.safetensors"]
     with CheckpointManager(tmp_path, read_only=True) as mgr:
