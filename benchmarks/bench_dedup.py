@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -49,19 +50,30 @@ from common import machine_info, md_table, publish  # noqa: E402
 EVERY = 5
 
 
+def _step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder: ``step_N`` (the core) or ``...step=N...`` (the Lightning
+    callback's ModelCheckpoint-style names)."""
+    match = re.search(r"(?:^step_|step=)(\d+)", path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted((p for p in run.iterdir() if _step_of(p) is not None), key=lambda p: _step_of(p) or 0)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _per_save_written(run: Path, dedup: bool) -> list[int]:
     """Bytes each save added, in step order (its folder; its own new shared file with dedup)."""
-    steps = sorted((p for p in run.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))
+    steps = _checkpoints(run)
     shared = run / ".shared"
     out = []
     for folder in steps:
         added = _dir_bytes(folder)
         if dedup and shared.exists():
-            step = int(folder.name[5:])
+            step = _step_of(folder)
             added += sum(p.stat().st_size for p in shared.iterdir() if p.name.startswith(f"{step}-"))
         out.append(added)
     return out
@@ -71,7 +83,7 @@ def _changed_bytes(run: Path) -> tuple[list[int], list[float]]:
     """Per consecutive pair of the no-dedup run's checkpoints: tensor bytes that differ, and the
     time a plain copy of those tensors takes (the stall floor)."""
     storage = LocalStorage()
-    steps = sorted((p for p in run.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))
+    steps = _checkpoints(run)
     previous = None
     changed, floors = [], []
     for folder in steps:

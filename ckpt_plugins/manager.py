@@ -494,7 +494,7 @@ class CheckpointManager:
             shards=shard_summary(flat.shards if flat is not None else {}),
         )
         plan = None
-        if self._dedup is not None and name is None and flat is not None:
+        if self._dedup is not None and listed and flat is not None:
             flat, plan = self._dedup.plan(step, token, flat)  # unchanged tensors: references (docs/dedup.md)
         return self._persister.save(
             step,

@@ -48,9 +48,13 @@ def test_frozen_layer_is_stored_once_and_the_run_resumes(tmp_path):
     pool = {n.split("-")[0]: (tmp_path / ".shared" / n).stat().st_size for n in os.listdir(tmp_path / ".shared")}
     frozen_bytes = 64 * 512 * 4
     assert pool["4"] > frozen_bytes > 3 * pool["8"]  # step 8 wrote the head and optimizer state only
-    manifest = json.loads((tmp_path / "step_8" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "epoch=0-step=8.ckpt" / "manifest.json").read_text())
     where = {k: f for f, keys in manifest["parts"]["state"]["shared"].items() for k in keys}
     assert where["state_dict.body.0.weight"].startswith("4-")
     resumed = _fit(tmp_path, 12, ckpt_path="last")
     assert torch.equal(resumed.body[0].weight, first.body[0].weight)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_12", "step_4", "step_8"]
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "epoch=0-step=4.ckpt",
+        "epoch=0-step=8.ckpt",
+        "epoch=1-step=12.ckpt",
+    ]
