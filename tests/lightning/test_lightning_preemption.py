@@ -76,7 +76,7 @@ def test_sigterm_between_saves_saves_that_step_stops_and_resumes_bit_exact(tmp_p
     summary = _preempted_run(["--dir", str(run_dir), *common, *(["--strategy", "ddp"] if ddp else [])], at=6)
     assert summary["preempted_at"] == 7
     assert summary["saved"] == [4, 7]
-    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_4", "step_7"]
+    assert sorted(p.name.split("-")[-1] for p in run_dir.glob("*.ckpt")) == ["step=4.ckpt", "step=7.ckpt"]
     lightning_train.run(["--dir", str(tmp_path / "ref"), *common, *fork, "--out", str(tmp_path / "ref.safetensors")])
     resumed = lightning_train.run(
         ["--dir", str(run_dir), *common, *fork, "--resume", "--out", str(tmp_path / "resumed.safetensors")]
