@@ -2,7 +2,7 @@
 step and writes the sharded state with ``torch.distributed.checkpoint.save`` to ``DIR/dcp``; rank 0
 also writes the full state gathered by ``get_model_state_dict(..., full_state_dict=True)`` to
 ``DIR/full.pt`` (the reference), and every rank saves the same sharded state with ours into
-``DIR/ours`` when ``CheckpointManager`` takes DTensors; then a fresh FSDP2 model is restored from
+``DIR/ours``; then a fresh FSDP2 model is restored from
 the DCP folder with ``CheckpointManager.restore(path, target=...)`` and rank 0 writes its full
 state to ``DIR/restored_model.pt``. The layers have 5 and 3 output rows: uneven shards over 2 ranks.
 
@@ -21,7 +21,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ckpt_plugins import CheckpointManager
-from ckpt_plugins.errors import UnsupportedStateError
 
 directory = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -48,11 +47,9 @@ full = {
 }
 if rank == 0:
     torch.save(full, directory / "full.pt")
-try:  # the same sharded state saved by ours too, where CheckpointManager takes DTensors (issue 15)
-    with CheckpointManager(directory / "ours") as mgr:
-        mgr.save(1, sharded)
-except UnsupportedStateError:
-    pass
+# the same sharded state saved by ours too (each rank writes its own shards)
+with CheckpointManager(directory / "ours") as mgr:
+    mgr.save(1, sharded)
 # a fresh FSDP2 model (other initial weights) restored from the DCP folder by ours, on every rank
 torch.manual_seed(5)
 fresh = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
