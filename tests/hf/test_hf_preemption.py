@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import hf_train
 from conftest import HELPERS
+from signal_child import signal_when_ready
 
 one_thread = pytest.fixture(autouse=True)(hf_train.single_thread)
 
@@ -29,27 +30,8 @@ ENV = {**os.environ, "CKPT_HF_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBU
 
 
 def _preempted(command: list[str], at: int) -> tuple[int, str, str]:
-    proc = subprocess.Popen(
-        [*command, "--await-signal-at", str(at), "--sync-every", "1"],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        seen = []
-        for line in proc.stdout:  # events, not time: step `at` has ended in the child
-            seen.append(line)
-            if line.startswith(f"READY {at}"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=150)  # a generous bound on the grace period
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, "".join(seen) + out, err
+    code, lines, err = signal_when_ready([*command, "--await-signal-at", str(at), "--sync-every", "1"], at, ENV)
+    return code, "".join(lines), err
 
 
 def _checkpoints(out: Path) -> list[str]:

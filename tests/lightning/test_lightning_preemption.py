@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,34 +21,15 @@ from safetensors.torch import load_file
 
 import lightning_train
 from conftest import HELPERS
+from signal_child import signal_when_ready
 
 SCRIPT = HELPERS / "lightning_train.py"
 
 
 def _preempted_run(args: list[str], at: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args, "--await-signal-at", str(at)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:  # events, not time: the child is inside step `at` now
-            lines.append(line)
-            if line.startswith(f"READY {at}"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)  # a generous bound on the grace period
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    lines += out.splitlines()
-    assert proc.returncode == -signal.SIGTERM, f"exit {proc.returncode}\n{''.join(lines)[-3000:]}\n{err[-4000:]}"
+    code, lines, err = signal_when_ready([sys.executable, str(SCRIPT), *args, "--await-signal-at", str(at)], at, env)
+    assert code == -signal.SIGTERM, f"exit {code}\n{''.join(lines)[-3000:]}\n{err[-4000:]}"
     summary = [line for line in lines if line.startswith("SUMMARY ")]
     assert summary, err[-3000:]
     return json.loads(summary[-1][len("SUMMARY ") :])
