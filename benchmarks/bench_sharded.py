@@ -28,7 +28,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REPO, TMP, fsync_file, machine_info, md_table, publish  # noqa: E402
+from common import REPO, TMP, free_port, fsync_file, machine_info, md_table, publish  # noqa: E402
 
 DOC = REPO / "docs" / "sharded.md"
 BEGIN, END = "<!-- bench_sharded:begin -->", "<!-- bench_sharded:end -->"
@@ -113,17 +112,11 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     workdir = Path(TMP) / f"bench_sharded_{world}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
     argv = [

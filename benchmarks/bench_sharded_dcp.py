@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from common import (  # noqa: E402
     OtherLoad,
     fmt_ratio,
     fmt_s,
+    free_port,
     machine_info,
     md_table,
     median,
@@ -299,18 +299,12 @@ def worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: argparse.Namespace, workdir: Path, out: Path) -> None:
     env = {
         **os.environ,
         "WORLD_SIZE": "2",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         # a PYTHONPATH already set comes first: the package under test can be another checkout
         "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p),
     }

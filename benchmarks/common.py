@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import threading
@@ -61,6 +62,13 @@ MB = 1e6
 
 
 # --- statistics and timing --------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the process groups the sharded benchmarks start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -12,16 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckpt_plugins import CheckpointManager, DistributedError, SaveError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 def _spawn(fn, tmp_path, *args):
-    port = _free_port()
+    port = free_port()
     errors = mp.get_context("spawn").Manager().dict()
     mp.spawn(_entry, args=(fn, str(tmp_path), port, errors, args), nprocs=2, join=True)
     if errors:

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +21,14 @@ from ckpt_plugins.formats import read_foreign
 from ckpt_plugins.formats.dcp_metadata import TensorEntry, read_dcp_metadata
 from conftest import HELPERS
 from dcp_states import assert_same
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 @pytest.fixture(scope="module")
 def fsdp_dcp(tmp_path_factory) -> Path:
     """Two real rank processes (tests/helpers/dcp_fsdp_child.py) write the DCP folder once."""
     directory = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [
         subprocess.Popen(
             [sys.executable, str(HELPERS / "dcp_fsdp_child.py"), str(directory)],

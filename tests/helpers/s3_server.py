@@ -7,12 +7,13 @@ the objects that were or were not completed stay as an S3 store would leave them
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from ports import free_port
 
 FAKE_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key",
@@ -20,12 +21,6 @@ FAKE_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

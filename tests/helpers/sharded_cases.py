@@ -10,7 +10,6 @@ Folders under the test's ``root``: ``plain`` (a one-process checkpoint the test 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckpt_plugins import CheckpointManager
+from ports import free_port
 
 IN, HID, OUT = 5, 8, 3  # over 3 ranks 8 rows are uneven (3, 3, 2), and 3 rows over 2 (2, 1)
 
@@ -197,12 +197,6 @@ def four_ranks(rank: int, world: int, root: Path) -> None:
 # --- launching ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, case: str, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -216,4 +210,4 @@ def _entry(rank: int, world: int, port: int, case: str, root: str) -> None:
 
 def launch(case: str, world: int, root: Path) -> None:
     """Run ``case`` on ``world`` CPU processes (gloo); raises if any rank fails."""
-    torch.multiprocessing.spawn(_entry, args=(world, _free_port(), case, str(root)), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_entry, args=(world, free_port(), case, str(root)), nprocs=world, join=True)

@@ -24,6 +24,7 @@ from ckpt_plugins import CheckpointManager
 from ckpt_plugins.cli import main as cli_main
 from conftest import HELPERS
 from faults import kill_rng
+from ports import free_port
 
 CHILD = HELPERS / "save_forever.py"
 DIST_CHILD = HELPERS / "save_forever_dist.py"
@@ -73,16 +74,8 @@ def test_sigkill_while_saving_never_loses_a_committed_checkpoint(tmp_path, mode,
     assert newest_reported > 0, f"seed {seed}: the child never committed: kills came too early to test anything"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_ranks_and_kill(directory: Path, mode: str, rng: random.Random) -> int:
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     argv = [sys.executable, str(DIST_CHILD), str(directory), mode]
     return _start_and_kill([(argv, {**env, "RANK": str(rank)}) for rank in (0, 1)], 1.0, rng)
 
