@@ -28,8 +28,9 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# -n auto: one pytest worker per core (many tests wait on the real subprocesses they start)
 test: venv lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 $(VENV_MIN)/.ready: pyproject.toml Makefile .ci/min-versions.txt
 	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
@@ -38,7 +39,7 @@ $(VENV_MIN)/.ready: pyproject.toml Makefile .ci/min-versions.txt
 
 # Not part of `make test`: the suite against the minimum versions (a separate, larger download).
 test-min: $(VENV_MIN)/.ready
-	$(PY_MIN) -m pytest -q tests
+	$(PY_MIN) -m pytest -q -n auto tests
 
 bench: venv
 	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"

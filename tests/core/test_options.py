@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -77,7 +78,9 @@ BAD_FLAT = [
 ]
 
 
-@pytest.mark.parametrize("option, value, text", BAD_FLAT, ids=[f"{o}={v!r}" for o, v, _ in BAD_FLAT])
+@pytest.mark.parametrize(
+    "option, value, text", BAD_FLAT, ids=[re.sub(" at 0x[0-9a-f]+", "", f"{o}={v!r}") for o, v, _ in BAD_FLAT]
+)
 def test_every_bad_flat_option_is_a_config_error_at_construction(tmp_path, option, value, text):
     kwargs = {option: value}
     if option == "mode":
