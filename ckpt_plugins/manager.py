@@ -226,14 +226,6 @@ class CheckpointManager:
         self.directory = os.fspath(directory)
         self.rank, self.world_size = rank_and_world() if opts.distributed.distributed else (0, 1)
         # storage_options (endpoint, credentials) go to fsspec only: never kept, logged or saved.
-        if opts.io.name_template is not None and opts.mirror.mirror is not None:
-            raise ConfigError(
-                "$name_template is not supported with $mirror yet (the mirror lists checkpoints by step "
-                "folder names); use one of them",
-                option="name_template",
-                value=opts.io.name_template,
-                mentions=("mirror",),
-            )
         self.mirror = open_mirror(self.directory, opts, storage_options, self.world_size)
         self.layout: Layout
         if self.mirror is not None:  # local-first: write and commit locally, upload in the background
@@ -287,6 +279,7 @@ class CheckpointManager:
                 self.mirror.close()
             self._lock.release()  # a failure after the lock was taken must not keep it
             raise
+        self._mirror_checked = False
         self._snapshot_names: dict[int, str] = {}  # memory tier: step -> the name it persists under
         self._records: dict[int, CheckpointRecord] = {}
         self._restored_step: int | None = None
@@ -482,6 +475,9 @@ class CheckpointManager:
         on_commit: Callable[[int, str], None] | None,
     ) -> SaveHandle | None:
         """The directory's part of a save: agree (distributed), stage, submit to the writer."""
+        if self.mirror is not None and self.world_size > 1 and not self._mirror_checked:
+            self.mirror.check_shared(self.rank)  # every rank sees rank 0's local directory
+            self._mirror_checked = True
         if name is None and self.layout.template is not None:
             name = self._free_name(step, metrics)
         listed = name is None or self.layout.is_listed(name)

@@ -7,6 +7,8 @@ writing, committing and clean-up are the local layout's; what is *committed* is 
 sides, so ``steps()``, retention and ``restore("latest")`` see a checkpoint whether it is still
 only local, on both, or (after ``keep_local`` trimmed it) remote only.
 
+* Checkpoints are matched across the sides by folder name (``step_N``, or a name template's
+  ``epoch=0-step=5.ckpt``), so templated and named checkpoints mirror like ``step_N`` ones.
 * :meth:`copies` gives the places a step can be read from, the local copy first; restore reads
   the first and falls back to the next when it is damaged.
 * :meth:`commit` commits locally, then tells the tier, which queues the upload.
@@ -24,8 +26,9 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
+from ckpt_plugins.files.manifest import Manifest
 from ckpt_plugins.layout.commit import CheckpointDir, Layout
+from ckpt_plugins.layout.naming import NameTemplate, natural_key
 from ckpt_plugins.storage import Storage
 
 __all__ = ["MirrorLayout", "Tier"]
@@ -34,8 +37,8 @@ __all__ = ["MirrorLayout", "Tier"]
 class Tier(Protocol):
     """What :class:`MirrorLayout` needs from the uploader."""
 
-    def remote_steps(self) -> set[int]:
-        """The steps committed on the remote side."""
+    def remote_checkpoints(self) -> dict[str, int]:
+        """The step checkpoints committed on the remote side: folder name -> step."""
         ...
 
     def committed_locally(self, step: int, name: str | None) -> None:
@@ -51,11 +54,20 @@ class Tier(Protocol):
 class MirrorLayout(Layout):
     """The local layout (writes, commits, clean-up), with the remote one's checkpoints in its listing."""
 
-    def __init__(self, storage: Storage, root: str, prefix: str, *, remote: Layout, tier: Tier) -> None:
-        super().__init__(storage, root, prefix)
+    def __init__(
+        self,
+        storage: Storage,
+        root: str,
+        prefix: str,
+        template: NameTemplate | None = None,
+        *,
+        remote: Layout,
+        tier: Tier,
+    ) -> None:
+        super().__init__(storage, root, prefix, template)
         self.remote = remote
         self.tier = tier
-        self._local = Layout(storage, root, prefix)
+        self._local = Layout(storage, root, prefix, template)
         self._delete_lock = threading.Lock()  # retention (save writer) and trimming (uploader) both delete
 
     def _is_remote(self, path: str) -> bool:
@@ -72,18 +84,23 @@ class MirrorLayout(Layout):
         where there is one."""
         local = self._local.committed()
         have = {c.step for c in local}
-        remote = [CheckpointDir(s, self.remote.path_for(s)) for s in self.tier.remote_steps() if s not in have]
-        return sorted(local + remote, key=lambda c: c.step)
+        remote = {}  # one remote entry per step (the last name in natural order)
+        for name, step in sorted(self.tier.remote_checkpoints().items(), key=lambda item: natural_key(item[0])):
+            if step not in have:
+                remote[step] = CheckpointDir(step, self._remote_path(name))
+        return sorted(local + list(remote.values()), key=lambda c: (c.step, natural_key(c.path)))
+
+    def _remote_path(self, name: str) -> str:
+        return self.remote.storage.join(self.remote.root, name)
 
     def copies(self, step: int) -> list[tuple[Layout, str]]:
         """Where ``step`` can be read: the local copy (when committed), then the remote one."""
-        found: list[tuple[Layout, str]] = []
-        local = self._local.path_for(step)
-        if self.storage.exists(self.storage.join(local, MANIFEST_NAME)):
-            found.append((self._local, local))
-        if step in self.tier.remote_steps():
-            found.append((self.remote, self.remote.path_for(step)))
-        return found or [(self._local, local)]
+        found: list[tuple[Layout, str]] = [(self._local, c.path) for c in self._local.committed() if c.step == step]
+        found = found[-1:]
+        names = sorted((n for n, s in self.tier.remote_checkpoints().items() if s == step), key=natural_key)
+        if names:
+            found.append((self.remote, self._remote_path(names[-1])))
+        return found or [(self._local, self._local.path_for(step))]
 
     def read_manifest(self, path: str) -> Manifest:
         return self.remote.read_manifest(path) if self._is_remote(path) else super().read_manifest(path)

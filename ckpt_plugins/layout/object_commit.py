@@ -69,7 +69,7 @@ class ObjectCommit:
         objects = self.storage.find(final)
         if join(final, MANIFEST_NAME) in objects:
             return join(final, f"v{token}")
-        if name is not None:  # cleanup recognises step-named prefixes by their name; others by the marker
+        if name is not None and not self.layout.is_listed(name):  # cleanup knows listed names; others by the marker
             self.storage.put_bytes(join(final, INCOMPLETE_MARKER), b"")
         elif not objects:
             self._empty.add(final)

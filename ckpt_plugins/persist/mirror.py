@@ -21,6 +21,13 @@ What keeps it safe (docs/storage.md has the argument in full):
   the remote side has no newer checkpoint.
 * **The listing is the union** (:class:`~ckpt_plugins.layout.mirror.MirrorLayout`), and restore
   reads the local copy first, the remote one when the local copy is missing or damaged.
+* **Names, not steps, are matched** across the sides, and a version by its manifest's commit
+  time: templated names (Lightning's ``epoch=0-step=5.ckpt``) and named checkpoints
+  (``last.ckpt``) are uploaded, replaced and re-uploaded after a crash like ``step_N``.
+* **Under torch.distributed** every rank writes its files into the one local checkpoint folder
+  (the local multi-rank protocol), so the local directory must be one every rank sees
+  (:meth:`Mirror.check_shared`, at the first save); rank 0 commits it locally and uploads every
+  rank's files, the manifest last.
 
 A failed upload (the store unreachable after its retries) is logged as an ERROR naming the step;
 the checkpoint stays local and is uploaded again after the next save, at ``close()``, or by the
@@ -41,11 +48,11 @@ from typing import Any
 import xxhash
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, SaveError
-from ckpt_plugins.files.manifest import MANIFEST_NAME
-from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
+from ckpt_plugins.layout.commit import DAMAGED_SUFFIX, Layout
 from ckpt_plugins.layout.lock import DirectoryLock
 from ckpt_plugins.layout.mirror import MirrorLayout
-from ckpt_plugins.layout.naming import parse_step_dir
+from ckpt_plugins.layout.naming import NameTemplate, natural_key
 from ckpt_plugins.options import ManagerOptions
 from ckpt_plugins.options.mirror import MirrorOptions
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
@@ -62,22 +69,17 @@ CHUNK = 32 << 20  # read size of an upload (the object store's part size)
 def open_mirror(
     directory: str, options: ManagerOptions, storage_options: Mapping[str, Any] | None, world_size: int
 ) -> Mirror | None:
-    """The manager's mirror for ``options.mirror`` (None without one)."""
+    """The manager's mirror for ``options.mirror`` (None without one). Under ``torch.distributed``
+    every rank has one (their saves commit into the one local directory, which every rank must
+    see: :meth:`Mirror.check_shared`); rank 0 alone uploads."""
     if options.mirror.mirror is None:
         return None
-    if world_size > 1:
-        raise ConfigError(
-            f"$mirror works with one process for now (this job has {world_size} ranks): a local "
-            "directory is per host, and every rank writes into one checkpoint; drop mirror, or save "
-            "from one rank with distributed=False",
-            option="mirror",
-            value=options.mirror.mirror,
-        )
     return Mirror(
         directory,
         options.mirror,
         storage_options,
         prefix=options.io.dir_prefix,
+        template=options.io.name_template,
         read_only=options.io.read_only,
         on_error=options.saving.on_error,
     )
@@ -86,11 +88,17 @@ def open_mirror(
 class Mirror:
     """The uploader of one manager's local mirror, and the union view of both directories.
 
+    Checkpoints are matched across the two sides by folder name, and a local checkpoint counts as
+    uploaded when the remote one of that name has the same step and commit time (its manifest's
+    ``wall_time``): a checkpoint replaced locally (``overwrite``, a named ``last.ckpt`` saved again)
+    is uploaded again, by the next manager too.
+
     Args:
         directory: the remote URL (the store); what the manager reports as its directory.
         options: ``mirror`` (the local directory) and ``keep_local``.
         storage_options: for the remote file system only; never stored or logged.
         prefix: checkpoint folder prefix (``step_``).
+        template: the manager's ``name_template`` (None: ``<prefix><step>`` folders).
         read_only: list and restore only (no locks, no uploads).
         on_error: ``"raise"``: checkpoints still not uploaded at ``close()`` are a SaveError.
     """
@@ -102,6 +110,7 @@ class Mirror:
         storage_options: Mapping[str, Any] | None,
         *,
         prefix: str,
+        template: str | None = None,
         read_only: bool,
         on_error: str,
     ) -> None:
@@ -121,36 +130,63 @@ class Mirror:
         self.on_error = on_error
         self.local_storage: Storage = LocalStorage()
         self.local_root = local_root
-        self.remote = Layout(remote_storage, remote_root, prefix)
-        self.layout = MirrorLayout(self.local_storage, local_root, prefix, remote=self.remote, tier=self)
+        names = NameTemplate(template) if template is not None else None
+        self.remote = Layout(remote_storage, remote_root, prefix, names)
+        self.layout = MirrorLayout(self.local_storage, local_root, prefix, names, remote=self.remote, tier=self)
         self.engine = PersistEngine(async_save=True, name="ckpt-upload", stop_when_idle=True)
         self._remote_lock = DirectoryLock(remote_storage, remote_root)
         self._lock = threading.Lock()
-        self._remote: set[int] | None = None  # known while this process is the writer (holds the lock)
-        self._names: set[str] = set()  # named checkpoints committed locally in this process, to upload
+        # known while this process is the writer (holds the lock): remote folder name -> (step, or
+        # None for a named checkpoint; its commit time, None until read from its manifest)
+        self._remote: dict[str, tuple[int | None, float | None]] | None = None
         self._failed: dict[str, str] = {}  # folder name -> why its last upload failed
+        self._token = uuid.uuid4().hex  # in the marker while this process writes (check_shared)
         self._started = False
 
     # --- start and stop ----------------------------------------------------------------------
     def start(self) -> None:
         """Rank 0, after the local lock and clean-up: take the remote lock, clean the remote
         leftovers, check the local directory mirrors this remote, and queue the upload of every
-        local checkpoint the remote lacks (what a crash left between commit and upload)."""
+        local checkpoint the remote lacks or holds an older version of (what a crash left
+        between commit and upload: step and named checkpoints alike)."""
         self._check_marker()
         self._remote_lock.acquire()
         self._started = True
         self.remote.cleanup_leftovers()
+        remote: dict[str, tuple[int | None, float | None]] = {
+            _name(c.path): (c.step, None) for c in self.remote.committed()
+        }
         with self._lock:
-            self._remote = {c.step for c in self.remote.committed()}
-        missing = [c.step for c in self.layout.local_committed() if c.step not in self._remote]
+            self._remote = remote
+        missing = [name for name, _, manifest in self._local_checkpoints() if not self._uploaded(name, manifest)]
         if missing:
             log.info(
-                "steps %s are committed in %s but not in %s (a run ended before uploading them); uploading them",
+                "%s are committed in %s but not in %s (a run ended before uploading them); uploading them",
                 missing,
                 self.local_root,
                 self.directory,
             )
         self._submit("sync", self._sync)
+
+    def check_shared(self, rank: int) -> None:
+        """Under ``torch.distributed``, at the first save, on every rank (two all_gathers of a few
+        bytes): every rank must see the local directory rank 0 writes (one host, or a file system
+        every rank mounts), because every rank writes its files into the one checkpoint folder
+        there and rank 0 commits and uploads it. Every rank raises the same ConfigError if not."""
+        from ckpt_plugins.distributed import all_gather_object
+
+        tokens = all_gather_object(self._token if rank == 0 else None)  # rank 0's start() is done
+        seen = all_gather_object(self._read_marker().get("writer") == tokens[0])
+        blind = [r for r, ok in enumerate(seen) if not ok]
+        if blind:
+            raise ConfigError(
+                f"$mirror={self.local_root!r} is not the directory rank 0 writes for rank(s) {blind} "
+                "(another host's disk?); under torch.distributed every rank writes into one checkpoint "
+                "folder there, so it must be one directory every rank sees (one host, or a shared file "
+                "system); drop mirror on multi-host jobs without one",
+                option="mirror",
+                value=self.local_root,
+            )
 
     def wait(self) -> None:
         """Block until every queued upload and remote delete has run; raise a SaveError naming the
@@ -185,26 +221,70 @@ class Mirror:
             self._started = False
 
     def pending(self) -> list[int]:
-        """Steps committed locally that the remote does not have yet."""
-        remote = self.remote_steps()
-        return [c.step for c in self.layout.local_committed() if c.step not in remote]
+        """Steps committed locally that the remote does not have yet (in that version)."""
+        return [
+            manifest.step
+            for name, listed, manifest in self._local_checkpoints()
+            if listed and not self._uploaded(name, manifest)
+        ]
+
+    def pending_names(self) -> list[str]:
+        """Folder names (step and named checkpoints) committed locally and not uploaded yet."""
+        return [name for name, _, manifest in self._local_checkpoints() if not self._uploaded(name, manifest)]
 
     # --- the Tier protocol (MirrorLayout) ------------------------------------------------------
-    def remote_steps(self) -> set[int]:
+    def remote_checkpoints(self) -> dict[str, int]:
         with self._lock:
             if self._remote is not None:
-                return set(self._remote)
-        return {c.step for c in self.remote.committed()}  # read-only: another process writes
+                return {name: step for name, (step, _) in self._remote.items() if step is not None}
+        return {_name(c.path): c.step for c in self.remote.committed()}  # not the writer: another process writes
+
+    def remote_steps(self) -> set[int]:
+        """The steps committed in the store."""
+        return set(self.remote_checkpoints().values())
 
     def committed_locally(self, step: int, name: str | None) -> None:
-        if name is not None:
-            with self._lock:
-                self._names.add(name)
         self._submit(name or f"step {step}", self._sync)
 
     def removed(self, name: str) -> None:
         if self._started:
             self._submit(f"delete {name}", lambda: self._delete_remote(name))
+
+    # --- what is where ---------------------------------------------------------------------------
+    def _local_checkpoints(self) -> list[tuple[str, bool, Manifest]]:
+        """Every checkpoint committed locally, step and named: (folder name, listed, manifest),
+        oldest commit first."""
+        found = []
+        storage, layout = self.local_storage, self.layout
+        for name in storage.listdir(self.local_root):
+            path = storage.join(self.local_root, name)
+            if name.startswith(".") or DAMAGED_SUFFIX in name or not storage.exists(storage.join(path, MANIFEST_NAME)):
+                continue
+            try:
+                manifest = layout._local.read_manifest(path)
+            except CorruptCheckpointError as exc:
+                log.warning("%s; not uploaded", exc)
+                continue
+            found.append((name, layout.is_listed(name), manifest))
+        return sorted(found, key=lambda f: (f[2].wall_time, natural_key(f[0])))
+
+    def _uploaded(self, name: str, manifest: Manifest) -> bool:
+        """Whether the store holds this version of the local checkpoint ``name``."""
+        with self._lock:
+            known = None if self._remote is None else self._remote.get(name)
+        if self._remote is not None and known is None:
+            return False
+        if known is not None and known[1] is not None:
+            return known[0] in (manifest.step, None) and known[1] == manifest.wall_time
+        path = self.remote.storage.join(self.remote.root, name)
+        try:
+            theirs = self.remote.read_manifest(path)
+        except (CorruptCheckpointError, OSError):
+            return False
+        with self._lock:
+            if self._remote is not None:
+                self._remote[name] = (known[0] if known is not None else None, theirs.wall_time)
+        return theirs.step == manifest.step and theirs.wall_time == manifest.wall_time
 
     # --- jobs on the upload writer ---------------------------------------------------------------
     def _submit(self, what: str, job: Any) -> None:
@@ -220,38 +300,33 @@ class Mirror:
         self.engine.submit(SaveHandle(-1, what), run)
 
     def _sync(self) -> None:
-        """Upload every local checkpoint the remote lacks (oldest first), then trim the local copies."""
-        with self._lock:
-            remote = set(self._remote or ())
-            names = sorted(self._names)
-        local = self.layout.local_committed()
-        for ckpt in local:
-            if ckpt.step not in remote:
-                self._upload(ckpt.step, None)
-        for name in names:
-            self._upload(None, name)
-        with self._lock:  # a failed upload of a step retention removed since is no longer missing
-            present = {f"step {c.step}" for c in local} | self._names
+        """Upload every local checkpoint the remote lacks in this version (oldest first), then trim
+        the local copies."""
+        local = self._local_checkpoints()
+        for name, listed, manifest in local:
+            if not self._uploaded(name, manifest):
+                self._upload(name, listed)
+        with self._lock:  # a failed upload of a checkpoint removed since is no longer missing
+            present = {name for name, _, _ in local}
             self._failed = {label: why for label, why in self._failed.items() if label in present}
         self._trim()
 
-    def _upload(self, step: int | None, name: str | None) -> None:
+    def _upload(self, name: str, listed: bool) -> None:
         local, remote = self.layout, self.remote
-        src = local.path_for(step or 0, name)
-        label = name or f"step {step}"
+        src = local.storage.join(self.local_root, name)
         join = local.storage.join
         try:
-            manifest = local.read_manifest(src)
+            manifest = local._local.read_manifest(src)
         except CorruptCheckpointError as exc:
             if not local.storage.exists(src):  # removed since (retention): nothing to upload
                 with self._lock:
-                    self._names.discard(name or "")
-                    self._failed.pop(label, None)
+                    self._failed.pop(name, None)
                 return
-            self._fail(label, exc)
+            self._fail(name, exc)
             return
         step = manifest.step
-        final = remote.path_for(step, name)
+        label = f"{name} (step {step})" if listed else name
+        final = remote.storage.join(remote.root, name)
         dest = remote.new_temp_dir(step, uuid.uuid4().hex[:12], name)
         try:
             for file, record in manifest.files.items():
@@ -260,23 +335,22 @@ class Mirror:
         except BaseException as exc:
             remote.discard(dest)
             if isinstance(exc, Exception) and not local.storage.exists(join(src, MANIFEST_NAME)):
-                log.info("%s was removed from %s while it was being uploaded; not uploaded", label, self.local_root)
+                log.info("%s was removed from %s while it was being uploaded; not uploaded", name, self.local_root)
                 with self._lock:
-                    self._names.discard(name or "")
-                    self._failed.pop(label, None)
+                    self._failed.pop(name, None)
                 return
             if not isinstance(exc, Exception):
                 raise
-            self._fail(label, exc)
+            self._fail(name, exc, label)
             return
         with self._lock:
-            if name is None and self._remote is not None:
-                self._remote.add(step)
-            self._names.discard(name or "")
-            self._failed.pop(label, None)
-        log.info("uploaded %s to %s", label, final)
+            if self._remote is not None:
+                self._remote[name] = (step if listed else None, manifest.wall_time)
+            self._failed.pop(name, None)
+        log.info("uploaded %s to %s", name, final)
 
-    def _fail(self, label: str, exc: BaseException) -> None:
+    def _fail(self, name: str, exc: BaseException, label: str | None = None) -> None:
+        label = label or name
         log.error(
             "uploading %s to %s failed: %s; it stays committed in %s and is uploaded again after the next "
             "save, at close, or by the next manager",
@@ -286,46 +360,52 @@ class Mirror:
             self.local_root,
         )
         with self._lock:
-            self._failed[label] = f"{label}: {exc}"
+            self._failed[name] = f"{label}: {exc}"
 
     def _trim(self) -> None:
-        """Keep the newest ``keep_local`` local checkpoints; remove older ones that are uploaded."""
-        remote = self.remote_steps()
-        local = self.layout.local_committed()
-        for ckpt in local[: max(0, len(local) - self.keep_local)]:
-            if ckpt.step in remote:
-                log.info("removing the local copy of step %d (uploaded; keep_local=%d)", ckpt.step, self.keep_local)
-                self.layout.delete_local(ckpt.path)
+        """Keep the newest ``keep_local`` local step checkpoints; remove older ones that are
+        uploaded (named checkpoints, addressed by path, stay)."""
+        local = [(name, manifest) for name, listed, manifest in self._local_checkpoints() if listed]
+        local.sort(key=lambda item: (item[1].step, natural_key(item[0])))
+        for name, manifest in local[: max(0, len(local) - self.keep_local)]:
+            if self._uploaded(name, manifest):
+                log.info("removing the local copy of %s (uploaded; keep_local=%d)", name, self.keep_local)
+                self.layout.delete_local(self.local_storage.join(self.local_root, name))
 
     def _delete_remote(self, name: str) -> None:
-        step = parse_step_dir(name, self.remote.prefix)
         with self._lock:
-            remote = set(self._remote or ())
-        if step is not None:
-            if step not in remote:
-                return
-            if not any(s > step for s in remote):
-                log.info(
-                    "keeping step %d in %s for now: no newer checkpoint is uploaded yet (retention removes it later)",
-                    step,
-                    self.directory,
-                )
-                return
+            known = dict(self._remote or {})
+        if name not in known:
+            return
+        step = known[name][0]
+        if step is not None and not any(s is not None and s > step for s, _ in known.values()):
+            log.info(
+                "keeping %s in %s for now: no newer checkpoint is uploaded yet (retention removes it later)",
+                name,
+                self.directory,
+            )
+            return
         self.remote.delete_path(self.remote.storage.join(self.remote.root, name))
         with self._lock:
-            if step is not None and self._remote is not None:
-                self._remote.discard(step)
+            if self._remote is not None:
+                self._remote.pop(name, None)
 
     # --- the local directory belongs to one remote ----------------------------------------------
+    def _read_marker(self) -> dict[str, Any]:
+        path = os.path.join(self.local_root, MARKER_NAME)
+        try:
+            with open(path, "rb") as f:
+                value = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
     def _check_marker(self) -> None:
-        storage, path = self.local_storage, os.path.join(self.local_root, MARKER_NAME)
+        """The local directory mirrors one remote: refuse another; record this writer's token."""
+        path = os.path.join(self.local_root, MARKER_NAME)
         mine = {"remote": _url(self.remote)}
-        if storage.exists(path):
-            with storage.open_read(path) as f:
-                try:
-                    theirs = json.loads(f.read())
-                except ValueError:
-                    theirs = {}
+        if os.path.exists(path):
+            theirs = self._read_marker()
             if theirs.get("remote") != mine["remote"]:
                 raise ConfigError(
                     f"$mirror={self.local_root!r} mirrors {theirs.get('remote')!r} ({path}), not "
@@ -333,9 +413,14 @@ class Mirror:
                     option="mirror",
                     value=self.local_root,
                 )
-            return
-        with storage.open_write(path) as out:
-            out.write(json.dumps(mine).encode())
+        temp = f"{path}.{self._token[:12]}.tmp"
+        with open(temp, "wb") as out:
+            out.write(json.dumps(mine | {"writer": self._token}).encode())
+        os.replace(temp, path)
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def download(storage: Storage, path: str, target: str) -> str:

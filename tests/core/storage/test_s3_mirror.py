@@ -151,6 +151,50 @@ def test_sigkill_between_local_commit_and_upload_then_the_next_manager_uploads(
             assert reader.restore(step)["step"] == step
 
 
+def test_templated_and_named_checkpoints_are_uploaded_again_after_a_sigkill(
+    s3_bucket, s3_server, s3_options, tmp_path, fault_proxy, monkeypatch
+):
+    """Lightning's names through the mirror: the child commits ``epoch=0-step=1.ckpt``,
+    ``epoch=0-step=2.ckpt`` and the named ``last.ckpt`` (saved at each step, replaced) locally while
+    every upload is dropped, and is killed. The next manager uploads all three (``last.ckpt`` in its
+    step-2 version), and a save after that replaces the store's ``last.ckpt`` with the new version."""
+    local = tmp_path / "local"
+    url = f"s3://{s3_bucket}/run"
+    template = "epoch=0-step={step}{version}.ckpt"
+    fault_proxy.inject("drop", count=10_000, path=".ckpt/")  # no upload of a checkpoint reaches the store
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": fault_proxy.endpoint}
+    child = subprocess.Popen(
+        [sys.executable, str(HELPERS / "mirror_child.py"), url, str(local), "2", "sync", "names"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout.readline().strip() == "ready"
+    lines = [child.stdout.readline().strip() for _ in range(2)]
+    assert lines == ["committed 1", "committed 2"], lines
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    fault_proxy.faults.clear()
+    assert not [k for k in _keys(s3_server, s3_bucket, "run/") if k.endswith("/manifest.json")]
+    names = {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"}
+    assert names <= set(os.listdir(local))
+    with CheckpointManager(url, storage_options=s3_options, mirror=local, name_template=template) as mgr:
+        assert mgr.steps() == [1, 2]
+        mgr.mirror.wait()
+        assert mgr.mirror.pending_names() == []
+        manifests = {k.split("/")[1] for k in _keys(s3_server, s3_bucket, "run/") if k.endswith("/manifest.json")}
+        assert manifests == names
+        mgr.save(3, _state(3))
+        mgr.save(3, _state(3), name="last.ckpt")
+        mgr.mirror.wait()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # a restore by URL reads the environment
+    with CheckpointManager(url, storage_options=s3_options, read_only=True, name_template=template) as reader:
+        assert reader.steps() == [1, 2, 3]
+        assert reader.restore(f"{url}/last.ckpt")["step"] == 3  # the new version replaced the old one
+        for step in (1, 2, 3):
+            assert reader.verify(step) == [] and reader.restore(step)["step"] == step
+
+
 def test_an_upload_that_fails_stays_local_and_is_retried(s3_bucket, s3_server, tmp_path, fault_proxy, caplog):
     local = tmp_path / "local"
     url = f"s3://{s3_bucket}/run"
@@ -161,7 +205,7 @@ def test_an_upload_that_fails_stays_local_and_is_retried(s3_bucket, s3_server, t
         mgr.save(1, _state(1))
         with pytest.raises(SaveError, match="step 1"):
             mgr.mirror.wait()
-        assert "uploading step 1" in caplog.text and "stays committed in" in caplog.text
+        assert "uploading step_1 (step 1)" in caplog.text and "stays committed in" in caplog.text
         assert _local_steps(local) == [1] and _remote_steps(s3_server, s3_bucket) == []
         fault_proxy.faults.clear()
         mgr.save(2, _state(2))  # the next upload job tries step 1 again
@@ -190,7 +234,8 @@ def test_mirror_options_are_checked_at_construction(s3_bucket, s3_options, tmp_p
     # a local directory mirrors one remote only
     with pytest.raises(ConfigError, match="mirrors") as info:
         CheckpointManager(f"s3://{s3_bucket}/other", storage_options=s3_options, mirror=tmp_path / "m")
-    assert json.loads((tmp_path / "m" / ".mirror.json").read_text()) == {"remote": f"s3://{s3_bucket}/run"}
+    marker = json.loads((tmp_path / "m" / ".mirror.json").read_text())
+    assert marker["remote"] == f"s3://{s3_bucket}/run" and set(marker) == {"remote", "writer"}  # no credential
 
 
 def test_no_credential_reaches_the_mirror_or_a_log_line(s3_bucket, s3_server, tmp_path, caplog, monkeypatch):
@@ -209,3 +254,81 @@ def test_no_credential_reaches_the_mirror_or_a_log_line(s3_bucket, s3_server, tm
     for key in _keys(s3_server, s3_bucket):
         assert secret.encode() not in client.get_object(Bucket=s3_bucket, Key=key)["Body"].read(), key
     assert secret not in caplog.text
+
+
+def _spawn_two(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` in two processes of one gloo group; fail with every rank's traceback."""
+    import torch.multiprocessing as mp
+
+    from ports import free_port
+
+    errors = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_rank_entry, args=(fn, free_port(), errors, args), nprocs=2, join=True)
+    if errors:
+        pytest.fail("\n".join(f"rank {r}:\n{tb}" for r, tb in sorted(errors.items())))
+
+
+def _rank_entry(rank, fn, port, errors, args):
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        errors[rank] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_ranks_through_a_mirror(rank, url, options, local, other):
+    import torch.distributed as dist
+
+    with CheckpointManager(url, storage_options=options, mirror=local, keep_last=2, async_save=True) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(step), rank_state={"rank": rank, "x": torch.full((8,), float(10 * rank + step))})
+        mgr.wait()
+        mgr.mirror.wait()
+        assert mgr.steps() == [2, 3]
+    dist.barrier()
+    # another host's view: an empty local directory, everything read from the store
+    with CheckpointManager(url, storage_options=options, mirror=other, read_only=True) as mgr:
+        assert mgr.steps() == [2, 3]
+        assert mgr.restore("latest")["step"] == 3
+        mine = mgr.restore_rank_state("latest")
+        assert mine["rank"] == rank and torch.equal(mine["x"], torch.full((8,), float(10 * rank + 3)))
+
+
+def test_two_ranks_save_through_a_mirror_and_rank_0_uploads_the_manifest_last(
+    s3_bucket, s3_server, tmp_path, fault_proxy
+):
+    """DDP x2 (gloo): both ranks commit into the one local directory, each rank's file reaches the
+    store, and rank 0 puts each manifest after every file of its checkpoint; the store's copy
+    restores on both ranks with their own rank state."""
+    url = f"s3://{s3_bucket}/run"
+    options = s3_server.storage_options(fault_proxy.endpoint)
+    _spawn_two(_two_ranks_through_a_mirror, url, options, str(tmp_path / "local"), str(tmp_path / "other"))
+    assert _remote_steps(s3_server, s3_bucket) == [2, 3]
+    files = {k.split("/", 2)[2] for k in _keys(s3_server, s3_bucket, "run/step_3/")}
+    assert files == {"manifest.json", "rank_0.safetensors", "rank_1.safetensors", "state.safetensors"}, files
+    for step in (2, 3):  # (step 1 may have been removed by retention before its upload)
+        puts = [p for m, p, _, _ in fault_proxy.log if m in ("PUT", "POST") and f"/run/step_{step}/" in p]
+        assert puts and puts[-1].endswith(f"/run/step_{step}/manifest.json"), puts
+        assert {p.rsplit("/", 1)[-1] for p in puts} >= {"rank_0.safetensors", "rank_1.safetensors"}, puts
+
+
+def _blind_rank(rank, url, options, local, other):
+    mgr = CheckpointManager(url, storage_options=options, mirror=local if rank == 0 else other)
+    try:
+        with pytest.raises(ConfigError, match=r"not the directory rank 0 writes for rank\(s\) \[1\]") as info:
+            mgr.save(1, _state(1))
+        assert info.value.option == "mirror"
+    finally:
+        mgr.close()
+
+
+def test_a_rank_that_does_not_see_rank_0s_mirror_fails_every_rank_at_the_first_save(s3_bucket, s3_options, tmp_path):
+    url = f"s3://{s3_bucket}/run"
+    _spawn_two(_blind_rank, url, s3_options, str(tmp_path / "local"), str(tmp_path / "elsewhere"))
