@@ -137,6 +137,16 @@ class CheckpointArguments:
         default=None,
         metadata={"help": "Blocks to checkpoint: class names or module-path globs, comma separated (default: auto)."},
     )
+    ckpt_mirror: str | None = field(
+        default=None,
+        metadata={
+            "help": "With an s3:// --ckpt_dirpath: a local directory every save commits to first; each "
+            "checkpoint is then uploaded in the background, and resuming prefers the local copy (docs/storage.md)."
+        },
+    )
+    ckpt_keep_local: int = field(
+        default=1, metadata={"help": "With --ckpt_mirror: keep the newest N uploaded checkpoints locally too."}
+    )
 
     ckpt_storage_options: str | None = field(
         default=None,
@@ -200,6 +210,8 @@ class CheckpointArguments:
             preemption_sync_every=self.ckpt_preemption_sync_every,
             gradient_checkpointing=self.gradient_checkpointing(),
             storage_options=_json_object("--ckpt_storage_options", self.ckpt_storage_options),
+            mirror=self.ckpt_mirror,
+            keep_local=self.ckpt_keep_local,
         ).spelled(names)
 
 

@@ -133,6 +133,10 @@ class CheckpointCallback(TrainerCallback):
             ``last_usable_checkpoint(dir, memory_tier=True)`` pick the newest of memory and disk.
         persist_every_n_steps: with ``memory_every_n_steps``, steps divisible by K also go to the
             directory (a multiple of it; default: every save).
+        mirror: with a URL ``dirpath`` (``s3://...``), a local directory every save commits to
+            first; each checkpoint is uploaded in the background, and ``--resume_from_checkpoint
+            True`` prefers the local copy (docs/storage.md). Under DDP a directory every rank sees.
+        keep_local: with ``mirror``, keep the newest N uploaded checkpoints locally too.
 
     Example:
         >>> trainer = Trainer(model=model, args=TrainingArguments("out", save_steps=100),
@@ -165,6 +169,8 @@ class CheckpointCallback(TrainerCallback):
         memory_every_n_steps: int | None = None,
         persist_every_n_steps: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        mirror: str | os.PathLike | None = None,
+        keep_local: int = 1,
     ) -> None:
         self.options = CallbackOptions(
             dirpath=os.fspath(dirpath) if dirpath is not None else None,
@@ -189,6 +195,8 @@ class CheckpointCallback(TrainerCallback):
             memory_every_n_steps=memory_every_n_steps,
             persist_every_n_steps=persist_every_n_steps,
             storage_options=storage_options,
+            mirror=os.fspath(mirror) if mirror is not None else None,
+            keep_local=keep_local,
         )
         self.settings: Settings | None = None
         self.manager: CheckpointManager | None = None
@@ -253,7 +261,9 @@ class CheckpointCallback(TrainerCallback):
         if not self.settings.verify_latest:
             args.resume_from_checkpoint = resolve_flag(args.resume_from_checkpoint, None, self.settings.dirpath)
             return
-        choice = choose(self.settings.dirpath, self.settings.storage_options) if rank_and_world()[0] == 0 else None
+        mirror = self.settings.manager_kwargs["mirror"]
+        rank_0 = rank_and_world()[0] == 0
+        choice = choose(self.settings.dirpath, self.settings.storage_options, mirror) if rank_0 else None
         if choice is not None and self.options.memory_every_n_steps is not None:
             choice = with_memory(choice, self.settings.dirpath)  # the in-memory tier's newest, if newer
         self.resume_check = choice = broadcast_object(choice)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ckpt_plugins.activation import ActivationCheckpointing
 from ckpt_plugins.errors import ConfigError, renamed_options
-from ckpt_plugins.options import PreemptionOptions, RetentionOptions, SaveOptions
+from ckpt_plugins.options import MirrorOptions, PreemptionOptions, RetentionOptions, SaveOptions
 from ckpt_plugins.options.checks import (
     check_bool,
     check_choice,
@@ -64,6 +64,8 @@ class CallbackOptions:
     persist_every_n_steps: int | None = None
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """fsspec options of a URL ``dirpath`` (never shown, saved or logged)."""
+    mirror: str | None = None
+    keep_local: int = 1
 
     def __post_init__(self) -> None:
         """The core's groups check the options they share (same checks, same messages)."""
@@ -96,6 +98,7 @@ class CallbackOptions:
             preemption_signals=self.preemption_signals,
             preemption_sync_every=self.preemption_sync_every,
         )
+        MirrorOptions(mirror=self.mirror, keep_local=self.keep_local)
         if self.gradient_checkpointing is not None:
             ActivationCheckpointing.from_value(self.gradient_checkpointing)  # raises ConfigError
 
@@ -221,6 +224,8 @@ def _resolve(options: CallbackOptions, args: Any) -> Settings:
         save_on_preemption=options.save_on_preemption,
         preemption_signals=options.preemption_signals,
         preemption_sync_every=options.preemption_sync_every,
+        mirror=options.mirror,
+        keep_local=options.keep_local,
         **memory_kwargs(options.memory_every_n_steps, options.persist_every_n_steps, options.every_n_train_steps),
     )
     return Settings(

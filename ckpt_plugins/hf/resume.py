@@ -73,8 +73,18 @@ def trainer_folder_problems(path: str) -> list[str]:
     return problems
 
 
-def choose(directory: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Choice:
-    """The newest usable ``checkpoint-N`` of ``directory`` (nothing is moved)."""
+def choose(
+    directory: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, mirror: str | None = None
+) -> Choice:
+    """The newest usable ``checkpoint-N`` of ``directory`` (nothing is moved); with ``mirror`` (the
+    local-first tier), of both sides, the local copy preferred (a local path the Trainer reads)."""
+    if mirror is not None:
+        from ckpt_plugins.manager import CheckpointManager
+
+        with CheckpointManager(
+            directory, mirror=mirror, read_only=True, dir_prefix=PREFIX, storage_options=storage_options
+        ) as reader:
+            return latest_usable(reader.layout, foreign=trainer_folder_problems)
     storage, root = open_storage(os.fspath(directory), storage_options)
     return latest_usable(Layout(storage, root, PREFIX), foreign=trainer_folder_problems)
 

@@ -127,6 +127,12 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         storage_options: for a URL ``dirpath`` (``s3://...``): passed to its fsspec file system
             (endpoint, credentials), as ``CheckpointManager(storage_options=...)``; never saved
             or logged. Lightning's own checks of ``ckpt_path`` use the environment.
+        mirror: the local-first tier for a URL ``dirpath`` (docs/storage.md): every save commits
+            to this local directory (training waits for a local disk, not the store), and is
+            uploaded to ``dirpath`` in the background; ``ckpt_path="last"`` prefers the local
+            copy. Under DDP it must be a directory every rank sees (one host or a shared file
+            system).
+        keep_local: with ``mirror``, keep the newest N uploaded checkpoints locally too.
 
     Raises:
         ConfigError: an option is invalid (the message names it); every option is checked here,
@@ -174,6 +180,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         memory_every_n_steps: int | None = None,
         persist_every_n_steps: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        mirror: str | os.PathLike | None = None,
+        keep_local: int = 1,
     ) -> None:
         check_storage_options("storage_options", storage_options)
         self._storage_options = storage_options  # to fsspec only; not in state_dict() or repr
@@ -200,6 +208,8 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
             preemption_signals=preemption_signals,
             preemption_sync_every=preemption_sync_every,
             dedup=dedup,
+            mirror=mirror,
+            keep_local=keep_local,
         )
         interval = timedelta(seconds=self.triggers.interval_s) if train_time_interval is not None else None
         super().__init__(
@@ -259,7 +269,7 @@ class CheckpointCallback(CommittedPaths, ModelCheckpoint):
         options = (
             self.manager_options
             if fitting
-            else dict(monitor=self.monitor, mode=self.mode, verify=self.manager_options["verify"])
+            else dict(monitor=self.monitor, mode=self.mode, verify=self.manager_options["verify"], **self._mirror())
         ) | {"name_template": self.name_template()}
         self._drop_reader()
         memory = self.memory_options if fitting else {}

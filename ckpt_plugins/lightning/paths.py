@@ -69,8 +69,16 @@ class CommittedPaths:
                 memory_tier=bool(getattr(self, "memory_options", {}).get("memory_tier")),  # to see the snapshots
                 storage_options=self._storage_options,
                 name_template=self.name_template(),
+                **self._mirror(),  # the local copies too
             )
         return cached
+
+    def _mirror(self) -> dict[str, Any]:
+        """The ``mirror``/``keep_local`` options (empty without a mirror)."""
+        options = getattr(self, "manager_options", {})
+        if options.get("mirror") is None:
+            return {}
+        return {"mirror": options["mirror"], "keep_local": options["keep_local"]}
 
     def _drop_reader(self) -> None:
         cached = self.__dict__.pop("_read_only", None)
@@ -173,7 +181,8 @@ class CommittedPaths:
             return {snapshot[1]}
         if choice.path is None:
             return set()
-        if "://" not in reader.directory:
+        mirrored = reader.mirror is not None and choice.path.startswith(reader.root.rstrip("/") + "/")
+        if "://" not in reader.directory or mirrored:  # a local directory, or a mirror's local copy
             return {choice.path}
         # An object store: Lightning compares candidates by fs.modified(), which a prefix does not
         # have; its manifest object does, and loading that path loads the folder (lightning.reader).

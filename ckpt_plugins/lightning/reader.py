@@ -160,8 +160,10 @@ def _owner(path: str, managers: list[CheckpointManager]) -> tuple[CheckpointMana
     for manager in managers:
         if not url and manager.is_memory_snapshot(root):  # restored through the manager's tier: (manager, None)
             return manager, None
-        mine = manager.directory.rstrip("/") if url else os.path.abspath(manager.directory)
-        if mine == parent:
+        mine = {manager.directory.rstrip("/") if url else os.path.abspath(manager.directory)}
+        if not url and manager.mirror is not None:
+            mine.add(os.path.abspath(manager.root))  # the local copies of a mirror
+        if parent in mine:
             step = manager.layout.step_of(name)
             if step is not None:
                 return manager, step

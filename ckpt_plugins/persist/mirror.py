@@ -334,8 +334,9 @@ class Mirror:
             remote.commit(dest, manifest, replace=remote.storage.exists(final), name=name)
         except BaseException as exc:
             remote.discard(dest)
-            if isinstance(exc, Exception) and not local.storage.exists(join(src, MANIFEST_NAME)):
-                log.info("%s was removed from %s while it was being uploaded; not uploaded", name, self.local_root)
+            if isinstance(exc, Exception) and self._changed(src, manifest):
+                # removed (retention) or replaced (a new version of the name: its own upload follows)
+                log.info("%s changed in %s while it was being uploaded; not uploaded", name, self.local_root)
                 with self._lock:
                     self._failed.pop(name, None)
                 return
@@ -348,6 +349,14 @@ class Mirror:
                 self._remote[name] = (step if listed else None, manifest.wall_time)
             self._failed.pop(name, None)
         log.info("uploaded %s to %s", name, final)
+
+    def _changed(self, src: str, manifest: Manifest) -> bool:
+        """Whether the local checkpoint at ``src`` is gone or another version than ``manifest``."""
+        try:
+            now = self.layout._local.read_manifest(src)
+        except CorruptCheckpointError:
+            return True
+        return now.wall_time != manifest.wall_time
 
     def _fail(self, name: str, exc: BaseException, label: str | None = None) -> None:
         label = label or name

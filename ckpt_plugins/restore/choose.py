@@ -149,17 +149,16 @@ def candidates(
 
 
 def _candidates(layout: Layout, with_foreign: bool) -> list[tuple[int, str, bool]]:
-    """``(step, path, has a manifest)`` of the checkpoint folders, newest first."""
-    storage = layout.storage
-    found = []
-    for name in storage.listdir(layout.root):
-        step = layout.step_of(name)
-        if step is None:
-            continue
-        path = storage.join(layout.root, name)
-        ours = storage.exists(storage.join(path, MANIFEST_NAME))
-        if ours or (with_foreign and storage.isdir(path)):
-            found.append((step, path, ours))
+    """``(step, path, has a manifest)`` of the checkpoint folders, newest first (ours as the layout
+    lists them: a mirror's are on both sides)."""
+    found = [(c.step, c.path, True) for c in layout.committed()]
+    if with_foreign:
+        storage = layout.storage
+        for name in storage.listdir(layout.root):
+            step = layout.step_of(name)
+            path = storage.join(layout.root, name)
+            if step is not None and not storage.exists(storage.join(path, MANIFEST_NAME)) and storage.isdir(path):
+                found.append((step, path, False))
     return sorted(found, reverse=True)
 
 

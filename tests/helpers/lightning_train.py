@@ -161,6 +161,7 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--memory", type=int, help="memory_every_n_steps (the in-memory tier), instead of --every")
     p.add_argument("--persist", type=int, help="persist_every_n_steps, with --memory")
     p.add_argument("--dedup", action="store_true")
+    p.add_argument("--mirror", help="mirror= (the local-first tier of an s3:// --dir)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest, and results do not depend on it
@@ -197,6 +198,7 @@ def _fit(args: argparse.Namespace) -> dict:
         async_save=not args.sync,
         preemption_sync_every=args.sync_every,
         dedup=args.dedup,
+        mirror=args.mirror,
         **({"monitor": "val_loss", "keep_best": 1} if args.val else {}),
     )
     callbacks = [ckpt] + ([Die(args.die_at)] if args.die_at is not None else [])

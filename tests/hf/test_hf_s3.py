@@ -78,3 +78,52 @@ def test_hf_trainer_saves_to_and_resumes_from_s3(s3_bucket, s3_server, tmp_path,
     for obj in client.list_objects_v2(Bucket=s3_bucket).get("Contents", []):
         assert secret.encode() not in client.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
     assert secret not in caplog.text
+
+
+def test_hf_trainer_with_a_local_mirror_of_s3_resumes_from_the_local_copy(s3_bucket, s3_server, tmp_path):
+    """``--ckpt_dirpath s3://... --ckpt_mirror LOCAL``: saves commit locally and are uploaded in the
+    background; ``--resume_from_checkpoint True`` resolves to the local copy (no download) and the
+    resumed run ends where an uninterrupted one does."""
+    url, local = f"s3://{s3_bucket}/hf", tmp_path / "local"
+    flags = ["--ckpt_dirpath", url, "--ckpt_storage_options", json.dumps(s3_server.storage_options())]
+    flags += ["--ckpt_mirror", str(local), "--ckpt_keep_local", "1", "--ckpt_keep_last", "2"]
+
+    def parse(*more: str):
+        argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none", *more, *flags]
+        return HfArgumentParser((TrainingArguments, CheckpointArguments)).parse_args_into_dataclasses(argv)
+
+    reference = hf_train.make_trainer(tmp_path / "ref", 8, model_kind="plain")
+    reference.train()
+    expected = hf_train.trainable_state(reference)
+
+    _, ckpt = parse()
+    assert ckpt.to_options().mirror == str(local)
+    first = hf_train.make_trainer(
+        tmp_path / "out", 8, model_kind="plain", extra_callbacks=[CheckpointCallback.from_args(ckpt), _StopAt(4)]
+    )
+    first.train()
+    assert (local / "checkpoint-4" / "manifest.json").exists()
+    with CheckpointManager(
+        url, read_only=True, storage_options=s3_server.storage_options(), dir_prefix="checkpoint-"
+    ) as r:
+        assert r.steps() == [4]  # uploaded by the end of train()
+
+    parsed, ckpt = parse("--resume_from_checkpoint", "True")
+    resumed = hf_train.make_trainer(
+        tmp_path / "out",
+        8,
+        model_kind="plain",
+        extra_callbacks=[CheckpointCallback.from_args(ckpt)],
+        resume_from_checkpoint=parsed.resume_from_checkpoint,
+    )
+    assert resumed.args.resume_from_checkpoint == str(local / "checkpoint-4")  # the local copy, not a download
+    assert not (tmp_path / "out" / ".ckpt-plugins-resume").exists()
+    resumed.train(resume_from_checkpoint=resumed.args.resume_from_checkpoint)
+    assert resumed.state.global_step == 8
+    for key, value in expected.items():
+        assert torch.allclose(hf_train.trainable_state(resumed)[key], value, atol=1e-6), key
+    with CheckpointManager(
+        url, read_only=True, storage_options=s3_server.storage_options(), dir_prefix="checkpoint-"
+    ) as r:
+        assert r.steps() == [4, 8]
+    assert sorted(n for n in local.iterdir() if not n.name.startswith(".")) == [local / "checkpoint-8"]

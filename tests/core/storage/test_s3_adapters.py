@@ -5,7 +5,9 @@ need; and ``storage_options`` alone through the callback and the plugin)."""
 from __future__ import annotations
 
 import logging
+import os
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -85,3 +87,57 @@ def test_lightning_callback_and_plugin_take_storage_options_and_never_write_them
         assert secret.encode() not in client.get_object(Bucket=s3_bucket, Key=key)["Body"].read(), key
     assert secret not in caplog.text
     assert secret not in repr(callback) and secret not in repr(trainer.strategy.checkpoint_io)
+
+
+def test_lightning_callback_with_a_local_mirror_of_s3(s3_bucket, s3_server, monkeypatch, tmp_path):
+    """``CheckpointCallback(dirpath="s3://...", mirror=local)``: every save (ModelCheckpoint's names
+    and ``last.ckpt``) commits locally and reaches the store in the background; ``ckpt_path="last"``
+    resumes from the local copy, and on another host (an empty mirror) from the store."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    url, local = f"s3://{s3_bucket}/lightning", tmp_path / "local"
+    options = dict(every_n_train_steps=4, keep_last=2, save_last=True, mirror=local, keep_local=1)
+    _, model = _fit(CheckpointCallback(url, **options), steps=12)
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="lightning/").get("Contents", [])]
+    remote = {k.split("/")[1] for k in keys if k.endswith("/manifest.json")}
+    assert remote == {"epoch=0-step=8.ckpt", "epoch=0-step=12.ckpt", "last.ckpt"}, remote  # keep_last=2, and last
+    assert {n for n in os.listdir(local) if not n.startswith(".")} == {"epoch=0-step=12.ckpt", "last.ckpt"}
+    with CheckpointManager(url, read_only=True, name_template=CALLBACK_NAMES) as reader:
+        saved = reader.restore(12)
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value), key
+    trainer, _ = _fit(CheckpointCallback(url, **options), steps=16, ckpt_path="last")
+    assert trainer.ckpt_path == str(local / "epoch=0-step=12.ckpt")  # the local copy
+    assert trainer.global_step == 16
+    other = options | {"mirror": tmp_path / "other"}  # another host: nothing local yet
+    trainer, _ = _fit(CheckpointCallback(url, **other), steps=20, ckpt_path="last")
+    assert trainer.ckpt_path.startswith(url) and "step=16.ckpt" in trainer.ckpt_path
+    assert trainer.global_step == 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_lightning_ddp_x2_through_a_mirror_of_s3(s3_bucket, s3_server, tmp_path):
+    """DDP x2 (gloo, Lightning's subprocess launcher) with ``mirror=``: each rank's file of every
+    kept checkpoint reaches the store, each under a manifest, and the local copies are trimmed."""
+    import subprocess
+    import sys
+
+    from conftest import HELPERS
+
+    url, local = f"s3://{s3_bucket}/ddp", tmp_path / "local"
+    argv = [sys.executable, str(HELPERS / "lightning_train.py"), "--dir", url, "--mirror", str(local)]
+    argv += ["--steps", "12", "--every", "4", "--keep-last", "2", "--ddp"]
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="ddp/").get("Contents", [])]
+    names = {k.split("/")[1] for k in keys if k.endswith("/manifest.json")}
+    assert names == {"epoch=1-step=8.ckpt", "epoch=1-step=12.ckpt"}, keys  # 6 batches per rank and epoch
+    for name in names:
+        files = {k.split("/", 2)[2] for k in keys if k.split("/")[1] == name}
+        assert {"manifest.json", "rank_0.safetensors", "rank_1.safetensors", "state.safetensors"} <= files, files
+    assert {n for n in os.listdir(local) if not n.startswith(".")} == {"epoch=1-step=12.ckpt"}
+    with CheckpointManager(url, read_only=True, name_template=CALLBACK_NAMES) as reader:
+        assert reader.steps() == [8, 12] and reader.verify(12) == []
