@@ -5,7 +5,9 @@ requests fail; the kinds are ``"500"``, ``"503"`` (an S3 ``SlowDown``), ``"drop"
 is closed without an answer), ``"slow"`` (the answer is delayed) and ``"truncate"`` (the answer's
 body is cut in half while its Content-Length promises all of it). Every request is logged as
 ``(method, path, query, headers)`` in ``proxy.log``, so tests can check the order of operations
-and that nothing was ever copied inside the store (no ``x-amz-copy-source``).
+and that nothing was ever copied inside the store (no ``x-amz-copy-source``). ``proxy.peak`` holds
+the most multipart part uploads (``"part"``) and ranged GETs (``"range"``) that were in flight at
+once: what shows that transfers run in parallel.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class FaultProxy:
         self.faults: list[_Fault] = []
         self.log: list[tuple[str, str, str, dict]] = []
         self.injected = 0
+        self.peak = {"part": 0, "range": 0}
+        self._in_flight = {"part": 0, "range": 0}
         self._lock = threading.Lock()
         proxy = self
 
@@ -62,6 +66,21 @@ class FaultProxy:
                 body = self._body()
                 path, _, query = self.path.partition("?")
                 headers = {k: v for k, v in self.headers.items()}
+                kind = "part" if self.command == "PUT" and "partNumber=" in query else None
+                if self.command == "GET" and any(k.lower() == "range" for k in headers):
+                    kind = "range"
+                if kind is not None:
+                    with proxy._lock:
+                        proxy._in_flight[kind] += 1
+                        proxy.peak[kind] = max(proxy.peak[kind], proxy._in_flight[kind])
+                try:
+                    self._forward(body, path, query, headers)
+                finally:
+                    if kind is not None:
+                        with proxy._lock:
+                            proxy._in_flight[kind] -= 1
+
+            def _forward(self, body: bytes, path: str, query: str, headers: dict) -> None:
                 fault = proxy._take(self.command, path)
                 with proxy._lock:
                     proxy.log.append((self.command, path, query, headers))

@@ -9,13 +9,19 @@ import subprocess
 
 
 def signal_when_ready(
-    command: list[str], at: int, env: dict[str, str], *, signum: int = signal.SIGTERM, timeout: float = 150
+    command: list[str],
+    at: int,
+    env: dict[str, str],
+    *,
+    signum: int = signal.SIGTERM,
+    timeout: float = 150,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> tuple[int, list[str], str]:
     """Run ``command``, send ``signum`` after its ``READY <at>`` line, and return its exit code, its
     stdout lines and its stderr. ``timeout`` is a generous bound on the grace period; a child still
     running after it (or when the test fails) is killed with its process group."""
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=cwd
     )
     try:
         lines = []

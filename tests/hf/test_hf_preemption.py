@@ -9,6 +9,7 @@ and end with SIGTERM; the resumed run ends bit-identical to an uninterrupted one
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,21 @@ def test_sigterm_between_saves_saves_that_step_stops_and_resumes_bit_exact(tmp_p
     reference.train()
     expected, got = hf_train.trainable_state(reference), hf_train.trainable_state(resumed)
     assert not [k for k in expected if not torch.equal(expected[k], got[k])]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_sigterm_saves_the_step_both_ranks_agreed_on(tmp_path):
+    """The fast DDP x2 case (one torchrun launch; the resume is the soak test's): the signal goes
+    to the agent, which forwards it to both ranks; both stop at step 7 with one checkpoint holding
+    both ranks' files, and no rank goes on training."""
+    out, steps = tmp_path / "run", 12
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    rc, stdout, err = _preempted([*launch, str(out), "--steps", str(steps)], at=6)
+    assert rc != 0, f"a preempted torchrun job must not report success\n{stdout[-2000:]}\n{err[-3000:]}"
+    assert "PREEMPTED_AT 7 STEP 7" in stdout, f"exit {rc}\n{stdout[-2000:]}\n{err[-4000:]}"
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-7"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "manifest.json"} <= set(os.listdir(out / "checkpoint-7"))
+    assert json.loads((out / "checkpoint-7" / "trainer_state.json").read_text())["global_step"] == 7
 
 
 @pytest.mark.skipif(not os.environ.get("CKPT_SOAK"), reason="CKPT_SOAK=1 (make soak): two torchrun launches, ~45 s")

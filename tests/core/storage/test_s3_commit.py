@@ -164,6 +164,31 @@ def test_large_files_are_multipart_uploads_and_ranged_reads(s3_bucket, s3_server
     assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
 
 
+def test_parts_and_read_ranges_are_in_flight_together_and_nothing_is_copied_to_local_disk(
+    s3_bucket, fault_proxy, proxied_options, tmp_path, monkeypatch
+):
+    """The first part upload and the first ranged GET are held back by the proxy: the other parts
+    and ranges go out meanwhile (parallel transfers), and the upload is sent from the staged
+    buffers: no temporary file appears."""
+    import tempfile
+
+    from ckpt_plugins.storage import object_store
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    state = {"w": torch.randn(3 * object_store.PART_BYTES // 4 + 12345)}  # 3 parts, several ranges
+    fault_proxy.inject("slow", count=1, method="PUT", path="state.safetensors", delay=1.0)
+    fault_proxy.inject("slow", count=1, method="GET", path="state.safetensors", delay=1.0)
+    with CheckpointManager(f"s3://{s3_bucket}/run", storage_options=proxied_options) as mgr:
+        mgr.save(1, state)
+        assert torch.equal(mgr.restore(1)["w"], state["w"])
+    assert fault_proxy.peak["part"] >= 2, fault_proxy.peak
+    assert fault_proxy.peak["range"] >= 2, fault_proxy.peak
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.mark.parametrize("size", [1000, 12 << 20])  # one PUT; a multipart upload
 def test_one_object_appears_whole_or_not_at_all(s3_bucket, s3_server, s3_options, monkeypatch, size):
     """What single-file checkpoints rely on where there is no rename: an object written with
