@@ -34,12 +34,13 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from ckpt_plugins.errors import UnsupportedStateError
+from ckpt_plugins.errors import CorruptCheckpointError, UnsupportedStateError
 from ckpt_plugins.lightning import load_hook
+from ckpt_plugins.lightning.path_mirror import PathMirror
 from ckpt_plugins.lightning.reader import read_lightning_checkpoint
 from ckpt_plugins.lightning.saves import PathSaves, wait_for
 from ckpt_plugins.lightning.state import RANK_STATE_KEY, explain_unsupported, to_storable
-from ckpt_plugins.options import RestoreOptions, SaveOptions
+from ckpt_plugins.options import MirrorOptions, RestoreOptions, SaveOptions
 from ckpt_plugins.options.checks import check_storage_options
 
 __all__ = ["CheckpointIOPlugin"]
@@ -64,6 +65,10 @@ class CheckpointIOPlugin(CheckpointIO):
         storage_options: for URL paths (``s3://...``): passed to their fsspec file system
             (endpoint, credentials); ``trainer.save_checkpoint(path, storage_options=...)`` adds
             to them for that save. Never saved or logged.
+        mirror: the local-first tier for URL paths (docs/storage.md): a save of
+            ``s3://.../name.ckpt`` commits to ``<mirror>/name.ckpt`` first and is uploaded in the
+            background; a load reads the local copy when there is one. One remote directory.
+        keep_local: with ``mirror``, keep the newest N uploaded files locally too.
 
     Example:
         >>> trainer = Trainer(plugins=[CheckpointIOPlugin()])  # doctest: +SKIP
@@ -77,10 +82,14 @@ class CheckpointIOPlugin(CheckpointIO):
         on_error: Literal["raise", "warn"] = "raise",
         verify: bool = True,
         storage_options: dict[str, Any] | None = None,
+        mirror: str | os.PathLike[str] | None = None,
+        keep_local: int = 1,
     ) -> None:
         # the core's checks
         SaveOptions(async_save=async_save, max_pending=max_pending, writer=writer, on_error=on_error)
         RestoreOptions(verify=verify)
+        mirror_options = MirrorOptions(mirror=mirror, keep_local=keep_local)
+        self._mirror = PathMirror(mirror_options) if mirror_options.mirror is not None else None
         check_storage_options("storage_options", storage_options)
         self.async_save, self.max_pending, self.writer = async_save, max_pending, writer
         self.on_error, self.verify = on_error, verify
@@ -111,10 +120,18 @@ class CheckpointIOPlugin(CheckpointIO):
         state.pop(RANK_STATE_KEY, None)
         step = checkpoint.get("global_step", 0)
         step = step if isinstance(step, int) and step >= 0 else 0
+        meta = {"kind": "lightning", "hyper_parameters_converted": converted}
+        local = self._mirror.local_path(path, options) if self._mirror is not None else None
         try:
-            self._saves.save(path, step, state, {"kind": "lightning", "hyper_parameters_converted": converted}, options)
+            if local is None:
+                self._saves.save(path, step, state, meta, options)
+                return
+            written: list[Any] = []
+            handle = self._saves.save(local, step, state, meta, None, written)
         except UnsupportedStateError as exc:
             raise explain_unsupported(exc) from None
+        assert self._mirror is not None
+        self._mirror.upload_after(handle, local, path, written, options)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
@@ -132,6 +149,14 @@ class CheckpointIOPlugin(CheckpointIO):
             UnsafeCheckpointError: a ``.ckpt`` needs full pickle and ``weights_only`` is not False.
         """
         wait_for(path)  # a save of this path may still be in flight (in any plugin of this process)
+        local = self._mirror.local_copy(os.fspath(path)) if self._mirror is not None else None
+        if local is not None and os.path.exists(local):
+            try:  # the local copy first, verified; the store's when it is damaged
+                return read_lightning_checkpoint(
+                    local, map_location=map_location, allow_unsafe_pickle=weights_only is False, verify=True
+                )
+            except CorruptCheckpointError as exc:
+                log.warning("%s; reading %s from the store instead", exc, path)
         return read_lightning_checkpoint(
             path,
             map_location=map_location,
@@ -142,11 +167,22 @@ class CheckpointIOPlugin(CheckpointIO):
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path``; with saves in flight the removal runs after them, on the writer."""
-        self._saves.remove(os.fspath(path), self._storage_options)
+        local = self._mirror.local_copy(os.fspath(path)) if self._mirror is not None else None
+        if local is None:
+            self._saves.remove(os.fspath(path), self._storage_options)
+            return
+        assert self._mirror is not None
+        self._saves.remove(local)
+        self._mirror.remove(os.fspath(path), self._storage_options)
 
     def teardown(self) -> None:
-        """Wait for every save to commit, run queued removals, stop the writer."""
-        self._saves.close()
+        """Wait for every save to commit, run queued removals, stop the writer; with ``mirror``,
+        wait for the uploads."""
+        try:
+            self._saves.close()
+        finally:
+            if self._mirror is not None:
+                self._mirror.close()
 
     def __repr__(self) -> str:
         return (

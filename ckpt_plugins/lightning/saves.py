@@ -115,9 +115,11 @@ class PathSaves:
         state: Any,
         user_metadata: dict[str, Any],
         storage_options: Mapping[str, Any] | None = None,
+        written: list[Any] | None = None,
     ) -> SaveHandle:
         """Save ``state`` as the file ``path`` (replacing what is there once committed);
-        ``storage_options`` for a URL ``path`` go to its fsspec file system only.
+        ``storage_options`` for a URL ``path`` go to its fsspec file system only; ``written``
+        gets the file's size and xxh3 (a ``FileRecord``) appended once it is written.
 
         Raises:
             UnsupportedStateError: ``state`` holds something that cannot be stored without pickle.
@@ -160,7 +162,7 @@ class PathSaves:
                 write = None
                 if self._process is not None:
                     write = lambda p, t, m: self._process.write(p, t, m, slot)  # noqa: E731
-                write_single_file(
+                record = write_single_file(
                     storage,
                     path,
                     flat.tree,
@@ -171,6 +173,8 @@ class PathSaves:
                     write_tensors=write,
                 )
                 h.stats["persist_s"] = time.perf_counter() - start
+                if written is not None:
+                    written.append(record)
                 return path
             except BaseException:
                 if reserved and storage.exists(path):

@@ -58,7 +58,7 @@ from ckpt_plugins.options.mirror import MirrorOptions
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.storage import LocalStorage, Storage, open_storage
 
-__all__ = ["MARKER_NAME", "Mirror", "download", "open_mirror"]
+__all__ = ["MARKER_NAME", "Mirror", "copy_checked", "download", "open_mirror"]
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class Mirror:
         dest = remote.new_temp_dir(step, uuid.uuid4().hex[:12], name)
         try:
             for file, record in manifest.files.items():
-                _copy_checked(local.storage, join(src, file), remote.storage, remote.storage.join(dest, file), record)
+                copy_checked(local.storage, join(src, file), remote.storage, remote.storage.join(dest, file), record)
             remote.commit(dest, manifest, replace=remote.storage.exists(final), name=name)
         except BaseException as exc:
             remote.discard(dest)
@@ -445,7 +445,7 @@ def download(storage: Storage, path: str, target: str) -> str:
     try:
         for file, record in manifest.files.items():
             os.makedirs(os.path.dirname(os.path.join(temp, file)), exist_ok=True)
-            _copy_checked(storage, storage.join(path, file), local, os.path.join(temp, file), record)
+            copy_checked(storage, storage.join(path, file), local, os.path.join(temp, file), record)
         with (
             storage.open_read(storage.join(path, MANIFEST_NAME)) as f,
             open(os.path.join(temp, MANIFEST_NAME), "wb") as out,
@@ -468,7 +468,7 @@ def _url(layout: Layout) -> str:
     return f"{protocol}://{layout.root.lstrip('/')}" if protocol != "memory" else f"memory://{layout.root}"
 
 
-def _copy_checked(src_storage: Storage, src: str, dst_storage: Storage, dst: str, expected: Any) -> None:
+def copy_checked(src_storage: Storage, src: str, dst_storage: Storage, dst: str, expected: Any) -> None:
     """Copy one file, checking its size and xxh3 against the manifest before the upload completes
     (a mismatch aborts it: no damaged object is ever committed)."""
     hasher = xxhash.xxh3_64()

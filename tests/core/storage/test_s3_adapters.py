@@ -141,3 +141,40 @@ def test_lightning_ddp_x2_through_a_mirror_of_s3(s3_bucket, s3_server, tmp_path)
     assert {n for n in os.listdir(local) if not n.startswith(".")} == {"epoch=1-step=12.ckpt"}
     with CheckpointManager(url, read_only=True, name_template=CALLBACK_NAMES) as reader:
         assert reader.steps() == [8, 12] and reader.verify(12) == []
+
+
+def test_lightning_plugin_with_a_local_mirror_of_s3(s3_bucket, s3_server, monkeypatch, tmp_path):
+    """``CheckpointIOPlugin(mirror=local)`` under ``ModelCheckpoint(dirpath="s3://...")``: each
+    ``.ckpt`` commits locally and is uploaded in the background, ``save_top_k`` removes both
+    copies, a resume reads the local copy; a file a crash left local (never uploaded) is uploaded
+    at the next plugin's first save."""
+    import shutil
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # ModelCheckpoint's own fsspec checks
+    url, local = f"s3://{s3_bucket}/plugin", tmp_path / "local"
+
+    def remote() -> set[str]:
+        listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="plugin/").get("Contents", [])
+        return {o["Key"].split("/", 1)[1] for o in listed}
+
+    def fit(steps: int, ckpt_path=None):
+        callback = ModelCheckpoint(dirpath=url, every_n_train_steps=4, save_top_k=1)
+        return _fit(callback, steps, ckpt_path=ckpt_path, plugins=[CheckpointIOPlugin(mirror=local, keep_local=1)])
+
+    fit(8)
+    assert remote() == {"epoch=0-step=8.ckpt"}  # step 4 removed from both sides (save_top_k=1)
+    assert {n for n in os.listdir(local) if not n.startswith(".")} == {"epoch=0-step=8.ckpt"}
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plugin/epoch=0-step=8.ckpt", Body=b"not a checkpoint")
+    trainer, _ = fit(12, ckpt_path=f"{url}/epoch=0-step=8.ckpt")  # read from the local copy (the store's is junk)
+    assert trainer.global_step == 12 and remote() == {"epoch=0-step=12.ckpt"}
+    shutil.copy(local / "epoch=0-step=12.ckpt", local / "orphan.ckpt")  # committed locally, then a crash
+    plugin = CheckpointIOPlugin(mirror=local)
+    trainer.strategy.checkpoint_io = plugin
+    trainer.save_checkpoint(f"{url}/manual.ckpt")
+    plugin.teardown()
+    assert remote() == {"epoch=0-step=12.ckpt", "orphan.ckpt", "manual.ckpt"}
+    loaded = plugin.load_checkpoint(f"{url}/orphan.ckpt")
+    for key, value in loaded["state_dict"].items():
+        assert torch.equal(value, trainer.lightning_module.state_dict()[key]), key
