@@ -46,7 +46,7 @@ bench: venv
 	$(PY) benchmarks/run_all.py
 
 soak: venv
-	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/reliability tests/lightning/test_lightning_preemption.py tests/hf/test_hf_preemption.py
+	CKPT_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=7200 tests/reliability tests/lightning/test_lightning_preemption.py tests/hf/test_hf_preemption.py tests/core/storage/test_s3_adapters.py tests/hf/test_hf_s3.py
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache

@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-every", type=int, default=10, help="preemption_sync_every")
     parser.add_argument("--memory", type=int, help="memory_every_n_steps (the in-memory tier)")
     parser.add_argument("--persist", type=int, help="persist_every_n_steps, with --memory")
+    parser.add_argument("--ckpt-dir", help="the callback's dirpath (an s3:// URL: the endpoint from AWS_ENDPOINT_URL)")
+    parser.add_argument("--mirror", help="the callback's mirror (the local-first tier of --ckpt-dir)")
     opts = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("CKPT_HF_THREADS", "1")))
     from safetensors.torch import save_file
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     callback = None if opts.no_callback else {"async_save": not opts.sync, "preemption_sync_every": opts.sync_every}
     if callback is not None and opts.memory:
         callback.update(memory_every_n_steps=opts.memory, persist_every_n_steps=opts.persist)
+    if callback is not None and opts.ckpt_dir:
+        callback.update(dirpath=opts.ckpt_dir, mirror=opts.mirror, keep_last=2)
     trainer = make_trainer(
         opts.out,
         opts.steps,

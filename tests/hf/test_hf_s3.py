@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -127,3 +128,33 @@ def test_hf_trainer_with_a_local_mirror_of_s3_resumes_from_the_local_copy(s3_buc
     ) as r:
         assert r.steps() == [4, 8]
     assert sorted(n for n in local.iterdir() if not n.name.startswith(".")) == [local / "checkpoint-8"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CKPT_SOAK"),
+    reason="CKPT_SOAK=1 (make soak): a two-process launch, ~25 s; the fast DDP x2 case is "
+    "tests/core/storage/test_s3_mirror.py::test_two_ranks_save_through_a_mirror_and_rank_0_uploads_the_manifest_last",
+)
+@pytest.mark.timeout(200)
+def test_torchrun_two_ranks_through_a_mirror_of_s3(s3_bucket, s3_server, tmp_path):
+    """DDP x2 (torchrun, gloo) with ``mirror=``: every checkpoint the ranks save lands in the store
+    with both ranks' RNG files under one manifest; the local copies are trimmed to ``keep_local``."""
+    import subprocess
+
+    url, local = f"s3://{s3_bucket}/hf-ddp", tmp_path / "local"
+    script = Path(__file__).resolve().parents[1] / "helpers" / "hf_train.py"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    argv = [*launch, str(tmp_path / "out"), "--steps", "8", "--ckpt-dir", url, "--mirror", str(local)]
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint, "OMP_NUM_THREADS": "1", "CKPT_HF_THREADS": "1"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-5000:]
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="hf-ddp/").get("Contents", [])]
+    names = {k.split("/")[1] for k in keys if k.endswith("/manifest.json")}
+    assert names == {"checkpoint-4", "checkpoint-8"}, keys
+    files = {k.split("/", 2)[2] for k in keys if k.split("/")[1] == "checkpoint-8"}
+    assert {"manifest.json", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= files, files
+    assert sorted(n for n in os.listdir(local) if not n.startswith(".")) == ["checkpoint-8"]
+    options = s3_server.storage_options()
+    with CheckpointManager(url, read_only=True, storage_options=options, dir_prefix="checkpoint-") as reader:
+        assert reader.verify(8) == []
