@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "helpers"))
 
-from common import machine_info, md_table, publish  # noqa: E402
+from common import OtherLoad, machine_info, md_table, publish  # noqa: E402
 
 
 def _state(mib: int) -> dict:
@@ -89,6 +89,7 @@ def _run(server, args) -> int:
         "mirror_uploaded": [],
         "local_save": [],
     }
+    load = OtherLoad().__enter__()  # how busy the machine was with other work (shared machines)
     with tempfile.TemporaryDirectory() as tmp:
         with CheckpointManager(Path(tmp) / "local") as local:  # the same bytes as a local file, for put_file
             local.save(1, state)
@@ -148,6 +149,7 @@ def _run(server, args) -> int:
                 f"{t11 - t10:.2f} s, uploaded {t12 - t10:.2f} s, local save {t14 - t13:.2f} s",
                 flush=True,
             )
+    load.__exit__(None, None, None)
     med = {k: statistics.median(v) for k, v in samples.items()}
     mbps = {k: nbytes / v / 1e6 for k, v in med.items()}
     # Paired: each round's ratio to the raw transfer of the same round (the machine is shared, and
@@ -212,6 +214,10 @@ def _run(server, args) -> int:
             "",
             "Every sample (seconds): " + ", ".join(f"{k} {[f'{x:.2f}' for x in v]}" for k, v in samples.items()),
             "",
+            f"Load: other processes used {load.other_cores:.2f} of {os.cpu_count()} cores on average during the "
+            f"rounds (the moto server, a child process, counts among them); 1-minute load average "
+            f"{load.loadavg_start:.1f} at the start, {load.loadavg_end:.1f} at the end.",
+            "",
             "Command: `.venv/bin/python benchmarks/bench_s3.py"
             + (f" --mib {args.mib}" if args.mib != 256 else "")
             + (f" --rounds {args.rounds}" if args.rounds != 3 else "")
@@ -229,6 +235,7 @@ def _run(server, args) -> int:
             "median_s": med,
             "mb_per_s": mbps,
             "machine": machine_info(),
+            "load": load.as_dict(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "elapsed_s": time.time() - started,
         },

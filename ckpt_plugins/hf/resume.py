@@ -81,8 +81,13 @@ def choose(
     if mirror is not None:
         from ckpt_plugins.manager import CheckpointManager
 
-        with CheckpointManager(
-            directory, mirror=mirror, read_only=True, dir_prefix=PREFIX, storage_options=storage_options
+        with CheckpointManager(  # rank 0 alone reads (a world of one)
+            directory,
+            mirror=mirror,
+            read_only=True,
+            dir_prefix=PREFIX,
+            storage_options=storage_options,
+            distributed=False,
         ) as reader:
             return latest_usable(reader.layout, foreign=trainer_folder_problems)
     storage, root = open_storage(os.fspath(directory), storage_options)
