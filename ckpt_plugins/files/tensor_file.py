@@ -6,17 +6,22 @@ because that function first turns every tensor into a Python ``bytes`` object: a
 the whole state in memory and a second pass over it. Here each tensor's memory goes straight to
 the file, and the xxh3 checksum is computed over the same buffers in the same pass.
 
-Reading allocates one tensor per entry and ``readinto``-s its bytes, in file order, so a full
-restore is one sequential read plus the checksum; a partial restore seeks to the selected entries
-only. Headers come from disk and are validated before use (sizes, offsets, dtypes).
+Reading a local file maps it (private, copy-on-write) and returns tensors backed by the mapping:
+no copy, and only the bytes returned (plus, for a verified full read, the checksum's pass over the
+file) are ever read. Files elsewhere are read into one tensor per entry, in file order, hashed on
+the way. Headers come from disk and are validated before use (sizes, offsets, dtypes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
+import mmap
+import os
 import struct
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +42,9 @@ __all__ = [
     "HashingWriter",
     "checksum_file",
     "data_offsets",
+    "is_mapped",
     "read_header",
+    "read_mapped",
     "read_tensor_file",
     "tensor_bytes",
     "write_tensor_file",
@@ -241,28 +248,62 @@ def read_tensor_file(
 ) -> dict[str, torch.Tensor]:
     """Read tensors from ``path``: all of them (checksummed against ``expected``) or only ``keys``.
 
-    A partial read seeks to the selected entries and leaves the rest on disk, so it checks the
-    file size and header but cannot check the whole-file checksum.
+    A file on local disk is mapped (:func:`read_mapped`): the tensors returned are backed by a
+    private copy-on-write mapping of the file, so nothing is copied and bytes that are not
+    returned (or not checksummed) are never read. Elsewhere (object stores, fsspec) the bytes are
+    read into one tensor per entry.
+
+    A partial read leaves the rest of the file alone, so it checks the file size and header but
+    cannot check the whole-file checksum.
     """
-    try:
-        file_size = storage.size(path)
-    except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{path}: tensor file is missing") from exc
+    local = storage.local_path(path)
+    if local is not None and _CAN_MAP:
+        out = read_mapped(local, path, keys=keys, expected=expected)
+    else:
+        out = _read_streamed(storage, path, keys=keys, expected=expected)
+    if torch.device(map_location) != torch.device("cpu"):
+        out = {k: v.to(map_location) for k, v in out.items()}
+    return out
+
+
+def _check_size(path: str, file_size: int, expected: FileRecord | None) -> None:
     if expected is not None and file_size != expected.size:
         raise CorruptCheckpointError(
             f"{path}: size is {file_size} bytes but the manifest says {expected.size}; "
             "the file is truncated or was replaced"
         )
+
+
+def _check_keys(path: str, entries: Mapping[str, _Entry], wanted: set[str] | None) -> None:
+    missing = set() if wanted is None else wanted - entries.keys()
+    if missing:
+        raise CorruptCheckpointError(
+            f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not in the file"
+        )
+
+
+def _check_digest(path: str, digest: str | None, expected: FileRecord | None) -> None:
+    if digest is not None and expected is not None and digest != expected.xxh3_64:
+        raise CorruptCheckpointError(
+            f"{path}: checksum mismatch (xxh3 {digest}, manifest {expected.xxh3_64}); the file is damaged"
+        )
+
+
+def _read_streamed(
+    storage: Storage, path: str, *, keys: Iterable[str] | None, expected: FileRecord | None
+) -> dict[str, torch.Tensor]:
+    """Allocate one tensor per entry and ``readinto`` its bytes, in file order, hashing on a
+    helper thread as the reads go (files that cannot be mapped)."""
+    try:
+        file_size = storage.size(path)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: tensor file is missing") from exc
+    _check_size(path, file_size, expected)
     wanted = None if keys is None else set(keys)
     out: dict[str, torch.Tensor] = {}
     with storage.open_read(path) as f:
         entries, data_start = read_header(f, path, file_size)
-        if wanted is not None:
-            missing = wanted - entries.keys()
-            if missing:
-                raise CorruptCheckpointError(
-                    f"{path}: tensors {sorted(missing)[:5]} are listed in the manifest but not in the file"
-                )
+        _check_keys(path, entries, wanted)
         full = wanted is None
         hasher = _OrderedHasher() if full and expected is not None else None
         if hasher is not None:
@@ -284,14 +325,120 @@ def read_tensor_file(
                 if hasher is not None:
                     hasher.update(view)
             out[key] = tensor
-    digest = hasher.hexdigest() if hasher is not None else None
-    if digest is not None and expected is not None and digest != expected.xxh3_64:
-        raise CorruptCheckpointError(
-            f"{path}: checksum mismatch (xxh3 {digest}, manifest {expected.xxh3_64}); the file is damaged"
-        )
-    if torch.device(map_location) != torch.device("cpu"):
-        out = {k: v.to(map_location) for k, v in out.items()}
+    _check_digest(path, hasher.hexdigest() if hasher is not None else None, expected)
     return out
+
+
+_CAN_MAP = hasattr(mmap, "MAP_PRIVATE")  # POSIX
+
+
+def read_mapped(
+    local_path: str,
+    path: str | None = None,
+    *,
+    keys: Iterable[str] | None = None,
+    expected: FileRecord | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a local file, backed by one private (copy-on-write) mapping of it.
+
+    * Writing into a returned tensor changes that tensor only (``MAP_PRIVATE``), never the file.
+    * The tensors stay valid when the file is unlinked or renamed over (the mapping keeps the
+      inode; every writer here writes a new file and renames it), until the last one is freed.
+      A file truncated or rewritten in place by something else would not be safe: nothing here
+      does that.
+    * With ``expected`` and no ``keys``, the whole file is hashed (xxh3) before anything is
+      returned; that pass is the read (the pages it faults in are the tensors' pages). Without
+      it, the selected tensors' pages are only hinted (``MADV_WILLNEED``: readahead from disk
+      when not cached) and read when touched; the rest of the file is never read.
+    * A tensor whose offset is not a multiple of its dtype's size (possible in foreign files) is
+      copied into memory of its own instead.
+
+    ``path`` names the file in errors (default: ``local_path``).
+    """
+    path = path or local_path
+    wanted = None if keys is None else set(keys)
+    try:
+        fd = os.open(local_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: tensor file is missing") from exc
+    try:
+        file_size = os.fstat(fd).st_size
+        _check_size(path, file_size, expected)
+        if file_size < 8:
+            raise CorruptCheckpointError(f"{path}: file is truncated (no safetensors header)")
+        mapped = mmap.mmap(fd, file_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    entries, data_start = read_header(cast(BinaryIO, mapped), path, file_size)
+    _check_keys(path, entries, wanted)
+    chosen = [(k, e) for k, e in entries.items() if wanted is None or k in wanted]
+    verify = expected is not None and wanted is None
+    if verify:
+        _check_digest(path, _hash_mapped(mapped, file_size), expected)
+    else:
+        for offset, length in _spans((data_start + e[2], e[3] - e[2]) for _, e in chosen):
+            _willneed(mapped, offset, length)
+    out: dict[str, torch.Tensor] = {}
+    for key, (dtype, shape, begin, end) in chosen:
+        out[key] = _mapped_tensor(mapped, data_start + begin, end - begin, dtype, shape)
+    return out
+
+
+def _mapped_tensor(mapped: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if offset % itemsize:  # the mapping is page-aligned: an unaligned offset is an unaligned address
+        tensor = torch.empty(shape, dtype=dtype)
+        tensor_bytes(tensor)[:] = memoryview(mapped)[offset : offset + nbytes]
+        return tensor
+    # frombuffer holds a reference to the mapping: it is unmapped when the last tensor goes.
+    tensor = torch.frombuffer(mapped, dtype=dtype, count=nbytes // itemsize, offset=offset).view(shape)
+    key = id(tensor)
+    _MAPPED[key] = weakref.ref(tensor, lambda _ref: _MAPPED.pop(key, None))
+    return tensor
+
+
+_MAPPED: dict[int, weakref.ref[torch.Tensor]] = {}  # by id: a tensor's == is elementwise
+
+
+def is_mapped(tensor: torch.Tensor) -> bool:
+    """True for a tensor :func:`read_mapped` returned (backed by a mapping of a checkpoint file)."""
+    ref = _MAPPED.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
+def _willneed(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """``madvise(MADV_WILLNEED)`` on the pages of ``[offset, offset + length)``: the kernel starts
+    reading what is not cached and returns. Only a hint: where refused, pages are read on touch."""
+    option = getattr(mmap, "MADV_WILLNEED", None)
+    start = offset - offset % mmap.PAGESIZE
+    if option is None or length <= 0:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mapped.madvise(option, start, min(len(mapped), offset + length) - start)
+
+
+def _hash_mapped(mapped: mmap.mmap, size: int) -> str:
+    """xxh3 of the whole mapping. The pass faults the pages in (from the page cache, or from disk
+    after the readahead hint) as it hashes, so the hash is the read: one pass over the bytes, with
+    the GIL released."""
+    _willneed(mapped, 0, size)
+    return xxhash.xxh3_64(memoryview(mapped)[:size]).hexdigest()
+
+
+def _spans(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` ranges merged where they touch: one ``madvise`` per run of tensors."""
+    start = end = -1
+    for offset, length in sorted(ranges):
+        if offset <= end:
+            end = max(end, offset + length)
+            continue
+        if end > start:
+            yield start, end - start
+        start, end = offset, offset + length
+    if end > start:
+        yield start, end - start
 
 
 class _OrderedHasher:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import RestoreError
+from ckpt_plugins.files.tensor_file import is_mapped
 from ckpt_plugins.restore.select import check_strict
 from ckpt_plugins.sharded.read import ShardedRef, resolve_like
 from ckpt_plugins.tree.walk import join, state_children
@@ -295,7 +296,13 @@ def _resolve_optimizer_state(loaded: Any, params: Mapping[Any, tuple[Any, Any]],
     """Put the state tensors of an optimizer in the layout of what they will live beside: the
     optimizer's own state tensor when it has one, else its parameter when the shapes agree (a
     fresh optimizer with no step taken has no state yet), else the whole tensor. Sharded ones are
-    read so; full plain ones are sliced so when the parameter is a DTensor."""
+    read so; full plain ones are sliced so when the parameter is a DTensor.
+
+    Where the optimizer has a plain state tensor of its own, the checkpoint's is copied into it
+    (``load_state_dict`` then keeps it: the only copy). A tensor backed by a mapping of the file
+    (:func:`~ckpt_plugins.files.tensor_file.is_mapped`) with no such home is cloned, so that the
+    optimizer owns its memory rather than a private mapping of a checkpoint that retention may
+    delete."""
     for pid, entry in loaded["state"].items():
         if not isinstance(entry, dict):
             continue
@@ -309,3 +316,16 @@ def _resolve_optimizer_state(loaded: Any, params: Mapping[Any, tuple[Any, Any]],
                 entry[name] = resolve_like(value, template)
             elif isinstance(value, ShardedRef):
                 entry[name] = value.full()
+            entry[name] = _owned(entry[name], own)
+
+
+def _owned(value: Any, own: Any) -> Any:
+    """``value`` in memory the optimizer owns: copied into ``own`` (same kind, shape and dtype:
+    checked before), or cloned out of a file mapping; anything else as it is."""
+    if type(value) is not torch.Tensor:
+        return value
+    if type(own) is torch.Tensor and own.shape == value.shape and own.dtype == value.dtype:
+        with torch.no_grad():
+            own.copy_(value)
+        return own
+    return value.clone() if is_mapped(value) else value
