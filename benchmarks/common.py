@@ -37,6 +37,7 @@ __all__ = [
     "cpu_seconds",
     "disk_write_bandwidth",
     "drop_page_cache",
+    "evict_files",
     "file_bytes",
     "fmt_ratio",
     "fmt_s",
@@ -47,6 +48,7 @@ __all__ = [
     "peak_rss_reset",
     "pss_bytes",
     "publish_e2e",
+    "resident_bytes",
     "rss_bytes",
     "scratch_dir",
     "spread",
@@ -121,6 +123,34 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def evict_files(paths: Iterable[str | os.PathLike]) -> str:
+    """Take files out of the page cache: ``drop_caches`` where permitted, else
+    ``posix_fadvise(DONTNEED)`` on each file (pages still mapped by a process stay; an overlay or
+    container file system may ignore the advice: check with :func:`resident_bytes`). Returns the
+    method used."""
+    if drop_page_cache():
+        return "drop_caches"
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED)"
+
+
+def resident_bytes(paths: Iterable[str | os.PathLike]) -> int | None:
+    """Bytes of these files in the page cache (util-linux ``fincore``); None where it is missing."""
+    args = [os.fspath(p) for p in paths]
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return sum(int(line) for line in out.stdout.split() if line.strip().isdigit())
 
 
 def file_bytes(path: str | os.PathLike) -> int:

@@ -348,8 +348,9 @@ def read_mapped(
       does that.
     * With ``expected`` and no ``keys``, the whole file is hashed (xxh3) before anything is
       returned; that pass is the read (the pages it faults in are the tensors' pages). Without
-      it, the selected tensors' pages are only hinted (``MADV_WILLNEED``: readahead from disk
-      when not cached) and read when touched; the rest of the file is never read.
+      it, nothing is read here: the returned tensors' pages are read when first touched (the
+      kernel's own readahead around each fault; a ``MADV_WILLNEED`` hint measured slower cold),
+      and the rest of the file never is.
     * A tensor whose offset is not a multiple of its dtype's size (possible in foreign files) is
       copied into memory of its own instead.
 
@@ -375,9 +376,6 @@ def read_mapped(
     verify = expected is not None and wanted is None
     if verify:
         _check_digest(path, _hash_mapped(mapped, file_size), expected)
-    else:
-        for offset, length in _spans((data_start + e[2], e[3] - e[2]) for _, e in chosen):
-            _willneed(mapped, offset, length)
     out: dict[str, torch.Tensor] = {}
     for key, (dtype, shape, begin, end) in chosen:
         out[key] = _mapped_tensor(mapped, data_start + begin, end - begin, dtype, shape)
@@ -425,20 +423,6 @@ def _hash_mapped(mapped: mmap.mmap, size: int) -> str:
     the GIL released."""
     _willneed(mapped, 0, size)
     return xxhash.xxh3_64(memoryview(mapped)[:size]).hexdigest()
-
-
-def _spans(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` ranges merged where they touch: one ``madvise`` per run of tensors."""
-    start = end = -1
-    for offset, length in sorted(ranges):
-        if offset <= end:
-            end = max(end, offset + length)
-            continue
-        if end > start:
-            yield start, end - start
-        start, end = offset, offset + length
-    if end > start:
-        yield start, end - start
 
 
 class _OrderedHasher:
