@@ -42,6 +42,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ckpt_plugins.activation import ActivationCheckpointing, ActivationCheckpointingReport
 from ckpt_plugins.distributed import broadcast_object, rank_and_world
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError
+from ckpt_plugins.hf import fsdp
 from ckpt_plugins.hf import gradient_checkpointing as gc_wiring
 from ckpt_plugins.hf.arguments import CheckpointArguments
 from ckpt_plugins.hf.native import native_files, native_files_warmup, tokenizer_files
@@ -240,6 +241,9 @@ class CheckpointCallback(TrainerCallback):
             )
         self._take_over_directory()
         self._check_latest(args)
+        trainer = fsdp.find_trainer()  # on_init_end runs inside Trainer.__init__
+        if trainer is not None:
+            fsdp.install(trainer)  # resumes from sharded (FSDP2) folders of ours (hf/fsdp.py)
 
     def _take_over_directory(self) -> None:
         """Close the manager an earlier, aborted train() left open on this directory: its pending
@@ -319,7 +323,7 @@ class CheckpointCallback(TrainerCallback):
             self.manager.close()
             self.manager = None
             raise
-        if model is not None and rank_and_world()[0] == 0:
+        if model is not None and rank_and_world()[0] == 0 and not fsdp.is_sharded_model(model):
             native_files_warmup(model)  # one-time transformers set-up, kept out of the first save
         if args.save_total_limit == 1 and args.load_best_model_at_end:
             log.warning(
@@ -554,6 +558,7 @@ class CheckpointCallback(TrainerCallback):
             control_state["args"]["should_training_stop"] = False
         state.stateful_callbacks["TrainerControl"] = control_state  # type: ignore[index,call-overload]  # a dict at run time
         files = None
+        sharded = fsdp.is_sharded_model(kwargs["model"])  # FSDP2: every rank saves its shards
         if rank == 0:
             if self._tokenizer is None:
                 self._tokenizer = tokenizer_files(kwargs.get("processing_class"))
@@ -567,11 +572,17 @@ class CheckpointCallback(TrainerCallback):
                 training_args=args,
                 model_only=self.settings.model_only,
                 extra=self._tokenizer,
+                sharded=sharded,
             )
         position = DataPosition.capture(args, state, kwargs.get("train_dataloader"))
+        saved: dict[str, Any] = {"data_position": position.to_dict()}
+        if sharded:
+            saved.update(
+                fsdp.sharded_state(kwargs["model"], kwargs.get("optimizer"), model_only=self.settings.model_only)
+            )
         handle = self.manager.save(
             step,
-            {"data_position": position.to_dict()},
+            saved,
             metrics,
             extra_files=files,
             user_metadata={"written_by": "ckpt_plugins.hf"},

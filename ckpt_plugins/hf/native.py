@@ -80,6 +80,7 @@ def native_files(
     training_args: Any = None,
     model_only: bool = False,
     extra: Mapping[str, bytes] | None = None,
+    sharded: bool = False,
 ) -> dict[str, FileContent]:
     """The files of one Trainer checkpoint, as ``extra_files`` for ``CheckpointManager.save``.
 
@@ -95,20 +96,25 @@ def native_files(
         model_only: ``TrainingArguments.save_only_model``: no optimizer, scheduler or RNG files
             (such a checkpoint is for inference; the Trainer cannot resume training from it).
         extra: more small files, already serialized (the tokenizer's, for example).
+        sharded: the model and optimizer are sharded (FSDP2) and saved by every rank in the
+            manifest's sharded state (:mod:`.fsdp`): no ``model.safetensors`` or ``optimizer.pt``.
 
     Returns:
         ``{file name: bytes | TensorFile | StagedFile}``; the live tensors are referenced, not
         copied (the core stages them).
     """
     files: dict[str, FileContent] = {}
-    if is_peft_model(model):
+    if sharded:
+        files.update(_config_files(model))
+    elif is_peft_model(model):
         files.update(_peft_files(model))
     else:
         files.update(_model_files(model))
     if model_only:
         optimizer, rng_states = None, []
     if optimizer is not None:
-        files["optimizer.pt"] = StagedFile(optimizer.state_dict(), _torch_save)
+        if not sharded:
+            files["optimizer.pt"] = StagedFile(optimizer.state_dict(), _torch_save)
         if lr_scheduler is not None:
             files["scheduler.pt"] = _torch_bytes(lr_scheduler.state_dict())
         scaler = getattr(optimizer, "scaler", None)
@@ -164,7 +170,12 @@ def tokenizer_files(processing_class: Any) -> dict[str, bytes]:
 
 # --- weights -------------------------------------------------------------------------------------
 def _model_files(model: nn.Module) -> dict[str, FileContent]:
-    files: dict[str, FileContent] = {"model.safetensors": _tensor_file(_model_state_dict(model))}
+    return {"model.safetensors": _tensor_file(_model_state_dict(model)), **_config_files(model)}
+
+
+def _config_files(model: nn.Module) -> dict[str, FileContent]:
+    """``config.json`` (and ``generation_config.json``), as ``save_pretrained`` writes them."""
+    files: dict[str, FileContent] = {}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         config = copy.deepcopy(config)

@@ -152,13 +152,19 @@ def resolve(options: CallbackOptions, args: Any) -> Settings:
 
 
 def _resolve(options: CallbackOptions, args: Any) -> Settings:
-    for name in ("fsdp", "deepspeed"):
-        if getattr(args, name, None):
-            raise ConfigError(
-                f"CheckpointCallback does not write {name} (sharded) checkpoints yet, and "
-                f"TrainingArguments.{name} is set; remove the callback to let the Trainer save "
-                "its own checkpoints for this run"
-            )
+    if getattr(args, "deepspeed", None):
+        raise ConfigError(
+            "CheckpointCallback does not write deepspeed (sharded) checkpoints yet, and "
+            "TrainingArguments.deepspeed is set; remove the callback to let the Trainer save "
+            "its own checkpoints for this run"
+        )
+    fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if getattr(args, "fsdp", None) and fsdp_version != 2:
+        raise ConfigError(
+            f"CheckpointCallback writes FSDP2 (fully_shard) checkpoints, and TrainingArguments.fsdp_config "
+            f"has version={fsdp_version} (FSDP1); set fsdp_config={{'version': 2}}, or remove the callback "
+            "to let the Trainer save its own checkpoints for this run"
+        )
     dirpath = os.fspath(options.dirpath) if options.dirpath is not None else args.output_dir
     if dirpath is None:
         raise ConfigError("CheckpointCallback needs a directory: pass dirpath= or set TrainingArguments.output_dir")

@@ -8,6 +8,10 @@ runs over the dimensions is a list of boxes (one box for ordinary shardings). A 
 lowest rank holding it. No communication: every rank knows its own boxes.
 
 The same geometry, applied to a target DTensor, says which boxes a restore must read.
+
+FSDP1's sharded state dicts hold ``ShardedTensor``s (``torch.distributed._shard``) instead: each
+local shard carries its own global offsets and sizes in its metadata, so its boxes are read off
+it (:func:`sharded_tensor_boxes`) and stored as the same chunks, in the same manifest entries.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import torch
 
 from ckpt_plugins.errors import UnsupportedStateError
 
-__all__ = ["Box", "is_dtensor", "local_boxes", "owns_local_shard"]
+__all__ = [
+    "Box",
+    "is_distributed",
+    "is_dtensor",
+    "is_sharded_tensor",
+    "local_boxes",
+    "owns_local_shard",
+    "sharded_tensor_boxes",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,30 @@ def is_dtensor(obj: Any) -> bool:
     no DTensor exists)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(obj, module.DTensor)
+
+
+def is_sharded_tensor(obj: Any) -> bool:
+    """``obj`` is a ``ShardedTensor`` (FSDP1's ``SHARDED_STATE_DICT``), checked without importing it."""
+    module = sys.modules.get("torch.distributed._shard.sharded_tensor.api")
+    return module is not None and isinstance(obj, module.ShardedTensor)
+
+
+def is_distributed(obj: Any) -> bool:
+    """``obj`` is a DTensor or a ShardedTensor: a tensor of which this rank holds only a part."""
+    return is_dtensor(obj) or is_sharded_tensor(obj)
+
+
+def sharded_tensor_boxes(tensor: Any) -> list[tuple[Box, torch.Tensor]]:
+    """Each non-empty local shard of a ShardedTensor: its box of the global tensor, and its data.
+
+    A ShardedTensor's shards never overlap (torch checks it when one is built), so every rank owns
+    (writes) all of its own."""
+    out = []
+    for shard in tensor.local_shards():
+        offsets, sizes = tuple(shard.metadata.shard_offsets), tuple(shard.metadata.shard_sizes)
+        if all(sizes):
+            out.append((Box(offsets, sizes, (0,) * len(sizes)), shard.tensor))
+    return out
 
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:

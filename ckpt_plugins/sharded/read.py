@@ -2,7 +2,8 @@
 
 A restore puts a :class:`ShardedRef` in the state for each sharded tensor instead of reading it.
 The target decides what is read: a DTensor target reads the boxes of its own local shard
-(:meth:`ShardedRef.local`), a plain tensor or module reads the whole tensor (:meth:`ShardedRef.full`),
+(:meth:`ShardedRef.local`), an FSDP1 ``ShardedTensor`` target those of its local shards, a plain
+tensor or module reads the whole tensor (:meth:`ShardedRef.full`),
 and what no target claims is read in full at the end (:func:`resolve_all`). Each box is read from
 the chunks it overlaps, one contiguous byte span per chunk (the smallest that covers the overlap),
 widened to the checksum blocks it touches when verifying, so a rank reads about what it needs.
@@ -20,7 +21,7 @@ import xxhash
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.tensor_file import tensor_bytes
 from ckpt_plugins.sharded.format import Chunk, ShardedEntry, ShardedIndex
-from ckpt_plugins.sharded.layout import boxes_for, is_dtensor
+from ckpt_plugins.sharded.layout import Box, boxes_for, is_distributed, is_sharded_tensor
 from ckpt_plugins.storage.base import Storage
 from ckpt_plugins.tree.walk import map_leaves
 
@@ -126,15 +127,15 @@ class ShardedRef:
         return out
 
     def local(self, template: Any) -> Any:
-        """A DTensor laid out like ``template`` (a DTensor of the same global shape), holding this
-        rank's shard: only the boxes of that shard are read."""
+        """A DTensor (or ShardedTensor) laid out like ``template``, one of the same global shape,
+        holding this rank's shard: only the boxes of that shard are read."""
         return _build_like(
             template, self.dtype, lambda box, out: self.reader.read_box(self.entry, box.offsets, box.sizes, out)
         )
 
     def like(self, template: Any) -> Any:
-        """This rank's shard when ``template`` is a DTensor, else the whole tensor."""
-        if is_dtensor(template):
+        """This rank's shard when ``template`` is a DTensor or ShardedTensor, else the whole tensor."""
+        if is_distributed(template):
             if tuple(template.shape) != tuple(self.shape):
                 raise ValueError(f"target shape {list(template.shape)} differs from {list(self.shape)}")
             return self.local(template)
@@ -143,7 +144,10 @@ class ShardedRef:
 
 def _build_like(template: Any, dtype: torch.dtype, fill: Any) -> Any:
     """A DTensor with ``template``'s mesh, placements and global shape whose local shard is
-    filled box by box by ``fill(box, out_view)``."""
+    filled box by box by ``fill(box, out_view)`` (for a ShardedTensor template: a ShardedTensor
+    with its metadata, each local shard filled so)."""
+    if is_sharded_tensor(template):
+        return _build_sharded_like(template, dtype, fill)
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -162,9 +166,26 @@ def _build_like(template: Any, dtype: torch.dtype, fill: Any) -> Any:
     )
 
 
+def _build_sharded_like(template: Any, dtype: torch.dtype, fill: Any) -> Any:
+    """A ShardedTensor with ``template``'s global metadata and process group (no collective)."""
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.shard import Shard
+
+    shards = []
+    for shard in template.local_shards():
+        sizes = tuple(shard.metadata.shard_sizes)
+        out = torch.empty(sizes, dtype=dtype)
+        if out.numel():
+            fill(Box(tuple(shard.metadata.shard_offsets), sizes, (0,) * len(sizes)), out)
+        shards.append(Shard(out.to(shard.tensor.device), shard.metadata))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, template.metadata(), process_group=template._process_group
+    )
+
+
 def slice_like(tensor: torch.Tensor, template: Any) -> Any:
-    """This rank's shard of a full plain ``tensor``, as a DTensor laid out like ``template``
-    (a checkpoint saved unsharded, restored into a sharded module: no communication)."""
+    """This rank's shard of a full plain ``tensor``, as a DTensor (or ShardedTensor) laid out like
+    ``template`` (a checkpoint saved unsharded, restored into a sharded module: no communication)."""
 
     def fill(box: Any, out: torch.Tensor) -> None:
         out.copy_(tensor[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes, strict=True))])
@@ -178,13 +199,13 @@ def is_ref(value: Any) -> bool:
 
 def resolve_like(value: Any, template: Any) -> Any:
     """``value`` in ``template``'s layout: a ref is read so, a full plain tensor is sliced so when
-    the template is a DTensor of its shape; anything else as it is."""
+    the template is a DTensor or ShardedTensor of its shape; anything else as it is."""
     if isinstance(value, ShardedRef):
         return value.like(template)
     if (
         isinstance(value, torch.Tensor)
-        and is_dtensor(template)
-        and not is_dtensor(value)
+        and is_distributed(template)
+        and not is_distributed(value)
         and tuple(value.shape) == tuple(template.shape)
     ):
         return slice_like(value, template)

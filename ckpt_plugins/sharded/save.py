@@ -29,7 +29,7 @@ from ckpt_plugins.sharded.format import (
     chunk_name,
     dtype_code,
 )
-from ckpt_plugins.sharded.layout import local_boxes, owns_local_shard
+from ckpt_plugins.sharded.layout import is_sharded_tensor, local_boxes, owns_local_shard, sharded_tensor_boxes
 from ckpt_plugins.storage.base import Storage
 
 __all__ = [
@@ -57,7 +57,8 @@ def shard_file_name(rank: int) -> str:
 
 
 def shard_leaf(dtensor: Any, key: str) -> ShardLeaf:
-    """The :class:`ShardLeaf` of ``dtensor`` stored under tensor key ``key``.
+    """The :class:`ShardLeaf` of ``dtensor`` (a DTensor, or an FSDP1 ``ShardedTensor``, whose local
+    shards are stored as the same chunks) stored under tensor key ``key``.
 
     Raises:
         UnsupportedStateError: a Partial placement, or a dtype safetensors cannot hold (the
@@ -69,6 +70,12 @@ def shard_leaf(dtensor: Any, key: str) -> ShardLeaf:
         raise UnsupportedStateError(
             f"is a DTensor of dtype {dtensor.dtype}, which cannot be stored in a safetensors file"
         ) from None
+    if is_sharded_tensor(dtensor):
+        leaf = ShardLeaf(tuple(dtensor.shape), dtensor.dtype)
+        for box, data in sharded_tensor_boxes(dtensor):
+            part = data.detach()
+            leaf.chunks[chunk_name(key, box.offsets)] = (box.offsets, box.sizes, part.contiguous())
+        return leaf
     boxes = local_boxes(dtensor)
     leaf = ShardLeaf(tuple(dtensor.shape), dtensor.dtype)
     if not owns_local_shard(dtensor):

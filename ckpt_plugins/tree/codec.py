@@ -36,7 +36,8 @@ Tree format (part of the on-disk format; its version lives in the manifest, not 
   npscalar             dtype, and v (bool/int/float64-or-narrower)   numpy scalar
                        or b64 (raw bytes, every other kind)
   dtype, device, size  v: "float32" / "cuda:0" / [2, 3]              torch.dtype/.device/.Size
-  dtensor              key                                           a sharded tensor (DTensor):
+  dtensor              key                                           a sharded tensor (DTensor or
+                                                                     FSDP1 ShardedTensor):
                                                                      the manifest's ``sharded``
                                                                      entry ``key`` (docs/sharded.md)
   ===================  ============================================  ==============================
@@ -72,7 +73,7 @@ import numpy as np
 import torch
 
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, UnsupportedStateError
-from ckpt_plugins.sharded.layout import is_dtensor
+from ckpt_plugins.sharded.layout import is_distributed
 from ckpt_plugins.tree.tags import (
     TAG,
     TENSOR_TAGS,
@@ -143,7 +144,7 @@ class _Flattener:
             return self.mapping(obj, path, depth)
         if tp is np.ndarray:
             return self.ndarray(obj, path)
-        if isinstance(obj, torch.Tensor) and is_dtensor(obj):
+        if isinstance(obj, torch.Tensor) and is_distributed(obj):  # DTensor, FSDP1 ShardedTensor
             return self.dtensor(obj, path)
         return enc_leaf(obj)
 

@@ -2,6 +2,9 @@
 processes by :func:`launch`; every case compares, bit for bit, against full state dicts gathered
 by torch (``get_model_state_dict(..., full_state_dict=True)``) that the saving run wrote.
 
+The framework-level cases (FSDP1 as Lightning's FSDPStrategy saves it, FSDP2 through the HF
+adapter's functions, accelerate on CPU) run in the same launches (tests/helpers/fsdp_cases.py).
+
 Folders under the test's ``root``: ``plain`` (a one-process checkpoint the test writes), ``fsdp``
 (2-rank FSDP2), ``tp`` (2-rank tensor parallel, optimizer saved with parameter names), ``twod``
 (4-rank FSDP2 x TP), and ``expected_*.safetensors`` (full states, written by rank 0).
@@ -153,6 +156,10 @@ def two_ranks(rank: int, world: int, root: Path) -> None:
     with CheckpointManager(root / "tp") as mgr:
         mgr.restore("latest", target={"model": model, "optimizer": opt})
     assert_same(full_state(model, opt), tp_expected, "TP -> FSDP2")
+    import fsdp_cases
+
+    fsdp_cases.two_ranks(rank, world, root)  # FSDP1 (Lightning FSDPStrategy) and HF FSDP2
+    fsdp_cases.accelerate_on_cpu(rank, world, root)  # last: it sets RANK/WORLD_SIZE, builds accelerate
 
 
 def three_ranks(rank: int, world: int, root: Path) -> None:
@@ -174,6 +181,9 @@ def three_ranks(rank: int, world: int, root: Path) -> None:
     with CheckpointManager(root / "tp") as mgr:
         mgr.restore("latest", target={"model": tp, "optimizer": tp_opt})
     assert_same(full_state(tp, tp_opt), load_file(root / "expected_tp.safetensors"), "TP 2 -> 3")
+    import fsdp_cases
+
+    fsdp_cases.three_ranks(rank, world, root)
 
 
 def four_ranks(rank: int, world: int, root: Path) -> None:

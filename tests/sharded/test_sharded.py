@@ -3,7 +3,8 @@
 Real FSDP2 (``fully_shard``) and tensor parallel (``parallelize_module``) on CPU processes over
 gloo; every restore is compared bit for bit with the full state torch gathers
 (``get_model_state_dict(..., full_state_dict=True)``) in the saving run. The multi-process cases
-run in three launches (2, 3 and 4 ranks, tests/helpers/sharded_cases.py) shared by the module.
+run in three launches (2, 3 and 4 ranks, tests/helpers/sharded_cases.py) shared by the package
+(the ``root`` fixture, tests/sharded/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,27 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import sharded_cases as cases
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.errors import CorruptCheckpointError
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """Every launch, in order: a one-process save, then 2, 3 and 4 ranks."""
-    root = tmp_path_factory.mktemp("sharded")
-    model = cases.build("plain")
-    opt = cases.optimizer(model)
-    cases.train_step(model, opt, seed=0)
-    with CheckpointManager(root / "plain") as mgr:
-        mgr.save(0, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-    save_file(cases.plain_full_state(model, opt), root / "expected_plain.safetensors")
-    cases.launch("two_ranks", 2, root)
-    cases.launch("three_ranks", 3, root)
-    cases.launch("four_ranks", 4, root)
-    return root
 
 
 def _manifest(folder: Path) -> dict:
