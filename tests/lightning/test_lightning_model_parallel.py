@@ -51,3 +51,23 @@ def test_model_parallel_fsdp2_sigkill_and_resume_is_bit_exact(tmp_path: Path):
     assert ref.keys() == resumed.keys()
     different = [k for k in ref if not torch.equal(ref[k], resumed[k])]
     assert not different, f"seed {seed}, killed at step {die_at} with {committed}: {different}"
+
+
+def test_fsdp_strategy_is_hooked_and_its_full_state_dict_type_is_refused_with_the_fix_named():
+    """FSDPStrategy (FSDP1; Lightning runs it on CUDA only) loads checkpoints by itself like
+    ModelParallelStrategy: the callback wraps its load_checkpoint for sharded state dicts
+    (the round trips of that state run on CPU in tests/sharded/test_fsdp_frameworks.py)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from ckpt_plugins.errors import ConfigError
+    from ckpt_plugins.lightning import model_parallel
+
+    assert not model_parallel.needs_install(DDPStrategy())
+    sharded = FSDPStrategy(state_dict_type="sharded")
+    assert model_parallel.needs_install(sharded)
+    original = sharded.load_checkpoint
+    model_parallel.install(sharded)
+    assert sharded.load_checkpoint is not original and sharded._ckpt_plugins_load == original
+    full = FSDPStrategy(state_dict_type="full")
+    with pytest.raises(ConfigError, match=r"FSDPStrategy\(state_dict_type='sharded'\)"):
+        model_parallel.install(full)
