@@ -9,12 +9,12 @@ and ``optimizer.pt``; the other Trainer files (``scheduler.pt``, ``rng_state_<ra
 ``trainer_state.json``, ``config.json``) are written beside them by rank 0 as usual.
 
 On resume the Trainer would look for its own FSDP files (``pytorch_model_fsdp_0/``, a DCP folder)
-and fail; :func:`install` wraps ``_load_from_checkpoint`` and ``_load_optimizer_and_scheduler`` on
-the Trainer instance so that one of our sharded ``checkpoint-N`` folders is restored into the
-Trainer's model and optimizer in their own layout (:func:`restore_model`, :func:`restore_optimizer` of
-:mod:`ckpt_plugins.sharded.fsdp2`:
-each rank reads only its boxes, at any world size, or in full into a plain model), and the
-scheduler from ``scheduler.pt`` as the Trainer reads it. Other folders go to the Trainer's methods.
+and fail; :func:`install` wraps ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler`` and
+``_load_best_model`` (``load_best_model_at_end``) on the Trainer instance, so that one of our
+sharded ``checkpoint-N`` folders is restored into the Trainer's model and optimizer in their own
+layout (:func:`restore_model`, :func:`restore_optimizer` of :mod:`ckpt_plugins.sharded.fsdp2`: each
+rank reads only its boxes, at any world size, or in full into a plain model), and the scheduler
+from ``scheduler.pt`` as the Trainer reads it. Other folders go to the Trainer's methods.
 The callback installs this itself when the Trainer is built with it.
 
 On CPU, accelerate ignores the FSDP plugin (``AcceleratorState`` sets ``DistributedType.FSDP``
@@ -74,6 +74,7 @@ def install(trainer: Any) -> None:
         return
     load_model = trainer._load_from_checkpoint
     load_rest = trainer._load_optimizer_and_scheduler
+    load_best = trainer._load_best_model
 
     def _load_from_checkpoint(resume_from_checkpoint: str, model: Any = None) -> Any:
         if not is_sharded_checkpoint_folder(resume_from_checkpoint):
@@ -91,6 +92,15 @@ def install(trainer: Any) -> None:
             trainer.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
         return None
 
-    trainer._ckpt_plugins_fsdp = (load_model, load_rest)
+    def _load_best_model() -> Any:
+        best = trainer.state.best_model_checkpoint
+        if not is_sharded_checkpoint_folder(best):
+            return load_best()
+        log.info("loading the best model from %s (score: %s)", best, trainer.state.best_metric)
+        restore_model(best, trainer.model)
+        return None
+
+    trainer._ckpt_plugins_fsdp = (load_model, load_rest, load_best)
     trainer._load_from_checkpoint = _load_from_checkpoint
     trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+    trainer._load_best_model = _load_best_model

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ckpt_plugins.errors import CheckpointError
 from ckpt_plugins.restore.read import restore_path
 from ckpt_plugins.restore.select import Selector
 from ckpt_plugins.restore.targets import RestoreReport
@@ -63,7 +64,7 @@ def is_sharded_checkpoint_folder(path: str | os.PathLike[str] | None) -> bool:
     path = os.fspath(path)
     try:
         return is_sharded_checkpoint(path) and not os.path.exists(os.path.join(path, "model.safetensors"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, CheckpointError):  # damaged or foreign: the Trainer's own code decides
         return False
 
 

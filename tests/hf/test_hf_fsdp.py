@@ -48,3 +48,21 @@ def test_trainer_with_an_fsdp2_model_saves_sharded_and_resumes_bit_exact(tmp_pat
     ref, resumed = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "res.safetensors")
     assert ref.keys() == resumed.keys()
     assert [k for k in ref if not torch.equal(ref[k], resumed[k])] == []
+
+
+def test_load_best_model_at_end_reads_the_best_sharded_checkpoint(tmp_path: Path):
+    """With evaluation, ``load_best_model_at_end`` loads the best ``checkpoint-N`` (sharded, no
+    weights file) through the wrapped ``_load_best_model``: the final weights are that checkpoint's."""
+    from ckpt_plugins import CheckpointManager
+
+    out = _run(str(tmp_path / "run"), "--steps", "4", "--best", "--final", str(tmp_path / "final.safetensors"))
+    best = out.split("BEST ")[1].split()[0]
+    assert Path(best).name == "checkpoint-2", out  # seeded: eval_loss is lowest at step 2, not the last step
+    with CheckpointManager(tmp_path / "run", dir_prefix="checkpoint-", read_only=True) as mgr:
+        saved = mgr.restore(best, include="model")["model"]
+    with CheckpointManager(tmp_path / "run", dir_prefix="checkpoint-", read_only=True) as mgr:
+        last = mgr.restore(4, include="model")["model"]
+    final = load_file(tmp_path / "final.safetensors")
+    assert final.keys() <= saved.keys()
+    assert [k for k in final if not torch.equal(final[k], saved[k])] == []
+    assert any(not torch.equal(final[k], last[k]) for k in final)  # the last step's weights were replaced
