@@ -53,6 +53,7 @@ __all__ = [
     "scratch_dir",
     "spread",
     "sync_disk",
+    "verdict",
     "write_json",
     "write_text",
 ]
@@ -466,6 +467,12 @@ E2E_COLUMNS = (
     "max ms",
     "checkpoint MB",
 )
+
+
+def verdict(*checks: bool) -> bool | None:
+    """True / False when every estimator of a target agrees, None (inconclusive: noise) when they
+    do not: on a shared machine a paired median and a best-vs-best ratio can disagree."""
+    return checks[0] if all(c == checks[0] for c in checks) else None
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:

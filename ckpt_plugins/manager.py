@@ -462,6 +462,31 @@ class CheckpointManager:
                 return snapshot
         return self._persist(step, flat, rank_flat, unstorable, extra_files, name, metrics, user_metadata, on_commit)
 
+    def prepare(
+        self,
+        state: Any,
+        *,
+        rank_state: Any = None,
+        extra_files: Mapping[str, bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile] | None = None,
+    ) -> bool:
+        """Allocate the host memory a save of ``state`` will copy into, in the background, so that
+        the first save costs training only its copy (the first touch of fresh memory costs
+        several times the copy: page faults and zeroing by the kernel). Reads only the tensors'
+        shapes and dtypes; a later save whose tensors differ allocates anew, as always.
+
+        Call it once the state has the tensors it will be saved with (after the first optimizer
+        step: optimizers create their state lazily). Local to this rank (no collective). Returns
+        False where nothing is staged (``async_save=False``, ``dedup``, a memory tier) or every
+        slot is busy.
+        """
+        self._check_open()
+        if self.read_only or not self.async_save or self._dedup is not None or self._memory is not None:
+            return False
+        flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
+        if unstorable is not None:
+            return False
+        return self._persister.prepare(flat, rank_flat, extra_files)
+
     def _persist(
         self,
         step: int,

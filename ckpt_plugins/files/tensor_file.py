@@ -40,8 +40,10 @@ _Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (of
 __all__ = [
     "FileRecord",
     "HashingWriter",
+    "Prehashed",
     "checksum_file",
     "data_offsets",
+    "file_head",
     "is_mapped",
     "read_header",
     "read_mapped",
@@ -86,6 +88,20 @@ class FileRecord:
 
     size: int
     xxh3_64: str
+
+
+@dataclass(frozen=True)
+class Prehashed:
+    """The checksum of a tensor file computed while its tensors were staged (:mod:`.stager`
+    copies and hashes each piece while it is in the cache, which saves the writer a pass over the
+    whole state): ``digest`` is the xxh3 of ``head`` followed by the ``nbytes`` at ``address``.
+    :func:`write_tensor_file` uses it only when it writes exactly that header and that memory
+    as the file's one run of data, and hashes the file itself otherwise."""
+
+    head: bytes
+    address: int
+    nbytes: int
+    digest: str
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -153,6 +169,11 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     return order, struct.pack("<Q", len(blob)) + blob, offset
 
 
+def file_head(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes :func:`write_tensor_file` writes before the tensors' data (length and header)."""
+    return _layout(tensors, metadata)[1]
+
+
 def data_offsets(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> dict[str, tuple[int, int]]:
@@ -174,28 +195,42 @@ def write_tensor_file(
     metadata: Mapping[str, str] | None = None,
     *,
     direct_io: bool = True,
+    prehashed: Prehashed | None = None,
 ) -> FileRecord:
     """Write ``tensors`` (contiguous, on CPU) to ``path`` and fsync it; return size and checksum.
 
     With ``direct_io`` the bytes bypass the page cache where the file system allows it
-    (:mod:`.direct_io`).
+    (:mod:`.direct_io`). ``prehashed``: the checksum taken while staging (see :class:`Prehashed`);
+    used when it describes exactly what is written here, else the file is hashed as it is written.
     """
     order, head, data_len = _layout(tensors, metadata)
-    hasher = xxhash.xxh3_64()
-    hasher.update(head)
+    runs = list(_runs(tensors[key] for key in order))
+    known = prehashed.digest if prehashed is not None and _describes(prehashed, head, runs) else None
+    hasher = None if known is not None else xxhash.xxh3_64(head)
     with storage.open_write(path) as out, direct_writer(out, direct_io) as direct:
         # The tensors outlive the direct writer, so it may write them from where they are.
         # An object-store upload (storage.object_store) likewise sends views of them as its parts.
         write = partial(direct.write, stable=True) if direct is not None else getattr(out, "write_stable", out.write)
         write(head)
-        for run in _runs(tensors[key] for key in order):
+        for run in runs:
             for start in range(0, len(run), WRITE_CHUNK):
                 chunk = run[start : start + WRITE_CHUNK]
-                hasher.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 write(chunk)
         if direct is not None:
             direct.finish()
-    return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest())
+    return FileRecord(size=len(head) + data_len, xxh3_64=hasher.hexdigest() if hasher is not None else str(known))
+
+
+def _describes(prehashed: Prehashed, head: bytes, runs: list[memoryview]) -> bool:
+    """Whether ``prehashed`` was taken over this header and this memory, as one run."""
+    if prehashed.head != head or len(runs) != 1 or len(runs[0]) != prehashed.nbytes:
+        return False
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(runs[0])) == prehashed.address
+    except (TypeError, ValueError):  # a read-only view: not staged memory
+        return False
 
 
 def read_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict[str, _Entry], int]:

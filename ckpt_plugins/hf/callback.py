@@ -213,6 +213,7 @@ class CheckpointCallback(TrainerCallback):
         self._activation_plan: gc_wiring.ActivationPlan | None = None
         self._seen_metrics: set[str] = set()
         self._monitor_warned = False
+        self._prepared = False  # the staging memory of the first save was asked for (or made)
         self.preempted_at: int | None = None
         """The step saved and stopped at after a preemption signal (None: not preempted)."""
 
@@ -371,7 +372,28 @@ class CheckpointCallback(TrainerCallback):
             self.preempted_at = state.global_step  # save this step, wait until durable, stop
             control.should_training_stop = wanted = True
         if wanted:
+            self._prepared = True
             self._schedule(args, state, control, kwargs)
+        elif not self._prepared:
+            self._prepare_first_save(state, kwargs)
+
+    def _prepare_first_save(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        """Once, after the run's first optimizer step (the optimizer's state exists by then): the
+        manager allocates the staging memory of the checkpoint's tensors in the background, so the
+        first save costs training only its copy."""
+        self._prepared = True
+        if self.manager is None or self.settings is None or rank_and_world()[0] != 0 or "model" not in kwargs:
+            return
+        files = native_files(
+            model=kwargs["model"],
+            optimizer=kwargs.get("optimizer"),
+            lr_scheduler=None,
+            trainer_state=state,
+            rng_states=[],
+            world_size=1,
+            model_only=self.settings.model_only,
+        )
+        self.manager.prepare({}, extra_files=files)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -27,7 +27,7 @@ import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.manifest import Manifest
-from ckpt_plugins.files.tensor_file import FileRecord, read_tensor_file, write_tensor_file
+from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, read_tensor_file, write_tensor_file
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.memory.place import check_budget, check_root, folder_bytes, snapshot_root
 from ckpt_plugins.options.memory import MemoryTierOptions
@@ -239,9 +239,14 @@ class MemoryTier:
         return handle
 
     def _write(
-        self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, slot: int | None
+        self,
+        path: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None,
+        slot: int | None,
+        prehashed: Prehashed | None = None,
     ) -> FileRecord:
-        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=False)
+        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=False, prehashed=prehashed)
 
     # --- reading -----------------------------------------------------------------------------
     def read(self, step: int, *, map_location: str | torch.device = "cpu", verify: bool = True) -> Snapshot:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -121,15 +121,22 @@ def collect(
 
 
 def stage_now(
-    stager: HostStager, slot: int, tensors: Mapping[str, torch.Tensor], *, snapshot: str, async_save: bool
+    stager: HostStager,
+    slot: int,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    snapshot: str,
+    async_save: bool,
+    heads: Callable[[], Mapping[str, bytes]] | None = None,
 ) -> Any:
     """Copy ``tensors`` into ``slot``'s buffers now, when the job must not read the live ones: safe
     mode with an async save, or CUDA tensors. None otherwise (the job reads them, or stages them
-    itself in overlap mode). On failure the slot is released."""
+    itself in overlap mode). ``heads()``: the files to checksum during the copy
+    (:meth:`.HostStager.stage`), asked for only when there is a copy. On failure the slot is released."""
     if snapshot != "safe" or not (async_save or any(t.is_cuda for t in tensors.values())):
         return None
     try:
-        staged = stager.stage(slot, tensors)
+        staged = stager.stage(slot, tensors, heads() if heads is not None else None)
         staged.wait()
     except BaseException:
         stager.release(slot)

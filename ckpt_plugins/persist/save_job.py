@@ -21,27 +21,64 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ckpt_plugins.errors import SaveError
 from ckpt_plugins.files.extra_files import fill, fill_tensors
 from ckpt_plugins.files.manifest import Manifest, Part
-from ckpt_plugins.files.tensor_file import FileRecord, HashingWriter, checksum_file
+from ckpt_plugins.files.tensor_file import FileRecord, HashingWriter, Prehashed, checksum_file, file_head
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.sharded.save import build_index, chunk_records, shard_file_name
 from ckpt_plugins.storage.base import Storage
-from ckpt_plugins.storage.direct_io import direct_writer
+from ckpt_plugins.storage.direct_io import StableWithin, direct_writer
 
-__all__ = ["Destination", "SaveJob", "SaveRequest", "WriteTensors"]
+__all__ = ["Destination", "SaveJob", "SaveRequest", "WriteTensors", "file_heads"]
 
 log = logging.getLogger(__name__)
 
-WriteTensors = Callable[[str, Mapping[str, torch.Tensor], "Mapping[str, str] | None", "int | None"], FileRecord]
-"""``write(path, tensors, metadata, slot)``: write one tensor file, return its size and checksum."""
+
+class WriteTensors(Protocol):
+    """``write(path, tensors, metadata, slot, prehashed=None)``: write one tensor file, return its
+    size and checksum (``prehashed``: the checksum taken while staging, when there is one)."""
+
+    def __call__(
+        self,
+        path: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None,
+        slot: int | None,
+        prehashed: Prehashed | None = None,
+    ) -> FileRecord: ...
+
+
+_OWN_FILES = ("state", "rank", "shard")  # key prefixes of the tensor files a job writes itself
+
+
+def file_heads(
+    tensors: Mapping[str, torch.Tensor], extra_specs: Mapping[str, Any], *, dedup: Any = None
+) -> dict[str, bytes]:
+    """The header of each tensor file a job writes whole from one staged group (``state``,
+    ``rank``, ``shard``, ``extra/<name>`` of a tensor extra file), as the job names its tensors:
+    what the stager needs to checksum these files while it copies them. Not the state's with
+    ``dedup`` (it goes to the shared pool, tensor by tensor)."""
+    split: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        head, _, rest = key.partition("/")
+        if head in _OWN_FILES:
+            split.setdefault(head, {})[rest] = tensor
+    if dedup is not None:
+        split.pop("state", None)
+    heads = {group: file_head(group_tensors) for group, group_tensors in split.items()}
+    for name, spec in extra_specs.items():
+        if spec[0] == "tensors":
+            _, keys, metadata = spec
+            named = dict(zip(keys, fill_tensors(name, len(keys), tensors), strict=True))
+            heads[f"extra/{name}"] = file_head(named, metadata)
+    return heads
 
 
 @dataclass(frozen=True)
@@ -89,6 +126,8 @@ class SaveRequest:
     dedup: Any = None
     """A :class:`~ckpt_plugins.dedup.index.DedupPlan` (``dedup=True``, rank 0): the state's
     tensors go to the shared pool, unchanged ones as references."""
+    hash_in_stage: bool = False
+    """Overlap mode: checksum the tensor files while staging them in the job (:func:`file_heads`)."""
 
 
 class SaveJob:
@@ -116,6 +155,7 @@ class SaveJob:
         self._rank_trees: dict[int, Any] = {}
         self._chunks: dict[int, dict[str, list[dict[str, Any]]]] = {}  # rank -> its chunk entries
         self._shared: tuple[dict[str, tuple[str, str]], dict[str, FileRecord]] | None = None
+        self._digests: dict[str, Prehashed] = {}  # file group -> checksum taken while staging
 
     def __call__(self, handle: SaveHandle) -> str:
         try:
@@ -136,11 +176,12 @@ class SaveJob:
         try:
             tensors = req.tensors
             if req.staged is not None:
-                tensors = req.staged.tensors
+                tensors, self._digests = req.staged.tensors, req.staged.digests
             elif req.stage_in_job:
-                staged = self.stager.stage(req.slot, tensors)
+                heads = file_heads(tensors, req.extra_specs, dedup=req.dedup) if req.hash_in_stage else None
+                staged = self.stager.stage(req.slot, tensors, heads)
                 staged.wait()
-                tensors = staged.tensors
+                tensors, self._digests = staged.tensors, staged.digests
             handle._staged.set_result(None)
             t0 = time.perf_counter()
             dest.storage.makedirs(temp)
@@ -213,16 +254,20 @@ class SaveJob:
             self._shared = req.dedup.write(dest, state_tensors, req.slot)
         elif state_tensors:
             files["state.safetensors"] = dest.write_tensors(
-                join(temp, "state.safetensors"), state_tensors, None, req.slot
+                join(temp, "state.safetensors"), state_tensors, None, req.slot, self._digests.get("state")
             )
         if shard_tensors:
             name = shard_file_name(dest.rank)
-            files[name] = dest.write_tensors(join(temp, name), shard_tensors, None, req.slot)
+            files[name] = dest.write_tensors(
+                join(temp, name), shard_tensors, None, req.slot, self._digests.get("shard")
+            )
             self._chunks[dest.rank] = chunk_records(req.flat.shards, shard_tensors, name)
         if req.rank_flat is not None:
             name = f"rank_{dest.rank}.safetensors"
             if rank_tensors:
-                files[name] = dest.write_tensors(join(temp, name), rank_tensors, None, req.slot)
+                files[name] = dest.write_tensors(
+                    join(temp, name), rank_tensors, None, req.slot, self._digests.get("rank")
+                )
             self._rank_trees[dest.rank] = req.rank_flat.tree
         if dest.rank != 0 and (req.rank_flat is not None or shard_tensors):
             part = {
@@ -246,11 +291,15 @@ class SaveJob:
             if spec[0] == "tensors":
                 _, keys, metadata = spec
                 tensors = dict(zip(keys, fill_tensors(name, len(keys), staged), strict=True))
-                files[name] = self.dest.write_tensors(path, tensors, metadata, self.request.slot)
+                files[name] = self.dest.write_tensors(
+                    path, tensors, metadata, self.request.slot, self._digests.get(f"extra/{name}")
+                )
                 continue
             if spec[0] == "staged":
                 _, skeleton, count, write = spec
-                files[name] = self._write_staged(path, write, fill(skeleton, fill_tensors(name, count, staged)))
+                files[name] = self._write_staged(
+                    path, write, fill(skeleton, fill_tensors(name, count, staged)), self._staged_range(name)
+                )
                 continue
             with storage.open_write(path) as raw:
                 out = HashingWriter(raw)
@@ -261,12 +310,26 @@ class SaveJob:
             files[name] = out.record() or checksum_file(storage, path)
         return files
 
-    def _write_staged(self, path: str, write: Callable[[Any, Any], None], value: Any) -> FileRecord:
+    def _staged_range(self, name: str) -> list[tuple[int, int]]:
+        """The staging block of extra file ``name`` (held by this job's slot until it ends), when
+        the job writes from it: what its writer may hand to the disk without a copy."""
+        if self.request.staged is None and not self.request.stage_in_job:
+            return []  # the live tensors (a synchronous save, a memory tier's own copy)
+        arena = self.stager.arena(self.request.slot)
+        block = arena.memory.get(f"extra/{name}") if arena is not None else None
+        if block is None:
+            return []
+        return [(block.data_ptr(), block.data_ptr() + block.numel())]
+
+    def _write_staged(
+        self, path: str, write: Callable[[Any, Any], None], value: Any, stable: list[tuple[int, int]]
+    ) -> FileRecord:
         """A staged extra file (``torch.save`` of staged tensors): sequentially with O_DIRECT
-        where possible; again through the page cache if the writer turns out to seek."""
+        where possible, its writes from the ``stable`` staged memory straight from there; again
+        through the page cache if the writer turns out to seek."""
         storage, seeks = self.dest.storage, False
         with storage.open_write(path) as raw, direct_writer(raw, self.dest.direct_io) as direct:
-            out = HashingWriter(direct or raw)
+            out = HashingWriter(StableWithin(direct, stable) if direct is not None else raw)
             try:
                 write(out, value)
                 if direct is not None:

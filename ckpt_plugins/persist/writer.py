@@ -21,12 +21,12 @@ import torch
 from ckpt_plugins.distributed import agree_on_save, all_gather_object
 from ckpt_plugins.errors import SaveError
 from ckpt_plugins.files.manifest import Manifest
-from ckpt_plugins.files.tensor_file import FileRecord, write_tensor_file
+from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, write_tensor_file
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.options import SaveOptions
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.persist.request import collect, stage_now
-from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
+from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest, file_heads
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.persist.writer_process import ProcessWriter
 from ckpt_plugins.storage.base import Storage
@@ -131,11 +131,16 @@ class Persister:
         return [c.step for c in self.layout.committed()]
 
     def write_tensors(
-        self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, slot: int | None
+        self,
+        path: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None,
+        slot: int | None,
+        prehashed: Prehashed | None = None,
     ) -> FileRecord:
         if self.process_writer is not None:
             return self.process_writer.write(path, tensors, metadata, slot)
-        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io)
+        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=self.direct_io, prehashed=prehashed)
 
     def save(
         self,
@@ -167,7 +172,17 @@ class Persister:
             return None
         t0 = time.perf_counter()
         tensors, extra_specs = collect(flat, rank_flat, extra_files)
-        staged = stage_now(self.stager, slot, tensors, snapshot=saving.snapshot, async_save=saving.async_save)
+        # The thread writer gets each file's checksum from the copy; a writer process hashes as it
+        # writes, on its own interpreter.
+        hash_in_stage = self.process_writer is None
+        staged = stage_now(
+            self.stager,
+            slot,
+            tensors,
+            snapshot=saving.snapshot,
+            async_save=saving.async_save,
+            heads=(lambda: file_heads(tensors, extra_specs, dedup=dedup)) if hash_in_stage else None,
+        )
         handle = SaveHandle(step, self.layout.path_for(step, name))
         handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
         on_stats(handle.stats)
@@ -190,6 +205,7 @@ class Persister:
             callbacks=saving.callbacks + ((on_commit,) if on_commit else ()),
             retention=retention,
             dedup=dedup,
+            hash_in_stage=hash_in_stage,
         )
         with self.lock:
             if listed:
@@ -210,6 +226,38 @@ class Persister:
             if self.distributed:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
         return handle
+
+    def prepare(self, flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None) -> bool:
+        """Queue the allocation of the staging memory a save of these tensors will use
+        (:meth:`.HostStager.reserve`) on the writer, behind the saves in flight; False when every
+        slot is busy. Best effort: a failure is logged, and the save allocates as it would have."""
+        tensors, _ = collect(flat, rank_flat, extra_files)
+        if not tensors:
+            return False
+        slot = self.stager.acquire(block=False)
+        if slot is None:
+            return False
+        handle = SaveHandle(-1, self.directory)
+        handle._reported = True  # never fails: nothing to report
+
+        def job(h: SaveHandle) -> str:
+            h._staged.set_result(None)
+            t0 = time.perf_counter()
+            try:
+                if self.stager.reserve(slot, tensors):
+                    log.debug("staging memory prepared in %.1f ms", (time.perf_counter() - t0) * 1e3)
+            except Exception as exc:  # e.g. out of memory: the first save allocates (and fails) itself
+                log.warning("could not prepare the staging memory ahead of the first save: %s", exc)
+            finally:
+                self.stager.release(slot)
+            return self.directory
+
+        try:
+            self.engine.submit(handle, job)
+        except BaseException:
+            self.stager.release(slot)
+            raise
+        return True
 
     def delete(self, step: int, path: str) -> SaveHandle:
         """Queue the removal of ``path`` after every save submitted so far (rank 0 removes it);

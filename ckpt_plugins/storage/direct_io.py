@@ -34,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DirectWriter", "direct_io_enabled", "direct_writer"]
+__all__ = ["DirectWriter", "StableWithin", "direct_io_enabled", "direct_writer"]
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,16 @@ _POOL = _BufferPool()
 
 
 def _address(view: memoryview) -> int | None:
-    """The address of a writable buffer's first byte (None for read-only ones such as bytes)."""
+    """The address of a contiguous buffer's first byte, writable or read-only (``torch.save``
+    hands its writer read-only views of the tensors' own memory); None where there is none."""
     try:
         return _buffer_address(view)
+    except (TypeError, ValueError):
+        pass
+    try:
+        import numpy as np
+
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else None
     except (TypeError, ValueError):
         return None
 
@@ -331,6 +338,25 @@ class DirectWriter:
             self._buffers = []
         if self._direct:
             self._direct = _set_direct(self._fd, False)
+
+
+class StableWithin:
+    """A :class:`DirectWriter` as a third-party writer (``torch.save``) sees it: a ``write`` of
+    memory inside one of ``ranges`` (``(start, end)`` addresses the caller keeps valid and
+    unchanged until :meth:`DirectWriter.finish`, such as a staging arena) goes to disk from where
+    it is; any other buffer, which the writer may reuse as soon as ``write`` returns, is copied."""
+
+    def __init__(self, direct: DirectWriter, ranges: list[tuple[int, int]]) -> None:
+        self._direct, self._ranges = direct, ranges
+
+    def write(self, data: Buffer) -> int:
+        view = memoryview(data).cast("B")
+        start = _address(view) if len(view) >= DIRECT_MIN else None
+        stable = start is not None and any(lo <= start and start + len(view) <= hi for lo, hi in self._ranges)
+        return self._direct.write(view, stable=stable)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._direct, name)
 
 
 @contextlib.contextmanager
