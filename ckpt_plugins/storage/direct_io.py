@@ -127,9 +127,11 @@ class _IOThread(threading.Thread):
         )
         self._closed = False
         self._lock = threading.Lock()
+        self._running = threading.Event()  # set once run() began: start() returned or is about to
         self.start()
 
     def run(self) -> None:
+        self._running.set()
         while (job := self._jobs.get()) is not None:
             fn, view, done = job
             try:
@@ -152,6 +154,10 @@ class _IOThread(threading.Thread):
                 self._closed = True
                 self._jobs.put(None)
         if wait and self is not threading.current_thread():
+            # A stray-thread sweep (Lightning's test teardown) can see this thread while the creating
+            # thread is still inside start(); join() would then raise "cannot join thread before it
+            # is started". run() comes next and ends at the None queued above.
+            self._running.wait()
             self.join()
 
     def stop(self) -> None:

@@ -267,3 +267,31 @@ def test_staged_extra_files_go_through_direct_io_and_seeking_writers_still_work(
     for name in ("optimizer.pt", "patched.pt"):
         back = torch.load(tmp_path / "step_1" / name, weights_only=True)
         assert torch.equal(back["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
+
+
+def test_stopping_the_io_thread_while_it_is_being_started_waits_for_it():
+    """Lightning's stray-thread sweep may call stop() on a thread that start() has not finished
+    starting (it is listed from then on); stop() must wait for it, not raise 'cannot join thread
+    before it is started'."""
+
+    class NotYetStarted(direct_io._IOThread):
+        def start(self) -> None:  # construction only; the real start comes below
+            pass
+
+    thread = NotYetStarted()
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            thread.stop()
+        except BaseException as exc:
+            errors.append(exc)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    stopper.join(timeout=0.5)  # stop() is waiting for the thread to run (it raised at once before)
+    threading.Thread.start(thread)
+    stopper.join()
+    thread.join()
+    assert errors == []
+    assert not thread.is_alive()
