@@ -456,6 +456,7 @@ class CheckpointManager:
                 metrics=metrics,
                 user_metadata=user_metadata,
                 retention=policy_flags(self.policy),
+                submit=self._submit_snapshot if self.options.saving.snapshot == "overlap" else None,
             )
             if not self._memory.persists(step):
                 self.last_save_stats = snapshot.stats
@@ -486,6 +487,14 @@ class CheckpointManager:
         if unstorable is not None:
             return False
         return self._persister.prepare(flat, rank_flat, extra_files)
+
+    def _submit_snapshot(self, handle: SaveHandle, job: Callable[[SaveHandle], str]) -> SaveHandle:
+        """Overlap mode: the memory snapshot's job runs on the persist engine's writer, in order with
+        the saves; :meth:`wait_for_snapshot` waits for it like for any overlapped copy. An earlier
+        background snapshot's error is raised here (the next save), as an async save's is."""
+        self._persister.engine.take_error(refuse=True)
+        self._persister.last_handle = self._persister.engine.submit(handle, job)
+        return handle
 
     def _persist(
         self,

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckpt_plugins.distributed import all_gather_object, is_distributed
@@ -124,8 +124,10 @@ class TierHooks:
         metrics: dict[str, float],
         user_metadata: Mapping[str, Any] | None,
         retention: dict[str, Any] | None,
+        submit: Callable[[SaveHandle, Callable[[SaveHandle], str]], SaveHandle] | None = None,
     ) -> SaveHandle:
-        """Write the snapshot of ``step``; its handle (committed; ``stats``: stall_s, bytes, memory_s)."""
+        """Write the snapshot of ``step``; its handle (``stats``: stall_s, memory_s). Committed on
+        return, or with ``submit`` (overlap mode) queued on the manager's writer."""
         t0 = time.perf_counter()
         if unstorable:
             raise UnsupportedStateError(unstorable)
@@ -139,6 +141,7 @@ class TierHooks:
             metrics=metrics,
             user_metadata=user_metadata,
             retention=retention,
+            submit=submit,
         )
         elapsed = time.perf_counter() - t0
         handle.stats.update(step=step, stall_s=elapsed, memory_s=elapsed)
@@ -187,6 +190,7 @@ class TierHooks:
         torch.distributed without a process group any more (closed at interpreter exit), nothing is
         persisted and the snapshots stay (a WARNING)."""
         tier = self.tier
+        manager._persister.engine.flush()  # overlap mode: the snapshots still queued on the writer
         if manager.read_only:  # reads only: the snapshots stay for the run that writes
             tier.close()
             return

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -183,9 +184,19 @@ class RingPeers:
         return step
 
     def close(self, timeout: float = 60.0) -> None:
-        """Send what is pending and the end-of-stream sentinel; wait for the peer's sentinel."""
+        """Send what is pending and the end-of-stream sentinel; wait for the peer's sentinel; then a
+        barrier of the peers' group, so that no rank goes on to tear down its process groups (and
+        close its sockets, with the peer's last receive notifications unread: a reset the peer sees
+        as "connection closed by peer") while another rank's transfer is still being read."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._sender.join(timeout)
         self._receiver.join(timeout)
+        if self._sender.is_alive() or self._receiver.is_alive():
+            log.warning("memory tier: the snapshot transfer with the ring peers did not end within %.0f s", timeout)
+            return
+        try:
+            self.dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=timeout))
+        except Exception as exc:  # a peer is gone (killed): nothing left to wait for
+            log.warning("memory tier: the ring peers' closing barrier failed: %s", exc)

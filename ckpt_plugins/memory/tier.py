@@ -20,16 +20,17 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
-from ckpt_plugins.files.manifest import Manifest
+from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, read_tensor_file, write_tensor_file
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.memory.place import check_budget, check_root, folder_bytes, snapshot_root
+from ckpt_plugins.memory.recycle import ReusingStorage
 from ckpt_plugins.options.memory import MemoryTierOptions
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.persist.request import collect
@@ -37,7 +38,6 @@ from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.restore.select import materialize
 from ckpt_plugins.restore.targets import RestoreReport
-from ckpt_plugins.storage.local import LocalStorage
 
 __all__ = ["MARK", "MemoryTier", "Snapshot"]
 
@@ -101,7 +101,7 @@ class MemoryTier:
         check_root(options.root, options.budget_bytes)
         self.options = options
         self.rank, self.world_size = rank, world_size
-        self.storage = LocalStorage()
+        self.storage = ReusingStorage()
         self.base = snapshot_root(options.root, directory)
         self.folder = os.path.join(self.base, f"rank{rank}")
         self.layout = Layout(self.storage, self.folder, prefix)
@@ -111,6 +111,7 @@ class MemoryTier:
             layout.cleanup_leftovers()  # a snapshot a SIGKILL cut short (never while another process writes)
         self.lock = threading.Lock()  # snapshots written/pruned vs read by the peer sender
         self._stager: HostStager | None = None
+        self._spare: str | None = None  # a superseded snapshot whose files the next one overwrites
         self._budget_checked = False
         self.damaged: set[str] = set()
         self.verified: set[str] = set()
@@ -183,22 +184,17 @@ class MemoryTier:
         metrics: dict[str, float],
         user_metadata: Mapping[str, Any] | None,
         retention: dict[str, Any] | None,
+        submit: Callable[[SaveHandle, Callable[[SaveHandle], str]], SaveHandle] | None = None,
     ) -> SaveHandle:
-        """Write and commit the snapshot of ``step`` (on the caller's thread: it is the one memory
-        copy of the state); keep the newest ``keep``; hand it to the peer sender. Returns a handle
-        that is already committed (its path is the snapshot)."""
+        """Write and commit the snapshot of ``step``; keep the newest ``keep``; hand it to the peer
+        sender. Default: on the caller's thread (the write is the one memory copy of the state) and
+        the handle returned is committed. With ``submit`` (overlap mode: the manager's persist
+        engine), the same job runs on the background writer, reading the live tensors, and the
+        handle is staged and committed when the snapshot is (what ``wait_for_snapshot`` waits for)."""
         tensors, extra_specs = collect(flat, rank_flat, extra_files)
         if not self._budget_checked:
             self._check_budget(sum(t.numel() * t.element_size() for t in tensors.values()))
             self._budget_checked = True
-        slot = None
-        if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
-            self._stager = self._stager or HostStager(1)
-            slot = self._stager.acquire()
-            assert slot is not None  # a blocking acquire
-            staged = self._stager.stage(slot, tensors)  # pinned, reused host buffers
-            staged.wait()
-            tensors = staged.tensors
         meta = {**(user_metadata or {}), MARK: {"rank": self.rank, "world_size": self.world_size}}
         request = SaveRequest(
             step=step,
@@ -218,25 +214,61 @@ class MemoryTier:
             callbacks=(),
             retention=retention,
         )
-        dest = Destination(self.storage, self.layout, self._write, False, 0, 1, 60.0)
         handle = SaveHandle(step, self.layout.path_for(step))
+        if submit is not None:
+            return submit(handle, lambda h: self._write_snapshot(request, h))
+        handle._durable.set_result(self._write_snapshot(request, handle))
+        return handle
+
+    def _write_snapshot(self, request: SaveRequest, handle: SaveHandle) -> str:
+        """The snapshot job: stage CUDA tensors (pinned, reused buffers), write the files into the
+        spare snapshot's recycled folder (:mod:`.recycle`), commit, prune, offer it to the peer."""
+        step, tensors, slot = request.step, request.tensors, None
+        if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
+            self._stager = self._stager or HostStager(1)
+            slot = self._stager.acquire()
+            assert slot is not None  # a blocking acquire
+            staged = self._stager.stage(slot, tensors)  # pinned, reused host buffers
+            staged.wait()
+            request = dataclasses.replace(request, tensors=staged.tensors)
+        manifests: list[Manifest | None] = []
+        dest = Destination(self.storage, self.layout, self._write, False, 0, 1, 60.0)
+        inner = SaveHandle(step, handle.path)  # the job's own; the caller's is settled by the caller
         try:
             with self.lock:
                 for later in [s for s in self.steps() if s > step]:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
                     self.layout.delete(later)
-                path = SaveJob(request, dest, _NoSlot(), done=lambda *_: None)(handle)  # type: ignore[arg-type]
+                spare, self._spare = self._spare, None
+                if spare is not None and os.path.isdir(spare):
+                    self.storage.recycle(spare, self.layout.new_temp_dir(step, request.token))
+                job = SaveJob(request, dest, _NoSlot(), done=lambda _r, m: manifests.append(m))  # type: ignore[arg-type]
+                path = job(inner)
+                committed = manifests[-1] if manifests else None
+                written: set[str] = {MANIFEST_NAME, *committed.files} if committed is not None else set()
+                for name in os.listdir(path) if committed is not None else ():
+                    if name not in written:  # a recycled file not written again
+                        os.remove(os.path.join(path, name))
                 self.verified.add(path)
                 for old in self.steps()[: -self.options.keep]:
-                    self.layout.delete(old)
+                    self._retire(old)
                 self.verified &= {c.path for c in self.layout.committed()}
         finally:
             if slot is not None and self._stager is not None:
                 self._stager.release(slot)
-        handle._durable.set_result(path)
+        handle.stats.update(inner.stats)
         if self.peers is not None:
             self.peers.offer(step, path)
-        return handle
+        return path
+
+    def _retire(self, step: int) -> None:
+        """A snapshot no longer kept: the spare (its pages reused by the next one), or removed."""
+        if self._spare is not None:
+            self.layout.delete(step)
+            return
+        spare = self.layout.new_temp_dir(step, "spare-" + uuid.uuid4().hex[:8])
+        os.rename(self.layout.path_for(step), spare)  # hidden at once: never listed again
+        self._spare = spare
 
     def _write(
         self,

@@ -4,7 +4,10 @@
 bit). As a child process (``python memory_train.py DIR [--persist K] [--until N] [--keep N]``):
 restore "latest" if there is one, then train and save every step, printing "saved <step>" after
 each save() returned; with ``--until`` it stops there and exits normally (no close(): the exit
-hooks must free the memory), else it runs until it is killed.
+hooks must free the memory), else it runs until it is killed. ``--overlap``: the snapshot is written
+in the background (``async_save=True, snapshot="overlap"``) and the loop calls
+``wait_for_snapshot()`` before each optimizer step, then prints "snapshot <step>" for the snapshot
+known complete.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ def make():
     return model, opt
 
 
-def train_step(model, opt, step: int) -> None:
-    """One step; its batch depends on the step alone (the data position), dropout on the global RNG."""
+def train_step(model, opt, step: int, before_optimizer_step=None) -> None:
+    """One step; its batch depends on the step alone (the data position), dropout on the global RNG.
+    ``before_optimizer_step()`` runs after the backward pass (overlap mode waits for the snapshot there)."""
     g = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(8, 16, generator=g)
     loss = model(x).pow(2).mean()
     opt.zero_grad()
     loss.backward()
+    if before_optimizer_step is not None:
+        before_optimizer_step()
     opt.step()
 
 
@@ -54,10 +60,12 @@ def main() -> None:
     parser.add_argument("--persist", type=int, default=5)
     parser.add_argument("--until", type=int, default=None)
     parser.add_argument("--keep", type=int, default=1)
+    parser.add_argument("--overlap", action="store_true")
     args = parser.parse_args()
     model, opt = make()
+    overlap = {"async_save": True, "snapshot": "overlap"} if args.overlap else {}
     mgr = CheckpointManager(
-        args.directory, memory_tier=MemoryTierOptions(keep=args.keep), persist_every_n_steps=args.persist
+        args.directory, memory_tier=MemoryTierOptions(keep=args.keep), persist_every_n_steps=args.persist, **overlap
     )
     start = 0
     if mgr.latest_step() is not None:
@@ -66,9 +74,15 @@ def main() -> None:
         start = mgr.restored_step
     print(f"ready {start}", flush=True)
     step = start
+
+    def snapshot_done() -> None:  # overlap mode: the previous save's snapshot is complete after this
+        mgr.wait_for_snapshot()
+        if step - 1 > start:
+            print(f"snapshot {step - 1}", flush=True)
+
     while args.until is None or step < args.until:
         step += 1
-        train_step(model, opt, step)
+        train_step(model, opt, step, snapshot_done if args.overlap else None)
         mgr.save(step, state_of(model, opt, step), rank_state={"rng": capture_rng()})
         print(f"saved {step}", flush=True)
     sys.exit(0)

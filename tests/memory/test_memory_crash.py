@@ -26,10 +26,10 @@ CHILD = HELPERS / "memory_train.py"
 KILLS = int(os.environ.get("CKPT_KILLS", 30 if os.environ.get("CKPT_SOAK") else 1))
 
 
-def _run_until_killed(directory, after: int) -> tuple[int, int]:
+def _run_until_killed(directory, after: int, *flags: str) -> tuple[int, int]:
     """Start the child, SIGKILL it once it reported ``after`` saves; (its start, its last saved step)."""
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), "--persist", "5"],
+        [sys.executable, str(CHILD), str(directory), "--persist", "5", *flags],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -79,3 +79,35 @@ def test_sigkill_resumes_from_memory_bit_for_bit_and_from_disk_once_the_memory_i
         _assert_equals_rerun(mgr, durable)
         assert mgr.last_restore_report.source.startswith(str(tmp_path))
     assert not os.path.exists(shm)
+
+
+def test_overlap_mode_sigkill_restores_at_least_the_last_completed_snapshot_bit_for_bit(tmp_path, shm_of):
+    # The snapshot is written on the writer while the next step's forward and backward run; the loop
+    # waits for it before optimizer.step(). A kill at any moment restores at least the last snapshot
+    # known complete ("snapshot N": wait_for_snapshot() returned), hence at least one step before
+    # the last save() that returned, and equals a rerun to the step it restores.
+    rng, seed = kill_rng("memory tier overlap")
+    shm = shm_of(tmp_path)
+    for trial in range(KILLS):
+        proc = subprocess.Popen(
+            [sys.executable, str(CHILD), str(tmp_path), "--persist", "5", "--overlap"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        start = int(proc.stdout.readline().split()[1])
+        completed, returned = start, start
+        for _ in range(rng.randint(12, 28)):
+            kind, step = proc.stdout.readline().split()
+            if kind == "snapshot":
+                completed = int(step)
+            else:
+                returned = int(step)
+        proc.send_signal(signal.SIGKILL)  # while it trains and snapshots on
+        proc.communicate()
+        assert completed > start and returned >= completed, (seed, trial, completed, returned)
+        with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5, read_only=True) as mgr:
+            latest = mgr.latest_step()
+            assert latest is not None and latest >= completed and latest >= returned - 1, (seed, trial, latest)
+            _assert_equals_rerun(mgr, latest)
+            assert mgr.last_restore_report.source.startswith(shm), mgr.last_restore_report.source

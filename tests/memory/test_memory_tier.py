@@ -116,3 +116,25 @@ def test_a_fresh_run_does_not_drop_a_crashed_runs_newer_snapshots(tmp_path, shm_
         assert "[5, 7]" in str(exc.value)
         assert mgr.start_run(7, resumed=True) == []
     assert not os.path.exists(shm)
+
+
+def test_a_snapshot_overwrites_the_pages_of_the_one_it_supersedes(tmp_path, shm_of):
+    # keep=1: the superseded snapshot becomes the hidden spare, and the next one is written into its
+    # files in place (no fresh tmpfs pages to zero); a smaller state cuts the file, a file not
+    # written again goes, and every snapshot reads back as saved.
+    shm = shm_of(tmp_path)
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=100) as mgr:
+        tier = mgr._memory.tier
+        inodes = []
+        for step, extra in ((1, {"a.bin": b"x" * 5000}), (2, {}), (3, {}), (4, {})):
+            state = {"w": torch.full((64, 64) if step < 4 else (8, 8), float(step)), "step": step}
+            mgr.save(step, state, extra_files=extra)
+            path = tier.path_for(step)
+            inodes.append(os.stat(os.path.join(path, "state.safetensors")).st_ino)
+            assert tier.steps() == [step] and mgr.restore("latest")["w"][0, 0] == step
+            assert sorted(os.listdir(path)) == sorted(["manifest.json", "state.safetensors", *extra])
+            assert tier.layout.verify(path) == []
+        assert inodes[2] == inodes[0] and inodes[3] == inodes[1]  # the two folders take turns
+        hidden = [n for n in os.listdir(tier.folder) if n.startswith(".tmp-")]
+        assert len(hidden) == 1  # the spare: never listed
+    assert not os.path.exists(shm)
