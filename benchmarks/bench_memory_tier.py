@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from ckpt_plugins import CheckpointManager
 
     started = time.time()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread for the step and the floor: on the shared 2-core machine a 2-thread step swung from
+    # 30 ms to 500 ms between rounds (threads spinning against other jobs), drowning the effect.
+    torch.set_num_threads(1)
     model, opt = _model(args.mib)
     x = torch.randn(16, model[0].in_features)
     _step(model, opt, x)  # the optimizer's moments exist from here
@@ -302,10 +304,11 @@ _COLD: list[bool] = []
 
 def restart_note() -> str:
     if _COLD and all(_COLD):
-        how = "/proc/sys/vm/drop_caches" if not _EVICTION else "posix_fadvise(DONTNEED) (drop_caches not permitted)"
+        if not _EVICTION:
+            return "the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, as root) before each disk restart"
         return (
-            f"the disk checkpoint's pages evicted from the page cache before each disk restart with {how}; "
-            "mincore counted 0 of its pages resident afterwards"
+            "the disk checkpoint's pages evicted before each disk restart with posix_fadvise(DONTNEED) "
+            "(drop_caches not permitted); mincore counted 0 of its pages resident afterwards"
         )
     if _EVICTION:
         return f"disk partly warm: posix_fadvise(DONTNEED) left {max(_EVICTION)} pages resident (mincore)"
