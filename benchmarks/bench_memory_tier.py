@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "Command: `.venv/bin/python benchmarks/bench_memory_tier.py"
             + (f" --mib {args.mib}" if args.mib != 64 else "")
             + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
+            + (f" --steps {args.steps}" if args.steps != 10 else "")
             + (f" --persist {args.persist}" if args.persist != 50 else "")
             + "`",
         ]
