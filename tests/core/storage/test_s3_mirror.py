@@ -39,6 +39,20 @@ def _local_steps(local) -> list[int]:
     return sorted(int(n[5:]) for n in os.listdir(local) if n.startswith("step_"))
 
 
+def _commit_two_steps_locally_then_sigkill(fault_proxy, url: str, local, *child_args: str) -> None:
+    """Run ``mirror_child.py`` (through the fault proxy, whose faults the caller set) until it
+    reports steps 1 and 2 committed locally, SIGKILL it, then clear the proxy's faults."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": fault_proxy.endpoint}
+    argv = [sys.executable, str(HELPERS / "mirror_child.py"), url, str(local), "2", *child_args]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "ready"
+    lines = [child.stdout.readline().strip() for _ in range(2)]
+    assert lines == ["committed 1", "committed 2"], lines
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    fault_proxy.faults.clear()
+
+
 def test_saves_commit_locally_upload_in_the_background_and_keep_the_last_k(s3_bucket, s3_server, s3_options, tmp_path):
     local = tmp_path / "local"
     url = f"s3://{s3_bucket}/run"
@@ -123,19 +137,7 @@ def test_sigkill_between_local_commit_and_upload_then_the_next_manager_uploads(
     local = tmp_path / "local"
     url = f"s3://{s3_bucket}/run"
     fault_proxy.inject("drop", count=10_000, path="/run/step_")  # no upload request reaches the store
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": fault_proxy.endpoint}
-    child = subprocess.Popen(
-        [sys.executable, str(HELPERS / "mirror_child.py"), url, str(local), "2"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert child.stdout.readline().strip() == "ready"
-    lines = [child.stdout.readline().strip() for _ in range(2)]
-    assert lines == ["committed 1", "committed 2"], lines
-    child.send_signal(signal.SIGKILL)
-    child.communicate()
-    fault_proxy.faults.clear()
+    _commit_two_steps_locally_then_sigkill(fault_proxy, url, local)
     assert _remote_steps(s3_server, s3_bucket) == []
     assert _local_steps(local) == [1, 2]
     with CheckpointManager(url, storage_options=s3_options, mirror=local, keep_local=1) as mgr:
@@ -162,19 +164,7 @@ def test_templated_and_named_checkpoints_are_uploaded_again_after_a_sigkill(
     url = f"s3://{s3_bucket}/run"
     template = "epoch=0-step={step}{version}.ckpt"
     fault_proxy.inject("drop", count=10_000, path=".ckpt/")  # no upload of a checkpoint reaches the store
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": fault_proxy.endpoint}
-    child = subprocess.Popen(
-        [sys.executable, str(HELPERS / "mirror_child.py"), url, str(local), "2", "sync", "names"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert child.stdout.readline().strip() == "ready"
-    lines = [child.stdout.readline().strip() for _ in range(2)]
-    assert lines == ["committed 1", "committed 2"], lines
-    child.send_signal(signal.SIGKILL)
-    child.communicate()
-    fault_proxy.faults.clear()
+    _commit_two_steps_locally_then_sigkill(fault_proxy, url, local, "sync", "names")
     assert not [k for k in _keys(s3_server, s3_bucket, "run/") if k.endswith("/manifest.json")]
     names = {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"}
     assert names <= set(os.listdir(local))
