@@ -18,6 +18,7 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from ckpt_plugins import CheckpointManager
 from ckpt_plugins.hf import CheckpointArguments, CheckpointCallback
+from soak import MIRROR_DDP_X2, soak_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 import hf_train
@@ -130,11 +131,7 @@ def test_hf_trainer_with_a_local_mirror_of_s3_resumes_from_the_local_copy(s3_buc
     assert sorted(n for n in local.iterdir() if not n.name.startswith(".")) == [local / "checkpoint-8"]
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CKPT_SOAK"),
-    reason="CKPT_SOAK=1 (make soak): a two-process launch, ~25 s; the fast DDP x2 case is "
-    "tests/core/storage/test_s3_mirror.py::test_two_ranks_save_through_a_mirror_and_rank_0_uploads_the_manifest_last",
-)
+@soak_only(MIRROR_DDP_X2)
 @pytest.mark.timeout(200)
 def test_torchrun_two_ranks_through_a_mirror_of_s3(s3_bucket, s3_server, tmp_path):
     """DDP x2 (torchrun, gloo) with ``mirror=``: every checkpoint the ranks save lands in the store

@@ -16,6 +16,7 @@ from ckpt_plugins import CheckpointManager
 from ckpt_plugins.lightning import CheckpointCallback, CheckpointIOPlugin
 from ckpt_plugins.lightning.convert import CALLBACK_NAMES
 from lightning_train import Net, data
+from soak import MIRROR_DDP_X2, soak_only
 
 
 def _fit(callback, steps: int, ckpt_path=None, plugins=None):
@@ -115,11 +116,7 @@ def test_lightning_callback_with_a_local_mirror_of_s3(s3_bucket, s3_server, monk
     assert trainer.global_step == 20
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CKPT_SOAK"),
-    reason="CKPT_SOAK=1 (make soak): a two-process launch, ~25 s; the fast DDP x2 case is "
-    "tests/core/storage/test_s3_mirror.py::test_two_ranks_save_through_a_mirror_and_rank_0_uploads_the_manifest_last",
-)
+@soak_only(MIRROR_DDP_X2)
 @pytest.mark.timeout(200)
 def test_lightning_ddp_x2_through_a_mirror_of_s3(s3_bucket, s3_server, tmp_path):
     """DDP x2 (gloo, Lightning's subprocess launcher) with ``mirror=``: each rank's file of every
