@@ -38,12 +38,14 @@ from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
 _Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin, end (offsets in the data)
 
 __all__ = [
+    "PENDING_CHECKSUM",
     "FileRecord",
     "HashingWriter",
     "Prehashed",
     "checksum_file",
     "data_offsets",
     "file_head",
+    "file_layout",
     "is_mapped",
     "read_header",
     "read_mapped",
@@ -82,12 +84,23 @@ for _name, _code in (
 _CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
 
 
+PENDING_CHECKSUM = "pending"
+"""The ``xxh3_64`` of a file committed before its checksum was recorded: only the in-memory tier
+writes it (:mod:`ckpt_plugins.memory.mapped` records the checksum just after the commit), and
+only a process that died in between leaves it for a reader, who can then check the size only."""
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """Size and checksum of one written file, as stored in the manifest."""
 
     size: int
     xxh3_64: str
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the checksum was recorded (see :data:`PENDING_CHECKSUM`)."""
+        return self.xxh3_64 != PENDING_CHECKSUM
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,14 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     # then starts page-aligned in the file, so aligned memory can go to disk with O_DIRECT as is.
     blob += b" " * (-(8 + len(blob)) % ALIGN)
     return order, struct.pack("<Q", len(blob)) + blob, offset
+
+
+def file_layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[list[str], bytes, int]:
+    """How :func:`write_tensor_file` lays out a file: the tensors' order, the bytes before their
+    data (length and header), and the data's length."""
+    return _layout(tensors, metadata)
 
 
 def file_head(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -318,7 +339,7 @@ def _check_keys(path: str, entries: Mapping[str, _Entry], wanted: set[str] | Non
 
 
 def _check_digest(path: str, digest: str | None, expected: FileRecord | None) -> None:
-    if digest is not None and expected is not None and digest != expected.xxh3_64:
+    if digest is not None and expected is not None and expected.checksummed and digest != expected.xxh3_64:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch (xxh3 {digest}, manifest {expected.xxh3_64}); the file is damaged"
         )

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import xxhash
+
 from ckpt_plugins.distributed import all_gather_object, is_distributed
 from ckpt_plugins.errors import UnsupportedStateError
 from ckpt_plugins.layout.commit import Layout
@@ -61,19 +63,26 @@ def copy_to(tier: MemoryTier, step: int, layout: Layout, chunk: int = 8 << 20) -
     they are the format a save writes, so no decode and encode, and no helper threads (this runs at
     interpreter exit too, when new thread pools are refused). The manifest is the snapshot's
     without the memory mark; the commit is the directory's own protocol."""
+    tier.settle()
     source = tier.path_for(step)
     manifest = tier.layout.read_manifest(source)
-    manifest = dataclasses.replace(
-        manifest, user_metadata={k: v for k, v in manifest.user_metadata.items() if k != MARK}
-    )
     storage = layout.storage
     temp = layout.new_temp_dir(step)
+    files = dict(manifest.files)
     try:
         storage.makedirs(temp)
-        for name in manifest.files:
+        for name, record in manifest.files.items():
+            # a checksum a crashed run never recorded (memory.mapped) is taken now, on the way
+            hasher = None if record.checksummed else xxhash.xxh3_64()
             with open(os.path.join(source, name), "rb") as src, storage.open_write(storage.join(temp, name)) as out:
                 while block := src.read(chunk):
                     out.write(block)
+                    if hasher is not None:
+                        hasher.update(block)
+            if hasher is not None:
+                files[name] = dataclasses.replace(record, xxh3_64=hasher.hexdigest())
+        user_metadata = {k: v for k, v in manifest.user_metadata.items() if k != MARK}
+        manifest = dataclasses.replace(manifest, files=files, user_metadata=user_metadata)
         return layout.commit(temp, manifest, replace=storage.exists(layout.path_for(step)))
     except BaseException:
         layout.discard(temp)

@@ -27,8 +27,9 @@ import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
-from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, read_tensor_file, write_tensor_file
+from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, read_tensor_file
 from ckpt_plugins.layout.commit import Layout
+from ckpt_plugins.memory.mapped import DeferredChecksums, MappedFiles, pending
 from ckpt_plugins.memory.place import check_budget, check_root, folder_bytes, snapshot_root
 from ckpt_plugins.memory.recycle import ReusingStorage
 from ckpt_plugins.options.memory import MemoryTierOptions
@@ -112,6 +113,9 @@ class MemoryTier:
         self.lock = threading.Lock()  # snapshots written/pruned vs read by the peer sender
         self._stager: HostStager | None = None
         self._spare: str | None = None  # a superseded snapshot whose files the next one overwrites
+        self.mapped = MappedFiles()  # every snapshot file this tier writes, mapped once (.mapped)
+        self.checksums = DeferredChecksums()  # recorded after each commit, on a helper thread
+        self._written: dict[str, Any] = {}  # the job in progress: file name -> its mapping
         self._budget_checked = False
         self.damaged: set[str] = set()
         self.verified: set[str] = set()
@@ -149,6 +153,7 @@ class MemoryTier:
         wrote count as verified. ``full=False`` leaves the checksums to the read (one pass over
         the bytes instead of two; a read that finds damage calls :meth:`mark_damaged`)."""
         layout = layout or self.layout
+        self.settle()
         good = []
         for ckpt in reversed(layout.committed()):
             if ckpt.path in self.damaged:
@@ -162,6 +167,16 @@ class MemoryTier:
                     "memory snapshot step %d (%s) is damaged, skipped: %s", ckpt.step, ckpt.path, "; ".join(problems)
                 )
                 continue
+            unchecked = pending(layout.read_manifest(ckpt.path).files)
+            if unchecked:
+                log.warning(
+                    "memory snapshot step %d (%s): the process that wrote it died before recording the checksums "
+                    "of %s (within milliseconds of its save); it is complete (committed after the copy), but only "
+                    "the sizes can be checked",
+                    ckpt.step,
+                    ckpt.path,
+                    ", ".join(unchecked),
+                )
             if full:
                 self.verified.add(ckpt.path)
             good.append(ckpt.step)
@@ -236,7 +251,10 @@ class MemoryTier:
         inner = SaveHandle(step, handle.path)  # the job's own; the caller's is settled by the caller
         try:
             with self.lock:
-                for later in [s for s in self.steps() if s > step]:
+                self.checksums.settle()  # the previous snapshot's: its folder may be renamed below
+                self._written = {}
+                before = self.steps()
+                for later in [s for s in before if s > step]:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
                     self.layout.delete(later)
                 spare, self._spare = self._spare, None
@@ -250,16 +268,25 @@ class MemoryTier:
                     if name not in written:  # a recycled file not written again
                         os.remove(os.path.join(path, name))
                 self.verified.add(path)
-                for old in self.steps()[: -self.options.keep]:
+                steps = sorted({s for s in before if s < step} | {step})  # what is committed now
+                for old in steps[: -self.options.keep]:
                     self._retire(old)
-                self.verified &= {c.path for c in self.layout.committed()}
+                kept = [self.layout.path_for(s) for s in steps[-self.options.keep :]]
+                self.verified &= set(kept)
+                self.mapped.keep_only([*kept, *([self._spare] if self._spare else [])])
+                peers = self.peers
+                self.checksums.submit(
+                    path, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
+                )
         finally:
             if slot is not None and self._stager is not None:
                 self._stager.release(slot)
         handle.stats.update(inner.stats)
-        if self.peers is not None:
-            self.peers.offer(step, path)
         return path
+
+    def settle(self) -> None:
+        """Wait until the newest snapshot's checksums are in its manifest (:mod:`.mapped`)."""
+        self.checksums.settle()
 
     def _retire(self, step: int) -> None:
         """A snapshot no longer kept: the spare (its pages reused by the next one), or removed."""
@@ -278,11 +305,14 @@ class MemoryTier:
         slot: int | None,
         prehashed: Prehashed | None = None,
     ) -> FileRecord:
-        return write_tensor_file(self.storage, path, tensors, metadata, direct_io=False, prehashed=prehashed)
+        record, mapping = self.mapped.write(path, tensors, metadata)
+        self._written[os.path.basename(path)] = mapping
+        return record
 
     # --- reading -----------------------------------------------------------------------------
     def read(self, step: int, *, map_location: str | torch.device = "cpu", verify: bool = True) -> Snapshot:
         """The whole snapshot of ``step`` as it was saved (for persisting it to the directory)."""
+        self.settle()
         path = self.layout.path_for(step)
         manifest = self.layout.read_manifest(path)
 
@@ -318,6 +348,7 @@ class MemoryTier:
     # --- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the peer transfer (after the last snapshot has been sent)."""
+        self.settle()
         if self.peers is not None:
             self.peers.close()
             self.peers = None
@@ -325,6 +356,8 @@ class MemoryTier:
     def discard(self) -> None:
         """Free the memory: remove this rank's snapshots and peer copies (and the directory's folder
         once no rank has one left)."""
+        self.settle()
+        self.mapped.close()
         self.storage.remove_tree(self.folder) if os.path.exists(self.folder) else None
         try:
             os.rmdir(self.base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import torch
 
 from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions, StepExistsError
 from ckpt_plugins.cli import main as cli_main
+from ckpt_plugins.files.manifest import dump_manifest
+from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM
 from conftest import HELPERS
 
 
@@ -51,6 +54,7 @@ def test_a_damaged_snapshot_is_skipped_with_a_warning(tmp_path, shm_of, caplog):
     for step in range(1, 8):
         mgr.save(step, _state(step))
     tier = mgr._memory.tier
+    tier.settle()  # a crash after step 7's checksums were recorded (the window is tested below)
     mgr._memory = None  # leave the memory as a crash would
     mgr.close()
     path = os.path.join(tier.path_for(7), "state.safetensors")
@@ -64,6 +68,58 @@ def test_a_damaged_snapshot_is_skipped_with_a_warning(tmp_path, shm_of, caplog):
         assert mgr.latest_step() == 6
         assert mgr.restore("latest")["step"] == 6
     assert "memory snapshot step 7" in caplog.text and "damaged" in caplog.text
+
+
+def test_a_snapshot_whose_checksums_were_never_recorded_restores_with_size_checks_and_says_so(tmp_path, shm_of, caplog):
+    # The checksums are recorded just after the commit (memory.mapped); a process that dies in
+    # between leaves a complete snapshot whose manifest says "pending". It is restored (it is newer
+    # than anything else), with a WARNING; persisting it at close records its checksum then.
+    shm_of(tmp_path)
+    mgr = CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5)
+    for step in range(1, 8):
+        mgr.save(step, _state(step))
+    tier = mgr._memory.tier
+    tier.settle()
+    mgr._memory = None  # the crash
+    mgr.close()
+    snapshot = tier.path_for(7)
+    manifest = tier.layout.read_manifest(snapshot)
+    assert all(rec.checksummed for rec in manifest.files.values())  # recorded, in the normal course
+    unrecorded = {name: dataclasses.replace(rec, xxh3_64=PENDING_CHECKSUM) for name, rec in manifest.files.items()}
+    with open(os.path.join(snapshot, "manifest.json"), "wb") as f:  # as the manifest was at its commit
+        f.write(dump_manifest(dataclasses.replace(manifest, files=unrecorded)))
+    caplog.set_level(logging.WARNING, logger="ckpt_plugins")
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=5) as mgr:
+        assert mgr.latest_step() == 7
+        assert torch.equal(mgr.restore("latest")["w"], _state(7)["w"])
+    assert "step 7" in caplog.text and "only the sizes can be checked" in caplog.text
+    with CheckpointManager(tmp_path) as mgr:  # persisted at close, with the checksum taken on the way
+        assert mgr.steps() == [5, 7] and mgr.verify(7) == []
+        assert all(rec.checksummed for rec in mgr.layout.read_manifest(mgr.path_for(7)).files.values())
+
+
+def _mapped_snapshot_files(folder: str) -> set[str]:
+    """Files under ``folder`` that this process has mapped (from /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if folder in line}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_snapshot_files_stay_mapped_while_kept_and_no_mapping_outlives_its_file(tmp_path, shm_of):
+    # Snapshots are written through shared mappings kept from one save to the next (memory.mapped).
+    # A mapping keeps its pages alive after its file is removed, so only the files still there
+    # (the kept snapshot and the spare) may be mapped, and none once the tier is closed.
+    shm = shm_of(tmp_path)
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=100) as mgr:
+        tier = mgr._memory.tier
+        for step in range(1, 6):
+            mgr.save(step, {"w": torch.full((128, 128) if step < 5 else (16, 16), float(step))})
+            mapped = _mapped_snapshot_files(shm)
+            assert mapped and all(os.path.exists(p.removesuffix(" (deleted)")) for p in mapped), mapped
+            assert not any(p.endswith("(deleted)") for p in mapped)
+            assert len(mapped) <= 2  # the snapshot's state file and the spare's
+            assert tier.layout.verify(tier.path_for(step)) == []
+    assert _mapped_snapshot_files(shm) == set() and not os.path.exists(shm)
 
 
 def test_budget_and_option_errors_name_the_option(tmp_path, shm_of):
