@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             "## Targets",
             "",
             md_table(
-                ["target", "measured", "met"], [(h["target"], h["measured"], "met" if h["met"] else "**not met**") for h in headline]
+                ["target", "measured", "met"],
+                [(h["target"], h["measured"], "met" if h["met"] else "**not met**") for h in headline],
             ),
             "",
             "## Restart to the first training step",
