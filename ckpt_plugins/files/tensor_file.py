@@ -46,6 +46,7 @@ __all__ = [
     "data_offsets",
     "file_head",
     "file_layout",
+    "hash_mapping",
     "is_mapped",
     "read_header",
     "read_mapped",
@@ -158,7 +159,11 @@ def file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(tensors, key=lambda k: -tensors[k].element_size())
 
 
-def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[list[str], bytes, int]:
+def file_layout(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[list[str], bytes, int]:
+    """How :func:`write_tensor_file` lays out a file: the tensors' order, the bytes before their
+    data (length and header), and the data's length."""
     order = file_order(tensors)
     header: dict[str, object] = {}
     if metadata:
@@ -182,17 +187,9 @@ def _layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     return order, struct.pack("<Q", len(blob)) + blob, offset
 
 
-def file_layout(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> tuple[list[str], bytes, int]:
-    """How :func:`write_tensor_file` lays out a file: the tensors' order, the bytes before their
-    data (length and header), and the data's length."""
-    return _layout(tensors, metadata)
-
-
 def file_head(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """The bytes :func:`write_tensor_file` writes before the tensors' data (length and header)."""
-    return _layout(tensors, metadata)[1]
+    return file_layout(tensors, metadata)[1]
 
 
 def data_offsets(
@@ -200,7 +197,7 @@ def data_offsets(
 ) -> dict[str, tuple[int, int]]:
     """Where :func:`write_tensor_file` puts each tensor's bytes: ``[begin, end)`` from the start of
     the file (header included), known before the file is written."""
-    order, head, _ = _layout(tensors, metadata)
+    order, head, _ = file_layout(tensors, metadata)
     out, offset = {}, len(head)
     for key in order:
         nbytes = tensors[key].numel() * tensors[key].element_size()
@@ -224,7 +221,7 @@ def write_tensor_file(
     (:mod:`.direct_io`). ``prehashed``: the checksum taken while staging (see :class:`Prehashed`);
     used when it describes exactly what is written here, else the file is hashed as it is written.
     """
-    order, head, data_len = _layout(tensors, metadata)
+    order, head, data_len = file_layout(tensors, metadata)
     runs = list(_runs(tensors[key] for key in order))
     known = prehashed.digest if prehashed is not None and _describes(prehashed, head, runs) else None
     hasher = None if known is not None else xxhash.xxh3_64(head)
@@ -431,7 +428,7 @@ def read_mapped(
     chosen = [(k, e) for k, e in entries.items() if wanted is None or k in wanted]
     verify = expected is not None and wanted is None
     if verify:
-        _check_digest(path, _hash_mapped(mapped, file_size), expected)
+        _check_digest(path, hash_mapping(mapped, file_size), expected)
     out: dict[str, torch.Tensor] = {}
     for key, (dtype, shape, begin, end) in chosen:
         out[key] = _mapped_tensor(mapped, data_start + begin, end - begin, dtype, shape)
@@ -473,7 +470,7 @@ def _willneed(mapped: mmap.mmap, offset: int, length: int) -> None:
         mapped.madvise(option, start, min(len(mapped), offset + length) - start)
 
 
-def _hash_mapped(mapped: mmap.mmap, size: int) -> str:
+def hash_mapping(mapped: mmap.mmap, size: int) -> str:
     """xxh3 of the whole mapping. The pass faults the pages in (from the page cache, or from disk
     after the readahead hint) as it hashes, so the hash is the read: one pass over the bytes, with
     the GIL released."""

@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import xxhash
-
 from ckpt_plugins.distributed import all_gather_object, is_distributed
 from ckpt_plugins.errors import UnsupportedStateError
+from ckpt_plugins.files.tensor_file import HashingWriter
 from ckpt_plugins.layout.commit import Layout
 from ckpt_plugins.memory.tier import MARK, MemoryTier
 from ckpt_plugins.options.memory import MemoryTierOptions
@@ -72,15 +71,13 @@ def copy_to(tier: MemoryTier, step: int, layout: Layout, chunk: int = 8 << 20) -
     try:
         storage.makedirs(temp)
         for name, record in manifest.files.items():
-            # a checksum a crashed run never recorded (memory.mapped) is taken now, on the way
-            hasher = None if record.checksummed else xxhash.xxh3_64()
-            with open(os.path.join(source, name), "rb") as src, storage.open_write(storage.join(temp, name)) as out:
+            with open(os.path.join(source, name), "rb") as src, storage.open_write(storage.join(temp, name)) as raw:
+                # a checksum a crashed run never recorded (memory.mapped) is taken now, on the way
+                out = raw if record.checksummed else HashingWriter(raw)
                 while block := src.read(chunk):
                     out.write(block)
-                    if hasher is not None:
-                        hasher.update(block)
-            if hasher is not None:
-                files[name] = dataclasses.replace(record, xxh3_64=hasher.hexdigest())
+            if isinstance(out, HashingWriter):
+                files[name] = out.record() or record
         user_metadata = {k: v for k, v in manifest.user_metadata.items() if k != MARK}
         manifest = dataclasses.replace(manifest, files=files, user_metadata=user_metadata)
         return layout.commit(temp, manifest, replace=storage.exists(layout.path_for(step)))

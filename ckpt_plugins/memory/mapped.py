@@ -32,10 +32,10 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import xxhash
 
-from ckpt_plugins.files.manifest import MANIFEST_NAME, dump_manifest, parse_manifest
-from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout
+from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
+from ckpt_plugins.persist.hashed_copy import holds_own_bytes
 
 __all__ = ["DeferredChecksums", "MappedFiles"]
 
@@ -54,17 +54,11 @@ class _Mapping:
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
 
     def digest(self) -> str:
-        with memoryview(self.map) as view:
-            return xxhash.xxh3_64(view).hexdigest()  # xxhash releases the GIL for large inputs
+        return hash_mapping(self.map, self.size)
 
     def close(self) -> None:
         del self.bytes  # the tensor holds the buffer export that would keep the map open
         self.map.close()
-
-
-def _plain(tensor: torch.Tensor) -> bool:
-    """Whether the tensor's memory holds exactly the bytes to store (copied as bytes then)."""
-    return tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()
 
 
 class MappedFiles:
@@ -102,7 +96,7 @@ class MappedFiles:
                 nbytes = tensor.numel() * tensor.element_size()
                 if nbytes:
                     target = out[offset : offset + nbytes]
-                    if _plain(tensor):
+                    if holds_own_bytes(tensor):
                         target.copy_(tensor.reshape(-1).view(torch.uint8))
                     else:  # torch resolves the layout, the device, lazy conjugation
                         target.view(tensor.dtype).view(tensor.shape).copy_(tensor)
@@ -149,11 +143,19 @@ class DeferredChecksums:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def submit(self, path: str, files: Mapping[str, _Mapping], then: Callable[[str], None] | None = None) -> None:
+    def submit(
+        self,
+        path: str,
+        manifest: Manifest,
+        files: Mapping[str, _Mapping],
+        then: Callable[[str], None] | None = None,
+    ) -> None:
+        """Hash ``files`` (name -> mapping) of the snapshot committed at ``path`` with
+        ``manifest``, and record the checksums in it."""
         self.settle()
 
         def job() -> None:
-            record(path, {name: m.digest() for name, m in files.items()})
+            record(path, manifest, {name: m.digest() for name, m in files.items()})
             if then is not None:
                 then(path)
 
@@ -190,12 +192,10 @@ class DeferredChecksums:
             raise error
 
 
-def record(path: str, digests: Mapping[str, str]) -> None:
-    """Replace the committed manifest of ``path`` by one holding ``digests`` (file name -> xxh3):
-    written beside it, then renamed over it."""
+def record(path: str, manifest: Manifest, digests: Mapping[str, str]) -> None:
+    """Replace the manifest ``path`` was committed with by one holding ``digests`` (file name ->
+    xxh3): written beside it, then renamed over it."""
     where = os.path.join(path, MANIFEST_NAME)
-    with open(where, "rb") as f:
-        manifest = parse_manifest(f.read(), where)
     files = {
         name: dataclasses.replace(rec, xxh3_64=digests[name]) if name in digests else rec
         for name, rec in manifest.files.items()

@@ -275,8 +275,9 @@ class MemoryTier:
                 self.verified &= set(kept)
                 self.mapped.keep_only([*kept, *([self._spare] if self._spare else [])])
                 peers = self.peers
+                assert committed is not None  # the job raised otherwise
                 self.checksums.submit(
-                    path, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
+                    path, committed, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
                 )
         finally:
             if slot is not None and self._stager is not None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import xxhash
 
-__all__ = ["PIECE", "copy_and_hash", "copy_pieces"]
+__all__ = ["PIECE", "copy_and_hash", "copy_pieces", "holds_own_bytes"]
 
 PIECE = 4 << 20
 """Copy in pieces this large and let the hasher follow piece by piece: small enough to still be
@@ -118,13 +118,12 @@ def copy_pieces(pairs: list[tuple[torch.Tensor, torch.Tensor]], copied: Callable
 
 
 def _plain_bytes(src: torch.Tensor, dst: torch.Tensor) -> bool:
-    """Whether ``src``'s memory holds ``dst``'s bytes as they are (a contiguous CPU tensor of the
-    same shape and dtype, with no lazy conjugation or negation), so that a ``memmove`` copies it."""
-    return (
-        src.shape == dst.shape
-        and src.device.type == "cpu"
-        and src.is_contiguous()
-        and src.dtype == dst.dtype
-        and not src.is_conj()
-        and not src.is_neg()
-    )
+    """Whether ``src``'s memory holds ``dst``'s bytes as they are (same shape and dtype, and
+    :func:`holds_own_bytes`), so that a ``memmove`` copies it."""
+    return src.shape == dst.shape and src.dtype == dst.dtype and holds_own_bytes(src)
+
+
+def holds_own_bytes(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's memory holds exactly the bytes its values are stored as: contiguous, on
+    the CPU, with no lazy conjugation or negation (so it may be copied as raw bytes)."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_conj() and not tensor.is_neg()

@@ -197,7 +197,7 @@ def test_a_write_failing_half_way_raises_and_keeps_the_previous_checkpoint(tmp_p
 def test_staged_tensors_of_one_file_are_one_aligned_run():
     """The stager lays each file's tensors out contiguously, page-aligned, in the writer's order,
     so the writer hands one run of memory to the disk (no copy)."""
-    from ckpt_plugins.files.tensor_file import _layout, _runs
+    from ckpt_plugins.files.tensor_file import _runs, file_layout
     from ckpt_plugins.persist.stager import HostStager
 
     tensors = {
@@ -213,7 +213,7 @@ def test_staged_tensors_of_one_file_are_one_aligned_run():
     assert all(torch.equal(staged[k], v) for k, v in tensors.items())
     for prefix in ("state/", "rank/", "extra/f.safetensors/"):
         group = {k[len(prefix) :]: v for k, v in staged.items() if k.startswith(prefix)}
-        order, head, _ = _layout(group, None)
+        order, head, _ = file_layout(group, None)
         runs = list(_runs(group[k] for k in order))
         assert len(runs) == 1 and direct_io._address(runs[0]) % ALIGN == 0
         assert len(head) % ALIGN == 0  # the data section starts page-aligned in the file
