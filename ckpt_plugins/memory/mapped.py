@@ -32,10 +32,11 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+import xxhash
 
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
-from ckpt_plugins.persist.hashed_copy import holds_own_bytes
+from ckpt_plugins.persist.hashed_copy import PIECE, holds_own_bytes
 
 __all__ = ["DeferredChecksums", "MappedFiles"]
 
@@ -68,10 +69,17 @@ class MappedFiles:
         self._maps: dict[_Key, _Mapping] = {}
 
     def write(
-        self, path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+        self,
+        path: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None,
+        *,
+        hash_now: bool = False,
     ) -> tuple[FileRecord, _Mapping]:
         """Write ``tensors`` (on the CPU) as the safetensors file ``path`` (new, or a recycled
-        file whose pages are reused); the record's checksum is pending (see the module)."""
+        file whose pages are reused). The record's checksum is pending (see the module), or with
+        ``hash_now`` taken here: each piece is hashed right after its copy, from the cache it was
+        just written to (overlap mode, on the writer thread: one pass over memory, not two)."""
         order, head, data_len = file_layout(tensors, metadata)
         size = len(head) + data_len
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -89,19 +97,29 @@ class MappedFiles:
             os.close(fd)
         out = mapping.bytes
         out[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        hasher = xxhash.xxh3_64(head) if hash_now else None
         offset = len(head)
-        with torch.no_grad():
+        with torch.no_grad(), memoryview(mapping.map) as written:
             for name in order:
                 tensor = tensors[name]
                 nbytes = tensor.numel() * tensor.element_size()
                 if nbytes:
                     target = out[offset : offset + nbytes]
-                    if holds_own_bytes(tensor):
-                        target.copy_(tensor.reshape(-1).view(torch.uint8))
-                    else:  # torch resolves the layout, the device, lazy conjugation
+                    if not holds_own_bytes(tensor):  # torch resolves the layout, the device, lazy conjugation
                         target.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+                        if hasher is not None:
+                            hasher.update(written[offset : offset + nbytes])
+                    elif hasher is None:
+                        target.copy_(tensor.reshape(-1).view(torch.uint8))
+                    else:
+                        source = tensor.reshape(-1).view(torch.uint8)
+                        for start in range(0, nbytes, PIECE):
+                            end = min(start + PIECE, nbytes)
+                            target[start:end].copy_(source[start:end])
+                            hasher.update(written[offset + start : offset + end])
                 offset += nbytes
-        return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
+        digest = hasher.hexdigest() if hasher is not None else PENDING_CHECKSUM
+        return FileRecord(size=size, xxh3_64=digest), mapping
 
     def keep_only(self, folders: Iterable[str]) -> None:
         """Drop the mappings of every file not in ``folders`` (removed, or no longer the tier's)."""

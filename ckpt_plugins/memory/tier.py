@@ -116,6 +116,7 @@ class MemoryTier:
         self.mapped = MappedFiles()  # every snapshot file this tier writes, mapped once (.mapped)
         self.checksums = DeferredChecksums()  # recorded after each commit, on a helper thread
         self._written: dict[str, Any] = {}  # the job in progress: file name -> its mapping
+        self._hash_now = False  # the job in progress hashes as it copies (overlap mode)
         self._budget_checked = False
         self.damaged: set[str] = set()
         self.verified: set[str] = set()
@@ -231,13 +232,15 @@ class MemoryTier:
         )
         handle = SaveHandle(step, self.layout.path_for(step))
         if submit is not None:
-            return submit(handle, lambda h: self._write_snapshot(request, h))
+            return submit(handle, lambda h: self._write_snapshot(request, h, hash_now=True))
         handle._durable.set_result(self._write_snapshot(request, handle))
         return handle
 
-    def _write_snapshot(self, request: SaveRequest, handle: SaveHandle) -> str:
+    def _write_snapshot(self, request: SaveRequest, handle: SaveHandle, *, hash_now: bool = False) -> str:
         """The snapshot job: stage CUDA tensors (pinned, reused buffers), write the files into the
-        spare snapshot's recycled folder (:mod:`.recycle`), commit, prune, offer it to the peer."""
+        spare snapshot's recycled folder (:mod:`.recycle`), commit, prune, offer it to the peer.
+        The checksums are taken after the commit on a helper thread (:mod:`.mapped`), or with
+        ``hash_now`` (overlap mode: the job already runs beside training) during the copy."""
         step, tensors, slot = request.step, request.tensors, None
         if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
             self._stager = self._stager or HostStager(1)
@@ -253,6 +256,7 @@ class MemoryTier:
             with self.lock:
                 self.checksums.settle()  # the previous snapshot's: its folder may be renamed below
                 self._written = {}
+                self._hash_now = hash_now
                 before = self.steps()
                 for later in [s for s in before if s > step]:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
@@ -276,9 +280,12 @@ class MemoryTier:
                 self.mapped.keep_only([*kept, *([self._spare] if self._spare else [])])
                 peers = self.peers
                 assert committed is not None  # the job raised otherwise
-                self.checksums.submit(
-                    path, committed, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
-                )
+                if pending(committed.files):
+                    self.checksums.submit(
+                        path, committed, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
+                    )
+                elif peers is not None:
+                    peers.offer(step, path)
         finally:
             if slot is not None and self._stager is not None:
                 self._stager.release(slot)
@@ -306,7 +313,7 @@ class MemoryTier:
         slot: int | None,
         prehashed: Prehashed | None = None,
     ) -> FileRecord:
-        record, mapping = self.mapped.write(path, tensors, metadata)
+        record, mapping = self.mapped.write(path, tensors, metadata, hash_now=self._hash_now)
         self._written[os.path.basename(path)] = mapping
         return record
 

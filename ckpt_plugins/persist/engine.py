@@ -76,6 +76,13 @@ class SaveHandle:
         return f"SaveHandle(step={self.step}, path={self.path!r}, {state})"
 
 
+def _unsettled(handle: SaveHandle) -> bool:
+    """Whether the engine still tracks ``handle``: in flight, or failed with no one told yet."""
+    if not handle.done():
+        return True
+    return not handle._reported and handle._durable.exception() is not None
+
+
 class _WriterThread(threading.Thread):
     """The engine's daemon writer thread. ``stop()`` finishes the queued jobs, then ends it: what
     code that tidies up stray daemon threads calls (Lightning's test harness does)."""
@@ -132,7 +139,7 @@ class PersistEngine:
             if self._failure is not None:
                 self._failure_reported = True
                 raise self._failure
-            self._handles = [h for h in self._handles if not (h.done() and h._reported)]
+            self._handles = [h for h in self._handles if _unsettled(h)]  # bounded: a long run saves often
             self._handles.append(handle)
             if self.async_save:
                 if self._thread is None or not self._thread.is_alive():

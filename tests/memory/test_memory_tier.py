@@ -15,7 +15,7 @@ import torch
 from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions, StepExistsError
 from ckpt_plugins.cli import main as cli_main
 from ckpt_plugins.files.manifest import dump_manifest
-from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM
+from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, checksum_file
 from conftest import HELPERS
 
 
@@ -96,6 +96,32 @@ def test_a_snapshot_whose_checksums_were_never_recorded_restores_with_size_check
     with CheckpointManager(tmp_path) as mgr:  # persisted at close, with the checksum taken on the way
         assert mgr.steps() == [5, 7] and mgr.verify(7) == []
         assert all(rec.checksummed for rec in mgr.layout.read_manifest(mgr.path_for(7)).files.values())
+
+
+def test_overlap_snapshots_are_committed_with_their_checksums_taken_during_the_copy(tmp_path, shm_of):
+    # Overlap mode hashes each piece right after copying it, on the writer (memory.mapped): the
+    # manifest holds the real checksums at the commit, with nothing left for a helper thread.
+    shm_of(tmp_path)
+    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: several pieces of PIECE bytes
+    opts = {"memory_tier": True, "persist_every_n_steps": 100, "async_save": True, "snapshot": "overlap"}
+    with CheckpointManager(tmp_path, **opts) as mgr:
+        tier = mgr._memory.tier
+        for step in range(1, 4):
+            mgr.save(step, {"w": big + step, "small": torch.ones(3), "step": step})
+            mgr.wait_for_snapshot()
+            mgr.wait()
+            snapshot = tier.path_for(step)
+            manifest = tier.layout.read_manifest(snapshot)  # as committed: no helper thread ran
+            assert all(rec.checksummed for rec in manifest.files.values())
+            for name, rec in manifest.files.items():
+                assert checksum_file(tier.storage, os.path.join(snapshot, name)) == rec
+        assert tier.checksums._thread is None  # the deferred checksums never had anything to do
+        with open(os.path.join(snapshot, "state.safetensors"), "r+b") as f:  # a byte in a later piece
+            f.seek(-(1 << 20), os.SEEK_END)
+            byte = f.read(1)[0]
+            f.seek(-(1 << 20), os.SEEK_END)
+            f.write(bytes([byte ^ 0xFF]))
+        assert any("checksum mismatch" in p for p in tier.layout.verify(snapshot))
 
 
 def _mapped_snapshot_files(folder: str) -> set[str]:

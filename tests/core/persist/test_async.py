@@ -102,6 +102,23 @@ def test_background_error_surfaces_on_next_save(tmp_path):
         mgr.save(2, {"w": torch.ones(3)}).wait()
 
 
+def test_the_engine_forgets_finished_saves_but_not_an_unseen_error(tmp_path):
+    """Every async save's handle was kept for the whole run (only a failure's was ever dropped):
+    memory and the per-save scan of earlier handles grew with the number of saves."""
+    with CheckpointManager(tmp_path, async_save=True, keep_last=2) as mgr:
+        engine = mgr._persister.engine
+        for step in range(1, 41):
+            mgr.save(step, {"w": torch.ones(3)}).wait()
+        assert len(engine._handles) <= 2
+        failing_writes(mgr, [True])
+        mgr.save(41, {"w": torch.ones(3)})
+        engine.flush()
+        with pytest.raises(SaveError, match="saving step 41 failed"):  # kept until it is raised
+            mgr.save(42, {"w": torch.ones(3)})
+        mgr.save(42, {"w": torch.ones(3)}).wait()
+        assert len(engine._handles) <= 2
+
+
 def test_background_error_surfaces_on_close(tmp_path):
     mgr = CheckpointManager(tmp_path, async_save=True)
     failing_writes(mgr, [True])
