@@ -2,7 +2,7 @@
 
 It is written last, so its presence means every other file was complete and fsynced. It holds the
 format version, the step, metrics, wall time, library and torch versions, the state tree (how to
-rebuild the nested state from the tensor files) and every file's size and xxh3 checksum.
+rebuild the nested state from the tensor files) and every file's size and checksum (:mod:`.checksum`).
 
 Manifests are read from disk that may be damaged or hostile, so :func:`parse_manifest` checks
 every field's type and rejects file names that could leave the checkpoint folder. Older format
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.checksum import is_chunked
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord
 from ckpt_plugins.sharded.format import parse_sharded
 
@@ -34,13 +35,16 @@ __all__ = [
     "Part",
     "dump_manifest",
     "parse_manifest",
+    "written_version",
 ]
 
 FORMAT_NAME = "ckpt_plugins"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version 3 adds optional sections: ``sharded`` (docs/sharded.md) and the dedup fields
-(``shared_files``, a part's ``shared``: docs/format.md). A manifest without any is written as
-version 2, which older readers understand."""
+(``shared_files``, a part's ``shared``: docs/format.md). Version 4 records chunked checksums
+(:mod:`.checksum`: ``tree24:<hex>``, verified on every core), which older readers could not
+check. A manifest is written with the lowest version that describes it (see
+:func:`written_version`), so one without chunked checksums or version-3 sections is version 2."""
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 50
@@ -90,7 +94,7 @@ def dump_manifest(manifest: Manifest) -> bytes:
 
     doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION if manifest.sharded is not None or manifest.shared_files else 2,
+        "format_version": written_version(manifest.files, manifest.shared_files, manifest.sharded),
         "step": manifest.step,
         "wall_time": manifest.wall_time,
         "metrics": {k: _encode_float(v) for k, v in manifest.metrics.items()},
@@ -107,6 +111,13 @@ def dump_manifest(manifest: Manifest) -> bytes:
     if manifest.shared_files:
         doc["shared_files"] = {n: {"size": r.size, "xxh3_64": r.xxh3_64} for n, r in manifest.shared_files.items()}
     return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+def written_version(files: dict[str, FileRecord], shared_files: dict[str, FileRecord], sharded: Any) -> int:
+    """The lowest format version that describes a manifest with these files and sections."""
+    if any(is_chunked(r.xxh3_64) for r in (*files.values(), *shared_files.values())):
+        return 4
+    return 3 if sharded is not None or shared_files else 2
 
 
 def _dump_part(part: Part) -> dict[str, Any]:
@@ -159,7 +170,11 @@ def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "format_version": 3}  # version 3 only adds optional sections
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "format_version": 4}  # version 4 only adds a checksum scheme
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -244,7 +259,7 @@ def _build(doc: dict[str, Any], where: str) -> Manifest:
         retention=_retention(where, doc.get("retention")),
         sharded=sharded,
         shared_files=shared_files,
-        format_version=FORMAT_VERSION if sharded is not None or shared_files else 2,
+        format_version=written_version(files, shared_files, sharded),
     )
 
 
@@ -260,7 +275,7 @@ def _file_records(where: str, doc: Any, pool: bool = False) -> dict[str, FileRec
             raise CorruptCheckpointError(f"{where}: entry for file {name!r} is not an object")
         size = _expect(f"{where} [{name}]", rec, "size", int)
         digest = _expect(f"{where} [{name}]", rec, "xxh3_64", str)
-        checksum_ok = digest == PENDING_CHECKSUM or re.fullmatch(r"[0-9a-f]{1,32}", digest)
+        checksum_ok = digest == PENDING_CHECKSUM or re.fullmatch(r"(tree24:)?[0-9a-f]{1,32}", digest)
         if not 0 <= size <= MAX_FILE_BYTES or not checksum_ok:
             raise CorruptCheckpointError(f"{where}: file {name!r} has an absurd size or checksum")
         files[name] = FileRecord(size=size, xxh3_64=digest)

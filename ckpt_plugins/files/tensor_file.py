@@ -4,12 +4,14 @@ Files written here are plain safetensors files (``safetensors.safe_open`` reads 
 files it writes). We stream them ourselves instead of calling ``safetensors.torch.save_file``
 because that function first turns every tensor into a Python ``bytes`` object: a second copy of
 the whole state in memory and a second pass over it. Here each tensor's memory goes straight to
-the file, and the xxh3 checksum is computed over the same buffers in the same pass.
+the file, and the checksum (:mod:`.checksum`: xxh3 per 16 MiB chunk, so it verifies on every
+core) is computed over the same buffers in the same pass.
 
 Reading a local file maps it (private, copy-on-write) and returns tensors backed by the mapping:
 no copy, and only the bytes returned (plus, for a verified full read, the checksum's pass over the
-file) are ever read. Files elsewhere are read into one tensor per entry, in file order, hashed on
-the way. Headers come from disk and are validated before use (sizes, offsets, dtypes).
+file, which runs on every core and is the read) are ever read. Files elsewhere are read into one
+tensor per entry, in file order, hashed on the way. Headers come from disk and are validated
+before use (sizes, offsets, dtypes).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from functools import partial
 from typing import Any, BinaryIO, cast
 
 import torch
-import xxhash
 
 from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.checksum import FileHasher, digest_buffer, hasher_like
 from ckpt_plugins.storage import Storage
 from ckpt_plugins.storage.direct_io import ALIGN, direct_writer
 
@@ -224,7 +226,7 @@ def write_tensor_file(
     order, head, data_len = file_layout(tensors, metadata)
     runs = list(_runs(tensors[key] for key in order))
     known = prehashed.digest if prehashed is not None and _describes(prehashed, head, runs) else None
-    hasher = None if known is not None else xxhash.xxh3_64(head)
+    hasher = None if known is not None else FileHasher(head)
     with storage.open_write(path) as out, direct_writer(out, direct_io) as direct:
         # The tensors outlive the direct writer, so it may write them from where they are.
         # An object-store upload (storage.object_store) likewise sends views of them as its parts.
@@ -358,7 +360,7 @@ def _read_streamed(
         entries, data_start = read_header(f, path, file_size)
         _check_keys(path, entries, wanted)
         full = wanted is None
-        hasher = _OrderedHasher() if full and expected is not None else None
+        hasher = _OrderedHasher(expected.xxh3_64) if full and expected is not None else None
         if hasher is not None:
             f.seek(0)
             hasher.update(f.read(data_start))
@@ -428,7 +430,7 @@ def read_mapped(
     chosen = [(k, e) for k, e in entries.items() if wanted is None or k in wanted]
     verify = expected is not None and wanted is None
     if verify:
-        _check_digest(path, hash_mapping(mapped, file_size), expected)
+        _check_digest(path, hash_mapping(mapped, file_size, like=expected.xxh3_64), expected)  # type: ignore[union-attr]
     out: dict[str, torch.Tensor] = {}
     for key, (dtype, shape, begin, end) in chosen:
         out[key] = _mapped_tensor(mapped, data_start + begin, end - begin, dtype, shape)
@@ -470,12 +472,13 @@ def _willneed(mapped: mmap.mmap, offset: int, length: int) -> None:
         mapped.madvise(option, start, min(len(mapped), offset + length) - start)
 
 
-def hash_mapping(mapped: mmap.mmap, size: int) -> str:
-    """xxh3 of the whole mapping. The pass faults the pages in (from the page cache, or from disk
-    after the readahead hint) as it hashes, so the hash is the read: one pass over the bytes, with
-    the GIL released."""
+def hash_mapping(mapped: mmap.mmap, size: int, *, like: str | None = None) -> str:
+    """Checksum of the whole mapping (:func:`~.checksum.digest_buffer`: its chunks on every
+    core). The pass faults the pages in (from the page cache, or from disk after the readahead
+    hint) as it hashes, so the hash is the read, in parallel and with the GIL released.
+    ``like``: a recorded digest, to compute one of the same scheme."""
     _willneed(mapped, 0, size)
-    return xxhash.xxh3_64(memoryview(mapped)[:size]).hexdigest()
+    return digest_buffer(memoryview(mapped)[:size], like=like)
 
 
 class _OrderedHasher:
@@ -483,8 +486,8 @@ class _OrderedHasher:
     read. Both ``readinto`` and xxh3 release the GIL, so a verified restore costs about one read
     instead of a read plus a hash."""
 
-    def __init__(self) -> None:
-        self._hasher = xxhash.xxh3_64()
+    def __init__(self, like: str | None) -> None:
+        self._hasher = hasher_like(like)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
         self._last: Future[None] | None = None
 
@@ -500,9 +503,18 @@ class _OrderedHasher:
             self._pool.shutdown(wait=True)
 
 
-def checksum_file(storage: Storage, path: str, chunk: int = 8 << 20) -> FileRecord:
-    """Size and xxh3 of a file on storage, read in chunks (for ``verify`` and plain files)."""
-    hasher = xxhash.xxh3_64()
+def checksum_file(storage: Storage, path: str, chunk: int = 8 << 20, *, like: str | None = None) -> FileRecord:
+    """Size and checksum of a file on storage (for ``verify`` and plain files). A local file is
+    mapped and hashed on every core; elsewhere it is read in ``chunk``-byte reads. ``like``: a
+    recorded digest, to compute one of the same scheme (checkpoints from before the chunked one)."""
+    local = storage.local_path(path)
+    if local is not None and _CAN_MAP:
+        with open(local, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+                    return FileRecord(size=size, xxh3_64=hash_mapping(mapped, size, like=like))
+    hasher = hasher_like(like)
     size = 0
     with storage.open_read(path) as f:
         while block := f.read(chunk):
@@ -521,7 +533,7 @@ class HashingWriter:
 
     def __init__(self, file: Any) -> None:
         self._file = file
-        self._hasher = xxhash.xxh3_64()
+        self._hasher = FileHasher()
         self._size = 0
         self._sequential = True
 

@@ -253,7 +253,7 @@ def read_native_files(
             path = storage.join(folder, name)
             if not storage.exists(path):
                 raise CorruptCheckpointError(f"{path}: file listed in the manifest is missing")
-            got = checksum_file(storage, path)
+            got = checksum_file(storage, path, like=record.xxh3_64)
             if (got.size, got.xxh3_64) != (record.size, record.xxh3_64):
                 raise CorruptCheckpointError(
                     f"{path}: size {got.size} / xxh3 {got.xxh3_64} do not match the "

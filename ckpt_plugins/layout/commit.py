@@ -243,7 +243,7 @@ class Layout:
             if not self.storage.exists(file_path):
                 problems.append(f"{file_path}: missing")
                 continue
-            got = checksum_file(self.storage, file_path)
+            got = checksum_file(self.storage, file_path, like=expected.xxh3_64)
             if got.size != expected.size:
                 problems.append(f"{file_path}: size {got.size}, manifest says {expected.size}")
             elif expected.checksummed and got.xxh3_64 != expected.xxh3_64:

@@ -183,7 +183,7 @@ class PathMirror:
             path = os.path.join(self.root, name)
             with self._lock:
                 uploaded = self._uploaded.get(name)
-            if uploaded is not None and checksum_file(self.local, path).xxh3_64 == uploaded:
+            if uploaded is not None and checksum_file(self.local, path, like=uploaded).xxh3_64 == uploaded:
                 log.info("removing the local copy %s (uploaded; keep_local=%d)", path, self.keep_local)
                 os.remove(path)
 

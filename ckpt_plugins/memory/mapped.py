@@ -32,8 +32,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import xxhash
 
+from ckpt_plugins.files.checksum import FileHasher
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
 from ckpt_plugins.persist.hashed_copy import PIECE, holds_own_bytes
@@ -97,7 +97,7 @@ class MappedFiles:
             os.close(fd)
         out = mapping.bytes
         out[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        hasher = xxhash.xxh3_64(head) if hash_now else None
+        hasher = FileHasher(head) if hash_now else None
         offset = len(head)
         with torch.no_grad(), memoryview(mapping.map) as written:
             for name in order:

@@ -11,9 +11,9 @@ the pieces already copied, a few MiB behind, from the cache they were just writt
 Both ``memmove`` (ctypes) and xxh3 release the GIL.
 
 The pieces are hashed in block order, which is the file's order (the stager lays a file's
-tensors out in :func:`~ckpt_plugins.files.tensor_file.file_order`), so the digest is the xxh3 of
-the header followed by the block: exactly the bytes :func:`~.tensor_file.write_tensor_file`
-writes (it checks that before trusting the digest).
+tensors out in :func:`~ckpt_plugins.files.tensor_file.file_order`), so the digest is the
+checksum (:mod:`~ckpt_plugins.files.checksum`) of the header followed by the block: exactly the
+bytes :func:`~.tensor_file.write_tensor_file` writes (it checks that before trusting the digest).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import threading
 from collections.abc import Callable
 
 import torch
-import xxhash
+
+from ckpt_plugins.files.checksum import FileHasher
 
 __all__ = ["PIECE", "copy_and_hash", "copy_pieces", "holds_own_bytes"]
 
@@ -64,7 +65,7 @@ class _Progress:
 def copy_and_hash(pairs: list[tuple[torch.Tensor, torch.Tensor]], head: bytes, block: torch.Tensor) -> str:
     """Copy each ``(dst, src)`` (``dst``: views that fill ``block`` in order) and return the xxh3
     of ``head`` followed by ``block``'s bytes, hashed on a helper thread as the copy advances."""
-    hasher = xxhash.xxh3_64(head)
+    hasher = FileHasher(head)
     base, total = block.data_ptr(), block.numel()
     progress = _Progress()
     errors: list[BaseException] = []

@@ -45,9 +45,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import xxhash
-
 from ckpt_plugins.errors import ConfigError, CorruptCheckpointError, SaveError
+from ckpt_plugins.files.checksum import hasher_like
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.layout.commit import DAMAGED_SUFFIX, Layout
 from ckpt_plugins.layout.lock import DirectoryLock
@@ -471,7 +470,7 @@ def _url(layout: Layout) -> str:
 def copy_checked(src_storage: Storage, src: str, dst_storage: Storage, dst: str, expected: Any) -> None:
     """Copy one file, checking its size and xxh3 against the manifest before the upload completes
     (a mismatch aborts it: no damaged object is ever committed)."""
-    hasher = xxhash.xxh3_64()
+    hasher = hasher_like(expected.xxh3_64)
     size = 0
     with src_storage.open_read(src) as f, dst_storage.open_write(dst) as out:
         write = getattr(out, "write_stable", out.write)  # a fresh buffer per chunk: views may be sent as they are

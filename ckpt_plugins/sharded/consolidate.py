@@ -61,7 +61,7 @@ def _plan(
     if part.tensor_file is not None:
         file_path = storage.join(root, part.tensor_file)
         expected = manifest.files[part.tensor_file]
-        if checksum_file(storage, file_path) != expected:
+        if checksum_file(storage, file_path, like=expected.xxh3_64) != expected:
             raise CorruptCheckpointError(
                 f"{file_path}: size or checksum differs from the manifest; the file is damaged"
             )

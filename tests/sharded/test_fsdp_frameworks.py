@@ -36,7 +36,7 @@ def test_fsdp1_sharded_tensors_are_stored_as_chunks_of_the_same_manifest_entries
     bias = tensors["state_dict.2.bias"]  # 3 rows over 2 ranks: torch.chunk gives (2, 1)
     assert [(c["offsets"], c["sizes"]) for c in bias["chunks"]] == [([0], [2]), ([2], [1])]
     assert "optimizer_states.0.state.0.weight.exp_avg" in tensors  # keyed by parameter name
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4  # chunked checksums (docs/format.md)
 
 
 def test_fsdp1_checkpoint_restores_into_a_plain_module_in_one_process(root):

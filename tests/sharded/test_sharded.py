@@ -119,7 +119,7 @@ def test_inspect_and_verify_show_sharded_tensors_with_their_global_shapes(root, 
     assert cli_main(["inspect", str(step), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     entries = {e["key"]: e for e in info["entries"]}
-    assert info["format_version"] == 3 and info["world_size"] == 2
+    assert info["format_version"] == 4 and info["world_size"] == 2
     assert entries["model.0.weight"]["shape"] == [8, 5] and entries["model.0.weight"]["bytes"] == 160
     assert cli_main(["verify", str(root / "fsdp")]) == 0
     capsys.readouterr()
