@@ -412,6 +412,7 @@ class CheckpointManager:
         user_metadata: Mapping[str, Any] | None = None,
         extra_files: Mapping[str, bytes | Callable[[BinaryIO], None] | TensorFile | StagedFile] | None = None,
         name: str | None = None,
+        wait: bool = False,
     ) -> SaveHandle | None:
         """Save ``state`` (nested dicts/lists/tuples of tensors and plain values) as ``step``.
 
@@ -436,6 +437,11 @@ class CheckpointManager:
         ``name_template``, the name is made from the template (the first free version: see
         :meth:`name_taken`), and a ``name`` the template could have produced is a step checkpoint
         like the others (listed, ordered, retained).
+
+        ``wait=True`` returns once the checkpoint is committed, even with ``async_save``, and
+        raises its error as a synchronous save would. The tensors are then written from where they
+        are, without the staging copy (a writer process still stages them): for a save the caller
+        would wait for anyway, such as the last one of a run, it saves training one copy of the state.
         """
         self._check_open()
         if self.read_only:
@@ -461,7 +467,9 @@ class CheckpointManager:
             if not self._memory.persists(step):
                 self.last_save_stats = snapshot.stats
                 return snapshot
-        return self._persist(step, flat, rank_flat, unstorable, extra_files, name, metrics, user_metadata, on_commit)
+        return self._persist(
+            step, flat, rank_flat, unstorable, extra_files, name, metrics, user_metadata, on_commit, wait=wait
+        )
 
     def prepare(
         self,
@@ -507,6 +515,8 @@ class CheckpointManager:
         metrics: dict[str, float],
         user_metadata: Mapping[str, Any] | None,
         on_commit: Callable[[int, str], None] | None,
+        *,
+        wait: bool = False,
     ) -> SaveHandle | None:
         """The directory's part of a save: agree (distributed), stage, submit to the writer."""
         if self.mirror is not None and self.world_size > 1 and not self._mirror_checked:
@@ -542,6 +552,7 @@ class CheckpointManager:
             retention=policy_flags(self.policy) if listed else None,
             on_stats=self._set_save_stats,
             dedup=plan,
+            wait=wait,
         )
 
     def _persist_snapshot(self, step: int, snapshot: Any) -> None:

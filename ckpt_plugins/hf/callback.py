@@ -602,12 +602,14 @@ class CheckpointCallback(TrainerCallback):
             saved.update(
                 fsdp.sharded_state(kwargs["model"], kwargs.get("optimizer"), model_only=self.settings.model_only)
             )
+        final = bool(control.should_training_stop or step >= state.max_steps)
         handle = self.manager.save(
             step,
             saved,
             metrics,
             extra_files=files,
             user_metadata={"written_by": "ckpt_plugins.hf"},
+            wait=final,  # training waits for the last save anyway: no staging copy
         )
         if handle is not None:
             self._saved_steps.add(step)
@@ -616,9 +618,9 @@ class CheckpointCallback(TrainerCallback):
                 "checkpoint step %d: training blocked %.1f ms (%s)",
                 step,
                 handle.stats["stall_s"] * 1e3,
-                "written in the background" if self.manager.async_save else "written",
+                "written in the background" if self.manager.async_save and not final else "written",
             )
-        if control.should_training_stop or step >= state.max_steps:
+        if final:
             self.manager.wait()  # the Trainer may load the best checkpoint right after this
 
 

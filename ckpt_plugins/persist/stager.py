@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,7 +115,25 @@ def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tu
 
 
 def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
-    """``nbytes`` of uint8 starting on a page boundary (pinned or shared on request)."""
+    """``nbytes`` of uint8 starting on a page boundary (pinned or shared on request), whose
+    storage is exactly the block wherever the allocator allows it.
+
+    The storage matters, not only the tensor: ``torch.save`` of staged tensors (``optimizer.pt``)
+    writes each tensor's whole storage. An over-allocated storage sliced to alignment would start
+    before the block (so its bytes could never go to disk from where they are, only through one
+    more copy) and would add the slack's uninitialised bytes to the file. Plain host memory is
+    therefore an anonymous mapping of exactly ``nbytes`` (page-aligned by construction); pinned
+    and shared memory come from their allocators, over-allocated only if those return an
+    unaligned address."""
+    if not pin and not shared:
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # the tensor keeps the mapping
+    raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    if shared:
+        raw.share_memory_()  # type: ignore[no-untyped-call]
+    if raw.data_ptr() % ALIGN == 0:
+        return raw
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     if shared:
         raw.share_memory_()  # type: ignore[no-untyped-call]

@@ -160,10 +160,15 @@ class Persister:
         retention: dict[str, Any] | None,
         on_stats: Callable[[dict[str, float]], None],
         dedup: Any = None,
+        wait: bool = False,
     ) -> SaveHandle | None:
         """Stage and submit one agreed save; None when skipped (``on_busy="skip"``, every slot in flight).
-        ``on_stats`` gets the handle's stats as soon as they exist (``last_save_stats``)."""
+        ``on_stats`` gets the handle's stats as soon as they exist (``last_save_stats``).
+        ``wait``: return once it is committed, as a synchronous save; the thread writer then reads
+        the live tensors, so there is no staging copy (the caller does not touch them meanwhile)."""
         saving = self.saving
+        # A writer process reads staged shared memory only: it stages (and then waits) as always.
+        background = saving.async_save and not (wait and self.process_writer is None)
         slot = self.stager.acquire(block=saving.on_busy == "wait")
         if slot is None:
             log.warning(
@@ -180,7 +185,7 @@ class Persister:
             slot,
             tensors,
             snapshot=saving.snapshot,
-            async_save=saving.async_save,
+            async_save=background,
             heads=(lambda: file_heads(tensors, extra_specs, dedup=dedup)) if hash_in_stage else None,
         )
         handle = SaveHandle(step, self.layout.path_for(step, name))
@@ -197,7 +202,7 @@ class Persister:
             rank_flat=rank_flat,
             tensors=tensors,
             staged=staged,
-            stage_in_job=saving.snapshot == "overlap",
+            stage_in_job=saving.snapshot == "overlap" and background,
             slot=slot,
             metrics=metrics,
             user_metadata=dict(user_metadata or {}),
@@ -221,7 +226,7 @@ class Persister:
             self.done(request, None)
             raise
         handle.stats["stall_s"] = time.perf_counter() - t0
-        if not saving.async_save:
+        if not saving.async_save or wait:
             self.engine.report(handle, distributed=self.distributed)
             if self.distributed:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
