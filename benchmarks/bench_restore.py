@@ -214,7 +214,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         "Anchor: safetensors load_file + read every byte; for the two module rows, safetensors load_file + "
         "module.load_state_dict. Ours maps the tensor file (private, copy-on-write) and returns tensors backed "
-        "by the mapping; a verified restore hashes the whole file (xxh3, one pass that also faults the pages in) "
+        "by the mapping; a verified restore hashes the whole file (xxh3 per 16 MiB chunk, a contiguous run of "
+        "chunks per core, the pass that also faults the pages in) "
         "before returning, `verify=False` reads nothing until a tensor is touched. Into a module, the copy into "
         "the parameters is the only copy.",
     ]

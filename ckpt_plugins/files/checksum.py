@@ -123,17 +123,20 @@ def digest_buffer(buffer: Any, *, like: str | None = None) -> str:
     digests = [0] * len(starts)
     errors: list[BaseException] = []
 
-    def hash_every(first: int) -> None:
+    def hash_range(worker: int) -> None:
+        # Each thread takes one contiguous run of chunks: a cold file is then read as a few
+        # sequential streams that the kernel's readahead follows (chunks dealt out in turn were
+        # measured 1.8x slower cold than one thread), a warm one on every core.
         try:
-            for i in range(first, len(starts), workers):
+            for i in range(worker * len(starts) // workers, (worker + 1) * len(starts) // workers):
                 digests[i] = xxhash.xxh3_64_intdigest(view[starts[i] : starts[i] + CHUNK])
         except BaseException as exc:  # raised below, on the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=hash_every, args=(w,), name="ckpt-verify") for w in range(1, workers)]
+    threads = [threading.Thread(target=hash_range, args=(w,), name="ckpt-verify") for w in range(1, workers)]
     for thread in threads:
         thread.start()
-    hash_every(0)
+    hash_range(0)
     for thread in threads:
         thread.join()
     if errors:
