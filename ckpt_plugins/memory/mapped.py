@@ -30,6 +30,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -53,12 +54,28 @@ class _Mapping:
         self.size = size
         self.map = mmap.mmap(fd, size, flags=flags)
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        self._layout: tuple[Any, ...] | None = None
+        self._targets: list[torch.Tensor] = []
+
+    def targets(self, layout: tuple[Any, ...], start: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Typed views of the mapping, one per tensor of ``tensors`` (laid out from ``start``
+        in this order), built once per layout: a snapshot into a recycled file is then one
+        ``_foreach_copy_``, not a slice, two views and a copy per tensor in Python."""
+        if layout != self._layout:
+            self._targets, offset = [], start
+            for tensor in tensors:
+                nbytes = tensor.numel() * tensor.element_size()
+                self._targets.append(self.bytes[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape))
+                offset += nbytes
+            self._layout = layout
+        return self._targets
 
     def digest(self) -> str:
         return hash_mapping(self.map, self.size)
 
     def close(self) -> None:
-        del self.bytes  # the tensor holds the buffer export that would keep the map open
+        self._targets = []  # views, like the byte tensor, hold the buffer export that keeps the map open
+        del self.bytes
         self.map.close()
 
 
@@ -97,7 +114,13 @@ class MappedFiles:
             os.close(fd)
         out = mapping.bytes
         out[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        hasher = FileHasher(head) if hash_now else None
+        if not hash_now:
+            present = [tensors[name] for name in order if tensors[name].numel()]
+            layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
+            with torch.no_grad():  # copy_ resolves any layout, device or lazy conjugation
+                torch._foreach_copy_(mapping.targets(layout, len(head), present), present)
+            return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
+        hasher = FileHasher(head)
         offset = len(head)
         with torch.no_grad(), memoryview(mapping.map) as written:
             for name in order:
@@ -107,10 +130,7 @@ class MappedFiles:
                     target = out[offset : offset + nbytes]
                     if not holds_own_bytes(tensor):  # torch resolves the layout, the device, lazy conjugation
                         target.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-                        if hasher is not None:
-                            hasher.update(written[offset : offset + nbytes])
-                    elif hasher is None:
-                        target.copy_(tensor.reshape(-1).view(torch.uint8))
+                        hasher.update(written[offset : offset + nbytes])
                     else:
                         source = tensor.reshape(-1).view(torch.uint8)
                         for start in range(0, nbytes, PIECE):
@@ -118,8 +138,7 @@ class MappedFiles:
                             target[start:end].copy_(source[start:end])
                             hasher.update(written[offset + start : offset + end])
                 offset += nbytes
-        digest = hasher.hexdigest() if hasher is not None else PENDING_CHECKSUM
-        return FileRecord(size=size, xxh3_64=digest), mapping
+        return FileRecord(size=size, xxh3_64=hasher.hexdigest()), mapping
 
     def keep_only(self, folders: Iterable[str]) -> None:
         """Drop the mappings of every file not in ``folders`` (removed, or no longer the tier's)."""

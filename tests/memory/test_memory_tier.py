@@ -220,3 +220,34 @@ def test_a_snapshot_overwrites_the_pages_of_the_one_it_supersedes(tmp_path, shm_
         hidden = [n for n in os.listdir(tier.folder) if n.startswith(".tmp-")]
         assert len(hidden) == 1  # the spare: never listed
     assert not os.path.exists(shm)
+
+
+def test_recycled_files_take_a_new_layout_of_the_same_size_and_odd_tensors_bit_for_bit(tmp_path, shm_of):
+    # The copy into a recycled file goes through typed views built once per layout: a state whose
+    # shapes or dtypes change at the same file size must get new views, and tensors a plain byte
+    # copy would get wrong (transposed, lazily conjugated, negated views, offsets) must read back
+    # as their values.
+    shm_of(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 30, generator=gen)
+    layouts = [
+        {"a": torch.randn(32, 64, generator=gen), "b": torch.randn(16, generator=gen)},
+        {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(4, 4, generator=gen)},  # shapes change
+        {"a": torch.randn(32, 64, generator=gen).to(torch.float64)[:, :32], "b": torch.randn(16, generator=gen)},
+        {
+            "a": base.t(),
+            "b": torch.randn(8, dtype=torch.complex64, generator=gen).conj(),
+            "c": torch.randn(6, dtype=torch.complex64, generator=gen).conj().imag,
+            "d": base[3:7, 5],
+            "e": torch.empty(0, 3),
+        },
+    ]
+    with CheckpointManager(tmp_path, memory_tier=MemoryTierOptions(keep=1), persist_every_n_steps=100) as mgr:
+        for step in range(1, 9):
+            state = layouts[(step - 1) % len(layouts)]
+            mgr.save(step, state)
+            got = mgr.restore("latest")
+            for key, value in state.items():
+                want = value.resolve_conj().resolve_neg().contiguous()
+                assert got[key].dtype == want.dtype and got[key].shape == want.shape, (step, key)
+                assert torch.equal(got[key], want), (step, key)
