@@ -1294,10 +1294,15 @@ def write_outputs(res: dict[str, Any], args: argparse.Namespace) -> None:
     write_json(args.out / "save.json", res)
     report = render(res)
     write_text(args.out / "save.md", report)
-    from plot import plot_save
-
-    plot_save(res, args.out / "save.png")
-    print(f"wrote {args.out}/save.{{md,json,png}}" + (f" in {res['elapsed_s']:.0f} s" if "elapsed_s" in res else ""))
+    written = "md,json"
+    try:
+        from plot import plot_save
+    except ImportError as exc:  # matplotlib is not a dependency of the package or of `make test`
+        print(f"save.png not redrawn ({exc}); `pip install matplotlib` to draw it")
+    else:
+        plot_save(res, args.out / "save.png")
+        written += ",png"
+    print(f"wrote {args.out}/save.{{{written}}}" + (f" in {res['elapsed_s']:.0f} s" if "elapsed_s" in res else ""))
 
 
 if __name__ == "__main__":
