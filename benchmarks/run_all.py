@@ -108,6 +108,32 @@ def headlines(name: str) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and "target" in r]
 
 
+def results_date(files: list[Path], fresh: bool) -> str:
+    """When these result files were written: now for a benchmark this run ran, else the date of
+    the commit that last changed them (a clone's files all carry the checkout's mtime), else
+    their mtime (not committed yet)."""
+    mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files)))
+    if fresh:
+        return mtime
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "log", "-1", "--format=%cd", "--date=format:%Y-%m-%d %H:%M", "--"]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return mtime
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", *map(str, files)], capture_output=True, text=True
+    ).stdout.strip()
+    if dirty:
+        return mtime
+    return out.stdout.strip() or mtime
+
+
 def combined_table(outcomes: dict[str, Outcome]) -> str:
     """Markdown for every benchmark present: this run's outcome (if it ran), its result files, and
     the targets of those that report a headline."""
@@ -118,9 +144,7 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
         files = result_files(name)
         ran = f"{o.status}, {o.seconds:.0f} s" if o else "not run"
         if files:
-            ran += ", results of " + time.strftime(
-                "%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files))
-            )
+            ran += ", results of " + results_date(files, fresh=o is not None)
         links = ", ".join(f"[{p.name}]({os.path.relpath(p, REPO)})" for p in files) or "none yet"
         lines.append(f"| `{name}.py` | {ran} | {links} |")
         targets += [(name, r) for r in headlines(name)]
