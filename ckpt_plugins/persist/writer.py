@@ -230,6 +230,7 @@ class Persister:
             self.engine.report(handle, distributed=self.distributed)
             if self.distributed:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
+            handle.stats["stall_s"] = time.perf_counter() - t0  # the caller was blocked for all of it
         return handle
 
     def prepare(self, flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None) -> bool:

@@ -89,3 +89,16 @@ def test_save_wait_raises_its_failure_at_once(tmp_path) -> None:
         assert not (tmp_path / "run" / "step_1").exists()
         mgr.save(2, {"w": torch.ones(4)}, wait=True)  # the error was reported once, not again
     assert (tmp_path / "run" / "step_2" / "manifest.json").exists()
+
+
+def test_a_save_the_caller_waits_for_reports_the_whole_wait_as_its_stall(tmp_path) -> None:
+    # stats["stall_s"] is the part of save() that blocks training: for a synchronous save, or
+    # save(wait=True), that is the whole save, not only the copy before the write.
+    state = {"w": torch.randn(512, 512)}
+    with CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        waited = mgr.save(1, state, wait=True)
+        assert waited is not None
+        assert waited.stats["stall_s"] >= waited.stats["persist_s"] > 0
+    with CheckpointManager(tmp_path / "sync", async_save=False) as mgr:
+        sync = mgr.save(1, state)
+        assert sync is not None and sync.stats["stall_s"] >= sync.stats["persist_s"] > 0
