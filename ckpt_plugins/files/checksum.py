@@ -4,9 +4,9 @@ A plain xxh3 of a whole file is one sequential pass, so verifying a large tensor
 one core however many the machine has. Here a file's checksum is the xxh3 of the 8-byte xxh3
 digests of its consecutive :data:`CHUNK`-byte chunks (the last one shorter; an empty file is one
 empty chunk), written ``tree24:<16 hex digits>``. Writers compute it in the same single pass as
-before (:class:`FileHasher`); a reader of a local, mapped file hashes the chunks on a pool of
-threads, one per core (xxh3 releases the GIL), so the pass that checks the bytes is also the
-parallel read that faults them in (:func:`digest_buffer`).
+before (:class:`FileHasher`); a reader of a local, mapped file hashes the chunks on one thread
+per core, each taking a contiguous run (xxh3 releases the GIL), so the pass that checks the bytes
+is also the parallel read that faults them in (:func:`digest_buffer`).
 
 Manifests written before this scheme hold plain whole-file digests (16 hex digits, no prefix);
 :func:`hasher_like` and :func:`digest_buffer` with ``like=`` check those the old way, so old
@@ -24,8 +24,8 @@ import xxhash
 
 __all__ = [
     "CHUNK",
+    "DIGEST_PATTERN",
     "FileHasher",
-    "PlainHasher",
     "digest_buffer",
     "hasher_like",
     "is_chunked",
@@ -37,6 +37,8 @@ CHUNK = 1 << CHUNK_LOG2
 hashing (about 1 ms), small enough that a 100 MB file already spreads over several cores."""
 
 _PREFIX = f"tree{CHUNK_LOG2}:"
+DIGEST_PATTERN = rf"({_PREFIX})?[0-9a-f]{{1,32}}"
+"""A recorded digest: chunked (with the prefix) or a plain xxh3 of manifests written before."""
 
 
 class Hasher(Protocol):
@@ -86,24 +88,11 @@ class FileHasher:
         return _combine(self._digests + tail)
 
 
-class PlainHasher:
-    """A whole-file xxh3, for checking a digest recorded before the chunked scheme."""
-
-    def __init__(self) -> None:
-        self._hasher = xxhash.xxh3_64()
-
-    def update(self, data: Any) -> None:
-        self._hasher.update(data)
-
-    def hexdigest(self) -> str:
-        return str(self._hasher.hexdigest())
-
-
 def hasher_like(digest: str | None) -> Hasher:
     """A hasher that computes a digest comparable with ``digest`` (a recorded one), or a chunked
     one when there is nothing to compare with."""
     if digest is not None and not is_chunked(digest):
-        return PlainHasher()
+        return xxhash.xxh3_64()  # the plain whole-file xxh3 of manifests written before
     return FileHasher()
 
 

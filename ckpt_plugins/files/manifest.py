@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
-from ckpt_plugins.files.checksum import is_chunked
+from ckpt_plugins.files.checksum import DIGEST_PATTERN, is_chunked
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord
 from ckpt_plugins.sharded.format import parse_sharded
 
@@ -275,7 +275,7 @@ def _file_records(where: str, doc: Any, pool: bool = False) -> dict[str, FileRec
             raise CorruptCheckpointError(f"{where}: entry for file {name!r} is not an object")
         size = _expect(f"{where} [{name}]", rec, "size", int)
         digest = _expect(f"{where} [{name}]", rec, "xxh3_64", str)
-        checksum_ok = digest == PENDING_CHECKSUM or re.fullmatch(r"(tree24:)?[0-9a-f]{1,32}", digest)
+        checksum_ok = digest == PENDING_CHECKSUM or re.fullmatch(DIGEST_PATTERN, digest)
         if not 0 <= size <= MAX_FILE_BYTES or not checksum_ok:
             raise CorruptCheckpointError(f"{where}: file {name!r} has an absurd size or checksum")
         files[name] = FileRecord(size=size, xxh3_64=digest)

@@ -428,9 +428,8 @@ def read_mapped(
     entries, data_start = read_header(cast(BinaryIO, mapped), path, file_size)
     _check_keys(path, entries, wanted)
     chosen = [(k, e) for k, e in entries.items() if wanted is None or k in wanted]
-    verify = expected is not None and wanted is None
-    if verify:
-        _check_digest(path, hash_mapping(mapped, file_size, like=expected.xxh3_64), expected)  # type: ignore[union-attr]
+    if expected is not None and wanted is None:  # a whole read: verify
+        _check_digest(path, hash_mapping(mapped, file_size, like=expected.xxh3_64), expected)
     out: dict[str, torch.Tensor] = {}
     for key, (dtype, shape, begin, end) in chosen:
         out[key] = _mapped_tensor(mapped, data_start + begin, end - begin, dtype, shape)

@@ -129,14 +129,17 @@ def _aligned_bytes(nbytes: int, pin: bool, shared: bool) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # the tensor keeps the mapping
-    raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    if shared:
-        raw.share_memory_()  # type: ignore[no-untyped-call]
+
+    def allocate(size: int) -> torch.Tensor:
+        raw = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        if shared:
+            raw.share_memory_()  # type: ignore[no-untyped-call]
+        return raw
+
+    raw = allocate(nbytes)
     if raw.data_ptr() % ALIGN == 0:
         return raw
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    if shared:
-        raw.share_memory_()  # type: ignore[no-untyped-call]
+    raw = allocate(nbytes + ALIGN)
     start = -raw.data_ptr() % ALIGN
     return raw[start : start + nbytes]
 

@@ -225,12 +225,11 @@ class Persister:
             self.stager.release(slot)
             self.done(request, None)
             raise
-        handle.stats["stall_s"] = time.perf_counter() - t0
         if not saving.async_save or wait:
             self.engine.report(handle, distributed=self.distributed)
             if self.distributed:
                 self.wait()  # a synchronous save returns on every rank once rank 0 has committed
-            handle.stats["stall_s"] = time.perf_counter() - t0  # the caller was blocked for all of it
+        handle.stats["stall_s"] = time.perf_counter() - t0  # a save waited for blocks for all of it
         return handle
 
     def prepare(self, flat: Any, rank_flat: Any, extra_files: Mapping[str, Any] | None) -> bool:
