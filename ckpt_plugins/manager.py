@@ -283,6 +283,7 @@ class CheckpointManager:
         self._snapshot_names: dict[int, str] = {}  # memory tier: step -> the name it persists under
         self._records: dict[int, CheckpointRecord] = {}
         self._restored_step: int | None = None
+        self._protected: frozenset[int] = frozenset()  # protect(): steps a framework still points at
         self.last_restore_report: RestoreReport | None = None
         self.last_save_stats: dict[str, float] = {}
         self._closed = False
@@ -446,7 +447,7 @@ class CheckpointManager:
         self._check_open()
         if self.read_only:
             raise ConfigError(f"this CheckpointManager for {self.directory} is read_only; it cannot save")
-        metrics = check_save_arguments(step, metrics, extra_files, name)
+        metrics = check_save_arguments(step, metrics, extra_files, name, wait)
         listed = name is None or self.layout.is_listed(name)
         flat, rank_flat, unstorable = flatten_parts(state, rank_state, rank=self.rank, world_size=self.world_size)
         if self._memory is not None and listed:  # a snapshot every save; the disk every K steps
@@ -789,10 +790,22 @@ class CheckpointManager:
         path = self.layout.path_for(which) if isinstance(which, int) else self.storage.join(self.root, which)
         return self._persister.delete(which if isinstance(which, int) else -1, path)
 
-    def retention(self) -> RetentionDecision:
-        """What the retention policy keeps (with reasons) and deletes, for the committed steps."""
+    def protect(self, steps: Iterable[int]) -> None:
+        """Name the steps retention must keep besides its own rules, replacing the previous set:
+        checkpoints the framework still refers to, such as the HF Trainer's ``best_global_step``
+        (its ``best_model_checkpoint``) when the metric that made it best never reached us."""
+        wanted = frozenset(steps)
+        bad = [s for s in wanted if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad:
+            raise ConfigError(f"protect(): steps must be non-negative integers, got {bad!r}")
         with self._state_lock:
-            protected = frozenset({self._restored_step} if self._restored_step is not None else ())
+            self._protected = wanted
+
+    def retention(self) -> RetentionDecision:
+        """What the retention policy keeps (with reasons) and deletes, for the committed steps: besides
+        its rules, the step last restored (until a newer one commits) and the :meth:`protect` steps."""
+        with self._state_lock:
+            protected = self._protected | ({self._restored_step} if self._restored_step is not None else set())
         return self.policy.decide(self.records(), RetentionContext(now=time.time(), protected_steps=protected))
 
     def prune(self, dry_run: bool = False) -> RetentionDecision:

@@ -575,6 +575,9 @@ class CheckpointCallback(TrainerCallback):
         rng_states = gather_rng_states(distributed=world_size > 1)
         if state.best_global_step is not None and state.best_global_step in self._saved_steps | {step}:
             state.best_model_checkpoint = self.manager.path_for(state.best_global_step)
+        # the Trainer keeps its best_model_checkpoint through rotation; so does retention, even when
+        # the metric that made it best never reached us (an evaluation outside on_evaluate)
+        self.manager.protect(() if state.best_global_step is None else (state.best_global_step,))
         control_state = control.state()
         if self.preempted_at == step:  # the resumed run must not stop where this one was preempted
             control_state["args"]["should_training_stop"] = False

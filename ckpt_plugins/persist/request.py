@@ -28,11 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def check_save_arguments(
-    step: Any, metrics: Mapping[str, Any] | None, extra_files: Mapping[str, Any] | None, name: str | None
+    step: Any,
+    metrics: Mapping[str, Any] | None,
+    extra_files: Mapping[str, Any] | None,
+    name: str | None,
+    wait: Any = False,
 ) -> dict[str, float]:
-    """Refuse a bad ``step``, metric, extra-file name or checkpoint name; return the metrics as floats."""
+    """Refuse a bad ``step``, metric, extra-file name, checkpoint name or ``wait``; return the metrics
+    as floats."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"step must be a non-negative integer, got {step!r}", option="step", value=step)
+    if not isinstance(wait, bool):  # a truthy string or a step number here is a slip, not a choice
+        raise ConfigError(f"save(wait=...) takes True or False, got {wait!r}", option="wait", value=wait)
     cleaned = clean_metrics(metrics)
     for file_name in extra_files or {}:
         if (

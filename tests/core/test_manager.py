@@ -143,6 +143,27 @@ def test_protection_of_resumed_step(tmp_path):
         assert mgr.steps() == [3]
 
 
+def test_protected_steps_outlive_keep_last_until_replaced(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, {"s": 1})
+        mgr.protect([1])  # e.g. the Trainer's best_global_step
+        for step in (2, 3):
+            mgr.save(step, {"s": step})
+        mgr.wait()
+        assert mgr.steps() == [1, 3]
+        assert mgr.retention().keep[1] == ["protected"]
+        mgr.protect([])  # no longer referred to: the next prune removes it
+        mgr.save(4, {"s": 4})
+        mgr.wait()
+        assert mgr.steps() == [4]
+
+
+@pytest.mark.parametrize("steps", [[-1], ["3"], [True], [1.5]])
+def test_protect_rejects_what_is_not_a_step(tmp_path, steps):
+    with CheckpointManager(tmp_path) as mgr, pytest.raises(ConfigError, match="protect"):
+        mgr.protect(steps)
+
+
 def test_save_at_or_before_existing_step_is_an_error(tmp_path):
     with CheckpointManager(tmp_path) as mgr:
         mgr.save(10, {"a": 1})

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Trainer
 
 import hf_train
 from ckpt_plugins import CheckpointManager
@@ -89,3 +90,39 @@ def test_schedule_and_retention(tmp_path, callback, overrides, expected):
 def test_save_strategy_best_saves_only_new_bests_and_trainer_saves_nothing(tmp_path):
     run(tmp_path, evaluate=True, save_strategy="best", greater_is_better=False)
     assert checkpoints(tmp_path) == [2, 4]  # scores 3 then 1 improve; 4 and 2 do not
+
+
+def test_trainers_best_checkpoint_is_kept_when_its_metric_bypasses_on_evaluate(tmp_path):
+    """A Trainer whose evaluation never calls ``on_evaluate`` (a custom evaluation loop) still
+    records ``best_global_step``; retention keeps that checkpoint as the Trainer's own rotation
+    does, so ``best_model_checkpoint`` names a folder that exists."""
+    scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    evaluated = []
+
+    class CustomEvaluation(Trainer):
+        def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+            metrics = {"eval_accuracy": next(scores)}
+            evaluated.append(self.state.global_step)
+            self.log(metrics)
+            return metrics
+
+    trainer = hf_train.make_trainer(
+        tmp_path,
+        8,
+        callback={},
+        save_steps=2,
+        eval_dataset=hf_train.TokenDataset(4, seed=9),
+        eval_strategy="steps",
+        eval_steps=2,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        save_total_limit=1,
+    )
+    trainer.__class__ = CustomEvaluation
+    trainer.train()
+    assert evaluated[:4] == [2, 4, 6, 8]  # and once more at step 8, at the end of training
+    assert trainer.state.best_global_step == 2 and trainer.state.best_metric == 0.9
+    # retention kept 2 (protected) and 8 (latest); at the end of training the Trainer itself removes
+    # the last checkpoint when save_total_limit=1 and it is not the best one
+    assert checkpoints(tmp_path) == [2]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import torch
 
-from ckpt_plugins import CheckpointManager, SaveError
+from ckpt_plugins import CheckpointManager, ConfigError, SaveError
 from ckpt_plugins.files.extra_files import StagedFile
 from ckpt_plugins.hf.native import _torch_save
 from ckpt_plugins.persist import stager as stager_module
@@ -102,3 +102,11 @@ def test_a_save_the_caller_waits_for_reports_the_whole_wait_as_its_stall(tmp_pat
     with CheckpointManager(tmp_path / "sync", async_save=False) as mgr:
         sync = mgr.save(1, state)
         assert sync is not None and sync.stats["stall_s"] >= sync.stats["persist_s"] > 0
+
+
+@pytest.mark.parametrize("wait", ["yes", 1, None])
+def test_save_wait_must_be_a_bool(tmp_path, wait) -> None:
+    with CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(ConfigError, match=r"save\(wait=\.\.\.\) takes True or False"):
+            mgr.save(1, {"w": torch.ones(2)}, wait=wait)
+        assert mgr.steps() == []
