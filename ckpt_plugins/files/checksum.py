@@ -96,9 +96,10 @@ def hasher_like(digest: str | None) -> Hasher:
     return FileHasher()
 
 
-def digest_buffer(buffer: Any, *, like: str | None = None) -> str:
+def digest_buffer(buffer: Any, *, like: str | None = None, threads: int | None = None) -> str:
     """The checksum of ``buffer`` (bytes, a memoryview or a mapping), its chunks hashed on one
-    thread per core; in the plain scheme when ``like`` is a digest recorded in it.
+    thread per core (or on ``threads``: 1 for a hash in the background, which must leave the
+    training thread its core); in the plain scheme when ``like`` is a digest recorded in it.
 
     The threads are started and joined here (a few tens of microseconds, next to about 1 ms per
     chunk): when this returns, nothing holds a view of ``buffer``, so a mapping can be closed."""
@@ -106,7 +107,7 @@ def digest_buffer(buffer: Any, *, like: str | None = None) -> str:
     if like is not None and not is_chunked(like):
         return str(xxhash.xxh3_64_hexdigest(view))
     starts = range(0, max(len(view), 1), CHUNK)
-    workers = min(len(starts), _cores())
+    workers = min(len(starts), threads or _cores())
     if workers == 1:
         return _combine([xxhash.xxh3_64_intdigest(view[start : start + CHUNK]) for start in starts])
     digests = [0] * len(starts)
@@ -122,12 +123,12 @@ def digest_buffer(buffer: Any, *, like: str | None = None) -> str:
         except BaseException as exc:  # raised below, on the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=hash_range, args=(w,), name="ckpt-verify") for w in range(1, workers)]
-    for thread in threads:
-        thread.start()
+    helpers = [threading.Thread(target=hash_range, args=(w,), name="ckpt-verify") for w in range(1, workers)]
+    for helper in helpers:
+        helper.start()
     hash_range(0)
-    for thread in threads:
-        thread.join()
+    for helper in helpers:
+        helper.join()
     if errors:
         raise errors[0]
     return _combine(digests)

@@ -471,13 +471,13 @@ def _willneed(mapped: mmap.mmap, offset: int, length: int) -> None:
         mapped.madvise(option, start, min(len(mapped), offset + length) - start)
 
 
-def hash_mapping(mapped: mmap.mmap, size: int, *, like: str | None = None) -> str:
+def hash_mapping(mapped: mmap.mmap, size: int, *, like: str | None = None, threads: int | None = None) -> str:
     """Checksum of the whole mapping (:func:`~.checksum.digest_buffer`: its chunks on every
-    core). The pass faults the pages in (from the page cache, or from disk after the readahead
-    hint) as it hashes, so the hash is the read, in parallel and with the GIL released.
-    ``like``: a recorded digest, to compute one of the same scheme."""
+    core, or on ``threads``). The pass faults the pages in (from the page cache, or from disk
+    after the readahead hint) as it hashes, so the hash is the read, in parallel and with the GIL
+    released. ``like``: a recorded digest, to compute one of the same scheme."""
     _willneed(mapped, 0, size)
-    return digest_buffer(memoryview(mapped)[:size], like=like)
+    return digest_buffer(memoryview(mapped)[:size], like=like, threads=threads)
 
 
 class _OrderedHasher:

@@ -37,7 +37,7 @@ import torch
 from ckpt_plugins.files.checksum import FileHasher
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
-from ckpt_plugins.persist.hashed_copy import PIECE, holds_own_bytes
+from ckpt_plugins.persist.hashed_copy import copy_pieces
 
 __all__ = ["DeferredChecksums", "MappedFiles"]
 
@@ -59,8 +59,9 @@ class _Mapping:
 
     def targets(self, layout: tuple[Any, ...], start: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Typed views of the mapping, one per tensor of ``tensors`` (laid out from ``start``
-        in this order), built once per layout: a snapshot into a recycled file is then one
-        ``_foreach_copy_``, not a slice, two views and a copy per tensor in Python."""
+        in this order), built once per layout: a snapshot into a recycled file then costs one
+        ``memmove`` per tensor (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`), not a
+        slice, two views and a copy per tensor in Python."""
         if layout != self._layout:
             self._targets, offset = [], start
             for tensor in tensors:
@@ -71,7 +72,8 @@ class _Mapping:
         return self._targets
 
     def digest(self) -> str:
-        return hash_mapping(self.map, self.size)
+        """The file's checksum, on this (background) thread alone: the training thread keeps its core."""
+        return hash_mapping(self.map, self.size, threads=1)
 
     def close(self) -> None:
         self._targets = []  # views, like the byte tensor, hold the buffer export that keeps the map open
@@ -114,30 +116,24 @@ class MappedFiles:
             os.close(fd)
         out = mapping.bytes
         out[: len(head)].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        present = [tensors[name] for name in order if tensors[name].numel()]
+        layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
+        pairs = list(zip(mapping.targets(layout, len(head), present), present, strict=True))
         if not hash_now:
-            present = [tensors[name] for name in order if tensors[name].numel()]
-            layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
-            with torch.no_grad():  # copy_ resolves any layout, device or lazy conjugation
-                torch._foreach_copy_(mapping.targets(layout, len(head), present), present)
+            with torch.no_grad():
+                copy_pieces(pairs)
             return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
         hasher = FileHasher(head)
-        offset = len(head)
-        with torch.no_grad(), memoryview(mapping.map) as written:
-            for name in order:
-                tensor = tensors[name]
-                nbytes = tensor.numel() * tensor.element_size()
-                if nbytes:
-                    target = out[offset : offset + nbytes]
-                    if not holds_own_bytes(tensor):  # torch resolves the layout, the device, lazy conjugation
-                        target.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-                        hasher.update(written[offset : offset + nbytes])
-                    else:
-                        source = tensor.reshape(-1).view(torch.uint8)
-                        for start in range(0, nbytes, PIECE):
-                            end = min(start + PIECE, nbytes)
-                            target[start:end].copy_(source[start:end])
-                            hasher.update(written[offset + start : offset + end])
-                offset += nbytes
+        base, hashed = out.data_ptr(), len(head)
+        with memoryview(mapping.map) as written:
+
+            def hash_up_to(address: int) -> None:  # each piece right after its copy, from the cache
+                nonlocal hashed
+                hasher.update(written[hashed : address - base])
+                hashed = address - base
+
+            with torch.no_grad():
+                copy_pieces(pairs, hash_up_to)
         return FileRecord(size=size, xxh3_64=hasher.hexdigest()), mapping
 
     def keep_only(self, folders: Iterable[str]) -> None:

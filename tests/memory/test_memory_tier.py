@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -251,3 +252,52 @@ def test_recycled_files_take_a_new_layout_of_the_same_size_and_odd_tensors_bit_f
                 want = value.resolve_conj().resolve_neg().contiguous()
                 assert got[key].dtype == want.dtype and got[key].shape == want.shape, (step, key)
                 assert torch.equal(got[key], want), (step, key)
+
+
+@pytest.mark.parametrize("snapshot", ["safe", "overlap"])
+def test_tensors_at_unaligned_offsets_are_copied_bit_for_bit_and_checksummed(tmp_path, shm_of, snapshot):
+    # The copy into the mapping is one memmove per tensor (per piece in overlap mode): an odd-sized
+    # tensor puts every later one at an offset no vector width divides; bytes and checksums must
+    # still be exact, and views a memmove cannot copy still go through torch.
+    shm_of(tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    opts = {"memory_tier": True, "persist_every_n_steps": 100}
+    if snapshot == "overlap":
+        opts.update(async_save=True, snapshot="overlap")
+    with CheckpointManager(tmp_path, **opts) as mgr:
+        tier = mgr._memory.tier
+        for step in range(1, 4):
+            state = {
+                "a": torch.randn(3, generator=gen),  # 12 bytes: what follows is misaligned
+                "b": torch.randn(5 << 18, generator=gen) + step,  # 5 MiB: more than one piece
+                "c": torch.randn(7, 9, generator=gen).t(),  # not contiguous
+                "d": torch.randn(9, generator=gen),
+            }
+            mgr.save(step, state)
+            mgr.wait_for_snapshot()
+            mgr.wait()
+            tier.settle()
+            got = mgr.restore("latest")
+            assert all(torch.equal(got[k], v.contiguous()) for k, v in state.items()), step
+            assert tier.layout.verify(tier.path_for(step)) == []
+
+
+def test_the_deferred_checksum_leaves_the_training_thread_its_core(tmp_path, shm_of, monkeypatch):
+    # Default mode hashes a snapshot after its commit, beside the next training step: on one
+    # helper thread, however many cores a verified restore would use.
+    from ckpt_plugins.files import checksum
+
+    shm_of(tmp_path)
+    monkeypatch.setattr(checksum, "_cores", lambda: 4)
+    hashed_on: list[str] = []
+    real = checksum.xxhash.xxh3_64_intdigest
+
+    def recording(data):
+        hashed_on.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(checksum.xxhash, "xxh3_64_intdigest", recording)
+    with CheckpointManager(tmp_path, memory_tier=True, persist_every_n_steps=100) as mgr:
+        mgr.save(1, {"w": torch.zeros(5 * checksum.CHUNK // 4)})  # 5 chunks
+        mgr._memory.tier.settle()
+        assert len(hashed_on) >= 5 and set(hashed_on) == {"ckpt-snapshot-hash"}
