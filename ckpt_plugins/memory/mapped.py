@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from ckpt_plugins.files.checksum import FileHasher
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
 from ckpt_plugins.persist.hashed_copy import copy_pieces
@@ -92,13 +91,9 @@ class MappedFiles:
         path: str,
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str] | None,
-        *,
-        hash_now: bool = False,
     ) -> tuple[FileRecord, _Mapping]:
         """Write ``tensors`` (on the CPU) as the safetensors file ``path`` (new, or a recycled
-        file whose pages are reused). The record's checksum is pending (see the module), or with
-        ``hash_now`` taken here: each piece is hashed right after its copy, from the cache it was
-        just written to (overlap mode, on the writer thread: one pass over memory, not two)."""
+        file whose pages are reused); the record's checksum is pending (see the module)."""
         order, head, data_len = file_layout(tensors, metadata)
         size = len(head) + data_len
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -119,22 +114,9 @@ class MappedFiles:
         present = [tensors[name] for name in order if tensors[name].numel()]
         layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
         pairs = list(zip(mapping.targets(layout, len(head), present), present, strict=True))
-        if not hash_now:
-            with torch.no_grad():
-                copy_pieces(pairs)
-            return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
-        hasher = FileHasher(head)
-        base, hashed = out.data_ptr(), len(head)
-        with memoryview(mapping.map) as written:
-
-            def hash_up_to(address: int) -> None:  # each piece right after its copy, from the cache
-                nonlocal hashed
-                hasher.update(written[hashed : address - base])
-                hashed = address - base
-
-            with torch.no_grad():
-                copy_pieces(pairs, hash_up_to)
-        return FileRecord(size=size, xxh3_64=hasher.hexdigest()), mapping
+        with torch.no_grad():
+            copy_pieces(pairs)
+        return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
 
     def keep_only(self, folders: Iterable[str]) -> None:
         """Drop the mappings of every file not in ``folders`` (removed, or no longer the tier's)."""
