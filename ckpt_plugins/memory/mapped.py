@@ -5,7 +5,7 @@ Writing a tmpfs file with ``write`` goes through the kernel page by page on one 
 as much again in page faults. So the tier keeps every snapshot file it writes mapped
 (``MAP_SHARED``, populated once): the file's pages *are* the mapping's, and a recycled file
 (:mod:`.recycle`) is the same inode under a new name, so the next snapshot into it is one
-``Tensor.copy_`` per tensor into memory whose page tables already exist. Nothing is left to
+``memmove`` per tensor into memory whose page tables already exist. Nothing is left to
 flush: the pages belong to the tmpfs, not to the process, and outlive it.
 
 The checksum is not taken on the caller's thread. :class:`MappedFiles` returns each file's record
