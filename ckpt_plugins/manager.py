@@ -45,7 +45,7 @@ from ckpt_plugins.options import (
     RetentionOptions,
     SaveOptions,
 )
-from ckpt_plugins.options.checks import check_directory, check_storage_options
+from ckpt_plugins.options.checks import check_directory, check_step, check_storage_options
 from ckpt_plugins.options.memory import MemoryTierOptions, memory_options_of
 from ckpt_plugins.options.model import assemble, policy_of
 from ckpt_plugins.persist import exit_hooks
@@ -794,12 +794,11 @@ class CheckpointManager:
         """Name the steps retention must keep besides its own rules, replacing the previous set:
         checkpoints the framework still refers to, such as the HF Trainer's ``best_global_step``
         (its ``best_model_checkpoint``) when the metric that made it best never reached us."""
-        wanted = frozenset(steps)
-        bad = [s for s in wanted if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-        if bad:
-            raise ConfigError(f"protect(): steps must be non-negative integers, got {bad!r}")
+        wanted = list(steps)
+        for step in wanted:
+            check_step("protect", step)
         with self._state_lock:
-            self._protected = wanted
+            self._protected = frozenset(wanted)
 
     def retention(self) -> RetentionDecision:
         """What the retention policy keeps (with reasons) and deletes, for the committed steps: besides

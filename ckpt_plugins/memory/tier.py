@@ -239,9 +239,8 @@ class MemoryTier:
         """The snapshot job: stage CUDA tensors (pinned, reused buffers), write the files into the
         spare snapshot's recycled folder (:mod:`.recycle`), commit, prune, offer it to the peer.
         The checksums are taken after the commit on a helper thread (:mod:`.mapped`), in both
-        modes: in overlap mode, hashing inside the job kept ``wait_for_snapshot`` waiting (the
-        copy and the hash together outlasted a short forward/backward), +8-13 % step time against
-        +4 % with the hash after the commit (docs/memory_tier.md)."""
+        modes: hashing inside an overlap job made it outlast a short forward/backward, so
+        ``wait_for_snapshot`` waited for the hash (docs/memory_tier.md)."""
         step, tensors, slot = request.step, request.tensors, None
         if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
             self._stager = self._stager or HostStager(1)

@@ -28,6 +28,7 @@ __all__ = [
     "check_positive_int",
     "check_seconds",
     "check_signal_names",
+    "check_step",
     "check_storage_options",
 ]
 
@@ -58,6 +59,12 @@ def check_positive_int(option: str, value: Any, *, optional: bool = False) -> No
             option=option,
             value=value,
         )
+
+
+def check_step(option: str, value: Any) -> None:
+    """``value`` is a training step: an int >= 0 (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{_name(option)} must be a non-negative integer, got {value!r}", option=option, value=value)
 
 
 def check_int_range(option: str, value: Any, low: int, high: int, what: str) -> None:

@@ -18,6 +18,7 @@ from ckpt_plugins.errors import ConfigError, UnsupportedStateError
 from ckpt_plugins.files.extra_files import collect_tensors
 from ckpt_plugins.files.manifest import _SAFE_NAME, MANIFEST_NAME
 from ckpt_plugins.layout.commit import check_folder_name
+from ckpt_plugins.options.checks import check_bool, check_step
 from ckpt_plugins.persist.stager import HostStager
 from ckpt_plugins.sharded.save import shard_tensors
 from ckpt_plugins.tree.codec import flatten_state
@@ -36,10 +37,8 @@ def check_save_arguments(
 ) -> dict[str, float]:
     """Refuse a bad ``step``, metric, extra-file name, checkpoint name or ``wait``; return the metrics
     as floats."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ConfigError(f"step must be a non-negative integer, got {step!r}", option="step", value=step)
-    if not isinstance(wait, bool):  # a truthy string or a step number here is a slip, not a choice
-        raise ConfigError(f"save(wait=...) takes True or False, got {wait!r}", option="wait", value=wait)
+    check_step("step", step)
+    check_bool("wait", wait)
     cleaned = clean_metrics(metrics)
     for file_name in extra_files or {}:
         if (

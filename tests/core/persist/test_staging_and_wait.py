@@ -107,6 +107,6 @@ def test_a_save_the_caller_waits_for_reports_the_whole_wait_as_its_stall(tmp_pat
 @pytest.mark.parametrize("wait", ["yes", 1, None])
 def test_save_wait_must_be_a_bool(tmp_path, wait) -> None:
     with CheckpointManager(tmp_path) as mgr:
-        with pytest.raises(ConfigError, match=r"save\(wait=\.\.\.\) takes True or False"):
+        with pytest.raises(ConfigError, match="wait must be True or False"):
             mgr.save(1, {"w": torch.ones(2)}, wait=wait)
         assert mgr.steps() == []
