@@ -796,7 +796,7 @@ class CheckpointManager:
         (its ``best_model_checkpoint``) when the metric that made it best never reached us."""
         wanted = list(steps)
         for step in wanted:
-            check_step("protect", step)
+            check_step("protect() step", step)
         with self._state_lock:
             self._protected = frozenset(wanted)
 
