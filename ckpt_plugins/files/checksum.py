@@ -26,6 +26,8 @@ __all__ = [
     "CHUNK",
     "DIGEST_PATTERN",
     "FileHasher",
+    "combine_chunks",
+    "cores",
     "digest_buffer",
     "hasher_like",
     "is_chunked",
@@ -52,7 +54,10 @@ def is_chunked(digest: str) -> bool:
     return digest.startswith(_PREFIX)
 
 
-def _combine(chunk_digests: list[int]) -> str:
+def combine_chunks(chunk_digests: list[int]) -> str:
+    """The file checksum from the ``xxh3_64`` int digests of its consecutive :data:`CHUNK`-byte
+    chunks, in order (hashed by whoever has them: :mod:`~ckpt_plugins.persist.hashed_copy` hashes
+    each chunk right after copying it, on several threads)."""
     joined = b"".join(d.to_bytes(8, "little") for d in chunk_digests)
     return _PREFIX + xxhash.xxh3_64_hexdigest(joined)
 
@@ -85,7 +90,7 @@ class FileHasher:
 
     def hexdigest(self) -> str:
         tail = [self._current.intdigest()] if self._filled or not self._digests else []
-        return _combine(self._digests + tail)
+        return combine_chunks(self._digests + tail)
 
 
 def hasher_like(digest: str | None) -> Hasher:
@@ -107,9 +112,9 @@ def digest_buffer(buffer: Any, *, like: str | None = None, threads: int | None =
     if like is not None and not is_chunked(like):
         return str(xxhash.xxh3_64_hexdigest(view))
     starts = range(0, max(len(view), 1), CHUNK)
-    workers = min(len(starts), threads or _cores())
+    workers = min(len(starts), threads or cores())
     if workers == 1:
-        return _combine([xxhash.xxh3_64_intdigest(view[start : start + CHUNK]) for start in starts])
+        return combine_chunks([xxhash.xxh3_64_intdigest(view[start : start + CHUNK]) for start in starts])
     digests = [0] * len(starts)
     errors: list[BaseException] = []
 
@@ -131,10 +136,11 @@ def digest_buffer(buffer: Any, *, like: str | None = None, threads: int | None =
         helper.join()
     if errors:
         raise errors[0]
-    return _combine(digests)
+    return combine_chunks(digests)
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1

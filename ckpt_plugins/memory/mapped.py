@@ -91,9 +91,12 @@ class MappedFiles:
         path: str,
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str] | None,
+        threads: int | None = None,
     ) -> tuple[FileRecord, _Mapping]:
         """Write ``tensors`` (on the CPU) as the safetensors file ``path`` (new, or a recycled
-        file whose pages are reused); the record's checksum is pending (see the module)."""
+        file whose pages are reused), copied on ``threads`` threads
+        (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`); the record's checksum is pending
+        (see the module)."""
         order, head, data_len = file_layout(tensors, metadata)
         size = len(head) + data_len
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -115,7 +118,7 @@ class MappedFiles:
         layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
         pairs = list(zip(mapping.targets(layout, len(head), present), present, strict=True))
         with torch.no_grad():
-            copy_pieces(pairs)
+            copy_pieces(pairs, threads)
         return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
 
     def keep_only(self, folders: Iterable[str]) -> None:

@@ -116,6 +116,7 @@ class MemoryTier:
         self.mapped = MappedFiles()  # every snapshot file this tier writes, mapped once (.mapped)
         self.checksums = DeferredChecksums()  # recorded after each commit, on a helper thread
         self._written: dict[str, Any] = {}  # the job in progress: file name -> its mapping
+        self._copy_threads: int | None = None  # the job in progress: threads that copy (see _write_snapshot)
         self._budget_checked = False
         self.damaged: set[str] = set()
         self.verified: set[str] = set()
@@ -230,14 +231,16 @@ class MemoryTier:
             retention=retention,
         )
         handle = SaveHandle(step, self.layout.path_for(step))
-        if submit is not None:
-            return submit(handle, lambda h: self._write_snapshot(request, h))
-        handle._durable.set_result(self._write_snapshot(request, handle))
+        if submit is not None:  # beside training: the copy keeps to the writer's thread
+            return submit(handle, lambda h: self._write_snapshot(request, h, threads=1))
+        handle._durable.set_result(self._write_snapshot(request, handle, threads=None))
         return handle
 
-    def _write_snapshot(self, request: SaveRequest, handle: SaveHandle) -> str:
+    def _write_snapshot(self, request: SaveRequest, handle: SaveHandle, threads: int | None) -> str:
         """The snapshot job: stage CUDA tensors (pinned, reused buffers), write the files into the
         spare snapshot's recycled folder (:mod:`.recycle`), commit, prune, offer it to the peer.
+        ``threads``: how many threads copy (:func:`~ckpt_plugins.persist.hashed_copy.copy_threads`;
+        1 in overlap mode, which must leave training its cores).
         The checksums are taken after the commit on a helper thread (:mod:`.mapped`), in both
         modes: hashing inside an overlap job made it outlast a short forward/backward, so
         ``wait_for_snapshot`` waited for the hash (docs/memory_tier.md)."""
@@ -255,7 +258,7 @@ class MemoryTier:
         try:
             with self.lock:
                 self.checksums.settle()  # the previous snapshot's: its folder may be renamed below
-                self._written = {}
+                self._written, self._copy_threads = {}, threads
                 before = self.steps()
                 for later in [s for s in before if s > step]:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
@@ -312,7 +315,7 @@ class MemoryTier:
         slot: int | None,
         prehashed: Prehashed | None = None,
     ) -> FileRecord:
-        record, mapping = self.mapped.write(path, tensors, metadata)
+        record, mapping = self.mapped.write(path, tensors, metadata, threads=self._copy_threads)
         self._written[os.path.basename(path)] = mapping
         return record
 

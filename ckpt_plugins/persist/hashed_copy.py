@@ -1,126 +1,156 @@
-"""Copy tensors into a staging block and checksum the block on a second thread, during the copy.
+"""Copy tensors into staging memory on several threads, checksumming each chunk as it is copied.
 
-A tensor file's checksum (xxh3 of the file) used to be one more pass over the whole state on
-the background writer, after the copy: about 20 ms of CPU per 500 MB here, taken from training
-on a machine with few cores while the save persists. Hashing each piece while it is copied, on
-the copying thread, only moves that time into the stall (xxh3 is bound by computation, not by
-memory, so a cache-hot piece hashes no faster). Here the copy runs on the caller's thread (one
-``memmove`` per piece, which on its own saturates memory bandwidth) while a helper thread hashes
-the pieces already copied, a few MiB behind, from the cache they were just written to: while
-``save()`` blocks, training has nothing to run on the second core, so the hash is free there.
-Both ``memmove`` (ctypes) and xxh3 release the GIL.
+A save blocks training for one copy of the state (the stall). Measured on the 2-core benchmark
+machine for its 517 MiB state (docs/benchmarks.md): one ``memmove`` per tensor took 83 ms (below
+glibc's non-temporal threshold its stores go through the cache at one core's pace), that copy
+with a helper thread hashing behind it 85 ms, and two threads that each copy one 16 MiB chunk and
+then hash it from the cache it was just written to, 61 ms; torch's two-thread ``copy_`` alone
+took 43-48 ms. A file's checksum is over fixed chunks (:mod:`~ckpt_plugins.files.checksum`), so
+chunks hash independently, in any order, on any thread: the copy and the hash then share every
+core while ``save()`` blocks, when training has nothing to run on them.
 
-The pieces are hashed in block order, which is the file's order (the stager lays a file's
-tensors out in :func:`~ckpt_plugins.files.tensor_file.file_order`), so the digest is the
-checksum (:mod:`~ckpt_plugins.files.checksum`) of the header followed by the block: exactly the
-bytes :func:`~.tensor_file.write_tensor_file` writes (it checks that before trusting the digest).
+Work is claimed one chunk at a time from a shared counter rather than split in fixed halves:
+when another process holds a core, the thread on it takes fewer chunks and the others do the
+rest, so a copy waits at most for the one chunk a descheduled thread holds. (Fixed halves are why
+the copy had left ``Tensor.copy_``, whose parallel loops took 260-600 ms on 2 busy cores.)
+``threads=1`` keeps a copy on its caller's thread alone: a copy that runs in the background
+beside training (overlap mode) must not take training's cores.
+
+Both ``memmove`` (ctypes) and xxh3 release the GIL. The digest of the header followed by the
+block is exactly the checksum of the bytes :func:`~ckpt_plugins.files.tensor_file.write_tensor_file`
+writes (it checks that before trusting the digest).
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import threading
 from collections.abc import Callable
 
 import torch
+import xxhash
 
-from ckpt_plugins.files.checksum import FileHasher
+from ckpt_plugins.files.checksum import CHUNK, combine_chunks, cores
 
-__all__ = ["PIECE", "copy_and_hash", "copy_pieces", "holds_own_bytes"]
+__all__ = ["MAX_THREADS", "PIECE", "copy_and_hash", "copy_pieces", "copy_threads", "holds_own_bytes"]
 
-PIECE = 4 << 20
-"""Copy in pieces this large and let the hasher follow piece by piece: small enough to still be
-in the (shared, last-level) cache when hashed, large enough that the hand-over costs nothing."""
+PIECE = CHUNK
+"""The unit of work a thread claims: one checksum chunk (16 MiB), copied and then hashed while
+still in the cache; about 2 ms of work, so claiming costs nothing next to it."""
 
+MAX_THREADS = 4
+"""At most this many copying threads: a few saturate a socket's memory bandwidth; more only
+contend for it."""
 
-class _Progress:
-    """How many bytes of the block are copied; the hasher waits on it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._done = 0
-        self._wanted = 0
-        self._failed = False
-
-    def advance(self, done: int) -> None:
-        with self._cond:
-            self._done = done
-            if done >= self._wanted:
-                self._cond.notify()
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify()
-
-    def wait_for(self, end: int) -> bool:
-        """Block until ``end`` bytes are copied; False if the copy failed."""
-        with self._cond:
-            self._wanted = end
-            while self._done < end and not self._failed:
-                self._cond.wait()
-            return not self._failed
+THREAD_NAME = "ckpt-stage-copy"
 
 
-def copy_and_hash(pairs: list[tuple[torch.Tensor, torch.Tensor]], head: bytes, block: torch.Tensor) -> str:
-    """Copy each ``(dst, src)`` (``dst``: views that fill ``block`` in order) and return the xxh3
-    of ``head`` followed by ``block``'s bytes, hashed on a helper thread as the copy advances."""
-    hasher = FileHasher(head)
-    base, total = block.data_ptr(), block.numel()
-    progress = _Progress()
+def copy_threads(threads: int | None = None) -> int:
+    """How many threads a copy on the caller's behalf uses: ``threads``, or one per core (at
+    most :data:`MAX_THREADS`)."""
+    return max(1, threads if threads is not None else min(cores(), MAX_THREADS))
+
+
+def copy_and_hash(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], head: bytes, block: torch.Tensor, threads: int | None = None
+) -> str:
+    """Copy each ``(dst, src)`` (``dst``: views that fill ``block``) and return the checksum of
+    ``head`` followed by ``block``'s bytes, each chunk hashed by the thread that copied it."""
+    runs = _Runs(pairs, block.data_ptr())
+    total, size = block.numel(), len(head) + block.numel()
+    view = memoryview((ctypes.c_ubyte * total).from_address(block.data_ptr())).cast("B") if total else None
+    count = max(1, -(-size // CHUNK))  # an empty file is one empty chunk
+    digests = [0] * count
+
+    def chunk(i: int) -> None:
+        lo, hi = i * CHUNK, min((i + 1) * CHUNK, size)  # in the file: header, then the block
+        start, end = max(lo - len(head), 0), max(hi - len(head), 0)  # in the block
+        runs.copy(start, end)
+        hasher = xxhash.xxh3_64()
+        if lo < len(head):
+            hasher.update(head[lo : min(hi, len(head))])
+        if view is not None and end > start:
+            hasher.update(view[start:end])
+        digests[i] = hasher.intdigest()
+
+    _claim_all(count, chunk, copy_threads(threads))
+    return combine_chunks(digests)
+
+
+def copy_pieces(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None) -> None:
+    """Copy each ``(dst, src)``: raw bytes by ``memmove`` in :data:`PIECE`-sized pieces claimed by
+    ``threads`` threads (:func:`copy_threads`), what a ``memmove`` cannot copy (other layouts,
+    dtypes, devices) by torch's ``copy_`` first, on the caller's thread.
+
+    ``memmove`` rather than ``copy_`` for the bytes: glibc's copies at full speed into a
+    destination that is not 64-byte aligned (a tensor after an odd-sized one in a file), where
+    torch's vectorised copy is 20-25 % slower (measured in docs/memory_tier.md)."""
+    runs = _Runs(pairs, 0)
+    pieces = [(pos, min(pos + PIECE, off + n)) for off, _, n in runs.runs for pos in range(off, off + n, PIECE)]
+    _claim_all(len(pieces), lambda i: runs.copy(*pieces[i]), copy_threads(threads))
+
+
+class _Runs:
+    """The raw-byte copies of a list of pairs, as ``(destination offset from base, source address,
+    bytes)`` sorted by destination, copyable by destination range; pairs a ``memmove`` cannot
+    copy are copied by ``copy_`` when this is built."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], base: int) -> None:
+        self.base = base
+        runs = []
+        for dst, src in pairs:
+            nbytes = dst.numel() * dst.element_size()
+            if not nbytes:
+                continue
+            if not _plain_bytes(src, dst):
+                dst.copy_(src.detach())  # torch resolves layouts and lazy conjugation
+                continue
+            runs.append((dst.data_ptr() - base, src.data_ptr(), nbytes))
+        self.runs = sorted(runs)
+        self._starts = [off for off, _, _ in self.runs]
+
+    def copy(self, start: int, end: int) -> None:
+        """Copy every byte of the runs that falls in ``[start, end)`` (destination offsets)."""
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        while i < len(self.runs) and self.runs[i][0] < end:
+            off, source, n = self.runs[i]
+            lo, hi = max(off, start), min(off + n, end)
+            if hi > lo:
+                ctypes.memmove(self.base + lo, source + lo - off, hi - lo)
+            i += 1
+
+
+def _claim_all(count: int, work: Callable[[int], None], threads: int) -> None:
+    """Run ``work(i)`` for every ``i < count`` on the caller's thread and ``threads - 1`` helpers,
+    each claiming the next ``i`` when free. The helpers are joined before this returns (or
+    raises the first error, after which nothing more is claimed)."""
+    claimed, lock, failed = [0], threading.Lock(), threading.Event()
     errors: list[BaseException] = []
 
-    def hash_behind() -> None:
+    def claim_and_work() -> None:
         try:
-            view = memoryview((ctypes.c_ubyte * total).from_address(base)).cast("B")
-            for start in range(0, total, PIECE):
-                end = min(start + PIECE, total)
-                if not progress.wait_for(end):
+            while not failed.is_set():
+                with lock:
+                    i = claimed[0]
+                    claimed[0] += 1
+                if i >= count:
                     return
-                hasher.update(view[start:end])
-        except BaseException as exc:  # reported by the copying thread
+                work(i)
+        except BaseException as exc:  # raised on the caller's thread below
             errors.append(exc)
+            failed.set()
 
-    thread = threading.Thread(target=hash_behind, name="ckpt-stage-hash", daemon=True)
-    thread.start()
-    try:
-        copy_pieces(pairs, lambda end: progress.advance(end - base))
-        progress.advance(total)
-    except BaseException:
-        progress.fail()
-        raise
-    finally:
-        thread.join()
+    helpers = [
+        threading.Thread(target=claim_and_work, name=THREAD_NAME, daemon=True) for _ in range(min(threads, count) - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    claim_and_work()
+    for helper in helpers:
+        helper.join()
     if errors:
         raise errors[0]
-    return hasher.hexdigest()
-
-
-def copy_pieces(pairs: list[tuple[torch.Tensor, torch.Tensor]], copied: Callable[[int], None] | None = None) -> None:
-    """Copy each ``(dst, src)`` by ``memmove`` in ``PIECE``-sized pieces on this thread (torch's
-    ``copy_`` for what a ``memmove`` cannot copy: other layouts, dtypes, devices); after each
-    piece, ``copied(address just past it)``; without ``copied``, one ``memmove`` per tensor.
-
-    ``memmove`` rather than ``copy_``: glibc's copies at full speed into a destination that is
-    not 64-byte aligned (a tensor after an odd-sized one in a file), where torch's vectorised
-    copy is 20-25 % slower (measured in docs/memory_tier.md), and it releases the GIL."""
-    for dst, src in pairs:
-        nbytes = dst.numel() * dst.element_size()
-        if not nbytes:
-            continue
-        target = dst.data_ptr()
-        if not _plain_bytes(src, dst):
-            dst.copy_(src.detach())  # torch resolves layouts and lazy conjugation
-            if copied is not None:
-                copied(target + nbytes)
-            continue
-        source = src.data_ptr()
-        piece = PIECE if copied is not None else nbytes
-        for pos in range(0, nbytes, piece):
-            n = min(piece, nbytes - pos)
-            ctypes.memmove(target + pos, source + pos, n)
-            if copied is not None:
-                copied(target + pos + n)
 
 
 def _plain_bytes(src: torch.Tensor, dst: torch.Tensor) -> bool:

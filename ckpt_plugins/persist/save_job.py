@@ -179,7 +179,7 @@ class SaveJob:
                 tensors, self._digests = req.staged.tensors, req.staged.digests
             elif req.stage_in_job:
                 heads = file_heads(tensors, req.extra_specs, dedup=req.dedup) if req.hash_in_stage else None
-                staged = self.stager.stage(req.slot, tensors, heads)
+                staged = self.stager.stage(req.slot, tensors, heads, threads=1)  # beside training: one core
                 staged.wait()
                 tensors, self._digests = staged.tensors, staged.digests
             handle._staged.set_result(None)

@@ -18,10 +18,11 @@ the whole state while training runs. The digest travels with the staged state
 
 CUDA tensors go to pinned memory with ``non_blocking`` copies on a side stream, so the device to
 host copy overlaps with compute; :meth:`StagedState.wait` synchronises that stream's event. CPU
-tensors are copied by ``memmove`` in pieces on the caller's thread (:mod:`.hashed_copy`): one
-thread saturates memory bandwidth, and unlike ``Tensor.copy_``'s parallel loops it does not
-wait for a second thread that other processes have pushed off its core (on 2 busy cores
-``copy_`` of the 517 MiB benchmark state took 260-600 ms, the pieces 50-80 ms).
+tensors are copied by ``memmove`` in chunks that threads claim one at a time (:mod:`.hashed_copy`):
+every core copies and hashes while the caller waits, and unlike ``Tensor.copy_``'s fixed halves a
+thread that other processes have pushed off its core only takes fewer chunks (on 2 busy cores
+``copy_`` of the 517 MiB benchmark state took 260-600 ms). A stage that runs beside training
+(overlap mode, on the writer) passes ``threads=1``.
 
 With a writer process the arena lives in shared memory instead (not pinned: CUDA copies into
 it are then synchronous). There are ``slots`` arenas: at most that many staged copies exist at
@@ -183,11 +184,16 @@ class HostStager:
         return sum(block.numel() for a in self._arenas if a is not None for block in a.memory.values())
 
     def stage(
-        self, slot: int, tensors: Mapping[str, torch.Tensor], heads: Mapping[str, bytes] | None = None
+        self,
+        slot: int,
+        tensors: Mapping[str, torch.Tensor],
+        heads: Mapping[str, bytes] | None = None,
+        threads: int | None = None,
     ) -> StagedState:
         """Copy ``tensors`` into ``slot``'s arena (reallocated only when keys, shapes or dtypes
         changed). ``heads``: ``{file group: header bytes}`` of files to checksum during the copy
-        (CPU tensors only; CUDA copies are asynchronous)."""
+        (CPU tensors only; CUDA copies are asynchronous). ``threads``: how many threads copy CPU
+        tensors (default: one per core, :func:`~.hashed_copy.copy_threads`)."""
         uses_cuda = any(t.is_cuda for t in tensors.values())
         arena = self._arena_for(slot, tensors, pin=uses_cuda and not self.shared)
         stream = self._side_stream() if uses_cuda else None
@@ -204,10 +210,10 @@ class HostStager:
                     pairs = [(arena.views[k], tensors[k]) for k in keys]
                     head = (heads or {}).get(group)
                     if head is None:
-                        copy_pieces(pairs)
+                        copy_pieces(pairs, threads)
                         continue
                     block = arena.memory[group]
-                    digest = copy_and_hash(pairs, head, block)
+                    digest = copy_and_hash(pairs, head, block, threads)
                     digests[group] = Prehashed(head, block.data_ptr(), block.numel(), digest)
         event = None
         if stream is not None:

@@ -290,7 +290,7 @@ def test_the_deferred_checksum_leaves_the_training_thread_its_core(tmp_path, shm
     from ckpt_plugins.files import checksum
 
     shm_of(tmp_path)
-    monkeypatch.setattr(checksum, "_cores", lambda: 4)
+    monkeypatch.setattr(checksum, "cores", lambda: 4)
     hashed_on: list[str] = []
     real = checksum.xxhash.xxh3_64_intdigest
 

@@ -118,7 +118,7 @@ def test_a_failing_copy_stops_the_hasher_and_fails_the_save(tmp_path):
     pairs[1] = (pairs[1][0], torch.randn(11))  # cannot be copied into a view of 10 (nor memmoved)
     with pytest.raises(RuntimeError):
         hashed_copy.copy_and_hash(pairs, b"head", stager.arena(0).memory["state"])
-    assert not [t for t in threading.enumerate() if t.name == "ckpt-stage-hash"]
+    assert not [t for t in threading.enumerate() if t.name == hashed_copy.THREAD_NAME]
 
 
 def test_prepare_allocates_the_first_saves_staging_memory_in_the_background(tmp_path, caplog):

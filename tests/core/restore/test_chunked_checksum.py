@@ -75,7 +75,7 @@ def _tensor_file(tmp_path) -> str:
 def test_a_verified_restore_hashes_the_chunks_on_more_than_one_thread(tmp_path, monkeypatch) -> None:
     # One thread per core: two are asked for whatever this machine has, so the split is tested
     # on a one-core runner too.
-    monkeypatch.setattr(checksum, "_cores", lambda: 2)
+    monkeypatch.setattr(checksum, "cores", lambda: 2)
     mgr, state = _save(tmp_path, 5 * CHUNK)
     threads: set[int] = set()
     real = xxhash.xxh3_64_intdigest
