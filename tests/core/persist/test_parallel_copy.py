@@ -80,17 +80,35 @@ def test_a_slow_thread_holds_up_only_the_chunk_it_claimed():
 
 def test_a_failure_on_a_helper_stops_the_claims_and_reaches_the_caller():
     claimed: list[int] = []
+    working = [0]
 
     def work(i: int) -> None:
         claimed.append(i)
-        if threading.current_thread() is not threading.main_thread():
-            raise OSError("copy failed")
-        time.sleep(0.01)
+        working[0] += 1
+        try:
+            if threading.current_thread() is not threading.main_thread():
+                raise OSError("copy failed")
+            time.sleep(0.01)
+        finally:
+            working[0] -= 1
 
     with pytest.raises(OSError, match="copy failed"):
         hashed_copy._claim_all(1000, work, threads=3)
-    assert len(claimed) < 1000
-    assert not [t for t in threading.enumerate() if t.name == hashed_copy.THREAD_NAME]
+    after = len(claimed)
+    time.sleep(0.05)
+    assert after < 1000 and len(claimed) == after and working[0] == 0  # nothing runs on after the raise
+    targets = [torch.zeros(3 << 20)]
+    hashed_copy.copy_pieces([(targets[0], torch.ones(3 << 20))], threads=3)  # the helpers still serve
+    assert bool(targets[0].eq(1).all())
+
+
+def test_a_helper_that_starts_late_finds_nothing_to_wait_for():
+    """The caller does not wait for a helper that has not started: all work done, it returns."""
+    job = hashed_copy._Job(3, lambda i: None)
+    job.claim_and_work()
+    job.finish()  # no helper took an item: returns at once
+    job.claim_and_work(helper=True)  # a late helper: nothing left to claim
+    job.finish()
 
 
 def test_copy_threads_default_to_the_cores_at_most_max_threads(monkeypatch):
