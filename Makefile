@@ -12,7 +12,7 @@ PY_MIN := $(VENV_MIN)/bin/python
 
 .PHONY: venv demo lint test test-min bench soak clean
 
-$(VENV)/.ready: pyproject.toml Makefile
+$(VENV)/.ready: pyproject.toml setup.py ckpt_plugins/persist/_stream_copy.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
@@ -32,7 +32,7 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q -n auto tests
 
-$(VENV_MIN)/.ready: pyproject.toml Makefile .ci/min-versions.txt
+$(VENV_MIN)/.ready: pyproject.toml setup.py ckpt_plugins/persist/_stream_copy.c Makefile .ci/min-versions.txt
 	test -x $(PY_MIN) || $(PYTHON) -m venv $(VENV_MIN)
 	$(PY_MIN) -m pip install -q -c .ci/min-versions.txt -e ".[$(EXTRAS)]"
 	touch $@
@@ -50,3 +50,4 @@ soak: venv
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache
+	rm -f ckpt_plugins/persist/_stream_copy.*.so

@@ -5,8 +5,10 @@ Four measurements, one run, same state:
 * **Step-time overhead** of a snapshot every step, on a training loop (an MLP with AdamW; state =
   weights + two Adam moments) at each ``--mib`` size, against the **floor**: one memory copy of the
   same tensors into buffers allocated once, measured alone in the same run, the faster of
-  ``Tensor.copy_`` (torch runs on one thread here) and a bare ``memmove`` split over one thread per
-  core (the library's copy uses every core while ``save()`` blocks, so the floor does too).
+  ``Tensor.copy_`` (torch runs on one thread here), a bare ``memmove`` split over one thread per
+  core (the library's copy uses every core while ``save()`` blocks, so the floor does too) and,
+  where the library's streaming-store copy is compiled, the same split copy with it (the library
+  uses it, so the floor does too).
   Three configurations (no save, one ``copy_`` per step, a snapshot per step) run in blocks of
   consecutive steps that take turns, the first step of each block dropped; the added time per
   step (median step with a snapshot minus median step without) and ``save()``'s own stall are
@@ -49,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ckpt_plugins.persist.hashed_copy import STREAMING_COPY
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -134,15 +138,17 @@ def _default_mode(tmp: Path, mib: int, args, CheckpointManager) -> dict[str, Any
         times = _blocks(
             {"no save": lambda: _step(model, opt, x), "copy": with_copy, "snapshot": snapshot}, args.blocks, args.steps
         )
-        alone, split = [], []
+        alone, split, streamed = [], [], []
         for _ in range(3 * args.blocks):
             copy()
             alone.append(floor.pop())
             split.append(_split_memmove(buffers, tensors))
+            if STREAMING_COPY is not None:
+                streamed.append(_split_memmove(buffers, tensors, STREAMING_COPY))
     finally:
         mgr.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    floor_s = min(statistics.median(alone), statistics.median(split))  # the faster way to copy here
+    floor_s = min(statistics.median(x) for x in (alone, split, streamed) if x)  # the fastest way to copy here
     return {
         "mib": mib,
         "bytes": nbytes,
@@ -152,6 +158,7 @@ def _default_mode(tmp: Path, mib: int, args, CheckpointManager) -> dict[str, Any
         "floor_in_loop_s": floor,
         "floor_alone_s": alone,
         "floor_split_s": split,
+        "floor_streamed_s": streamed,
         "split_threads": _cores(),
         "floor_s": floor_s,
         "added_s": med["snapshot"] - med["no save"],
@@ -165,12 +172,15 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _split_memmove(buffers: list[torch.Tensor], tensors: list[torch.Tensor]) -> float:
-    """The state's bytes copied by ``memmove`` split in equal contiguous parts over one thread per
-    core (the bench runs torch on one thread, so its ``copy_`` uses one core; the library's copy
-    uses every core while ``save()`` blocks, so the floor must too). Seconds."""
+def _split_memmove(buffers: list[torch.Tensor], tensors: list[torch.Tensor], byte_copy=None) -> float:
+    """The state's bytes copied by ``byte_copy`` (``memmove`` by default) split in equal contiguous
+    parts over one thread per core (the bench runs torch on one thread, so its ``copy_`` uses one
+    core; the library's copy uses every core while ``save()`` blocks, so the floor must too).
+    Seconds."""
     import ctypes
     import threading
+
+    byte_copy = byte_copy or ctypes.memmove
 
     runs = [(d.data_ptr(), s.data_ptr(), s.numel() * s.element_size()) for d, s in zip(buffers, tensors, strict=True)]
     total, parts = sum(n for _, _, n in runs), _cores()
@@ -180,7 +190,7 @@ def _split_memmove(buffers: list[torch.Tensor], tensors: list[torch.Tensor]) -> 
         for dst, src, n in runs:
             a, b = max(lo, pos), min(hi, pos + n)
             if b > a:
-                ctypes.memmove(dst + a - pos, src + a - pos, b - a)
+                byte_copy(dst + a - pos, src + a - pos, b - a)
             pos += n
 
     helpers = [threading.Thread(target=part, args=(j,)) for j in range(1, parts)]
@@ -389,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
                 ms(statistics.median(d["floor_split_s"])) if d.get("floor_split_s") else "-",
                 f"{statistics.median(d['floor_split_s']) / d['floor_s']:.2f}x" if d.get("floor_split_s") else "-",
             ),
-            ("floor: the faster of those two", ms(d["floor_s"]), "1.00x"),
+            (
+                "the same split copy with streaming stores (`persist/_stream_copy`), alone",
+                ms(statistics.median(d["floor_streamed_s"])) if d.get("floor_streamed_s") else "not compiled",
+                f"{statistics.median(d['floor_streamed_s']) / d['floor_s']:.2f}x" if d.get("floor_streamed_s") else "-",
+            ),
+            ("floor: the fastest of those", ms(d["floor_s"]), "1.00x"),
         ]
     overlap_rows = []
     for o in overlaps:

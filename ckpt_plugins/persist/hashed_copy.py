@@ -16,7 +16,13 @@ the copy had left ``Tensor.copy_``, whose parallel loops took 260-600 ms on 2 bu
 ``threads=1`` keeps a copy on its caller's thread alone: a copy that runs in the background
 beside training (overlap mode) must not take training's cores.
 
-Both ``memmove`` (ctypes) and xxh3 release the GIL. The digest of the header followed by the
+A copy without a checksum (:func:`copy_pieces`) uses streaming (non-temporal) stores where the
+compiled :mod:`~ckpt_plugins.persist._stream_copy` is present: its destination is memory last
+written a save or more ago, not in cache, and an ordinary store would first read every line of it
+from memory. A copy with a checksum keeps ordinary stores, so that the chunk it hashes next is in
+cache. Without the compiled part every copy is ``memmove``.
+
+Both ``memmove`` (ctypes) and xxh3 release the GIL, as the streaming copy does. The digest of the header followed by the
 block is exactly the checksum of the bytes :func:`~ckpt_plugins.files.tensor_file.write_tensor_file`
 writes (it checks that before trusting the digest).
 """
@@ -35,7 +41,17 @@ import xxhash
 
 from ckpt_plugins.files.checksum import CHUNK, combine_chunks, cores
 
-__all__ = ["MAX_THREADS", "PIECE", "copy_and_hash", "copy_pieces", "copy_threads", "holds_own_bytes"]
+_ByteCopy = Callable[[int, int, int], object]
+_MEMMOVE: _ByteCopy = ctypes.memmove
+STREAMING_COPY: _ByteCopy | None
+try:
+    from ckpt_plugins.persist._stream_copy import copy as STREAMING_COPY
+except ImportError:  # not compiled here (setup.py builds it where a C compiler is present)
+    STREAMING_COPY = None
+"""The streaming-store copy ``(dst, src, nbytes)`` that :func:`copy_pieces` uses, or ``None``
+where it is not compiled (then ``memmove``). Tests and benchmarks may set it to ``None``."""
+
+__all__ = ["MAX_THREADS", "PIECE", "STREAMING_COPY", "copy_and_hash", "copy_pieces", "copy_threads", "holds_own_bytes"]
 
 PIECE = 4 << 20
 """The unit of work a thread claims in a copy without a checksum (about 0.4 ms of copying here):
@@ -83,14 +99,15 @@ def copy_and_hash(
 
 
 def copy_pieces(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None) -> None:
-    """Copy each ``(dst, src)``: raw bytes by ``memmove`` in :data:`PIECE`-sized pieces claimed by
+    """Copy each ``(dst, src)``: raw bytes by :data:`STREAMING_COPY` (else ``memmove``) in
+    :data:`PIECE`-sized pieces claimed by
     ``threads`` threads (:func:`copy_threads`), what a ``memmove`` cannot copy (other layouts,
     dtypes, devices) by torch's ``copy_`` first, on the caller's thread.
 
     ``memmove`` rather than ``copy_`` for the bytes: glibc's copies at full speed into a
     destination that is not 64-byte aligned (a tensor after an odd-sized one in a file), where
     torch's vectorised copy is 20-25 % slower (measured in docs/memory_tier.md)."""
-    runs = _Runs(pairs, 0)
+    runs = _Runs(pairs, 0, STREAMING_COPY or _MEMMOVE)
     pieces = [(pos, min(pos + PIECE, off + n)) for off, _, n in runs.runs for pos in range(off, off + n, PIECE)]
     _claim_all(len(pieces), lambda i: runs.copy(*pieces[i]), copy_threads(threads))
 
@@ -100,8 +117,10 @@ class _Runs:
     bytes)`` sorted by destination, copyable by destination range; pairs a ``memmove`` cannot
     copy are copied by ``copy_`` when this is built."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], base: int) -> None:
-        self.base = base
+    def __init__(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], base: int, byte_copy: _ByteCopy = _MEMMOVE
+    ) -> None:
+        self.base, self._byte_copy = base, byte_copy
         runs = []
         for dst, src in pairs:
             nbytes = dst.numel() * dst.element_size()
@@ -121,7 +140,7 @@ class _Runs:
             off, source, n = self.runs[i]
             lo, hi = max(off, start), min(off + n, end)
             if hi > lo:
-                ctypes.memmove(self.base + lo, source + lo - off, hi - lo)
+                self._byte_copy(self.base + lo, source + lo - off, hi - lo)
             i += 1
 
 

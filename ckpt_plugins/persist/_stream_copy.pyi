@@ -1,0 +1,4 @@
+STREAMS: int
+STREAM_MIN: int
+
+def copy(dst: int, src: int, nbytes: int, /) -> None: ...
