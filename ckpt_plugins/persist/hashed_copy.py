@@ -204,24 +204,46 @@ class _Helpers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._threads: list[_Helper] = []
 
     def lend(self, job: _Job, n: int) -> None:
         with self._lock:
             while len(self._threads) < n:
-                thread = threading.Thread(target=self._serve, name=THREAD_NAME, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        for _ in range(n):
-            self._queue.put(job)
+                helper = _Helper(self)
+                helper.start()
+                self._threads.append(helper)
+            for helper in self._threads[:n]:
+                helper.jobs.put(job)
 
-    def _serve(self) -> None:
-        while True:
-            self._queue.get().claim_and_work(helper=True)
+    def forget(self, helper: _Helper) -> None:
+        with self._lock:
+            if helper in self._threads:
+                self._threads.remove(helper)
 
     def _after_fork(self) -> None:
         self.__init__()  # type: ignore[misc]
+
+
+class _Helper(threading.Thread):
+    """One thread of :class:`_Helpers`. ``stop()`` ends it after the jobs already handed to it
+    and waits for it; the pool starts a new one at the next copy that needs it. Harnesses that
+    police threads a test leaves behind call ``stop()`` on daemon threads (Lightning's test suite
+    does, and fails a test on a thread it cannot stop)."""
+
+    def __init__(self, pool: _Helpers) -> None:
+        super().__init__(name=THREAD_NAME, daemon=True)
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._pool = pool
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            job.claim_and_work(helper=True)
+
+    def stop(self) -> None:
+        self._pool.forget(self)
+        self.jobs.put(None)
+        if self is not threading.current_thread():
+            self.join()
 
 
 _HELPERS = _Helpers()

@@ -145,3 +145,22 @@ def test_copies_beside_training_keep_to_one_thread(tmp_path, shm_of, monkeypatch
         mgr.wait()
         assert torch.equal(mgr.restore(1)["w"], state["w"])
     assert asked and set(asked[:1]) == {expected}
+
+
+def test_a_helper_stopped_from_outside_is_replaced_at_the_next_copy():
+    # Lightning's test suite calls stop() on every daemon thread a test leaves and fails the test
+    # if one is still alive after it: the pool's threads stop and join, and the next copy that
+    # needs help starts a new one.
+    src = [torch.randn(3 * hashed_copy.PIECE // 4, generator=torch.Generator().manual_seed(1))]
+    dst = [torch.empty_like(src[0])]
+    hashed_copy.copy_pieces(list(zip(dst, src, strict=True)), threads=2)
+    helpers = [t for t in threading.enumerate() if t.name == hashed_copy.THREAD_NAME]
+    assert helpers
+    for helper in helpers:
+        helper.stop()  # type: ignore[attr-defined]
+        assert not helper.is_alive()
+    dst[0].zero_()
+    hashed_copy.copy_pieces(list(zip(dst, src, strict=True)), threads=2)
+    assert torch.equal(dst[0], src[0])
+    fresh = [t for t in threading.enumerate() if t.name == hashed_copy.THREAD_NAME]
+    assert fresh and not set(fresh) & set(helpers)
