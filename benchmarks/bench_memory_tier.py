@@ -38,6 +38,7 @@ Writes ``benchmarks/results/memory_tier.md`` and ``memory_tier.json``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
 import shutil
@@ -142,9 +143,9 @@ def _default_mode(tmp: Path, mib: int, args, CheckpointManager) -> dict[str, Any
         for _ in range(3 * args.blocks):
             copy()
             alone.append(floor.pop())
-            split.append(_split_memmove(buffers, tensors))
+            split.append(_split_copy(buffers, tensors, ctypes.memmove))
             if STREAMING_COPY is not None:
-                streamed.append(_split_memmove(buffers, tensors, STREAMING_COPY))
+                streamed.append(_split_copy(buffers, tensors, STREAMING_COPY))
     finally:
         mgr.close()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -172,15 +173,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _split_memmove(buffers: list[torch.Tensor], tensors: list[torch.Tensor], byte_copy=None) -> float:
-    """The state's bytes copied by ``byte_copy`` (``memmove`` by default) split in equal contiguous
-    parts over one thread per core (the bench runs torch on one thread, so its ``copy_`` uses one
-    core; the library's copy uses every core while ``save()`` blocks, so the floor must too).
-    Seconds."""
-    import ctypes
+def _split_copy(buffers: list[torch.Tensor], tensors: list[torch.Tensor], byte_copy) -> float:
+    """The state's bytes copied by ``byte_copy(dst, src, nbytes)`` split in equal contiguous parts
+    over one thread per core (the bench runs torch on one thread, so its ``copy_`` uses one core;
+    the library's copy uses every core while ``save()`` blocks, so the floor must too). Seconds."""
     import threading
-
-    byte_copy = byte_copy or ctypes.memmove
 
     runs = [(d.data_ptr(), s.data_ptr(), s.numel() * s.element_size()) for d, s in zip(buffers, tensors, strict=True)]
     total, parts = sum(n for _, _, n in runs), _cores()

@@ -59,7 +59,7 @@ class _Mapping:
     def targets(self, layout: tuple[Any, ...], start: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Typed views of the mapping, one per tensor of ``tensors`` (laid out from ``start``
         in this order), built once per layout: a snapshot into a recycled file then costs one
-        ``memmove`` per tensor (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`), not a
+        byte copy per tensor (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`), not a
         slice, two views and a copy per tensor in Python."""
         if layout != self._layout:
             self._targets, offset = [], start

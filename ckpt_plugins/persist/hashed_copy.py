@@ -22,9 +22,10 @@ written a save or more ago, not in cache, and an ordinary store would first read
 from memory. A copy with a checksum keeps ordinary stores, so that the chunk it hashes next is in
 cache. Without the compiled part every copy is ``memmove``.
 
-Both ``memmove`` (ctypes) and xxh3 release the GIL, as the streaming copy does. The digest of the header followed by the
-block is exactly the checksum of the bytes :func:`~ckpt_plugins.files.tensor_file.write_tensor_file`
-writes (it checks that before trusting the digest).
+``memmove`` (ctypes), the streaming copy and xxh3 all release the GIL. The digest of the header
+followed by the block is exactly the checksum of the bytes
+:func:`~ckpt_plugins.files.tensor_file.write_tensor_file` writes (it checks that before trusting
+the digest).
 """
 
 from __future__ import annotations
@@ -100,11 +101,11 @@ def copy_and_hash(
 
 def copy_pieces(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None) -> None:
     """Copy each ``(dst, src)``: raw bytes by :data:`STREAMING_COPY` (else ``memmove``) in
-    :data:`PIECE`-sized pieces claimed by
-    ``threads`` threads (:func:`copy_threads`), what a ``memmove`` cannot copy (other layouts,
-    dtypes, devices) by torch's ``copy_`` first, on the caller's thread.
+    :data:`PIECE`-sized pieces claimed by ``threads`` threads (:func:`copy_threads`), what a byte
+    copy cannot copy (other layouts, dtypes, devices) by torch's ``copy_`` first, on the caller's
+    thread.
 
-    ``memmove`` rather than ``copy_`` for the bytes: glibc's copies at full speed into a
+    A byte copy rather than ``copy_`` for the bytes: glibc's ``memmove`` copies at full speed into a
     destination that is not 64-byte aligned (a tensor after an odd-sized one in a file), where
     torch's vectorised copy is 20-25 % slower (measured in docs/memory_tier.md)."""
     runs = _Runs(pairs, 0, STREAMING_COPY or _MEMMOVE)
