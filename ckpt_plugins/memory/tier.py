@@ -36,7 +36,7 @@ from ckpt_plugins.options.memory import MemoryTierOptions
 from ckpt_plugins.persist.engine import SaveHandle
 from ckpt_plugins.persist.request import collect
 from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest
-from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.persist.stager import HostStager, caller_stream_mark
 from ckpt_plugins.restore.select import materialize
 from ckpt_plugins.restore.targets import RestoreReport
 
@@ -229,6 +229,7 @@ class MemoryTier:
             extra_specs=extra_specs,
             callbacks=(),
             retention=retention,
+            ready=caller_stream_mark(tensors) if submit is not None else None,
         )
         handle = SaveHandle(step, self.layout.path_for(step))
         if submit is not None:  # beside training: the copy keeps to the writer's thread
@@ -249,7 +250,7 @@ class MemoryTier:
             self._stager = self._stager or HostStager(1)
             slot = self._stager.acquire()
             assert slot is not None  # a blocking acquire
-            staged = self._stager.stage(slot, tensors)  # pinned, reused host buffers
+            staged = self._stager.stage(slot, tensors, after=request.ready)  # pinned, reused host buffers
             staged.wait()
             request = dataclasses.replace(request, tensors=staged.tensors)
         manifests: list[Manifest | None] = []

@@ -128,6 +128,9 @@ class SaveRequest:
     tensors go to the shared pool, unchanged ones as references."""
     hash_in_stage: bool = False
     """Overlap mode: checksum the tensor files while staging them in the job (:func:`file_heads`)."""
+    ready: Any = None
+    """Overlap mode with CUDA tensors: the :func:`~.stager.caller_stream_mark` taken at ``save()``,
+    which the job's copy waits for."""
 
 
 class SaveJob:
@@ -179,7 +182,7 @@ class SaveJob:
                 tensors, self._digests = req.staged.tensors, req.staged.digests
             elif req.stage_in_job:
                 heads = file_heads(tensors, req.extra_specs, dedup=req.dedup) if req.hash_in_stage else None
-                staged = self.stager.stage(req.slot, tensors, heads, threads=1)  # beside training: one core
+                staged = self.stager.stage(req.slot, tensors, heads, threads=1, after=req.ready)  # one core
                 staged.wait()
                 tensors, self._digests = staged.tensors, staged.digests
             handle._staged.set_result(None)

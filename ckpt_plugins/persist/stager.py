@@ -45,7 +45,7 @@ from ckpt_plugins.files.tensor_file import Prehashed, file_order
 from ckpt_plugins.persist.hashed_copy import copy_and_hash, copy_pieces
 from ckpt_plugins.storage.direct_io import ALIGN
 
-__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "file_group"]
+__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "caller_stream_mark", "file_group"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,18 @@ def file_group(key: str) -> str:
     """Which file a staged key is written to: ``state``, ``rank`` or ``extra/<name>``."""
     head, _, rest = key.partition("/")
     return f"extra/{rest.partition('/')[0]}" if head == "extra" else head
+
+
+def caller_stream_mark(tensors: Mapping[str, torch.Tensor]) -> Any | None:
+    """An event recorded now on the caller's current CUDA stream when any tensor is on the GPU,
+    else None. A copy staged later on another thread (overlap mode) waits for this event, not for
+    that thread's current stream: by then the caller has queued the next forward/backward, and
+    waiting for it would run the copy after the compute instead of beside it."""
+    if not any(t.is_cuda for t in tensors.values()):
+        return None
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record()
+    return event
 
 
 def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tuple[str, int]], int]]:
@@ -189,17 +201,22 @@ class HostStager:
         tensors: Mapping[str, torch.Tensor],
         heads: Mapping[str, bytes] | None = None,
         threads: int | None = None,
+        after: Any | None = None,
     ) -> StagedState:
         """Copy ``tensors`` into ``slot``'s arena (reallocated only when keys, shapes or dtypes
         changed). ``heads``: ``{file group: header bytes}`` of files to checksum during the copy
         (CPU tensors only; CUDA copies are asynchronous). ``threads``: how many threads copy CPU
-        tensors (default: one per core, :func:`~.hashed_copy.copy_threads`)."""
+        tensors (default: one per core, :func:`~.hashed_copy.copy_threads`). ``after``: a
+        :func:`caller_stream_mark` the CUDA copies wait for (default: the work queued so far on
+        this thread's current stream)."""
         uses_cuda = any(t.is_cuda for t in tensors.values())
         arena = self._arena_for(slot, tensors, pin=uses_cuda and not self.shared)
         stream = self._side_stream() if uses_cuda else None
         digests: dict[str, Prehashed] = {}
         with torch.no_grad():
-            if stream is not None:
+            if stream is not None and after is not None:
+                stream.wait_event(after)
+            elif stream is not None:
                 stream.wait_stream(torch.cuda.current_stream())
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:

@@ -27,7 +27,7 @@ from ckpt_plugins.options import SaveOptions
 from ckpt_plugins.persist.engine import PersistEngine, SaveHandle
 from ckpt_plugins.persist.request import collect, stage_now
 from ckpt_plugins.persist.save_job import Destination, SaveJob, SaveRequest, file_heads
-from ckpt_plugins.persist.stager import HostStager
+from ckpt_plugins.persist.stager import HostStager, caller_stream_mark
 from ckpt_plugins.persist.writer_process import ProcessWriter
 from ckpt_plugins.storage.base import Storage
 
@@ -188,6 +188,7 @@ class Persister:
             async_save=background,
             heads=(lambda: file_heads(tensors, extra_specs, dedup=dedup)) if hash_in_stage else None,
         )
+        stage_in_job = saving.snapshot == "overlap" and background
         handle = SaveHandle(step, self.layout.path_for(step, name))
         handle.stats.update(step=step, bytes=float(sum(t.numel() * t.element_size() for t in tensors.values())))
         on_stats(handle.stats)
@@ -202,7 +203,7 @@ class Persister:
             rank_flat=rank_flat,
             tensors=tensors,
             staged=staged,
-            stage_in_job=saving.snapshot == "overlap" and background,
+            stage_in_job=stage_in_job,
             slot=slot,
             metrics=metrics,
             user_metadata=dict(user_metadata or {}),
@@ -211,6 +212,7 @@ class Persister:
             retention=retention,
             dedup=dedup,
             hash_in_stage=hash_in_stage,
+            ready=caller_stream_mark(tensors) if stage_in_job else None,
         )
         with self.lock:
             if listed:

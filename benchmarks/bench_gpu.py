@@ -1,0 +1,579 @@
+"""GPU benchmark: saves and snapshots of a CUDA training state against the pinned device-to-host copy.
+
+The training state (a GPT-2-style model and its AdamW moments after one real step, fp32) lives
+on the GPU. In one run, side by side:
+
+* **floors**: one copy of every tensor into host buffers allocated (and touched) beforehand,
+  pinned (``non_blocking`` on a side stream, then synchronised) and pageable; the fsynced
+  sequential write bandwidth of the disk the checkpoints go to.
+* **the save table**: how long the caller is blocked (**stall**: until the state may change
+  again) and how long until the checkpoint is durable, per contender: ``torch.save``, Lightning's
+  ``TorchCheckpointIO`` and ``AsyncCheckpointIO``, ``torch.distributed.checkpoint.save``,
+  ``async_save`` with its default stager and with ``DefaultStager`` pinned, asynchronous staging
+  and non-blocking copies, and ours (sync; async with each writer; overlap mode with a GPU
+  forward/backward between ``save()`` and ``wait_for_snapshot()``). Contenders that do not fsync
+  get an fsync of their files inside the timed span. The work queued on the GPU is finished
+  before each timed save, so the stall is the save's own.
+* **the training loop**: real training steps on the GPU (forward, backward, AdamW) in blocks,
+  without saves, with a persist every ``--save-every`` steps (ours in both modes, DCP
+  ``async_save`` pinned, ``torch.save``) and with a memory-tier snapshot every step (both modes).
+  Training time lost per save = (block time - steps x the median step without saves) / saves;
+  the memory tier's added step time = median step with snapshots - median step without; both
+  divided by the pinned copy floor.
+
+Run: ``.venv/bin/python benchmarks/bench_gpu.py`` on a machine with CUDA (``--device cpu
+--quick`` is a smoke test of the harness on the CPU). Writes ``gpu.md`` and ``gpu.json`` to
+``--out`` (default ``benchmarks/results``); scratch files go to ``--scratch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import bench_save as bs  # noqa: E402  (the save benchmark's contenders, reused as they are)
+from ckpt_plugins import CheckpointManager  # noqa: E402
+from common import MB, aligned_random_bytes, disk_write_bandwidth, fmt_s, fsync_tree, md_table  # noqa: E402
+
+COMMAND = ".venv/bin/python benchmarks/bench_gpu.py"
+
+
+# --- the state -----------------------------------------------------------------------------------
+class Training:
+    """A GPT-2-style model with AdamW on ``device``, one real step taken; ``step()`` trains one more."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(
+            n_layer=args.layers,
+            n_embd=args.embd,
+            n_head=max(1, args.embd // 64),
+            vocab_size=args.vocab,
+            n_positions=max(1024, args.seq),
+        )
+        self.device = device
+        self.model = GPT2LMHeadModel(config).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+        self.steps = 0
+        self.step()
+
+    def forward_backward(self) -> None:
+        self.model(input_ids=self.batch, labels=self.batch).loss.backward()
+
+    def step(self, before_update: Callable[[], None] | None = None) -> None:
+        self.forward_backward()
+        if before_update is not None:
+            before_update()  # overlap mode: the snapshot must be complete before the weights change
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.steps}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class CopyFloor:
+    """One copy of every tensor into host buffers allocated and touched beforehand: pinned with
+    ``non_blocking`` copies on a side stream (what a save can do at best), or pageable."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], pinned: bool) -> None:
+        self.src = tensors
+        cuda = any(t.is_cuda for t in tensors.values())
+        self.pinned = pinned and cuda
+        self.dst = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.pinned) for k, v in tensors.items()}
+        for t in self.dst.values():
+            t.zero_()
+        self.stream = torch.cuda.Stream() if cuda else None  # type: ignore[no-untyped-call]
+        self()
+
+    def __call__(self) -> float:
+        if self.stream is not None:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            with ctx:
+                for key, src in self.src.items():
+                    self.dst[key].copy_(src, non_blocking=self.pinned)
+            if self.stream is not None:
+                self.stream.synchronize()
+        return time.perf_counter() - t0
+
+
+# --- contenders beside the save benchmark's ------------------------------------------------------
+class DcpAsyncPinned(bs.DcpSave):
+    """``async_save`` with ``DefaultStager``: pinned (cached) staging buffers, staging on a
+    background thread with non-blocking copies. The stall runs until ``staging_completion``."""
+
+    name = "DCP async_save (pinned, async staging)"
+
+    def __init__(self, state: Any, workdir: Path) -> None:
+        super().__init__(state, workdir)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
+            )
+        )
+
+    def save(self, i: int):
+        import torch.distributed.checkpoint as dcp
+
+        path = self.dir / f"ckpt{i}"
+        t0 = time.perf_counter()
+        response = dcp.async_save(self.state, checkpoint_id=str(path), async_stager=self.stager)
+        call = time.perf_counter() - t0
+        staging = getattr(response, "staging_completion", None)
+        if staging is not None:
+            staging.result()
+        stall = time.perf_counter() - t0
+        getattr(response, "upload_completion", response).result()
+        return stall, time.perf_counter() - t0, path, {"call_s": call}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stager.close()
+        super().close()
+
+
+class DcpAsyncDefault(bs.DcpAsyncSave):
+    """``async_save`` as it comes; the stall runs until staging is complete."""
+
+    name = "DCP async_save (default stager)"
+
+    def save(self, i: int):
+        import torch.distributed.checkpoint as dcp
+
+        path = self.dir / f"ckpt{i}"
+        t0 = time.perf_counter()
+        response = dcp.async_save(self.state, checkpoint_id=str(path))
+        call = time.perf_counter() - t0
+        staging = getattr(response, "staging_completion", None)
+        if staging is not None:
+            staging.result()
+        stall = time.perf_counter() - t0
+        getattr(response, "upload_completion", response).result()
+        return stall, time.perf_counter() - t0, path, {"call_s": call}
+
+
+def contenders(state: Any, workdir: Path, training: Training) -> list[Any]:
+    def gpu_forward_backward() -> float:
+        t0 = time.perf_counter()
+        training.forward_backward()
+        sync(training.device)
+        training.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    out: list[Any] = [bs.TorchSave(state, workdir)]
+    for make in (bs.LightningIO, bs.LightningAsyncIO, bs.DcpSave, DcpAsyncDefault, DcpAsyncPinned):
+        try:
+            out.append(make(state, workdir))
+        except Exception as exc:  # an anchor missing from this installation is a missing row, said
+            print(f"  {make.name}: not available ({type(exc).__name__}: {exc})", flush=True)
+    out.append(bs.Ours(state, workdir, async_save=False, label="sync"))
+    for label, kwargs in bs.writer_variants(with_alternatives=False):
+        out.append(bs.Ours(state, workdir, async_save=True, options=kwargs, label=f"async ({label})"))
+    out.append(
+        bs.Ours(
+            state,
+            workdir,
+            async_save=True,
+            snapshot="overlap",
+            compute=gpu_forward_backward,
+            label="overlap (GPU fwd/bwd)",
+        )
+    )
+    return out
+
+
+# --- sections ------------------------------------------------------------------------------------
+def bench_save_table(training: Training, workdir: Path, args: argparse.Namespace, floors: dict[str, Any]) -> Any:
+    state = training.state()
+    tensors = bs.unique_tensors(state)
+    pinned, pageable = CopyFloor(tensors, pinned=True), CopyFloor(tensors, pinned=False)
+    rows: dict[str, list[dict[str, float]]] = {}
+    errors: dict[str, str] = {}
+    cs = contenders(state, workdir, training)
+    try:
+        for rnd in range(args.warmup + args.reps):
+            for c in cs[rnd % len(cs) :] + cs[: rnd % len(cs)]:
+                if c.name in errors:
+                    continue
+                c.clear()
+                os.sync()
+                floors["pinned_d2h_s"].append(pinned())
+                floors["pageable_d2h_s"].append(pageable())
+                sync(training.device)
+                try:
+                    stall, durable, path, extra = c.save(rnd)
+                except Exception as exc:
+                    errors[c.name] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                    continue
+                row = dict(stall_s=stall, durable_s=durable, bytes=bs.file_bytes(path), **extra)
+                if rnd >= args.warmup:
+                    rows.setdefault(c.name, []).append(row)
+                print(f"  round {rnd} {c.name:40s} stall {fmt_s(stall):>9s} durable {fmt_s(durable):>8s}", flush=True)
+    finally:
+        for c in cs:
+            with contextlib.suppress(Exception):
+                c.clear()
+            with contextlib.suppress(Exception):
+                c.close()
+    del pinned, pageable
+    return {"rows": rows, "errors": errors, "bytes": bs.nbytes(tensors)}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_loop(training: Training, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Blocks of ``--loop-steps`` training steps per configuration, the configurations taking turns
+    for ``--loop-rounds`` rounds. Per step: wall time with the GPU synchronised at its end (as a
+    loop that reads its loss does)."""
+    device = training.device
+    every = args.save_every
+
+    def plain(step: int) -> None:
+        training.step()
+
+    def with_manager(mgr: CheckpointManager, each: int, overlap: bool) -> Callable[[int], None]:
+        def run(step: int) -> None:
+            training.step(before_update=mgr.wait_for_snapshot if overlap else None)
+            if step % each == 0:
+                mgr.save(training.steps, training.state())
+
+        return run
+
+    dcp_state: dict[str, Any] = {}
+
+    def dcp_pinned(step: int) -> None:
+        def before_update() -> None:
+            staging = dcp_state.pop("staging", None)
+            if staging is not None:
+                staging.result()
+
+        training.step(before_update=before_update)
+        if step % every == 0:
+            import torch.distributed.checkpoint as dcp
+
+            previous = dcp_state.pop("upload", None)
+            if previous is not None:
+                previous.result()  # one save in flight, as ours (max_pending=1)
+            if "stager" not in dcp_state:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                dcp_state["stager"] = DefaultStager(StagingOptions(True, False, True, True))
+            response = dcp.async_save(
+                training.state(), checkpoint_id=str(workdir / f"dcp_{training.steps}"), async_stager=dcp_state["stager"]
+            )
+            dcp_state["staging"] = getattr(response, "staging_completion", None)
+            dcp_state["upload"] = getattr(response, "upload_completion", response)
+
+    def torch_save(step: int) -> None:
+        training.step()
+        if step % every == 0:
+            path = workdir / f"torch_{training.steps}.pt"
+            torch.save(training.state(), path)
+            fsync_tree(path)
+
+    managers: dict[str, CheckpointManager] = {}
+
+    def manager(name: str, **kwargs: Any) -> CheckpointManager:
+        if name not in managers:
+            managers[name] = CheckpointManager(workdir / name.replace(" ", "_"), keep_last=2, **kwargs)
+        return managers[name]
+
+    configs: dict[str, tuple[Callable[[int], None], int]] = {"no save": (plain, 0)}
+    configs[f"ours async, every {every}"] = (with_manager(manager("async", async_save=True), every, False), every)
+    configs[f"ours overlap, every {every}"] = (
+        with_manager(manager("overlap", async_save=True, snapshot="overlap"), every, True),
+        every,
+    )
+    configs[f"DCP async_save pinned, every {every}"] = (dcp_pinned, every)
+    configs[f"torch.save, every {every}"] = (torch_save, every)
+    big = args.loop_steps * 1000
+    configs["memory tier, every step"] = (
+        with_manager(manager("tier", memory_tier=True, persist_every_n_steps=big), 1, False),
+        1,
+    )
+    configs["memory tier overlap, every step"] = (
+        with_manager(
+            manager("tier overlap", memory_tier=True, persist_every_n_steps=big, async_save=True, snapshot="overlap"),
+            1,
+            True,
+        ),
+        1,
+    )
+    steps: dict[str, list[float]] = {name: [] for name in configs}
+    blocks: dict[str, list[tuple[float, int]]] = {name: [] for name in configs}
+    errors: dict[str, str] = {}
+    try:
+        for rnd in range(args.loop_rounds):
+            for name, (run, each) in configs.items():
+                if name in errors:
+                    continue
+                try:
+                    for s in range(1, args.loop_warmup + 1):  # untimed: allocation, first save's buffers
+                        run(s)
+                    sync(device)
+                    for mgr in managers.values():
+                        mgr.wait()
+                    if dcp_state.get("upload") is not None:
+                        dcp_state.pop("upload").result()
+                    times, saves = [], 0
+                    for s in range(1, args.loop_steps + 1):
+                        t0 = time.perf_counter()
+                        run(s)
+                        sync(device)
+                        times.append(time.perf_counter() - t0)
+                        saves += bool(each) and s % each == 0
+                    steps[name] += times
+                    blocks[name].append((sum(times), saves))
+                    print(f"  loop round {rnd} {name:36s} median step {fmt_s(_median(times))}", flush=True)
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                for mgr in managers.values():
+                    with contextlib.suppress(Exception):
+                        mgr.wait()
+                if dcp_state.get("upload") is not None:
+                    with contextlib.suppress(Exception):
+                        dcp_state.pop("upload").result()
+                for p in workdir.glob("torch_*.pt"):
+                    p.unlink()
+                for p in workdir.glob("dcp_*"):
+                    shutil.rmtree(p, ignore_errors=True)
+    finally:
+        for mgr in managers.values():
+            with contextlib.suppress(Exception):
+                mgr.close()
+        if "stager" in dcp_state:
+            with contextlib.suppress(Exception):
+                dcp_state["stager"].close()
+    return {"steps": steps, "blocks": blocks, "errors": errors}
+
+
+# --- report --------------------------------------------------------------------------------------
+def environment(device: torch.device, state_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "state_mib": round(state_bytes / 2**20, 1),
+        "model": f"GPT-2 style, {args.layers} layers, n_embd {args.embd}, vocab {args.vocab}; AdamW; fp32",
+        "batch": f"{args.batch} x {args.seq} tokens",
+        "scratch": str(args.scratch),
+    }
+    for name in ("lightning", "transformers", "safetensors"):
+        with contextlib.suppress(Exception):
+            env[name] = __import__(name).__version__
+    with contextlib.suppress(OSError):
+        st = os.statvfs("/dev/shm")
+        env["dev_shm_free_gib"] = round(st.f_bavail * st.f_frsize / 2**30, 1)
+    return env
+
+
+def render(res: dict[str, Any]) -> str:
+    env, floors = res["environment"], res["floors"]
+    pinned = _median(floors["pinned_d2h_s"])
+    pageable = _median(floors["pageable_d2h_s"])
+    state_bytes = res.get("save", {}).get("bytes") or env["state_mib"] * 2**20
+    disk = _median(floors["disk_bw"])
+    lines = [
+        "# GPU benchmark: saves and snapshots of a CUDA training state",
+        "",
+        f"Run: `{COMMAND}` ({res['when']}). Device: **{env['device']}**, CUDA {env['cuda']}, torch {env['torch']}, "
+        f"{env['cpus']} CPUs. State: {env['state_mib']} MiB ({env['model']}); batch {env['batch']}.",
+        "",
+        "## Floors (same run)",
+        "",
+        md_table(
+            ["floor", "median", "bandwidth"],
+            [
+                [
+                    "pinned device-to-host copy (side stream, buffers allocated once)",
+                    fmt_s(pinned),
+                    f"{state_bytes / pinned / 1e9:.1f} GB/s",
+                ],
+                [
+                    "pageable device-to-host copy (buffers allocated once)",
+                    fmt_s(pageable),
+                    f"{state_bytes / pageable / 1e9:.1f} GB/s",
+                ],
+                [
+                    "fsynced sequential write of the scratch disk",
+                    fmt_s(state_bytes / disk) + " for the state",
+                    f"{disk / 1e9:.2f} GB/s",
+                ],
+            ],
+        ),
+        "",
+    ]
+    save = res.get("save")
+    if save:
+        table = []
+        for name, rows in save["rows"].items():
+            stall = _median([r["stall_s"] for r in rows])
+            durable = _median([r["durable_s"] for r in rows])
+            size = _median([r["bytes"] for r in rows])
+            table.append(
+                [
+                    name,
+                    fmt_s(stall),
+                    f"{stall / pinned:.2f}x",
+                    fmt_s(durable),
+                    f"{size / durable / disk:.0%}",
+                ]
+            )
+        lines += [
+            f"## Save table (median of {res['args']['reps']} rounds, round-robin)",
+            "",
+            "Stall: until the state may change again. Durable: until the files are fsynced (and committed, ours).",
+            "",
+            md_table(["contender", "stall", "stall / pinned copy", "durable", "throughput / disk"], table),
+            "",
+        ]
+        for name, err in save["errors"].items():
+            lines.append(f"- {name}: failed: `{err}`")
+        lines.append("")
+    loop = res.get("loop")
+    if loop:
+        base = _median(loop["steps"]["no save"])
+        table = []
+        for name, times in loop["steps"].items():
+            if not times:
+                continue
+            step = _median(times)
+            saves = sum(n for _, n in loop["blocks"][name])
+            total = sum(t for t, _ in loop["blocks"][name])
+            if name == "no save":
+                table.append([name, fmt_s(step), "-", "-", "-"])
+            elif "every step" in name:
+                added = step - base
+                table.append(
+                    [
+                        name,
+                        fmt_s(step),
+                        f"{added * 1e3:+.1f} ms/step ({added / base:+.1%})",
+                        f"{added / pinned:.2f}x",
+                        "-",
+                    ]
+                )
+            else:
+                lost = (total - len(times) * base) / max(saves, 1)
+                table.append([name, fmt_s(step), f"{lost * 1e3:.1f} ms per save", f"{lost / pinned:.2f}x", str(saves)])
+        lines += [
+            f"## Training loop ({res['args']['loop_rounds']} rounds of {res['args']['loop_steps']} steps each)",
+            "",
+            md_table(["configuration", "median step", "training time lost", "/ pinned copy", "saves"], table),
+            "",
+        ]
+        for name, err in loop["errors"].items():
+            lines.append(f"- {name}: failed: `{err}`")
+        lines.append("")
+    for name, err in res.get("section_errors", {}).items():
+        lines.append(f"- section {name} failed: `{err}`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--loop-steps", type=int, default=30)
+    p.add_argument("--loop-warmup", type=int, default=3)
+    p.add_argument("--loop-rounds", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke test of the harness")
+    p.add_argument("--sections", default="save,loop")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--scratch", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.embd, args.vocab, args.batch, args.seq = 1, 128, 1000, 2, 64
+        args.reps, args.warmup, args.loop_steps, args.loop_rounds, args.save_every = 1, 1, 6, 1, 3
+    device = torch.device(args.device)
+    scratch = Path(tempfile.mkdtemp(prefix="bench_gpu_", dir=args.scratch))
+    args.scratch = scratch
+    training = Training(args, device)
+    state_bytes = bs.nbytes(bs.unique_tensors(training.state()))
+    res: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": environment(device, state_bytes, args),
+        "floors": {"pinned_d2h_s": [], "pageable_d2h_s": [], "disk_bw": []},
+        "section_errors": {},
+    }
+    print(json.dumps(res["environment"]), flush=True)
+    payload = aligned_random_bytes(256 << 20)
+    res["floors"]["disk_bw"].append(disk_write_bandwidth(scratch, payload=payload))
+
+    def publish() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu.json").write_text(json.dumps(res, indent=1, default=str))
+        (args.out / "gpu.md").write_text(render(res))
+
+    try:
+        for section in args.sections.split(","):
+            try:
+                if section == "save":
+                    res["save"] = bench_save_table(training, scratch, args, res["floors"])
+                elif section == "loop":
+                    tensors = bs.unique_tensors(training.state())
+                    floor = CopyFloor(tensors, pinned=True)
+                    res["floors"]["pinned_d2h_s"] += [floor() for _ in range(5)]
+                    del floor
+                    res["loop"] = bench_loop(training, scratch, args)
+            except Exception as exc:
+                res["section_errors"][section] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            res["floors"]["disk_bw"].append(disk_write_bandwidth(scratch, payload=payload))
+            gc.collect()
+            publish()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(render(res))
+    print(f"disk {_median(res['floors']['disk_bw']) / MB:.0f} MB/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
