@@ -184,7 +184,7 @@ class Persister:
             self.stager,
             slot,
             tensors,
-            snapshot=saving.snapshot,
+            snapshot=saving.snapshot if background else "safe",  # waited for: no job stages CUDA tensors
             async_save=background,
             heads=(lambda: file_heads(tensors, extra_specs, dedup=dedup)) if hash_in_stage else None,
         )
