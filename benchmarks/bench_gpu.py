@@ -129,6 +129,17 @@ class CopyFloor:
 
 
 # --- contenders beside the save benchmark's ------------------------------------------------------
+def plain_dicts(obj: Any) -> Any:
+    """``obj`` with every mapping a plain ``dict``: DCP's ``DefaultStager`` (torch 2.11) fails on the
+    ``OrderedDict`` of ``state_dict()`` (``KeyError: <class 'type'>`` deep-copying its class), and
+    DCP's own ``get_state_dict`` returns plain dicts."""
+    if isinstance(obj, dict):
+        return {k: plain_dicts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain_dicts(v) for v in obj]
+    return obj
+
+
 class DcpAsyncPinned(bs.DcpSave):
     """``async_save`` with ``DefaultStager``: pinned (cached) staging buffers, staging on a
     background thread with non-blocking copies. The stall runs until ``staging_completion``."""
@@ -150,7 +161,7 @@ class DcpAsyncPinned(bs.DcpSave):
 
         path = self.dir / f"ckpt{i}"
         t0 = time.perf_counter()
-        response = dcp.async_save(self.state, checkpoint_id=str(path), async_stager=self.stager)
+        response = dcp.async_save(plain_dicts(self.state), checkpoint_id=str(path), async_stager=self.stager)
         call = time.perf_counter() - t0
         staging = getattr(response, "staging_completion", None)
         if staging is not None:
@@ -295,7 +306,9 @@ def bench_loop(training: Training, workdir: Path, args: argparse.Namespace) -> d
 
                 dcp_state["stager"] = DefaultStager(StagingOptions(True, False, True, True))
             response = dcp.async_save(
-                training.state(), checkpoint_id=str(workdir / f"dcp_{training.steps}"), async_stager=dcp_state["stager"]
+                plain_dicts(training.state()),
+                checkpoint_id=str(workdir / f"dcp_{training.steps}"),
+                async_stager=dcp_state["stager"],
             )
             dcp_state["staging"] = getattr(response, "staging_completion", None)
             dcp_state["upload"] = getattr(response, "upload_completion", response)
@@ -344,7 +357,8 @@ def bench_loop(training: Training, workdir: Path, args: argparse.Namespace) -> d
                 if name in errors:
                     continue
                 try:
-                    for s in range(1, args.loop_warmup + 1):  # untimed: allocation, first save's buffers
+                    # untimed, ending with a save: allocations, the first save's buffers
+                    for s in [*range(1, args.loop_warmup), each or args.loop_warmup]:
                         run(s)
                     sync(device)
                     for mgr in managers.values():
@@ -518,8 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--loop-steps", type=int, default=30)
+    p.add_argument(
+        "--save-every", type=int, default=25, help="steps between persists (their interval must outlast a write)"
+    )
+    p.add_argument("--loop-steps", type=int, default=50)
     p.add_argument("--loop-warmup", type=int, default=3)
     p.add_argument("--loop-rounds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke test of the harness")

@@ -2,7 +2,8 @@
 # The checks that need a GPU, in one go: the CUDA tests, the GPU save benchmark and the activation
 # checkpointing benchmark on the GPU. Usage: benchmarks/run_gpu.sh OUT_DIR [tests|bench|activation ...]
 # (default: all three). Uses $PYTHON (default python3), which must see CUDA and have the package's
-# requirements and its lightning/hf extras. Logs and results go to OUT_DIR.
+# requirements and its lightning/hf extras; $BENCH_GPU_ARGS goes to bench_gpu.py. Logs and results go
+# to OUT_DIR.
 set -u
 out=${1:?usage: benchmarks/run_gpu.sh OUT_DIR [tests|bench|activation ...]}
 shift
@@ -26,12 +27,12 @@ for part in $parts; do
   start=$(date +%s)
   case $part in
     tests)
-      "$py" -m pytest -q -p no:cacheprovider --timeout=300 $(ls -d tests/gpu 2>/dev/null) \
+      "$py" -m pytest -q -p no:cacheprovider --timeout=120 $(ls -d tests/gpu 2>/dev/null) \
         "tests/activation/test_activation.py::test_offload_moves_saved_activations_off_the_gpu" 2>&1 \
         | tee "$out/tests.log" | tail -40
       status=$((status | ${PIPESTATUS[0]}));;
     bench)
-      "$py" benchmarks/bench_gpu.py --out "$out" 2>&1 | tee "$out/bench_gpu.log" | tail -80
+      "$py" benchmarks/bench_gpu.py --out "$out" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$out/bench_gpu.log" | tail -80
       status=$((status | ${PIPESTATUS[0]}));;
     activation)
       "$py" benchmarks/bench_activation.py --layers 12 --embd 1024 --heads 16 --vocab 32768 --seq 1024 \

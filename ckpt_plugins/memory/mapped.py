@@ -16,6 +16,12 @@ other). Until then the snapshot is complete, since the commit follows the copy, 
 checksummed; a process that dies in that window (a few milliseconds) leaves a snapshot whose
 reader can check the sizes only, and says so.
 
+CUDA tensors are copied straight from the device into the mapping: the mapping is registered
+with CUDA once (``cudaHostRegister``, page-locked like a pinned buffer), so the copy is one DMA
+transfer on a side stream, with no pinned staging buffer and no second copy from it into the
+file. A GPU step leaves the host's cores free, so such a snapshot's checksum is taken on all but
+one of them.
+
 A mapping keeps its pages alive after its file is removed, so the tier drops the mappings of
 files that are gone after every snapshot (:meth:`MappedFiles.keep_only`) and all of them when it
 frees the memory.
@@ -23,6 +29,7 @@ frees the memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -55,6 +62,20 @@ class _Mapping:
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
         self._layout: tuple[Any, ...] | None = None
         self._targets: list[torch.Tensor] = []
+        self._registered = False  # with CUDA (page-locked), so device copies into it are DMA
+
+    def register_with_cuda(self) -> None:
+        """Page-lock the mapping for device-to-host copies (once; undone by :meth:`close`). Where
+        CUDA refuses, the copies still land, through CUDA's own pageable path, and a warning says so."""
+        if self._registered:
+            return
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        try:
+            torch.cuda.check_error(cudart.cudaHostRegister(self.bytes.data_ptr(), self.size, 0))
+        except Exception as exc:  # a slower copy, not a failed snapshot
+            log.warning("could not page-lock a %d MiB snapshot file for CUDA copies (%s)", self.size >> 20, exc)
+            return
+        self._registered = True
 
     def targets(self, layout: tuple[Any, ...], start: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Typed views of the mapping, one per tensor of ``tensors`` (laid out from ``start``
@@ -70,11 +91,16 @@ class _Mapping:
             self._layout = layout
         return self._targets
 
-    def digest(self) -> str:
-        """The file's checksum, on this (background) thread alone: the training thread keeps its core."""
-        return hash_mapping(self.map, self.size, threads=1)
+    def digest(self, threads: int = 1) -> str:
+        """The file's checksum, on a background thread (``threads``: 1 unless the training step
+        leaves the cores free, see the module)."""
+        return hash_mapping(self.map, self.size, threads=threads)
 
     def close(self) -> None:
+        if self._registered:
+            with contextlib.suppress(Exception):
+                torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr()))  # type: ignore[no-untyped-call]
+            self._registered = False
         self._targets = []  # views, like the byte tensor, hold the buffer export that keeps the map open
         del self.bytes
         self.map.close()
@@ -85,6 +111,7 @@ class MappedFiles:
 
     def __init__(self) -> None:
         self._maps: dict[_Key, _Mapping] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a side stream per GPU
 
     def write(
         self,
@@ -92,11 +119,15 @@ class MappedFiles:
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str] | None,
         threads: int | None = None,
+        after: Any | None = None,
     ) -> tuple[FileRecord, _Mapping]:
-        """Write ``tensors`` (on the CPU) as the safetensors file ``path`` (new, or a recycled
-        file whose pages are reused), copied on ``threads`` threads
-        (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`); the record's checksum is pending
-        (see the module)."""
+        """Write ``tensors`` (contiguous; on the CPU or a GPU) as the safetensors file ``path``
+        (new, or a recycled file whose pages are reused): CPU tensors copied on ``threads``
+        threads (:func:`~ckpt_plugins.persist.hashed_copy.copy_pieces`), CUDA tensors by DMA
+        into the page-locked mapping on a side stream that first waits for ``after`` (a
+        :func:`~ckpt_plugins.persist.stager.caller_stream_mark`; default: the work queued on
+        this thread's current stream). Returns once every byte is in the file; the record's
+        checksum is pending (see the module)."""
         order, head, data_len = file_layout(tensors, metadata)
         size = len(head) + data_len
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -117,9 +148,37 @@ class MappedFiles:
         present = [tensors[name] for name in order if tensors[name].numel()]
         layout = (len(head), tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in order))
         pairs = list(zip(mapping.targets(layout, len(head), present), present, strict=True))
+        on_gpu = [(dst, src) for dst, src in pairs if src.is_cuda]
         with torch.no_grad():
-            copy_pieces(pairs, threads)
+            events = self._copy_from_devices(mapping, on_gpu, after) if on_gpu else []
+            copy_pieces([(dst, src) for dst, src in pairs if not src.is_cuda], threads)
+            for event in events:
+                event.synchronize()
         return FileRecord(size=size, xxh3_64=PENDING_CHECKSUM), mapping
+
+    def _copy_from_devices(
+        self, mapping: _Mapping, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any | None
+    ) -> list[Any]:
+        """Queue the device-to-host copies of ``pairs`` on each GPU's side stream; the events
+        to wait for."""
+        mapping.register_with_cuda()
+        events = []
+        for device in {src.device for _, src in pairs}:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+            if after is not None:
+                stream.wait_event(after)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for dst, src in pairs:
+                    if src.device == device:
+                        dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(stream)
+            events.append(event)
+        return events
 
     def keep_only(self, folders: Iterable[str]) -> None:
         """Drop the mappings of every file not in ``folders`` (removed, or no longer the tier's)."""
@@ -167,13 +226,14 @@ class DeferredChecksums:
         manifest: Manifest,
         files: Mapping[str, _Mapping],
         then: Callable[[str], None] | None = None,
+        threads: int = 1,
     ) -> None:
         """Hash ``files`` (name -> mapping) of the snapshot committed at ``path`` with
-        ``manifest``, and record the checksums in it."""
+        ``manifest`` on ``threads`` threads, and record the checksums in it."""
         self.settle()
 
         def job() -> None:
-            record(path, manifest, {name: m.digest() for name, m in files.items()})
+            record(path, manifest, {name: m.digest(threads) for name, m in files.items()})
             if then is not None:
                 then(path)
 

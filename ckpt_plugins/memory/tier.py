@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ckpt_plugins.errors import CorruptCheckpointError
+from ckpt_plugins.files.checksum import cores
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest
 from ckpt_plugins.files.tensor_file import FileRecord, Prehashed, read_tensor_file
 from ckpt_plugins.layout.commit import Layout
@@ -117,6 +118,7 @@ class MemoryTier:
         self.checksums = DeferredChecksums()  # recorded after each commit, on a helper thread
         self._written: dict[str, Any] = {}  # the job in progress: file name -> its mapping
         self._copy_threads: int | None = None  # the job in progress: threads that copy (see _write_snapshot)
+        self._ready: Any = None  # the job in progress: the caller's stream mark its CUDA copies wait for
         self._budget_checked = False
         self.damaged: set[str] = set()
         self.verified: set[str] = set()
@@ -246,7 +248,11 @@ class MemoryTier:
         modes: hashing inside an overlap job made it outlast a short forward/backward, so
         ``wait_for_snapshot`` waited for the hash (docs/memory_tier.md)."""
         step, tensors, slot = request.step, request.tensors, None
-        if any(t.is_cuda or not t.is_contiguous() for t in tensors.values()):
+        on_gpu = any(t.is_cuda for t in tensors.values())
+        # CUDA tensors go straight into the files (.mapped), unless an extra file is written
+        # from host copies ("staged": torch.save of the tensors) or a tensor is not contiguous.
+        direct = not any(spec[0] == "staged" for spec in request.extra_specs.values())
+        if any(not t.is_contiguous() for t in tensors.values()) or (on_gpu and not direct):
             self._stager = self._stager or HostStager(1)
             slot = self._stager.acquire()
             assert slot is not None  # a blocking acquire
@@ -259,7 +265,7 @@ class MemoryTier:
         try:
             with self.lock:
                 self.checksums.settle()  # the previous snapshot's: its folder may be renamed below
-                self._written, self._copy_threads = {}, threads
+                self._written, self._copy_threads, self._ready = {}, threads, request.ready
                 before = self.steps()
                 for later in [s for s in before if s > step]:
                     log.info("removing memory snapshot step %d: superseded by a save of step %d", later, step)
@@ -285,7 +291,11 @@ class MemoryTier:
                 assert committed is not None  # the job raised otherwise
                 if pending(committed.files):
                     self.checksums.submit(
-                        path, committed, self._written, then=None if peers is None else lambda p: peers.offer(step, p)
+                        path,
+                        committed,
+                        self._written,
+                        then=None if peers is None else lambda p: peers.offer(step, p),
+                        threads=max(1, cores() - 1) if on_gpu else 1,  # a GPU step leaves the cores free
                     )
                 elif peers is not None:
                     peers.offer(step, path)
@@ -316,7 +326,7 @@ class MemoryTier:
         slot: int | None,
         prehashed: Prehashed | None = None,
     ) -> FileRecord:
-        record, mapping = self.mapped.write(path, tensors, metadata, threads=self._copy_threads)
+        record, mapping = self.mapped.write(path, tensors, metadata, threads=self._copy_threads, after=self._ready)
         self._written[os.path.basename(path)] = mapping
         return record
 

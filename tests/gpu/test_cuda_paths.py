@@ -333,6 +333,10 @@ def test_memory_tier_snapshots_a_device_state_every_step_and_restores_it_onto_th
         mgr.wait()
         assert mgr.steps() == [3, 6]
         assert mgr._memory.tier.steps() == [6, 7]
+        if DEVICE.type == "cuda":  # straight into the page-locked files: no pinned staging buffer
+            tier = mgr._memory.tier
+            assert tier._stager is None
+            assert tier.mapped._maps and all(m._registered for m in tier.mapped._maps.values())
         assert mgr.latest_step() == 7
         target_model, target_opt = _fresh()
         mgr.restore("latest", target={"model": target_model, "optimizer": target_opt})
