@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 SUMMARY = RESULTS / "summary.md"
+SKIPPED = 77  # a benchmark's exit code for "cannot run here" (bench_gpu.py without CUDA)
 sys.path.insert(0, str(HERE))
 
 
@@ -64,7 +65,12 @@ def run_subprocess(name: str) -> Outcome:
     t0 = time.perf_counter()
     rc = subprocess.call([sys.executable, "-c", code], cwd=REPO, env=env)
     seconds = time.perf_counter() - t0
-    return Outcome(name, "ok" if rc == 0 else f"failed (exit {rc})", seconds)
+    return Outcome(name, _status(rc), seconds)
+
+
+def _status(rc: object) -> str:
+    """``0``: ok; ``77`` (the autotools convention): skipped, e.g. a GPU benchmark without a GPU."""
+    return "ok" if rc == 0 else "skipped" if rc == SKIPPED else f"failed (exit {rc})"
 
 
 def run_in_process(name: str) -> Outcome:
@@ -82,7 +88,7 @@ def run_in_process(name: str) -> Outcome:
     except Exception as exc:
         return Outcome(name, f"error: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
     rc = 0 if rc in (None, 0) else rc
-    return Outcome(name, "ok" if rc == 0 else f"failed (exit {rc})", time.perf_counter() - t0)
+    return Outcome(name, _status(rc), time.perf_counter() - t0)
 
 
 def result_files(name: str) -> list[Path]:

@@ -303,3 +303,24 @@ def test_the_deferred_checksum_leaves_the_training_thread_its_core(tmp_path, shm
         mgr.save(1, {"w": torch.zeros(5 * checksum.CHUNK // 4)})  # 5 chunks
         mgr._memory.tier.settle()
         assert len(hashed_on) >= 5 and set(hashed_on) == {"ckpt-snapshot-hash"}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_snapshot_file_checksum_is_the_same_on_any_number_of_threads(tmp_path, threads):
+    """A snapshot from the GPU is hashed on every core but one, a CPU one on one thread: both
+    must record the checksum a reader computes (chunked xxh3, independent of the threads)."""
+    from ckpt_plugins.memory.mapped import MappedFiles
+
+    mapped = MappedFiles()
+    tensors = {f"t{i}": torch.randn(2_500_000 + i) for i in range(4)}  # 40 MB: three 16 MiB chunks
+    try:
+        _record, mapping = mapped.write(str(tmp_path / "state.safetensors"), tensors, None)
+        assert mapping.digest(threads) == checksum_file_of(tmp_path / "state.safetensors")
+    finally:
+        mapped.close()
+
+
+def checksum_file_of(path) -> str:
+    from ckpt_plugins.files.checksum import digest_buffer
+
+    return digest_buffer(memoryview(path.read_bytes()), threads=1)

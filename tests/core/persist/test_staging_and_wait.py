@@ -110,3 +110,9 @@ def test_save_wait_must_be_a_bool(tmp_path, wait) -> None:
         with pytest.raises(ConfigError, match="wait must be True or False"):
             mgr.save(1, {"w": torch.ones(2)}, wait=wait)
         assert mgr.steps() == []
+
+
+def test_the_caller_stream_mark_is_none_without_cuda_tensors():
+    """Overlap mode records the caller's stream position only for CUDA tensors; CPU states
+    take nothing from CUDA (and need no CUDA build)."""
+    assert stager_module.caller_stream_mark({"w": torch.zeros(3), "b": torch.ones(2)}) is None
