@@ -573,11 +573,51 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Stall and time until durable per contender, against the pinned copy (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"{path.name} not drawn ({exc})")
+        return
+    rows = (res.get("save") or {}).get("rows") or {}
+    if not rows:
+        return
+    pinned = _median(res["floors"]["pinned_d2h_s"])
+    names = sorted(rows, key=lambda n: _median([r["stall_s"] for r in rows[n]]))
+    stall = [_median([r["stall_s"] for r in rows[n]]) for n in names]
+    durable = [_median([r["durable_s"] for r in rows[n]]) for n in names]
+    colours = ["tab:blue" if n.startswith("ours") else "0.6" for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.6))
+    left.barh(names, stall, color=colours)
+    left.set_xscale("log")
+    left.axvline(pinned, color="tab:green", linestyle="--")
+    left.text(pinned, len(names) - 0.4, " pinned copy", color="tab:green", fontsize=8)
+    left.set_xlabel("seconds the caller is blocked per save (log scale, median)")
+    right.barh(names, durable, color=colours)
+    right.set_yticks([])
+    right.set_xlabel("seconds until the checkpoint is durable (median)")
+    for ax, values in ((left, stall), (right, durable)):
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {fmt_s(v)}", va="center", fontsize=8)
+    env = res["environment"]
+    fig.suptitle(f"{env['device']}: a {env['state_mib']:.0f} MiB CUDA training state (blue: ours, grey: others)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_results(res: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     res["headline"] = headline(res)
     (out / "gpu.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "gpu.md").write_text(render(res))
+    (out / "gpu.md").write_text(
+        render(res) + ("\n![stall and durable per contender](gpu.png)\n" if res.get("save") else "")
+    )
+    plot(res, out / "gpu.png")
 
 
 def main(argv: list[str] | None = None) -> int:
