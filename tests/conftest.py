@@ -32,6 +32,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (the trainers' steps then do not compete with the 2-core
+    machine's other test workers), the previous count restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _library_logs(caplog):
     caplog.set_level(logging.INFO, logger="ckpt_plugins")

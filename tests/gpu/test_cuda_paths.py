@@ -45,12 +45,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread on the CPU (the dry run shares 2 cores), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """One torch thread (the shared fixture in tests/conftest.py), for every test here."""
 
 
 def _sync() -> None:

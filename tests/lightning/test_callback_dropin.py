@@ -23,11 +23,8 @@ from lightning_train import Net, data
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """One torch thread (the shared fixture in tests/conftest.py), for every test here."""
 
 
 def fit(callbacks, steps=12, val=True, ckpt_path=None, model=None, **kwargs):

@@ -8,7 +8,6 @@ import os
 from unittest.mock import patch
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -19,11 +18,8 @@ from lightning_train import Net, data
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """One torch thread (the shared fixture in tests/conftest.py), for every test here."""
 
 
 def fit(callback, steps=12, ckpt_path=None):
