@@ -63,12 +63,15 @@ class _Mapping:
         self._layout: tuple[Any, ...] | None = None
         self._targets: list[torch.Tensor] = []
         self._registered = False  # with CUDA (page-locked), so device copies into it are DMA
+        self._register_tried = False
 
     def register_with_cuda(self) -> None:
-        """Page-lock the mapping for device-to-host copies (once; undone by :meth:`close`). Where
-        CUDA refuses, the copies still land, through CUDA's own pageable path, and a warning says so."""
-        if self._registered:
+        """Page-lock the mapping for device-to-host copies (tried once per mapping; undone by
+        :meth:`close`). Where CUDA refuses, the copies still land, through CUDA's own pageable
+        path, and one warning says so."""
+        if self._register_tried:
             return
+        self._register_tried = True
         cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
         try:
             torch.cuda.check_error(cudart.cudaHostRegister(self.bytes.data_ptr(), self.size, 0))
