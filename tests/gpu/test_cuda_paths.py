@@ -2,13 +2,10 @@
 stream (safe and overlap snapshots, thread and process writers), the memory tier, restores across
 devices, and a real Lightning Trainer and HF Trainer training on the GPU with our callbacks.
 
-Without CUDA the module is skipped; ``CKPT_GPU_TESTS_ON_CPU=1`` runs the same logic on the CPU
-(a dry run: ``DEVICE`` is then the CPU, and what only makes sense on CUDA is skipped)::
-
-    CKPT_GPU_TESTS_ON_CPU=1 .venv/bin/python -m pytest -q tests/gpu -p no:cacheprovider
-
-Lightning and transformers are imported inside the tests that use them, so that a skipped module
-costs ``make test`` nothing.
+Without CUDA the same tests run on the CPU (``DEVICE`` is then the CPU), so ``make test`` checks
+their logic everywhere; what only CUDA can show (pinned buffers, side streams, FSDP on a GPU) is
+marked ``cuda_only`` and skipped there. ``benchmarks/run_gpu.sh`` runs the file on a GPU machine.
+Lightning and transformers are imported inside the tests that use them.
 """
 
 from __future__ import annotations
@@ -29,14 +26,7 @@ from ckpt_plugins.files.extra_files import StagedFile
 from ckpt_plugins.persist import stager as stager_module
 from ckpt_plugins.persist.stager import ALIGN
 
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif os.environ.get("CKPT_GPU_TESTS_ON_CPU") == "1":
-    DEVICE = torch.device("cpu")
-else:
-    pytest.skip(
-        "needs CUDA (set CKPT_GPU_TESTS_ON_CPU=1 for a dry run of the logic on the CPU)", allow_module_level=True
-    )
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 ON_CUDA = DEVICE.type == "cuda"
 ACCELERATOR = "gpu" if ON_CUDA else "cpu"
