@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import bench_save as bs  # noqa: E402  (the save benchmark's contenders, reused as they are)
 from ckpt_plugins import CheckpointManager  # noqa: E402
-from common import MB, aligned_random_bytes, disk_write_bandwidth, fmt_s, fsync_tree, md_table  # noqa: E402
+from common import MB, aligned_random_bytes, disk_write_bandwidth, fmt_s, fsync_tree, md_table, median  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_gpu.py"
 SKIPPED = 77  # the exit code run_all.py reports as "skipped" (no GPU here)
@@ -262,10 +261,6 @@ def bench_save_table(training: Training, workdir: Path, args: argparse.Namespace
     return {"rows": rows, "errors": errors, "bytes": bs.nbytes(tensors)}
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def bench_loop(training: Training, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Blocks of ``--loop-steps`` training steps per configuration, the configurations taking turns
     for ``--loop-rounds`` rounds. Per step: wall time with the GPU synchronised at its end (as a
@@ -370,7 +365,7 @@ def bench_loop(training: Training, workdir: Path, args: argparse.Namespace) -> d
                         saves += bool(each) and s % each == 0
                     steps[name] += times
                     blocks[name].append((sum(times), saves))
-                    print(f"  loop round {rnd} {name:36s} median step {fmt_s(_median(times))}", flush=True)
+                    print(f"  loop round {rnd} {name:36s} median step {fmt_s(median(times))}", flush=True)
                 except Exception as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
@@ -419,7 +414,7 @@ def loop_figures(res: dict[str, Any]) -> dict[str, list[float]]:
     """Per configuration, per round: the training time lost per persist, or the time added per
     step by a snapshot every step (seconds); ``no save``: its median step per round."""
     loop = res["loop"]
-    base = _median(loop["steps"]["no save"])
+    base = median(loop["steps"]["no save"])
     steps_per_block = int(res["args"]["loop_steps"])
     out: dict[str, list[float]] = {}
     for name, blocks in loop["blocks"].items():
@@ -428,9 +423,9 @@ def loop_figures(res: dict[str, Any]) -> dict[str, list[float]]:
         times = loop["steps"][name]
         rounds = [times[i : i + steps_per_block] for i in range(0, len(times), steps_per_block)]
         if name == "no save":
-            out[name] = [_median(r) for r in rounds]
+            out[name] = [median(r) for r in rounds]
         elif "every step" in name:
-            out[name] = [_median(r) - base for r in rounds]
+            out[name] = [median(r) - base for r in rounds]
         else:
             out[name] = [(total - steps_per_block * base) / max(saves, 1) for total, saves in blocks]
     return out
@@ -440,12 +435,12 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The issues' targets read on this run (``met``: None where the rounds disagree)."""
     from common import verdict
 
-    pinned = _median(res["floors"]["pinned_d2h_s"])
+    pinned = median(res["floors"]["pinned_d2h_s"])
     rows: list[dict[str, Any]] = []
     save = res.get("save") or {}
     ours = save.get("rows", {}).get("ours async (writer=thread)")
     if ours:
-        stall = _median([r["stall_s"] for r in ours])
+        stall = median([r["stall_s"] for r in ours])
         rows.append(
             {
                 "target": "GPU: ours async stall against the pinned device-to-host copy (issue 18)",
@@ -455,7 +450,7 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if res.get("loop"):
         figures = loop_figures(res)
-        base = _median(res["loop"]["steps"]["no save"])
+        base = median(res["loop"]["steps"]["no save"])
         checks = [
             ("ours async", "training time lost per save <= 1.3x its floor (GPU: the pinned copy; issue 18)", 1.3, "x"),
             ("memory tier, every step", "memory tier default mode <= 1.2x the pinned copy (issue 16)", 1.2, "x"),
@@ -475,10 +470,10 @@ def headline(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(res: dict[str, Any]) -> str:
     env, floors = res["environment"], res["floors"]
-    pinned = _median(floors["pinned_d2h_s"])
-    pageable = _median(floors["pageable_d2h_s"])
+    pinned = median(floors["pinned_d2h_s"])
+    pageable = median(floors["pageable_d2h_s"])
     state_bytes = res.get("save", {}).get("bytes") or env["state_mib"] * 2**20
-    disk = _median(floors["disk_bw"])
+    disk = median(floors["disk_bw"])
     lines = [
         "# GPU benchmark: saves and snapshots of a CUDA training state",
         "",
@@ -513,9 +508,9 @@ def render(res: dict[str, Any]) -> str:
     if save:
         table = []
         for name, rows in save["rows"].items():
-            stall = _median([r["stall_s"] for r in rows])
-            durable = _median([r["durable_s"] for r in rows])
-            size = _median([r["bytes"] for r in rows])
+            stall = median([r["stall_s"] for r in rows])
+            durable = median([r["durable_s"] for r in rows])
+            size = median([r["bytes"] for r in rows])
             table.append(
                 [
                     name,
@@ -541,7 +536,7 @@ def render(res: dict[str, Any]) -> str:
         table = []
         for name, per_round in loop_figures(res).items():
             shown = ", ".join(f"{v / pinned:.2f}x" for v in per_round)
-            step = fmt_s(_median(loop["steps"][name]))
+            step = fmt_s(median(loop["steps"][name]))
             if name == "no save":
                 table.append([name, step, "-", "-"])
             elif "every step" in name:
@@ -581,10 +576,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
     rows = (res.get("save") or {}).get("rows") or {}
     if not rows:
         return
-    pinned = _median(res["floors"]["pinned_d2h_s"])
-    names = sorted(rows, key=lambda n: _median([r["stall_s"] for r in rows[n]]))
-    stall = [_median([r["stall_s"] for r in rows[n]]) for n in names]
-    durable = [_median([r["durable_s"] for r in rows[n]]) for n in names]
+    pinned = median(res["floors"]["pinned_d2h_s"])
+    names = sorted(rows, key=lambda n: median([r["stall_s"] for r in rows[n]]))
+    stall = [median([r["stall_s"] for r in rows[n]]) for n in names]
+    durable = [median([r["durable_s"] for r in rows[n]]) for n in names]
     colours = ["tab:blue" if n.startswith("ours") else "0.6" for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.6))
     left.barh(names, stall, color=colours)
@@ -685,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(render(res))
-    print(f"disk {_median(res['floors']['disk_bw']) / MB:.0f} MB/s", flush=True)
+    print(f"disk {median(res['floors']['disk_bw']) / MB:.0f} MB/s", flush=True)
     return 0
 
 

@@ -157,7 +157,7 @@ def combined_table(outcomes: dict[str, Outcome]) -> str:
     if targets:
         lines += ["", "| benchmark | target | measured | met |", "| :--- | :--- | :--- | :--- |"]
         for name, r in targets:
-            met = {True: "met", False: "**not met**", None: "inconclusive"}.get(r["met"], "-") if "met" in r else "-"
+            met = {True: "met", False: "**not met**", None: "inconclusive"}.get(r.get("met", "-"), "-")
             lines.append(f"| `{name}` | {r['target']} | {r.get('measured', '')} | {met} |")
     return "\n".join(lines)
 

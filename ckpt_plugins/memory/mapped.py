@@ -44,6 +44,7 @@ import torch
 from ckpt_plugins.files.manifest import MANIFEST_NAME, Manifest, dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, FileRecord, file_layout, hash_mapping
 from ckpt_plugins.persist.hashed_copy import copy_pieces
+from ckpt_plugins.persist.stager import wait_for_caller
 
 __all__ = ["DeferredChecksums", "MappedFiles"]
 
@@ -170,10 +171,7 @@ class MappedFiles:
             stream = self._streams.get(device)
             if stream is None:
                 stream = self._streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
-            if after is not None:
-                stream.wait_event(after)
-            else:
-                stream.wait_stream(torch.cuda.current_stream(device))
+            wait_for_caller(stream, after)
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 for dst, src in pairs:
                     if src.device == device:

@@ -45,7 +45,7 @@ from ckpt_plugins.files.tensor_file import Prehashed, file_order
 from ckpt_plugins.persist.hashed_copy import copy_and_hash, copy_pieces
 from ckpt_plugins.storage.direct_io import ALIGN
 
-__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "caller_stream_mark", "file_group"]
+__all__ = ["Arena", "HostStager", "StagedState", "arena_layout", "caller_stream_mark", "file_group", "wait_for_caller"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,15 @@ def caller_stream_mark(tensors: Mapping[str, torch.Tensor]) -> Any | None:
     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
     event.record()
     return event
+
+
+def wait_for_caller(stream: torch.cuda.Stream, after: Any | None) -> None:
+    """Make ``stream``'s next copies wait for ``after`` (a :func:`caller_stream_mark`), or else
+    for the work queued so far on this thread's current stream of the same device."""
+    if after is not None:
+        stream.wait_event(after)
+    else:
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
 
 
 def arena_layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[list[tuple[str, int]], int]]:
@@ -214,10 +223,8 @@ class HostStager:
         stream = self._side_stream() if uses_cuda else None
         digests: dict[str, Prehashed] = {}
         with torch.no_grad():
-            if stream is not None and after is not None:
-                stream.wait_event(after)
-            elif stream is not None:
-                stream.wait_stream(torch.cuda.current_stream())
+            if stream is not None:
+                wait_for_caller(stream, after)
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 if uses_cuda:

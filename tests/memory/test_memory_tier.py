@@ -17,6 +17,7 @@ from ckpt_plugins import CheckpointManager, ConfigError, MemoryTierOptions, Step
 from ckpt_plugins.cli import main as cli_main
 from ckpt_plugins.files.manifest import dump_manifest
 from ckpt_plugins.files.tensor_file import PENDING_CHECKSUM, checksum_file
+from ckpt_plugins.storage.local import LocalStorage
 from conftest import HELPERS
 
 
@@ -315,12 +316,6 @@ def test_a_snapshot_file_checksum_is_the_same_on_any_number_of_threads(tmp_path,
     tensors = {f"t{i}": torch.randn(2_500_000 + i) for i in range(4)}  # 40 MB: three 16 MiB chunks
     try:
         _record, mapping = mapped.write(str(tmp_path / "state.safetensors"), tensors, None)
-        assert mapping.digest(threads) == checksum_file_of(tmp_path / "state.safetensors")
+        assert mapping.digest(threads) == checksum_file(LocalStorage(), str(tmp_path / "state.safetensors")).xxh3_64
     finally:
         mapped.close()
-
-
-def checksum_file_of(path) -> str:
-    from ckpt_plugins.files.checksum import digest_buffer
-
-    return digest_buffer(memoryview(path.read_bytes()), threads=1)
